@@ -1,0 +1,205 @@
+"""ArchConfig: the one serializable description of a network.
+
+Sampling produces it, the cost model prices it, a trial trains it, the study stores it (JSON in
+trial attributes), the dashboard shows it, export writes it (YAML/JSON) and ``build_model()``
+rebuilds it. A config is a backbone name, the backbone's fixed hyper-parameters, and one
+``BlockChoice`` per searchable slot of that backbone, in the backbone's slot order.
+
+    backbone: densenet3d
+    hparams: {in_channels: 1, num_classes: 4, growth_rate: 16}
+    blocks:
+      - {op: pmscn, m: 2, n: 2, orientations: [1x3x3, 3x1x3]}
+      - {op: conv3d}
+      ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+SCHEMA_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a network; the message names the path of the bad field."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+def _freeze(value: Any) -> Any:
+    """JSON-like value with lists turned into tuples so choices hash and compare by value."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return {str(k): _freeze(v) for k, v in value.items()}
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _thaw(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class BlockChoice:
+    """The op family filling one slot, and its arguments (e.g. ``m``, ``n``, ``orientations``)."""
+
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "args", _freeze(self.args))
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, **_thaw(self.args)}
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "block") -> BlockChoice:
+        if isinstance(data, str):
+            return cls(data)
+        if not isinstance(data, Mapping) or "op" not in data:
+            raise ConfigError(path, f"a block must be an op name or a mapping with an 'op' key, got {data!r}")
+        if not isinstance(data["op"], str):
+            raise ConfigError(f"{path}.op", f"must be a string, got {data['op']!r}")
+        return cls(data["op"], {k: v for k, v in data.items() if k != "op"})
+
+    def label(self) -> str:
+        """Short human name, e.g. ``pmscn(m=2,n=2)``."""
+        shown = {k: v for k, v in self.args.items() if k in ("m", "n", "orientation", "kernel_size")}
+        inner = ",".join(f"{k}={_thaw(v)}" for k, v in shown.items())
+        return f"{self.op}({inner})" if inner else self.op
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    backbone: str
+    hparams: dict[str, Any]
+    blocks: tuple[BlockChoice, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hparams", _freeze(self.hparams))
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+
+    def __hash__(self) -> int:
+        return hash(self.hash)
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "backbone": self.backbone,
+            "hparams": _thaw(self.hparams),
+            "blocks": [block.to_dict() for block in self.blocks],
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, **kwargs)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    @property
+    def hash(self) -> str:
+        """Stable content hash (12 hex digits): equal configs hash equal across runs and machines."""
+        return hashlib.sha256(self.to_json(separators=(",", ":")).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, data: Any, *, validate: bool = True) -> ArchConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError("", f"an architecture config must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"schema", "backbone", "hparams", "blocks"})
+        if unknown:
+            raise ConfigError(unknown[0], "unknown key; allowed: schema, backbone, hparams, blocks")
+        if data.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise ConfigError("schema", f"unsupported schema version {data['schema']!r} (this psc-nas reads {SCHEMA_VERSION})")
+        if not isinstance(data.get("backbone"), str):
+            raise ConfigError("backbone", f"required, a backbone name; got {data.get('backbone')!r}")
+        hparams = data.get("hparams", {})
+        if not isinstance(hparams, Mapping):
+            raise ConfigError("hparams", f"must be a mapping, got {hparams!r}")
+        blocks = data.get("blocks")
+        if not isinstance(blocks, list):
+            raise ConfigError("blocks", f"required, a list with one choice per slot; got {blocks!r}")
+        config = cls(
+            data["backbone"],
+            dict(hparams),
+            tuple(BlockChoice.from_dict(block, f"blocks[{i}]") for i, block in enumerate(blocks)),
+        )
+        if validate:
+            config.validate()
+        return config
+
+    @classmethod
+    def from_json(cls, text: str) -> ArchConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError("", f"not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> ArchConfig:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError("", f"not valid YAML: {err}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ArchConfig:
+        """Read a ``.yaml``/``.yml``/``.json`` config; errors name the file and the field."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError("", f"cannot read {path}: {err.strerror}") from None
+        try:
+            return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+        except ConfigError as err:
+            raise ConfigError(f"{path}:{err.path}" if err.path else str(path), err.message) from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = self.to_json(indent=2) if path.suffix == ".json" else self.to_yaml()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        return path
+
+    # ------------------------------------------------------------------ meaning
+    def validate(self) -> ArchConfig:
+        """Check the config against its backbone: slot count and every op's arguments."""
+        from psc_nas.nets import get_backbone
+
+        get_backbone(self.backbone, path="backbone").validate(self)
+        return self
+
+    def with_blocks(self, blocks: list[BlockChoice] | tuple[BlockChoice, ...]) -> ArchConfig:
+        return ArchConfig(self.backbone, dict(self.hparams), tuple(blocks))
+
+    def summary(self) -> str:
+        """One line per run of equal choices, e.g. ``densenet3d: 20×pmscn(m=2,n=2)``."""
+        runs: list[list[Any]] = []
+        for block in self.blocks:
+            if runs and runs[-1][0] == block:
+                runs[-1][1] += 1
+            else:
+                runs.append([block, 1])
+        body = ", ".join(f"{count}×{block.label()}" if count > 1 else block.label() for block, count in runs)
+        return f"{self.backbone}: {body}"

@@ -1,0 +1,22 @@
+"""Backbones built from an ArchConfig; every 3D conv slot is searchable."""
+
+from __future__ import annotations
+
+from psc_nas.arch import ConfigError
+from psc_nas.nets.base import Backbone, Slot, realize
+
+BACKBONES: dict[str, Backbone] = {}
+
+
+def register_backbone(backbone: Backbone) -> Backbone:
+    BACKBONES[backbone.name] = backbone
+    return backbone
+
+
+def get_backbone(name: str, *, path: str = "backbone") -> Backbone:
+    if name not in BACKBONES:
+        raise ConfigError(path, f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+__all__ = ["BACKBONES", "Backbone", "Slot", "get_backbone", "realize", "register_backbone"]

@@ -1,0 +1,108 @@
+"""What the backbones share: width scaling, hparam checks, and conv runs priced as they are built.
+
+Each backbone turns a config into a *plan*: a frozen value holding the op specs of every slot and
+every fixed layer. The plan both builds the module and prices it, so the analytic cost cannot
+drift from the network:
+
+    ArchConfig ─► PlannedBackbone.plan() ─► plan ─┬─ .build(norm=, activation=) ─► nn.Module
+                                                  └─ .cost(spatial) ─► Cost (no forward pass)
+
+Costs price the default normalization, ``nn.BatchNorm3d``: two trainable parameters per channel
+(affine weight and bias; running statistics are buffers) and no MACs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from torch import nn
+
+from psc_nas.arch import ArchConfig, ConfigError
+from psc_nas.costs import Cost, Spatial
+from psc_nas.nets.base import Backbone, realize
+from psc_nas.ops import OpSpec, make_spec
+from psc_nas.ops._conv import Triple
+
+Norm = Callable[[int], nn.Module]
+Activation = Callable[[], nn.Module]
+
+# PmSCn gives each of its m <= 3 streams at least one output channel.
+MIN_CHANNELS = 3
+
+
+def scaled(channels: int, width: float) -> int:
+    """``channels`` at width multiplier ``width``, rounded, and never below ``MIN_CHANNELS``."""
+    return max(MIN_CHANNELS, round(channels * width))
+
+
+def fixed_conv(in_channels: int, out_channels: int, *, kernel: int | Triple = 1, stride: int | Triple = 1) -> OpSpec:
+    """A layer that is not searchable (stem, shortcut, transition): a plain bias-free conv."""
+    return make_spec("conv3d", in_channels, out_channels, stride=stride, kernel_size=kernel)
+
+
+def norm_cost(channels: int) -> Cost:
+    return Cost(params=2 * channels)
+
+
+def run_cost(specs: Sequence[OpSpec], spatial: Spatial) -> tuple[Cost, Spatial]:
+    """Cost of :func:`conv_norm_act` over ``specs``: each op followed by a norm."""
+    total = Cost()
+    for spec in specs:
+        layer, spatial = spec.cost_and_shape(spatial)
+        total += layer + norm_cost(spec.out_channels)
+    return total, spatial
+
+
+def conv_norm_act(specs: Sequence[OpSpec], *, norm: Norm, activation: Activation, last_activation: bool = True) -> nn.Sequential:
+    """op ─ norm ─ act ─ op ─ norm [─ act]: a slot's ops with the backbone's own norm/act between."""
+    layers: list[nn.Module] = []
+    for index, spec in enumerate(specs):
+        layers += [spec.build(), norm(spec.out_channels)]
+        if last_activation or index < len(specs) - 1:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+class Plan(Protocol):
+    def cost(self, spatial: Spatial) -> Cost: ...
+
+    def build(self, *, norm: Norm, activation: Activation) -> nn.Module: ...
+
+
+class PlannedBackbone(Backbone):
+    """A backbone whose ``build`` and ``cost`` both come from one plan of the network.
+
+    Integer and float hparams must be positive numbers of their default's type; subclasses add
+    their own rules in ``check``.
+    """
+
+    def plan(self, config: ArchConfig) -> Plan:
+        raise NotImplementedError
+
+    def check(self, hparams: Mapping[str, Any]) -> None:
+        """Backbone-specific hparam rules; raise ``ConfigError`` with the ``hparams.<key>`` path."""
+
+    def hparams(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        merged = super().hparams(given)
+        for key, default in self.defaults.items():
+            value = merged[key]
+            if isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+                if not ok:
+                    raise ConfigError(f"hparams.{key}", f"must be a positive number, got {value!r}")
+            elif isinstance(default, int) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"hparams.{key}", f"must be a positive int, got {value!r}")
+        self.check(merged)
+        return merged
+
+    def slot_specs(self, config: ArchConfig) -> tuple[dict[str, Any], list[list[OpSpec]]]:
+        """The validated hparams and, per slot, the op specs its choice realizes."""
+        self.validate(config)
+        hparams = self.hparams(config.hparams)
+        return hparams, [realize(slot, block) for slot, block in zip(self.slots(hparams), config.blocks)]
+
+    def build(self, config: ArchConfig) -> nn.Module:
+        return self.plan(config).build(norm=nn.BatchNorm3d, activation=nn.ReLU)
+
+    def cost(self, config: ArchConfig, spatial: Spatial) -> Cost:
+        return self.plan(config).cost(tuple(spatial))  # type: ignore[arg-type]

@@ -1,0 +1,175 @@
+"""DenseNet3D for brain MRI segmentation, as the PSC paper reproduces Bui et al. (2017).
+
+Five dense blocks of four pre-activation layers (BN ─ ReLU ─ conv 3x3x3, growth ``g`` channels,
+each layer a searchable slot), with the paper's reproduction choices: basic layers (no 1x1x1
+bottleneck) and no compression in the transitions. Every block's output is brought to full
+resolution and the scales are fused by a 1x1x1 classifier:
+
+    x ─ stem conv 3x3x3 (in→c0) ─► block 1 ─┬─ transition ─► block 2 ─┬─ ... ─► block 5 ─┐
+                                            │                          │                   │
+       block:  h ─┬─ BN─ReLU─slot(C→g) ─ concat ─┬─ ... (4 layers, C += g each)             │
+                  └──────────────────────────────┘                                         │
+       transition:  BN ─ ReLU ─ conv 1x1x1 (C→C) ─ avgpool 2x2x2                           │
+       side (per block):  BN ─ ReLU ─ conv 1x1x1 (C_b→s) ─ trilinear upsample to input size ┘
+    concat(sides: blocks·s) ─ BN ─ ReLU ─ conv 1x1x1 + bias (→ num_classes) ─► logits
+
+The upsampling is trilinear interpolation (the paper's "simple upsampling layers"), not a
+transposed conv: it adds no parameters, cannot checkerboard, and runs after the side conv so that
+conv stays at the coarse resolution. Interpolating to the input's exact size lets any patch with
+every side >= 2**(blocks-1) through, divisible by the pooling factors or not.
+
+Defaults (c0=40, g=28, s=24, width 1) give the all-conv3d network 5,164,524 parameters, the
+paper's "5.2M" (its exact layer widths are not published); 99.4 GMACs on a 64³ patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from psc_nas.arch import ArchConfig, ConfigError
+from psc_nas.costs import Cost, Spatial
+from psc_nas.nets import register_backbone
+from psc_nas.nets._layers import Activation, Norm, PlannedBackbone, fixed_conv, norm_cost, scaled
+from psc_nas.nets.base import Slot
+from psc_nas.ops import OpSpec
+from psc_nas.ops._conv import ConvSpec
+
+
+def preact(spec: OpSpec | ConvSpec, *, norm: Norm, activation: Activation) -> nn.Sequential:
+    """BN ─ ReLU ─ conv, the DenseNet layer order."""
+    return nn.Sequential(norm(spec.in_channels), activation(), spec.build())
+
+
+def preact_cost(spec: OpSpec, spatial: Spatial) -> tuple[Cost, Spatial]:
+    layer, out = spec.cost_and_shape(spatial)
+    return norm_cost(spec.in_channels) + layer, out
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], dim=1)
+        return x
+
+
+class DenseNet3d(nn.Module):
+    def __init__(
+        self, *, stem: nn.Module, blocks: list[nn.Module], transitions: list[nn.Module], sides: list[nn.Module], head: nn.Module
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.ModuleList(blocks)
+        self.transitions = nn.ModuleList(transitions)
+        self.sides = nn.ModuleList(sides)
+        self.head = head
+        self.min_size = 2 ** len(transitions)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = check_size(tuple(x.shape[2:]), self.min_size)
+        h = self.blocks[0](self.stem(x))
+        sides = [self.sides[0](h)]
+        for transition, block, side in zip(self.transitions, self.blocks[1:], self.sides[1:]):
+            h = block(transition(h))
+            sides.append(side(h))
+        upsampled = [F.interpolate(s, size=size, mode="trilinear", align_corners=False) for s in sides]
+        return self.head(torch.cat(upsampled, dim=1))
+
+
+def check_size(spatial: tuple[int, ...], min_size: int) -> Spatial:
+    if len(spatial) != 3 or min(spatial) < min_size:
+        raise ValueError(f"densenet3d: every side of the input must be at least {min_size} (one per pooling), got {spatial}")
+    return spatial  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class DenseNetPlan:
+    stem: OpSpec
+    blocks: tuple[tuple[OpSpec, ...], ...]
+    transitions: tuple[OpSpec, ...]
+    sides: tuple[OpSpec, ...]
+    head: ConvSpec
+
+    def cost(self, spatial: Spatial) -> Cost:
+        total, shape = self.stem.cost_and_shape(check_size(spatial, 2 ** len(self.transitions)))
+        for index, (layers, side) in enumerate(zip(self.blocks, self.sides)):
+            if index:
+                transition, shape = preact_cost(self.transitions[index - 1], shape)
+                total += transition
+                shape = tuple(s // 2 for s in shape)  # type: ignore[assignment]
+            for spec in layers:
+                total += preact_cost(spec, shape)[0]
+            total += preact_cost(side, shape)[0]
+        return total + norm_cost(self.head.in_channels) + self.head.cost(spatial)[0]
+
+    def build(self, *, norm: Norm, activation: Activation) -> nn.Module:
+        def layer(spec: OpSpec | ConvSpec) -> nn.Sequential:
+            return preact(spec, norm=norm, activation=activation)
+
+        return DenseNet3d(
+            stem=self.stem.build(),
+            blocks=[DenseBlock([layer(spec) for spec in specs]) for specs in self.blocks],
+            transitions=[nn.Sequential(*layer(spec), nn.AvgPool3d(2)) for spec in self.transitions],
+            sides=[layer(spec) for spec in self.sides],
+            head=layer(self.head),
+        )
+
+
+class DenseNet3dBackbone(PlannedBackbone):
+    """Slots ``block{b}.layer{j}``: one 3x3x3 conv each, ``C_b + j·g -> g`` channels, stride 1."""
+
+    name = "densenet3d"
+    defaults = {
+        "in_channels": 1,
+        "num_classes": 4,
+        "init_channels": 40,
+        "growth_rate": 28,
+        "side_channels": 24,
+        "num_blocks": 5,
+        "layers_per_block": 4,
+        "width": 1.0,
+    }
+
+    def check(self, hparams: Mapping[str, Any]) -> None:
+        if hparams["num_blocks"] > 8:
+            raise ConfigError("hparams.num_blocks", f"at most 8 (each halves the resolution), got {hparams['num_blocks']}")
+
+    def widths(self, hparams: Mapping[str, Any]) -> tuple[int, int, int]:
+        """(stem, growth, side) channels at the config's width."""
+        width = hparams["width"]
+        return tuple(scaled(hparams[key], width) for key in ("init_channels", "growth_rate", "side_channels"))  # type: ignore[return-value]
+
+    def slots(self, hparams: Mapping[str, Any]) -> list[Slot]:
+        hparams = self.hparams(hparams)
+        channels, growth, _ = self.widths(hparams)
+        slots = []
+        for block in range(1, hparams["num_blocks"] + 1):
+            for layer in range(1, hparams["layers_per_block"] + 1):
+                slots.append(Slot(f"block{block}.layer{layer}", channels, growth))
+                channels += growth
+        return slots
+
+    def plan(self, config: ArchConfig) -> DenseNetPlan:
+        hparams, specs = self.slot_specs(config)
+        stem_channels, _, side_channels = self.widths(hparams)
+        per_block = hparams["layers_per_block"]
+        blocks = tuple(tuple(s[0] for s in specs[i : i + per_block]) for i in range(0, len(specs), per_block))
+        block_out = [layers[-1].in_channels + layers[-1].out_channels for layers in blocks]
+        return DenseNetPlan(
+            stem=fixed_conv(hparams["in_channels"], stem_channels, kernel=3),
+            blocks=blocks,
+            transitions=tuple(fixed_conv(c, c) for c in block_out[:-1]),
+            sides=tuple(fixed_conv(c, side_channels) for c in block_out),
+            head=ConvSpec(len(blocks) * side_channels, hparams["num_classes"], (1, 1, 1), bias=True),
+        )
+
+
+register_backbone(DenseNet3dBackbone())

@@ -56,29 +56,93 @@ def check_exact_cost(config: ArchConfig, spatial: tuple[int, int, int]) -> torch
     return y
 
 
-# ---------------------------------------------------------------- densenet3d
-TINY_DENSENET = {"width": 0.1, "num_blocks": 3, "layers_per_block": 2}
+# Tiny widths keep the forward passes fast; the sizes include sides the pooling does not divide.
+def sides(low: int, high: int, multiple: tuple[int, int, int] = (1, 1, 1)):
+    return st.tuples(*[st.integers(low, high).map(lambda k, m=m: k * m) for m in multiple])
 
 
-@settings(max_examples=25, deadline=None)
-@given(data=st.data(), spatial=st.tuples(*[st.integers(4, 9)] * 3))
-def test_densenet_cost_is_exact_for_random_choices_and_sizes(data, spatial):
-    config = data.draw(random_config("densenet3d", TINY_DENSENET))
+CASES = {
+    "densenet3d": ("densenet3d", {"width": 0.1, "num_blocks": 3, "layers_per_block": 2}, sides(4, 9)),
+    "resnet18": ("resnet3d", {"depth": 18, "width": 0.05, "num_classes": 5}, sides(1, 9)),
+    "resnet50": ("resnet3d", {"depth": 50, "width": 0.05, "num_classes": 5}, sides(1, 9)),
+    "unet3d": ("unet3d", {"width": 0.1, "downsample": [[1, 2, 2], [2, 1, 2]]}, sides(1, 3, (2, 4, 4))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_cost_is_exact_for_random_choices_of_every_family_and_sizes(case, data):
+    name, hparams, spatial_strategy = CASES[case]
+    config = data.draw(random_config(name, hparams))
+    spatial = data.draw(spatial_strategy)
     y = check_exact_cost(config, spatial)
-    assert tuple(y.shape) == (1, 4, *spatial)
+    num_classes = config.hparams["num_classes"]
+    expected = (1, num_classes) if name == "resnet3d" else (1, num_classes, *spatial)
+    assert tuple(y.shape) == expected
+
+
+def meta_params(config: ArchConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in get_backbone(config.backbone).build(config).parameters())
 
 
 def test_densenet_defaults_match_the_paper_scale():
     backbone = get_backbone("densenet3d")
     config = backbone.uniform(CONV3D)
-    assert len(config.blocks) == 20
-    assert all(slot.convs == 1 for slot in backbone.slots({}))
-    assert backbone.cost(config, (64, 64, 64)).params == 5_164_524
-    with torch.device("meta"):
-        assert sum(p.numel() for p in backbone.build(config).parameters()) == 5_164_524
+    assert [slot.convs for slot in backbone.slots({})] == [1] * 20
+    assert backbone.cost(config, (64, 64, 64)).params == meta_params(config) == 5_164_524
 
 
-def test_densenet_rejects_inputs_smaller_than_its_pooling():
-    backbone = get_backbone("densenet3d")
-    with pytest.raises(ValueError, match="at least 16"):
-        backbone.cost(backbone.uniform(CONV3D), (64, 15, 64))
+def test_resnet34_all_conv3d_has_the_papers_64m_parameters():
+    """The breakdown of 63,527,717 is in psc_nas/nets/resnet3d.py's docstring."""
+    config = get_backbone("resnet3d").uniform(CONV3D, depth=34, num_classes=101)
+    assert get_backbone("resnet3d").cost(config, (64, 64, 64)).params == meta_params(config) == 63_527_717
+
+
+@pytest.mark.parametrize(("depth", "slots", "convs"), [(18, 8, 2), (34, 16, 2), (50, 16, 1)])
+def test_resnet_slots_are_basic_pairs_or_bottleneck_middles(depth, slots, convs):
+    found = get_backbone("resnet3d").slots({"depth": depth})
+    assert [s.convs for s in found] == [convs] * slots
+    strided = [s.name for s in found if s.stride != (1, 1, 1)]
+    assert strided == ["conv3.block0", "conv4.block0", "conv5.block0"]
+
+
+def test_joint_pmscn_replaces_a_double_conv_with_one_op():
+    backbone = get_backbone("unet3d")
+    joint = backbone.uniform(BlockChoice("pmscn", {"m": 2, "n": 2}))
+    per_conv = backbone.uniform(BlockChoice("pmscn", {"m": 2, "n": 1}))
+    assert len(backbone.slots({})) == 9
+    assert backbone.cost(joint, (16, 16, 16)).params < backbone.cost(per_conv, (16, 16, 16)).params
+
+
+@pytest.mark.parametrize(
+    ("name", "spatial", "message"),
+    [("densenet3d", (64, 15, 64), "at least 16"), ("unet3d", (64, 40, 64), "divisible by .*16, 16, 16")],
+)
+def test_unsupported_input_sizes_are_rejected(name, spatial, message):
+    backbone = get_backbone(name)
+    config = backbone.uniform(CONV3D)
+    with pytest.raises(ValueError, match=message):
+        backbone.cost(config, spatial)
+    with pytest.raises(ValueError, match=message):
+        backbone.build(config)(torch.zeros(1, 1, *spatial, device="meta"))
+
+
+def test_config_errors_name_the_bad_field():
+    densenet = get_backbone("densenet3d")
+    config = densenet.uniform(CONV3D)
+    with pytest.raises(ConfigError, match="^blocks: densenet3d has 20 searchable slots, the config gives 19"):
+        config.with_blocks(config.blocks[:-1]).validate()
+    bad = list(config.blocks)
+    bad[3] = BlockChoice("cakes", {"allocation": {"3x3x3": 5}})
+    with pytest.raises(ConfigError, match=r"^blocks\[3\]: cakes: allocation counts must sum to out_channels=28"):
+        config.with_blocks(bad).validate()
+    with pytest.raises(ConfigError, match="^backbone: config is for 'densenet3d', not 'unet3d'"):
+        get_backbone("unet3d").build(config)
+    with pytest.raises(ConfigError, match="^hparams.depth: must be one of"):
+        get_backbone("resnet3d").slots({"depth": 101})
+    with pytest.raises(ConfigError, match="^hparams.width: must be a positive number"):
+        densenet.slots({"width": 0})
+    with pytest.raises(ConfigError, match="^hparams.downsample"):
+        get_backbone("unet3d").slots({"downsample": [[2, 2]]})

@@ -20,6 +20,6 @@ def get_backbone(name: str, *, path: str = "backbone") -> Backbone:
 
 
 # Imported last: each module registers its backbone through register_backbone above.
-from psc_nas.nets import densenet3d  # noqa: E402,F401  isort: skip
+from psc_nas.nets import densenet3d, resnet3d, unet3d  # noqa: E402,F401  isort: skip
 
 __all__ = ["BACKBONES", "Backbone", "Slot", "get_backbone", "realize", "register_backbone"]

@@ -7,12 +7,16 @@
 from psc_nas.ops import cakes, conv3d, csn, pmscn  # noqa: F401  (registers the families)
 from psc_nas.ops.base import OP_FAMILIES, OpSpec, StreamedConv, create_op, make_spec
 from psc_nas.ops.cakes import SHAPES, uniform_allocation
+from psc_nas.ops.choice import IMPLS
+from psc_nas.ops.fast import FastStreamedConv
 from psc_nas.ops.pmscn import ORIENTATIONS, subspace_width
 
 __all__ = [
+    "IMPLS",
     "OP_FAMILIES",
     "ORIENTATIONS",
     "SHAPES",
+    "FastStreamedConv",
     "OpSpec",
     "StreamedConv",
     "create_op",

@@ -75,8 +75,13 @@ class OpSpec:
             out = shape
         return total, out  # type: ignore[return-value]
 
-    def build(self) -> nn.Module:
-        return StreamedConv(self)
+    def build(self, impl: str | None = None) -> nn.Module:
+        """The module for this spec. ``impl`` changes only how forward computes, never the parameters:
+        ``"auto"`` (the measured rule in ``choice.py``), ``"reference"`` (``StreamedConv``), or a
+        name from ``psc_nas.ops.fast``; default ``$PSC_NAS_OP_IMPL`` or ``"auto"``."""
+        from psc_nas.ops.choice import build_op  # imported here: choice builds on this module
+
+        return build_op(self, impl)
 
 
 def _plain(value: Any) -> Any:
@@ -135,7 +140,9 @@ def make_spec(op: str, in_channels: int, out_channels: int, *, stride: int | Tri
     return cls(in_channels, out_channels, stride, **args)
 
 
-def create_op(op: str, in_channels: int, out_channels: int, *, stride: int | Triple = 1, **args: Any) -> nn.Module:
+def create_op(
+    op: str, in_channels: int, out_channels: int, *, stride: int | Triple = 1, impl: str | None = None, **args: Any
+) -> nn.Module:
     """Build the module for one searchable slot: ``create_op("pmscn", 32, 64, stride=2, m=2, n=1)``."""
-    return make_spec(op, in_channels, out_channels, stride=stride, **args).build()
+    return make_spec(op, in_channels, out_channels, stride=stride, **args).build(impl)
 

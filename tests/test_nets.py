@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from psc_nas.arch import ArchConfig, BlockChoice, ConfigError
-from psc_nas.nets import get_backbone
+from psc_nas.nets import fit_to_budget, get_backbone
 from psc_nas.nets.base import Slot
+from psc_nas.nets.budget import WIDTH_GRID, highest_averages, with_width
 from psc_nas.ops import ORIENTATIONS, SHAPES
 
 CONV3D = BlockChoice("conv3d")
@@ -70,7 +71,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_cost_is_exact_for_random_choices_of_every_family_and_sizes(case, data):
     name, hparams, spatial_strategy = CASES[case]
@@ -146,3 +147,60 @@ def test_config_errors_name_the_bad_field():
         densenet.slots({"width": 0})
     with pytest.raises(ConfigError, match="^hparams.downsample"):
         get_backbone("unet3d").slots({"downsample": [[2, 2]]})
+
+
+# ---------------------------------------------------------------- fit_to_budget
+CAKES_EVERYWHERE = BlockChoice("cakes", {"allocation": {"1x3x3": 1, "3x1x1": 1, "3x3x3": 2}})
+
+
+def cakes_config() -> ArchConfig:
+    """resnet3d-18 at width 1/16 (4 channels in conv2), CAKES with explicit allocations."""
+    backbone = get_backbone("resnet3d")
+    hparams = backbone.hparams({"depth": 18, "width": 0.0625})
+    slots = backbone.slots(hparams)
+    blocks = [CAKES_EVERYWHERE if slot.out_channels == 4 else BlockChoice("cakes") for slot in slots]
+    return ArchConfig("resnet3d", hparams, tuple(blocks))
+
+
+@pytest.mark.parametrize(
+    ("config", "budget", "shape"),
+    [
+        (get_backbone("densenet3d").uniform(BlockChoice("pmscn", {"m": 2, "n": 2})), {"params": 1_000_000}, (32, 32, 32)),
+        (get_backbone("unet3d").uniform(CONV3D), {"macs": 2 * 10**9, "params": 5_000_000}, (1, 1, 16, 32, 32)),
+        (cakes_config(), {"params": 2_500_000}, (8, 64, 64)),
+    ],
+    ids=["densenet-params", "unet-both", "resnet-cakes"],
+)
+def test_fit_to_budget_uses_the_budget_up_to_one_width_step(config, budget, shape):
+    fitted = fit_to_budget(config, input_shape=shape, **budget)
+    backbone = get_backbone(config.backbone)
+    fitted.validate()
+    assert backbone.cost(fitted, shape[-3:]).fits(**budget)
+    wider = with_width(fitted, fitted.hparams["width"] + 1 / WIDTH_GRID)
+    assert not backbone.cost(wider, shape[-3:]).fits(**budget)
+
+
+def test_fit_to_budget_rescales_cakes_allocations_proportionally():
+    fitted = fit_to_budget(cakes_config(), params=2_500_000, input_shape=(8, 64, 64))
+    allocation = dict(fitted.blocks[0].args["allocation"])
+    out_channels = get_backbone("resnet3d").slots(fitted.hparams)[0].out_channels
+    assert sum(allocation.values()) == out_channels > 4
+    assert allocation["3x3x3"] >= allocation["1x3x3"] + allocation["3x1x1"] - 1  # 2:1:1 kept
+
+
+def test_fit_to_budget_rejects_budgets_it_cannot_meet():
+    config = get_backbone("densenet3d").uniform(CONV3D)
+    with pytest.raises(ValueError, match="budget too small"):
+        fit_to_budget(config, params=1000, input_shape=(32, 32, 32))
+    with pytest.raises(ValueError, match="needs a budget"):
+        fit_to_budget(config, input_shape=(32, 32, 32))
+
+
+def test_highest_averages_keeps_the_sum_and_never_shrinks_a_share_as_seats_grow():
+    weights = {"a": 5, "b": 3, "c": 1, "d": 0}
+    previous = dict.fromkeys(weights, 0)
+    for seats in range(1, 40):
+        shares = highest_averages(weights, seats)
+        assert sum(shares.values()) == seats and shares["d"] == 0
+        assert all(shares[k] >= previous[k] for k in weights)
+        previous = shares

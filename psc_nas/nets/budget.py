@@ -1,0 +1,85 @@
+"""Fit a network to a budget: the widest version of a config whose exact cost stays within it.
+
+The PSC paper sizes each PmSCn block so it costs what the 3D conv it replaces cost (eq. 5); this
+is the same idea at network level. The width multiplier moves on a grid of ``1 / WIDTH_GRID``;
+bisection on the analytic cost finds a width ``w`` with ``cost(w) <= budget < cost(w + 1/WIDTH_GRID)``.
+Cost rises with width for every family but ``csn_ir`` (its group count, gcd(C_in, C_out), jumps
+with the channel counts); configs using it still get a width at which one more step breaks the
+budget, though a wider one may fit again.
+
+Choices whose arguments count channels follow their slot's new width:
+
+- a CAKES ``allocation`` is rescaled proportionally by highest averages (D'Hondt), keeping the sum
+  equal to the slot's output channels; no shape loses channels when a slot grows, and an empty
+  shape stays empty;
+- an explicit PmSCn / P3D ``mid_channels`` scales with the slot's output channels (at least m).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from psc_nas.arch import ArchConfig, BlockChoice
+from psc_nas.nets import get_backbone
+from psc_nas.nets.base import Slot
+
+WIDTH_GRID = 1000  # widths are multiples of 0.001
+MAX_WIDTH = 64
+
+
+def fit_to_budget(
+    config: ArchConfig, *, params: int | None = None, macs: int | None = None, input_shape: Sequence[int]
+) -> ArchConfig:
+    """``config`` at the largest width on the grid whose cost fits ``params`` and/or ``macs``.
+
+    ``input_shape`` is (D, H, W) or ends with it; MACs are for one sample of that size. Raises
+    ``ValueError`` when even the narrowest network, or no width up to ``MAX_WIDTH``, matches the budget.
+    """
+    if params is None and macs is None:
+        raise ValueError("fit_to_budget needs a budget: params=, macs= or both")
+    backbone = get_backbone(config.backbone)
+    backbone.validate(config)
+    spatial = tuple(int(s) for s in input_shape[-3:])
+
+    def fits(steps: int) -> bool:
+        return backbone.cost(with_width(config, steps / WIDTH_GRID), spatial).fits(params=params, macs=macs)  # type: ignore[arg-type]
+
+    if not fits(1):
+        narrowest = backbone.cost(with_width(config, 1 / WIDTH_GRID), spatial)  # type: ignore[arg-type]
+        raise ValueError(f"budget too small: the narrowest {config.backbone} already costs {narrowest}")
+    low, high = 1, 2
+    while fits(high):
+        low, high = high, 2 * high
+        if high > MAX_WIDTH * WIDTH_GRID:
+            raise ValueError(f"budget too large: {config.backbone} fits it even at width {MAX_WIDTH}")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return with_width(config, low / WIDTH_GRID)
+
+
+def with_width(config: ArchConfig, width: float) -> ArchConfig:
+    """``config`` at width multiplier ``width``, its channel-counting choices following their slots."""
+    backbone = get_backbone(config.backbone)
+    hparams = {**config.hparams, "width": width}
+    old, new = backbone.slots(config.hparams), backbone.slots(hparams)
+    return ArchConfig(config.backbone, hparams, tuple(map(rescale, config.blocks, old, new)))
+
+
+def rescale(choice: BlockChoice, old: Slot, new: Slot) -> BlockChoice:
+    args = dict(choice.args)
+    if args.get("allocation") is not None:
+        args["allocation"] = highest_averages(args["allocation"], new.out_channels)
+    if args.get("mid_channels") is not None:
+        args["mid_channels"] = max(args.get("m", 1), round(args["mid_channels"] * new.out_channels / old.out_channels))
+    return BlockChoice(choice.op, args)
+
+
+def highest_averages(weights: Mapping[str, int], seats: int) -> dict[str, int]:
+    """Split ``seats`` in proportion to ``weights`` by D'Hondt: lower quotas, then the best averages."""
+    total = sum(weights.values())
+    shares = {key: weight * seats // total for key, weight in weights.items()}
+    for _ in range(seats - sum(shares.values())):  # fewer than len(weights) left
+        best = max(weights, key=lambda key: weights[key] / (shares[key] + 1))
+        shares[best] += 1
+    return shares

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from psc_nas.arch import ArchConfig, BlockChoice, ConfigError
+from psc_nas.costs import Cost
 from psc_nas.nets import fit_to_budget, get_backbone
 from psc_nas.nets.base import Slot
 from psc_nas.nets.budget import WIDTH_GRID, highest_averages, with_width
@@ -28,7 +29,9 @@ def choice_for(draw, slot: Slot) -> BlockChoice:
         orientations = list(draw(st.permutations(ORIENTATIONS))[:m])
         return BlockChoice(op, {"m": m, "n": draw(st.integers(1, 3)), "orientations": orientations})
     if op == "cakes":
-        cuts = sorted(draw(st.lists(st.integers(0, slot.out_channels), min_size=len(SHAPES) - 1, max_size=len(SHAPES) - 1)))
+        cuts = sorted(
+            draw(st.lists(st.integers(0, slot.out_channels), min_size=len(SHAPES) - 1, max_size=len(SHAPES) - 1))
+        )
         counts = [b - a for a, b in zip([0, *cuts], [*cuts, slot.out_channels])]
         return BlockChoice(op, {"allocation": dict(zip(SHAPES, counts))})
     return BlockChoice(op)
@@ -81,6 +84,28 @@ def test_cost_is_exact_for_random_choices_of_every_family_and_sizes(case, data):
     num_classes = config.hparams["num_classes"]
     expected = (1, num_classes) if name == "resnet3d" else (1, num_classes, *spatial)
     assert tuple(y.shape) == expected
+
+
+FULL_SIZE = {
+    "densenet3d": ("densenet3d", {}, (64, 64, 64)),
+    "unet3d": ("unet3d", {}, (64, 64, 64)),
+    "resnet34": ("resnet3d", {"depth": 34}, (64, 64, 64)),
+    "resnet50": ("resnet3d", {"depth": 50}, (16, 112, 112)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FULL_SIZE))
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_cost_is_exact_at_paper_sizes_on_the_meta_device(case, data):
+    """Full widths and inputs: FlopCounterMode counts shapes, so meta tensors need no compute."""
+    name, hparams, spatial = FULL_SIZE[case]
+    config = data.draw(random_config(name, hparams))
+    with torch.device("meta"):
+        params, macs, _ = measured(
+            get_backbone(name).build(config), torch.zeros(1, config.hparams["in_channels"], *spatial)
+        )
+    assert get_backbone(name).cost(config, spatial) == Cost(params, macs)
 
 
 def meta_params(config: ArchConfig) -> int:
@@ -165,7 +190,11 @@ def cakes_config() -> ArchConfig:
 @pytest.mark.parametrize(
     ("config", "budget", "shape"),
     [
-        (get_backbone("densenet3d").uniform(BlockChoice("pmscn", {"m": 2, "n": 2})), {"params": 1_000_000}, (32, 32, 32)),
+        (
+            get_backbone("densenet3d").uniform(BlockChoice("pmscn", {"m": 2, "n": 2})),
+            {"params": 1_000_000},
+            (32, 32, 32),
+        ),
         (get_backbone("unet3d").uniform(CONV3D), {"macs": 2 * 10**9, "params": 5_000_000}, (1, 1, 16, 32, 32)),
         (cakes_config(), {"params": 2_500_000}, (8, 64, 64)),
     ],

@@ -20,7 +20,7 @@ def get_backbone(name: str, *, path: str = "backbone") -> Backbone:
 
 
 # Imported last: each module registers its backbone through register_backbone above.
-from psc_nas.nets import densenet3d, resnet3d, unet3d  # noqa: E402,F401  isort: skip
-from psc_nas.nets.budget import fit_to_budget  # noqa: E402  isort: skip
+from psc_nas.nets import densenet3d, resnet3d, unet3d  # noqa: F401
+from psc_nas.nets.budget import fit_to_budget
 
 __all__ = ["BACKBONES", "Backbone", "Slot", "fit_to_budget", "get_backbone", "realize", "register_backbone"]

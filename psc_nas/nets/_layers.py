@@ -53,7 +53,9 @@ def run_cost(specs: Sequence[OpSpec], spatial: Spatial) -> tuple[Cost, Spatial]:
     return total, spatial
 
 
-def conv_norm_act(specs: Sequence[OpSpec], *, norm: Norm, activation: Activation, last_activation: bool = True) -> nn.Sequential:
+def conv_norm_act(
+    specs: Sequence[OpSpec], *, norm: Norm, activation: Activation, last_activation: bool = True
+) -> nn.Sequential:
     """op ─ norm ─ act ─ op ─ norm [─ act]: a slot's ops with the backbone's own norm/act between."""
     layers: list[nn.Module] = []
     for index, spec in enumerate(specs):

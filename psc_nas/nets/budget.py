@@ -39,13 +39,14 @@ def fit_to_budget(
         raise ValueError("fit_to_budget needs a budget: params=, macs= or both")
     backbone = get_backbone(config.backbone)
     backbone.validate(config)
-    spatial = tuple(int(s) for s in input_shape[-3:])
+    depth, height, width = (int(s) for s in input_shape[-3:])
+    spatial = (depth, height, width)
 
     def fits(steps: int) -> bool:
-        return backbone.cost(with_width(config, steps / WIDTH_GRID), spatial).fits(params=params, macs=macs)  # type: ignore[arg-type]
+        return backbone.cost(with_width(config, steps / WIDTH_GRID), spatial).fits(params=params, macs=macs)
 
     if not fits(1):
-        narrowest = backbone.cost(with_width(config, 1 / WIDTH_GRID), spatial)  # type: ignore[arg-type]
+        narrowest = backbone.cost(with_width(config, 1 / WIDTH_GRID), spatial)
         raise ValueError(f"budget too small: the narrowest {config.backbone} already costs {narrowest}")
     low, high = 1, 2
     while fits(high):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from psc_nas.arch import ArchConfig, ConfigError
+from psc_nas.arch import ArchConfig
 from psc_nas.costs import Cost, Spatial
 from psc_nas.nets import register_backbone
 from psc_nas.nets._layers import Activation, Norm, PlannedBackbone, fixed_conv, norm_cost, scaled
@@ -63,7 +63,13 @@ class DenseBlock(nn.Module):
 
 class DenseNet3d(nn.Module):
     def __init__(
-        self, *, stem: nn.Module, blocks: list[nn.Module], transitions: list[nn.Module], sides: list[nn.Module], head: nn.Module
+        self,
+        *,
+        stem: nn.Module,
+        blocks: list[nn.Module],
+        transitions: list[nn.Module],
+        sides: list[nn.Module],
+        head: nn.Module,
     ) -> None:
         super().__init__()
         self.stem = stem
@@ -86,7 +92,9 @@ class DenseNet3d(nn.Module):
 
 def check_size(spatial: tuple[int, ...], min_size: int) -> Spatial:
     if len(spatial) != 3 or min(spatial) < min_size:
-        raise ValueError(f"densenet3d: every side of the input must be at least {min_size} (one per pooling), got {spatial}")
+        raise ValueError(
+            f"densenet3d: every side of the input must be at least {min_size} (one per pooling), got {spatial}"
+        )
     return spatial  # type: ignore[return-value]
 
 
@@ -138,14 +146,12 @@ class DenseNet3dBackbone(PlannedBackbone):
         "width": 1.0,
     }
 
-    def check(self, hparams: Mapping[str, Any]) -> None:
-        if hparams["num_blocks"] > 8:
-            raise ConfigError("hparams.num_blocks", f"at most 8 (each halves the resolution), got {hparams['num_blocks']}")
-
     def widths(self, hparams: Mapping[str, Any]) -> tuple[int, int, int]:
         """(stem, growth, side) channels at the config's width."""
-        width = hparams["width"]
-        return tuple(scaled(hparams[key], width) for key in ("init_channels", "growth_rate", "side_channels"))  # type: ignore[return-value]
+        stem, growth, side = (
+            scaled(hparams[key], hparams["width"]) for key in ("init_channels", "growth_rate", "side_channels")
+        )
+        return stem, growth, side
 
     def slots(self, hparams: Mapping[str, Any]) -> list[Slot]:
         hparams = self.hparams(hparams)

@@ -43,6 +43,12 @@ STEM_KERNEL, STEM_STRIDE = (3, 7, 7), (1, 2, 2)
 POOL_KERNEL, POOL_STRIDE = (1, 3, 3), (1, 2, 2)
 
 
+def pooled(spatial: Spatial) -> Spatial:
+    """Output size of the stem's max pool, padded by kernel // 2 like a 'same' conv."""
+    depth, height, width = (conv_out_size(s, k, st) for s, k, st in zip(spatial, POOL_KERNEL, POOL_STRIDE))
+    return depth, height, width
+
+
 class ResBlock(nn.Module):
     def __init__(self, *, body: nn.Module, shortcut: nn.Module | None, activation: Activation) -> None:
         super().__init__()
@@ -68,7 +74,11 @@ class ResBlockPlan:
 
     def build(self, *, norm: Norm, activation: Activation) -> ResBlock:
         body = conv_norm_act(self.body, norm=norm, activation=activation, last_activation=False)
-        shortcut = None if self.shortcut is None else conv_norm_act([self.shortcut], norm=norm, activation=activation, last_activation=False)
+        shortcut = (
+            None
+            if self.shortcut is None
+            else conv_norm_act([self.shortcut], norm=norm, activation=activation, last_activation=False)
+        )
         return ResBlock(body=body, shortcut=shortcut, activation=activation)
 
 
@@ -84,7 +94,7 @@ class ResNetPlan:
 
     def cost(self, spatial: Spatial) -> Cost:
         total, shape = run_cost([self.stem], spatial)
-        shape = tuple(conv_out_size(s, k, st) for s, k, st in zip(shape, POOL_KERNEL, POOL_STRIDE))  # type: ignore[assignment]
+        shape = pooled(shape)
         for block in self.blocks:
             layer, shape = block.cost(shape)
             total += layer

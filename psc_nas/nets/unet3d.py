@@ -60,13 +60,21 @@ class UpConvSpec:
 def check_size(spatial: tuple[int, ...], factors: tuple[Triple, ...]) -> Spatial:
     total = tuple(prod(f[axis] for f in factors) for axis in range(3))
     if len(spatial) != 3 or any(s % t for s, t in zip(spatial, total)):
-        raise ValueError(f"unet3d: every input side must be divisible by its total pooling factor {total} (D, H, W), got {spatial}")
+        raise ValueError(
+            f"unet3d: every input side must be divisible by its total pooling factor {total} (D, H, W), got {spatial}"
+        )
     return spatial  # type: ignore[return-value]
 
 
 class UNet3d(nn.Module):
     def __init__(
-        self, *, encoders: list[nn.Module], upconvs: list[nn.Module], decoders: list[nn.Module], head: nn.Module, factors: tuple[Triple, ...]
+        self,
+        *,
+        encoders: list[nn.Module],
+        upconvs: list[nn.Module],
+        decoders: list[nn.Module],
+        head: nn.Module,
+        factors: tuple[Triple, ...],
     ) -> None:
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
@@ -156,8 +164,13 @@ class UNet3dBackbone(PlannedBackbone):
         hparams = self.hparams(hparams)
         channels = self.channels(hparams)
         inputs = [hparams["in_channels"], *channels[:-1]]
-        encoders = [Slot(f"encoder{level}", cin, cout, convs=2) for level, (cin, cout) in enumerate(zip(inputs, channels))]
-        decoders = [Slot(f"decoder{level}", 2 * channels[level], channels[level], convs=2) for level in reversed(range(len(channels) - 1))]
+        encoders = [
+            Slot(f"encoder{level}", cin, cout, convs=2) for level, (cin, cout) in enumerate(zip(inputs, channels))
+        ]
+        decoders = [
+            Slot(f"decoder{level}", 2 * channels[level], channels[level], convs=2)
+            for level in reversed(range(len(channels) - 1))
+        ]
         return encoders + decoders
 
     def plan(self, config: ArchConfig) -> UNetPlan:

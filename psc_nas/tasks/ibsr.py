@@ -1,0 +1,182 @@
+"""IBSR brain tissue segmentation (PSC paper §4.2): background, CSF, GM and WM from T1 MRI.
+
+Data is either the user's IBSR V2.0 copy in NIfTI layout::
+
+    <data_dir>/IBSR_01/IBSR_01_ana_strip.nii.gz     skull-stripped T1, (x, y, z) or (x, y, z, 1)
+    <data_dir>/IBSR_01/IBSR_01_segTRI_ana.nii.gz    0 background, 1 CSF, 2 GM, 3 WM
+    ... IBSR_18
+
+or, with no ``data_dir``, the embedded cohort of :mod:`psc_nas.tasks.ibsr_embedded` (same layout,
+built from anatomy shipped in installed packages). The paper uses 11 training, 2 validation and 5
+test subjects without naming them; here subjects are sorted by number and the first 11 train, the
+next 2 validate and the last 5 test. A directory with another number of subjects is split in the
+same proportions. Images are z-scored over their non-zero (brain) voxels.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.losses import DiceCELoss
+
+from psc_nas.tasks.base import DataError, Task
+from psc_nas.tasks.ibsr_embedded import embedded_cohort
+from psc_nas.tasks.segmentation import DiceScores, Volume, patch_loader, read_nifti, volume_loader, zscore_within_brain
+
+CLASS_NAMES = ("background", "CSF", "GM", "WM")
+SPLIT_OF_18 = {"train": 11, "val": 2, "test": 5}
+_SUBJECT_DIR = re.compile(r"IBSR_(\d+)")
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    image: Path
+    label: Path
+
+
+def find_subjects(data_dir: str | Path) -> list[Subject]:
+    """The ``IBSR_NN`` subjects under ``data_dir`` in subject-number order, both files present."""
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise DataError(data_dir, "IBSR data directory not found")
+    numbered = [(int(m.group(1)), d) for d in data_dir.iterdir() if d.is_dir() and (m := _SUBJECT_DIR.fullmatch(d.name))]
+    subjects = []
+    for _, directory in sorted(numbered):
+        subject = Subject(
+            directory.name,
+            directory / f"{directory.name}_ana_strip.nii.gz",
+            directory / f"{directory.name}_segTRI_ana.nii.gz",
+        )
+        for path in (subject.image, subject.label):
+            if not path.is_file():
+                raise DataError(path, "missing IBSR subject file")
+        subjects.append(subject)
+    return subjects
+
+
+def split_subjects(subjects: Sequence[Subject], data_dir: str | Path) -> dict[str, list[Subject]]:
+    total = sum(SPLIT_OF_18.values())
+    val = round(len(subjects) * SPLIT_OF_18["val"] / total)
+    test = round(len(subjects) * SPLIT_OF_18["test"] / total)
+    splits = {
+        "train": list(subjects[: len(subjects) - val - test]),
+        "val": list(subjects[len(subjects) - val - test : len(subjects) - test]),
+        "test": list(subjects[len(subjects) - test :]),
+    }
+    for name, members in splits.items():
+        if not members:
+            raise DataError(
+                data_dir,
+                f"{len(subjects)} IBSR_NN subject folder(s) leave the {name} split empty; "
+                f"need at least 5 (IBSR V2.0 has 18: 11 train, 2 val, 5 test)",
+            )
+    return splits
+
+
+def load_subject(subject: Subject) -> Volume:
+    image = read_nifti(subject.image)
+    label = read_nifti(subject.label)
+    if label.shape != image.shape:
+        raise DataError(subject.label, f"label shape {label.shape} differs from image shape {image.shape}")
+    values = np.unique(label)
+    unexpected = values[~np.isin(values, np.arange(len(CLASS_NAMES)))]
+    if unexpected.size:
+        raise DataError(
+            subject.label,
+            f"unexpected label values {unexpected[:5].tolist()}; segTRI labels are 0 background, 1 CSF, 2 GM, 3 WM",
+        )
+    return Volume(
+        subject.name,
+        torch.from_numpy(zscore_within_brain(image))[None],
+        torch.from_numpy(label.astype(np.uint8))[None],
+    )
+
+
+class IBSRDataModule(L.LightningDataModule):
+    """Random training patches and whole validation/test volumes of the IBSR split.
+
+    ``samples_per_epoch`` patches make a training epoch; ``spacing`` (mm) applies to the embedded
+    cohort only (real IBSR is used at its own resolution).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        *,
+        seed: int = 0,
+        patch_size: Sequence[int] = (32, 32, 32),
+        batch_size: int = 4,
+        samples_per_epoch: int = 64,
+        spacing: float = 3.0,
+        cache_dir: str | Path | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data_dir = data_dir
+        self.seed = seed
+        self.patch_size = tuple(patch_size)
+        self.batch_size = batch_size
+        self.samples_per_epoch = samples_per_epoch
+        self.spacing = spacing
+        self.cache_dir = cache_dir
+        self.num_workers = num_workers
+        # Check a user's layout now, so a wrong path fails before any model is built.
+        self._subjects = None if data_dir is None else split_subjects(find_subjects(data_dir), data_dir)
+        self.volumes: dict[str, list[Volume]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.volumes:
+            return
+        subjects = self._subjects
+        if subjects is None:
+            root = embedded_cohort(self.cache_dir, spacing=self.spacing)
+            subjects = split_subjects(find_subjects(root), root)
+        self.volumes = {split: [load_subject(s) for s in members] for split, members in subjects.items()}
+
+    def train_dataloader(self):
+        return patch_loader(
+            self.volumes["train"],
+            patch_size=self.patch_size,
+            batch_size=self.batch_size,
+            samples_per_epoch=self.samples_per_epoch,
+            seed=self.seed,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self):
+        return volume_loader(self.volumes["val"], num_workers=self.num_workers)
+
+    def test_dataloader(self):
+        return volume_loader(self.volumes["test"], num_workers=self.num_workers)
+
+
+class IBSRTask(Task):
+    name = "ibsr"
+    backbone = "densenet3d"
+    backbone_hparams = {"in_channels": 1, "num_classes": len(CLASS_NAMES)}
+    class_names = CLASS_NAMES
+    metric = "dice_mean"  # mean Dice of CSF, GM and WM
+    input_shape = (1, 32, 32, 32)
+
+    def loss(self) -> DiceCELoss:
+        # Dice over the whole batch: a 32³ patch often lacks CSF, and per-patch Dice of an absent
+        # class is ~1 whatever the prediction's quality.
+        return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+
+    def metrics(self) -> DiceScores:
+        return DiceScores(self.class_names)
+
+    def inferer(self) -> SlidingWindowInferer:
+        return SlidingWindowInferer(roi_size=self.input_shape[1:], sw_batch_size=4, overlap=0.25)
+
+    def datamodule(self, data_dir: str | Path | None = None, *, seed: int = 0, **options: Any) -> IBSRDataModule:
+        """Options: ``batch_size``, ``samples_per_epoch``, ``spacing``, ``cache_dir``, ``num_workers``."""
+        return IBSRDataModule(data_dir, seed=seed, patch_size=self.input_shape[1:], **options)

@@ -1,0 +1,232 @@
+"""The search dashboard: a run's trials as one JSON payload, an offline page, a local server.
+
+The page itself (HTML, CSS, JS) lives in the top-level ``dashboards/`` folder, shipped as package
+data; this module turns a run into the payload that page draws and delivers it two ways:
+
+    Run ─► payload() ─┬─ serve():          GET /  (page)   GET /api/run.json (polled while searching)
+                      └─ write_snapshot(): runs/<name>/dashboard.html, payload and plotly.js inlined
+
+plotly.js always comes from the installed ``plotly`` package, never a CDN, so both work offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from optuna.trial import FrozenTrial
+from plotly.offline import get_plotlyjs
+
+import dashboards
+from psc_nas.arch import ArchConfig
+from psc_nas.nets import get_backbone, realize
+from psc_nas.ops._conv import ConvSpec
+from psc_nas.pareto import hypervolume, normalize, pareto_front, to_minimization
+from psc_nas.results import Run
+
+SNAPSHOT_FILE = "dashboard.html"
+POLL_SECONDS = 3
+# Hypervolume is measured in objectives min-max normalized over the finished trials, with the
+# reference a little past the worst value so that extreme points still add volume.
+HV_REFERENCE = 1.1
+
+
+# ---------------------------------------------------------------------------------- architecture
+def stream_kind(stream: tuple[ConvSpec, ...]) -> str:
+    """Name of a stream by its sub-kernels, e.g. ``1x3x3→3x1x1`` (PmSCn) or ``1x1x1→dw3x3x3``.
+
+    Colors in the architecture view key on this, so a CAKES ``3x3x3`` channel and a conv3d channel
+    share a color, as do P3D and PmSCn streams of one orientation: equal sub-kernels, equal color.
+    """
+    labels: list[str] = []
+    for conv in stream:
+        kernel = "x".join(map(str, conv.kernel))
+        if conv.groups > 1:
+            kernel = ("dw" if conv.groups == conv.in_channels else f"g{conv.groups} ") + kernel
+        if labels and labels[-1].split("×")[0] == kernel:
+            repeats = int(labels[-1].split("×")[1]) if "×" in labels[-1] else 1
+            labels[-1] = f"{kernel}×{repeats + 1}"
+        else:
+            labels.append(kernel)
+    return "→".join(labels)
+
+
+def architecture(config: ArchConfig) -> list[dict[str, Any]]:
+    """Per searchable block: its op and how its output channels split over sub-kernel kinds.
+
+    This is the CAKES paper's Fig. 4 as data: one column per block, segment heights the channel
+    shares. A slot of several convs with a one-to-one choice repeats the same split, so its first
+    op stands for the block.
+    """
+    backbone = get_backbone(config.backbone)
+    slots = backbone.slots(backbone.hparams(config.hparams))
+    blocks = []
+    for slot, choice in zip(slots, config.blocks):
+        spec = realize(slot, choice)[0]
+        segments = [[stream_kind(stream), stream[-1].out_channels] for stream in spec.streams()]
+        blocks.append({"slot": slot.name, "op": choice.label(), "channels": spec.out_channels, "segments": segments})
+    return blocks
+
+
+# ---------------------------------------------------------------------------------- payload
+def export_command(run: Run, number: int) -> str:
+    return f"psc-export {shlex.quote(str(run.path))} --pick 'trial {number}'"
+
+
+def trial_detail(run: Run, trial: FrozenTrial) -> dict[str, Any]:
+    """What clicking a point shows: architecture, learning curve, config, export command."""
+    attrs = trial.user_attrs
+    detail: dict[str, Any] = {"metrics": attrs.get("metrics") or {}, "curve": attrs.get("curve") or [],
+                              "export": export_command(run, trial.number), "arch": None, "arch_error": None}
+    if "arch" not in attrs:
+        detail["arch_error"] = "the trial recorded no architecture"
+        return detail
+    try:
+        config = ArchConfig.from_dict(attrs["arch"])
+        detail["arch"] = architecture(config)
+        detail["config"] = config.to_yaml()
+    except ValueError as err:
+        detail["arch_error"] = str(err)
+        detail["config"] = json.dumps(attrs["arch"], indent=2)
+    return detail
+
+
+def fronts(run: Run, table: pd.DataFrame) -> dict[str, list[int]]:
+    """Trial numbers on the 2D front of quality against each measured cost (feasible trials only)."""
+    done = table[(table.state == "COMPLETE") & table.feasible & table.quality.notna()]
+    result = {}
+    for cost in ("params", "macs", "latency_ms"):
+        rows = done[done[cost].notna()]
+        points = to_minimization(list(zip(rows.quality, rows[cost])), [run.quality.maximize, False])
+        result[cost] = [int(rows.number.iloc[i]) for i in pareto_front(points)] if points else []
+    return result
+
+
+def hypervolume_history(run: Run) -> list[dict[str, Any]]:
+    """Hypervolume of the study's objectives after each finished feasible trial, in completion order."""
+    done = run.completed()
+    if not done:
+        return []
+    points = run.minimization_points(done)
+    dims = range(len(points[0]))
+    scaled = normalize(points, [min(p[k] for p in points) for k in dims], [max(p[k] for p in points) for k in dims])
+    reference = [HV_REFERENCE] * len(points[0])
+    return [
+        {"trial": t.number, "time": t.datetime_complete.isoformat(), "hypervolume": hypervolume(scaled[: i + 1], reference)}
+        for i, t in enumerate(done)
+    ]
+
+
+def payload(run: Run) -> dict[str, Any]:
+    """Everything the page draws, JSON-ready; ``version`` changes whenever a trial does."""
+    run.refresh()
+    table = run.table()
+    knee = run.knee()
+    rows = json.loads(table.to_json(orient="records", date_format="iso"))
+    for row, trial in zip(rows, run.trials):
+        row.update(trial_detail(run, trial))
+    fingerprint = table[["number", "state", "complete"]].to_json(date_format="iso")
+    return {
+        "version": hashlib.sha256(fingerprint.encode()).hexdigest()[:16],
+        "run": {
+            "name": run.name, "path": str(run.path), "task": run.task, "space": run.space,
+            "budget_params": run.budget_params, "budget_macs": run.budget_macs,
+            "objectives": [vars(o) for o in run.objectives], "quality": run.quality.name,
+            "states": {state: int(n) for state, n in table.state.value_counts().items()},
+        },
+        "trials": rows,
+        "fronts": fronts(run, table),
+        "knee": knee,
+        "hypervolume": hypervolume_history(run),
+    }
+
+
+# ---------------------------------------------------------------------------------- page
+def _script_json(data: Any) -> str:
+    # Inside <script>, "</" would end the element early; JSON allows "<\/" for it.
+    return json.dumps(data).replace("</", "<\\/")
+
+
+def render_page(data: dict[str, Any] | None = None) -> str:
+    """The page; with ``data`` a self-contained snapshot, without it the live page that polls."""
+    plotly = f"<script>{get_plotlyjs()}</script>" if data is not None else '<script src="plotly.min.js"></script>'
+    embedded = f'<script type="application/json" id="run-data">{_script_json(data)}</script>' if data is not None else ""
+    html = dashboards.asset("index.html")
+    for marker, value in {
+        "{{style}}": dashboards.asset("dashboard.css"),
+        "{{plotly}}": plotly,
+        "{{data}}": embedded,
+        "{{poll_ms}}": str(POLL_SECONDS * 1000),
+        "{{script}}": dashboards.asset("dashboard.js"),
+    }.items():
+        html = html.replace(marker, value)
+    return html
+
+
+def write_snapshot(run_dir: str | Path) -> Path:
+    """Write ``run_dir/dashboard.html``: the dashboard as of now, viewable offline with no server."""
+    run = Run.open(run_dir)
+    path = run.path / SNAPSHOT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_page(payload(run)), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------- server
+class DashboardServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, run: Run, host: str, port: int) -> None:
+        self.run = run
+        # One reader at a time: Optuna's storage is shared, and SQLite serializes reads anyway.
+        self.lock = threading.Lock()
+        self.page = render_page().encode()
+        super().__init__((host, port), DashboardHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/"
+
+
+class DashboardHandler(BaseHTTPRequestHandler):
+    server: DashboardServer
+
+    def do_GET(self) -> None:  # noqa: N802  (http.server's naming)
+        route = self.path.split("?")[0]
+        if route in ("/", "/index.html"):
+            self._send(self.server.page, "text/html; charset=utf-8")
+        elif route == "/plotly.min.js":
+            self._send(get_plotlyjs().encode(), "application/javascript; charset=utf-8")
+        elif route == "/api/run.json":
+            with self.server.lock:
+                body = json.dumps(payload(self.server.run)).encode()
+            self._send(body, "application/json", cache="no-store")
+        else:
+            self.send_error(404)
+
+    def _send(self, body: bytes, content_type: str, cache: str = "max-age=3600") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", cache)
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser navigated away mid-transfer; nothing to answer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        """Quiet: one line per poll every few seconds would drown the terminal."""
+
+
+def make_server(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8050) -> DashboardServer:
+    """A server for ``run_dir`` bound to ``host:port`` (port 0 picks a free one); not yet serving."""
+    return DashboardServer(Run.open(run_dir), host, port)

@@ -1,0 +1,90 @@
+"""A small but real search run for the dashboard and export tests.
+
+An Optuna SQLite study written to the schema of docs/architecture.md: real ArchConfigs (the
+papers' presets and mixed per-block choices on a small DenseNet3D), their exact analytic cost,
+and metric values chosen here (no training), plus the trial states a real search leaves behind:
+finished, failed, over budget, still running.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState, create_trial
+
+import psc_nas
+from psc_nas.arch import ArchConfig, BlockChoice
+from psc_nas.nets import get_backbone
+from psc_nas.ops import SHAPES
+from psc_nas.presets import PRESETS, preset_config
+
+SPATIAL = (32, 32, 32)  # the ibsr task's input size, at which the study's costs are priced
+HPARAMS = {"init_channels": 8, "growth_rate": 6, "side_channels": 4, "num_blocks": 2, "layers_per_block": 2}
+OBJECTIVES = [{"name": "dice_mean", "direction": "maximize"}, {"name": "params", "direction": "minimize"}]
+MIXED_CHOICES = [PRESETS[name] for name in ("conv3d", "p1sc1", "p2sc2", "csn_ip", "cakes_uniform")] + [
+    BlockChoice("pmscn", {"m": 3, "n": 1, "orientations": ["1x3x3", "3x1x3", "3x3x1"]}),
+]
+
+
+def _random_cakes(rng: random.Random, channels: int) -> BlockChoice:
+    """A searched-looking CAKES allocation: channels dealt to a random subset of the shapes."""
+    shapes = rng.sample(SHAPES, rng.randint(2, 4))
+    allocation = {shape: 0 for shape in shapes}
+    for _ in range(channels):
+        allocation[rng.choice(shapes)] += 1
+    return BlockChoice("cakes", {"allocation": allocation})
+
+
+def _dice(params: int, rng: random.Random) -> float:
+    # Made up but plausible: more parameters help, with diminishing returns and noise.
+    return round(0.55 + 0.05 * math.log10(params) + rng.uniform(-0.03, 0.03), 4)
+
+
+def _attrs(config: ArchConfig, **extra) -> dict:
+    cost = psc_nas.cost(config, SPATIAL)
+    return {"arch": config.to_dict(), "arch_hash": config.hash, "params": cost.params, "macs": cost.macs,
+            "fidelity": 1.0, "metrics": {}, "curve": [], "preset": None, "latency_ms": None,
+            "fail_reason": None, **extra}
+
+
+def _finished(config: ArchConfig, rng: random.Random, preset: str | None = None) -> optuna.trial.FrozenTrial:
+    attrs = _attrs(config, preset=preset)
+    dice = _dice(attrs["params"], rng)
+    attrs["metrics"] = {"dice_mean": dice, "dice_gm": dice - 0.02, "dice_wm": dice + 0.02}
+    attrs["curve"] = [{"epoch": e, "train_loss": 1.2 / (e + 1), "dice_mean": dice * (e + 1) / 3} for e in range(3)]
+    return create_trial(state=TrialState.COMPLETE, values=[dice, attrs["params"]], user_attrs=attrs)
+
+
+def make_run(root: Path, name: str = "demo", *, mixed: int = 8, seed: int = 0, hparams: dict = HPARAMS) -> Path:
+    """Create ``root/name/study.db`` on DenseNet3D; the conv3d preset is over the run's parameter budget."""
+    rng = random.Random(seed)
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}",
+                                directions=[o["direction"] for o in OBJECTIVES])
+    presets = {p: preset_config(p, "densenet3d", **hparams) for p in ("conv3d", "p1sc1", "p2sc2", "csn_ip", "cakes_uniform")}
+    budget = psc_nas.cost(presets["conv3d"], SPATIAL).params - 1
+    for key, value in {"task": "ibsr", "space": "densenet_ibsr", "budget_params": budget, "budget_macs": None,
+                       "objectives": OBJECTIVES}.items():
+        study.set_user_attr(key, value)
+
+    base = presets["conv3d"]
+    growth = get_backbone("densenet3d").slots(base.hparams)[0].out_channels
+    for preset, config in presets.items():
+        if psc_nas.cost(config, SPATIAL).params > budget:
+            study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs=_attrs(
+                config, preset=preset, fail_reason=f"over budget: params > {budget}")))
+        else:
+            study.add_trial(_finished(config, rng, preset))
+    for _ in range(mixed):
+        choices = [*MIXED_CHOICES, _random_cakes(rng, growth)]
+        config = base.with_blocks([rng.choice(choices) for _ in base.blocks])
+        if psc_nas.cost(config, SPATIAL).params <= budget:
+            study.add_trial(_finished(config, rng))
+    failed = base.with_blocks([PRESETS["csn_ir"]] * len(base.blocks))
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=_attrs(failed, fail_reason="non-finite loss at epoch 2")))
+    study.add_trial(create_trial(state=TrialState.RUNNING, user_attrs=_attrs(base.with_blocks([PRESETS["p1sc1"]] * len(base.blocks)))))
+    return run_dir

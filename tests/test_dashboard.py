@@ -1,0 +1,196 @@
+"""The dashboard in a real headless Chromium, on a real SQLite Optuna study (tests/_search_run.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from _search_run import make_run
+from psc_nas.dashboard import architecture, make_server, payload, write_snapshot
+from psc_nas.results import Run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary (apt-get install chromium)")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A browser tab that records console errors and every URL the page asks for."""
+
+    def __init__(self, browser, *, offline: bool = False) -> None:
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        if offline:  # a snapshot must not need the network at all
+            self.page.route("http*://**", lambda route: route.abort())
+
+    def points(self, plot: str = "front-params") -> int:
+        return self.page.locator(f"#{plot} .scatterlayer .point").count()
+
+    def wait_points(self, expected: int, plot: str = "front-params") -> None:
+        self.page.wait_for_function(
+            "([plot, n]) => document.querySelectorAll(`#${plot} .scatterlayer .point`).length === n",
+            arg=[plot, expected], timeout=20_000)
+
+    def click_trial(self, number: int, plot: str = "front-params") -> None:
+        """Click the marker of trial ``number`` where plotly drew it."""
+        box = self.page.evaluate(
+            """([plot, number]) => {
+                const gd = document.getElementById(plot);
+                const traces = gd.querySelectorAll('.scatterlayer .trace');
+                for (let i = 0; i < gd._fullData.length; i++) {
+                    const j = (gd._fullData[i].customdata || []).indexOf(number);
+                    if (j < 0) continue;
+                    const r = traces[i].querySelectorAll('.point')[j].getBoundingClientRect();
+                    return {x: r.x + r.width / 2, y: r.y + r.height / 2};
+                }
+                return null;
+            }""", [plot, number])
+        assert box is not None, f"trial {number} is not plotted"
+        self.page.mouse.move(box["x"], box["y"])
+        self.page.mouse.click(box["x"], box["y"])
+
+    def close(self) -> None:
+        self.page.close()
+
+
+def finished(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in Run.open(run_dir).trials if t.state.is_finished()]
+
+
+# ------------------------------------------------------------------------------------ data
+def test_architecture_splits_each_block_by_sub_kernel(run_dir):
+    run = Run.open(run_dir)
+    cakes = next(t for t in run.trials if t.user_attrs["preset"] == "cakes_uniform")
+    blocks = architecture(run.config(cakes.number))
+    assert [b["slot"] for b in blocks] == ["block1.layer1", "block1.layer2", "block2.layer1", "block2.layer2"]
+    for block in blocks:  # 6 channels over the seven CAKES shapes: six of them get one each
+        assert block["segments"] == [["1x1x3", 1], ["1x3x1", 1], ["3x1x1", 1], ["1x3x3", 1], ["3x1x3", 1], ["3x3x1", 1]]
+    p2sc2 = next(t for t in run.trials if t.user_attrs["preset"] == "p2sc2")
+    assert architecture(run.config(p2sc2.number))[0]["segments"] == [["1x3x3×2→3x1x1", 3], ["3x1x3×2→1x3x1", 3]]
+
+
+def test_payload_marks_states_budget_and_fronts(run_dir):
+    data = payload(Run.open(run_dir))
+    by_number = {t["number"]: t for t in data["trials"]}
+    conv3d = next(t for t in data["trials"] if t["preset"] == "conv3d")
+    assert not conv3d["feasible"] and conv3d["params"] > data["run"]["budget_params"]
+    assert data["run"]["states"] == {"COMPLETE": 11, "PRUNED": 2, "FAIL": 1, "RUNNING": 1}
+    for number in data["fronts"]["params"]:
+        assert by_number[number]["state"] == "COMPLETE" and by_number[number]["feasible"]
+    assert data["knee"] in data["fronts"]["params"]  # two objectives: quality and params
+    hv = [h["hypervolume"] for h in data["hypervolume"]]
+    assert len(hv) == 11 and hv == sorted(hv) and hv[-1] > 0
+
+
+def test_server_binds_localhost_and_serves_json(run_dir):
+    server = make_server(run_dir, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        with urllib.request.urlopen(server.url + "api/run.json") as response:
+            data = json.load(response)
+        assert len(data["trials"]) == len(Run.open(run_dir).trials)
+        with urllib.request.urlopen(server.url + "plotly.min.js") as response:
+            assert b"plotly.js" in response.read()
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(server.url + "nope")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ------------------------------------------------------------------------------------ browser
+@needs_browser
+def test_live_page(tmp_path, browser):
+    """Every finished trial plotted once; a click shows that trial; sorting; new trials appear."""
+    run_dir = make_run(tmp_path)
+    server = make_server(run_dir, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    tab = Page(browser)
+    try:
+        tab.page.goto(server.url)
+        done = finished(run_dir)
+        tab.wait_points(len(done))
+        tab.wait_points(len(done), "front-macs")
+        assert tab.page.locator("#front-latency_ms").is_hidden()  # nothing measured latency
+
+        run = Run.open(run_dir)
+        target = next(t for t in run.trials if t.user_attrs["preset"] is None and t.state == TrialState.COMPLETE)
+        tab.click_trial(target.number)
+        assert_shows_trial(tab, run, target.number)
+        assert tab.page.locator("#curve .scatterlayer .trace").count() == 2  # train_loss and dice_mean
+
+        tab.page.click("#trial-table th[data-key=params]")
+        shown = tab.page.locator("#trial-table tbody tr").evaluate_all("rows => rows.map(r => +r.dataset.number)")
+        assert shown == list(run.table().sort_values(["params", "number"], kind="stable").number)
+
+        running = next(t for t in run.trials if t.state == TrialState.RUNNING)
+        run.study.tell(running.number, [0.75, running.user_attrs["params"]])
+        tab.wait_points(len(done) + 1)  # picked up by polling, no reload
+
+        assert tab.errors == []
+        assert all(url.startswith(server.url) for url in tab.requests), tab.requests
+    finally:
+        tab.close()
+        server.shutdown()
+        server.server_close()
+
+
+def assert_shows_trial(tab: Page, run: Run, number: int) -> None:
+    """The trial panel shows trial ``number``: its architecture drawn as data, config, export command."""
+    tab.page.wait_for_function(
+        "n => document.getElementById('arch-title').textContent.startsWith(`Trial ${n}:`)", arg=number)
+    drawn = tab.page.evaluate("() => document.getElementById('arch').data.map(t => ({kind: t.name, shares: t.y}))")
+    expected = architecture(run.config(number))
+    for trace in drawn:
+        shares = [sum(c for kind, c in b["segments"] if kind == trace["kind"]) / b["channels"] for b in expected]
+        assert trace["shares"] == pytest.approx(shares)
+    assert {t["kind"] for t in drawn} == {kind for b in expected for kind, _ in b["segments"]}
+    assert tab.page.locator("#arch .bars path").count() >= len(expected)
+    assert f"--pick 'trial {number}'" in tab.page.locator("#trial-export").text_content()
+    assert run.config(number).to_yaml().strip() == tab.page.locator("#trial-config").text_content().strip()
+
+
+@needs_browser
+def test_snapshot_works_offline(run_dir, browser):
+    path = write_snapshot(run_dir)
+    assert path == run_dir / "dashboard.html"
+    tab = Page(browser, offline=True)
+    tab.page.goto(path.as_uri())
+    tab.wait_points(len(finished(run_dir)))
+    assert tab.page.locator("#status").text_content() == "static snapshot"
+    run = Run.open(run_dir)
+    tab.click_trial(run.knee())
+    assert_shows_trial(tab, run, run.knee())
+    assert tab.errors == []
+    assert [url for url in tab.requests if not url.startswith("file:")] == []
+    tab.close()

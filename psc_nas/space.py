@@ -18,7 +18,6 @@ import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import cache
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
@@ -305,18 +304,16 @@ def shipped_dir() -> Path | None:
     """Where the shipped ``search_spaces/*.yaml`` are.
 
     A checkout or editable install reads the repository's top-level ``search_spaces/``; a wheel
-    installs them as data files under ``<prefix>/share/psc-nas/search_spaces/``.
+    installs them as data files under ``<prefix>/share/psc-nas/search_spaces/``, and the package
+    sits in ``<prefix>/lib/pythonX.Y/site-packages/`` (``<prefix>/Lib/site-packages/`` on Windows).
     """
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "search_spaces").is_dir():
-        return checkout / "search_spaces"
-    try:
-        files = metadata.distribution("psc-nas").files or []
-    except metadata.PackageNotFoundError:
-        return None
-    for file in files:
-        if file.parent.parts[-3:] == ("share", "psc-nas", "search_spaces"):
-            return Path(file.locate()).parent  # type: ignore[arg-type]
+    package = Path(__file__).resolve().parent
+    if (package.parent / "pyproject.toml").is_file() and (package.parent / "search_spaces").is_dir():
+        return package.parent / "search_spaces"
+    for prefix in package.parents[1:4]:
+        installed = prefix / "share" / "psc-nas" / "search_spaces"
+        if installed.is_dir():
+            return installed
     return None
 
 

@@ -252,3 +252,28 @@ def test_sampled_configs_round_trip_through_yaml_to_the_priced_network(name: str
         assert macs == expected.macs
         classes = config.hparams["num_classes"]
         assert tuple(y.shape) == ((1, classes) if config.backbone == "resnet3d" else (1, classes, *spatial))
+
+
+# ---------------------------------------------------------------------- psc-space
+def test_psc_space_lists_every_shipped_space_with_size_and_priced_presets():
+    from typer.testing import CliRunner
+
+    from psc_nas.cli import space_app
+
+    result = CliRunner().invoke(space_app, [], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert all(name in result.stdout for name in SHIPPED)
+    assert "1.14e+12" in result.stdout  # ibsr_densenet3d: 258**5
+    dense = psc_nas.cost(preset_config("p2sc2", "densenet3d", in_channels=1, num_classes=4), (64, 64, 64))
+    assert psc_nas.format_count(dense.params) in result.stdout
+
+
+def test_psc_space_reports_a_bad_name_in_one_line_and_exit_code_1():
+    from typer.testing import CliRunner
+
+    from psc_nas.cli import space_app
+
+    result = CliRunner().invoke(space_app, ["no_such_space"])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("psc-space: no search space 'no_such_space'")

@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from psc_nas import cost
 from psc_nas.costs import format_count
+from psc_nas.space import SearchSpace, shipped_spaces
 
 space_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -33,8 +35,6 @@ def space(
     ] = None,
 ) -> None:
     """Show search spaces: backbone, slots, number of distinct architectures, and the presets' cost."""
-    from psc_nas.space import SearchSpace, shipped_spaces
-
     try:
         spaces = [SearchSpace.load(name) for name in ([name_or_path] if name_or_path else shipped_spaces())]
     except ValueError as err:
@@ -53,7 +53,7 @@ def space(
         console.print(presets_table(item))
 
 
-def decisions_table(space) -> Table:  # noqa: ANN001  (a SearchSpace; imported lazily)
+def decisions_table(space: SearchSpace) -> Table:
     table = Table("decision", "slots", "ops", "choices", title=f"{space.name}: decisions ({space.source})")
     for unit, count in zip(space.units, space.option_counts):
         names = [space.slots[i].name for i in unit.slots]
@@ -62,9 +62,7 @@ def decisions_table(space) -> Table:  # noqa: ANN001  (a SearchSpace; imported l
     return table
 
 
-def presets_table(space) -> Table:  # noqa: ANN001
-    from psc_nas import cost
-
+def presets_table(space: SearchSpace) -> Table:
     shape = "x".join(map(str, space.input_size))
     table = Table("preset", "params", "MACs", title=f"{space.name}: presets at {shape}")
     for name, config in space.presets().items():

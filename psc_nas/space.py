@@ -100,6 +100,8 @@ class SearchSpace:
         given = data.get("hparams") or {}
         if not isinstance(given, Mapping):
             raise ConfigError("hparams", f"must be a mapping, got {given!r}")
+        if not isinstance(data.get("task", ""), str):
+            raise ConfigError("task", f"must be a task name, got {data['task']!r}")
         hparams = backbone.hparams(given)
         slots = tuple(backbone.slots(hparams))
         units = _parse_units(data.get("blocks"), slots)

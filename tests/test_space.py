@@ -156,6 +156,7 @@ def test_unknown_preset_lists_the_known_ones():
         (lambda d: d["blocks"]["groups"].pop(), r"blocks\.groups: slots \['block1\.layer2', 'block1\.layer3'\] are in no group"),
         (lambda d: d["hparams"].update(depth=3), r"x\.yaml: hparams\.depth: unknown for densenet3d"),
         (lambda d: d.pop("input_size"), r"x\.yaml: input_size: required"),
+        (lambda d: d.update(task=["ibsr"]), r"x\.yaml: task: must be a task name"),
     ],
 )
 def test_schema_errors_name_the_file_and_the_path(tmp_path: Path, edit, message):

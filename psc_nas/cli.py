@@ -69,3 +69,63 @@ def presets_table(space: SearchSpace) -> Table:
         price = cost(config, space.input_size)
         table.add_row(name, format_count(price.params), format_count(price.macs))
     return table
+
+
+export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@export_app.command()
+def export(
+    run_dir: Annotated[str, typer.Argument(help="A search run folder, e.g. runs/ibsr-5M.")],
+    pick: Annotated[str, typer.Option(help="knee | best | 'trial N' | 'under 2M' | 'under 50G macs'.")] = "knee",
+    fmt: Annotated[str, typer.Option("--format", help="Config format: yaml or json.")] = "yaml",
+    out: Annotated[Optional[str], typer.Option(help="Output folder; default RUN_DIR/export.")] = None,
+    retrain: Annotated[bool, typer.Option(help="Train the pick from scratch at full fidelity and save its weights.")] = False,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs for --retrain; default the run's longest learning curve.")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(help="Task data for --retrain; default the task's own.")] = None,
+    torchscript: Annotated[bool, typer.Option(help="Also write a traced TorchScript module.")] = False,
+    onnx: Annotated[bool, typer.Option(help="Also write an ONNX model (needs psc-nas[onnx]).")] = False,
+) -> None:
+    """Write the architecture picked from a search run, rebuildable with psc_nas.build_model(path)."""
+    from psc_nas.export import Pick, export as export_run
+
+    try:
+        done = export_run(run_dir, pick, fmt=fmt, out_dir=out, retrain=retrain, epochs=epochs, data_dir=data_dir,
+                          torchscript=torchscript, onnx=onnx)
+    except ValueError as err:
+        raise fail("psc-export", err) from None
+    attrs = done.trial.user_attrs
+    quality = ", ".join(f"{k} {v:.4f}" for k, v in (attrs.get("metrics") or {}).items() if isinstance(v, float))
+    typer.echo(f"trial {done.trial.number} ({Pick.parse(pick)}): {format_count(attrs['params'])} params, "
+               f"{format_count(attrs['macs'])} MACs" + (f", {quality}" if quality else ""))
+    for kind, path in done.files.items():
+        typer.echo(f"  {kind}: {path}")
+
+
+dashboard_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@dashboard_app.command()
+def dashboard(
+    run_dir: Annotated[str, typer.Argument(help="A search run folder, running or finished.")],
+    port: Annotated[int, typer.Option(help="Port to serve on (0: any free port).")] = 8050,
+    host: Annotated[str, typer.Option(help="Interface to bind; anything but 127.0.0.1 exposes the run to the network.")] = "127.0.0.1",
+    snapshot: Annotated[bool, typer.Option(help="Only write RUN_DIR/dashboard.html (works offline) and exit.")] = False,
+) -> None:
+    """Serve a live dashboard of a search run: Pareto fronts, architectures, curves, trial table."""
+    from psc_nas.dashboard import make_server, write_snapshot
+
+    try:
+        if snapshot:
+            typer.echo(f"wrote {write_snapshot(run_dir)}")
+            return
+        server = make_server(run_dir, host=host, port=port)
+    except (ValueError, OSError) as err:
+        raise fail("psc-dashboard", err) from None
+    typer.echo(f"serving {run_dir} at {server.url} (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

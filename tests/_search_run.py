@@ -67,7 +67,7 @@ def make_run(root: Path, name: str = "demo", *, mixed: int = 8, seed: int = 0, h
                                 directions=[o["direction"] for o in OBJECTIVES])
     presets = {p: preset_config(p, "densenet3d", **hparams) for p in ("conv3d", "p1sc1", "p2sc2", "csn_ip", "cakes_uniform")}
     budget = psc_nas.cost(presets["conv3d"], SPATIAL).params - 1
-    for key, value in {"task": "ibsr", "space": "densenet_ibsr", "budget_params": budget, "budget_macs": None,
+    for key, value in {"task": "ibsr", "space": "ibsr_densenet3d", "budget_params": budget, "budget_macs": None,
                        "objectives": OBJECTIVES}.items():
         study.set_user_attr(key, value)
 

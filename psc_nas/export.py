@@ -1,0 +1,196 @@
+"""Pick an architecture from a search run and hand it over: config, weights, TorchScript, ONNX.
+
+    psc-export runs/ibsr-5M                         the knee of the front -> runs/ibsr-5M/export/trial-12.yaml
+    psc-export runs/ibsr-5M --pick best --format json
+    psc-export runs/ibsr-5M --pick "under 2M" --retrain --torchscript --onnx
+
+The written config rebuilds the network with ``psc_nas.build_model(path)``, with exactly the
+parameters and MACs the study recorded for the trial. Every user mistake (a pick that matches
+nothing, a folder without a study, a failed trial) raises ``ValueError`` with one clear line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from psc_nas import build_model
+from psc_nas.arch import ArchConfig
+from psc_nas.costs import format_count, parse_count
+from psc_nas.results import Run
+
+PICK_FORMS = "knee, best, 'trial N', 'under 2M' (params) or 'under 50G macs'"
+FORMATS = ("yaml", "json")
+_PICK = re.compile(r"^\s*(?:(knee|best)|trial\s+(\d+)|under\s+(\S+)(?:\s+(params|macs))?)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Pick:
+    """Which trial to export: ``knee``, ``best``, ``trial`` (``number``) or ``under`` (``limit`` on ``cost``)."""
+
+    kind: str
+    number: int | None = None
+    limit: int | None = None
+    cost: str = "params"
+
+    @classmethod
+    def parse(cls, text: str) -> Pick:
+        match = _PICK.match(text)
+        if not match:
+            raise ValueError(f"--pick must be one of {PICK_FORMS}; got {text!r}")
+        named, number, limit, cost = match.groups()
+        if named:
+            return cls(named.lower())
+        if number is not None:
+            return cls("trial", number=int(number))
+        return cls("under", limit=parse_count(limit), cost=(cost or "params").lower())
+
+    def __str__(self) -> str:
+        if self.kind == "trial":
+            return f"trial {self.number}"
+        if self.kind == "under":
+            return f"best under {format_count(self.limit)} {self.cost}"
+        return self.kind
+
+
+def select(run: Run, pick: Pick) -> FrozenTrial:
+    """The trial ``pick`` names among the run's trials; raises ``ValueError`` when there is none."""
+    if pick.kind == "trial":
+        trial = run.trial(pick.number)
+        if trial.state != TrialState.COMPLETE:
+            reason = trial.user_attrs.get("fail_reason")
+            raise ValueError(f"trial {trial.number} is {trial.state.name.lower()}" + (f": {reason}" if reason else "")
+                             + "; only finished trials can be exported")
+        return trial
+    candidates = run.completed()
+    if not candidates:
+        raise ValueError(f"{run.path}: no trial has finished within budget yet")
+    if pick.kind == "knee":
+        return run.trial(run.knee())
+    if pick.kind == "under":
+        fitting = [t for t in candidates if t.user_attrs[pick.cost] <= pick.limit]
+        if not fitting:
+            smallest = min(t.user_attrs[pick.cost] for t in candidates)
+            raise ValueError(f"no finished trial has {pick.cost} <= {format_count(pick.limit)} "
+                             f"(the smallest has {format_count(smallest)})")
+        candidates = fitting
+    sign = 1 if run.quality.maximize else -1
+    return max(candidates, key=lambda t: (sign * run.quality_of(t), -t.number))
+
+
+@dataclass
+class Exported:
+    trial: FrozenTrial
+    config: ArchConfig
+    files: dict[str, Path]  # what was written: config, weights, torchscript, onnx
+
+
+def full_fidelity_epochs(run: Run) -> int:
+    """Epochs of the run's longest learning curve: what its full-fidelity trials trained for."""
+    epochs = max((len(t.user_attrs.get("curve") or []) for t in run.trials), default=0)
+    if not epochs:
+        raise ValueError(f"{run.path}: no trial recorded a learning curve; give --epochs for --retrain")
+    return epochs
+
+
+def retrain_weights(run: Run, config: ArchConfig, stem: Path, *, epochs: int, data_dir: str | Path | None) -> Path:
+    """Train ``config`` from scratch on the run's task; save the best epoch's weights for build_model()."""
+    from psc_nas.train import fit_into
+
+    result = fit_into(stem.with_name(stem.name + "-retrain"), config, run.task, epochs=epochs, data_dir=data_dir)
+    if result.checkpoint is None:
+        raise ValueError(f"retraining trial {stem.name} saved no checkpoint")
+    # Our own Lightning checkpoint (it holds hyper-parameters, not only tensors), so not weights_only.
+    state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    weights = {key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")}
+    path = stem.with_suffix(".weights.pt")
+    torch.save(weights, path)
+    return path
+
+
+def example_input(run: Run) -> torch.Tensor:
+    """One sample at the task's input size, the size the study priced the trial at."""
+    from psc_nas.tasks import get_task
+
+    return torch.zeros(1, *get_task(run.task).input_shape)
+
+
+def to_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates torch.jit in favour of torch.export, but TorchScript is what was asked
+        # for; tracing (scripting cannot compile the fast ops) fixes the input size to the task's.
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example)
+    traced.save(str(path))
+    return path
+
+
+def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ValueError("--onnx needs the onnx and onnxscript packages: pip install 'psc-nas[onnx]'") from None
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # it warns about every torchvision op it cannot register
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["image"], output_names=["logits"])
+    finally:
+        exporter_log.setLevel(level)
+    return path
+
+
+def export(
+    run_dir: str | Path,
+    pick: str = "knee",
+    *,
+    fmt: str = "yaml",
+    out_dir: str | Path | None = None,
+    retrain: bool = False,
+    epochs: int | None = None,
+    data_dir: str | Path | None = None,
+    torchscript: bool = False,
+    onnx: bool = False,
+) -> Exported:
+    """Write the picked trial's config (and on request weights, TorchScript, ONNX) to ``out_dir``.
+
+    ``out_dir`` defaults to ``run_dir/export``; files are named ``trial-<N>.<ext>``. TorchScript and
+    ONNX carry the retrained weights with ``retrain`` (for ``epochs``, by default the run's full
+    fidelity), freshly initialized ones otherwise.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
+    selection = Pick.parse(pick)
+    run = Run.open(run_dir)
+    trial = select(run, selection)
+    config = run.config(trial.number)
+    stem = Path(out_dir or run.path / "export") / f"trial-{trial.number}"
+    files = {"config": config.save(stem.with_suffix(f".{fmt}"))}
+    model = build_model(config)
+    params = sum(p.numel() for p in model.parameters())
+    if params != trial.user_attrs["params"]:
+        raise ValueError(f"trial {trial.number} rebuilds with {params} parameters but the study recorded "
+                         f"{trial.user_attrs['params']}; was the study written by another psc-nas version?")
+    if retrain:
+        files["weights"] = retrain_weights(run, config, stem, epochs=epochs or full_fidelity_epochs(run), data_dir=data_dir)
+        model.load_state_dict(torch.load(files["weights"], map_location="cpu"))
+    if torchscript or onnx:
+        model.eval()
+        example = example_input(run)
+        if torchscript:
+            files["torchscript"] = to_torchscript(model, example, stem.with_suffix(".torchscript.pt"))
+        if onnx:
+            files["onnx"] = to_onnx(model, example, stem.with_suffix(".onnx"))
+    return Exported(trial, config, files)

@@ -1,0 +1,120 @@
+"""psc-export on a real SQLite Optuna study (tests/_search_run.py): picks, rebuilds, formats, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from optuna.trial import TrialState
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+import psc_nas
+from _search_run import SPATIAL, make_run
+from psc_nas.arch import ArchConfig
+from psc_nas.cli import export_app
+from psc_nas.export import Pick, export
+from psc_nas.results import Run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def run(run_dir):
+    return Run.open(run_dir)
+
+
+def cli(*args: str):
+    return CliRunner().invoke(export_app, list(args))
+
+
+@pytest.mark.parametrize("text, pick", [
+    ("knee", Pick("knee")),
+    ("BEST", Pick("best")),
+    ("trial 12", Pick("trial", number=12)),
+    ("under 2M", Pick("under", limit=2_000_000)),
+    ("under 1.5G macs", Pick("under", limit=1_500_000_000, cost="macs")),
+])
+def test_pick_forms(text, pick):
+    assert Pick.parse(text) == pick
+
+
+@pytest.mark.parametrize("text", ["knees", "trial", "trial x", "under", "under 5X", "under 2M flops", ""])
+def test_pick_rejects_anything_else(text):
+    with pytest.raises(ValueError, match="--pick must be one of|expected a count"):
+        Pick.parse(text)
+
+
+def test_default_pick_is_the_knee_and_rebuilds_with_the_recorded_cost(run, tmp_path):
+    done = export(run.path, out_dir=tmp_path)
+    assert done.trial.number == run.knee()
+    path = done.files["config"]
+    assert path == tmp_path / f"trial-{run.knee()}.yaml"
+    model = psc_nas.build_model(str(path))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 1, *SPATIAL))
+    assert sum(p.numel() for p in model.parameters()) == done.trial.user_attrs["params"]
+    assert counter.get_total_flops() // 2 == done.trial.user_attrs["macs"]
+
+
+def test_best_and_under_pick_the_most_accurate_candidate(run, tmp_path):
+    table = run.table()
+    candidates = table[(table.state == "COMPLETE") & table.feasible]
+    best = export(run.path, "best", out_dir=tmp_path)
+    assert best.trial.number == candidates.sort_values("quality", ascending=False).number.iloc[0]
+
+    limit = int(candidates.params.median())
+    under = export(run.path, f"under {limit}", fmt="json", out_dir=tmp_path)
+    fitting = candidates[candidates.params <= limit]
+    assert under.trial.number == fitting.sort_values("quality", ascending=False).number.iloc[0]
+    assert under.trial.user_attrs["params"] <= limit
+    assert ArchConfig.load(under.files["config"]) == run.config(under.trial.number)
+
+
+def test_cli_exports_a_named_trial(run, tmp_path):
+    number = next(t.number for t in run.trials if t.state == TrialState.COMPLETE and t.user_attrs["preset"] == "csn_ip")
+    result = cli(str(run.path), "--pick", f"trial {number}", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"trial {number} (trial {number}): ")
+    assert ArchConfig.load(tmp_path / f"trial-{number}.yaml") == run.config(number)
+
+
+def test_torchscript_and_onnx_compute_the_same_network(run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    done = export(run.path, "best", out_dir=tmp_path, torchscript=True, onnx=True)
+    x = torch.randn(1, 1, *SPATIAL)
+    scripted = torch.jit.load(str(done.files["torchscript"]))
+    expected = scripted(x).detach().numpy()
+    assert expected.shape == (1, 4, *SPATIAL)
+    session = ort.InferenceSession(str(done.files["onnx"]))
+    (got,) = session.run(None, {"image": x.numpy()})
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pick", "under 1k"], "no finished trial has params <= 1k"),
+    (["--pick", "trial 99"], "has no trial 99"),
+    (["--pick", "nearest"], "--pick must be one of"),
+    (["--format", "toml"], "--format must be one of"),
+])
+def test_cli_errors_are_one_line(run, args, message):
+    result = cli(str(run.path), *args)
+    assert result.exit_code == 1
+    assert message in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_cli_refuses_failed_and_over_budget_trials(run):
+    for trial in run.trials:
+        if trial.state in (TrialState.FAIL, TrialState.PRUNED):
+            result = cli(str(run.path), "--pick", f"trial {trial.number}")
+            assert result.exit_code == 1
+            assert f"trial {trial.number} is {trial.state.name.lower()}: {trial.user_attrs['fail_reason']}" in result.output
+
+
+def test_cli_refuses_a_folder_without_a_study(tmp_path):
+    result = cli(str(tmp_path))
+    assert result.exit_code == 1
+    assert result.output == f"psc-export: {tmp_path} is not a search run: no study.db in it\n"

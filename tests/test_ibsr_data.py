@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import time
 
 import nibabel as nib
 import numpy as np
@@ -246,6 +248,15 @@ def test_cache_is_reused_and_rebuilt_when_stale_or_corrupt(fake_cache):
     assert json.loads((root / "manifest.json").read_text())["version"] == ibsr_embedded.BUILDER_VERSION
     assert not (root / "IBSR_02" / "stray").exists()
     assert sorted(p.name for p in fake_cache.iterdir()) == ["12mm-seed0"]  # no temporary directories left
+
+
+def test_builds_killed_long_ago_are_cleaned_up(fake_cache):
+    abandoned, running = fake_cache / ".build-abandoned", fake_cache / ".build-running"
+    for directory in (abandoned, running):
+        (directory / "IBSR_01").mkdir(parents=True)
+    os.utime(abandoned, (time.time() - 7200,) * 2)
+    embedded_cohort(spacing=12.0)
+    assert sorted(p.name for p in fake_cache.iterdir()) == [".build-running", "12mm-seed0"]
 
 
 def test_interrupted_build_leaves_nothing(fake_cache, monkeypatch):

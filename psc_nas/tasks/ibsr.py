@@ -27,7 +27,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
 
 from psc_nas.tasks.base import DataError, Task
-from psc_nas.tasks.ibsr_embedded import embedded_cohort
+from psc_nas.tasks.ibsr_embedded import DEFAULT_SPACING, embedded_cohort
 from psc_nas.tasks.segmentation import DiceScores, Volume, patch_loader, read_nifti, volume_loader, zscore_within_brain
 
 CLASS_NAMES = ("background", "CSF", "GM", "WM")
@@ -103,8 +103,10 @@ def load_subject(subject: Subject) -> Volume:
 class IBSRDataModule(L.LightningDataModule):
     """Random training patches and whole validation/test volumes of the IBSR split.
 
-    ``samples_per_epoch`` patches make a training epoch; ``spacing`` (mm) applies to the embedded
-    cohort only (real IBSR is used at its own resolution).
+    ``samples_per_epoch`` patches make a training epoch; ``seed`` picks the patches (the embedded
+    cohort itself is the same for every seed, so trials compare on the same data). ``spacing`` (mm,
+    default 3) and ``cache_dir`` apply to the embedded cohort only; real IBSR is used at its own
+    resolution.
     """
 
     def __init__(
@@ -115,11 +117,13 @@ class IBSRDataModule(L.LightningDataModule):
         patch_size: Sequence[int] = (32, 32, 32),
         batch_size: int = 4,
         samples_per_epoch: int = 64,
-        spacing: float = 3.0,
+        spacing: float | None = None,
         cache_dir: str | Path | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        if data_dir is not None and (spacing is not None or cache_dir is not None):
+            raise ValueError("spacing and cache_dir apply to the embedded cohort only, not to a data_dir")
         self.data_dir = data_dir
         self.seed = seed
         self.patch_size = tuple(patch_size)
@@ -137,7 +141,8 @@ class IBSRDataModule(L.LightningDataModule):
             return
         subjects = self._subjects
         if subjects is None:
-            root = embedded_cohort(self.cache_dir, spacing=self.spacing)
+            spacing = DEFAULT_SPACING if self.spacing is None else self.spacing
+            root = embedded_cohort(self.cache_dir, spacing=spacing)
             subjects = split_subjects(find_subjects(root), root)
         self.volumes = {split: [load_subject(s) for s in members] for split, members in subjects.items()}
 

@@ -1,7 +1,7 @@
 """The IBSR task's default data: a labelled T1 cohort built from real anatomy that ships in packages.
 
 Nothing is downloaded. Two labelled source brains, both in 1 mm MNI space, are resampled onto one
-grid (3 mm by default, 50×63×53 voxels):
+grid (3 mm by default, 51×63×53 voxels; ``spacing=1`` for full resolution):
 
 - ``deepmriprep``: the IBSR atlas (``data/templates/ibsr.nii.gz``), its regions mapped to CSF/GM/WM
   by ``ibsr.csv``, with deepmriprep's skull-stripped T1 template (``Template_05mm_bet.nii.gz``);
@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -47,6 +48,7 @@ from psc_nas.tasks.base import DataError
 
 BUILDER_VERSION = 1
 SUBJECTS = 18
+DEFAULT_SPACING = 3.0  # mm: 51×63×53 voxels, small enough for searches on a CPU
 # MNI bounding box (mm) holding the brain of both sources with a few mm to spare.
 _BOX_LOW = np.array([-74.0, -110.0, -72.0])
 _BOX_HIGH = np.array([74.0, 76.0, 84.0])
@@ -56,7 +58,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("PSC_NAS_CACHE") or Path.home() / ".cache" / "psc-nas")
 
 
-def embedded_cohort(cache_dir: str | Path | None = None, *, spacing: float = 3.0, seed: int = 0) -> Path:
+def embedded_cohort(cache_dir: str | Path | None = None, *, spacing: float = DEFAULT_SPACING, seed: int = 0) -> Path:
     """Directory, in IBSR V2.0 layout, of the embedded cohort; built if absent, stale or corrupt."""
     if spacing <= 0:
         raise ValueError(f"spacing must be positive (mm), got {spacing!r}")
@@ -66,6 +68,7 @@ def embedded_cohort(cache_dir: str | Path | None = None, *, spacing: float = 3.0
     if _valid(target, params):
         return target
     parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(parent)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=parent))
     try:
         _write_cohort(staging, params)
@@ -87,6 +90,14 @@ def _valid(directory: Path, params: dict) -> bool:
         )
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def _remove_abandoned_builds(parent: Path, *, older_than_s: float = 3600.0) -> None:
+    """Delete temporary directories a killed build left; recent ones may belong to a running build."""
+    now = time.time()
+    for leftover in [*parent.glob(".build-*"), *parent.glob(".stale-*")]:
+        if now - leftover.stat().st_mtime > older_than_s:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _replace(staging: Path, target: Path) -> None:

@@ -68,8 +68,12 @@ def select(run: Run, pick: Pick) -> FrozenTrial:
         trial = run.trial(pick.number)
         if trial.state != TrialState.COMPLETE:
             reason = trial.user_attrs.get("fail_reason")
-            raise ValueError(f"trial {trial.number} is {trial.state.name.lower()}" + (f": {reason}" if reason else "")
+            state = {"FAIL": "failed", "RUNNING": "still running"}.get(trial.state.name, trial.state.name.lower())
+            raise ValueError(f"trial {trial.number} {state}" + (f": {reason}" if reason else "")
                              + "; only finished trials can be exported")
+        if not run.feasible(trial):
+            excess = ", ".join(f"{name} by {format_count(int(v))}" for name, v in trial.constraints.items() if v > 0)
+            raise ValueError(f"trial {trial.number} is over budget ({excess}) and was never trained")
         return trial
     candidates = run.completed()
     if not candidates:
@@ -146,7 +150,9 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["image"], output_names=["logits"])
+            # One self-contained file: these networks are far below ONNX's 2 GB protobuf limit.
+            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
+                              input_names=["image"], output_names=["logits"])
     finally:
         exporter_log.setLevel(level)
     return path

@@ -90,15 +90,15 @@ class Run:
     def config(self, number: int) -> ArchConfig:
         return ArchConfig.from_dict(self.trial(number).user_attrs["arch"])
 
-    def feasible(self, trial: FrozenTrial) -> bool:
-        """Within the run's budgets (a trial priced over budget is never trained to completion)."""
-        attrs = trial.user_attrs
-        return (self.budget_params is None or attrs.get("params", 0) <= self.budget_params) and (
-            self.budget_macs is None or attrs.get("macs", 0) <= self.budget_macs
-        )
+    @staticmethod
+    def feasible(trial: FrozenTrial) -> bool:
+        """Within the run's budgets: psc-search records each budget's excess as an Optuna constraint."""
+        return all(excess <= 0 for excess in trial.constraints.values())
 
     def completed(self) -> list[FrozenTrial]:
-        """Trials that finished training within budget, in completion order: the candidates."""
+        """Trials that finished training within budget, in completion order: the candidates.
+
+        The same set ``psc-search`` takes its front and knee (best.yaml) from."""
         done = [t for t in self.trials if t.state == TrialState.COMPLETE and self.feasible(t)]
         return sorted(done, key=lambda t: (t.datetime_complete, t.number))
 
@@ -112,10 +112,10 @@ class Run:
         return done[knee_point(self.minimization_points(done))].number if done else None
 
     def quality_of(self, trial: FrozenTrial) -> float | None:
-        quality = self.quality
-        if trial.state == TrialState.COMPLETE and trial.values is not None:
-            return float(trial.values[self.objectives.index(quality)])
-        value = (trial.user_attrs.get("metrics") or {}).get(quality.name)
+        """The measured accuracy; None for a trial never trained (over budget) or that failed first."""
+        if trial.state == TrialState.COMPLETE and self.feasible(trial):
+            return float(trial.values[self.objectives.index(self.quality)])
+        value = (trial.user_attrs.get("metrics") or {}).get(self.quality.name)
         return None if value is None else float(value)
 
     def table(self) -> pd.DataFrame:

@@ -1,9 +1,9 @@
 """A small but real search run for the dashboard and export tests.
 
-An Optuna SQLite study written to the schema of docs/architecture.md: real ArchConfigs (the
-papers' presets and mixed per-block choices on a small DenseNet3D), their exact analytic cost,
-and metric values chosen here (no training), plus the trial states a real search leaves behind:
-finished, failed, over budget, still running.
+An Optuna SQLite study written to the schema of docs/architecture.md, the way psc-search writes
+it: real ArchConfigs (the papers' presets and mixed per-block choices on a small DenseNet3D), their
+exact analytic cost and budget constraint, and metric values chosen here (no training), plus the
+trial states a real search leaves behind: finished, over budget (never trained), failed, running.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState, create_trial
+from optuna.trial import TrialState
 
 import psc_nas
 from psc_nas.arch import ArchConfig, BlockChoice
@@ -43,19 +43,40 @@ def _dice(params: int, rng: random.Random) -> float:
     return round(0.55 + 0.05 * math.log10(params) + rng.uniform(-0.03, 0.03), 4)
 
 
-def _attrs(config: ArchConfig, **extra) -> dict:
-    cost = psc_nas.cost(config, SPATIAL)
-    return {"arch": config.to_dict(), "arch_hash": config.hash, "params": cost.params, "macs": cost.macs,
-            "fidelity": 1.0, "metrics": {}, "curve": [], "preset": None, "latency_ms": None,
-            "fail_reason": None, **extra}
+class _Recorder:
+    """Writes trials as ``psc-search`` does: ask, record the priced config and its budget
+    constraint, then tell the values (or FAIL, or nothing for a trial still running)."""
 
+    def __init__(self, study: optuna.Study, budget: int, rng: random.Random) -> None:
+        self.study, self.budget, self.rng = study, budget, rng
 
-def _finished(config: ArchConfig, rng: random.Random, preset: str | None = None) -> optuna.trial.FrozenTrial:
-    attrs = _attrs(config, preset=preset)
-    dice = _dice(attrs["params"], rng)
-    attrs["metrics"] = {"dice_mean": dice, "dice_gm": dice - 0.02, "dice_wm": dice + 0.02}
-    attrs["curve"] = [{"epoch": e, "train_loss": 1.2 / (e + 1), "dice_mean": dice * (e + 1) / 3} for e in range(3)]
-    return create_trial(state=TrialState.COMPLETE, values=[dice, attrs["params"]], user_attrs=attrs)
+    def start(self, config: ArchConfig, preset: str | None = None) -> optuna.Trial:
+        cost = psc_nas.cost(config, SPATIAL)
+        trial = self.study.ask()
+        for key, value in {"arch": config.to_dict(), "arch_hash": config.hash, "params": cost.params,
+                           "macs": cost.macs, "preset": preset}.items():
+            trial.set_user_attr(key, value)
+        trial.set_constraint("params", cost.params - self.budget)
+        return trial
+
+    def finish(self, config: ArchConfig, preset: str | None = None) -> None:
+        trial = self.start(config, preset)
+        params = trial.user_attrs["params"]
+        if params > self.budget:  # never trained; Optuna needs values on a COMPLETE trial
+            trial.set_user_attr("fidelity", 0)
+            self.study.tell(trial, [0.0, params])
+            return
+        dice = _dice(params, self.rng)
+        trial.set_user_attr("fidelity", 3)
+        trial.set_user_attr("metrics", {"dice_mean": dice, "dice_gm": dice - 0.02, "dice_wm": dice + 0.02})
+        trial.set_user_attr("curve", [{"epoch": e, "train_loss": 1.2 / (e + 1), "dice_mean": dice * (e + 1) / 3}
+                                      for e in range(3)])
+        self.study.tell(trial, [dice, params])
+
+    def fail(self, config: ArchConfig, reason: str) -> None:
+        trial = self.start(config)
+        trial.set_user_attr("fail_reason", reason)
+        self.study.tell(trial, state=TrialState.FAIL)
 
 
 def make_run(root: Path, name: str = "demo", *, mixed: int = 8, seed: int = 0, hparams: dict = HPARAMS) -> Path:
@@ -71,20 +92,14 @@ def make_run(root: Path, name: str = "demo", *, mixed: int = 8, seed: int = 0, h
                        "objectives": OBJECTIVES}.items():
         study.set_user_attr(key, value)
 
+    recorder = _Recorder(study, budget, rng)
+    for preset, config in presets.items():
+        recorder.finish(config, preset)
     base = presets["conv3d"]
     growth = get_backbone("densenet3d").slots(base.hparams)[0].out_channels
-    for preset, config in presets.items():
-        if psc_nas.cost(config, SPATIAL).params > budget:
-            study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs=_attrs(
-                config, preset=preset, fail_reason=f"over budget: params > {budget}")))
-        else:
-            study.add_trial(_finished(config, rng, preset))
     for _ in range(mixed):
         choices = [*MIXED_CHOICES, _random_cakes(rng, growth)]
-        config = base.with_blocks([rng.choice(choices) for _ in base.blocks])
-        if psc_nas.cost(config, SPATIAL).params <= budget:
-            study.add_trial(_finished(config, rng))
-    failed = base.with_blocks([PRESETS["csn_ir"]] * len(base.blocks))
-    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=_attrs(failed, fail_reason="non-finite loss at epoch 2")))
-    study.add_trial(create_trial(state=TrialState.RUNNING, user_attrs=_attrs(base.with_blocks([PRESETS["p1sc1"]] * len(base.blocks)))))
+        recorder.finish(base.with_blocks([rng.choice(choices) for _ in base.blocks]))
+    recorder.fail(base.with_blocks([PRESETS["csn_ir"]] * len(base.blocks)), "at 3 epochs: non-finite loss")
+    recorder.start(base.with_blocks([PRESETS["p1sc1"]] * len(base.blocks)))  # still running
     return run_dir

@@ -12,8 +12,10 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from typer.testing import CliRunner
 
 from _search_run import make_run
+from psc_nas.cli import dashboard_app
 from psc_nas.dashboard import architecture, make_server, payload, write_snapshot
 from psc_nas.results import Run
 
@@ -102,13 +104,16 @@ def test_payload_marks_states_budget_and_fronts(run_dir):
     data = payload(Run.open(run_dir))
     by_number = {t["number"]: t for t in data["trials"]}
     conv3d = next(t for t in data["trials"] if t["preset"] == "conv3d")
-    assert not conv3d["feasible"] and conv3d["params"] > data["run"]["budget_params"]
-    assert data["run"]["states"] == {"COMPLETE": 11, "PRUNED": 2, "FAIL": 1, "RUNNING": 1}
+    assert conv3d["state"] == "COMPLETE" and not conv3d["feasible"] and conv3d["quality"] is None
+    assert conv3d["params"] > data["run"]["budget_params"]
+    assert data["run"]["states"]["FAIL"] == data["run"]["states"]["RUNNING"] == 1
+    measured = [t for t in data["trials"] if t["state"] == "COMPLETE" and t["feasible"]]
+    assert all(t["quality"] is not None and t["params"] <= data["run"]["budget_params"] for t in measured)
     for number in data["fronts"]["params"]:
-        assert by_number[number]["state"] == "COMPLETE" and by_number[number]["feasible"]
+        assert by_number[number] in measured
     assert data["knee"] in data["fronts"]["params"]  # two objectives: quality and params
     hv = [h["hypervolume"] for h in data["hypervolume"]]
-    assert len(hv) == 11 and hv == sorted(hv) and hv[-1] > 0
+    assert len(hv) == len(measured) and hv == sorted(hv) and hv[-1] > 0
 
 
 def test_server_binds_localhost_and_serves_json(run_dir):
@@ -126,6 +131,15 @@ def test_server_binds_localhost_and_serves_json(run_dir):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_cli_writes_a_snapshot_or_says_why_not(run_dir, tmp_path):
+    result = CliRunner().invoke(dashboard_app, [str(run_dir), "--snapshot"])
+    assert result.exit_code == 0 and result.output == f"wrote {run_dir / 'dashboard.html'}\n"
+    assert 'id="run-data"' in (run_dir / "dashboard.html").read_text()
+    result = CliRunner().invoke(dashboard_app, [str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output == f"psc-dashboard: {tmp_path} is not a search run: no study.db in it\n"
 
 
 # ------------------------------------------------------------------------------------ browser

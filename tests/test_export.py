@@ -82,6 +82,7 @@ def test_cli_exports_a_named_trial(run, tmp_path):
     assert ArchConfig.load(tmp_path / f"trial-{number}.yaml") == run.config(number)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_torchscript_and_onnx_compute_the_same_network(run, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     done = export(run.path, "best", out_dir=tmp_path, torchscript=True, onnx=True)
@@ -89,6 +90,7 @@ def test_torchscript_and_onnx_compute_the_same_network(run, tmp_path):
     scripted = torch.jit.load(str(done.files["torchscript"]))
     expected = scripted(x).detach().numpy()
     assert expected.shape == (1, 4, *SPATIAL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"trial-{done.trial.number}.{ext}" for ext in ("onnx", "torchscript.pt", "yaml")]
     session = ort.InferenceSession(str(done.files["onnx"]))
     (got,) = session.run(None, {"image": x.numpy()})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
@@ -106,12 +108,20 @@ def test_cli_errors_are_one_line(run, args, message):
     assert message in result.output and result.output.count("\n") == 1, result.output
 
 
-def test_cli_refuses_failed_and_over_budget_trials(run):
-    for trial in run.trials:
-        if trial.state in (TrialState.FAIL, TrialState.PRUNED):
-            result = cli(str(run.path), "--pick", f"trial {trial.number}")
-            assert result.exit_code == 1
-            assert f"trial {trial.number} is {trial.state.name.lower()}: {trial.user_attrs['fail_reason']}" in result.output
+def test_cli_refuses_failed_running_and_over_budget_trials(run):
+    running = next(t for t in run.trials if t.state == TrialState.RUNNING)
+    result = cli(str(run.path), "--pick", f"trial {running.number}")
+    assert result.exit_code == 1
+    assert result.output == f"psc-export: trial {running.number} still running; only finished trials can be exported\n"
+    failed = next(t for t in run.trials if t.state == TrialState.FAIL)
+    result = cli(str(run.path), "--pick", f"trial {failed.number}")
+    assert result.exit_code == 1
+    assert result.output == f"psc-export: trial {failed.number} failed: at 3 epochs: non-finite loss; " \
+                            "only finished trials can be exported\n"
+    conv3d = next(t for t in run.trials if t.user_attrs["preset"] == "conv3d")
+    result = cli(str(run.path), "--pick", f"trial {conv3d.number}")
+    assert result.exit_code == 1
+    assert result.output == f"psc-export: trial {conv3d.number} is over budget (params by 1) and was never trained\n"
 
 
 def test_cli_refuses_a_folder_without_a_study(tmp_path):

@@ -135,7 +135,7 @@
     }
     Plotly.react(element, traces, {
       title: { text: `${data.run.quality} vs ${title}` },
-      xaxis: { title: { text: title }, type: "log" },
+      xaxis: { title: { text: title }, type: "log", exponentformat: "SI" },
       yaxis: { title: { text: data.run.quality } },
       shapes, annotations, uirevision: "keep", hovermode: "closest",
       legend: { orientation: "h", y: -0.2 }, margin: { t: 40, r: 20 },
@@ -151,7 +151,8 @@
     for (const trace of traces) trace.marker.size = Math.max(3, trace.marker.size / 2);
     Plotly.react($("view3d"), traces, {
       title: { text: `3D view: params × MACs × ${data.run.quality}` },
-      scene: { xaxis: { title: { text: "params" }, type: "log" }, yaxis: { title: { text: "MACs" }, type: "log" },
+      scene: { xaxis: { title: { text: "params" }, type: "log", exponentformat: "SI" },
+        yaxis: { title: { text: "MACs" }, type: "log", exponentformat: "SI" },
         zaxis: { title: { text: data.run.quality } } },
       uirevision: "keep", showlegend: false, margin: { t: 40, l: 0, r: 0, b: 0 },
     }, PLOT_CONFIG);
@@ -308,7 +309,9 @@
   function drawHeader(mode) {
     const run = data.run;
     $("run-title").textContent = `psc-nas · ${run.name}`;
-    const states = Object.entries(run.states).map(([s, n]) => `${n} ${s.toLowerCase()}`).join(", ");
+    const overBudget = data.trials.filter((t) => !t.feasible).length;
+    const states = [...Object.entries(run.states).map(([s, n]) => `${n} ${s.toLowerCase()}`),
+      ...(overBudget ? [`${overBudget} of them over budget`] : [])].join(", ");
     const budgets = [run.budget_params && `params ≤ ${count(run.budget_params)}`, run.budget_macs && `MACs ≤ ${count(run.budget_macs)}`]
       .filter(Boolean).join(", ");
     $("run-facts").textContent = [run.task && `task ${run.task}`, run.space && `space ${run.space}`,

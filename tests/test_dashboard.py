@@ -208,3 +208,20 @@ def test_snapshot_works_offline(run_dir, browser):
     assert tab.errors == []
     assert [url for url in tab.requests if not url.startswith("file:")] == []
     tab.close()
+
+
+@needs_browser
+def test_page_of_a_search_that_has_not_finished_a_trial(tmp_path, browser):
+    run_dir = tmp_path / "fresh"
+    run_dir.mkdir()
+    study = optuna.create_study(study_name="fresh", storage=f"sqlite:///{run_dir / 'study.db'}",
+                                directions=["maximize", "minimize"])
+    study.set_user_attr("objectives", [{"name": "dice_mean", "direction": "maximize"},
+                                       {"name": "params", "direction": "minimize"}])
+    study.set_user_attr("budget_params", 5_000_000)
+    tab = Page(browser, offline=True)
+    tab.page.goto(write_snapshot(run_dir).as_uri())
+    tab.page.wait_for_function("() => document.getElementById('run-facts').textContent.includes('none yet')")
+    assert tab.points() == 0
+    assert tab.errors == []
+    tab.close()

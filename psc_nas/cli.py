@@ -129,3 +129,55 @@ def dashboard(
         pass
     finally:
         server.server_close()
+
+
+search_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@search_app.command()
+def search(
+    task: Annotated[str, typer.Option(help="Task to search for (e.g. ibsr).")] = "ibsr",
+    budget: Annotated[Optional[str], typer.Option(help="Parameter budget, e.g. 5M, 1.4M, 250k.")] = None,
+    macs_budget: Annotated[Optional[str], typer.Option(help="MAC budget at the task's input size, e.g. 60G.")] = None,
+    objectives: Annotated[str, typer.Option(help="Comma list: metric plus any of params, macs, latency.")] = "metric,params",
+    trials: Annotated[Optional[int], typer.Option(help="Architectures to train in total (the study's, over all workers); default from --profile.")] = None,
+    timeout: Annotated[Optional[str], typer.Option(help="Start no training after this long, e.g. 900, 15m, 2h.")] = None,
+    sampler: Annotated[str, typer.Option(help="nsga2 | tpe | random.")] = "nsga2",
+    storage: Annotated[Optional[str], typer.Option(help="Study storage: a database URL (postgresql://...) or journal:PATH; default OUT/study.db.")] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Study name; default the --out folder's name.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler and of every training.")] = 0,
+    profile: Annotated[str, typer.Option(help="quick (CPU, minutes) | paper (GPU, the paper's training).")] = "quick",
+    data_dir: Annotated[Optional[str], typer.Option(help="Task data; default the task's own.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder; default runs/<task>-<budget>. Re-run to resume.")] = None,
+    space: Annotated[Optional[str], typer.Option(help="Search space name or YAML; default <task>_<backbone>.")] = None,
+    multi_fidelity: Annotated[bool, typer.Option(help="Train short first, promote only front candidates.")] = True,
+    seed_presets: Annotated[bool, typer.Option(help="Evaluate the papers' presets that fit the budget first.")] = True,
+) -> None:
+    """Multi-objective architecture search under a cost budget; re-run the same command to resume."""
+    from pathlib import Path
+
+    from psc_nas.costs import parse_count
+    from psc_nas.search.budget import Budget
+    from psc_nas.search.runner import SearchSettings, parse_duration, run_search
+
+    try:
+        settings = SearchSettings(
+            task=task,
+            budget=Budget(parse_count(budget) if budget else None, parse_count(macs_budget) if macs_budget else None),
+            objectives=tuple(name.strip() for name in objectives.split(",") if name.strip()),
+            trials=trials,
+            timeout=parse_duration(timeout) if timeout else None,
+            sampler=sampler,
+            storage=storage,
+            study_name=study_name,
+            seed=seed,
+            profile=profile,
+            data_dir=Path(data_dir) if data_dir else None,
+            out=Path(out) if out else None,
+            space=space,
+            multi_fidelity=multi_fidelity,
+            seed_presets=seed_presets,
+        )
+        run_search(settings)
+    except ValueError as err:
+        raise fail("psc-search", err) from None

@@ -55,8 +55,27 @@ def non_dominated_ranks(points: Sequence[Point]) -> list[int]:
 
 
 def pareto_front(points: Sequence[Point]) -> list[int]:
-    """Indices of the non-dominated points, in input order."""
+    """Indices of the non-dominated points, in input order.
+
+    Two objectives take an O(n log n) sweep: pricing a search space merges fronts of thousands of
+    (params, MACs) points, where the general O(n²) sort would dominate the run time.
+    """
+    if points and len(points[0]) == 2:
+        return _front_2d(points)
     return [i for i, rank in enumerate(non_dominated_ranks(points)) if rank == 0]
+
+
+def _front_2d(points: Sequence[Point]) -> list[int]:
+    # Sorted by (first, second), a point is non-dominated iff its second objective beats every
+    # earlier one, or it equals the last kept point (duplicates do not dominate each other).
+    kept: list[int] = []
+    best: tuple[float, float] | None = None
+    for i in sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1])):
+        point = (points[i][0], points[i][1])
+        if best is None or point[1] < best[1] or point == best:
+            kept.append(i)
+            best = point
+    return sorted(kept)
 
 
 def crowding_distances(points: Sequence[Point]) -> list[float]:

@@ -52,8 +52,10 @@ def test_ranks_match_the_definition(points):
             assert any(dominates(q, p) for j, q in enumerate(points) if ranks[j] == ranks[i] - 1)
 
 
-@given(point_sets(3))
-def test_front_is_exactly_the_non_dominated_points(points):
+@pytest.mark.parametrize("dims", [2, 3])
+@given(data=st.data())
+def test_front_is_exactly_the_non_dominated_points(dims, data):
+    points = data.draw(point_sets(dims))
     expected = [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
     assert pareto_front(points) == expected
 

@@ -1,0 +1,134 @@
+"""Every option of every decision unit of a search space, priced: exact answers before any training.
+
+A space's units are disjoint groups of slots and a slot's cost depends only on its own choice, so
+a config's cost is the reference config's cost (every unit at its first option) plus one delta
+per unit. That makes two questions exact and cheap (a few hundred pricings per unit, no search
+over the 10^12 configs):
+
+- can any architecture of the space meet a budget? Merge the units' (params, MACs) deltas while
+  keeping only the Pareto-minimal sums; the space's cheapest trade-offs come out, and a witness
+  config is priced for real to confirm the additivity the merge relies on;
+- which trial parameters make the space produce a given config (a hand-designed preset)?
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from psc_nas import cost
+from psc_nas.arch import ArchConfig, BlockChoice
+from psc_nas.costs import Cost, Spatial, format_count
+from psc_nas.pareto import pareto_front
+from psc_nas.search.budget import Budget
+from psc_nas.space import SearchSpace, Unit
+
+Answers = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Option:
+    answers: Answers  # trial parameters of this unit that give this option
+    blocks: tuple[BlockChoice, ...]  # the choices it puts in the unit's slots
+    delta: Cost  # cost relative to the reference config
+
+
+class Catalog:
+    def __init__(self, space: SearchSpace, spatial: Spatial) -> None:
+        self.space = space
+        self.spatial = tuple(spatial)
+        self.reference = space.decide(lambda name, choices: choices[0])
+        self.reference_cost = cost(self.reference, self.spatial)
+        self.options = [self._unit_options(unit) for unit in space.units]
+
+    def _unit_options(self, unit: Unit) -> list[Option]:
+        options, seen = [], set()
+        for answers in _answer_paths(self.space, unit.label):
+            config = self.space.decide(lambda name, choices: answers.get(name, choices[0]))
+            blocks = tuple(config.blocks[i] for i in unit.slots)
+            if blocks in seen:  # two answer paths resolving to the same network (e.g. equal widths)
+                continue
+            seen.add(blocks)
+            priced = cost(config, self.spatial)
+            delta = Cost(priced.params - self.reference_cost.params, priced.macs - self.reference_cost.macs)
+            options.append(Option(answers, blocks, delta))
+        return options
+
+    def compose(self, picks: Sequence[Option]) -> ArchConfig:
+        blocks = list(self.reference.blocks)
+        for unit, option in zip(self.space.units, picks):
+            for slot, block in zip(unit.slots, option.blocks):
+                blocks[slot] = block
+        return self.reference.with_blocks(blocks)
+
+    def cheapest(self) -> list[tuple[Cost, ArchConfig]]:
+        """The space's Pareto-minimal (params, MACs) architectures, exactly priced."""
+        front: list[tuple[Cost, tuple[Option, ...]]] = [(self.reference_cost, ())]
+        for unit_options in self.options:
+            merged = [(c + o.delta, picks + (o,)) for c, picks in front for o in unit_options]
+            front = [merged[i] for i in pareto_front([(c.params, c.macs) for c, _ in merged])]
+        found = []
+        for predicted, picks in front:
+            config = self.compose(picks)
+            actual = cost(config, self.spatial)
+            if actual != predicted:
+                raise RuntimeError(f"{self.space.backbone}: slot costs are not additive ({predicted} vs {actual}); "
+                                   "the budget check cannot be exact for this backbone")
+            found.append((actual, config))
+        return found
+
+    def check_reachable(self, budget: Budget) -> None:
+        """Raise ``ValueError`` (one line) when no architecture of the space fits ``budget``."""
+        cheapest = self.cheapest()
+        if any(budget.fits(c) for c, _ in cheapest):
+            return
+        by_params = min(cheapest, key=lambda item: item[0].params)[0]
+        by_macs = min(cheapest, key=lambda item: item[0].macs)[0]
+        raise ValueError(
+            f"no architecture in space {self.space.name!r} meets {budget.describe()}: the cheapest has "
+            f"{format_count(by_params.params)} params ({format_count(by_params.macs)} MACs), the leanest "
+            f"{format_count(by_macs.macs)} MACs ({format_count(by_macs.params)} params)"
+        )
+
+    def answers_for(self, config: ArchConfig) -> Answers | None:
+        """Trial parameters under which the space produces ``config``, or None if it never does."""
+        answers: Answers = {}
+        for unit, unit_options in zip(self.space.units, self.options):
+            wanted = tuple(config.blocks[i] for i in unit.slots)
+            match = next((o for o in unit_options if o.blocks == wanted), None)
+            if match is None:
+                return None
+            answers.update(match.answers)
+        return answers
+
+
+def _answer_paths(space: SearchSpace, label: str) -> list[Answers]:
+    """Every distinct sequence of answers ``space.decide`` can ask for unit ``label``.
+
+    Replays ``decide`` depth-first: the first pass answers every question with its first choice
+    and queues the alternatives; each later pass forces one queued prefix. Other units stay at
+    their first choice.
+    """
+    prefix = f"{label}."
+    paths: list[Answers] = []
+    pending: list[tuple[int, ...]] = [()]
+    while pending:
+        forced = pending.pop()
+        taken: list[int] = []
+        answers: Answers = {}
+
+        def ask(name: str, choices: tuple[Any, ...]) -> Any:
+            if not name.startswith(prefix):
+                return choices[0]
+            if len(taken) < len(forced):
+                index = forced[len(taken)]
+            else:
+                index = 0
+                pending.extend((*taken, other) for other in range(1, len(choices)))
+            taken.append(index)
+            answers[name] = choices[index]
+            return choices[index]
+
+        space.decide(ask)
+        paths.append(answers)
+    return paths

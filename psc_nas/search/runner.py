@@ -1,0 +1,211 @@
+"""``run_search(settings)``: check everything a user can get wrong, then open the study and search.
+
+Every user error (unknown task, bad objective, a budget no architecture of the space can meet,
+an unwritable output folder, an unreachable database) raises ``ValueError`` *before* anything is
+written, so the CLI prints one line and leaves no half-made run behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from rich.console import Console
+
+from psc_nas.costs import format_count
+from psc_nas.search.budget import Budget
+from psc_nas.search.catalog import Catalog
+from psc_nas.search.display import front_table, progress_bar
+from psc_nas.search.engine import Engine, Plan
+from psc_nas.search.evaluate import Trainer, fit_trainer
+from psc_nas.search.outputs import Front, Objective
+from psc_nas.search.profiles import get_profile
+from psc_nas.search.storage import open_storage, open_study, storage_url
+
+SAMPLERS = ("nsga2", "tpe", "random")
+COST_OBJECTIVES = {"params": "params", "macs": "macs", "latency": "latency_ms", "latency_ms": "latency_ms"}
+LOG_FILE = "search.log"
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    task: str = "ibsr"
+    budget: Budget = field(default_factory=Budget)
+    objectives: tuple[str, ...] = ("metric", "params")
+    trials: int | None = None  # the study's total of trained architectures; the profile's by default
+    timeout: float | None = None  # seconds after which no new training starts
+    sampler: str = "nsga2"
+    storage: str | None = None
+    study_name: str | None = None
+    seed: int = 0
+    profile: str = "quick"
+    data_dir: Path | None = None
+    out: Path | None = None
+    space: str | None = None
+    multi_fidelity: bool = True
+    seed_presets: bool = True
+    heartbeat_interval: int = 10
+
+    def out_dir(self) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        label = "-".join(format_count(v) for v in (self.budget.params, self.budget.macs) if v is not None)
+        return Path("runs") / (f"{self.task}-{label}" if label else self.task)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``900``, ``90s``, ``15m`` or ``1.5h``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"expected a duration such as 900, 90s, 15m or 1.5h, got {text!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def resolve_objectives(names: tuple[str, ...], metric: str) -> tuple[Objective, ...]:
+    """The task's metric first (maximized), then the chosen costs (minimized), no repeats."""
+    resolved = [Objective(metric, maximize=True)]
+    for name in names:
+        if name in ("metric", metric):
+            continue
+        if name not in COST_OBJECTIVES:
+            raise ValueError(f"unknown objective {name!r}; choose from metric ({metric}), params, macs, latency")
+        objective = Objective(COST_OBJECTIVES[name], maximize=False)
+        if objective not in resolved:
+            resolved.append(objective)
+    if len(resolved) < 2:
+        raise ValueError(f"a search needs a cost objective besides {metric}: add params, macs or latency")
+    return tuple(resolved)
+
+
+def make_sampler(name: str, *, seed: int, population: int) -> optuna.samplers.BaseSampler:
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+    if name == "tpe":
+        # group: the space is define-by-run (an op's arguments exist only when it is chosen);
+        # constant_liar: parallel workers do not all propose the same promising point.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=population)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+
+
+def plan_search(settings: SearchSettings, trainer: Trainer | None = None) -> Plan:
+    """Resolve and check the settings; writes nothing."""
+    from psc_nas.tasks import get_task
+
+    task = get_task(settings.task)
+    profile = get_profile(settings.profile)
+    if settings.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {settings.sampler!r}; choose from {', '.join(SAMPLERS)}")
+    trials = settings.trials if settings.trials is not None else profile.trials
+    if trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {trials}")
+    if settings.timeout is not None and settings.timeout <= 0:
+        raise ValueError(f"--timeout must be positive, got {settings.timeout}")
+    catalog = _catalog(settings.space or f"{task.name}_{task.backbone}", tuple(task.input_shape[1:]))
+    catalog.check_reachable(settings.budget)
+    space = catalog.space
+    return Plan(
+        task=task,
+        space=space,
+        catalog=catalog,
+        budget=settings.budget,
+        objectives=resolve_objectives(settings.objectives, task.metric),
+        profile=profile,
+        schedule=profile.schedule if settings.multi_fidelity else profile.schedule.single(),
+        trainer=trainer or fit_trainer(task, seed=settings.seed, data_dir=settings.data_dir,
+                                       data_options=profile.data_options),
+        out_dir=settings.out_dir(),
+        trials=trials,
+        timeout=settings.timeout,
+        seed_presets=settings.seed_presets,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _catalog(space: str, spatial: tuple[int, ...]) -> Catalog:
+    """Pricing a space takes seconds; workers and tests that search one space twice price it once."""
+    from psc_nas.space import SearchSpace
+
+    return Catalog(SearchSpace.load(space), spatial)
+
+
+def run_search(settings: SearchSettings, *, trainer: Trainer | None = None, console: Console | None = None) -> Front:
+    """Search (or resume) and return the feasible Pareto front; outputs land in the run folder."""
+    console = console or Console(stderr=True)
+    plan = plan_search(settings, trainer)
+    out_dir = plan.out_dir
+    created_dir = _make_out_dir(out_dir)
+    try:
+        storage = open_storage(storage_url(settings.storage, out_dir), heartbeat_interval=settings.heartbeat_interval)
+        sampler = make_sampler(settings.sampler, seed=settings.seed, population=plan.profile.population)
+        study, created = open_study(
+            storage, settings.study_name or out_dir.resolve().name,
+            directions=[o.direction for o in plan.objectives], sampler=sampler,
+            attrs={
+                "task": plan.task.name,
+                "space": plan.space.name,
+                "budget_params": plan.budget.params,
+                "budget_macs": plan.budget.macs,
+                "objectives": [{"name": o.name, "direction": o.direction} for o in plan.objectives],
+            },
+        )
+    except BaseException:
+        if created_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    with _log_to(out_dir / LOG_FILE), progress_bar(console) as progress:
+        bar = progress.add_task("search", total=plan.trials, front=0)
+
+        def show(done: int, front: Front) -> None:
+            progress.update(bar, completed=done, front=len(front.trials))
+
+        engine = Engine(plan, study, storage, on_progress=show)
+        engine.fill_queue(created)
+        logging.getLogger("psc_nas.search").info(
+            "%s study %r: task %s, space %s, %s, %d trials, profile %s, sampler %s, seed %d",
+            "created" if created else "resumed", study.study_name, plan.task.name, plan.space.name,
+            plan.budget.describe(), plan.trials, plan.profile.name, settings.sampler, settings.seed)
+        front = engine.run()
+    console.print(front_table(front, plan.objectives))
+    console.print(f"run: {out_dir}  (trials.csv, pareto.json, front/, best.yaml = knee, {LOG_FILE})")
+    return front
+
+
+def _make_out_dir(out_dir: Path) -> bool:
+    """Create the run folder; True if this call created it. Unwritable places raise ValueError."""
+    existed = out_dir.is_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create output folder {out_dir}: {err.strerror}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {out_dir} is not writable")
+    return not existed
+
+
+class _log_to:
+    """Search log lines into the run's log file; Optuna's per-trial chatter off the console."""
+
+    def __init__(self, path: Path) -> None:
+        self.handler = logging.FileHandler(path)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.logger = logging.getLogger("psc_nas.search")
+
+    def __enter__(self) -> None:
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        self.verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+        optuna.logging.set_verbosity(self.verbosity)

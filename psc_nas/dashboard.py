@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial
 from plotly.offline import get_plotlyjs
@@ -169,9 +170,12 @@ def render_page(data: dict[str, Any] | None = None) -> str:
     return html
 
 
-def write_snapshot(run_dir: str | Path) -> Path:
-    """Write ``run_dir/dashboard.html``: the dashboard as of now, viewable offline with no server."""
-    run = Run.open(run_dir)
+def write_snapshot(run_dir: str | Path, study: optuna.Study | None = None) -> Path:
+    """Write ``run_dir/dashboard.html``: the dashboard as of now, viewable offline with no server.
+
+    The study is read from ``run_dir/study.db`` unless given (a search on another storage).
+    """
+    run = Run(Path(run_dir), study) if study is not None else Run.open(run_dir)
     path = run.path / SNAPSHOT_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(render_page(payload(run)), encoding="utf-8")

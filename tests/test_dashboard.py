@@ -158,8 +158,19 @@ def test_live_page(tmp_path, browser):
         assert tab.page.locator("#front-latency_ms").is_hidden()  # nothing measured latency
 
         run = Run.open(run_dir)
+        layout = tab.page.evaluate("""() => {
+            const gd = document.getElementById('front-params');
+            const presets = gd.data.find(t => t.name === 'hand-designed preset');
+            return {budget: gd.layout.shapes.map(s => s.x0), presets: presets.text};
+        }""")
+        assert layout["budget"] == [run.budget_params]
+        assert sorted(layout["presets"]) == sorted(
+            t.user_attrs["preset"] for t in run.completed() if t.user_attrs["preset"])
+
         target = next(t for t in run.trials if t.user_attrs["preset"] is None and t.state == TrialState.COMPLETE)
         tab.click_trial(target.number)
+        hover = tab.page.locator("#front-params .hoverlayer .hovertext").text_content()
+        assert f"trial {target.number} (complete)" in hover and f"dice_mean: {run.quality_of(target):.4f}" in hover
         assert_shows_trial(tab, run, target.number)
         assert tab.page.locator("#curve .scatterlayer .trace").count() == 2  # train_loss and dice_mean
 
@@ -220,7 +231,7 @@ def test_page_of_a_search_that_has_not_finished_a_trial(tmp_path, browser):
                                        {"name": "params", "direction": "minimize"}])
     study.set_user_attr("budget_params", 5_000_000)
     tab = Page(browser, offline=True)
-    tab.page.goto(write_snapshot(run_dir).as_uri())
+    tab.page.goto(write_snapshot(run_dir, study).as_uri())
     tab.page.wait_for_function("() => document.getElementById('run-facts').textContent.includes('none yet')")
     assert tab.points() == 0
     assert tab.errors == []

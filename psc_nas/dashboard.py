@@ -124,17 +124,21 @@ def hypervolume_history(run: Run) -> list[dict[str, Any]]:
     ]
 
 
+def version(run: Run) -> str:
+    """Changes whenever a trial does: a new one, a new state, values, or a rung trained (fidelity)."""
+    key = [(t.number, t.state.name, t.values, str(t.datetime_complete), t.user_attrs.get("fidelity")) for t in run.trials]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
 def payload(run: Run) -> dict[str, Any]:
-    """Everything the page draws, JSON-ready; ``version`` changes whenever a trial does."""
-    run.refresh()
+    """Everything the page draws, JSON-ready, for the trials ``run`` last read."""
     table = run.table()
     knee = run.knee()
     rows = json.loads(table.to_json(orient="records", date_format="iso"))
     for row, trial in zip(rows, run.trials):
         row.update(trial_detail(run, trial))
-    fingerprint = table[["number", "state", "complete"]].to_json(date_format="iso")
     return {
-        "version": hashlib.sha256(fingerprint.encode()).hexdigest()[:16],
+        "version": version(run),
         "run": {
             "name": run.name, "path": str(run.path), "task": run.task, "space": run.space,
             "budget_params": run.budget_params, "budget_macs": run.budget_macs,
@@ -192,7 +196,18 @@ class DashboardServer(ThreadingHTTPServer):
         # One reader at a time: Optuna's storage is shared, and SQLite serializes reads anyway.
         self.lock = threading.Lock()
         self.page = render_page().encode()
+        self._cached: tuple[str, bytes] = ("", b"")
         super().__init__((host, port), DashboardHandler)
+
+    def payload_json(self) -> bytes:
+        """The current payload; rebuilt only when a trial changed, so polling costs a running
+        search (which shares the CPU) one study read every few seconds, not a redraw of every trial."""
+        with self.lock:
+            self.run.refresh()
+            current = version(self.run)
+            if current != self._cached[0]:
+                self._cached = (current, json.dumps(payload(self.run)).encode())
+            return self._cached[1]
 
     @property
     def url(self) -> str:
@@ -210,9 +225,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
         elif route == "/plotly.min.js":
             self._send(get_plotlyjs().encode(), "application/javascript; charset=utf-8")
         elif route == "/api/run.json":
-            with self.server.lock:
-                body = json.dumps(payload(self.server.run)).encode()
-            self._send(body, "application/json", cache="no-store")
+            self._send(self.server.payload_json(), "application/json", cache="no-store")
         else:
             self.send_error(404)
 

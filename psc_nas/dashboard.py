@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shlex
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -80,10 +81,21 @@ def export_command(run: Run, number: int) -> str:
     return f"psc-export {shlex.quote(str(run.path))} --pick 'trial {number}'"
 
 
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: a diverged trial records them, and JSON has none."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
 def trial_detail(run: Run, trial: FrozenTrial) -> dict[str, Any]:
     """What clicking a point shows: architecture, learning curve, config, export command."""
     attrs = trial.user_attrs
-    detail: dict[str, Any] = {"metrics": attrs.get("metrics") or {}, "curve": attrs.get("curve") or [],
+    detail: dict[str, Any] = {"metrics": finite(attrs.get("metrics") or {}), "curve": finite(attrs.get("curve") or []),
                               "export": export_command(run, trial.number), "arch": None, "arch_error": None}
     if "arch" not in attrs:
         detail["arch_error"] = "the trial recorded no architecture"

@@ -76,6 +76,9 @@ class _Recorder:
     def fail(self, config: ArchConfig, reason: str) -> None:
         trial = self.start(config)
         trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("metrics", {"dice_mean": math.nan})  # what a diverged run leaves behind
+        trial.set_user_attr("curve", [{"epoch": 0, "train_loss": 2.1, "dice_mean": 0.3},
+                                      {"epoch": 1, "train_loss": math.inf, "dice_mean": math.nan}])
         self.study.tell(trial, state=TrialState.FAIL)
 
 

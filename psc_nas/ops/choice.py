@@ -16,7 +16,7 @@ import os
 from torch import nn
 
 from psc_nas.ops.base import OpSpec, StreamedConv
-from psc_nas.ops.fast import PLANS, FastStreamedConv
+from psc_nas.ops.fast import PLANS, FastStreamedConv, has_folding_conv
 
 IMPLS = ("auto", "reference", *PLANS)
 ENV_VAR = "PSC_NAS_OP_IMPL"
@@ -24,7 +24,7 @@ ENV_VAR = "PSC_NAS_OP_IMPL"
 
 def choose_impl(spec: OpSpec) -> str:
     """The fastest MAC-exact implementation measured for this spec's family."""
-    return "folded"
+    return "folded" if has_folding_conv(spec) else "channels_last"
 
 
 def build_op(spec: OpSpec, impl: str | None = None) -> nn.Module:

@@ -117,12 +117,21 @@ def conv(
     fold: bool,
 ) -> torch.Tensor:
     """3D conv of a channels_last_3d ``x``; with ``fold``, a D-flat kernel runs as a 2D conv."""
-    if fold and weight.shape[2] == 1 and stride[0] == 1:
+    if fold and folds(weight.shape[2], stride[0]):
         n, _, depth, height, width = x.shape
         planes = x.transpose(1, 2).reshape(n * depth, -1, height, width)  # a view in channels_last_3d
         y = F.conv2d(planes, weight.squeeze(2), bias, tuple(stride[1:]), tuple(padding[1:]), 1, groups)
         return y.reshape(n, depth, *y.shape[1:]).transpose(1, 2)
     return F.conv3d(x, weight, bias, tuple(stride), tuple(padding), 1, groups)
+
+
+def folds(kernel_depth: int, stride_depth: int) -> bool:
+    """Whether the ``folded`` implementation runs a conv of this depth kernel and stride as 2D."""
+    return kernel_depth == 1 and stride_depth == 1
+
+
+def has_folding_conv(spec: OpSpec) -> bool:
+    return any(folds(c.kernel[0], c.stride[0]) for stream in spec.streams() for c in stream)
 
 
 def bounding_kernel(kernels: Sequence[Sequence[int]]) -> tuple[int, int, int]:

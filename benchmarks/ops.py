@@ -1,0 +1,235 @@
+"""Operator speed on CPU: forward+backward of every family and implementation, written as markdown.
+
+    python benchmarks/ops.py                      # full run, writes docs/benchmarks/ops.md
+    python benchmarks/ops.py --quick --out -      # one small shape, to stdout
+
+For each shape (channels C in = out, cube side S, batch 2) every (family, implementation) pair
+runs once to warm up, then ``--repeats`` rounds that each time every pair once, in a fresh
+random order, so load from other processes on a shared machine hits all variants alike; the
+table reports medians. The efficiency ratio is (op time / Conv3d time) ÷ (op MACs / Conv3d MACs):
+1.0 means the op's MAC savings turn fully into time savings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from psc_nas.ops import OP_FAMILIES, ORIENTATIONS, SHAPES, make_spec
+from psc_nas.ops.choice import IMPLS, choose_impl
+from psc_nas.ops.fast import CAKES_ONLY_IMPLS, EXACT_IMPLS, has_folding_conv
+
+BATCH = 2
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "conv3d": ("conv3d", {}),
+    "p3d (1x3x3)": ("p3d", {}),
+    "pmscn m1 n1 3x3x1": ("pmscn", {"m": 1, "n": 1, "orientations": ["3x3x1"]}),
+    "pmscn m2 n1": ("pmscn", {"m": 2, "n": 1}),
+    "pmscn m3 n1": ("pmscn", {"m": 3, "n": 1}),
+    "pmscn m2 n2": ("pmscn", {"m": 2, "n": 2}),
+    "cakes uniform": ("cakes", {}),
+    "csn_ip": ("csn_ip", {}),
+    "csn_ir": ("csn_ir", {}),
+}
+
+
+@dataclass
+class Variant:
+    family: str
+    impl: str
+    module: torch.nn.Module
+    macs: int
+    params: int
+    times: list[float]
+
+
+def variants_for(channels: int, size: int) -> list[Variant]:
+    found = []
+    for family, (op, args) in FAMILIES.items():
+        spec = make_spec(op, channels, channels, **args)
+        cost = spec.cost((size,) * 3)
+        impls = list(EXACT_IMPLS) + (list(CAKES_ONLY_IMPLS) if op == "cakes" else [])
+        if not has_folding_conv(spec):
+            impls.remove("folded")  # nothing to fold: it would run exactly channels_last
+        found += [Variant(family, impl, spec.build(impl), cost.macs, cost.params, []) for impl in impls]
+    return found
+
+
+def forward_backward(module: torch.nn.Module, x: torch.Tensor) -> None:
+    y = module(x.requires_grad_())
+    y.backward(torch.ones_like(y))
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+
+
+def timed(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def measure(channels: int, size: int, repeats: int, rng: random.Random) -> tuple[list[Variant], float]:
+    """Median-ready times of every variant, and the median cost of converting x to channels_last_3d."""
+    x = torch.randn(BATCH, channels, size, size, size)
+    variants = variants_for(channels, size)
+    conversion: list[float] = []
+    warm_up = torch.randn(BATCH, channels, 8, 8, 8)
+    for variant in variants:  # first calls initialize oneDNN; a real shape's own set-up is lost in the median
+        forward_backward(variant.module, warm_up)
+    for _ in range(repeats):
+        rng.shuffle(variants)
+        for variant in variants:
+            variant.times.append(timed(lambda v=variant: forward_backward(v.module, x)))
+        conversion.append(timed(lambda: x.contiguous(memory_format=torch.channels_last_3d)))
+    return variants, statistics.median(conversion)
+
+
+def pricing_rate(seconds: float = 1.0) -> float:
+    """Candidates per second that ``make_spec(...).cost(...)`` prices, over every family."""
+    rng = random.Random(0)
+    priced, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        op = rng.choice(sorted(OP_FAMILIES))
+        args = {
+            "pmscn": lambda: {"m": 2, "n": rng.randint(1, 3), "orientations": rng.sample(ORIENTATIONS, 2)},
+            "cakes": lambda: {"allocation": {rng.choice(SHAPES): 64}},
+        }.get(op, dict)()
+        make_spec(op, rng.choice([16, 32, 64]), 64, stride=rng.choice([1, 2]), **args).cost((32, 32, 32))
+        priced += 1
+    return priced / (time.perf_counter() - start)
+
+
+def cpu_model() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "unknown")
+
+
+def shape_table(shape: dict) -> list[str]:
+    """Markdown rows for one measured shape, marking what the current rule in ``choice.py`` picks."""
+    channels, size, rows_in = shape["channels"], shape["size"], shape["variants"]
+    median = {(r["family"], r["impl"]): statistics.median(r["times"]) for r in rows_in}
+    conv3d_macs = next(r["macs"] for r in rows_in if r["family"] == "conv3d")
+    conv3d_reference = median[("conv3d", "reference")]
+    conv3d_best = min(t for (family, _), t in median.items() if family == "conv3d")
+    rows = [
+        f"### C={channels}, {size}³, batch {BATCH}",
+        "",
+        f"Converting the NCDHW input to channels_last_3d: {shape['conversion'] * 1e3:.1f} ms "
+        "(inside every non-reference time).",
+        "",
+        "| family | impl | params | MACs/sample | median ms | GF/s | ratio vs ref Conv3d | ratio vs best Conv3d | chosen |",
+        "|---|---|---:|---:|---:|---:|---:|---:|:-:|",
+    ]
+    for family, (op, args) in FAMILIES.items():
+        chosen = choose_impl(make_spec(op, channels, channels, **args))
+        for r in sorted((r for r in rows_in if r["family"] == family), key=lambda r: IMPLS.index(r["impl"])):
+            seconds = median[(family, r["impl"])]
+            flops = 3 * 2 * r["macs"] * BATCH  # forward, input grad and weight grad each cost the forward MACs
+            mac_share = r["macs"] / conv3d_macs
+            rows.append(
+                f"| {family} | {r['impl']} | {r['params']:,} | {r['macs'] / 1e6:,.1f}M | {seconds * 1e3:,.1f} | "
+                f"{flops / seconds / 1e9:.1f} | {seconds / conv3d_reference / mac_share:.2f} | "
+                f"{seconds / conv3d_best / mac_share:.2f} | {'✓' if r['impl'] == chosen else ''} |"
+            )
+    return [*rows, ""]
+
+
+def render(run: dict) -> str:
+    header = [
+        "## Measured run",
+        "",
+        f"- command: `{run['command']}` ({run['repeats']} interleaved repeats after a warm-up; medians)",
+        f"- date: {run['date']}, torch {run['torch']}, CPU: {run['cpu']}, {run['threads']} threads, "
+        f"oneDNN {run['onednn']}",
+        "- the machine was shared with other engineers' jobs while this ran: absolute times are noisy, "
+        "the interleaving keeps comparisons between variants fair",
+        f"- pricing: `make_spec(...).cost(...)` priced {run['priced_per_second']:,.0f} candidates per second",
+        f"- whole run: {run['seconds']:.0f} s for the shapes below",
+        "",
+    ]
+    return "\n".join(header + [line for shape in run["shapes"] for line in shape_table(shape)])
+
+
+def run_all(args: argparse.Namespace, command: str, save: Callable[[dict], None]) -> dict:
+    """Measure every shape, calling ``save`` after each so a cut-short run keeps what it measured."""
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    started = time.perf_counter()
+    run = {
+        "command": command,
+        "repeats": args.repeats,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "onednn": "on" if torch.backends.mkldnn.enabled else "off",
+        "priced_per_second": pricing_rate(),
+        "shapes": [],
+    }
+    for size in args.sizes:
+        for channels in args.channels:
+            variants, conversion = measure(channels, size, args.repeats, rng)
+            rows = [
+                {"family": v.family, "impl": v.impl, "macs": v.macs, "params": v.params, "times": v.times}
+                for v in variants
+            ]
+            run["shapes"].append({"channels": channels, "size": size, "conversion": conversion, "variants": rows})
+            run["seconds"] = time.perf_counter() - started
+            save(run)
+            print(f"C={channels} {size}³ done after {run['seconds']:.0f} s", file=sys.stderr)
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="C=16 at 32³, 3 repeats")
+    parser.add_argument("--out", default="docs/benchmarks/ops.md", help="markdown path, or - for stdout")
+    parser.add_argument(
+        "--render", action="store_true", help="re-render the markdown from the raw times saved next to it"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.channels, args.sizes, args.repeats = [16], [32], 3
+    if args.out == "-":
+        print(render(run_all(args, command_line(argv), save=lambda run: None)))
+        return
+    markdown = Path(args.out)
+    raw = markdown.with_suffix(".json")
+
+    def save(run: dict) -> None:
+        raw.write_text(json.dumps(run, indent=1))
+        intro = markdown.read_text().split("## Measured run")[0] if markdown.exists() else "# Operator speed\n\n"
+        markdown.write_text(intro + render(run))
+
+    if args.render:
+        save(json.loads(raw.read_text()))
+    else:
+        run_all(args, command_line(argv), save)
+
+
+def command_line(argv: list[str] | None) -> str:
+    return " ".join(["python benchmarks/ops.py", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,262 @@
+"""Train one architecture on one task: the LightningModule and ``fit()``.
+
+``fit`` is the single training entry point: every search trial and every ``psc-train`` call goes
+through it, so a number in a study and a number from ``psc-train`` mean the same thing.
+
+    ArchConfig ─► build_model ─► SegmentationModule ─┐
+    Task ─► loss(), datamodule(seed) ────────────────┴─► Trainer.fit ─► TrainResult
+                                                           │ random patches: Adam on task.loss()
+                                                           │ whole volumes: sliding-window Dice
+                                                           └─ per epoch: train_loss, dice_<class>, dice_mean
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+from psc_nas import as_config, build_model
+from psc_nas.arch import ArchConfig
+
+DEFAULT_LR = 1e-3
+CHECKPOINT_NAME = "best"
+
+
+class TrainingFailed(RuntimeError):
+    """A run gave no usable result (non-finite loss, no finished epoch); the search stores the message."""
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]  # validation metrics after the last epoch
+    best_metric: float  # best value of the task's metric over the epochs
+    curve: list[dict[str, float]]  # one dict per epoch: epoch, train_loss, validation metrics
+    wall_seconds: float
+    fwd_bwd_seconds: float  # time inside training_step + backward, the share the architecture decides
+    epochs: int
+    checkpoint: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["checkpoint"] = str(self.checkpoint) if self.checkpoint else None
+        return data
+
+
+class SegmentationModule(L.LightningModule):
+    """A network built from an ArchConfig, trained on patches and validated on whole volumes."""
+
+    def __init__(self, config: ArchConfig, task: Any, *, lr: float = DEFAULT_LR) -> None:
+        super().__init__()
+        # The checkpoint carries the architecture, so export can rebuild the network from it alone.
+        self.save_hyperparameters({"arch": config.to_dict(), "task": task.name, "lr": lr})
+        self.net = build_model(config)
+        self.loss_fn = task.loss()
+        self.lr = lr
+        self.inferer = task.inferer()  # whole volumes in task-sized windows (MONAI sliding window)
+        self.val_metrics = task.metrics()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        image, label = batch["image"], batch["label"]
+        loss = self.loss_fn(self(image), label)
+        if not torch.isfinite(loss):
+            raise TrainingFailed(
+                f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}"
+            )
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=image.shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        image, label = batch["image"], batch["label"]
+        self.val_metrics.update(self.inferer(image, self.net), label)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class FwdBwdTimer(Callback):
+    """Seconds spent in training_step + backward: batch start until the optimizer is about to step.
+
+    Lightning runs training_step and backward inside the optimizer closure and calls
+    ``on_before_optimizer_step`` right after it, so this span excludes data loading, the
+    optimizer update and validation.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start: float | None = None
+
+    def _now(self, trainer: L.Trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)  # kernels run async; wait for them
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._start = self._now(trainer)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._start is not None:
+            self.seconds += self._now(trainer) - self._start
+            self._start = None
+
+
+class EpochCurve(Callback):
+    """One row per epoch; validation runs before ``on_train_epoch_end``, so its metrics are fresh."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        row = {"epoch": trainer.current_epoch + 1}
+        row.update({name: float(value) for name, value in trainer.callback_metrics.items()})
+        self.rows.append(row)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Lightning's banners, its advice about worker counts (chosen on purpose here) and a
+    deprecation inside Lightning itself (``_pytree``) that a user cannot act on."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=PossibleUserWarning)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def fit(
+    config: ArchConfig | str | Path | Mapping[str, Any],
+    task: Any,
+    *,
+    epochs: int,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    lr: float = DEFAULT_LR,
+    limit_train_batches: int | float | None = None,
+    max_seconds: float | None = None,
+    data_options: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    accelerator: str = "auto",
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``config`` on ``task`` for ``epochs`` and validate after each epoch.
+
+    Fidelity knobs for the search: ``epochs``, ``limit_train_batches`` (batches per epoch, an int or
+    a fraction) and ``max_seconds`` (stop after the epoch that crosses it). ``data_options`` go to
+    ``task.datamodule``. Nothing is written unless ``out_dir`` is given; then it receives
+    ``config.yaml``, ``metrics.json``, ``curve.csv`` and the best checkpoint ``best.ckpt``.
+    Raises ``TrainingFailed`` when the loss stops being finite.
+    """
+    from psc_nas.tasks import get_task
+
+    task = get_task(task) if isinstance(task, str) else task
+    config = as_config(config).validate()
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    started = time.perf_counter()
+    L.seed_everything(seed, workers=True, verbose=False)
+    datamodule = task.datamodule(data_dir=data_dir, seed=seed, **dict(data_options or {}))
+    module = SegmentationModule(config, task, lr=lr)
+    timer, curve = FwdBwdTimer(), EpochCurve()
+    checkpoint = None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = ModelCheckpoint(
+            dirpath=out_dir, filename=CHECKPOINT_NAME, monitor=task.metric, mode="max", save_top_k=1,
+            auto_insert_metric_name=False, enable_version_counter=False,
+        )
+    with _quiet():
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=1,
+            max_epochs=epochs,
+            max_time={"seconds": max_seconds} if max_seconds else None,
+            limit_train_batches=limit_train_batches,
+            num_sanity_val_steps=0,
+            # "warn", not True: some CUDA kernels (trilinear upsampling backward) have no deterministic
+            # version; on CPU every op used here is deterministic, so a seed reproduces a run exactly.
+            deterministic="warn",
+            logger=False,
+            enable_checkpointing=checkpoint is not None,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            callbacks=[timer, curve, *([checkpoint] if checkpoint else []), *callbacks],
+        )
+        trainer.fit(module, datamodule=datamodule)
+    if not curve.rows:
+        raise TrainingFailed("no epoch finished (max_seconds too small?)")
+    result = TrainResult(
+        metrics={k: v for k, v in curve.rows[-1].items() if k not in ("epoch", "train_loss")},
+        best_metric=max(row[task.metric] for row in curve.rows),
+        curve=curve.rows,
+        wall_seconds=time.perf_counter() - started,
+        fwd_bwd_seconds=timer.seconds,
+        epochs=len(curve.rows),
+        checkpoint=Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None,
+    )
+    if out_dir is not None:
+        _write_run(out_dir, config, result)
+    return result
+
+
+def _write_run(out_dir: Path, config: ArchConfig, result: TrainResult) -> None:
+    config.save(out_dir / "config.yaml")
+    data = result.to_dict()
+    # Relative, so the record stays right when fit_into renames the directory.
+    data["checkpoint"] = result.checkpoint.name if result.checkpoint else None
+    (out_dir / "metrics.json").write_text(json.dumps(data, indent=2) + "\n")
+    with open(out_dir / "curve.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(result.curve[0]))
+        writer.writeheader()
+        writer.writerows(result.curve)
+
+
+def fit_into(out: str | Path, config: ArchConfig, task: Any, **fit_kwargs: Any) -> TrainResult:
+    """``fit`` writing into ``out`` all at once: a failed run leaves nothing behind.
+
+    Trains into a hidden sibling directory and renames it at the end (atomic on one filesystem).
+    Refuses an existing ``out`` rather than mixing two runs' files.
+    """
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} already exists; choose another --out or remove it")
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        result = fit(config, task, out_dir=partial, **fit_kwargs)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if result.checkpoint is not None:
+        result.checkpoint = out / result.checkpoint.name
+    return result

@@ -39,15 +39,15 @@
   const number = (value, digits = 4) => (value == null ? "–" : (+value).toFixed(digits));
 
   function category(trial, front) {
-    if (!trial.feasible) return "infeasible";
     if (trial.state !== "COMPLETE") return "failed";
+    if (!trial.feasible) return "infeasible";  // told COMPLETE by the search, but never trained
     if (trial.preset) return "preset";
     return front.has(trial.number) ? "front" : "feasible";
   }
 
   function hoverText(trial) {
     const lines = [
-      `<b>trial ${trial.number}</b> (${trial.state.toLowerCase()}${trial.feasible ? "" : ", over budget"})`,
+      `<b>trial ${trial.number}</b> (${trial.state.toLowerCase()}${category(trial, new Set()) === "infeasible" ? ", over budget" : ""})`,
       `${data.run.quality}: ${number(trial.quality)}`,
       `params: ${count(trial.params)}   MACs: ${count(trial.macs)}`,
     ];
@@ -195,6 +195,7 @@
     ["number", "#", String], ["state", "state", String], ["feasible", "feasible", (v) => (v ? "yes" : "no")],
     ["quality", null, (v) => number(v)], ["params", "params", count], ["macs", "MACs", count],
     ["latency_ms", "latency ms", (v) => number(v, 2)], ["fidelity", "fidelity", (v) => (v == null ? "–" : String(v))],
+    ["train_s", "train s", (v) => (v ? number(v, 1) : "–")],
     ["preset", "preset", (v) => v || ""], ["summary", "architecture", (v) => v || ""],
   ];
 
@@ -309,7 +310,7 @@
   function drawHeader(mode) {
     const run = data.run;
     $("run-title").textContent = `psc-nas · ${run.name}`;
-    const overBudget = data.trials.filter((t) => !t.feasible).length;
+    const overBudget = data.trials.filter((t) => t.state === "COMPLETE" && !t.feasible).length;
     const states = [...Object.entries(run.states).map(([s, n]) => `${n} ${s.toLowerCase()}`),
       ...(overBudget ? [`${overBudget} of them over budget`] : [])].join(", ");
     const budgets = [run.budget_params && `params ≤ ${count(run.budget_params)}`, run.budget_macs && `MACs ≤ ${count(run.budget_macs)}`]

@@ -29,14 +29,12 @@ import dashboards
 from psc_nas.arch import ArchConfig
 from psc_nas.nets import get_backbone, realize
 from psc_nas.ops._conv import ConvSpec
-from psc_nas.pareto import hypervolume, normalize, pareto_front, to_minimization
+from psc_nas.pareto import pareto_front, to_minimization
 from psc_nas.results import Run
+from psc_nas.search.outputs import quality_hypervolume
 
 SNAPSHOT_FILE = "dashboard.html"
 POLL_SECONDS = 3
-# Hypervolume is measured in objectives min-max normalized over the finished trials, with the
-# reference a little past the worst value so that extreme points still add volume.
-HV_REFERENCE = 1.1
 
 
 # ---------------------------------------------------------------------------------- architecture
@@ -112,7 +110,7 @@ def trial_detail(run: Run, trial: FrozenTrial) -> dict[str, Any]:
 
 def fronts(run: Run, table: pd.DataFrame) -> dict[str, list[int]]:
     """Trial numbers on the 2D front of quality against each measured cost (feasible trials only)."""
-    done = table[(table.state == "COMPLETE") & table.feasible & table.quality.notna()]
+    done = table[table.feasible.astype(bool)]  # an empty table has an object column
     result = {}
     for cost in ("params", "macs", "latency_ms"):
         rows = done[done[cost].notna()]
@@ -122,16 +120,12 @@ def fronts(run: Run, table: pd.DataFrame) -> dict[str, list[int]]:
 
 
 def hypervolume_history(run: Run) -> list[dict[str, Any]]:
-    """Hypervolume of the study's objectives after each finished feasible trial, in completion order."""
+    """After each finished feasible trial, in completion order, the hypervolume psc-search reports
+    in pareto.json: (metric, params) in the unit box, so the last point equals the run's."""
     done = run.completed()
-    if not done:
-        return []
-    points = run.minimization_points(done)
-    dims = range(len(points[0]))
-    scaled = normalize(points, [min(p[k] for p in points) for k in dims], [max(p[k] for p in points) for k in dims])
-    reference = [HV_REFERENCE] * len(points[0])
     return [
-        {"trial": t.number, "time": t.datetime_complete.isoformat(), "hypervolume": hypervolume(scaled[: i + 1], reference)}
+        {"trial": t.number, "time": t.datetime_complete.isoformat(),
+         "hypervolume": quality_hypervolume(done[: i + 1], run.objectives, run.budget_params)}
         for i, t in enumerate(done)
     ]
 
@@ -146,15 +140,18 @@ def payload(run: Run) -> dict[str, Any]:
     """Everything the page draws, JSON-ready, for the trials ``run`` last read."""
     table = run.table()
     knee = run.knee()
-    rows = json.loads(table.to_json(orient="records", date_format="iso"))
-    for row, trial in zip(rows, run.trials):
-        row.update(trial_detail(run, trial))
+    # The table is a second read of the study: a trial it has and run.trials lacks is left for the next poll.
+    trials = {t.number: t for t in run.trials}
+    rows = [row for row in json.loads(table.to_json(orient="records")) if row["number"] in trials]
+    for row in rows:
+        row.update(trial_detail(run, trials[row["number"]]))
     return {
         "version": version(run),
         "run": {
             "name": run.name, "path": str(run.path), "task": run.task, "space": run.space,
             "budget_params": run.budget_params, "budget_macs": run.budget_macs,
-            "objectives": [vars(o) for o in run.objectives], "quality": run.quality.name,
+            "objectives": [{"name": o.name, "direction": o.direction} for o in run.objectives],
+            "quality": run.quality.name,
             "states": {state: int(n) for state, n in table.state.value_counts().items()},
         },
         "trials": rows,

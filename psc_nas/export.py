@@ -27,6 +27,7 @@ from psc_nas import build_model
 from psc_nas.arch import ArchConfig
 from psc_nas.costs import format_count, parse_count
 from psc_nas.results import Run
+from psc_nas.search.outputs import feasible
 
 PICK_FORMS = "knee, best, 'trial N', 'under 2M' (params) or 'under 50G macs'"
 FORMATS = ("yaml", "json")
@@ -71,7 +72,7 @@ def select(run: Run, pick: Pick) -> FrozenTrial:
             state = {"FAIL": "failed", "RUNNING": "still running"}.get(trial.state.name, trial.state.name.lower())
             raise ValueError(f"trial {trial.number} {state}" + (f": {reason}" if reason else "")
                              + "; only finished trials can be exported")
-        if not run.feasible(trial):
+        if not feasible(trial):
             excess = ", ".join(f"{name} by {format_count(int(v))}" for name, v in trial.constraints.items() if v > 0)
             raise ValueError(f"trial {trial.number} is over budget ({excess}) and was never trained")
         return trial

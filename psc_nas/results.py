@@ -1,8 +1,9 @@
 """Reading a search run (finished or still running) back from its Optuna study.
 
-``runs/<name>/study.db`` is the source of truth (schema in ``docs/architecture.md``); the dashboard
-and ``psc-export`` both look at a run through :class:`Run`, so "feasible", "quality" and "front"
-mean the same thing on the page and on the command line.
+``runs/<name>/study.db`` is the source of truth (schema in ``docs/architecture.md``). The dashboard
+and ``psc-export`` look at a run through :class:`Run`, which judges trials with psc-search's own
+rules (``psc_nas.search.outputs``), so "feasible", the knee and the hypervolume mean the same on
+the page, on the command line and in the run's pareto.json / best.yaml.
 
     Run.open("runs/ibsr-5M") ─► .trials (FrozenTrial) ─► .table() (pandas, one row per trial)
                                                       └► .config(number) (ArchConfig)
@@ -10,29 +11,16 @@ mean the same thing on the page and on the command line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from psc_nas.arch import ArchConfig
 from psc_nas.pareto import knee_point, to_minimization
-
-STUDY_FILE = "study.db"
-COST_NAMES = ("params", "macs", "latency_ms")
-
-
-@dataclass(frozen=True)
-class Objective:
-    name: str
-    direction: str  # "maximize" | "minimize"
-
-    @property
-    def maximize(self) -> bool:
-        return self.direction == "maximize"
+from psc_nas.search.outputs import Objective, feasible, trials_table
+from psc_nas.search.storage import STUDY_FILE
 
 
 class Run:
@@ -46,7 +34,9 @@ class Run:
         self.space: str | None = attrs.get("space")
         self.budget_params: int | None = attrs.get("budget_params")
         self.budget_macs: int | None = attrs.get("budget_macs")
-        self.objectives = [Objective(o["name"], o["direction"]) for o in attrs.get("objectives", [])]
+        self.objectives = [Objective(o["name"], o["direction"] == "maximize") for o in attrs.get("objectives", [])]
+        if not self.objectives:
+            raise ValueError(f"{path}: the study records no objectives (was it written by psc-search?)")
         self.trials: list[FrozenTrial] = []
         self.refresh()
 
@@ -61,7 +51,7 @@ class Run:
         names = optuna.study.get_all_study_names(storage)
         if not names:
             raise ValueError(f"{db} holds no study")
-        # A run folder holds one study; if a resume left several, the one named after the folder wins.
+        # psc-search names the study after the folder unless told otherwise (--study-name).
         name = path.resolve().name if path.resolve().name in names else names[-1]
         return cls(path, optuna.load_study(study_name=name, storage=storage))
 
@@ -75,11 +65,8 @@ class Run:
 
     @property
     def quality(self) -> Objective:
-        """The objective that measures accuracy (the first that is not a cost); Dice, top-1, ..."""
-        for objective in self.objectives:
-            if objective.name not in COST_NAMES:
-                return objective
-        raise ValueError(f"{self.path}: the study records no accuracy objective (objectives: {self.objectives})")
+        """The accuracy objective (Dice, top-1, ...): psc-search puts the task's metric first."""
+        return self.objectives[0]
 
     def trial(self, number: int) -> FrozenTrial:
         for trial in self.trials:
@@ -90,58 +77,25 @@ class Run:
     def config(self, number: int) -> ArchConfig:
         return ArchConfig.from_dict(self.trial(number).user_attrs["arch"])
 
-    @staticmethod
-    def feasible(trial: FrozenTrial) -> bool:
-        """Within the run's budgets: psc-search records each budget's excess as an Optuna constraint."""
-        return all(excess <= 0 for excess in trial.constraints.values())
-
     def completed(self) -> list[FrozenTrial]:
-        """Trials that finished training within budget, in completion order: the candidates.
-
-        The same set ``psc-search`` takes its front and knee (best.yaml) from."""
-        done = [t for t in self.trials if t.state == TrialState.COMPLETE and self.feasible(t)]
-        return sorted(done, key=lambda t: (t.datetime_complete, t.number))
-
-    def minimization_points(self, trials: list[FrozenTrial]) -> list[tuple[float, ...]]:
-        """The trials' objective values with maximized objectives negated, as psc_nas.pareto wants."""
-        return to_minimization([t.values for t in trials], [o.maximize for o in self.objectives])
+        """Trials trained to the end within budget, in completion order: the candidates."""
+        return sorted(filter(feasible, self.trials), key=lambda t: (t.datetime_complete, t.number))
 
     def knee(self) -> int | None:
-        """Number of the knee trial of the front over all the study's objectives, if any finished."""
+        """Number of the knee trial over all the study's objectives (what best.yaml holds), if any."""
         done = self.completed()
-        return done[knee_point(self.minimization_points(done))].number if done else None
+        if not done:
+            return None
+        points = to_minimization([t.values for t in done], [o.maximize for o in self.objectives])
+        return done[knee_point(points)].number
 
     def quality_of(self, trial: FrozenTrial) -> float | None:
-        """The measured accuracy; None for a trial never trained (over budget) or that failed first."""
-        if trial.state == TrialState.COMPLETE and self.feasible(trial):
-            return float(trial.values[self.objectives.index(self.quality)])
-        value = (trial.user_attrs.get("metrics") or {}).get(self.quality.name)
-        return None if value is None else float(value)
+        """The measured accuracy; None for a trial that failed or was never trained (over budget)."""
+        return float(trial.values[0]) if feasible(trial) else None
 
     def table(self) -> pd.DataFrame:
-        """One row per trial: what the trial table, the plots and the picks are made from."""
-        rows = [self._row(trial) for trial in self.trials]
-        columns = ["number", "state", "feasible", "quality", "params", "macs", "latency_ms", "fidelity", "preset",
-                   "arch_hash", "summary", "fail_reason", "start", "complete", "duration_s"]
-        return pd.DataFrame(rows, columns=columns)
-
-    def _row(self, trial: FrozenTrial) -> dict[str, Any]:
-        attrs = trial.user_attrs
-        arch = attrs.get("arch")
-        return {
-            "number": trial.number,
-            "state": trial.state.name,
-            "feasible": self.feasible(trial),
-            "quality": self.quality_of(trial),
-            "params": attrs.get("params"),
-            "macs": attrs.get("macs"),
-            "latency_ms": attrs.get("latency_ms"),
-            "fidelity": attrs.get("fidelity"),
-            "preset": attrs.get("preset"),
-            "arch_hash": attrs.get("arch_hash"),
-            "summary": ArchConfig.from_dict(arch, validate=False).summary() if arch else None,
-            "fail_reason": attrs.get("fail_reason"),
-            "start": trial.datetime_start,
-            "complete": trial.datetime_complete,
-            "duration_s": trial.duration.total_seconds() if trial.duration else None,
-        }
+        """psc-search's trials.csv table with ``quality`` added: measured accuracy or missing."""
+        table = trials_table(self.study, self.objectives)
+        if table.empty:  # a search that has not started a trial: the columns, no rows
+            return pd.DataFrame(columns=["number", "state", "feasible", "quality", "params", "macs", "latency_ms"])
+        return table.assign(quality=table[self.quality.name].where(table.feasible))

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from optuna.trial import TrialState
+from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 import psc_nas
+import search_standin
 from _search_run import SPATIAL, make_run
 from psc_nas.arch import ArchConfig
 from psc_nas.cli import export_app
+from psc_nas.dashboard import payload
 from psc_nas.export import Pick, export
 from psc_nas.results import Run
+from psc_nas.search.budget import Budget
+from psc_nas.search.runner import SearchSettings, run_search
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +135,23 @@ def test_cli_refuses_a_folder_without_a_study(tmp_path):
     result = cli(str(tmp_path))
     assert result.exit_code == 1
     assert result.output == f"psc-export: {tmp_path} is not a search run: no study.db in it\n"
+
+
+def test_a_real_search_run_exports_its_best_yaml_and_the_dashboard_agrees(tmp_path):
+    """psc-search (with the search tests' stand-in trainer) writes the run; we read it back."""
+    out = tmp_path / "ibsr-2M"
+    run_search(SearchSettings(task="ibsr", budget=Budget(params=2_000_000), trials=6, out=out),
+               trainer=search_standin.train, console=Console(quiet=True))
+    pareto = json.loads((out / "pareto.json").read_text())
+    done = export(out, out_dir=tmp_path / "export")
+    assert done.trial.number == pareto["knee"]
+    assert done.files["config"].read_text() == (out / "best.yaml").read_text()
+    model = psc_nas.build_model(str(out / "best.yaml"))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 1, *search_standin.SPATIAL))
+    assert sum(p.numel() for p in model.parameters()) == done.trial.user_attrs["params"]
+    assert counter.get_total_flops() // 2 == done.trial.user_attrs["macs"]
+
+    data = payload(Run.open(out))
+    assert data["knee"] == pareto["knee"]
+    assert data["hypervolume"][-1]["hypervolume"] == pytest.approx(pareto["hypervolume"])

@@ -3,7 +3,7 @@
 The page itself (HTML, CSS, JS) lives in the top-level ``dashboards/`` folder, shipped as package
 data; this module turns a run into the payload that page draws and delivers it two ways:
 
-    Run ─► payload() ─┬─ serve():          GET /  (page)   GET /api/run.json (polled while searching)
+    Run ─► payload() ─┬─ make_server():    GET /  (page)   GET /api/run.json (polled while searching)
                       └─ write_snapshot(): runs/<name>/dashboard.html, payload and plotly.js inlined
 
 plotly.js always comes from the installed ``plotly`` package, never a CDN, so both work offline.
@@ -202,7 +202,7 @@ class DashboardServer(ThreadingHTTPServer):
 
     def __init__(self, run: Run, host: str, port: int) -> None:
         self.run = run
-        # One reader at a time: Optuna's storage is shared, and SQLite serializes reads anyway.
+        # Handler threads share the Run (refresh replaces its trials) and the cached payload.
         self.lock = threading.Lock()
         self.page = render_page().encode()
         self._cached: tuple[str, bytes] = ("", b"")

@@ -5,8 +5,10 @@
 
 For each shape (channels C in = out, cube side S, batch 2) every (family, implementation) pair
 runs once to warm up, then ``--repeats`` rounds that each time every pair once, in a fresh
-random order, so load from other processes on a shared machine hits all variants alike; the
-table reports medians. The efficiency ratio is (op time / Conv3d time) ÷ (op MACs / Conv3d MACs):
+random order, so load from other processes on a shared machine hits all variants alike. Ratios
+and GF/s use each variant's fastest repeat, the least disturbed by other jobs (with two oneDNN
+threads on an oversubscribed machine one descheduled thread stalls the other, so disturbed
+times scatter by up to 30x); the median is shown beside it. The efficiency ratio is (op time / Conv3d time) ÷ (op MACs / Conv3d MACs):
 1.0 means the op's MAC savings turn fully into time savings.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import random
 import statistics
@@ -81,19 +84,19 @@ def timed(step: Callable[[], None]) -> float:
 
 
 def measure(channels: int, size: int, repeats: int, rng: random.Random) -> tuple[list[Variant], float]:
-    """Median-ready times of every variant, and the median cost of converting x to channels_last_3d."""
+    """Times of every variant, and the fastest conversion of x to channels_last_3d."""
     x = torch.randn(BATCH, channels, size, size, size)
     variants = variants_for(channels, size)
     conversion: list[float] = []
     warm_up = torch.randn(BATCH, channels, 8, 8, 8)
-    for variant in variants:  # first calls initialize oneDNN; a real shape's own set-up is lost in the median
+    for variant in variants:  # first calls initialize oneDNN; a real shape's own set-up shows in one repeat only
         forward_backward(variant.module, warm_up)
     for _ in range(repeats):
         rng.shuffle(variants)
         for variant in variants:
             variant.times.append(timed(lambda v=variant: forward_backward(v.module, x)))
         conversion.append(timed(lambda: x.contiguous(memory_format=torch.channels_last_3d)))
-    return variants, statistics.median(conversion)
+    return variants, min(conversion)
 
 
 def pricing_rate(seconds: float = 1.0) -> float:
@@ -122,27 +125,29 @@ def cpu_model() -> str:
 def shape_table(shape: dict) -> list[str]:
     """Markdown rows for one measured shape, marking what the current rule in ``choice.py`` picks."""
     channels, size, rows_in = shape["channels"], shape["size"], shape["variants"]
-    median = {(r["family"], r["impl"]): statistics.median(r["times"]) for r in rows_in}
+    best = {(r["family"], r["impl"]): min(r["times"]) for r in rows_in}
     conv3d_macs = next(r["macs"] for r in rows_in if r["family"] == "conv3d")
-    conv3d_reference = median[("conv3d", "reference")]
-    conv3d_best = min(t for (family, _), t in median.items() if family == "conv3d")
+    conv3d_reference = best[("conv3d", "reference")]
+    conv3d_best = min(t for (family, _), t in best.items() if family == "conv3d")
     rows = [
         f"### C={channels}, {size}³, batch {BATCH}",
         "",
         f"Converting the NCDHW input to channels_last_3d: {shape['conversion'] * 1e3:.1f} ms "
-        "(inside every non-reference time).",
+        f"(inside every non-reference time). Load average while measuring: {shape['load']}.",
         "",
-        "| family | impl | params | MACs/sample | median ms | GF/s | ratio vs ref Conv3d | ratio vs best Conv3d | chosen |",
-        "|---|---|---:|---:|---:|---:|---:|---:|:-:|",
+        "| family | impl | params | MACs/sample | best ms | median ms | GF/s | ratio vs ref Conv3d "
+        "| ratio vs best Conv3d | chosen |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for family, (op, args) in FAMILIES.items():
         chosen = choose_impl(make_spec(op, channels, channels, **args))
         for r in sorted((r for r in rows_in if r["family"] == family), key=lambda r: IMPLS.index(r["impl"])):
-            seconds = median[(family, r["impl"])]
+            seconds = best[(family, r["impl"])]
             flops = 3 * 2 * r["macs"] * BATCH  # forward, input grad and weight grad each cost the forward MACs
             mac_share = r["macs"] / conv3d_macs
             rows.append(
                 f"| {family} | {r['impl']} | {r['params']:,} | {r['macs'] / 1e6:,.1f}M | {seconds * 1e3:,.1f} | "
+                f"{statistics.median(r['times']) * 1e3:,.1f} | "
                 f"{flops / seconds / 1e9:.1f} | {seconds / conv3d_reference / mac_share:.2f} | "
                 f"{seconds / conv3d_best / mac_share:.2f} | {'✓' if r['impl'] == chosen else ''} |"
             )
@@ -153,7 +158,7 @@ def render(run: dict) -> str:
     header = [
         "## Measured run",
         "",
-        f"- command: `{run['command']}` ({run['repeats']} interleaved repeats after a warm-up; medians)",
+        f"- command: `{run['command']}` ({run['repeats']} interleaved repeats after a warm-up; best and median)",
         f"- date: {run['date']}, torch {run['torch']}, CPU: {run['cpu']}, {run['threads']} threads, "
         f"oneDNN {run['onednn']}",
         "- the machine was shared with other engineers' jobs while this ran: absolute times are noisy, "
@@ -184,12 +189,15 @@ def run_all(args: argparse.Namespace, command: str, save: Callable[[dict], None]
     }
     for size in args.sizes:
         for channels in args.channels:
+            load_before = os.getloadavg()[0]
             variants, conversion = measure(channels, size, args.repeats, rng)
             rows = [
                 {"family": v.family, "impl": v.impl, "macs": v.macs, "params": v.params, "times": v.times}
                 for v in variants
             ]
-            run["shapes"].append({"channels": channels, "size": size, "conversion": conversion, "variants": rows})
+            load = "{:.1f}-{:.1f}".format(*sorted([load_before, os.getloadavg()[0]]))
+            shape = {"channels": channels, "size": size, "conversion": conversion, "load": load, "variants": rows}
+            run["shapes"].append(shape)
             run["seconds"] = time.perf_counter() - started
             save(run)
             print(f"C={channels} {size}³ done after {run['seconds']:.0f} s", file=sys.stderr)
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="C=16 at 32³, 3 repeats")
     parser.add_argument("--out", default="docs/benchmarks/ops.md", help="markdown path, or - for stdout")
     parser.add_argument(

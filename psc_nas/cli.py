@@ -181,3 +181,38 @@ def search(
         run_search(settings)
     except ValueError as err:
         raise fail("psc-search", err) from None
+
+
+train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@train_app.command()
+def train(
+    arch: Annotated[str, typer.Option(help="A preset (conv3d, p1sc1, p2sc2, p2sc3, csn_ip, csn_ir, cakes_uniform) or a config YAML/JSON.")],
+    task: Annotated[str, typer.Option(help="Task to train on (e.g. ibsr).")] = "ibsr",
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs; validation on whole volumes after each.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of weights, patch sampling and data order.")] = 0,
+    data_dir: Annotated[Optional[str], typer.Option(help="Task data; default the task's own.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder; default runs/<task>-<arch>-<config hash>-s<seed>.")] = None,
+    samples_per_epoch: Annotated[Optional[int], typer.Option(min=1, help="Training patches per epoch; default the task's.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Patches per step; default the task's.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train one architecture; write config.yaml, metrics.json, curve.csv and best.ckpt into its run folder."""
+    from pathlib import Path
+
+    from psc_nas.tasks import get_task
+    from psc_nas.train import TrainingFailed, fit_into, load_arch
+
+    options = {"samples_per_epoch": samples_per_epoch, "batch_size": batch_size}
+    try:
+        task_def = get_task(task)
+        config, label = load_arch(arch, task_def)
+        run_dir = Path(out) if out else Path("runs") / f"{task}-{label}-{config.hash}-s{seed}"
+        result = fit_into(run_dir, config, task_def, epochs=epochs, seed=seed, data_dir=data_dir, progress=progress,
+                          data_options={k: v for k, v in options.items() if v is not None})
+    except (ValueError, TrainingFailed) as err:
+        raise fail("psc-train", err) from None
+    scores = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
+    typer.echo(f"{run_dir}: {result.epochs} epochs in {result.wall_seconds:.0f} s "
+               f"({result.fwd_bwd_seconds:.0f} s forward+backward); {scores}")

@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from psc_nas import as_config, build_model
-from psc_nas.arch import ArchConfig
+from psc_nas.arch import ArchConfig, ConfigError
 
 DEFAULT_LR = 1e-3
 CHECKPOINT_NAME = "best"
@@ -152,6 +152,29 @@ def _quiet() -> Iterator[None]:
                 logger.setLevel(level)
 
 
+def load_arch(arch: str, task: Any) -> tuple[ArchConfig, str]:
+    """The config ``arch`` names, a preset on the task's backbone or a YAML/JSON file, and a short label."""
+    from psc_nas.presets import PRESETS, preset_config
+
+    if arch in PRESETS:
+        return preset_config(arch, task.backbone, **task.backbone_hparams), arch
+    path = Path(arch)
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        return ArchConfig.load(path), path.stem
+    raise ValueError(f"--arch {arch!r} is neither a preset ({', '.join(PRESETS)}) nor a .yaml/.json config file")
+
+
+def check_fits_task(config: ArchConfig, task: Any) -> ArchConfig:
+    """Validate ``config`` and check it takes the task's input and predicts its classes."""
+    from psc_nas.nets import get_backbone
+
+    hparams = get_backbone(config.validate().backbone).hparams(config.hparams)
+    for key, wanted in task.backbone_hparams.items():
+        if key in hparams and hparams[key] != wanted:
+            raise ConfigError(f"hparams.{key}", f"task {task.name} needs {wanted}, the config has {hparams[key]}")
+    return config
+
+
 def fit(
     config: ArchConfig | str | Path | Mapping[str, Any],
     task: Any,
@@ -179,7 +202,7 @@ def fit(
     from psc_nas.tasks import get_task
 
     task = get_task(task) if isinstance(task, str) else task
-    config = as_config(config).validate()
+    config = check_fits_task(as_config(config), task)
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     started = time.perf_counter()

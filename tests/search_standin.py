@@ -3,7 +3,7 @@ in seconds. Also a worker entry point for the multi-process tests (resume after 
 
 The fake score rises with capacity and with epochs, plus a per-architecture offset, so fronts,
 promotions and knees are non-trivial. Every training is appended to ``PSC_TRAIN_LOG`` (when set)
-as ``<arch_hash> <epochs>``: the tests read it to prove nothing trained twice.
+as ``<arch_hash> <epochs> <pid>``: the tests read it to prove nothing trained twice.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ def fake_dice(config: ArchConfig, epochs: int) -> float:
     return 0.4 + 0.35 * (1 - math.exp(-params / 1.5e6)) * (1 - 0.5**epochs) + 0.05 * offset
 
 
-def train(config: ArchConfig, epochs: int) -> RungResult:
+def train(config: ArchConfig, epochs: int, max_seconds: float | None = None) -> RungResult:
     seconds = float(os.environ.get("PSC_TRAIN_SECONDS", "0"))
     time.sleep(seconds * epochs)
     log = os.environ.get("PSC_TRAIN_LOG")
     if log:
         with open(log, "a") as handle:
-            handle.write(f"{config.hash} {epochs}\n")
+            handle.write(f"{config.hash} {epochs} {os.getpid()}\n")
     dice = fake_dice(config, epochs)
     return RungResult(epochs, {"dice_mean": dice}, [{"epoch": e + 1, "dice_mean": dice} for e in range(epochs)],
                       wall_s=seconds * epochs, fwd_bwd_s=0.9 * seconds * epochs)

@@ -13,6 +13,7 @@ over the 10^12 configs):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -29,8 +30,8 @@ Answers = dict[str, Any]
 @dataclass(frozen=True)
 class Option:
     answers: Answers  # trial parameters of this unit that give this option
+    config: ArchConfig  # the reference config with this option in the unit's slots
     blocks: tuple[BlockChoice, ...]  # the choices it puts in the unit's slots
-    delta: Cost  # cost relative to the reference config
 
 
 class Catalog:
@@ -38,7 +39,6 @@ class Catalog:
         self.space = space
         self.spatial = tuple(spatial)
         self.reference = space.decide(lambda name, choices: choices[0])
-        self.reference_cost = cost(self.reference, self.spatial)
         self.options = [self._unit_options(unit) for unit in space.units]
 
     def _unit_options(self, unit: Unit) -> list[Option]:
@@ -46,13 +46,16 @@ class Catalog:
         for answers in _answer_paths(self.space, unit.label):
             config = self.space.decide(lambda name, choices: answers.get(name, choices[0]))
             blocks = tuple(config.blocks[i] for i in unit.slots)
-            if blocks in seen:  # two answer paths resolving to the same network (e.g. equal widths)
-                continue
-            seen.add(blocks)
-            priced = cost(config, self.spatial)
-            delta = Cost(priced.params - self.reference_cost.params, priced.macs - self.reference_cost.macs)
-            options.append(Option(answers, blocks, delta))
+            if blocks not in seen:  # two answer paths can resolve to one network (e.g. equal widths)
+                seen.add(blocks)
+                options.append(Option(answers, config, blocks))
         return options
+
+    @functools.cached_property
+    def _deltas(self) -> list[list[Cost]]:
+        """Each option's cost relative to the reference: the seconds-long part, done only when asked."""
+        base = cost(self.reference, self.spatial)
+        return [[cost(o.config, self.spatial) + Cost(-base.params, -base.macs) for o in unit] for unit in self.options]
 
     def compose(self, picks: Sequence[Option]) -> ArchConfig:
         blocks = list(self.reference.blocks)
@@ -63,9 +66,9 @@ class Catalog:
 
     def cheapest(self) -> list[tuple[Cost, ArchConfig]]:
         """The space's Pareto-minimal (params, MACs) architectures, exactly priced."""
-        front: list[tuple[Cost, tuple[Option, ...]]] = [(self.reference_cost, ())]
-        for unit_options in self.options:
-            merged = [(c + o.delta, picks + (o,)) for c, picks in front for o in unit_options]
+        front: list[tuple[Cost, tuple[Option, ...]]] = [(cost(self.reference, self.spatial), ())]
+        for unit_options, deltas in zip(self.options, self._deltas):
+            merged = [(c + d, picks + (o,)) for c, picks in front for o, d in zip(unit_options, deltas)]
             front = [merged[i] for i in pareto_front([(c.params, c.macs) for c, _ in merged])]
         found = []
         for predicted, picks in front:
@@ -78,7 +81,13 @@ class Catalog:
         return found
 
     def check_reachable(self, budget: Budget) -> None:
-        """Raise ``ValueError`` (one line) when no architecture of the space fits ``budget``."""
+        """Raise ``ValueError`` (one line) when no architecture of the space fits ``budget``.
+
+        A preset that fits settles it at once; only otherwise is the space priced exactly.
+        """
+        if any(budget.fits(cost(config, self.spatial)) for config in self.space.presets().values()
+               if self.answers_for(config) is not None):
+            return
         cheapest = self.cheapest()
         if any(budget.fits(c) for c, _ in cheapest):
             return

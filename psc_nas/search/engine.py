@@ -35,7 +35,7 @@ from psc_nas.search.evaluate import RungResult, Trainer, failure_reason, forward
 from psc_nas.search.fidelity import Schedule, Scored
 from psc_nas.search.outputs import Front, Objective, write_outputs
 from psc_nas.search.profiles import Profile
-from psc_nas.search.storage import Heartbeat, claim_waiting, fail_stale, release
+from psc_nas.search.storage import Heartbeat, claim_waiting, fail_stale, heartbeat_interval, release
 
 log = logging.getLogger("psc_nas.search")
 
@@ -76,12 +76,14 @@ class Plan:
 
 
 class Engine:
-    def __init__(self, plan: Plan, study: optuna.Study, storage: optuna.storages.BaseStorage,
+    def __init__(self, plan: Plan, study: optuna.Study,
                  on_progress: Callable[[int, Front], None] = lambda done, front: None) -> None:
         self.plan = plan
         self.study = study
-        self.storage = storage
-        self.study_id = storage.get_study_id_from_name(study.study_name)
+        # The study's own (cached) view of the storage: claiming a trial behind its back would
+        # leave the study's cache unaware of the trial, as ``Study.ask`` itself claims through it.
+        self.storage = study._storage
+        self.study_id = self.storage.get_study_id_from_name(study.study_name)
         self.spatial = tuple(plan.task.input_shape[1:])
         self.on_progress = on_progress
         self.started = time.monotonic()
@@ -108,6 +110,9 @@ class Engine:
     # ------------------------------------------------------------------ loop
     def time_left(self) -> bool:
         return self.plan.timeout is None or time.monotonic() - self.started < self.plan.timeout
+
+    def seconds_left(self) -> float | None:
+        return None if self.plan.timeout is None else max(1.0, self.plan.timeout - (time.monotonic() - self.started))
 
     def run(self) -> Front:
         with Heartbeat(self.storage) as heartbeat:
@@ -138,7 +143,7 @@ class Engine:
     def _wait_for_others(self) -> bool:
         """True while other workers hold trials that may yet come back to the queue as retries."""
         running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        interval = self.storage.get_heartbeat_interval() if hasattr(self.storage, "get_heartbeat_interval") else None
+        interval = heartbeat_interval(self.storage)
         if not running or not interval:
             return False
         time.sleep(interval)
@@ -218,7 +223,8 @@ class Engine:
         result = self._cached(candidate.config.hash, epochs)
         if result is None:
             try:
-                result = replace(self.plan.trainer(candidate.config, epochs), trained_by=candidate.trial.number)
+                result = self.plan.trainer(candidate.config, epochs, self.seconds_left())
+                result = replace(result, trained_by=candidate.trial.number)
             except Exception as error:  # one candidate's NaN, OOM or bug is its own failure only
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -228,7 +234,7 @@ class Engine:
             log.info("trial %d trained %d epochs in %.1fs: %s = %.4f (%s)", candidate.trial.number, epochs,
                      result.wall_s, self.plan.task.metric, result.metrics.get(self.plan.task.metric, math.nan),
                      candidate.config.summary())
-        candidate.rungs[epochs] = result
+        candidate.rungs[result.fidelity] = result  # fewer epochs than asked when --timeout cut it
         trial = candidate.trial
         trial.set_user_attr("rungs", [candidate.rungs[f].to_dict() for f in sorted(candidate.rungs)])
         trial.set_user_attr("fidelity", result.fidelity)

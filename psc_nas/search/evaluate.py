@@ -27,6 +27,7 @@ class RungResult:
     curve: list[dict[str, float]] = field(default_factory=list)
     wall_s: float = 0.0
     fwd_bwd_s: float = 0.0
+    val_forward_s: float = 0.0
     trained_by: int | None = None  # the trial number that trained it (another one when reused)
 
     def to_dict(self) -> dict[str, Any]:
@@ -37,17 +38,22 @@ class RungResult:
         return cls(**data)
 
 
-# (config, epochs) -> metrics of one training; raises on failure. Tests pass cheap stand-ins.
-Trainer = Callable[[ArchConfig, int], RungResult]
+# (config, epochs, max_seconds) -> metrics of one training; raises on failure. A training cut by
+# max_seconds reports the epochs it finished as its fidelity. Tests pass cheap stand-ins.
+Trainer = Callable[[ArchConfig, int, "float | None"], RungResult]
 
 
 def fit_trainer(task: Any, *, seed: int, data_dir: str | Path | None, data_options: Mapping[str, Any]) -> Trainer:
     """The real trainer: ``psc_nas.train.fit`` on ``task`` with the profile's data options."""
+    from psc_nas.search._timers import ValidationTimer
     from psc_nas.train import fit
 
-    def train(config: ArchConfig, epochs: int) -> RungResult:
-        result = fit(config, task, epochs=epochs, seed=seed, data_dir=data_dir, data_options=data_options)
-        return RungResult(epochs, result.metrics, result.curve, result.wall_seconds, result.fwd_bwd_seconds)
+    def train(config: ArchConfig, epochs: int, max_seconds: float | None) -> RungResult:
+        validation = ValidationTimer()
+        result = fit(config, task, epochs=epochs, seed=seed, data_dir=data_dir, data_options=data_options,
+                     max_seconds=max_seconds, callbacks=[validation])
+        return RungResult(result.epochs, result.metrics, result.curve, result.wall_seconds, result.fwd_bwd_seconds,
+                          val_forward_s=validation.seconds)
 
     return train
 
@@ -66,11 +72,6 @@ def failure_reason(error: BaseException) -> str:
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def device_name() -> str:
-    current = device()
-    return torch.cuda.get_device_name(current) if current.type == "cuda" else f"cpu x{torch.get_num_threads()}"
 
 
 def forward_latency_ms(config: ArchConfig, input_shape: Sequence[int], *, repeats: int, warmup: int = 2) -> float:

@@ -95,6 +95,7 @@ def trials_table(study: optuna.Study, objectives: Sequence[Objective]) -> pd.Dat
             "latency_ms": attrs.get("latency_ms"),
             "train_s": sum(r["wall_s"] for r in own),
             "fwd_bwd_s": sum(r["fwd_bwd_s"] for r in own),
+            "val_forward_s": sum(r.get("val_forward_s", 0.0) for r in own),
             "duration_s": trial.duration.total_seconds() if trial.duration else None,
             "fail_reason": attrs.get("fail_reason"),
             "summary": ArchConfig.from_dict(attrs["arch"], validate=False).summary() if "arch" in attrs else None,

@@ -21,17 +21,19 @@ class Profile:
     bracket: int  # candidates trained at the lowest rung before a promotion round
     population: int  # NSGA-II population / TPE start-up trials
     data_options: dict[str, Any] = field(default_factory=dict)  # passed to task.datamodule
+    timeout: float | None = None  # seconds; --timeout overrides
     latency_repeats: int = 5
 
 
 PROFILES = {
     "quick": Profile(
         name="quick",
-        trials=16,
-        schedule=Schedule(rungs=(1, 3), eta=3, epsilon=0.01),
+        trials=12,
+        schedule=Schedule(rungs=(1, 2), eta=3, epsilon=0.01),
         bracket=6,
-        population=8,
-        data_options={"samples_per_epoch": 32, "batch_size": 4},
+        population=6,
+        data_options={"samples_per_epoch": 8, "batch_size": 4},
+        timeout=14 * 60,  # a hard stop under the 15-minute promise, whatever the machine's load
     ),
     "paper": Profile(
         name="paper",

@@ -124,7 +124,7 @@ def plan_search(settings: SearchSettings, trainer: Trainer | None = None) -> Pla
                                        data_options=profile.data_options),
         out_dir=settings.out_dir(),
         trials=trials,
-        timeout=settings.timeout,
+        timeout=settings.timeout or profile.timeout,
         seed_presets=settings.seed_presets,
     )
 
@@ -167,7 +167,7 @@ def run_search(settings: SearchSettings, *, trainer: Trainer | None = None, cons
         def show(done: int, front: Front) -> None:
             progress.update(bar, completed=done, front=len(front.trials))
 
-        engine = Engine(plan, study, storage, on_progress=show)
+        engine = Engine(plan, study, on_progress=show)
         engine.fill_queue(created)
         logging.getLogger("psc_nas.search").info(
             "%s study %r: task %s, space %s, %s, %d trials, profile %s, sampler %s, seed %d",

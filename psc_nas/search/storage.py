@@ -24,6 +24,7 @@ from typing import Iterable
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
@@ -93,12 +94,17 @@ def release(study: optuna.Study, storage: BaseStorage, trial_ids: Iterable[int])
             continue
 
 
+def heartbeat_interval(storage: BaseStorage) -> int | None:
+    """Seconds between heartbeats, None for storages without them (JournalStorage)."""
+    return storage.get_heartbeat_interval() if isinstance(storage, BaseHeartbeat) else None
+
+
 class Heartbeat:
     """Beats for every trial this worker holds, from one background thread."""
 
     def __init__(self, storage: BaseStorage) -> None:
         self._storage = storage
-        self._interval = storage.get_heartbeat_interval() if isinstance(storage, RDBStorage) else None
+        self._interval = heartbeat_interval(storage)
         self._held: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()

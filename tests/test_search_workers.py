@@ -1,0 +1,134 @@
+"""Search workers as separate processes: resume after kill -9, and many workers on one PostgreSQL study."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+STANDIN = Path(__file__).with_name("search_standin.py")
+
+
+def start_worker(settings: dict, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(STANDIN), json.dumps(settings)], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(worker: subprocess.Popen) -> None:
+    output, _ = worker.communicate(timeout=170)
+    assert worker.returncode == 0, output
+
+
+def trained(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials() if t.state == TrialState.COMPLETE and t.user_attrs["fidelity"] > 0]
+
+
+def test_kill_9_then_the_same_command_resumes_without_losing_or_repeating(tmp_path):
+    log = tmp_path / "trained.log"
+    settings = {"task": "ibsr", "budget": {"params": 5_000_000}, "trials": 9, "out": str(tmp_path / "run"),
+                "heartbeat_interval": 1}
+    env = {"PSC_TRAIN_SECONDS": "0.4", "PSC_TRAIN_LOG": str(log)}
+    worker = start_worker(settings, env)
+    storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    deadline = time.monotonic() + 150
+    while True:  # kill in the middle: some trials told, others held
+        assert worker.poll() is None, "the search ended before it could be killed"
+        assert time.monotonic() < deadline
+        try:
+            before = trained(optuna.load_study(study_name="run", storage=storage))
+        except Exception:  # the run folder, the database or the study is still being created
+            before = []
+        held = [t for t in optuna.load_study(study_name="run", storage=storage).trials
+                if t.state == TrialState.RUNNING and t.user_attrs.get("rungs")] if before else []
+        if held:
+            break
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    before = trained(optuna.load_study(study_name="run", storage=storage))
+    held = [t for t in optuna.load_study(study_name="run", storage=storage).trials if t.state == TrialState.RUNNING]
+    assert held, "kill -9 should leave trials running"
+
+    finish(start_worker(settings, env))
+
+    study = optuna.load_study(study_name="run", storage=storage)
+    after = trained(study)
+    assert len(after) == 9
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    survivors = {t.number: (t.values, t.user_attrs["arch_hash"]) for t in after}
+    assert all(survivors[t.number] == (t.values, t.user_attrs["arch_hash"]) for t in before)  # none lost or redone
+    # held trials came back as retries with their parameters
+    retried = {t.system_attrs.get("failed_trial") for t in study.trials} - {None}
+    assert {t.number for t in held} <= retried
+    # results the killed worker had stored were reused; at most the training cut by the kill ran again
+    trainings = Counter(" ".join(line.split()[:2]) for line in log.read_text().splitlines())
+    repeats = [line for line, count in trainings.items() if count > 1]
+    assert len(repeats) <= 1
+
+
+# ---------------------------------------------------------------------- PostgreSQL
+def _postgres_bin() -> Path | None:
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    return Path(found).parent if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url():
+    """A throw-away PostgreSQL server on 127.0.0.1, run as the postgres user when we are root."""
+    pytest.importorskip("psycopg2", reason="psycopg2-binary is not installed (pip install psycopg2-binary)")
+    binaries = _postgres_bin()
+    if binaries is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; apt-get install postgresql")
+    # Not under pytest's tmp dirs: those are private to us, and the server may run as another user.
+    root = Path(tempfile.mkdtemp(prefix="psc-search-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+    data, port = root / "data", _free_port()
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
+    run(str(binaries / "initdb"), "-D", str(data), "-U", "psc", "--auth=trust")
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"
+    run(str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start")
+    try:
+        yield f"postgresql+psycopg2://psc@127.0.0.1:{port}/postgres"
+    finally:
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_four_workers_on_one_postgres_study_finish_exactly_the_slots(tmp_path, postgres_url):
+    per_worker, workers = 3, 4
+    log = tmp_path / "trained.log"
+    settings = {"task": "ibsr", "budget": {"params": 50_000_000}, "trials": per_worker * workers,
+                "out": str(tmp_path / "run"), "storage": postgres_url, "study_name": "shared", "multi_fidelity": False}
+    env = {"PSC_TRAIN_SECONDS": "0.3", "PSC_TRAIN_LOG": str(log)}
+    procs = [start_worker(settings, env) for _ in range(workers)]
+    for proc in procs:
+        finish(proc)
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    assert len(study.trials) == per_worker * workers
+    assert [(t.state, t.user_attrs.get("fail_reason")) for t in study.trials] == [(TrialState.COMPLETE, None)] * len(study.trials)
+    assert len({t.number for t in study.trials}) == per_worker * workers
+    lines = log.read_text().splitlines()
+    assert len(lines) == per_worker * workers  # each trial trained once, by one worker
+    assert len({line.split()[2] for line in lines}) > 1  # the work was shared

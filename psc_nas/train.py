@@ -20,7 +20,7 @@ import shutil
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -185,7 +185,6 @@ def fit(
     data_dir: str | Path | None = None,
     lr: float = DEFAULT_LR,
     limit_train_batches: int | float | None = None,
-    max_seconds: float | None = None,
     data_options: Mapping[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
     accelerator: str = "auto",
@@ -193,11 +192,12 @@ def fit(
 ) -> TrainResult:
     """Train ``config`` on ``task`` for ``epochs`` and validate after each epoch.
 
-    Fidelity knobs for the search: ``epochs``, ``limit_train_batches`` (batches per epoch, an int or
-    a fraction) and ``max_seconds`` (stop after the epoch that crosses it). ``data_options`` go to
-    ``task.datamodule``. Nothing is written unless ``out_dir`` is given; then it receives
-    ``config.yaml``, ``metrics.json``, ``curve.csv`` and the best checkpoint ``best.ckpt``.
-    Raises ``TrainingFailed`` when the loss stops being finite.
+    Fidelity knobs for the search: ``epochs`` and ``limit_train_batches`` (batches per epoch, an int
+    or a fraction); ``data_options`` go to ``task.datamodule`` (e.g. ``samples_per_epoch``).
+    Nothing is written unless ``out_dir`` is given; then it receives ``config.yaml``,
+    ``metrics.json``, ``curve.csv`` and the best epoch's checkpoint ``best.ckpt``.
+    Raises ``TrainingFailed`` when the loss stops being finite, ``ValueError`` for a config that
+    does not fit the task or data the task cannot use.
     """
     from psc_nas.tasks import get_task
 
@@ -223,7 +223,6 @@ def fit(
             accelerator=accelerator,
             devices=1,
             max_epochs=epochs,
-            max_time={"seconds": max_seconds} if max_seconds else None,
             limit_train_batches=limit_train_batches,
             num_sanity_val_steps=0,
             # "warn", not True: some CUDA kernels (trilinear upsampling backward) have no deterministic
@@ -237,7 +236,7 @@ def fit(
         )
         trainer.fit(module, datamodule=datamodule)
     if not curve.rows:
-        raise TrainingFailed("no epoch finished (max_seconds too small?)")
+        raise TrainingFailed("no training epoch finished")
     result = TrainResult(
         metrics={k: v for k, v in curve.rows[-1].items() if k not in ("epoch", "train_loss")},
         best_metric=max(row[task.metric] for row in curve.rows),

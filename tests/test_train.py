@@ -97,7 +97,7 @@ class NanLossTask(SmallPatchIBSR):
 
 def test_nan_loss_fails_clearly_and_leaves_nothing(tiny_config, tmp_path):
     with pytest.raises(TrainingFailed, match=r"loss became nan at epoch 0, step 0"):
-        fit_into(tmp_path / "run", tiny_config, NanLossTask(), epochs=1, data_options=TINY_DATA)
+        fit_into(tmp_path / "run", tiny_config, NanLossTask(), epochs=1, limit_train_batches=1, data_options=TINY_DATA)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -48,11 +48,10 @@ def test_search_records_the_schema_and_writes_front_and_knee(tmp_path):
         assert trial.user_attrs["params"] == cost(config, SPATIAL).params == trial.values[1]
         assert trial.values[0] == trial.user_attrs["metrics"]["dice_mean"]
         assert trial.user_attrs["fidelity"] == max(r["fidelity"] for r in trial.user_attrs["rungs"])
-    # the papers' designs that fit 5M and are in the space come first, marked, at the top fidelity
+    # the papers' designs that fit 5M and are in the space come first, marked
     presets = {t.user_attrs["preset"]: t for t in study.trials if t.user_attrs.get("preset")}
     assert set(presets) == {"csn_ip", "csn_ir"}  # conv3d (5.16M) and p2sc* are over, cakes_uniform not in the space
-    top = PROFILES["quick"].schedule.top
-    assert all(t.number < 2 and t.user_attrs["fidelity"] == top for t in presets.values())
+    assert all(t.number < 2 for t in presets.values())
 
     summary = json.loads((out / "pareto.json").read_text())
     front_numbers = {entry["number"] for entry in summary["front"]}

@@ -2,13 +2,13 @@
 
     claim WAITING trial ─► sample ArchConfig ─► price ─┬─ over budget: tell at once (constraints > 0),
                                                        │  queue a replacement, never train
-                                                       └─ feasible: train rungs[0] (presets: top rung)
+                                                       └─ feasible: train rungs[0]
     bracket full ─► promote within epsilon of the front, train next rung ... ─► tell: values of the
     highest rung reached ─► trials.csv, pareto.json, front/, best.yaml
 
 A study holds a *queue*: ``trials`` slots are enqueued once (the papers' presets that fit the
-budget first, marked with user attribute ``preset``), and every worker only takes trials from
-it. That makes ``--trials`` the study's total, exact with any number of workers, and a re-run
+budget first, marked with user attribute ``preset``; they climb the rungs by the same rule as
+every candidate), and every worker only takes trials from it. That makes ``--trials`` the study's total, exact with any number of workers, and a re-run
 of the same command a resume: it finds the remaining slots, plus retries of trials a dead worker
 held. Over-budget candidates get a replacement slot, so ``--trials`` counts trained architectures.
 """
@@ -51,6 +51,7 @@ class Candidate:
     rungs: dict[int, RungResult] = field(default_factory=dict)
     latency_ms: float | None = None
     fail_reason: str | None = None
+    interrupted: bool = False  # a training cut by --timeout; a later run retrains it
 
     @property
     def best(self) -> RungResult | None:
@@ -165,7 +166,7 @@ class Engine:
             if candidate is None:
                 heartbeat.drop(trial._trial_id)
                 continue
-            self._train(candidate, rungs[-1] if candidate.preset else rungs[0])
+            self._train(candidate, rungs[0])
             members.append(candidate)
         for low, high in zip(rungs, rungs[1:]):
             contenders = [c for c in members if c.best is not None and c.best.fidelity == low]
@@ -194,7 +195,8 @@ class Engine:
                            "macs": priced.macs, "preset": preset}.items():
             trial.set_user_attr(key, value)
         for name, excess in self.plan.budget.violations(priced).items():
-            trial.set_constraint(name, excess)
+            if name not in trial.constraints:  # a retry inherits its original's constraints
+                trial.set_constraint(name, excess)
         if not self.plan.budget.fits(priced):
             trial.set_user_attr("fidelity", 0)
             self.study.tell(trial, self._unmeasured_values(priced))
@@ -228,6 +230,9 @@ class Engine:
             except Exception as error:  # one candidate's NaN, OOM or bug is its own failure only
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                if not self.time_left():  # --timeout cut it before an epoch ended: not the candidate's fault
+                    candidate.interrupted = True
+                    return
                 candidate.fail_reason = f"at {epochs} epochs: {failure_reason(error)}"
                 log.warning("trial %d failed %s", candidate.trial.number, candidate.fail_reason)
                 return
@@ -289,6 +294,9 @@ class Engine:
         if candidate.fail_reason:
             trial.set_user_attr("fail_reason", candidate.fail_reason)
         best = candidate.best
+        if best is None and candidate.interrupted:
+            release(self.study, self.storage, [trial._trial_id])  # back to the queue for a resume
+            return
         metric = None if best is None else best.metrics.get(self.plan.task.metric)
         if metric is None or math.isnan(metric):
             self.study.tell(trial, state=TrialState.FAIL)

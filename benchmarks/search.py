@@ -1,0 +1,183 @@
+"""Search benchmark: the default run's wall time, and our search vs Optuna baselines at equal time.
+
+    python benchmarks/search.py --out runs/bench-search [--compare-minutes 5] [--skip-default]
+
+1. ``psc-search --task ibsr --budget 5M`` as a user runs it (the quick profile), timed from the
+   outside: wall time, architectures trained, front, knee config, and the share of trial time
+   spent in network compute (training forward/backward, and that plus validation forward).
+2. Equal wall time (``--timeout``) for three searches of the same study schema:
+   ours (NSGA-II + Pareto-aware successive halving + preset seeding), Optuna's RandomSampler and
+   plain NSGA-II (both one fidelity, no presets). Hypervolume of (Dice, params) normalized to
+   Dice in [0, 1] and params in [0, budget].
+3. The papers' presets at the quick profile's top fidelity (taken from our study when a preset got
+   there, trained otherwise); which point of each search dominates each preset.
+
+Writes ``<out>/search-benchmark.json`` and ``<out>/search-fronts.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from psc_nas import cost
+from psc_nas.search.outputs import Objective, feasible, quality_hypervolume
+from psc_nas.search.profiles import PROFILES
+from psc_nas.space import SearchSpace
+from psc_nas.tasks import get_task
+
+BUDGET = "5M"
+BUDGET_PARAMS = 5_000_000
+OBJECTIVES = (Objective("dice_mean", True), Objective("params", False))
+METHODS = {
+    "ours (NSGA-II + multi-fidelity + presets)": [],
+    "random (Optuna RandomSampler)": ["--sampler", "random", "--no-multi-fidelity", "--no-seed-presets"],
+    "NSGA-II without multi-fidelity": ["--no-multi-fidelity", "--no-seed-presets"],
+}
+
+
+def psc_search(out: Path, *extra: str) -> float:
+    """Run the CLI as a user would; returns its wall seconds."""
+    started = time.perf_counter()
+    command = [str(Path(sys.executable).with_name("psc-search")), "--task", "ibsr", "--budget", BUDGET,
+               "--out", str(out), *extra]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def load(out: Path) -> optuna.Study:
+    return optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def front_points(study: optuna.Study) -> list[tuple[float, float]]:
+    return [(t.values[0], t.values[1]) for t in study.get_trials() if feasible(t)]
+
+
+def compute_share(out: Path, wall: float) -> dict[str, float]:
+    table = pd.read_csv(out / "trials.csv")
+    trained = table[table["train_s"] > 0]
+    train_s = float(trained["train_s"].sum())
+    return {
+        "search_wall_s": wall,
+        "trial_train_s": train_s,
+        "fwd_bwd_share_of_training": float(trained["fwd_bwd_s"].sum()) / train_s,
+        "fwd_bwd_plus_val_forward_share_of_training": float(trained["fwd_bwd_s"].sum() + trained["val_forward_s"].sum()) / train_s,
+        "training_share_of_search_wall": train_s / wall,
+    }
+
+
+def default_run(out: Path) -> dict:
+    wall = psc_search(out)
+    study = load(out)
+    summary = json.loads((out / "pareto.json").read_text())
+    trained = [t for t in study.get_trials() if feasible(t) and t.user_attrs.get("fidelity", 0) > 0]
+    return {
+        "command": f"psc-search --task ibsr --budget {BUDGET} --out {out}",
+        "architectures_trained": len(trained),
+        "front_size": len(summary["front"]),
+        "knee_trial": summary["knee"],
+        "best_yaml": (out / "best.yaml").is_file(),
+        "hypervolume": summary["hypervolume"],
+        **compute_share(out, wall),
+    }
+
+
+def comparison(root: Path, minutes: float) -> dict:
+    results = {}
+    for index, (name, flags) in enumerate(METHODS.items()):
+        out = root / f"compare-{index}"
+        wall = psc_search(out, "--timeout", f"{minutes}m", "--trials", "200", *flags)
+        study = load(out)
+        trials = [t for t in study.get_trials() if feasible(t)]
+        results[name] = {
+            "out": str(out),
+            "wall_s": wall,
+            "architectures_trained": len(trials),
+            "hypervolume": quality_hypervolume(trials, OBJECTIVES, BUDGET_PARAMS),
+            "points": front_points(study),
+        }
+    ours = results[next(iter(METHODS))]["hypervolume"]
+    for entry in results.values():
+        entry["ours_over_this"] = ours / entry["hypervolume"] if entry["hypervolume"] else None
+    return results
+
+
+def presets_vs_fronts(compare: dict) -> dict:
+    """Each preset at the quick profile's top fidelity, and whether some front point dominates it."""
+    from psc_nas.search.evaluate import fit_trainer
+
+    task = get_task("ibsr")
+    profile = PROFILES["quick"]
+    train = fit_trainer(task, seed=0, data_dir=None, data_options=profile.data_options)
+    top = profile.schedule.top
+    ours = load(Path(next(iter(compare.values()))["out"]))
+    evaluated = {t.user_attrs["preset"]: t.values[0] for t in ours.get_trials()
+                 if t.user_attrs.get("preset") and feasible(t) and t.user_attrs["fidelity"] == top}
+    found = {}
+    for name, config in SearchSpace.load("ibsr_densenet3d").presets().items():
+        dice = evaluated[name] if name in evaluated else train(config, top, None).metrics["dice_mean"]
+        params = cost(config, task.input_shape[1:]).params
+        found[name] = {
+            "dice_mean": dice,
+            "params": params,
+            "dominated_by": {method: next(([d, p] for d, p in entry["points"]
+                                           if d >= dice and p <= params and (d, p) != (dice, params)), None)
+                             for method, entry in compare.items()},
+        }
+        print(name, json.dumps(found[name]), flush=True)
+    return found
+
+
+def plot(compare: dict, presets: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for (name, entry), marker in zip(compare.items(), "os^"):
+        points = sorted(entry["points"], key=lambda p: p[1])
+        axes.scatter([p[1] / 1e6 for p in points], [p[0] for p in points], marker=marker, alpha=0.7,
+                     label=f"{name}: HV {entry['hypervolume']:.3f}")
+    for name, entry in presets.items():
+        axes.scatter(entry["params"] / 1e6, entry["dice_mean"], marker="x", color="black")
+        axes.annotate(name, (entry["params"] / 1e6, entry["dice_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes.axvline(BUDGET_PARAMS / 1e6, color="grey", linestyle=":", label="budget 5M")
+    axes.set_xlabel("parameters (M)")
+    axes.set_ylabel("validation Dice (mean of CSF, GM, WM)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-search"))
+    parser.add_argument("--compare-minutes", type=float, default=5.0)
+    parser.add_argument("--skip-default", action="store_true")
+    parser.add_argument("--skip-presets", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {}
+    if not args.skip_default:
+        report["default"] = default_run(args.out / "default")
+        print(json.dumps(report["default"], indent=2), flush=True)
+    report["compare_minutes"] = args.compare_minutes
+    report["compare"] = comparison(args.out, args.compare_minutes)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "points"} for k, v in report["compare"].items()},
+                     indent=2), flush=True)
+    report["presets"] = {} if args.skip_presets else presets_vs_fronts(report["compare"])
+    (args.out / "search-benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report["compare"], report["presets"], args.out / "search-fronts.png")
+    print(json.dumps(report["presets"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

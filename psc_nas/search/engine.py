@@ -51,7 +51,6 @@ class Candidate:
     rungs: dict[int, RungResult] = field(default_factory=dict)
     latency_ms: float | None = None
     fail_reason: str | None = None
-    interrupted: bool = False  # a training cut by --timeout; a later run retrains it
 
     @property
     def best(self) -> RungResult | None:
@@ -230,9 +229,6 @@ class Engine:
             except Exception as error:  # one candidate's NaN, OOM or bug is its own failure only
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                if not self.time_left():  # --timeout cut it before an epoch ended: not the candidate's fault
-                    candidate.interrupted = True
-                    return
                 candidate.fail_reason = f"at {epochs} epochs: {failure_reason(error)}"
                 log.warning("trial %d failed %s", candidate.trial.number, candidate.fail_reason)
                 return
@@ -294,9 +290,6 @@ class Engine:
         if candidate.fail_reason:
             trial.set_user_attr("fail_reason", candidate.fail_reason)
         best = candidate.best
-        if best is None and candidate.interrupted:
-            release(self.study, self.storage, [trial._trial_id])  # back to the queue for a resume
-            return
         metric = None if best is None else best.metrics.get(self.plan.task.metric)
         if metric is None or math.isnan(metric):
             self.study.tell(trial, state=TrialState.FAIL)

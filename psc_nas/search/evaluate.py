@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,20 +39,25 @@ class RungResult:
         return cls(**data)
 
 
-# (config, epochs, max_seconds) -> metrics of one training; raises on failure. A training cut by
-# max_seconds reports the epochs it finished as its fidelity. Tests pass cheap stand-ins.
+# (config, epochs, max_seconds) -> metrics of one training; raises on failure. A training that
+# reaches max_seconds stops after the running epoch and reports the epochs it finished as its
+# fidelity. Tests pass cheap stand-ins.
 Trainer = Callable[[ArchConfig, int, "float | None"], RungResult]
 
 
 def fit_trainer(task: Any, *, seed: int, data_dir: str | Path | None, data_options: Mapping[str, Any]) -> Trainer:
     """The real trainer: ``psc_nas.train.fit`` on ``task`` with the profile's data options."""
+    from lightning.pytorch.callbacks import Timer
+
     from psc_nas.search._timers import ValidationTimer
     from psc_nas.train import fit
 
     def train(config: ArchConfig, epochs: int, max_seconds: float | None) -> RungResult:
         validation = ValidationTimer()
+        # Checked at epoch ends, so a cut training still has whole, validated epochs to report.
+        deadline = [Timer(duration=timedelta(seconds=max_seconds), interval="epoch")] if max_seconds else []
         result = fit(config, task, epochs=epochs, seed=seed, data_dir=data_dir, data_options=data_options,
-                     max_seconds=max_seconds, callbacks=[validation])
+                     callbacks=[validation, *deadline])
         return RungResult(result.epochs, result.metrics, result.curve, result.wall_seconds, result.fwd_bwd_seconds,
                           val_forward_s=validation.seconds)
 

@@ -162,7 +162,7 @@ def render(run: dict) -> str:
         f"- date: {run['date']}, torch {run['torch']}, CPU: {run['cpu']}, {run['threads']} threads, "
         f"oneDNN {run['onednn']}",
         "- the machine was shared with other engineers' jobs while this ran: absolute times are noisy, "
-        "the interleaving keeps comparisons between variants fair",
+        "interleaving spreads that load over all variants, but a disturbed repeat can be 30x slow",
         f"- pricing: `make_spec(...).cost(...)` priced {run['priced_per_second']:,.0f} candidates per second",
         f"- whole run: {run['seconds']:.0f} s for the shapes below",
         "",

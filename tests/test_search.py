@@ -129,3 +129,20 @@ def test_a_failing_candidate_is_recorded_and_the_search_goes_on(tmp_path):
     assert all(t.state == TrialState.COMPLETE and t.user_attrs["fidelity"] == 1 for t in oom)
     assert oom
     assert len(failed) + len(trained(study)) == 10
+
+
+def test_latency_objective_is_measured_once_per_architecture(tmp_path):
+    study, out = search(tmp_path, trials=2, objectives=("metric", "params", "latency"))
+    assert [o["name"] for o in study.user_attrs["objectives"]] == ["dice_mean", "params", "latency_ms"]
+    for trial in trained(study):
+        assert trial.values[2] == trial.user_attrs["latency_ms"] > 0
+    assert "latency_ms" in json.loads((out / "pareto.json").read_text())["front"][0]["values"]
+
+
+def test_journal_storage_is_a_file_based_alternative(tmp_path):
+    journal = tmp_path / "study.log"
+    settings = SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=3, out=tmp_path / "run",
+                              storage=f"journal:{journal}", study_name="j")
+    run_search(settings, trainer=search_standin.train, console=Console(quiet=True))
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    assert len(trained(optuna.load_study(study_name="j", storage=storage))) == 3

@@ -232,7 +232,10 @@ class Engine:
                 candidate.fail_reason = f"at {epochs} epochs: {failure_reason(error)}"
                 log.warning("trial %d failed %s", candidate.trial.number, candidate.fail_reason)
                 return
-            log.info("trial %d trained %d epochs in %.1fs: %s = %.4f (%s)", candidate.trial.number, epochs,
+            if result.fidelity in candidate.rungs:  # --timeout cut a promotion back to a rung it had
+                log.info("trial %d: promotion to %d epochs cut by --timeout", candidate.trial.number, epochs)
+                return
+            log.info("trial %d trained %d epochs in %.1fs: %s = %.4f (%s)", candidate.trial.number, result.fidelity,
                      result.wall_s, self.plan.task.metric, result.metrics.get(self.plan.task.metric, math.nan),
                      candidate.config.summary())
         candidate.rungs[result.fidelity] = result  # fewer epochs than asked when --timeout cut it

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shlex
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -190,7 +191,7 @@ def write_snapshot(run_dir: str | Path, study: optuna.Study | None = None) -> Pa
     """
     run = Run(Path(run_dir), study) if study is not None else Run.open(run_dir)
     path = run.path / SNAPSHOT_FILE
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # workers of one study finish together
     tmp.write_text(render_page(payload(run)), encoding="utf-8")
     tmp.replace(path)
     return path

@@ -62,6 +62,10 @@ def test_search_records_the_schema_and_writes_front_and_knee(tmp_path):
     assert summary["knee"] in front_numbers
     assert ArchConfig.load(out / "best.yaml").hash == study.trials[summary["knee"]].user_attrs["arch_hash"]
     assert {p.name for p in (out / "front").iterdir()} == {f"{n}.yaml" for n in front_numbers}
+    # every search leaves the offline dashboard behind, showing this study
+    page = (out / "dashboard.html").read_text()
+    embedded = page.split('<script type="application/json" id="run-data">', 1)[1].split("</script>", 1)[0]
+    assert json.loads(embedded)["knee"] == summary["knee"]
     table = (out / "trials.csv").read_text().splitlines()
     assert len(table) == 1 + len(study.trials)
     assert 0 < summary["hypervolume"] < 1

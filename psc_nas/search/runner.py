@@ -174,8 +174,11 @@ def run_search(settings: SearchSettings, *, trainer: Trainer | None = None, cons
             "created" if created else "resumed", study.study_name, plan.task.name, plan.space.name,
             plan.budget.describe(), plan.trials, plan.profile.name, settings.sampler, settings.seed)
         front = engine.run()
+    from psc_nas.dashboard import write_snapshot  # imports plotly; only needed once, at the end
+
+    write_snapshot(out_dir, study)
     console.print(front_table(front, plan.objectives))
-    console.print(f"run: {out_dir}  (trials.csv, pareto.json, front/, best.yaml = knee, {LOG_FILE})")
+    console.print(f"run: {out_dir}  (trials.csv, pareto.json, front/, best.yaml = knee, dashboard.html, {LOG_FILE})")
     return front
 
 

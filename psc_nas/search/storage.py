@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Iterable
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
@@ -30,6 +31,7 @@ from optuna.trial import TrialState
 
 STUDY_FILE = "study.db"
 JOURNAL_PREFIX = "journal:"
+SCHEMA_ATTEMPTS = 5  # concurrent first opens of one database (see open_storage)
 MAX_RETRIES = 2  # a trial that kills its worker every time is given up after this many retries
 
 
@@ -45,18 +47,26 @@ def open_storage(url: str, *, heartbeat_interval: int) -> BaseStorage:
         raise ValueError(f"--storage must be a database URL (sqlite:///..., postgresql://...) or journal:PATH, got {url!r}")
     # SQLite serializes writers; waiting for the lock beats failing a trial on "database is locked".
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8; we rely on them knowingly
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=3 * heartbeat_interval,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
-            )
-    except Exception as err:  # SQLAlchemy raises driver-specific types for "cannot connect"
-        raise ValueError(f"cannot open storage {url!r}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8; we rely on them knowingly
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=3 * heartbeat_interval,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+                )
+        except sqlalchemy.exc.IntegrityError:
+            # Workers started together on an empty database race to create Optuna's tables; the
+            # loser sees a duplicate-key error and finds the tables there on its next try.
+            if attempt == SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as err:  # SQLAlchemy raises driver-specific types for "cannot connect"
+            raise ValueError(f"cannot open storage {url!r}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    raise AssertionError("unreachable")
 
 
 def claim_waiting(study: optuna.Study, storage: BaseStorage, study_id: int) -> optuna.Trial | None:

@@ -22,7 +22,7 @@ from psc_nas.arch import ArchConfig, BlockChoice
 from psc_nas.costs import Cost, Spatial, format_count
 from psc_nas.pareto import pareto_front
 from psc_nas.search.budget import Budget
-from psc_nas.space import SearchSpace, Unit
+from psc_nas.space import Ask, SearchSpace, Unit, replay_all
 
 Answers = dict[str, Any]
 
@@ -114,30 +114,20 @@ class Catalog:
 def _answer_paths(space: SearchSpace, label: str) -> list[Answers]:
     """Every distinct sequence of answers ``space.decide`` can ask for unit ``label``.
 
-    Replays ``decide`` depth-first: the first pass answers every question with its first choice
-    and queues the alternatives; each later pass forces one queued prefix. Other units stay at
-    their first choice.
+    ``replay_all`` branches on this unit's questions only; other units stay at their first choice.
     """
     prefix = f"{label}."
-    paths: list[Answers] = []
-    pending: list[tuple[int, ...]] = [()]
-    while pending:
-        forced = pending.pop()
-        taken: list[int] = []
+
+    def run(ask: Ask) -> Answers:
         answers: Answers = {}
 
-        def ask(name: str, choices: tuple[Any, ...]) -> Any:
+        def unit_ask(name: str, choices: tuple[Any, ...]) -> Any:
             if not name.startswith(prefix):
                 return choices[0]
-            if len(taken) < len(forced):
-                index = forced[len(taken)]
-            else:
-                index = 0
-                pending.extend((*taken, other) for other in range(1, len(choices)))
-            taken.append(index)
-            answers[name] = choices[index]
-            return choices[index]
+            answers[name] = ask(name, choices)
+            return answers[name]
 
-        space.decide(ask)
-        paths.append(answers)
-    return paths
+        space.decide(unit_ask)
+        return answers
+
+    return replay_all(run)

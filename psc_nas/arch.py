@@ -23,6 +23,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from psc_nas.files import write_text_atomic
+
 SCHEMA_VERSION = 1
 
 
@@ -176,11 +178,7 @@ class ArchConfig:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.to_json(indent=2) if path.suffix == ".json" else self.to_yaml()
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        return path
+        return write_text_atomic(path, self.to_json(indent=2) if path.suffix == ".json" else self.to_yaml())
 
     # ------------------------------------------------------------------ meaning
     def validate(self) -> ArchConfig:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shlex
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +30,7 @@ from psc_nas.arch import ArchConfig
 from psc_nas.nets import get_backbone, realize
 from psc_nas.ops._conv import ConvSpec
 from psc_nas.pareto import pareto_front, to_minimization
+from psc_nas.files import write_text_atomic
 from psc_nas.results import Run
 from psc_nas.search.outputs import quality_hypervolume
 
@@ -191,10 +191,7 @@ def write_snapshot(run_dir: str | Path, study: optuna.Study | None = None) -> Pa
     """
     run = Run(Path(run_dir), study) if study is not None else Run.open(run_dir)
     path = run.path / SNAPSHOT_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # workers of one study finish together
-    tmp.write_text(render_page(payload(run)), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, render_page(payload(run)))
 
 
 # ---------------------------------------------------------------------------------- server

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +21,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from psc_nas.arch import ArchConfig
+from psc_nas.files import write_text_atomic
 from psc_nas.pareto import hypervolume, knee_point, normalize, pareto_front, to_minimization
 
 
@@ -106,7 +106,7 @@ def trials_table(study: optuna.Study, objectives: Sequence[Objective]) -> pd.Dat
 
 def write_outputs(out_dir: Path, study: optuna.Study, objectives: Sequence[Objective], params_budget: int | None) -> Front:
     front = find_front(study, objectives, params_budget)
-    _atomic_text(out_dir / "trials.csv", trials_table(study, objectives).to_csv(index=False))
+    write_text_atomic(out_dir / "trials.csv", trials_table(study, objectives).to_csv(index=False))
     front_dir = out_dir / "front"
     front_dir.mkdir(exist_ok=True)
     entries, keep = [], set()
@@ -132,7 +132,7 @@ def write_outputs(out_dir: Path, study: optuna.Study, objectives: Sequence[Objec
         "knee": front.knee.number if front.knee else None,
         "front": entries,
     }
-    _atomic_text(out_dir / "pareto.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "pareto.json", json.dumps(summary, indent=2) + "\n")
     return front
 
 
@@ -140,7 +140,3 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(text)
-    partial.replace(path)

@@ -59,7 +59,7 @@ def imports(path: Path, source: str | None = None) -> list[tuple[int, str]]:
     skipped = {
         id(node)
         for block in ast.walk(tree)
-        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
         for statement in block.body
         for node in ast.walk(statement)
     }

@@ -163,6 +163,12 @@ def test_ghost_is_registered_checked_and_drawn_from_its_graph():
         make_spec("ghost", 4, 8, kernel=5)
     with pytest.raises(ValueError, match=r"ghost: unknown argument\(s\) \['ratio'\]"):
         make_spec("ghost", 4, 8, ratio=2)
+    # the reference computes the graph: primary conv, then the cheap conv on ReLU(primary), concatenated
+    module = make_spec("ghost", 3, 6, kernel=3).build("reference")
+    x = torch.randn(2, 3, 5, 6, 7)
+    primary, cheap = module.convs
+    expected = torch.cat([primary(x), cheap(torch.relu(primary(x)))], dim=1)
+    assert torch.allclose(module(x), expected, atol=1e-6)
     # the dashboard's segments: the primary's channels, then the cheap conv's path through it
     assert make_spec("ghost", 4, 7, kernel=3).segments() == [("3x3x3", 4), ("3x3x3×2", 3)]
     assert make_spec("ghost", 4, 8).segments() == [("1x1x1", 4), ("1x1x1→dw3x3x3", 4)]

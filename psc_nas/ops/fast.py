@@ -21,13 +21,16 @@ measured on CPU only; on other devices the reference forward runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from psc_nas.ops.graph import GraphConv
+
+if TYPE_CHECKING:
+    from psc_nas.ops.base import Op
 
 CHANNELS_LAST = torch.channels_last_3d
 EXACT_IMPLS = ("reference", "channels_last", "folded")
@@ -36,7 +39,7 @@ EXACT_IMPLS = ("reference", "channels_last", "folded")
 class FastGraphConv(GraphConv):
     """``GraphConv`` computed in channels_last_3d, optionally with D-flat convs folded into 2D ones."""
 
-    def __init__(self, spec: Any, impl: str) -> None:
+    def __init__(self, spec: Op, impl: str) -> None:
         if impl not in EXACT_IMPLS[1:]:
             raise ValueError(f"impl must be one of {list(EXACT_IMPLS[1:])} here, got {impl!r}")
         super().__init__(spec)
@@ -75,5 +78,5 @@ def folds(kernel_depth: int, stride_depth: int) -> bool:
     return kernel_depth == 1 and stride_depth == 1
 
 
-def has_folding_conv(spec: Any) -> bool:
+def has_folding_conv(spec: Op) -> bool:
     return any(folds(node.conv.kernel[0], node.conv.stride[0]) for node in spec.graph().nodes)

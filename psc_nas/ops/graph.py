@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from torch import nn
 
 from psc_nas.costs import Cost, Spatial
 from psc_nas.ops._conv import ConvSpec
+
+if TYPE_CHECKING:
+    from psc_nas.ops.base import Op
 
 INPUT = -1  # a node's source: the block input
 
@@ -127,13 +130,13 @@ def path_name(convs: Sequence[ConvSpec]) -> str:
 class GraphConv(nn.Module):
     """Reference implementation of any op described by a ``ConvGraph``: ``nn.Conv3d`` per node, NCDHW.
 
-    ``spec`` is the op (anything with ``graph()`` and ``cost(spatial)``). Subclasses change only how a
+    ``spec`` is the op the module computes. Subclasses change only how a
     node's conv is computed (``run_conv``), so every implementation has this module's parameters.
     """
 
     impl = "reference"
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: Op) -> None:
         super().__init__()
         self.spec = spec
         self.graph = spec.graph()

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from psc_nas.ops import OP_FAMILIES, ORIENTATIONS, SHAPES, make_spec
-from psc_nas.ops.choice import IMPLS, choose_impl
-from psc_nas.ops.fast import CAKES_ONLY_IMPLS, EXACT_IMPLS, has_folding_conv
+from psc_nas.ops import EXACT_IMPLS, families, impl_names, make_spec
+from psc_nas.ops.cakes import SHAPES
+from psc_nas.ops.fast import has_folding_conv
+from psc_nas.ops.pmscn import ORIENTATIONS
 
 BATCH = 2
 FAMILIES: dict[str, tuple[str, dict]] = {
@@ -63,7 +64,7 @@ def variants_for(channels: int, size: int) -> list[Variant]:
     for family, (op, args) in FAMILIES.items():
         spec = make_spec(op, channels, channels, **args)
         cost = spec.cost((size,) * 3)
-        impls = list(EXACT_IMPLS) + (list(CAKES_ONLY_IMPLS) if op == "cakes" else [])
+        impls = list(EXACT_IMPLS) + list(type(spec).impls)
         if not has_folding_conv(spec):
             impls.remove("folded")  # nothing to fold: it would run exactly channels_last
         found += [Variant(family, impl, spec.build(impl), cost.macs, cost.params, []) for impl in impls]
@@ -104,7 +105,7 @@ def pricing_rate(seconds: float = 1.0) -> float:
     rng = random.Random(0)
     priced, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        op = rng.choice(sorted(OP_FAMILIES))
+        op = rng.choice(sorted(families()))
         args = {
             "pmscn": lambda: {"m": 2, "n": rng.randint(1, 3), "orientations": rng.sample(ORIENTATIONS, 2)},
             "cakes": lambda: {"allocation": {rng.choice(SHAPES): 64}},
@@ -123,7 +124,7 @@ def cpu_model() -> str:
 
 
 def shape_table(shape: dict) -> list[str]:
-    """Markdown rows for one measured shape, marking what the current rule in ``choice.py`` picks."""
+    """Markdown rows for one measured shape, marking what each family's ``fast_impl()`` rule picks."""
     channels, size, rows_in = shape["channels"], shape["size"], shape["variants"]
     best = {(r["family"], r["impl"]): min(r["times"]) for r in rows_in}
     conv3d_macs = next(r["macs"] for r in rows_in if r["family"] == "conv3d")
@@ -140,8 +141,9 @@ def shape_table(shape: dict) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for family, (op, args) in FAMILIES.items():
-        chosen = choose_impl(make_spec(op, channels, channels, **args))
-        for r in sorted((r for r in rows_in if r["family"] == family), key=lambda r: IMPLS.index(r["impl"])):
+        chosen = make_spec(op, channels, channels, **args).fast_impl()
+        order = impl_names()
+        for r in sorted((r for r in rows_in if r["family"] == family), key=lambda r: order.index(r["impl"])):
             seconds = best[(family, r["impl"])]
             flops = 3 * 2 * r["macs"] * BATCH  # forward, input grad and weight grad each cost the forward MACs
             mac_share = r["macs"] / conv3d_macs

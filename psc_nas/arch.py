@@ -11,6 +11,9 @@ rebuilds it. A config is a backbone name, the backbone's fixed hyper-parameters,
       - {op: pmscn, m: 2, n: 2, orientations: [1x3x3, 3x1x3]}
       - {op: conv3d}
       ...
+
+Parsing here is structural (keys, types, schema version); whether the blocks fit the backbone's
+slots and each op's arguments is checked one layer up, by ``psc_nas.nets.validate(config)``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import yaml
 from psc_nas.files import write_text_atomic
 
 SCHEMA_VERSION = 1
+Triple = tuple[int, int, int]
 
 
 class ConfigError(ValueError):
@@ -35,6 +39,22 @@ class ConfigError(ValueError):
         self.path = path
         self.message = message
         super().__init__(f"{path}: {message}" if path else message)
+
+    def within(self, source: str | Path) -> ConfigError:
+        """The same error located in file ``source``: ``config.yaml:blocks[3]: ...``."""
+        return ConfigError(f"{source}:{self.path}" if self.path else str(source), self.message)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A searchable position of a backbone: one 3D conv, or a run of consecutive 3D convs with no
+    pooling between (``convs`` > 1, e.g. a UNet double conv), from ``in_channels`` to ``out_channels``."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    stride: Triple = (1, 1, 1)
+    convs: int = 1
 
 
 def _freeze(value: Any) -> Any:
@@ -80,12 +100,6 @@ class BlockChoice:
             raise ConfigError(f"{path}.op", f"must be a string, got {data['op']!r}")
         return cls(data["op"], {k: v for k, v in data.items() if k != "op"})
 
-    def label(self) -> str:
-        """Short human name, e.g. ``pmscn(m=2,n=2)``."""
-        shown = {k: v for k, v in self.args.items() if k in ("m", "n", "orientation", "kernel_size")}
-        inner = ",".join(f"{k}={_thaw(v)}" for k, v in shown.items())
-        return f"{self.op}({inner})" if inner else self.op
-
 
 @dataclass(frozen=True)
 class ArchConfig:
@@ -121,14 +135,15 @@ class ArchConfig:
         return hashlib.sha256(self.to_json(separators=(",", ":")).encode()).hexdigest()[:12]
 
     @classmethod
-    def from_dict(cls, data: Any, *, validate: bool = True) -> ArchConfig:
+    def from_dict(cls, data: Any) -> ArchConfig:
         if not isinstance(data, Mapping):
             raise ConfigError("", f"an architecture config must be a mapping, got {type(data).__name__}")
         unknown = sorted(set(data) - {"schema", "backbone", "hparams", "blocks"})
         if unknown:
             raise ConfigError(unknown[0], "unknown key; allowed: schema, backbone, hparams, blocks")
         if data.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
-            raise ConfigError("schema", f"unsupported schema version {data['schema']!r} (this psc-nas reads {SCHEMA_VERSION})")
+            message = f"unsupported schema version {data['schema']!r} (this psc-nas reads {SCHEMA_VERSION})"
+            raise ConfigError("schema", message)
         if not isinstance(data.get("backbone"), str):
             raise ConfigError("backbone", f"required, a backbone name; got {data.get('backbone')!r}")
         hparams = data.get("hparams", {})
@@ -137,14 +152,11 @@ class ArchConfig:
         blocks = data.get("blocks")
         if not isinstance(blocks, list):
             raise ConfigError("blocks", f"required, a list with one choice per slot; got {blocks!r}")
-        config = cls(
+        return cls(
             data["backbone"],
             dict(hparams),
             tuple(BlockChoice.from_dict(block, f"blocks[{i}]") for i, block in enumerate(blocks)),
         )
-        if validate:
-            config.validate()
-        return config
 
     @classmethod
     def from_json(cls, text: str) -> ArchConfig:
@@ -173,31 +185,22 @@ class ArchConfig:
         try:
             return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
         except ConfigError as err:
-            raise ConfigError(f"{path}:{err.path}" if err.path else str(path), err.message) from None
+            raise err.within(path) from None
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         return write_text_atomic(path, self.to_json(indent=2) if path.suffix == ".json" else self.to_yaml())
 
-    # ------------------------------------------------------------------ meaning
-    def validate(self) -> ArchConfig:
-        """Check the config against its backbone: slot count and every op's arguments."""
-        from psc_nas.nets import get_backbone
-
-        get_backbone(self.backbone, path="backbone").validate(self)
-        return self
-
+    # ------------------------------------------------------------------ editing
     def with_blocks(self, blocks: list[BlockChoice] | tuple[BlockChoice, ...]) -> ArchConfig:
         return ArchConfig(self.backbone, dict(self.hparams), tuple(blocks))
 
-    def summary(self) -> str:
-        """One line per run of equal choices, e.g. ``densenet3d: 20×pmscn(m=2,n=2)``."""
-        runs: list[list[Any]] = []
-        for block in self.blocks:
-            if runs and runs[-1][0] == block:
-                runs[-1][1] += 1
-            else:
-                runs.append([block, 1])
-        body = ", ".join(f"{count}×{block.label()}" if count > 1 else block.label() for block, count in runs)
-        return f"{self.backbone}: {body}"
+
+def as_config(config: ArchConfig | str | Path | Mapping[str, Any]) -> ArchConfig:
+    """An ArchConfig from itself, a YAML/JSON file path, or a plain mapping (parsed, not validated)."""
+    if isinstance(config, ArchConfig):
+        return config
+    if isinstance(config, Mapping):
+        return ArchConfig.from_dict(config)
+    return ArchConfig.load(config)

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from psc_nas import cost
 from psc_nas.costs import format_count
+from psc_nas.nets import cost
 from psc_nas.space import SearchSpace, shipped_spaces
 
 space_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

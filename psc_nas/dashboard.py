@@ -27,8 +27,8 @@ from plotly.offline import get_plotlyjs
 
 import dashboards
 from psc_nas.arch import ArchConfig
-from psc_nas.nets import get_backbone, realize
-from psc_nas.ops._conv import ConvSpec
+from psc_nas.nets import get_backbone, validate
+from psc_nas.ops import label, realize
 from psc_nas.pareto import pareto_front, to_minimization
 from psc_nas.files import write_text_atomic
 from psc_nas.results import Run
@@ -39,39 +39,20 @@ POLL_SECONDS = 3
 
 
 # ---------------------------------------------------------------------------------- architecture
-def stream_kind(stream: tuple[ConvSpec, ...]) -> str:
-    """Name of a stream by its sub-kernels, e.g. ``1x3x3→3x1x1`` (PmSCn) or ``1x1x1→dw3x3x3``.
-
-    Colors in the architecture view key on this, so a CAKES ``3x3x3`` channel and a conv3d channel
-    share a color, as do P3D and PmSCn streams of one orientation: equal sub-kernels, equal color.
-    """
-    labels: list[str] = []
-    for conv in stream:
-        kernel = "x".join(map(str, conv.kernel))
-        if conv.groups > 1:
-            kernel = ("dw" if conv.groups == conv.in_channels else f"g{conv.groups} ") + kernel
-        if labels and labels[-1].split("×")[0] == kernel:
-            repeats = int(labels[-1].split("×")[1]) if "×" in labels[-1] else 1
-            labels[-1] = f"{kernel}×{repeats + 1}"
-        else:
-            labels.append(kernel)
-    return "→".join(labels)
-
-
 def architecture(config: ArchConfig) -> list[dict[str, Any]]:
-    """Per searchable block: its op and how its output channels split over sub-kernel kinds.
+    """Per searchable block: its op and how its output channels split over sub-kernel paths.
 
     This is the CAKES paper's Fig. 4 as data: one column per block, segment heights the channel
-    shares. A slot of several convs with a one-to-one choice repeats the same split, so its first
-    op stands for the block.
+    shares, each op drawn as its family says (``OpSpec.segments``). A slot of several convs with a
+    one-to-one choice repeats the same split, so its first op stands for the block.
     """
-    backbone = get_backbone(config.backbone)
+    backbone = get_backbone(validate(config).backbone)
     slots = backbone.slots(backbone.hparams(config.hparams))
     blocks = []
     for slot, choice in zip(slots, config.blocks):
         spec = realize(slot, choice)[0]
-        segments = [[stream_kind(stream), stream[-1].out_channels] for stream in spec.streams()]
-        blocks.append({"slot": slot.name, "op": choice.label(), "channels": spec.out_channels, "segments": segments})
+        segments = [[kind, channels] for kind, channels in spec.segments()]
+        blocks.append({"slot": slot.name, "op": label(choice), "channels": spec.out_channels, "segments": segments})
     return blocks
 
 

@@ -23,9 +23,9 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from psc_nas import build_model
 from psc_nas.arch import ArchConfig
 from psc_nas.costs import format_count, parse_count
+from psc_nas.nets import build_model
 from psc_nas.results import Run
 from psc_nas.search.outputs import feasible
 

@@ -1,15 +1,8 @@
 """The papers' hand-designed networks: one choice repeated in every slot of a backbone.
 
-- ``conv3d``: the 3D baseline.
-- ``p1sc1``: PmSCn m=1, n=1, i.e. (2+1)D: 2D over H×W then 1D over D.
-- ``p2sc2``, ``p2sc3``: PmSCn with two streams (1x3x3, 3x1x3) and n=2 / n=3 2D convs per stream.
-  Where a slot is a run of convs (UNet double conv, ResNet basic pair) n>1 replaces the run
-  jointly; in DenseNet every slot is one conv and n applies to it (``nets.base.realize``).
-- ``csn_ip``, ``csn_ir``: interaction-preserved / interaction-reduced channel-separated convs.
-- ``cakes_uniform``: CAKES's manual setting, output channels spread evenly over the seven shapes.
-
-Orientations are written out so a preset equals the config a search space resolves for the same
-choice (spaces always name them).
+Each family declares its own presets in its ``OpFamily`` record (``conv3d``; PmSCn's ``p1sc1``,
+``p2sc2``, ``p2sc3``; ``csn_ip``, ``csn_ir``; ``cakes_uniform``); this module gathers them.
+``PRESETS`` reads the registry when used, so plugin families' presets are in it.
 """
 
 from __future__ import annotations
@@ -17,23 +10,29 @@ from __future__ import annotations
 from typing import Any
 
 from psc_nas.arch import ArchConfig, BlockChoice
-from psc_nas.nets import Backbone, get_backbone
+from psc_nas.nets import Backbone, get_backbone, validate
+from psc_nas.ops import families
 
-PRESETS: dict[str, BlockChoice] = {
-    "conv3d": BlockChoice("conv3d"),
-    "p1sc1": BlockChoice("pmscn", {"m": 1, "n": 1, "orientations": ["1x3x3"]}),
-    "p2sc2": BlockChoice("pmscn", {"m": 2, "n": 2, "orientations": ["1x3x3", "3x1x3"]}),
-    "p2sc3": BlockChoice("pmscn", {"m": 2, "n": 3, "orientations": ["1x3x3", "3x1x3"]}),
-    "csn_ip": BlockChoice("csn_ip"),
-    "csn_ir": BlockChoice("csn_ir"),
-    "cakes_uniform": BlockChoice("cakes"),  # allocation None: uniform over the seven shapes per slot
-}
+
+def presets() -> dict[str, BlockChoice]:
+    """Every registered family's presets, name -> the choice repeated in every slot."""
+    found = {}
+    for family in families().values():
+        found.update({name: BlockChoice(family.name, args) for name, args in family.presets.items()})
+    return found
 
 
 def preset_config(name: str, backbone: str | Backbone, **hparams: Any) -> ArchConfig:
     """The validated config of preset ``name`` on ``backbone``; unknown names raise ``ValueError``."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {list(PRESETS)}")
+    known = presets()
+    if name not in known:
+        raise ValueError(f"unknown preset {name!r}; known: {list(known)}")
     if isinstance(backbone, str):
         backbone = get_backbone(backbone)
-    return backbone.uniform(PRESETS[name], **hparams).validate()
+    return validate(backbone.uniform(known[name], **hparams))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PRESETS":  # computed on use: the registry is complete only once plugins are loaded
+        return presets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,6 +18,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial
 
 from psc_nas.arch import ArchConfig
+from psc_nas.nets import validate
 from psc_nas.pareto import knee_point, to_minimization
 from psc_nas.search.outputs import Objective, feasible, trials_table
 from psc_nas.search.storage import STUDY_FILE
@@ -75,7 +76,7 @@ class Run:
         raise ValueError(f"{self.path} has no trial {number} (trials 0..{len(self.trials) - 1})")
 
     def config(self, number: int) -> ArchConfig:
-        return ArchConfig.from_dict(self.trial(number).user_attrs["arch"])
+        return validate(ArchConfig.from_dict(self.trial(number).user_attrs["arch"]))
 
     def completed(self) -> list[FrozenTrial]:
         """Trials trained to the end within budget, in completion order: the candidates."""

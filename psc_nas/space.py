@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 import yaml
 
-from psc_nas.arch import ArchConfig, BlockChoice, ConfigError
+from psc_nas.arch import ArchConfig, BlockChoice, ConfigError, Slot
 from psc_nas.nets import get_backbone
-from psc_nas.nets.base import Slot, realize
-from psc_nas.presets import PRESETS, preset_config
-from psc_nas.space_domains import Choice, OpDomain, parse_domain
+from psc_nas.ops import Choice, OpDomain, parse_domain, realize
+from psc_nas.presets import preset_config
+from psc_nas.presets import presets as all_presets
 
 if TYPE_CHECKING:
     import optuna
@@ -168,7 +168,7 @@ class SearchSpace:
     def presets(self) -> dict[str, ArchConfig]:
         """The papers' hand-designed networks on this space's backbone and hyper-parameters."""
         found = {}
-        for name in PRESETS:
+        for name in all_presets():
             try:
                 found[name] = preset_config(name, self.backbone, **self.hparams)
             except ConfigError:

@@ -29,8 +29,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-from psc_nas import as_config, build_model
-from psc_nas.arch import ArchConfig, ConfigError
+from psc_nas.arch import ArchConfig, ConfigError, as_config
+from psc_nas.nets import build_model, validate, validated
 
 DEFAULT_LR = 1e-3
 CHECKPOINT_NAME = "best"
@@ -160,7 +160,7 @@ def load_arch(arch: str, task: Any) -> tuple[ArchConfig, str]:
         return preset_config(arch, task.backbone, **task.backbone_hparams), arch
     path = Path(arch)
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
-        return ArchConfig.load(path), path.stem
+        return validated(path), path.stem
     raise ValueError(f"--arch {arch!r} is neither a preset ({', '.join(PRESETS)}) nor a .yaml/.json config file")
 
 
@@ -168,7 +168,7 @@ def check_fits_task(config: ArchConfig, task: Any) -> ArchConfig:
     """Validate ``config`` and check it takes the task's input and predicts its classes."""
     from psc_nas.nets import get_backbone
 
-    hparams = get_backbone(config.validate().backbone).hparams(config.hparams)
+    hparams = get_backbone(validate(config).backbone).hparams(config.hparams)
     for key, wanted in task.backbone_hparams.items():
         if key in hparams and hparams[key] != wanted:
             raise ConfigError(f"hparams.{key}", f"task {task.name} needs {wanted}, the config has {hparams[key]}")

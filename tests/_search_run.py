@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 import psc_nas
 from psc_nas.arch import ArchConfig, BlockChoice
 from psc_nas.nets import get_backbone
-from psc_nas.ops import SHAPES
+from psc_nas.ops.cakes import SHAPES
 from psc_nas.presets import PRESETS, preset_config
 
 SPATIAL = (32, 32, 32)  # the ibsr task's input size, at which the study's costs are priced

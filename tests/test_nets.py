@@ -4,44 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _families import block_choice
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from psc_nas.arch import ArchConfig, BlockChoice, ConfigError
 from psc_nas.costs import Cost
-from psc_nas.nets import fit_to_budget, get_backbone
-from psc_nas.nets.base import Slot
-from psc_nas.nets.budget import WIDTH_GRID, highest_averages, with_width
-from psc_nas.ops import ORIENTATIONS, SHAPES
+from psc_nas.nets import fit_to_budget, get_backbone, validate
+from psc_nas.nets.budget import WIDTH_GRID, with_width
+from psc_nas.ops.cakes import highest_averages
 
 CONV3D = BlockChoice("conv3d")
-
-
-@st.composite
-def choice_for(draw, slot: Slot) -> BlockChoice:
-    """A valid random choice of any family for ``slot``."""
-    op = draw(st.sampled_from(["conv3d", "p3d", "pmscn", "cakes", "csn_ip", "csn_ir"]))
-    if op == "p3d":
-        return BlockChoice(op, {"orientation": draw(st.sampled_from(ORIENTATIONS))})
-    if op == "pmscn":
-        m = draw(st.integers(1, 3))
-        orientations = list(draw(st.permutations(ORIENTATIONS))[:m])
-        return BlockChoice(op, {"m": m, "n": draw(st.integers(1, 3)), "orientations": orientations})
-    if op == "cakes":
-        cuts = sorted(
-            draw(st.lists(st.integers(0, slot.out_channels), min_size=len(SHAPES) - 1, max_size=len(SHAPES) - 1))
-        )
-        counts = [b - a for a, b in zip([0, *cuts], [*cuts, slot.out_channels])]
-        return BlockChoice(op, {"allocation": dict(zip(SHAPES, counts))})
-    return BlockChoice(op)
 
 
 @st.composite
 def random_config(draw, name: str, hparams: dict) -> ArchConfig:
     backbone = get_backbone(name)
     slots = backbone.slots(hparams)
-    return ArchConfig(name, backbone.hparams(hparams), tuple(draw(choice_for(slot)) for slot in slots))
+    return ArchConfig(name, backbone.hparams(hparams), tuple(draw(block_choice(slot)) for slot in slots))
 
 
 def measured(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int, torch.Tensor]:
@@ -135,11 +116,11 @@ def test_config_errors_name_the_bad_field():
     densenet = get_backbone("densenet3d")
     config = densenet.uniform(CONV3D)
     with pytest.raises(ConfigError, match="^blocks: densenet3d has 20 searchable slots, the config gives 19"):
-        config.with_blocks(config.blocks[:-1]).validate()
+        validate(config.with_blocks(config.blocks[:-1]))
     bad = list(config.blocks)
     bad[3] = BlockChoice("cakes", {"allocation": {"3x3x3": 5}})
     with pytest.raises(ConfigError, match=r"^blocks\[3\]: cakes: allocation counts must sum to out_channels=28"):
-        config.with_blocks(bad).validate()
+        validate(config.with_blocks(bad))
     with pytest.raises(ConfigError, match="^backbone: config is for 'densenet3d', not 'unet3d'"):
         get_backbone("unet3d").build(config)
     with pytest.raises(ConfigError, match="^hparams.depth: must be one of"):
@@ -179,7 +160,7 @@ def cakes_config() -> ArchConfig:
 def test_fit_to_budget_uses_the_budget_up_to_one_width_step(config, budget, shape):
     fitted = fit_to_budget(config, input_shape=shape, **budget)
     backbone = get_backbone(config.backbone)
-    fitted.validate()
+    validate(fitted)
     assert backbone.cost(fitted, shape[-3:]).fits(**budget)
     wider = with_width(fitted, fitted.hparams["width"] + 1 / WIDTH_GRID)
     assert not backbone.cost(wider, shape[-3:]).fits(**budget)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _families import block_choice
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from psc_nas.ops import OP_FAMILIES, ORIENTATIONS, SHAPES, create_op, make_spec, subspace_width
+from psc_nas.arch import Slot
+from psc_nas.ops import create_op, families, make_spec
+from psc_nas.ops.pmscn import subspace_width
 
 channels = st.integers(1, 24)
 spatial = st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9))
@@ -16,23 +19,10 @@ stride = st.one_of(st.sampled_from([1, 2]), st.tuples(*[st.integers(1, 2)] * 3))
 
 
 @st.composite
-def family_args(draw, cout: int) -> tuple[str, dict]:
-    op = draw(st.sampled_from(sorted(OP_FAMILIES)))
-    if op == "conv3d":
-        return op, {"kernel_size": draw(st.sampled_from([1, 3, 5, (1, 3, 3), (3, 1, 1)]))}
-    if op == "p3d":
-        mid = draw(st.one_of(st.none(), st.integers(1, 16)))
-        return op, {"orientation": draw(st.sampled_from(ORIENTATIONS)), "mid_channels": mid}
-    if op == "pmscn":
-        m = draw(st.integers(1, min(3, cout)))
-        orientations = draw(st.permutations(ORIENTATIONS))[:m]
-        mid = draw(st.one_of(st.none(), st.integers(m, 16)))
-        return op, {"m": m, "n": draw(st.integers(1, 3)), "orientations": list(orientations), "mid_channels": mid}
-    if op == "cakes":
-        cuts = sorted(draw(st.lists(st.integers(0, cout), min_size=len(SHAPES) - 1, max_size=len(SHAPES) - 1)))
-        counts = [b - a for a, b in zip([0, *cuts], [*cuts, cout])]
-        return op, {"allocation": dict(zip(SHAPES, counts))}
-    return op, {}
+def family_args(draw, cin: int, cout: int) -> tuple[str, dict]:
+    """Any registered family and valid arguments for a ``cin -> cout`` conv."""
+    choice = draw(block_choice(Slot("drawn", cin, cout)))
+    return choice.op, dict(choice.args)
 
 
 def measured(module: torch.nn.Module, x: torch.Tensor) -> tuple[int, int, torch.Tensor]:
@@ -44,7 +34,7 @@ def measured(module: torch.nn.Module, x: torch.Tensor) -> tuple[int, int, torch.
 @settings(max_examples=150, deadline=None)
 @given(cin=channels, cout=channels, size=spatial, stride=stride, data=st.data())
 def test_analytic_cost_equals_parameters_and_flop_counter(cin, cout, size, stride, data):
-    op, args = data.draw(family_args(cout))
+    op, args = data.draw(family_args(cin, cout))
     spec = make_spec(op, cin, cout, stride=stride, **args)
     params, macs, y = measured(spec.build(), torch.randn(1, cin, *size))
     cost = spec.cost(size)
@@ -52,7 +42,7 @@ def test_analytic_cost_equals_parameters_and_flop_counter(cin, cout, size, strid
     assert tuple(y.shape) == (1, cout, *spec.out_spatial(size))
 
 
-@pytest.mark.parametrize("op", sorted(OP_FAMILIES))
+@pytest.mark.parametrize("op", sorted(families()))
 @pytest.mark.parametrize("stride", [1, 2, (1, 2, 2)])
 def test_every_family_keeps_the_conv3d_output_shape(op, stride):
     x = torch.randn(2, 8, 7, 8, 9)
@@ -70,22 +60,24 @@ def test_pmscn_width_follows_eq5_of_the_paper_split_over_streams():
 
 def test_pmscn_streams_use_their_orientation_and_n_planes():
     spec = make_spec("pmscn", 4, 6, m=2, n=3, orientations=["3x3x1", "1x3x3"])
-    kernels = [[conv.kernel for conv in stream] for stream in spec.streams()]
+    graph = spec.graph()
+    kernels = [[conv.kernel for conv in graph.path(index)] for index in graph.outputs]
     assert kernels == [[(3, 3, 1)] * 3 + [(1, 1, 3)], [(1, 3, 3)] * 3 + [(3, 1, 1)]]
-    assert [stream[-1].out_channels for stream in spec.streams()] == [3, 3]
+    assert [graph.nodes[index].conv.out_channels for index in graph.outputs] == [3, 3]
+    assert all(node.relu == (node.source >= 0) for node in graph.nodes)  # ReLU between, none first
 
 
 def test_cakes_allocation_is_canonical_and_drops_empty_shapes():
     spec = make_spec("cakes", 4, 5, allocation={"3x3x3": 2, "1x1x3": 3, "1x3x3": 0})
     assert spec.args() == {"allocation": {"1x1x3": 3, "3x3x3": 2}}
-    assert [stream[0].kernel for stream in spec.streams()] == [(1, 1, 3), (3, 3, 3)]
+    assert [node.conv.kernel for node in spec.graph().nodes] == [(1, 1, 3), (3, 3, 3)]
 
 
 def test_csn_ir_is_depthwise_when_widths_match():
-    (conv,) = make_spec("csn_ir", 16, 16).streams()[0]
-    assert conv.groups == 16
-    (conv,) = make_spec("csn_ir", 16, 24).streams()[0]
-    assert conv.groups == 8
+    (node,) = make_spec("csn_ir", 16, 16).graph().nodes
+    assert node.conv.groups == 16
+    (node,) = make_spec("csn_ir", 16, 24).graph().nodes
+    assert node.conv.groups == 8
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Fast operator implementations: same parameters and same numbers as the reference StreamedConv."""
+"""Fast operator implementations: same parameters and same numbers as the reference GraphConv."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ from hypothesis import strategies as st
 from test_ops import channels, family_args, spatial, stride
 from torch.utils.flop_counter import FlopCounterMode
 
-from psc_nas.ops import StreamedConv, create_op, make_spec
-from psc_nas.ops.choice import ENV_VAR, choose_impl
-from psc_nas.ops.fast import CAKES_ONLY_IMPLS, EXACT_IMPLS, FastStreamedConv
+from psc_nas.ops import ENV_VAR, EXACT_IMPLS, FastGraphConv, GraphConv, create_op, families, make_spec
 
 
 def forward_backward(module: torch.nn.Module, x: torch.Tensor, upstream_seed: int) -> tuple[torch.Tensor, ...]:
@@ -25,12 +23,12 @@ def forward_backward(module: torch.nn.Module, x: torch.Tensor, upstream_seed: in
 @settings(max_examples=40, deadline=None)
 @given(cin=channels, cout=channels, size=spatial, stride=stride, batch=st.integers(1, 2), data=st.data())
 def test_every_fast_impl_matches_the_reference_forward_and_gradients(cin, cout, size, stride, batch, data):
-    op, args = data.draw(family_args(cout))
+    op, args = data.draw(family_args(cin, cout))
     spec = make_spec(op, cin, cout, stride=stride, **args)
     reference = spec.build("reference")
     x = torch.randn(batch, cin, *size)
     expected = forward_backward(reference, x, upstream_seed=cin)
-    impls = [i for i in EXACT_IMPLS if i != "reference"] + (list(CAKES_ONLY_IMPLS) if op == "cakes" else [])
+    impls = [i for i in EXACT_IMPLS if i != "reference"] + list(type(spec).impls)
     for impl in impls:
         fast = spec.build(impl)
         assert {k: v.shape for k, v in fast.state_dict().items()} == {
@@ -48,15 +46,16 @@ def test_fast_impls_return_channels_last_3d():
     assert y.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-@pytest.mark.parametrize("op", ["conv3d", "p3d", "pmscn", "cakes", "csn_ip", "csn_ir"])
+@pytest.mark.parametrize("op", sorted(families()))
 def test_auto_runs_exactly_the_analytic_macs(op):
     spec = make_spec(op, 8, 8)
     module = spec.build()
-    assert isinstance(module, (StreamedConv, FastStreamedConv))
-    assert getattr(module, "impl", "reference") == choose_impl(spec)
+    assert module.impl == spec.fast_impl()
+    assert type(module) is (GraphConv if module.impl == "reference" else FastGraphConv)
     with FlopCounterMode(display=False) as counter:
         module(torch.randn(1, 8, 5, 5, 5))
     assert counter.get_total_flops() // 2 == spec.cost((5, 5, 5)).macs
+    assert sum(p.numel() for p in module.parameters()) == spec.cost((5, 5, 5)).params
 
 
 @pytest.mark.parametrize(("impl", "executed_over_analytic"), [("masked", 27 / 9), ("planes", 81 / 63)])
@@ -68,10 +67,10 @@ def test_cakes_merges_execute_more_macs_than_the_analytic_cost(impl, executed_ov
 
 
 def test_reference_can_be_forced_by_argument_or_environment(monkeypatch):
-    assert type(create_op("p3d", 4, 4, impl="reference")) is StreamedConv
+    assert type(create_op("p3d", 4, 4, impl="reference")) is GraphConv
     monkeypatch.setenv(ENV_VAR, "reference")
-    assert type(create_op("p3d", 4, 4)) is StreamedConv
-    assert isinstance(create_op("p3d", 4, 4, impl="folded"), FastStreamedConv)  # an argument beats the variable
+    assert type(create_op("p3d", 4, 4)) is GraphConv
+    assert type(create_op("p3d", 4, 4, impl="folded")) is FastGraphConv  # an argument beats the variable
 
 
 @pytest.mark.parametrize(

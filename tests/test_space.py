@@ -13,11 +13,11 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 import psc_nas
-from psc_nas.arch import ArchConfig, ConfigError
-from psc_nas.nets import BACKBONES, Backbone, Slot
+from psc_nas.arch import ArchConfig, ConfigError, Slot
+from psc_nas.nets import BACKBONES, Backbone
+from psc_nas.ops.cakes import largest_remainder
 from psc_nas.presets import PRESETS, preset_config
 from psc_nas.space import SearchSpace, replay_all, shipped_spaces
-from psc_nas.space_domains import largest_remainder
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -218,7 +218,7 @@ def test_nni_mutables_freeze_to_the_config_optuna_gives_for_the_same_answers():
         trial = study.ask()
         assert space.sample(trial) == config
         assert set(trial.params) < set(sample), "Optuna is asked only the active subset of NNI's parameters"
-        config.validate()
+        psc_nas.validate(config)
 
 
 # ---------------------------------------------------------------------- round trip

@@ -1,26 +1,29 @@
-"""Backbones built from an ArchConfig; every 3D conv slot is searchable."""
+"""Backbones built from an ArchConfig; every 3D conv slot is searchable.
 
-from __future__ import annotations
+Every module of this package is imported here, so each backbone module registers itself
+(``registry.py``) without a hand-kept list; third-party backbones register through ``psc_nas.plugins``.
+"""
 
-from psc_nas.arch import ConfigError
-from psc_nas.nets.base import Backbone, Slot, realize
+import pkgutil
+from importlib import import_module
 
-BACKBONES: dict[str, Backbone] = {}
-
-
-def register_backbone(backbone: Backbone) -> Backbone:
-    BACKBONES[backbone.name] = backbone
-    return backbone
-
-
-def get_backbone(name: str, *, path: str = "backbone") -> Backbone:
-    if name not in BACKBONES:
-        raise ConfigError(path, f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
-    return BACKBONES[name]
-
-
-# Imported last: each module registers its backbone through register_backbone above.
-from psc_nas.nets import densenet3d, resnet3d, unet3d  # noqa: F401
+from psc_nas.nets.base import Backbone
 from psc_nas.nets.budget import fit_to_budget
+from psc_nas.nets.build import build_model, cost, validate, validated
+from psc_nas.nets.registry import BACKBONES, backbones, get_backbone, register_backbone
 
-__all__ = ["BACKBONES", "Backbone", "Slot", "fit_to_budget", "get_backbone", "realize", "register_backbone"]
+for _module in pkgutil.iter_modules(__path__):
+    import_module(f"{__name__}.{_module.name}")
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "backbones",
+    "build_model",
+    "cost",
+    "fit_to_budget",
+    "get_backbone",
+    "register_backbone",
+    "validate",
+    "validated",
+]

@@ -1,11 +1,11 @@
 """What the backbones share: width scaling, hparam checks, and conv runs priced as they are built.
 
-Each backbone turns a config into a *plan*: a frozen value holding the op specs of every slot and
-every fixed layer. The plan both builds the module and prices it, so the analytic cost cannot
-drift from the network:
+Each backbone turns a config into a *blueprint*: a frozen value holding the ops of every slot and
+every fixed layer. The blueprint both builds the module and prices it, so the analytic cost
+cannot drift from the network:
 
-    ArchConfig ─► PlannedBackbone.plan() ─► plan ─┬─ .build(norm=, activation=) ─► nn.Module
-                                                  └─ .cost(spatial) ─► Cost (no forward pass)
+    ArchConfig ─► BlueprintBackbone.blueprint() ─► blueprint ─┬─ .build(norm=, activation=) ─► nn.Module
+                                                              └─ .cost(spatial) ─► Cost (no forward pass)
 
 Costs price the default normalization, ``nn.BatchNorm3d``: two trainable parameters per channel
 (affine weight and bias; running statistics are buffers) and no MACs.
@@ -17,16 +17,15 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from torch import nn
 
-from psc_nas.arch import ArchConfig, ConfigError
+from psc_nas.arch import ArchConfig, ConfigError, Triple
 from psc_nas.costs import Cost, Spatial
-from psc_nas.nets.base import Backbone, realize
-from psc_nas.ops import OpSpec, make_spec
-from psc_nas.ops._conv import Triple
+from psc_nas.nets.base import Backbone
+from psc_nas.ops import Op, OpSpec, PlainConv, realize
 
 Norm = Callable[[int], nn.Module]
 Activation = Callable[[], nn.Module]
 
-# PmSCn gives each of its m <= 3 streams at least one output channel.
+# Room for any shipped family's arguments at any width (PmSCn's m <= 3 streams need a channel each).
 MIN_CHANNELS = 3
 
 
@@ -35,16 +34,16 @@ def scaled(channels: int, width: float) -> int:
     return max(MIN_CHANNELS, round(channels * width))
 
 
-def fixed_conv(in_channels: int, out_channels: int, *, kernel: int | Triple = 1, stride: int | Triple = 1) -> OpSpec:
+def fixed_conv(in_channels: int, out_channels: int, *, kernel: int | Triple = 1, stride: int | Triple = 1) -> Op:
     """A layer that is not searchable (stem, shortcut, transition): a plain bias-free conv."""
-    return make_spec("conv3d", in_channels, out_channels, stride=stride, kernel_size=kernel)
+    return PlainConv(in_channels, out_channels, kernel, stride)  # type: ignore[arg-type]
 
 
 def norm_cost(channels: int) -> Cost:
     return Cost(params=2 * channels)
 
 
-def run_cost(specs: Sequence[OpSpec], spatial: Spatial) -> tuple[Cost, Spatial]:
+def run_cost(specs: Sequence[Op], spatial: Spatial) -> tuple[Cost, Spatial]:
     """Cost of :func:`conv_norm_act` over ``specs``: each op followed by a norm."""
     total = Cost()
     for spec in specs:
@@ -54,7 +53,7 @@ def run_cost(specs: Sequence[OpSpec], spatial: Spatial) -> tuple[Cost, Spatial]:
 
 
 def conv_norm_act(
-    specs: Sequence[OpSpec], *, norm: Norm, activation: Activation, last_activation: bool = True
+    specs: Sequence[Op], *, norm: Norm, activation: Activation, last_activation: bool = True
 ) -> nn.Sequential:
     """op ─ norm ─ act ─ op ─ norm [─ act]: a slot's ops with the backbone's own norm/act between."""
     layers: list[nn.Module] = []
@@ -65,20 +64,20 @@ def conv_norm_act(
     return nn.Sequential(*layers)
 
 
-class Plan(Protocol):
+class Blueprint(Protocol):
     def cost(self, spatial: Spatial) -> Cost: ...
 
     def build(self, *, norm: Norm, activation: Activation) -> nn.Module: ...
 
 
-class PlannedBackbone(Backbone):
-    """A backbone whose ``build`` and ``cost`` both come from one plan of the network.
+class BlueprintBackbone(Backbone):
+    """A backbone whose ``build`` and ``cost`` both come from one blueprint of the network.
 
     Integer and float hparams must be positive numbers of their default's type; subclasses add
     their own rules in ``check``.
     """
 
-    def plan(self, config: ArchConfig) -> Plan:
+    def blueprint(self, config: ArchConfig) -> Blueprint:
         raise NotImplementedError
 
     def check(self, hparams: Mapping[str, Any]) -> None:
@@ -104,7 +103,7 @@ class PlannedBackbone(Backbone):
         return hparams, [realize(slot, block) for slot, block in zip(self.slots(hparams), config.blocks)]
 
     def build(self, config: ArchConfig) -> nn.Module:
-        return self.plan(config).build(norm=nn.BatchNorm3d, activation=nn.ReLU)
+        return self.blueprint(config).build(norm=nn.BatchNorm3d, activation=nn.ReLU)
 
     def cost(self, config: ArchConfig, spatial: Spatial) -> Cost:
-        return self.plan(config).cost(tuple(spatial))  # type: ignore[arg-type]
+        return self.blueprint(config).cost(tuple(spatial))  # type: ignore[arg-type]

@@ -7,21 +7,17 @@ Cost rises with width for every family but ``csn_ir`` (its group count, gcd(C_in
 with the channel counts); configs using it still get a width at which one more step breaks the
 budget, though a wider one may fit again.
 
-Choices whose arguments count channels follow their slot's new width:
-
-- a CAKES ``allocation`` is rescaled proportionally by highest averages (D'Hondt), keeping the sum
-  equal to the slot's output channels; no shape loses channels when a slot grows, and an empty
-  shape stays empty;
-- an explicit PmSCn / P3D ``mid_channels`` scales with the slot's output channels (at least m).
+Choices whose arguments count channels follow their slot's new width, as each family's ``rescale``
+rule says (a CAKES allocation in proportion, an explicit ``mid_channels`` with the slot).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
-from psc_nas.arch import ArchConfig, BlockChoice
-from psc_nas.nets import get_backbone
-from psc_nas.nets.base import Slot
+from psc_nas.arch import ArchConfig
+from psc_nas.nets.registry import get_backbone
+from psc_nas.ops import rescale
 
 WIDTH_GRID = 1000  # widths are multiples of 0.001
 MAX_WIDTH = 64
@@ -65,22 +61,3 @@ def with_width(config: ArchConfig, width: float) -> ArchConfig:
     hparams = {**config.hparams, "width": width}
     old, new = backbone.slots(config.hparams), backbone.slots(hparams)
     return ArchConfig(config.backbone, hparams, tuple(map(rescale, config.blocks, old, new)))
-
-
-def rescale(choice: BlockChoice, old: Slot, new: Slot) -> BlockChoice:
-    args = dict(choice.args)
-    if args.get("allocation") is not None:
-        args["allocation"] = highest_averages(args["allocation"], new.out_channels)
-    if args.get("mid_channels") is not None:
-        args["mid_channels"] = max(args.get("m", 1), round(args["mid_channels"] * new.out_channels / old.out_channels))
-    return BlockChoice(choice.op, args)
-
-
-def highest_averages(weights: Mapping[str, int], seats: int) -> dict[str, int]:
-    """Split ``seats`` in proportion to ``weights`` by D'Hondt: lower quotas, then the best averages."""
-    total = sum(weights.values())
-    shares = {key: weight * seats // total for key, weight in weights.items()}
-    for _ in range(seats - sum(shares.values())):  # fewer than len(weights) left
-        best = max(weights, key=lambda key: weights[key] / (shares[key] + 1))
-        shares[best] += 1
-    return shares

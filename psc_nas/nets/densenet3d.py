@@ -31,21 +31,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from psc_nas.arch import ArchConfig
+from psc_nas.arch import ArchConfig, Slot
 from psc_nas.costs import Cost, Spatial
-from psc_nas.nets import register_backbone
-from psc_nas.nets._layers import Activation, Norm, PlannedBackbone, fixed_conv, norm_cost, scaled
-from psc_nas.nets.base import Slot
-from psc_nas.ops import OpSpec
+from psc_nas.nets._layers import Activation, BlueprintBackbone, Norm, fixed_conv, norm_cost, scaled
+from psc_nas.nets.registry import register_backbone
+from psc_nas.ops import Op
 from psc_nas.ops._conv import ConvSpec
 
 
-def preact(spec: OpSpec | ConvSpec, *, norm: Norm, activation: Activation) -> nn.Sequential:
+def preact(spec: Op | ConvSpec, *, norm: Norm, activation: Activation) -> nn.Sequential:
     """BN ─ ReLU ─ conv, the DenseNet layer order."""
     return nn.Sequential(norm(spec.in_channels), activation(), spec.build())
 
 
-def preact_cost(spec: OpSpec, spatial: Spatial) -> tuple[Cost, Spatial]:
+def preact_cost(spec: Op, spatial: Spatial) -> tuple[Cost, Spatial]:
     layer, out = spec.cost_and_shape(spatial)
     return norm_cost(spec.in_channels) + layer, out
 
@@ -99,11 +98,11 @@ def check_size(spatial: tuple[int, ...], min_size: int) -> Spatial:
 
 
 @dataclass(frozen=True)
-class DenseNetPlan:
-    stem: OpSpec
-    blocks: tuple[tuple[OpSpec, ...], ...]
-    transitions: tuple[OpSpec, ...]
-    sides: tuple[OpSpec, ...]
+class DenseNetBlueprint:
+    stem: Op
+    blocks: tuple[tuple[Op, ...], ...]
+    transitions: tuple[Op, ...]
+    sides: tuple[Op, ...]
     head: ConvSpec
 
     def cost(self, spatial: Spatial) -> Cost:
@@ -119,7 +118,7 @@ class DenseNetPlan:
         return total + norm_cost(self.head.in_channels) + self.head.cost(spatial)[0]
 
     def build(self, *, norm: Norm, activation: Activation) -> nn.Module:
-        def layer(spec: OpSpec | ConvSpec) -> nn.Sequential:
+        def layer(spec: Op | ConvSpec) -> nn.Sequential:
             return preact(spec, norm=norm, activation=activation)
 
         return DenseNet3d(
@@ -131,7 +130,7 @@ class DenseNetPlan:
         )
 
 
-class DenseNet3dBackbone(PlannedBackbone):
+class DenseNet3dBackbone(BlueprintBackbone):
     """Slots ``block{b}.layer{j}``: one 3x3x3 conv each, ``C_b + j·g -> g`` channels, stride 1."""
 
     name = "densenet3d"
@@ -163,13 +162,13 @@ class DenseNet3dBackbone(PlannedBackbone):
                 channels += growth
         return slots
 
-    def plan(self, config: ArchConfig) -> DenseNetPlan:
+    def blueprint(self, config: ArchConfig) -> DenseNetBlueprint:
         hparams, specs = self.slot_specs(config)
         stem_channels, _, side_channels = self.widths(hparams)
         per_block = hparams["layers_per_block"]
         blocks = tuple(tuple(s[0] for s in specs[i : i + per_block]) for i in range(0, len(specs), per_block))
         block_out = [layers[-1].in_channels + layers[-1].out_channels for layers in blocks]
-        return DenseNetPlan(
+        return DenseNetBlueprint(
             stem=fixed_conv(hparams["in_channels"], stem_channels, kernel=3),
             blocks=blocks,
             transitions=tuple(fixed_conv(c, c) for c in block_out[:-1]),

@@ -28,12 +28,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from psc_nas.arch import ArchConfig, ConfigError
+from psc_nas.arch import ArchConfig, ConfigError, Slot
 from psc_nas.costs import Cost, Spatial
-from psc_nas.nets import register_backbone
-from psc_nas.nets._layers import Activation, Norm, PlannedBackbone, conv_norm_act, fixed_conv, run_cost, scaled
-from psc_nas.nets.base import Slot
-from psc_nas.ops import OpSpec
+from psc_nas.nets._layers import Activation, BlueprintBackbone, Norm, conv_norm_act, fixed_conv, run_cost, scaled
+from psc_nas.nets.registry import register_backbone
+from psc_nas.ops import Op
 from psc_nas.ops._conv import conv_out_size
 
 # depth -> (block kind, blocks per stage b1..b4)
@@ -62,9 +61,9 @@ class ResBlock(nn.Module):
 
 
 @dataclass(frozen=True)
-class ResBlockPlan:
-    body: tuple[OpSpec, ...]  # norm + activation between, norm after the last
-    shortcut: OpSpec | None
+class ResBlockBlueprint:
+    body: tuple[Op, ...]  # norm + activation between, norm after the last
+    shortcut: Op | None
 
     def cost(self, spatial: Spatial) -> tuple[Cost, Spatial]:
         total, out = run_cost(self.body, spatial)
@@ -83,9 +82,9 @@ class ResBlockPlan:
 
 
 @dataclass(frozen=True)
-class ResNetPlan:
-    stem: OpSpec
-    blocks: tuple[ResBlockPlan, ...]
+class ResNetBlueprint:
+    stem: Op
+    blocks: tuple[ResBlockBlueprint, ...]
     num_classes: int
 
     @property
@@ -110,7 +109,7 @@ class ResNetPlan:
         )
 
 
-class ResNet3dBackbone(PlannedBackbone):
+class ResNet3dBackbone(BlueprintBackbone):
     """Slots ``conv{2..5}.block{i}``: a basic block's conv pair (convs=2) or a bottleneck's 3x3x3."""
 
     name = "resnet3d"
@@ -138,7 +137,7 @@ class ResNet3dBackbone(PlannedBackbone):
                 in_channels = width * expansion
         return slots
 
-    def plan(self, config: ArchConfig) -> ResNetPlan:
+    def blueprint(self, config: ArchConfig) -> ResNetBlueprint:
         hparams, specs = self.slot_specs(config)
         bottleneck = LAYOUTS[hparams["depth"]][0] == "bottleneck"
         stem_channels = scaled(hparams["base_channels"], hparams["width"])
@@ -151,10 +150,11 @@ class ResNet3dBackbone(PlannedBackbone):
             else:
                 out, body = last.out_channels, tuple(slot_specs)
             reshaped = in_channels != out or first.stride != (1, 1, 1)
-            blocks.append(ResBlockPlan(body, fixed_conv(in_channels, out, stride=first.stride) if reshaped else None))
+            shortcut = fixed_conv(in_channels, out, stride=first.stride) if reshaped else None
+            blocks.append(ResBlockBlueprint(body, shortcut))
             in_channels = out
         stem = fixed_conv(hparams["in_channels"], stem_channels, kernel=STEM_KERNEL, stride=STEM_STRIDE)
-        return ResNetPlan(stem, tuple(blocks), hparams["num_classes"])
+        return ResNetBlueprint(stem, tuple(blocks), hparams["num_classes"])
 
 
 register_backbone(ResNet3dBackbone())

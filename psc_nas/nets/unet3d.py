@@ -28,13 +28,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from psc_nas.arch import ArchConfig, ConfigError
+from psc_nas.arch import ArchConfig, ConfigError, Slot, Triple
 from psc_nas.costs import Cost, Spatial
-from psc_nas.nets import register_backbone
-from psc_nas.nets._layers import Activation, Norm, PlannedBackbone, conv_norm_act, run_cost, scaled
-from psc_nas.nets.base import Slot
-from psc_nas.ops import OpSpec
-from psc_nas.ops._conv import ConvSpec, Triple, triple
+from psc_nas.nets._layers import Activation, BlueprintBackbone, Norm, conv_norm_act, run_cost, scaled
+from psc_nas.nets.registry import register_backbone
+from psc_nas.ops import Op
+from psc_nas.ops._conv import ConvSpec, triple
 
 
 @dataclass(frozen=True)
@@ -96,10 +95,10 @@ class UNet3d(nn.Module):
 
 
 @dataclass(frozen=True)
-class UNetPlan:
-    encoders: tuple[tuple[OpSpec, ...], ...]
+class UNetBlueprint:
+    encoders: tuple[tuple[Op, ...], ...]
     upconvs: tuple[UpConvSpec, ...]  # deepest first
-    decoders: tuple[tuple[OpSpec, ...], ...]  # deepest first
+    decoders: tuple[tuple[Op, ...], ...]  # deepest first
     head: ConvSpec
 
     @property
@@ -118,7 +117,7 @@ class UNetPlan:
         return total + self.head.cost(shape)[0]
 
     def build(self, *, norm: Norm, activation: Activation) -> nn.Module:
-        def double(specs: tuple[OpSpec, ...]) -> nn.Sequential:
+        def double(specs: tuple[Op, ...]) -> nn.Sequential:
             return conv_norm_act(specs, norm=norm, activation=activation)
 
         return UNet3d(
@@ -130,7 +129,7 @@ class UNetPlan:
         )
 
 
-class UNet3dBackbone(PlannedBackbone):
+class UNet3dBackbone(BlueprintBackbone):
     """Slots ``encoder{l}`` (l = 0..L, data-flow order) then ``decoder{l}`` (l = L-1..0), convs=2 each."""
 
     name = "unet3d"
@@ -173,12 +172,12 @@ class UNet3dBackbone(PlannedBackbone):
         ]
         return encoders + decoders
 
-    def plan(self, config: ArchConfig) -> UNetPlan:
+    def blueprint(self, config: ArchConfig) -> UNetBlueprint:
         hparams, specs = self.slot_specs(config)
         factors, channels = self.factors(hparams), self.channels(hparams)
         levels = len(channels)
         deepest_first = list(reversed(range(levels - 1)))
-        return UNetPlan(
+        return UNetBlueprint(
             encoders=tuple(tuple(s) for s in specs[:levels]),
             upconvs=tuple(UpConvSpec(channels[level + 1], channels[level], factors[level]) for level in deepest_first),
             decoders=tuple(tuple(s) for s in specs[levels:]),

@@ -1,26 +1,50 @@
 """Operator families that can fill a 3D conv slot, with exact analytic cost.
 
+Every module of this package is imported here, so each family module registers its ``OpFamily``
+record (``registry.py``) without a hand-kept list; third-party families register through
+``psc_nas.plugins``. Nothing outside a family's module names the family.
+
 >>> from psc_nas.ops import create_op, make_spec
 >>> make_spec("pmscn", 32, 64, m=2, n=1).cost((16, 16, 16))  # doctest: +SKIP
 """
 
-from psc_nas.ops import cakes, conv3d, csn, pmscn  # noqa: F401  (registers the families)
-from psc_nas.ops.base import OP_FAMILIES, OpSpec, StreamedConv, create_op, make_spec
-from psc_nas.ops.cakes import SHAPES, uniform_allocation
-from psc_nas.ops.choice import IMPLS
-from psc_nas.ops.fast import FastStreamedConv
-from psc_nas.ops.pmscn import ORIENTATIONS, subspace_width
+import pkgutil
+from importlib import import_module
+
+from psc_nas.ops.base import ENV_VAR, Op, OpSpec, PlainConv, create_op, impl_names, make_spec
+from psc_nas.ops.blocks import label, realize, rescale, summary
+from psc_nas.ops.domain import Choice, OpDomain, Pick, parse_domain
+from psc_nas.ops.fast import EXACT_IMPLS, FastGraphConv
+from psc_nas.ops.graph import INPUT, ConvGraph, GraphConv, Node
+from psc_nas.ops.registry import OpFamily, families, get_family, register_family
+
+for _module in pkgutil.iter_modules(__path__):
+    import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "IMPLS",
-    "OP_FAMILIES",
-    "ORIENTATIONS",
-    "SHAPES",
-    "FastStreamedConv",
+    "ENV_VAR",
+    "EXACT_IMPLS",
+    "INPUT",
+    "Choice",
+    "ConvGraph",
+    "FastGraphConv",
+    "GraphConv",
+    "Node",
+    "Op",
+    "OpDomain",
+    "OpFamily",
     "OpSpec",
-    "StreamedConv",
+    "Pick",
+    "PlainConv",
     "create_op",
+    "families",
+    "get_family",
+    "impl_names",
+    "label",
     "make_spec",
-    "subspace_width",
-    "uniform_allocation",
+    "parse_domain",
+    "realize",
+    "register_family",
+    "rescale",
+    "summary",
 ]

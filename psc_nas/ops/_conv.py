@@ -11,9 +11,8 @@ from math import prod
 
 from torch import nn
 
+from psc_nas.arch import Triple
 from psc_nas.costs import Cost, Spatial
-
-Triple = tuple[int, int, int]
 
 
 def triple(value: int | tuple[int, ...], name: str) -> Triple:
@@ -43,7 +42,8 @@ class ConvSpec:
         return tuple(k // 2 for k in self.kernel)  # type: ignore[return-value]
 
     def out_spatial(self, spatial: Spatial) -> Spatial:
-        return tuple(conv_out_size(i, k, s) for i, k, s in zip(spatial, self.kernel, self.stride))  # type: ignore[return-value]
+        sizes = (conv_out_size(i, k, s) for i, k, s in zip(spatial, self.kernel, self.stride))
+        return tuple(sizes)  # type: ignore[return-value]
 
     @property
     def params(self) -> int:

@@ -1,26 +1,34 @@
-"""Operator specs, the reference module that runs them, and the registry of families.
+"""What a backbone places in a network: ops that price themselves exactly and build their module.
 
-An ``OpSpec`` is a frozen value: placement (channels, stride) plus the family's arguments. It
-describes itself as parallel *streams* of ``ConvSpec`` layers whose outputs are concatenated on
-channels; both the analytic cost and the module are derived from those streams.
+An ``Op`` describes itself as a ``ConvGraph`` (``graph.py``) from which its exact cost and every
+implementation of its module derive; an op may instead override ``cost_and_shape`` and ``build``
+with any module, as long as its cost stays exact. Two kinds of ops:
 
-    x ─┬─ stream 0: conv ─ (ReLU) ─ conv ... ─┐
-       ├─ stream 1: ...                       ├─ concat(channels) ─► y
-       └─ stream k: ...                      ─┘
+- ``OpSpec``: a searchable family's frozen value, placement (channels, stride) plus the family's
+  arguments; each family module subclasses it and registers an ``OpFamily`` record;
+- ``PlainConv``: a layer that is not searchable (stem, shortcut, transition).
+
+``op.build(impl=)`` picks only the forward's compute path, never the parameters: ``"auto"`` (the
+op's measured ``fast_impl()``), ``"reference"``, ``"channels_last"``, ``"folded"`` (``fast.py``) or
+an implementation the family offers itself (``impls``); default ``$PSC_NAS_OP_IMPL`` or ``"auto"``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
-import torch
 from torch import nn
 
+from psc_nas.arch import Triple
 from psc_nas.costs import Cost, Spatial
-from psc_nas.ops._conv import ConvSpec, Triple, triple
+from psc_nas.ops._conv import ConvSpec, triple
+from psc_nas.ops.fast import EXACT_IMPLS, FastGraphConv
+from psc_nas.ops.graph import ConvGraph, GraphConv
+from psc_nas.ops.registry import families, get_family
 
-Stream = tuple[ConvSpec, ...]
+ENV_VAR = "PSC_NAS_OP_IMPL"
 
 
 def check_int(family: str, name: str, value: Any, allowed: str, *, minimum: int = 1) -> None:
@@ -28,12 +36,66 @@ def check_int(family: str, name: str, value: Any, allowed: str, *, minimum: int 
         raise ValueError(f"{family}: {name} must be {allowed}, got {value!r}")
 
 
+class Op:
+    """Anything a backbone places; subclasses are frozen dataclasses with ``in_channels``,
+    ``out_channels`` and ``stride`` fields and describe themselves by ``graph()``."""
+
+    in_channels: int
+    out_channels: int
+    stride: Triple
+    # Implementations only this kind of op offers, by name (they may execute more than cost() MACs).
+    impls: ClassVar[Mapping[str, Callable[[Any], nn.Module]]] = {}
+
+    def graph(self) -> ConvGraph:
+        raise NotImplementedError(f"{type(self).__name__}: define graph(), or cost_and_shape() and build()")
+
+    def cost_and_shape(self, spatial: Spatial) -> tuple[Cost, Spatial]:
+        """Exact params and MACs for one sample of ``spatial`` (D, H, W), and the output's size."""
+        return self.graph().cost_and_shape(spatial)
+
+    def cost(self, spatial: Spatial) -> Cost:
+        return self.cost_and_shape(spatial)[0]
+
+    def out_spatial(self, spatial: Spatial) -> Spatial:
+        return self.cost_and_shape(spatial)[1]
+
+    def fast_impl(self) -> str:
+        """The implementation ``build()`` runs by default: the fastest MAC-exact one measured for this
+        op (``benchmarks/ops.py``, ``docs/benchmarks/ops.md``); an unmeasured kind runs the reference."""
+        return "reference"
+
+    def segments(self) -> list[tuple[str, int]]:
+        """How the dashboard draws the op: (sub-kernel path name, channels) per part of its output."""
+        return self.graph().segments()
+
+    def build(self, impl: str | None = None) -> nn.Module:
+        """The module; ``impl`` changes only how its forward computes, never its parameters."""
+        impl = impl or os.environ.get(ENV_VAR) or "auto"
+        if impl == "auto":
+            impl = self.fast_impl()
+        if impl in self.impls:
+            return self.impls[impl](self)
+        if impl == "reference":
+            return GraphConv(self)
+        if impl in EXACT_IMPLS:
+            return FastGraphConv(self, impl)
+        offering = sorted(family.name for family in families().values() if impl in family.spec.impls)
+        if offering:
+            raise ValueError(f"impl {impl!r} only applies to {', '.join(offering)}, not {self}")
+        raise ValueError(f"impl must be one of {list(impl_names())}, got {impl!r}")
+
+
+def impl_names() -> tuple[str, ...]:
+    """Every implementation name ``build()`` accepts for some op."""
+    own = sorted({name for family in families().values() for name in family.spec.impls})
+    return ("auto", *EXACT_IMPLS, *own)
+
+
 @dataclass(frozen=True)
-class OpSpec:
-    """Base of every operator family; subclasses add their arguments as dataclass fields."""
+class OpSpec(Op):
+    """Base of every family's spec; subclasses set ``family`` and add their arguments as fields."""
 
     family: ClassVar[str]
-    relu_between: ClassVar[bool] = False
 
     in_channels: int
     out_channels: int
@@ -51,37 +113,13 @@ class OpSpec:
     def validate(self) -> None:
         """Check the family's arguments; raise ``ValueError`` naming the field and allowed values."""
 
-    def streams(self) -> tuple[Stream, ...]:
-        raise NotImplementedError
-
     def args(self) -> dict[str, Any]:
         """The family's arguments (everything but placement), JSON-friendly."""
         placement = {"in_channels", "out_channels", "stride"}
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in placement}
 
-    def cost(self, spatial: Spatial) -> Cost:
-        return self.cost_and_shape(spatial)[0]
-
-    def out_spatial(self, spatial: Spatial) -> Spatial:
-        return self.cost_and_shape(spatial)[1]
-
-    def cost_and_shape(self, spatial: Spatial) -> tuple[Cost, Spatial]:
-        total, out = Cost(), tuple(spatial)
-        for stream in self.streams():
-            shape = tuple(spatial)
-            for conv in stream:
-                layer, shape = conv.cost(shape)
-                total += layer
-            out = shape
-        return total, out  # type: ignore[return-value]
-
-    def build(self, impl: str | None = None) -> nn.Module:
-        """The module for this spec. ``impl`` changes only how forward computes, never the parameters:
-        ``"auto"`` (the measured rule in ``choice.py``), ``"reference"`` (``StreamedConv``), or a
-        name from ``psc_nas.ops.fast``; default ``$PSC_NAS_OP_IMPL`` or ``"auto"``."""
-        from psc_nas.ops.choice import build_op  # imported here: choice builds on this module
-
-        return build_op(self, impl)
+    def __str__(self) -> str:
+        return f"{self.family}({self.in_channels}->{self.out_channels}, {self.args()})"
 
 
 def _plain(value: Any) -> Any:
@@ -92,47 +130,33 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class StreamedConv(nn.Module):
-    """Reference implementation of any ``OpSpec``: plain ``nn.Conv3d`` layers, one per ConvSpec."""
+@dataclass(frozen=True)
+class PlainConv(Op):
+    """A layer that is not searchable (stem, shortcut, transition): one bias-free 'same'-padded conv."""
 
-    def __init__(self, spec: OpSpec) -> None:
-        super().__init__()
-        self.spec = spec
-        self.streams = nn.ModuleList(_sequential(stream, spec.relu_between) for stream in spec.streams())
+    in_channels: int
+    out_channels: int
+    kernel: Triple = (1, 1, 1)
+    stride: Triple = (1, 1, 1)
 
-    def cost(self, spatial: Spatial) -> Cost:
-        return self.spec.cost(spatial)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kernel", triple(self.kernel, "kernel"))
+        object.__setattr__(self, "stride", triple(self.stride, "stride"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = [stream(x) for stream in self.streams]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    def graph(self) -> ConvGraph:
+        return ConvGraph.streams([[ConvSpec(self.in_channels, self.out_channels, self.kernel, self.stride)]])
 
-    def extra_repr(self) -> str:
-        return f"{self.spec.family}({self.spec.in_channels}->{self.spec.out_channels}, {self.spec.args()})"
+    def fast_impl(self) -> str:
+        # A plain Conv3d, measured like the conv3d family: channels_last beat NCDHW at every width.
+        return "channels_last"
 
-
-def _sequential(stream: Stream, relu_between: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for index, conv in enumerate(stream):
-        if index and relu_between:
-            layers.append(nn.ReLU(inplace=True))
-        layers.append(conv.build())
-    return nn.Sequential(*layers)
-
-
-OP_FAMILIES: dict[str, type[OpSpec]] = {}
-
-
-def register(cls: type[OpSpec]) -> type[OpSpec]:
-    OP_FAMILIES[cls.family] = cls
-    return cls
+    def __str__(self) -> str:
+        return f"conv({self.in_channels}->{self.out_channels}, kernel={'x'.join(map(str, self.kernel))})"
 
 
 def make_spec(op: str, in_channels: int, out_channels: int, *, stride: int | Triple = 1, **args: Any) -> OpSpec:
     """Validated spec of family ``op``; unknown families and arguments raise ``ValueError``."""
-    if op not in OP_FAMILIES:
-        raise ValueError(f"op must be one of {sorted(OP_FAMILIES)}, got {op!r}")
-    cls = OP_FAMILIES[op]
+    cls = get_family(op).spec
     allowed = {f.name for f in fields(cls)} - {"in_channels", "out_channels", "stride"}
     unknown = sorted(set(args) - allowed)
     if unknown:
@@ -145,4 +169,3 @@ def create_op(
 ) -> nn.Module:
     """Build the module for one searchable slot: ``create_op("pmscn", 32, 64, stride=2, m=2, n=1)``."""
     return make_spec(op, in_channels, out_channels, stride=stride, **args).build(impl)
-

@@ -16,26 +16,41 @@ from dataclasses import dataclass
 from math import gcd
 
 from psc_nas.ops._conv import ConvSpec
-from psc_nas.ops.base import OpSpec, Stream, register
+from psc_nas.ops.base import OpSpec
+from psc_nas.ops.domain import OpDomain
+from psc_nas.ops.graph import ConvGraph
+from psc_nas.ops.registry import OpFamily, register_family
 
 CUBE = (3, 3, 3)
 
 
-@register
 @dataclass(frozen=True)
 class CsnIpSpec(OpSpec):
     family = "csn_ip"
 
-    def streams(self) -> tuple[Stream, ...]:
+    def graph(self) -> ConvGraph:
         c = self.out_channels
-        return ((ConvSpec(self.in_channels, c, (1, 1, 1)), ConvSpec(c, c, CUBE, self.stride, groups=c)),)
+        pointwise = ConvSpec(self.in_channels, c, (1, 1, 1))
+        return ConvGraph.streams([[pointwise, ConvSpec(c, c, CUBE, self.stride, groups=c)]])
+
+    def fast_impl(self) -> str:
+        # Folding sped up the 1x1x1 conv (1.2-1.4x over channels_last alone).
+        return "folded"
 
 
-@register
 @dataclass(frozen=True)
 class CsnIrSpec(OpSpec):
     family = "csn_ir"
 
-    def streams(self) -> tuple[Stream, ...]:
+    def graph(self) -> ConvGraph:
         groups = gcd(self.in_channels, self.out_channels)
-        return ((ConvSpec(self.in_channels, self.out_channels, CUBE, self.stride, groups=groups),),)
+        return ConvGraph.streams([[ConvSpec(self.in_channels, self.out_channels, CUBE, self.stride, groups=groups)]])
+
+    def fast_impl(self) -> str:
+        # channels_last beat NCDHW at every measured width (depthwise 1.6-2.4x; in NCDHW the
+        # depthwise backward falls back to a gemm path).
+        return "channels_last"
+
+
+IP = register_family(OpFamily(spec=CsnIpSpec, domain=OpDomain, presets={"csn_ip": {}}))
+IR = register_family(OpFamily(spec=CsnIrSpec, domain=OpDomain, presets={"csn_ir": {}}))

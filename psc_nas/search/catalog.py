@@ -17,9 +17,9 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from psc_nas import cost
 from psc_nas.arch import ArchConfig, BlockChoice
 from psc_nas.costs import Cost, Spatial, format_count
+from psc_nas.nets import cost
 from psc_nas.pareto import pareto_front
 from psc_nas.search.budget import Budget
 from psc_nas.space import Ask, SearchSpace, Unit, replay_all

@@ -53,5 +53,6 @@ def _cell(name: str, value: float) -> str:
 
 def _summary(arch: dict) -> str:
     from psc_nas.arch import ArchConfig
+    from psc_nas.ops import summary
 
-    return ArchConfig.from_dict(arch, validate=False).summary()
+    return summary(ArchConfig.from_dict(arch))

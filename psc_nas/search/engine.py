@@ -26,9 +26,10 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from psc_nas import cost
 from psc_nas.arch import ArchConfig
 from psc_nas.costs import Cost
+from psc_nas.nets import cost
+from psc_nas.ops import summary
 from psc_nas.search.budget import Budget
 from psc_nas.search.catalog import Catalog
 from psc_nas.search.evaluate import RungResult, Trainer, failure_reason, forward_latency_ms
@@ -200,7 +201,7 @@ class Engine:
             trial.set_user_attr("fidelity", 0)
             self.study.tell(trial, self._unmeasured_values(priced))
             self._replace_slot()
-            log.info("trial %d over budget (%s): %s", trial.number, self.plan.budget.describe(), config.summary())
+            log.info("trial %d over budget (%s): %s", trial.number, self.plan.budget.describe(), summary(config))
             return None
         candidate = Candidate(trial, config, priced, preset)
         for data in trial.user_attrs.get("rungs", []):  # a retry inherits what its dead worker stored
@@ -237,7 +238,7 @@ class Engine:
                 return
             log.info("trial %d trained %d epochs in %.1fs: %s = %.4f (%s)", candidate.trial.number, result.fidelity,
                      result.wall_s, self.plan.task.metric, result.metrics.get(self.plan.task.metric, math.nan),
-                     candidate.config.summary())
+                     summary(candidate.config))
         candidate.rungs[result.fidelity] = result  # fewer epochs than asked when --timeout cut it
         trial = candidate.trial
         trial.set_user_attr("rungs", [candidate.rungs[f].to_dict() for f in sorted(candidate.rungs)])

@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from psc_nas import build_model
 from psc_nas.arch import ArchConfig
+from psc_nas.nets import build_model
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from psc_nas.arch import ArchConfig
 from psc_nas.files import write_text_atomic
+from psc_nas.ops import summary as arch_summary
 from psc_nas.pareto import hypervolume, knee_point, normalize, pareto_front, to_minimization
 
 
@@ -98,7 +99,7 @@ def trials_table(study: optuna.Study, objectives: Sequence[Objective]) -> pd.Dat
             "val_forward_s": sum(r.get("val_forward_s", 0.0) for r in own),
             "duration_s": trial.duration.total_seconds() if trial.duration else None,
             "fail_reason": attrs.get("fail_reason"),
-            "summary": ArchConfig.from_dict(attrs["arch"], validate=False).summary() if "arch" in attrs else None,
+            "summary": arch_summary(ArchConfig.from_dict(attrs["arch"])) if "arch" in attrs else None,
         })
         rows.append(row)
     return pd.DataFrame(rows)

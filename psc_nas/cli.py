@@ -106,8 +106,7 @@ def export(
     onnx: Annotated[bool, typer.Option(help="Also write an ONNX model (needs psc-nas[onnx]).")] = False,
 ) -> None:
     """Write the architecture picked from a search run, rebuildable with psc_nas.build_model(path)."""
-    from psc_nas.export import Pick
-    from psc_nas.export import export as export_run
+    from psc_nas.export import Pick, export as export_run
 
     try:
         done = export_run(run_dir, pick, fmt=fmt, out_dir=out, retrain=retrain, epochs=epochs, data_dir=data_dir,

@@ -254,7 +254,7 @@ def _write_run(out_dir: Path, config: ArchConfig, result: TrainResult) -> None:
         writer.writerows(result.curve)
 
 
-def fit_into(out: str | Path, config: ArchConfig, task: Task, **fit_kwargs: Any) -> TrainResult:
+def fit_into(out: str | Path, config: ArchConfig, task: Task | str, **fit_kwargs: Any) -> TrainResult:
     """``fit`` writing into ``out`` all at once: a failed run leaves nothing behind.
 
     Trains into a hidden sibling directory and renames it at the end (atomic on one filesystem).

@@ -14,6 +14,7 @@ from rich.table import Table
 from psc_nas.costs import format_count
 from psc_nas.nets import cost
 from psc_nas.space import SearchSpace, shipped_spaces
+from psc_nas.tasks import Task, get_task, task_names
 
 space_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -31,26 +32,45 @@ def format_size(size: int) -> str:
 @space_app.command()
 def space(
     name_or_path: Annotated[
-        Optional[str], typer.Argument(metavar="[NAME|PATH]", help="A shipped space name or a space YAML; all shipped spaces if omitted.")
+        Optional[str],
+        typer.Argument(metavar="[NAME|PATH]", help="A shipped space name or a space YAML; all if omitted."),
     ] = None,
 ) -> None:
-    """Show search spaces: backbone, slots, number of distinct architectures, and the presets' cost."""
+    """Show search spaces: task, backbone, slots, number of distinct architectures, and the presets' cost
+    at the task's input shape."""
     try:
         spaces = [SearchSpace.load(name) for name in ([name_or_path] if name_or_path else shipped_spaces())]
+        installed = task_names()  # imports plugins, which may fail
     except ValueError as err:
         raise fail("psc-space", err) from None
+    tasks = [task_for(item, installed) for item in spaces]
+    if name_or_path and isinstance(tasks[0], Exception):
+        raise fail("psc-space", tasks[0])
     console = Console()
-    overview = Table("space", "backbone", "task", "slots", "decisions", "size", "input", title="search spaces")
-    for item in spaces:
-        input_size = "x".join(map(str, item.input_size))
-        overview.add_row(
-            item.name, item.backbone, item.task or "-", str(len(item.slots)), str(len(item.units)), format_size(item.size()), input_size
-        )
+    overview = Table("space", "task", "input", "backbone", "slots", "decisions", "size", title="search spaces")
+    for item, task in zip(spaces, tasks):
+        overview.add_row(item.name, item.task, "-" if isinstance(task, Exception) else task.describe_input(),
+                         item.backbone, str(len(item.slots)), str(len(item.units)), format_size(item.size()))
     console.print(overview)
-    for item in spaces:
+    for item, task in zip(spaces, tasks):
         if name_or_path:
             console.print(decisions_table(item))
-        console.print(presets_table(item))
+        if isinstance(task, Exception):
+            console.print(f"{item.name}: presets not priced: {task}", highlight=False)
+        else:
+            console.print(presets_table(item, task))
+
+
+def task_for(space: SearchSpace, installed: list[str]) -> Task | ValueError:
+    """The installed task ``space`` is for, checked against the space, or the error saying why not."""
+    if space.task not in installed:
+        return ValueError(f"{space.source}: task {space.task!r} is not installed (installed: {', '.join(installed)})")
+    try:
+        task = get_task(space.task)
+        task.check_space(space)
+    except ValueError as err:
+        return err
+    return task
 
 
 def decisions_table(space: SearchSpace) -> Table:
@@ -62,11 +82,10 @@ def decisions_table(space: SearchSpace) -> Table:
     return table
 
 
-def presets_table(space: SearchSpace) -> Table:
-    shape = "x".join(map(str, space.input_size))
-    table = Table("preset", "params", "MACs", title=f"{space.name}: presets at {shape}")
+def presets_table(space: SearchSpace, task: Task) -> Table:
+    table = Table("preset", "params", "MACs", title=f"{space.name} at {task.describe_input()}")
     for name, config in space.presets().items():
-        price = cost(config, space.input_size)
+        price = cost(config, task.input_shape)
         table.add_row(name, format_count(price.params), format_count(price.macs))
     return table
 

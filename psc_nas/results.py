@@ -35,7 +35,10 @@ class Run:
         self.space: str | None = attrs.get("space")
         self.budget_params: int | None = attrs.get("budget_params")
         self.budget_macs: int | None = attrs.get("budget_macs")
-        self.objectives = [Objective(o["name"], o["direction"] == "maximize") for o in attrs.get("objectives", [])]
+        self.objectives = [
+            Objective(o["name"], o["direction"] == "maximize", tuple(o["range"]) if o.get("range") else None)
+            for o in attrs.get("objectives", [])
+        ]
         if not self.objectives:
             raise ValueError(f"{path}: the study records no objectives (was it written by psc-search?)")
         self.trials: list[FrozenTrial] = []

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 Ask = Callable[[str, tuple[Choice, ...]], Choice]
 T = TypeVar("T")
 
-_SPACE_KEYS = ("name", "description", "task", "backbone", "hparams", "input_size", "blocks")
+_SPACE_KEYS = ("name", "description", "task", "backbone", "hparams", "blocks")
 _LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -55,14 +55,13 @@ class Unit:
 class SearchSpace:
     name: str
     source: str  # the file it came from, as error messages name it
+    task: str  # the task it searches for; the task fixes the input size everything is priced at
     backbone: str
     hparams: Mapping[str, Any]
-    input_size: tuple[int, int, int]
     slots: tuple[Slot, ...]
     units: tuple[Unit, ...]
     option_counts: tuple[int, ...]  # distinct resolved choices per unit
     description: str = ""
-    task: str | None = None
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -91,6 +90,8 @@ class SearchSpace:
     def _parse(cls, data: Any, source: str, default_name: str) -> SearchSpace:
         if not isinstance(data, Mapping):
             raise ConfigError("", f"a search space must be a mapping with keys {list(_SPACE_KEYS)}")
+        if "input_size" in data:
+            raise ConfigError("input_size", "no longer part of a space: its task sets the input size now; remove it")
         unknown = sorted(set(data) - set(_SPACE_KEYS))
         if unknown:
             raise ConfigError(unknown[0], f"unknown key; allowed: {list(_SPACE_KEYS)}")
@@ -100,22 +101,21 @@ class SearchSpace:
         given = data.get("hparams") or {}
         if not isinstance(given, Mapping):
             raise ConfigError("hparams", f"must be a mapping, got {given!r}")
-        if not isinstance(data.get("task", ""), str):
-            raise ConfigError("task", f"must be a task name, got {data['task']!r}")
+        if not isinstance(data.get("task"), str):
+            raise ConfigError("task", f"required, the name of the task the space is for; got {data.get('task')!r}")
         hparams = backbone.hparams(given)
         slots = tuple(backbone.slots(hparams))
         units = _parse_units(data.get("blocks"), slots)
         return cls(
             name=str(data.get("name", default_name)),
             source=source,
+            task=data["task"],
             backbone=backbone.name,
             hparams=hparams,
-            input_size=_input_size(data.get("input_size")),
             slots=slots,
             units=units,
             option_counts=tuple(_count_options(unit, slots) for unit in units),
             description=str(data.get("description", "")),
-            task=data.get("task"),
         )
 
     # ------------------------------------------------------------------ sampling
@@ -241,12 +241,6 @@ def _unit_label(label: Any, units: list[Unit], path: str) -> str:
     if any(unit.label == label for unit in units):
         raise ConfigError(path, f"{label!r} names two groups")
     return label
-
-
-def _input_size(raw: Any) -> tuple[int, int, int]:
-    if not (isinstance(raw, list) and len(raw) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw)):
-        raise ConfigError("input_size", f"required, the task's input size [D, H, W] used for pricing; got {raw!r}")
-    return tuple(raw)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------- counting and validation

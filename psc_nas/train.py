@@ -3,11 +3,14 @@
 ``fit`` is the single training entry point: every search trial and every ``psc-train`` call goes
 through it, so a number in a study and a number from ``psc-train`` mean the same thing.
 
-    ArchConfig ─► build_model ─► SegmentationModule ─┐
-    Task ─► loss(), datamodule(seed) ────────────────┴─► Trainer.fit ─► TrainResult
-                                                           │ random patches: Adam on task.loss()
-                                                           │ whole volumes: sliding-window Dice
-                                                           └─ per epoch: train_loss, dice_<class>, dice_mean
+    ArchConfig ─► build_model ─► TaskModule ─┐
+    Task ─► loss(), datamodule(seed) ────────┴─► Trainer.fit ─► TrainResult
+                                   │ training batch: Adam on task.loss()(net(batch[input_key]), batch)
+                                   │ validation batch: task.metrics().update(task.predict(net, batch), batch)
+                                   └─ per epoch: train_loss and the task's metrics
+
+Nothing here knows what a task predicts: IBSR's patches and sliding-window Dice, a classifier's
+clips and accuracy, or affinities scored on whole volumes all come from the task.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-from psc_nas.arch import ArchConfig, ConfigError, as_config
-from psc_nas.nets import build_model, validate, validated
+from psc_nas.arch import ArchConfig, as_config
+from psc_nas.nets import build_model, validated
+from psc_nas.tasks import Batch, Task, get_task
 
 DEFAULT_LR = 1e-3
 CHECKPOINT_NAME = "best"
@@ -43,7 +47,7 @@ class TrainingFailed(RuntimeError):
 @dataclass
 class TrainResult:
     metrics: dict[str, float]  # validation metrics after the last epoch
-    best_metric: float  # best value of the task's metric over the epochs
+    best_metric: float  # best value of the task's metric over the epochs, in the metric's direction
     curve: list[dict[str, float]]  # one dict per epoch: epoch, train_loss, validation metrics
     wall_seconds: float
     fwd_bwd_seconds: float  # time inside training_step + backward, the share the architecture decides
@@ -56,38 +60,37 @@ class TrainResult:
         return data
 
 
-class SegmentationModule(L.LightningModule):
-    """A network built from an ArchConfig, trained on patches and validated on whole volumes."""
+class TaskModule(L.LightningModule):
+    """A network built from an ArchConfig, trained and validated the way its task says."""
 
-    def __init__(self, config: ArchConfig, task: Any, *, lr: float = DEFAULT_LR) -> None:
+    def __init__(self, config: ArchConfig, task: Task, *, lr: float = DEFAULT_LR) -> None:
         super().__init__()
         # The checkpoint carries the architecture, so export can rebuild the network from it alone.
         self.save_hyperparameters({"arch": config.to_dict(), "task": task.name, "lr": lr})
         self.net = build_model(config)
+        self.task = task
         self.loss_fn = task.loss()
         self.lr = lr
-        self.inferer = task.inferer()  # whole volumes in task-sized windows (MONAI sliding window)
         self.val_metrics = task.metrics()
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net(image)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
 
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        image, label = batch["image"], batch["label"]
-        loss = self.loss_fn(self(image), label)
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        inputs = batch[self.task.input_key]
+        loss = self.loss_fn(self(inputs), batch)
         if not torch.isfinite(loss):
             raise TrainingFailed(
                 f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}"
             )
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=image.shape[0])
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=inputs.shape[0])
         return loss
 
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
 
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        image, label = batch["image"], batch["label"]
-        self.val_metrics.update(self.inferer(image, self.net), label)
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self.val_metrics.update(self.task.predict(self.net, batch), batch)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute())
@@ -152,7 +155,7 @@ def _quiet() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def load_arch(arch: str, task: Any) -> tuple[ArchConfig, str]:
+def load_arch(arch: str, task: Task) -> tuple[ArchConfig, str]:
     """The config ``arch`` names, a preset on the task's backbone or a YAML/JSON file, and a short label."""
     from psc_nas.presets import PRESETS, preset_config
 
@@ -164,20 +167,9 @@ def load_arch(arch: str, task: Any) -> tuple[ArchConfig, str]:
     raise ValueError(f"--arch {arch!r} is neither a preset ({', '.join(PRESETS)}) nor a .yaml/.json config file")
 
 
-def check_fits_task(config: ArchConfig, task: Any) -> ArchConfig:
-    """Validate ``config`` and check it takes the task's input and predicts its classes."""
-    from psc_nas.nets import get_backbone
-
-    hparams = get_backbone(validate(config).backbone).hparams(config.hparams)
-    for key, wanted in task.backbone_hparams.items():
-        if key in hparams and hparams[key] != wanted:
-            raise ConfigError(f"hparams.{key}", f"task {task.name} needs {wanted}, the config has {hparams[key]}")
-    return config
-
-
 def fit(
     config: ArchConfig | str | Path | Mapping[str, Any],
-    task: Any,
+    task: Task | str,
     *,
     epochs: int,
     seed: int = 0,
@@ -197,25 +189,24 @@ def fit(
     Nothing is written unless ``out_dir`` is given; then it receives ``config.yaml``,
     ``metrics.json``, ``curve.csv`` and the best epoch's checkpoint ``best.ckpt``.
     Raises ``TrainingFailed`` when the loss stops being finite, ``ValueError`` for a config that
-    does not fit the task or data the task cannot use.
+    does not fit the task (``Task.check_config``) or data the task cannot use.
     """
-    from psc_nas.tasks import get_task
-
     task = get_task(task) if isinstance(task, str) else task
-    config = check_fits_task(as_config(config), task)
+    config = task.check_config(as_config(config))
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     started = time.perf_counter()
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule = task.datamodule(data_dir=data_dir, seed=seed, **dict(data_options or {}))
-    module = SegmentationModule(config, task, lr=lr)
+    module = TaskModule(config, task, lr=lr)
     timer, curve = FwdBwdTimer(), EpochCurve()
     checkpoint = None
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = ModelCheckpoint(
-            dirpath=out_dir, filename=CHECKPOINT_NAME, monitor=task.metric, mode="max", save_top_k=1,
+            dirpath=out_dir, filename=CHECKPOINT_NAME, monitor=task.metric, mode="max" if task.maximize else "min",
+            save_top_k=1,
             auto_insert_metric_name=False, enable_version_counter=False,
         )
     with _quiet():
@@ -239,7 +230,7 @@ def fit(
         raise TrainingFailed("no training epoch finished")
     result = TrainResult(
         metrics={k: v for k, v in curve.rows[-1].items() if k not in ("epoch", "train_loss")},
-        best_metric=max(row[task.metric] for row in curve.rows),
+        best_metric=task.best([row[task.metric] for row in curve.rows]),
         curve=curve.rows,
         wall_seconds=time.perf_counter() - started,
         fwd_bwd_seconds=timer.seconds,
@@ -263,7 +254,7 @@ def _write_run(out_dir: Path, config: ArchConfig, result: TrainResult) -> None:
         writer.writerows(result.curve)
 
 
-def fit_into(out: str | Path, config: ArchConfig, task: Any, **fit_kwargs: Any) -> TrainResult:
+def fit_into(out: str | Path, config: ArchConfig, task: Task | str, **fit_kwargs: Any) -> TrainResult:
     """``fit`` writing into ``out`` all at once: a failed run leaves nothing behind.
 
     Trains into a hidden sibling directory and renames it at the end (atomic on one filesystem).

@@ -174,7 +174,7 @@ def test_dice_scores_and_loss():
     wrong = perfect.clone()
     wrong[0, :, :4, :, 0] = torch.tensor([0, 0, 10.0, 0])[:, None, None]  # W=0 of the brain predicted GM
     metrics = task.metrics()
-    metrics.update(wrong, target)
+    metrics.update(wrong, {"label": target})
     scores = metrics.compute()
     # CSF loses 8 of its 32 voxels and WM 4 of its 16, all to GM, which predicts 16 + 12.
     assert scores["dice_csf"] == pytest.approx(2 * 24 / (24 + 32))
@@ -182,10 +182,10 @@ def test_dice_scores_and_loss():
     assert scores["dice_wm"] == pytest.approx(2 * 12 / (12 + 16))
     assert scores[task.metric] == pytest.approx(np.mean([scores["dice_csf"], scores["dice_gm"], scores["dice_wm"]]))
     metrics.reset()
-    metrics.update(perfect, target)
+    metrics.update(perfect, {"label": target})
     assert metrics.compute() == {"dice_csf": 1.0, "dice_gm": 1.0, "dice_wm": 1.0, "dice_mean": 1.0}
     loss = task.loss()
-    assert loss(perfect, target) < 0.01 < 1 < loss(wrong * -1, target)
+    assert loss(perfect, {"label": target}) < 0.01 < 1 < loss(wrong * -1, {"label": target})
 
 
 def test_embedded_cohort_is_real_anatomy_in_ibsr_layout(tmp_path):

@@ -38,8 +38,8 @@ def test_search_records_the_schema_and_writes_front_and_knee(tmp_path):
     study, out = search(tmp_path)
     assert study.user_attrs["task"] == "ibsr"
     assert study.user_attrs["budget_params"] == 5_000_000
-    assert study.user_attrs["objectives"] == [{"name": "dice_mean", "direction": "maximize"},
-                                              {"name": "params", "direction": "minimize"}]
+    assert study.user_attrs["objectives"] == [{"name": "dice_mean", "direction": "maximize", "range": [0.0, 1.0]},
+                                              {"name": "params", "direction": "minimize", "range": [0.0, 5_000_000.0]}]
     done = trained(study)
     assert len(done) == 8
     for trial in done:

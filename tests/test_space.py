@@ -28,7 +28,7 @@ SHIPPED = ["em_unet3d", "ibsr_densenet3d", "video_resnet3d"]
 TINY = {
     "backbone": "densenet3d",
     "hparams": {"num_blocks": 1, "layers_per_block": 3, "init_channels": 4, "growth_rate": 3, "side_channels": 2},
-    "input_size": [4, 4, 4],
+    "task": "ibsr",
     "blocks": {
         "ops": {
             "conv3d": {},
@@ -155,8 +155,9 @@ def test_unknown_preset_lists_the_known_ones():
         (lambda d: d["blocks"]["groups"][1].update(slots="block9.*"), r"blocks\.groups\[1\]\.slots: \['block9\.\*'\] matches no slot"),
         (lambda d: d["blocks"]["groups"].pop(), r"blocks\.groups: slots \['block1\.layer2', 'block1\.layer3'\] are in no group"),
         (lambda d: d["hparams"].update(depth=3), r"x\.yaml: hparams\.depth: unknown for densenet3d"),
-        (lambda d: d.pop("input_size"), r"x\.yaml: input_size: required"),
-        (lambda d: d.update(task=["ibsr"]), r"x\.yaml: task: must be a task name"),
+        (lambda d: d.pop("task"), r"x\.yaml: task: required, the name of the task the space is for; got None"),
+        (lambda d: d.update(task=["ibsr"]), r"x\.yaml: task: required, the name of the task"),
+        (lambda d: d.update(input_size=[64, 64, 64]), r"x\.yaml: input_size: no longer part of a space: its task sets"),
     ],
 )
 def test_schema_errors_name_the_file_and_the_path(tmp_path: Path, edit, message):
@@ -180,7 +181,7 @@ class NarrowBackbone(Backbone):
 
 def test_op_arguments_a_slot_cannot_take_are_rejected_at_load(monkeypatch):
     monkeypatch.setitem(BACKBONES, NarrowBackbone.name, NarrowBackbone())
-    data = {"backbone": "narrow_test", "input_size": [4, 4, 4], "blocks": {"ops": {"conv3d": {}, "pmscn": {"m": [1, 3]}}}}
+    data = {"backbone": "narrow_test", "task": "narrow", "blocks": {"ops": {"conv3d": {}, "pmscn": {"m": [1, 3]}}}}
     with pytest.raises(ConfigError, match=r"narrow\.yaml: blocks\.ops\.pmscn: .*m=3.*\(slot only\)"):
         SearchSpace.from_dict(data, source="narrow.yaml")
     data["hparams"] = {"channels": 3}
@@ -265,7 +266,7 @@ def test_psc_space_lists_every_shipped_space_with_size_and_priced_presets():
     assert result.exit_code == 0, result.output
     assert all(name in result.stdout for name in SHIPPED)
     assert "1.14e+12" in result.stdout  # ibsr_densenet3d: 258**5
-    dense = psc_nas.cost(preset_config("p2sc2", "densenet3d", in_channels=1, num_classes=4), (64, 64, 64))
+    dense = psc_nas.cost(preset_config("p2sc2", "densenet3d", in_channels=1, num_classes=4), (32, 32, 32))
     assert psc_nas.format_count(dense.params) in result.stdout
 
 

@@ -14,7 +14,7 @@ from psc_nas.arch import ArchConfig, ConfigError
 from psc_nas.cli import train_app
 from psc_nas.presets import preset_config
 from psc_nas.tasks.ibsr import IBSRTask
-from psc_nas.train import TrainingFailed, check_fits_task, fit, fit_into
+from psc_nas.train import TrainingFailed, fit, fit_into
 
 # A DenseNet3D small enough for CPU tests: 3 blocks of 2 layers at a quarter of the width, with
 # (2+1)D convs: at these few channels p2sc2 and even conv3d hit slow CPU kernels (4-15x slower).
@@ -92,7 +92,7 @@ def test_fit_is_deterministic_for_a_seed(trained, task, tiny_config):
 
 class NanLossTask(SmallPatchIBSR):
     def loss(self):
-        return lambda logits, target: logits.mean() * float("nan")
+        return lambda logits, batch: logits.mean() * float("nan")
 
 
 def test_nan_loss_fails_clearly_and_leaves_nothing(tiny_config, tmp_path):
@@ -104,7 +104,7 @@ def test_nan_loss_fails_clearly_and_leaves_nothing(tiny_config, tmp_path):
 def test_config_must_fit_the_task(task):
     three_classes = preset_config("conv3d", "densenet3d", in_channels=1, num_classes=3, **TINY)
     with pytest.raises(ConfigError, match=r"hparams.num_classes: task ibsr needs 4, the config has 3"):
-        check_fits_task(three_classes, task)
+        task.check_config(three_classes)
 
 
 def invoke(*args: str):
@@ -133,12 +133,14 @@ def test_psc_train_writes_the_run(tiny_config, tmp_path, monkeypatch):
         (["--arch", "p9sc9"], "neither a preset"),
         (["--arch", "missing.yaml"], "cannot read missing.yaml"),
         (["--arch", "bad.yaml"], "bad.yaml:blocks"),
+        (["--arch", "unet.yaml"], "backbone: task ibsr trains densenet3d, the config is for unet3d"),
         (["--arch", "conv3d", "--data-dir", "no-such-dir"], "no-such-dir: IBSR data directory not found"),
     ],
 )
 def test_psc_train_user_errors_are_one_line(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.yaml").write_text("backbone: densenet3d\nblocks: [{op: pmscn, m: 7}]\n")
+    preset_config("conv3d", "unet3d", in_channels=1, num_classes=4).save(tmp_path / "unet.yaml")
     result = invoke(*args, "--no-progress")
     assert result.exit_code == 1
     assert result.stderr.startswith("psc-train: ") and result.stderr.count("\n") == 1

@@ -80,6 +80,12 @@ class Catalog:
             found.append((actual, config))
         return found
 
+    def costliest_macs(self) -> Cost:
+        """The cost of the space's architecture with the most MACs: each unit at its costliest option."""
+        picks = [max(zip(options, deltas), key=lambda pair: pair[1].macs)[0]
+                 for options, deltas in zip(self.options, self._deltas)]
+        return cost(self.compose(picks), self.spatial)
+
     def check_reachable(self, budget: Budget) -> None:
         """Raise ``ValueError`` (one line) when no architecture of the space fits ``budget``.
 
@@ -96,7 +102,8 @@ class Catalog:
         raise ValueError(
             f"no architecture in space {self.space.name!r} meets {budget.describe()}: the cheapest has "
             f"{format_count(by_params.params)} params ({format_count(by_params.macs)} MACs), the leanest "
-            f"{format_count(by_macs.macs)} MACs ({format_count(by_macs.params)} params)"
+            f"{format_count(by_macs.macs)} MACs ({format_count(by_macs.params)} params); MACs at input "
+            f"{'x'.join(map(str, self.spatial))}"
         )
 
     def answers_for(self, config: ArchConfig) -> Answers | None:

@@ -278,7 +278,7 @@ class Engine:
                 if data["fidelity"] == epochs and attrs["arch_hash"] not in pool:
                     metric = data["metrics"].get(self.plan.task.metric, math.nan)
                     if not math.isnan(metric):
-                        pool[attrs["arch_hash"]] = Scored(attrs["arch_hash"], metric, self._costs(attrs))
+                        pool[attrs["arch_hash"]] = Scored(attrs["arch_hash"], self._score(metric), self._costs(attrs))
         return list(pool.values())
 
     def _costs(self, attrs: dict[str, Any]) -> tuple[float, ...]:
@@ -286,7 +286,12 @@ class Engine:
 
     def _scored(self, candidate: Candidate, key: int) -> Scored:
         metric = candidate.best.metrics.get(self.plan.task.metric, math.nan)  # type: ignore[union-attr]
-        return Scored(key, -math.inf if math.isnan(metric) else metric, self._costs(candidate.trial.user_attrs))
+        score = -math.inf if math.isnan(metric) else self._score(metric)
+        return Scored(key, score, self._costs(candidate.trial.user_attrs))
+
+    def _score(self, metric: float) -> float:
+        """The metric as the promotion rule takes it, higher is better, whatever the task's direction."""
+        return metric if self.plan.objectives[0].maximize else -metric
 
     # ------------------------------------------------------------------ telling
     def _finish(self, candidate: Candidate) -> None:

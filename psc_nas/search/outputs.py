@@ -30,10 +30,15 @@ from psc_nas.pareto import hypervolume, knee_point, normalize, pareto_front, to_
 class Objective:
     name: str
     maximize: bool
+    range: tuple[float, float] | None = None  # (low, high) for scaling: the task's metric range, [0, budget]
 
     @property
     def direction(self) -> str:
         return "maximize" if self.maximize else "minimize"
+
+    def to_attr(self) -> dict[str, object]:
+        """The study attribute entry: ``{"name", "direction", "range"}`` (range a list or None)."""
+        return {"name": self.name, "direction": self.direction, "range": list(self.range) if self.range else None}
 
 
 @dataclass(frozen=True)
@@ -58,15 +63,18 @@ def find_front(study: optuna.Study, objectives: Sequence[Objective], params_budg
 
 
 def quality_hypervolume(trials: Sequence[FrozenTrial], objectives: Sequence[Objective], params_budget: int | None) -> float:
-    """Hypervolume of (metric, params), both scaled to [0, 1]: the metric over [0, 1] (Dice and
-    accuracy are fractions), params over [0, budget] (or the largest seen). Fixed bounds make runs
-    of the same task and budget comparable; 1.0 would be a perfect score at zero parameters."""
+    """Hypervolume of (metric, params), both scaled to [0, 1]: the metric over its task's range
+    (default [0, 1]: Dice and accuracy are fractions), params over [0, budget] (or the largest seen).
+    Fixed bounds make runs of the same task and budget comparable; 1.0 would be a perfect score at
+    zero parameters."""
     metric, params = objectives[0], _index(objectives, "params")
     if params is None or not trials:
         return 0.0
     points = [(t.values[0], t.values[params]) for t in trials]
     upper_params = params_budget or max(p for _, p in points)
-    scaled = normalize(to_minimization(points, [metric.maximize, False]), (-1.0, 0.0), (0.0, upper_params))
+    low, high = metric.range or (0.0, 1.0)
+    best, worst = (-high, -low) if metric.maximize else (low, high)  # the metric's bounds once minimized
+    scaled = normalize(to_minimization(points, [metric.maximize, False]), (best, 0.0), (worst, upper_params))
     return hypervolume(scaled, (1.0, 1.0))
 
 

@@ -1,8 +1,10 @@
 """``run_search(settings)``: check everything a user can get wrong, then open the study and search.
 
-Every user error (unknown task, bad objective, a budget no architecture of the space can meet,
-an unwritable output folder, an unreachable database) raises ``ValueError`` *before* anything is
-written, so the CLI prints one line and leaves no half-made run behind.
+Every user error (unknown task, a space for another task or with other backbone hparams, bad
+objective, a budget no architecture of the space can meet or a MAC budget none comes near at the
+task's input shape, an unwritable output folder, an unreachable database, a resume at another input
+shape) raises ``ValueError`` *before* anything is written, so the CLI prints one line and leaves no
+half-made run behind.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from psc_nas.search.evaluate import Trainer, fit_trainer
 from psc_nas.search.outputs import Front, Objective
 from psc_nas.search.profiles import get_profile
 from psc_nas.search.storage import open_storage, open_study, storage_url
+from psc_nas.space import SearchSpace
+from psc_nas.tasks import Task, get_task
 
 SAMPLERS = ("nsga2", "tpe", "random")
 COST_OBJECTIVES = {"params": "params", "macs": "macs", "latency": "latency_ms", "latency_ms": "latency_ms"}
@@ -67,15 +71,20 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
-def resolve_objectives(names: tuple[str, ...], metric: str) -> tuple[Objective, ...]:
-    """The task's metric first (maximized), then the chosen costs (minimized), no repeats."""
-    resolved = [Objective(metric, maximize=True)]
+def resolve_objectives(names: tuple[str, ...], task: Task, budget: Budget) -> tuple[Objective, ...]:
+    """The task's metric first (in its direction, over its range), then the chosen costs (minimized,
+    over [0, budget] where there is one), no repeats."""
+    metric = task.metric
+    resolved = [Objective(metric, maximize=task.maximize, range=tuple(task.metric_range))]
+    bounds = {"params": budget.params, "macs": budget.macs}
     for name in names:
         if name in ("metric", metric):
             continue
         if name not in COST_OBJECTIVES:
             raise ValueError(f"unknown objective {name!r}; choose from metric ({metric}), params, macs, latency")
-        objective = Objective(COST_OBJECTIVES[name], maximize=False)
+        cost_name = COST_OBJECTIVES[name]
+        limit = bounds.get(cost_name)
+        objective = Objective(cost_name, maximize=False, range=None if limit is None else (0.0, float(limit)))
         if objective not in resolved:
             resolved.append(objective)
     if len(resolved) < 2:
@@ -98,8 +107,6 @@ def make_sampler(name: str, *, seed: int, population: int) -> optuna.samplers.Ba
 
 def plan_search(settings: SearchSettings, trainer: Trainer | None = None) -> Plan:
     """Resolve and check the settings; writes nothing."""
-    from psc_nas.tasks import get_task
-
     task = get_task(settings.task)
     profile = get_profile(settings.profile)
     if settings.sampler not in SAMPLERS:
@@ -109,15 +116,20 @@ def plan_search(settings: SearchSettings, trainer: Trainer | None = None) -> Pla
         raise ValueError(f"--trials must be at least 1, got {trials}")
     if settings.timeout is not None and settings.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {settings.timeout}")
-    catalog = _catalog(settings.space or f"{task.name}_{task.backbone}", tuple(task.input_shape[1:]))
+    space_name = settings.space or task.default_space
+    if space_name is None:
+        raise ValueError(f"task {task.name} names no default search space; choose one with --space")
+    task.check_space(_space(space_name))
+    catalog = _catalog(space_name, tuple(task.input_shape[1:]))
     catalog.check_reachable(settings.budget)
+    check_macs_budget(settings.budget, catalog, task)
     space = catalog.space
     return Plan(
         task=task,
         space=space,
         catalog=catalog,
         budget=settings.budget,
-        objectives=resolve_objectives(settings.objectives, task.metric),
+        objectives=resolve_objectives(settings.objectives, task, settings.budget),
         profile=profile,
         schedule=profile.schedule if settings.multi_fidelity else profile.schedule.single(),
         trainer=trainer or fit_trainer(task, seed=settings.seed, data_dir=settings.data_dir,
@@ -129,12 +141,29 @@ def plan_search(settings: SearchSettings, trainer: Trainer | None = None) -> Pla
     )
 
 
+def check_macs_budget(budget: Budget, catalog: Catalog, task: Task) -> None:
+    """Refuse a MAC budget above every architecture of the space: it excludes nothing, which is what a
+    budget quoted at a larger input than the task's looks like (MACs grow with the input volume)."""
+    if budget.macs is None:
+        return
+    costliest = catalog.costliest_macs()
+    if budget.macs > costliest.macs:
+        raise ValueError(
+            f"--macs-budget {format_count(budget.macs)} is above the costliest architecture of space "
+            f"{catalog.space.name!r} ({format_count(costliest.macs)} MACs), so it excludes nothing; MACs count at "
+            f"task {task.name}'s input {task.describe_input()} (psc-space {catalog.space.name} prints presets' MACs)"
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _space(name: str) -> SearchSpace:
+    return SearchSpace.load(name)
+
+
 @functools.lru_cache(maxsize=4)
 def _catalog(space: str, spatial: tuple[int, ...]) -> Catalog:
     """Pricing a space takes seconds; workers and tests that search one space twice price it once."""
-    from psc_nas.space import SearchSpace
-
-    return Catalog(SearchSpace.load(space), spatial)
+    return Catalog(_space(space), spatial)
 
 
 def run_search(settings: SearchSettings, *, trainer: Trainer | None = None, console: Console | None = None) -> Front:
@@ -152,9 +181,10 @@ def run_search(settings: SearchSettings, *, trainer: Trainer | None = None, cons
             attrs={
                 "task": plan.task.name,
                 "space": plan.space.name,
+                "input_shape": list(plan.task.input_shape),
                 "budget_params": plan.budget.params,
                 "budget_macs": plan.budget.macs,
-                "objectives": [{"name": o.name, "direction": o.direction} for o in plan.objectives],
+                "objectives": [o.to_attr() for o in plan.objectives],
             },
         )
     except BaseException:

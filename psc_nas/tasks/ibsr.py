@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
+from torch import nn
 
-from psc_nas.tasks.base import DataError, Task
+from psc_nas.tasks.base import Batch, DataError, TargetLoss, Task
 from psc_nas.tasks.ibsr_embedded import DEFAULT_SPACING, embedded_cohort
+from psc_nas.tasks.registry import register_task
 from psc_nas.tasks.segmentation import DiceScores, Volume, patch_loader, read_nifti, volume_loader, zscore_within_brain
 
 CLASS_NAMES = ("background", "CSF", "GM", "WM")
@@ -163,24 +165,30 @@ class IBSRDataModule(L.LightningDataModule):
         return volume_loader(self.volumes["test"], num_workers=self.num_workers)
 
 
+@register_task
 class IBSRTask(Task):
     name = "ibsr"
     backbone = "densenet3d"
     backbone_hparams = {"in_channels": 1, "num_classes": len(CLASS_NAMES)}
     class_names = CLASS_NAMES
+    input_shape = (1, 32, 32, 32)  # training patches and sliding windows; the size every cost is quoted at
     metric = "dice_mean"  # mean Dice of CSF, GM and WM
-    input_shape = (1, 32, 32, 32)
+    metric_direction = "maximize"
+    metric_range = (0.0, 1.0)
+    default_space = "ibsr_densenet3d"
 
-    def loss(self) -> DiceCELoss:
+    def loss(self) -> TargetLoss:
         # Dice over the whole batch: a 32³ patch often lacks CSF, and per-patch Dice of an absent
         # class is ~1 whatever the prediction's quality.
-        return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+        return TargetLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
 
     def metrics(self) -> DiceScores:
         return DiceScores(self.class_names)
 
-    def inferer(self) -> SlidingWindowInferer:
-        return SlidingWindowInferer(roi_size=self.input_shape[1:], sw_batch_size=4, overlap=0.25)
+    def predict(self, net: nn.Module, batch: Batch) -> torch.Tensor:
+        """Logits of whole volumes, inferred in task-sized windows (MONAI sliding window)."""
+        inferer = SlidingWindowInferer(roi_size=self.input_shape[1:], sw_batch_size=4, overlap=0.25)
+        return inferer(batch[self.input_key], net)
 
     def datamodule(self, data_dir: str | Path | None = None, *, seed: int = 0, **options: Any) -> IBSRDataModule:
         """Options: ``batch_size``, ``samples_per_epoch``, ``spacing``, ``cache_dir``, ``num_workers``."""

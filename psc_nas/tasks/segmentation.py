@@ -17,7 +17,7 @@ from monai.data import DataLoader, Dataset
 from monai.metrics import DiceMetric
 from monai.transforms import Compose, EnsureTyped, RandCropByPosNegLabeld, SpatialPadd
 
-from psc_nas.tasks.base import DataError
+from psc_nas.tasks.base import Batch, DataError
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,9 @@ class DiceScores:
     def reset(self) -> None:
         self._dice.reset()
 
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """``logits`` (N, classes, D, H, W); ``target`` (N, 1, D, H, W) class indices."""
-        self._dice(y_pred=logits.argmax(1, keepdim=True), y=target)
+    def update(self, logits: torch.Tensor, batch: Batch) -> None:
+        """``logits`` (N, classes, D, H, W); ``batch["label"]`` (N, 1, D, H, W) class indices."""
+        self._dice(y_pred=logits.argmax(1, keepdim=True), y=batch["label"])
 
     def compute(self) -> dict[str, float]:
         per_class = self._dice.aggregate()

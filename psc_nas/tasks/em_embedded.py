@@ -11,8 +11,9 @@ Nothing ships real labelled EM, so :func:`synthetic_em_volume` draws it (fixed s
   both sides of every cell boundary whose contrast fades along smooth random patches (gaps the
   network must bridge from context); dark mitochondria-like blobs and vesicle dots inside cells
   (boundary look-alikes that are not boundaries); Gaussian blur, then Gaussian noise; 8-bit.
-- **optional**: anisotropy (draw at ``anisotropy``× finer z, keep every ``anisotropy``-th section:
-  resolution (10·a, 10, 10) nm) and missing sections (whole sections of raw data blacked out, labels
+- **optional**: anisotropy (sections ``anisotropy``× farther apart than pixels, resolution
+  (10·a, 10, 10) nm: everything above is drawn in physical units on that grid, so cells span fewer
+  sections and z blur is narrower) and missing sections (whole sections of raw data blacked out, labels
   kept, as in CREMI's defective sections).
 
 :func:`embedded_em` writes train/val/test volumes as CREMI-style HDF5 files, so they load exactly
@@ -99,17 +100,17 @@ def synthetic_em_volume(
             f"anisotropy must be >= 1 and missing_sections in [0, 1), got {anisotropy}, {missing_sections}"
         )
     rng = np.random.default_rng(seed)
-    fine = (shape[0] * anisotropy, shape[1], shape[2])
-    labels = _cells(fine, rng, cell_diameter, min_cell)
-    raw = _appearance(labels, rng, cell_diameter)
-    raw, labels = raw[::anisotropy], labels[::anisotropy]
+    spacing = np.array([anisotropy, 1.0, 1.0])  # voxel size in units of a pixel
+    labels = _cells(tuple(shape), spacing, rng, cell_diameter, min_cell)
+    raw = _appearance(labels, spacing, rng, cell_diameter)
     raw = raw + rng.normal(0.0, noise, raw.shape)
     sections = rng.random(shape[0]) < missing_sections
     raw[sections] = 0.0
     return (np.clip(raw, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.uint32)
 
 
-def _cells(shape, rng: np.random.Generator, diameter: float, min_cell: int) -> np.ndarray:
+def _cells(shape, spacing: np.ndarray, rng: np.random.Generator, diameter: float, min_cell: int) -> np.ndarray:
+    """Dense neuron ids; lengths (``diameter``, walks, warp) in pixel units, converted by ``spacing``."""
     from skimage.measure import label as connected_components
     from skimage.segmentation import expand_labels
 
@@ -120,7 +121,7 @@ def _cells(shape, rng: np.random.Generator, diameter: float, min_cell: int) -> n
     ids = 0
     while distance.max() >= 0.8 * diameter or ids == 0:
         # start new cells where there are none, a few per distance transform, a diameter apart
-        far = np.stack(np.nonzero(distance >= 0.7 * distance.max()), 1).astype(float)
+        far = np.stack(np.nonzero(distance >= 0.7 * distance.max()), 1) * spacing  # physical positions
         for _ in range(8):
             if not len(far):
                 break
@@ -128,75 +129,81 @@ def _cells(shape, rng: np.random.Generator, diameter: float, min_cell: int) -> n
             far = far[np.linalg.norm(far - start, axis=1) > diameter]
             ids += 1
             if rng.random() < 0.8:
-                _draw_neurite(skeletons, start, bundle, ids, rng)
+                _draw_neurite(skeletons, spacing, start, bundle, ids, rng)
             else:
-                _draw_ball(skeletons, start, rng.uniform(1.5, 3.5), ids)
-        distance = ndimage.distance_transform_edt(skeletons == 0)
+                _draw_ball(skeletons, spacing, start, rng.uniform(1.5, 3.5), ids)
+        distance = ndimage.distance_transform_edt(skeletons == 0, sampling=spacing)
     # each voxel takes the id of its nearest skeleton voxel, looked up through a smooth warp
-    _, nearest = ndimage.distance_transform_edt(skeletons == 0, return_indices=True)
+    _, nearest = ndimage.distance_transform_edt(skeletons == 0, sampling=spacing, return_indices=True)
     grid = np.indices(shape, dtype=np.float32)
-    warp = np.stack([ndimage.gaussian_filter(rng.normal(0, 1, shape), diameter / 3) for _ in range(3)])
-    warp *= 0.25 * diameter / max(float(np.abs(warp).max()), 1e-6)
+    warp = np.stack([ndimage.gaussian_filter(rng.normal(0, 1, shape), diameter / 3 / spacing) for _ in range(3)])
+    warp *= (0.25 * diameter / max(float(np.abs(warp).max()), 1e-6)) / spacing.reshape(3, 1, 1, 1)
     lookup = np.clip(np.round(grid + warp).astype(np.int64), 0, np.array(shape).reshape(3, 1, 1, 1) - 1)
     labels = skeletons[tuple(nearest[(slice(None), *lookup)])]
     labels = connected_components(labels, background=-1, connectivity=1)  # one id per connected piece
     sizes = np.bincount(labels.ravel())
     labels[sizes[labels] < min_cell] = 0
-    labels = expand_labels(labels, distance=diameter)  # small pieces are absorbed by their neighbours
+    labels = expand_labels(labels, distance=diameter, spacing=spacing)  # small pieces join their neighbours
     _, dense = np.unique(labels, return_inverse=True)
     return dense.reshape(shape).astype(np.uint32) + 1
 
 
 def _draw_neurite(
-    skeletons: np.ndarray, start: np.ndarray, bundle: np.ndarray, cell: int, rng: np.random.Generator
+    skeletons: np.ndarray,
+    spacing: np.ndarray,
+    start: np.ndarray,
+    bundle: np.ndarray,
+    cell: int,
+    rng: np.random.Generator,
 ) -> None:
     """A persistent random walk through ``start`` near the ``bundle`` direction, drawn both ways
     until it leaves the volume."""
-    shape = np.array(skeletons.shape)
+    extent = (np.array(skeletons.shape) - 1) * spacing
     heading = bundle + 0.7 * rng.normal(size=3)
     heading /= np.linalg.norm(heading)
     for direction in (heading, -heading):
         point, step = start.copy(), direction.copy()
-        while np.all(point >= 0) and np.all(point <= shape - 1):
-            skeletons[tuple(np.round(point).astype(int))] = cell
+        while np.all(point >= 0) and np.all(point <= extent):
+            skeletons[tuple(np.round(point / spacing).astype(int))] = cell
             step = step + rng.normal(0, 0.05, 3)
             step /= np.linalg.norm(step)
             point += 0.5 * step
 
 
-def _draw_ball(skeletons: np.ndarray, centre: np.ndarray, radius: float, cell: int) -> None:
-    low = np.maximum(np.floor(centre - radius).astype(int), 0)
-    high = np.minimum(np.ceil(centre + radius).astype(int) + 1, skeletons.shape)
+def _draw_ball(skeletons: np.ndarray, spacing: np.ndarray, centre: np.ndarray, radius: float, cell: int) -> None:
+    low = np.maximum(np.floor((centre - radius) / spacing).astype(int), 0)
+    high = np.minimum(np.ceil((centre + radius) / spacing).astype(int) + 1, skeletons.shape)
     box = tuple(slice(a, b) for a, b in zip(low, high))
-    grid = np.indices(high - low) + low.reshape(3, 1, 1, 1)
+    grid = (np.indices(high - low) + low.reshape(3, 1, 1, 1)) * spacing.reshape(3, 1, 1, 1)
     inside = ((grid - centre.reshape(3, 1, 1, 1)) ** 2).sum(0) <= radius**2
     skeletons[box][inside] = cell
 
 
-def _appearance(labels: np.ndarray, rng: np.random.Generator, diameter: float) -> np.ndarray:
+def _appearance(labels: np.ndarray, spacing: np.ndarray, rng: np.random.Generator, diameter: float) -> np.ndarray:
     from skimage.segmentation import find_boundaries
 
     cells = int(labels.max()) + 1
     cytoplasm = rng.uniform(0.62, 0.8, cells).astype(np.float32)[labels]
-    cytoplasm += 0.04 * _smooth_noise(labels.shape, 2.0, rng)
+    cytoplasm += 0.04 * _smooth_noise(labels.shape, 2.0 / spacing, rng)
     # membranes: both sides of every boundary, contrast fading over smooth patches (gaps)
     membrane = find_boundaries(labels, connectivity=1, mode="thick")
     # full contrast over ~85% of the membrane surface, fading to 0.15 where the smooth field is high
-    contrast = np.clip(2.0 - _smooth_noise(labels.shape, diameter / 2, rng), 0.15, 1.0)
+    contrast = np.clip(2.0 - _smooth_noise(labels.shape, diameter / 2 / spacing, rng), 0.15, 1.0)
     raw = np.where(membrane, cytoplasm - 0.45 * contrast, cytoplasm)
     # organelles inside cells: mitochondria (dark blobs) and vesicles (small dark dots)
-    for count, radius, darkness in ((labels.size // 6000, 2.5, 0.3), (labels.size // 800, 0.9, 0.22)):
+    volume = labels.size * float(np.prod(spacing))  # in cubic pixels
+    for count, radius, darkness in ((int(volume // 6000), 2.5, 0.3), (int(volume // 800), 0.9, 0.22)):
         centres = np.stack([rng.integers(0, s, count) for s in labels.shape], 1)
         marks = np.zeros(labels.shape, bool)
         marks[tuple(centres.T)] = True
-        blobs = ndimage.distance_transform_edt(~marks) <= radius
-        _, nearest = ndimage.distance_transform_edt(~marks, return_indices=True)
+        distance, nearest = ndimage.distance_transform_edt(~marks, sampling=spacing, return_indices=True)
+        blobs = distance <= radius
         own_cell = labels == labels[tuple(nearest)]  # an organelle stays inside the cell it sits in
         raw = np.where(blobs & own_cell & ~membrane, raw - darkness, raw)
-    return ndimage.gaussian_filter(raw, 0.8)
+    return ndimage.gaussian_filter(raw, 0.8 / spacing)
 
 
-def _smooth_noise(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
+def _smooth_noise(shape, sigma, rng: np.random.Generator) -> np.ndarray:
     """Zero-mean noise smoothed over ``sigma`` voxels, scaled to unit standard deviation."""
     field = ndimage.gaussian_filter(rng.normal(0, 1, shape), sigma)
     return (field / max(float(field.std()), 1e-6)).astype(np.float32)

@@ -13,7 +13,9 @@ from optuna.trial import TrialState
 
 import psc_nas
 from psc_nas.costs import Cost
+from psc_nas.dashboard import payload
 from psc_nas.evaluators import Evaluation, Fidelity
+from psc_nas.export import export
 from psc_nas.presets import preset_config
 from psc_nas.results import Run
 from psc_nas.search.budget import Budget
@@ -104,9 +106,6 @@ def test_hypervolume_normalizes_the_metric_by_its_recorded_range():
 def test_every_reader_names_the_same_knee_when_completion_order_differs_from_numbers(tmp_path):
     """Three collinear trade-offs tie for the knee; they finish in reverse order. The knee is the
     earliest trial for pareto.json, best.yaml, the dashboard's Run and psc-export alike."""
-    from psc_nas.dashboard import payload
-    from psc_nas.export import export
-
     study = new_study(tmp_path)
     record = StudyRecord("ibsr", "ibsr_densenet3d", Budget(params=10_000_000), OBJECTIVES, "train")
     record.write(study)
@@ -118,7 +117,8 @@ def test_every_reader_names_the_same_knee_when_completion_order_differs_from_num
     values = []
     for trial, config, price in zip(trials, configs, prices):
         dice = 0.6 + 0.2 * (price.params - low) / (high - low)  # collinear in (dice, params)
-        TrialRecord(trial.number).priced(config, price).with_evaluation(evaluation(1, dice, by=trial.number)).save(trial)
+        priced = TrialRecord(trial.number).priced(config, price)
+        priced.with_evaluation(evaluation(1, dice, by=trial.number)).save(trial)
         values.append((dice, price.params))
     for trial, told in reversed(list(zip(trials, values))):
         tell_evaluated(study, trial, told)

@@ -11,12 +11,13 @@ Outcomes, as Optuna's own tools read them:
     over budget   PRUNED (never evaluated), no values; the budget constraints > 0 say by how much
     failed        FAIL, ``fail_reason`` says why; the results of lower fidelities are kept
 
-An over-budget trial is PRUNED rather than a COMPLETE trial with a made-up score, because Optuna
-(``study.best_trials``, ``plot_pareto_front``, NSGA-II's population) and optuna-dashboard (its
-best trials and Pareto front take COMPLETE trials only; it reads feasibility from the list-valued
-``constraints`` system attribute, not Optuna 5's ``constraints:<name>``) would otherwise count it
-as a feasible zero. TPE still learns from its constraint violation: it ranks PRUNED trials with
-constraints > 0 among the infeasible ones.
+An over-budget trial is PRUNED rather than COMPLETE with a stand-in score. Optuna's own readers
+(``study.best_trials``, ``plot_pareto_front``) honour Optuna 5's ``constraints:<name>`` and read
+it as infeasible either way, but optuna-dashboard (0.21) reads feasibility only from the old list-valued
+``constraints`` system attribute and puts every COMPLETE trial into its best trials and Pareto
+front: it showed a feasible zero. PRUNED without values is "not evaluated" to all of them.
+Samplers: NSGA-II breeds from COMPLETE trials only (over-budget samples are rejected, and
+replaced in the queue); TPE ranks PRUNED trials with constraints > 0 among its infeasible ones.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from psc_nas.evaluators.base import Evaluation, Fidelity
 from psc_nas.search.budget import Budget
 from psc_nas.search.optuna_adapter import name_metrics, retry_of
 
-COST_OBJECTIVES = ("params", "macs", "latency_ms")  # objectives read from the trial's own fields
+COST_FIELDS = ("params", "macs", "latency_ms")  # objectives read from the trial's own fields
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,8 @@ class TrialRecord:
         return [e for e in self.evaluations if e.evaluated_by == self.number]
 
     def measure(self, objective: str) -> float | None:
-        """An objective's value: a cost field (``COST_OBJECTIVES``) or a metric of the highest fidelity."""
-        if objective in COST_OBJECTIVES:
+        """An objective's value: a cost field (``COST_FIELDS``) or a metric of the highest fidelity."""
+        if objective in COST_FIELDS:
             return getattr(self, objective)
         return self.metrics.get(objective)
 

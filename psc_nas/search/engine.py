@@ -121,8 +121,9 @@ class Engine:
 
     def _publish(self) -> None:
         self.view.refresh()
-        self.front = write_outputs(self.plan.out_dir, self.plan.record, self.view.records)
-        self._emit(FrontChanged, front=self.front)
+        front, self.front = self.front, write_outputs(self.plan.out_dir, self.plan.record, self.view.records)
+        if _summary(self.front) != _summary(front):
+            self._emit(FrontChanged, front=self.front)
 
     def _wait_for_others(self) -> bool:
         """True while other workers hold trials that may yet come back to the queue as retries."""
@@ -250,3 +251,7 @@ class Engine:
         tell_failed(self.study, trial)
         self.view.update(replace(record, state=TrialState.FAIL))
         self._emit(Failed, number=trial.number, reason=reason)
+
+
+def _summary(front: Front) -> tuple[list[int], int | None, float]:
+    return [m.number for m in front.members], front.knee.number if front.knee else None, front.hypervolume

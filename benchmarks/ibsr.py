@@ -25,7 +25,7 @@ import torch
 
 from psc_nas import cost
 from psc_nas.presets import PRESETS, preset_config
-from psc_nas.search.evaluate import forward_latency_ms
+from psc_nas.search.latency import forward_latency_ms
 from psc_nas.tasks import get_task
 from psc_nas.train import fit
 

@@ -28,14 +28,18 @@ import optuna
 import pandas as pd
 
 from psc_nas import cost
-from psc_nas.search.outputs import Objective, feasible, quality_hypervolume
+from psc_nas.search.budget import Budget
+from psc_nas.search.front import quality_hypervolume
 from psc_nas.search.profiles import PROFILES
+from psc_nas.search.record import Objective, StudyRecord, TrialRecord, read_trials
 from psc_nas.space import SearchSpace
 from psc_nas.tasks import get_task
 
 BUDGET = "5M"
 BUDGET_PARAMS = 5_000_000
-OBJECTIVES = (Objective("dice_mean", True), Objective("params", False))
+# (Dice, params) normalized to Dice in [0, 1] and params in [0, budget], whatever the searches recorded
+COMPARED = StudyRecord("ibsr", "ibsr_densenet3d", Budget(params=BUDGET_PARAMS),
+                       (Objective("dice_mean", True), Objective("params", False)))
 METHODS = {
     "ours (NSGA-II + multi-fidelity + presets)": [],
     "random (Optuna RandomSampler)": ["--sampler", "random", "--no-multi-fidelity", "--no-seed-presets"],
@@ -52,12 +56,12 @@ def psc_search(out: Path, *extra: str) -> float:
     return time.perf_counter() - started
 
 
-def load(out: Path) -> optuna.Study:
-    return optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+def load(out: Path) -> list[TrialRecord]:
+    return read_trials(optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}"))
 
 
-def front_points(study: optuna.Study) -> list[tuple[float, float]]:
-    return [(t.values[0], t.values[1]) for t in study.get_trials() if feasible(t)]
+def front_points(records: list[TrialRecord]) -> list[tuple[float, float]]:
+    return [(r.values[0], r.values[1]) for r in records if r.feasible]
 
 
 def compute_share(out: Path, wall: float) -> dict[str, float]:
@@ -68,16 +72,16 @@ def compute_share(out: Path, wall: float) -> dict[str, float]:
         "search_wall_s": wall,
         "trial_train_s": train_s,
         "fwd_bwd_share_of_training": float(trained["fwd_bwd_s"].sum()) / train_s,
-        "fwd_bwd_plus_val_forward_share_of_training": float(trained["fwd_bwd_s"].sum() + trained["val_forward_s"].sum()) / train_s,
+        "fwd_bwd_plus_val_forward_share_of_training":
+            float(trained["fwd_bwd_s"].sum() + trained["val_forward_s"].sum()) / train_s,
         "training_share_of_search_wall": train_s / wall,
     }
 
 
 def default_run(out: Path) -> dict:
     wall = psc_search(out)
-    study = load(out)
     summary = json.loads((out / "pareto.json").read_text())
-    trained = [t for t in study.get_trials() if feasible(t) and t.user_attrs.get("fidelity", 0) > 0]
+    trained = [r for r in load(out) if r.feasible]
     return {
         "command": f"psc-search --task ibsr --budget {BUDGET} --out {out}",
         "architectures_trained": len(trained),
@@ -94,14 +98,14 @@ def comparison(root: Path, minutes: float) -> dict:
     for index, (name, flags) in enumerate(METHODS.items()):
         out = root / f"compare-{index}"
         wall = psc_search(out, "--timeout", f"{minutes}m", "--trials", "200", *flags)
-        study = load(out)
-        trials = [t for t in study.get_trials() if feasible(t)]
+        records = load(out)
+        trials = [r for r in records if r.feasible]
         results[name] = {
             "out": str(out),
             "wall_s": wall,
             "architectures_trained": len(trials),
-            "hypervolume": quality_hypervolume(trials, OBJECTIVES, BUDGET_PARAMS),
-            "points": front_points(study),
+            "hypervolume": quality_hypervolume(trials, COMPARED),
+            "points": front_points(records),
         }
     ours = results[next(iter(METHODS))]["hypervolume"]
     for entry in results.values():
@@ -111,18 +115,19 @@ def comparison(root: Path, minutes: float) -> dict:
 
 def presets_vs_fronts(compare: dict) -> dict:
     """Each preset at the quick profile's top fidelity, and whether some front point dominates it."""
-    from psc_nas.search.evaluate import fit_trainer
+    from psc_nas.evaluators import EvaluatorSetup, make_evaluator
 
     task = get_task("ibsr")
     profile = PROFILES["quick"]
-    train = fit_trainer(task, seed=0, data_dir=None, data_options=profile.data_options)
-    top = profile.schedule.top
+    train = make_evaluator("train", EvaluatorSetup(task, epochs=profile.epochs, data_options=profile.data_options))
+    top = train.levels()[-1]
     ours = load(Path(next(iter(compare.values()))["out"]))
-    evaluated = {t.user_attrs["preset"]: t.values[0] for t in ours.get_trials()
-                 if t.user_attrs.get("preset") and feasible(t) and t.user_attrs["fidelity"] == top}
+    evaluated = {r.preset: r.values[0] for r in ours if r.preset and r.feasible and r.fidelity.key == top.key}
     found = {}
     for name, config in SearchSpace.load("ibsr_densenet3d").presets().items():
-        dice = evaluated[name] if name in evaluated else train(config, top, None).metrics["dice_mean"]
+        if name not in evaluated:
+            evaluated[name] = train.evaluate(config, top, seconds_left=None).metrics["dice_mean"]
+        dice = evaluated[name]
         params = cost(config, task.input_shape[1:]).params
         found[name] = {
             "dice_mean": dice,
@@ -148,7 +153,8 @@ def plot(compare: dict, presets: dict, path: Path) -> None:
                      label=f"{name}: HV {entry['hypervolume']:.3f}")
     for name, entry in presets.items():
         axes.scatter(entry["params"] / 1e6, entry["dice_mean"], marker="x", color="black")
-        axes.annotate(name, (entry["params"] / 1e6, entry["dice_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axes.annotate(name, (entry["params"] / 1e6, entry["dice_mean"]), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")
     axes.axvline(BUDGET_PARAMS / 1e6, color="grey", linestyle=":", label="budget 5M")
     axes.set_xlabel("parameters (M)")
     axes.set_ylabel("validation Dice (mean of CSF, GM, WM)")

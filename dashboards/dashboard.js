@@ -39,8 +39,8 @@
   const number = (value, digits = 4) => (value == null ? "–" : (+value).toFixed(digits));
 
   function category(trial, front) {
+    if (trial.over_budget) return "infeasible";  // priced over budget: PRUNED, never evaluated
     if (trial.state !== "COMPLETE") return "failed";
-    if (!trial.feasible) return "infeasible";  // told COMPLETE by the search, but never trained
     if (trial.preset) return "preset";
     return front.has(trial.number) ? "front" : "feasible";
   }
@@ -52,7 +52,7 @@
       `params: ${count(trial.params)}   MACs: ${count(trial.macs)}`,
     ];
     if (trial.latency_ms != null) lines.push(`latency: ${number(trial.latency_ms, 2)} ms`);
-    if (trial.fidelity != null) lines.push(`fidelity: ${trial.fidelity}`);
+    if (trial.fidelity_words != null) lines.push(`fidelity: ${trial.fidelity_words}`);
     if (trial.preset) lines.push(`preset: ${trial.preset}`);
     if (trial.fail_reason) lines.push(`failed: ${trial.fail_reason}`);
     if (trial.summary) lines.push(trial.summary);
@@ -194,7 +194,7 @@
   const TABLE_COLUMNS = [
     ["number", "#", String], ["state", "state", String], ["feasible", "feasible", (v) => (v ? "yes" : "no")],
     ["quality", null, (v) => number(v)], ["params", "params", count], ["macs", "MACs", count],
-    ["latency_ms", "latency ms", (v) => number(v, 2)], ["fidelity", "fidelity", (v) => (v == null ? "–" : String(v))],
+    ["latency_ms", "latency ms", (v) => number(v, 2)], ["fidelity_words", "fidelity", (v) => v || "–"],
     ["train_s", "train s", (v) => (v ? number(v, 1) : "–")],
     ["preset", "preset", (v) => v || ""], ["summary", "architecture", (v) => v || ""],
   ];
@@ -285,7 +285,7 @@
     drawArchitecture(trial);
     drawCurve(trial);
     const figures = [["state", trial.state], [data.run.quality, number(trial.quality)], ["params", count(trial.params)],
-      ["MACs", count(trial.macs)], ["latency ms", number(trial.latency_ms, 2)], ["fidelity", trial.fidelity ?? "–"],
+      ["MACs", count(trial.macs)], ["latency ms", number(trial.latency_ms, 2)], ["fidelity", trial.fidelity_words ?? "–"],
       ["preset", trial.preset || "–"], ["hash", trial.arch_hash || "–"], ["fail reason", trial.fail_reason || "–"],
       ...Object.entries(trial.metrics || {}).map(([k, v]) => [k, typeof v === "number" ? number(v) : String(v)])];
     $("trial-figures").replaceChildren(...figures.map(([k, v]) => {
@@ -310,9 +310,9 @@
   function drawHeader(mode) {
     const run = data.run;
     $("run-title").textContent = `psc-nas · ${run.name}`;
-    const overBudget = data.trials.filter((t) => t.state === "COMPLETE" && !t.feasible).length;
-    const states = [...Object.entries(run.states).map(([s, n]) => `${n} ${s.toLowerCase()}`),
-      ...(overBudget ? [`${overBudget} of them over budget`] : [])].join(", ");
+    // The search prunes a trial only for its budget, before evaluating it.
+    const states = Object.entries(run.states)
+      .map(([s, n]) => `${n} ${s === "PRUNED" ? "over budget" : s.toLowerCase()}`).join(", ");
     const budgets = [run.budget_params && `params ≤ ${count(run.budget_params)}`, run.budget_macs && `MACs ≤ ${count(run.budget_macs)}`]
       .filter(Boolean).join(", ");
     $("run-facts").textContent = [run.task && `task ${run.task}`, run.space && `space ${run.space}`,

@@ -113,10 +113,10 @@ def export(
                           torchscript=torchscript, onnx=onnx)
     except ValueError as err:
         raise fail("psc-export", err) from None
-    attrs = done.trial.user_attrs
-    quality = ", ".join(f"{k} {v:.4f}" for k, v in (attrs.get("metrics") or {}).items() if isinstance(v, float))
-    typer.echo(f"trial {done.trial.number} ({Pick.parse(pick)}): {format_count(attrs['params'])} params, "
-               f"{format_count(attrs['macs'])} MACs" + (f", {quality}" if quality else ""))
+    record = done.record
+    quality = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items() if isinstance(v, float))
+    typer.echo(f"trial {record.number} ({Pick.parse(pick)}): {format_count(record.params)} params, "
+               f"{format_count(record.macs)} MACs" + (f", {quality}" if quality else ""))
     for kind, path in done.files.items():
         typer.echo(f"  {kind}: {path}")
 

@@ -22,17 +22,17 @@ from typing import Any
 
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial
 from plotly.offline import get_plotlyjs
 
 import dashboards
 from psc_nas.arch import ArchConfig
+from psc_nas.files import write_text_atomic
 from psc_nas.nets import get_backbone, validate
 from psc_nas.ops import label, realize
 from psc_nas.pareto import pareto_front, to_minimization
-from psc_nas.files import write_text_atomic
 from psc_nas.results import Run
-from psc_nas.search.outputs import quality_hypervolume
+from psc_nas.search.front import quality_hypervolume
+from psc_nas.search.record import TrialRecord
 
 SNAPSHOT_FILE = "dashboard.html"
 POLL_SECONDS = 3
@@ -72,21 +72,20 @@ def finite(value: Any) -> Any:
     return value
 
 
-def trial_detail(run: Run, trial: FrozenTrial) -> dict[str, Any]:
+def trial_detail(run: Run, record: TrialRecord) -> dict[str, Any]:
     """What clicking a point shows: architecture, learning curve, config, export command."""
-    attrs = trial.user_attrs
-    detail: dict[str, Any] = {"metrics": finite(attrs.get("metrics") or {}), "curve": finite(attrs.get("curve") or []),
-                              "export": export_command(run, trial.number), "arch": None, "arch_error": None}
-    if "arch" not in attrs:
+    detail: dict[str, Any] = {"metrics": finite(record.metrics), "curve": finite(record.curve),
+                              "export": export_command(run, record.number), "arch": None, "arch_error": None}
+    if record.arch is None:
         detail["arch_error"] = "the trial recorded no architecture"
         return detail
     try:
-        config = ArchConfig.from_dict(attrs["arch"])
+        config = record.config()
         detail["arch"] = architecture(config)
         detail["config"] = config.to_yaml()
     except ValueError as err:
         detail["arch_error"] = str(err)
-        detail["config"] = json.dumps(attrs["arch"], indent=2)
+        detail["config"] = json.dumps(record.arch, indent=2)
     return detail
 
 
@@ -106,15 +105,15 @@ def hypervolume_history(run: Run) -> list[dict[str, Any]]:
     in pareto.json: (metric, params) in the unit box, so the last point equals the run's."""
     done = run.completed()
     return [
-        {"trial": t.number, "time": t.datetime_complete.isoformat(),
-         "hypervolume": quality_hypervolume(done[: i + 1], run.objectives, run.budget_params)}
-        for i, t in enumerate(done)
+        {"trial": r.number, "time": r.completed_at.isoformat(),  # type: ignore[union-attr]
+         "hypervolume": quality_hypervolume(done[: i + 1], run.record)}
+        for i, r in enumerate(done)
     ]
 
 
 def version(run: Run) -> str:
-    """Changes whenever a trial does: a new one, a new state, values, or a rung trained (fidelity)."""
-    key = [(t.number, t.state.name, t.values, str(t.datetime_complete), t.user_attrs.get("fidelity")) for t in run.trials]
+    """Changes whenever a trial does: a new one, a new state, values, or an evaluation at a new fidelity."""
+    key = [(r.number, r.state.name, r.values, str(r.completed_at), r.fidelity and r.fidelity.key) for r in run.records]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -122,17 +121,16 @@ def payload(run: Run) -> dict[str, Any]:
     """Everything the page draws, JSON-ready, for the trials ``run`` last read."""
     table = run.table()
     knee = run.knee()
-    # The table is a second read of the study: a trial it has and run.trials lacks is left for the next poll.
-    trials = {t.number: t for t in run.trials}
-    rows = [row for row in json.loads(table.to_json(orient="records")) if row["number"] in trials]
+    records = {r.number: r for r in run.records}
+    rows = json.loads(table.to_json(orient="records"))
     for row in rows:
-        row.update(trial_detail(run, trials[row["number"]]))
+        row.update(trial_detail(run, records[row["number"]]))
     return {
         "version": version(run),
         "run": {
-            "name": run.name, "path": str(run.path), "task": run.task, "space": run.space,
-            "budget_params": run.budget_params, "budget_macs": run.budget_macs,
-            "objectives": [{"name": o.name, "direction": o.direction} for o in run.objectives],
+            "name": run.name, "path": str(run.path), "task": run.task, "space": run.record.space,
+            "budget_params": run.record.budget.params, "budget_macs": run.record.budget.macs,
+            "objectives": [o.to_dict() for o in run.objectives],
             "quality": run.quality.name,
             "states": {state: int(n) for state, n in table.state.value_counts().items()},
         },
@@ -152,7 +150,8 @@ def _script_json(data: Any) -> str:
 def render_page(data: dict[str, Any] | None = None) -> str:
     """The page; with ``data`` a self-contained snapshot, without it the live page that polls."""
     plotly = f"<script>{get_plotlyjs()}</script>" if data is not None else '<script src="plotly.min.js"></script>'
-    embedded = f'<script type="application/json" id="run-data">{_script_json(data)}</script>' if data is not None else ""
+    embedded = (f'<script type="application/json" id="run-data">{_script_json(data)}</script>'
+                if data is not None else "")
     html = dashboards.asset("index.html")
     for marker, value in {
         "{{style}}": dashboards.asset("dashboard.css"),

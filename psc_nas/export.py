@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from torch import nn
 
 from psc_nas.arch import ArchConfig
 from psc_nas.costs import format_count, parse_count
 from psc_nas.nets import build_model
 from psc_nas.results import Run
-from psc_nas.search.outputs import feasible
+from psc_nas.search.record import TrialRecord
 
 PICK_FORMS = "knee, best, 'trial N', 'under 2M' (params) or 'under 50G macs'"
 FORMATS = ("yaml", "json")
@@ -63,45 +63,47 @@ class Pick:
         return self.kind
 
 
-def select(run: Run, pick: Pick) -> FrozenTrial:
+def select(run: Run, pick: Pick) -> TrialRecord:
     """The trial ``pick`` names among the run's trials; raises ``ValueError`` when there is none."""
     if pick.kind == "trial":
-        trial = run.trial(pick.number)
-        if trial.state != TrialState.COMPLETE:
-            reason = trial.user_attrs.get("fail_reason")
-            state = {"FAIL": "failed", "RUNNING": "still running"}.get(trial.state.name, trial.state.name.lower())
-            raise ValueError(f"trial {trial.number} {state}" + (f": {reason}" if reason else "")
-                             + "; only finished trials can be exported")
-        if not feasible(trial):
-            excess = ", ".join(f"{name} by {format_count(int(v))}" for name, v in trial.constraints.items() if v > 0)
-            raise ValueError(f"trial {trial.number} is over budget ({excess}) and was never trained")
-        return trial
+        record = run.trial(pick.number)  # type: ignore[arg-type]
+        if record.over_budget:
+            budget = run.record.budget
+            excess = ", ".join(f"{name} by {format_count(used - limit)}" for name, used, limit in
+                               (("params", record.params, budget.params), ("macs", record.macs, budget.macs))
+                               if limit is not None and used is not None and used > limit)
+            raise ValueError(f"trial {record.number} is over budget ({excess}) and was never trained")
+        if record.state != TrialState.COMPLETE:
+            state = {"FAIL": "failed", "RUNNING": "still running"}.get(record.state.name, record.state.name.lower())
+            reason = f": {record.fail_reason}" if record.fail_reason else ""
+            raise ValueError(f"trial {record.number} {state}{reason}; only finished trials can be exported")
+        return record
     candidates = run.completed()
     if not candidates:
         raise ValueError(f"{run.path}: no trial has finished within budget yet")
     if pick.kind == "knee":
-        return run.trial(run.knee())
+        return run.trial(run.knee())  # type: ignore[arg-type]
     if pick.kind == "under":
-        fitting = [t for t in candidates if t.user_attrs[pick.cost] <= pick.limit]
+        fitting = [r for r in candidates if r.measure(pick.cost) <= pick.limit]  # type: ignore[operator]
         if not fitting:
-            smallest = min(t.user_attrs[pick.cost] for t in candidates)
+            smallest = min(r.measure(pick.cost) for r in candidates)  # type: ignore[type-var]
             raise ValueError(f"no finished trial has {pick.cost} <= {format_count(pick.limit)} "
                              f"(the smallest has {format_count(smallest)})")
         candidates = fitting
     sign = 1 if run.quality.maximize else -1
-    return max(candidates, key=lambda t: (sign * run.quality_of(t), -t.number))
+    return max(candidates, key=lambda r: (sign * run.quality_of(r), -r.number))  # type: ignore[operator]
 
 
 @dataclass
 class Exported:
-    trial: FrozenTrial
+    record: TrialRecord
     config: ArchConfig
     files: dict[str, Path]  # what was written: config, weights, torchscript, onnx
 
 
 def full_fidelity_epochs(run: Run) -> int:
     """Epochs of the run's longest learning curve: what its full-fidelity trials trained for."""
-    epochs = max((len(t.user_attrs.get("curve") or []) for t in run.trials), default=0)
+    epochs = max((len(r.curve) for r in run.records), default=0)
     if not epochs:
         raise ValueError(f"{run.path}: no trial recorded a learning curve; give --epochs for --retrain")
     return epochs
@@ -181,17 +183,18 @@ def export(
         raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
     selection = Pick.parse(pick)
     run = Run.open(run_dir)
-    trial = select(run, selection)
-    config = run.config(trial.number)
-    stem = Path(out_dir or run.path / "export") / f"trial-{trial.number}"
+    record = select(run, selection)
+    config = record.config()
+    stem = Path(out_dir or run.path / "export") / f"trial-{record.number}"
     files = {"config": config.save(stem.with_suffix(f".{fmt}"))}
     model = build_model(config)
     params = sum(p.numel() for p in model.parameters())
-    if params != trial.user_attrs["params"]:
-        raise ValueError(f"trial {trial.number} rebuilds with {params} parameters but the study recorded "
-                         f"{trial.user_attrs['params']}; was the study written by another psc-nas version?")
+    if params != record.params:
+        raise ValueError(f"trial {record.number} rebuilds with {params} parameters but the study recorded "
+                         f"{record.params}; was the study written by another psc-nas version?")
     if retrain:
-        files["weights"] = retrain_weights(run, config, stem, epochs=epochs or full_fidelity_epochs(run), data_dir=data_dir)
+        files["weights"] = retrain_weights(run, config, stem, epochs=epochs or full_fidelity_epochs(run),
+                                           data_dir=data_dir)
         model.load_state_dict(torch.load(files["weights"], map_location="cpu"))
     if torchscript or onnx:
         model.eval()
@@ -200,4 +203,4 @@ def export(
             files["torchscript"] = to_torchscript(model, example, stem.with_suffix(".torchscript.pt"))
         if onnx:
             files["onnx"] = to_onnx(model, example, stem.with_suffix(".onnx"))
-    return Exported(trial, config, files)
+    return Exported(record, config, files)

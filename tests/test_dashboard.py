@@ -11,13 +11,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+from _search_run import make_run
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from _search_run import make_run
 from psc_nas.cli import dashboard_app
 from psc_nas.dashboard import architecture, make_server, payload, write_snapshot
 from psc_nas.results import Run
+from psc_nas.search.budget import Budget
+from psc_nas.search.record import Objective, StudyRecord, TrialRecord
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -84,19 +86,19 @@ class Page:
         self.page.close()
 
 
-def finished(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in Run.open(run_dir).trials if t.state.is_finished()]
+def finished(run_dir: Path) -> list[TrialRecord]:
+    return [r for r in Run.open(run_dir).records if r.state.is_finished()]
 
 
 # ------------------------------------------------------------------------------------ data
 def test_architecture_splits_each_block_by_sub_kernel(run_dir):
     run = Run.open(run_dir)
-    cakes = next(t for t in run.trials if t.user_attrs["preset"] == "cakes_uniform")
+    cakes = next(r for r in run.records if r.preset == "cakes_uniform")
     blocks = architecture(run.config(cakes.number))
     assert [b["slot"] for b in blocks] == ["block1.layer1", "block1.layer2", "block2.layer1", "block2.layer2"]
     for block in blocks:  # 6 channels over the seven CAKES shapes: six of them get one each
         assert block["segments"] == [["1x1x3", 1], ["1x3x1", 1], ["3x1x1", 1], ["1x3x3", 1], ["3x1x3", 1], ["3x3x1", 1]]
-    p2sc2 = next(t for t in run.trials if t.user_attrs["preset"] == "p2sc2")
+    p2sc2 = next(r for r in run.records if r.preset == "p2sc2")
     assert architecture(run.config(p2sc2.number))[0]["segments"] == [["1x3x3×2→3x1x1", 3], ["3x1x3×2→1x3x1", 3]]
 
 
@@ -104,7 +106,8 @@ def test_payload_marks_states_budget_and_fronts(run_dir):
     data = payload(Run.open(run_dir))
     by_number = {t["number"]: t for t in data["trials"]}
     conv3d = next(t for t in data["trials"] if t["preset"] == "conv3d")
-    assert conv3d["state"] == "COMPLETE" and not conv3d["feasible"] and conv3d["quality"] is None
+    assert conv3d["state"] == "PRUNED" and conv3d["over_budget"] and not conv3d["feasible"]
+    assert conv3d["quality"] is None and conv3d["dice_mean"] is None  # never evaluated, so no score at all
     assert conv3d["params"] > data["run"]["budget_params"]
     assert data["run"]["states"]["FAIL"] == data["run"]["states"]["RUNNING"] == 1
     measured = [t for t in data["trials"] if t["state"] == "COMPLETE" and t["feasible"]]
@@ -123,7 +126,7 @@ def test_server_binds_localhost_and_serves_json(run_dir):
         assert server.server_address[0] == "127.0.0.1"
         with urllib.request.urlopen(server.url + "api/run.json") as response:
             data = json.load(response)
-        assert len(data["trials"]) == len(Run.open(run_dir).trials)
+        assert len(data["trials"]) == len(Run.open(run_dir).records)
         with urllib.request.urlopen(server.url + "plotly.min.js") as response:
             assert b"plotly.js" in response.read()
         with pytest.raises(urllib.error.HTTPError, match="404"):
@@ -163,11 +166,10 @@ def test_live_page(tmp_path, browser):
             const presets = gd.data.find(t => t.name === 'hand-designed preset');
             return {budget: gd.layout.shapes.map(s => s.x0), presets: presets.text};
         }""")
-        assert layout["budget"] == [run.budget_params]
-        assert sorted(layout["presets"]) == sorted(
-            t.user_attrs["preset"] for t in run.completed() if t.user_attrs["preset"])
+        assert layout["budget"] == [run.record.budget.params]
+        assert sorted(layout["presets"]) == sorted(r.preset for r in run.completed() if r.preset)
 
-        target = next(t for t in run.trials if t.user_attrs["preset"] is None and t.state == TrialState.COMPLETE)
+        target = next(r for r in run.records if r.preset is None and r.state == TrialState.COMPLETE)
         tab.click_trial(target.number)
         hover = tab.page.locator("#front-params .hoverlayer .hovertext").text_content()
         assert f"trial {target.number} (complete)" in hover and f"dice_mean: {run.quality_of(target):.4f}" in hover
@@ -178,8 +180,8 @@ def test_live_page(tmp_path, browser):
         shown = tab.page.locator("#trial-table tbody tr").evaluate_all("rows => rows.map(r => +r.dataset.number)")
         assert shown == list(run.table().sort_values(["params", "number"], kind="stable").number)
 
-        running = next(t for t in run.trials if t.state == TrialState.RUNNING)
-        run.study.tell(running.number, [0.75, running.user_attrs["params"]])
+        running = next(r for r in run.records if r.state == TrialState.RUNNING)
+        run.study.tell(running.number, [0.75, running.params])
         tab.wait_points(len(done) + 1)  # picked up by polling, no reload
 
         assert tab.errors == []
@@ -227,9 +229,8 @@ def test_page_of_a_search_that_has_not_finished_a_trial(tmp_path, browser):
     run_dir.mkdir()
     study = optuna.create_study(study_name="fresh", storage=f"sqlite:///{run_dir / 'study.db'}",
                                 directions=["maximize", "minimize"])
-    study.set_user_attr("objectives", [{"name": "dice_mean", "direction": "maximize"},
-                                       {"name": "params", "direction": "minimize"}])
-    study.set_user_attr("budget_params", 5_000_000)
+    StudyRecord("ibsr", "ibsr_densenet3d", Budget(params=5_000_000),
+                (Objective("dice_mean", maximize=True), Objective("params", maximize=False))).write(study)
     tab = Page(browser, offline=True)
     tab.page.goto(write_snapshot(run_dir, study).as_uri())
     tab.page.wait_for_function("() => document.getElementById('run-facts').textContent.includes('none yet')")

@@ -6,15 +6,15 @@ import json
 
 import numpy as np
 import pytest
+import search_standin
 import torch
+from _search_run import SPATIAL, make_run
 from optuna.trial import TrialState
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 import psc_nas
-import search_standin
-from _search_run import SPATIAL, make_run
 from psc_nas.arch import ArchConfig
 from psc_nas.cli import export_app
 from psc_nas.dashboard import payload
@@ -57,32 +57,32 @@ def test_pick_rejects_anything_else(text):
 
 def test_default_pick_is_the_knee_and_rebuilds_with_the_recorded_cost(run, tmp_path):
     done = export(run.path, out_dir=tmp_path)
-    assert done.trial.number == run.knee()
+    assert done.record.number == run.knee()
     path = done.files["config"]
     assert path == tmp_path / f"trial-{run.knee()}.yaml"
     model = psc_nas.build_model(str(path))
     with FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 1, *SPATIAL))
-    assert sum(p.numel() for p in model.parameters()) == done.trial.user_attrs["params"]
-    assert counter.get_total_flops() // 2 == done.trial.user_attrs["macs"]
+    assert sum(p.numel() for p in model.parameters()) == done.record.params
+    assert counter.get_total_flops() // 2 == done.record.macs
 
 
 def test_best_and_under_pick_the_most_accurate_candidate(run, tmp_path):
     table = run.table()
     candidates = table[(table.state == "COMPLETE") & table.feasible]
     best = export(run.path, "best", out_dir=tmp_path)
-    assert best.trial.number == candidates.sort_values("quality", ascending=False).number.iloc[0]
+    assert best.record.number == candidates.sort_values("quality", ascending=False).number.iloc[0]
 
     limit = int(candidates.params.median())
     under = export(run.path, f"under {limit}", fmt="json", out_dir=tmp_path)
     fitting = candidates[candidates.params <= limit]
-    assert under.trial.number == fitting.sort_values("quality", ascending=False).number.iloc[0]
-    assert under.trial.user_attrs["params"] <= limit
-    assert ArchConfig.load(under.files["config"]) == run.config(under.trial.number)
+    assert under.record.number == fitting.sort_values("quality", ascending=False).number.iloc[0]
+    assert under.record.params <= limit
+    assert ArchConfig.load(under.files["config"]) == run.config(under.record.number)
 
 
 def test_cli_exports_a_named_trial(run, tmp_path):
-    number = next(t.number for t in run.trials if t.state == TrialState.COMPLETE and t.user_attrs["preset"] == "csn_ip")
+    number = next(r.number for r in run.records if r.state == TrialState.COMPLETE and r.preset == "csn_ip")
     result = cli(str(run.path), "--pick", f"trial {number}", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"trial {number} (trial {number}): ")
@@ -97,7 +97,8 @@ def test_torchscript_and_onnx_compute_the_same_network(run, tmp_path):
     scripted = torch.jit.load(str(done.files["torchscript"]))
     expected = scripted(x).detach().numpy()
     assert expected.shape == (1, 4, *SPATIAL)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"trial-{done.trial.number}.{ext}" for ext in ("onnx", "torchscript.pt", "yaml")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"trial-{done.record.number}.{ext}"
+                                                          for ext in ("onnx", "torchscript.pt", "yaml")]
     session = ort.InferenceSession(str(done.files["onnx"]))
     (got,) = session.run(None, {"image": x.numpy()})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
@@ -116,16 +117,16 @@ def test_cli_errors_are_one_line(run, args, message):
 
 
 def test_cli_refuses_failed_running_and_over_budget_trials(run):
-    running = next(t for t in run.trials if t.state == TrialState.RUNNING)
+    running = next(r for r in run.records if r.state == TrialState.RUNNING)
     result = cli(str(run.path), "--pick", f"trial {running.number}")
     assert result.exit_code == 1
     assert result.output == f"psc-export: trial {running.number} still running; only finished trials can be exported\n"
-    failed = next(t for t in run.trials if t.state == TrialState.FAIL)
+    failed = next(r for r in run.records if r.state == TrialState.FAIL)
     result = cli(str(run.path), "--pick", f"trial {failed.number}")
     assert result.exit_code == 1
     assert result.output == f"psc-export: trial {failed.number} failed: at 3 epochs: non-finite loss; " \
                             "only finished trials can be exported\n"
-    conv3d = next(t for t in run.trials if t.user_attrs["preset"] == "conv3d")
+    conv3d = next(r for r in run.records if r.preset == "conv3d")
     result = cli(str(run.path), "--pick", f"trial {conv3d.number}")
     assert result.exit_code == 1
     assert result.output == f"psc-export: trial {conv3d.number} is over budget (params by 1) and was never trained\n"
@@ -138,19 +139,19 @@ def test_cli_refuses_a_folder_without_a_study(tmp_path):
 
 
 def test_a_real_search_run_exports_its_best_yaml_and_the_dashboard_agrees(tmp_path):
-    """psc-search (with the search tests' stand-in trainer) writes the run; we read it back."""
+    """psc-search (with the search tests' stand-in evaluator) writes the run; we read it back."""
     out = tmp_path / "ibsr-2M"
     run_search(SearchSettings(task="ibsr", budget=Budget(params=2_000_000), trials=6, out=out),
-               trainer=search_standin.train, console=Console(quiet=True))
+               evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     pareto = json.loads((out / "pareto.json").read_text())
     done = export(out, out_dir=tmp_path / "export")
-    assert done.trial.number == pareto["knee"]
+    assert done.record.number == pareto["knee"]
     assert done.files["config"].read_text() == (out / "best.yaml").read_text()
     model = psc_nas.build_model(str(out / "best.yaml"))
     with FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 1, *search_standin.SPATIAL))
-    assert sum(p.numel() for p in model.parameters()) == done.trial.user_attrs["params"]
-    assert counter.get_total_flops() // 2 == done.trial.user_attrs["macs"]
+    assert sum(p.numel() for p in model.parameters()) == done.record.params
+    assert counter.get_total_flops() // 2 == done.record.macs
 
     data = payload(Run.open(out))
     assert data["knee"] == pareto["knee"]

@@ -222,7 +222,7 @@ def test_a_search_over_ghost_is_drawn_by_the_dashboard_and_exports_what_it_price
 
     done = export(out, f"trial {trial.number}", out_dir=tmp_path / "export")
     assert ArchConfig.load(done.files["config"]) == config
-    recorded = (trial.user_attrs["params"], trial.user_attrs["macs"])
+    recorded = (trial.params, trial.macs)
     assert meta_cost(done.files["config"]) == recorded
 
 

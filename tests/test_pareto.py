@@ -6,7 +6,7 @@ import itertools
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from psc_nas.pareto import (
@@ -60,13 +60,24 @@ def test_front_is_exactly_the_non_dominated_points(dims, data):
     assert pareto_front(points) == expected
 
 
-@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("dims", [2, 3, 4])
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_hypervolume_is_the_volume_of_the_dominated_region(dims, data):
     points = data.draw(point_sets(dims, max_size=8))
     reference = (7.0,) * dims
     assert hypervolume(points, reference) == pytest.approx(union_volume(points, reference))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(*[st.floats(0, 1)] * 3), min_size=1, max_size=6))
+def test_hypervolume_of_real_valued_points_in_three_objectives(points):
+    assert hypervolume(points, (1.0, 1.0, 1.0)) == pytest.approx(union_volume(points, (1.0, 1.0, 1.0)), abs=1e-12)
+
+
+def test_hypervolume_of_a_known_set_in_three_objectives():
+    # Under (2, 2, 2): the box of (0, 1, 1) is 2x1x1, that of (1, 0, 1) is 1x2x1, they share 1x1x1.
+    assert hypervolume([(0, 1, 1), (1, 0, 1)], (2, 2, 2)) == 3.0
 
 
 @given(point_sets(2), st.tuples(coordinate, coordinate))
@@ -82,11 +93,24 @@ def test_hypervolume_of_a_known_staircase():
 
 
 @given(point_sets(2, max_size=10), st.floats(0.1, 100), st.floats(-50, 50))
+@example(points=[(2.0, 6.0), (3.0, 3.0), (4.0, 0.0)], scale=64.0, shift=1.6366123042360812)  # collinear: a tie
 def test_knee_lies_on_the_front_and_ignores_scale(points, scale, shift):
     knee = knee_point(points)
     assert knee in pareto_front(points)
     rescaled = [(p[0] * scale + shift, p[1]) for p in points]
     assert knee_point(rescaled) == knee
+
+
+@given(point_sets(3, max_size=10), st.floats(0.1, 100), st.floats(-50, 50))
+def test_knee_ignores_scale_in_three_objectives(points, scale, shift):
+    knee = knee_point(points)
+    assert knee in pareto_front(points)
+    assert knee_point([(p[0], p[1] * scale + shift, p[2]) for p in points]) == knee
+
+
+def test_collinear_knees_tie_and_the_earliest_wins():
+    assert knee_point([(2.0, 6.0), (3.0, 3.0), (4.0, 0.0)]) == 0
+    assert knee_point([(4.0, 0.0), (3.0, 3.0), (2.0, 6.0)]) == 0
 
 
 def test_knee_is_the_point_farthest_from_the_line_between_extremes():

@@ -19,6 +19,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from psc_nas.search.record import TrialRecord, read_trials
+
 STANDIN = Path(__file__).with_name("search_standin.py")
 
 
@@ -32,8 +34,8 @@ def finish(worker: subprocess.Popen) -> None:
     assert worker.returncode == 0, output
 
 
-def trained(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.get_trials() if t.state == TrialState.COMPLETE and t.user_attrs["fidelity"] > 0]
+def evaluated(study: optuna.Study) -> list[TrialRecord]:
+    return [r for r in read_trials(study) if r.state == TrialState.COMPLETE]
 
 
 def test_kill_9_then_the_same_command_resumes_without_losing_or_repeating(tmp_path):
@@ -48,31 +50,33 @@ def test_kill_9_then_the_same_command_resumes_without_losing_or_repeating(tmp_pa
         assert worker.poll() is None, "the search ended before it could be killed"
         assert time.monotonic() < deadline
         try:
-            before = trained(optuna.load_study(study_name="run", storage=storage))
+            before = evaluated(optuna.load_study(study_name="run", storage=storage))
         except Exception:  # the run folder, the database or the study is still being created
             before = []
-        held = [t for t in optuna.load_study(study_name="run", storage=storage).trials
-                if t.state == TrialState.RUNNING and t.user_attrs.get("rungs")] if before else []
+        held = [r for r in read_trials(optuna.load_study(study_name="run", storage=storage))
+                if r.state == TrialState.RUNNING and r.evaluations] if before else []
         if held:
             break
         time.sleep(0.2)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
-    before = trained(optuna.load_study(study_name="run", storage=storage))
-    held = [t for t in optuna.load_study(study_name="run", storage=storage).trials if t.state == TrialState.RUNNING]
+    before = evaluated(optuna.load_study(study_name="run", storage=storage))
+    held = [r for r in read_trials(optuna.load_study(study_name="run", storage=storage))
+            if r.state == TrialState.RUNNING]
     assert held, "kill -9 should leave trials running"
 
     finish(start_worker(settings, env))
 
-    study = optuna.load_study(study_name="run", storage=storage)
-    after = trained(study)
+    records = read_trials(optuna.load_study(study_name="run", storage=storage))
+    after = [r for r in records if r.state == TrialState.COMPLETE]
     assert len(after) == 9
-    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    survivors = {t.number: (t.values, t.user_attrs["arch_hash"]) for t in after}
-    assert all(survivors[t.number] == (t.values, t.user_attrs["arch_hash"]) for t in before)  # none lost or redone
-    # held trials came back as retries with their parameters
-    retried = {t.system_attrs.get("failed_trial") for t in study.trials} - {None}
-    assert {t.number for t in held} <= retried
+    assert not [r for r in records if r.state in (TrialState.RUNNING, TrialState.WAITING)]
+    survivors = {r.number: (r.values, r.arch_hash) for r in after}
+    assert all(survivors[r.number] == (r.values, r.arch_hash) for r in before)  # none lost or redone
+    # held trials came back as retries with their parameters and what they had evaluated
+    retries = {r.retry_of: r for r in records if r.retry_of is not None}
+    assert {r.number for r in held} <= set(retries)
+    assert all(retries[r.number].arch_hash == r.arch_hash for r in held)
     # results the killed worker had stored were reused; at most the training cut by the kill ran again
     trainings = Counter(" ".join(line.split()[:2]) for line in log.read_text().splitlines())
     repeats = [line for line, count in trainings.items() if count > 1]
@@ -116,7 +120,7 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_four_workers_on_one_postgres_study_finish_exactly_the_slots(tmp_path, postgres_url):
+def test_four_workers_on_one_postgres_study_finish_exactly_the_queue(tmp_path, postgres_url):
     per_worker, workers = 3, 4
     log = tmp_path / "trained.log"
     settings = {"task": "ibsr", "budget": {"params": 50_000_000}, "trials": per_worker * workers,
@@ -125,13 +129,13 @@ def test_four_workers_on_one_postgres_study_finish_exactly_the_slots(tmp_path, p
     procs = [start_worker(settings, env) for _ in range(workers)]
     for proc in procs:
         finish(proc)
-    study = optuna.load_study(study_name="shared", storage=postgres_url)
-    assert len(study.trials) == per_worker * workers
-    assert [(t.state, t.user_attrs.get("fail_reason")) for t in study.trials] == [(TrialState.COMPLETE, None)] * len(study.trials)
-    assert len({t.number for t in study.trials}) == per_worker * workers
+    records = read_trials(optuna.load_study(study_name="shared", storage=postgres_url))
+    assert len(records) == per_worker * workers
+    assert [(r.state, r.fail_reason) for r in records] == [(TrialState.COMPLETE, None)] * len(records)
+    assert len({r.number for r in records}) == per_worker * workers
     lines = log.read_text().splitlines()
-    # every trial's architecture was trained, and no more trainings ran than there are slots (a trial
-    # whose architecture another worker had already trained reuses that result instead of training)
-    assert {line.split()[0] for line in lines} == {t.user_attrs["arch_hash"] for t in study.trials}
+    # every trial's architecture was evaluated, and no more evaluations ran than there are queue entries
+    # (a trial whose architecture another worker had already evaluated reuses that result)
+    assert {line.split()[0] for line in lines} == {r.arch_hash for r in records}
     assert len(lines) <= per_worker * workers
     assert len({line.split()[2] for line in lines}) > 1  # the work was shared

@@ -58,7 +58,7 @@ def write_space(path: Path, **changes) -> Path:
 def search(tmp_path: Path, name: str = "run", **overrides) -> Path:
     settings = SearchSettings(**{"task": "ibsr", "budget": Budget(params=5_000_000), "trials": 2,
                                  "out": tmp_path / name, **overrides})
-    run_search(settings, trainer=search_standin.train, console=Console(quiet=True))
+    run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     return tmp_path / name
 
 

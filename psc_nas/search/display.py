@@ -9,37 +9,53 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from psc_nas.costs import format_count
-from psc_nas.search.outputs import Front, Objective
+from psc_nas.search.events import Event, FrontChanged
+from psc_nas.search.front import Front
+from psc_nas.search.record import Objective
 
 
-def progress_bar(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]searching"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("architectures"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        TextColumn("front: {task.fields[front]}"),
-        console=console,
-    )
+class ProgressBar:
+    """Architectures evaluated of those planned, and the front's size, from the engine's events."""
+
+    def __init__(self, console: Console, planned: int) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]searching"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("architectures"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("front: {task.fields[front]}"),
+            console=console,
+        )
+        self.bar = self.progress.add_task("search", total=planned, front=0)
+
+    def __call__(self, event: Event) -> None:
+        fields = {"front": len(event.front.members)} if isinstance(event, FrontChanged) else {}
+        self.progress.update(self.bar, completed=event.done, total=event.planned, **fields)
+
+    def __enter__(self) -> ProgressBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
 
 
 def front_table(front: Front, objectives: Sequence[Objective]) -> Table:
-    table = Table(title=f"Pareto front ({len(front.trials)} trials, hypervolume {front.hypervolume:.3f})")
+    table = Table(title=f"Pareto front ({len(front.members)} trials, hypervolume {front.hypervolume:.3f})")
     table.add_column("trial", justify="right")
     table.add_column("preset")
     for objective in objectives:
         table.add_column(objective.name, justify="right")
-    table.add_column("epochs", justify="right")
+    table.add_column("fidelity", justify="right")
     table.add_column("architecture")
-    for trial in sorted(front.trials, key=lambda t: t.values[1:]):
-        mark = " (knee)" if front.knee is not None and trial.number == front.knee.number else ""
-        cells = [_cell(o.name, v) for o, v in zip(objectives, trial.values)]
-        summary = trial.user_attrs["arch"]
-        table.add_row(f"{trial.number}{mark}", trial.user_attrs.get("preset") or "", *cells,
-                      str(trial.user_attrs.get("fidelity")), _summary(summary))
+    for record in sorted(front.members, key=lambda r: r.values[1:]):  # type: ignore[index]
+        mark = " (knee)" if front.knee is not None and record.number == front.knee.number else ""
+        cells = [_cell(o.name, v) for o, v in zip(objectives, record.values or ())]
+        table.add_row(f"{record.number}{mark}", record.preset or "", *cells,
+                      record.fidelity.words if record.fidelity else "", record.summary() or "")
     return table
 
 
@@ -49,10 +65,3 @@ def _cell(name: str, value: float) -> str:
     if name == "latency_ms":
         return f"{value:.1f}"
     return f"{value:.4f}"
-
-
-def _summary(arch: dict) -> str:
-    from psc_nas.arch import ArchConfig
-    from psc_nas.ops import summary
-
-    return summary(ArchConfig.from_dict(arch))

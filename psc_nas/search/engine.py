@@ -1,16 +1,17 @@
-"""The search loop: claim queued trials, price, train in rungs, tell, write outputs.
+"""The search loop: claim queued trials, price, evaluate as the promotion policy says, tell.
 
-    claim WAITING trial ─► sample ArchConfig ─► price ─┬─ over budget: tell at once (constraints > 0),
-                                                       │  queue a replacement, never train
-                                                       └─ feasible: train rungs[0]
-    bracket full ─► promote within epsilon of the front, train next rung ... ─► tell: values of the
-    highest rung reached ─► trials.csv, pareto.json, front/, best.yaml
+    claim a queued trial ─► sample an ArchConfig ─► price ─┬─ over budget: PRUNED at once, replaced
+                                                           │  in the queue, never evaluated
+                                                           └─ evaluate at the cheapest fidelity
+    bracket full ─► the policy promotes, evaluate at the next fidelity ... ─► tell the values of the
+    highest fidelity reached ─► the run folder (trials.csv, pareto.json, front/, best.yaml)
 
-A study holds a *queue*: ``trials`` slots are enqueued once (the papers' presets that fit the
-budget first, marked with user attribute ``preset``; they climb the rungs by the same rule as
-every candidate), and every worker only takes trials from it. That makes ``--trials`` the study's total, exact with any number of workers, and a re-run
-of the same command a resume: it finds the remaining slots, plus retries of trials a dead worker
-held. Over-budget candidates get a replacement slot, so ``--trials`` counts trained architectures.
+The parts live apart: the queue (``queue``), pricing (``pricing``), the study-wide result cache
+(``cache``), latency (``latency``), the promotion rule (``promotion``), the evaluator
+(``psc_nas.evaluators``) and progress (``events``). Everything stored goes through
+``record``, everything Optuna keeps private through ``optuna_adapter``, and the run folder is
+written from the study alone (``outputs``), so another engine that fills a study through the record
+gets the same folder.
 """
 
 from __future__ import annotations
@@ -18,95 +19,77 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from psc_nas.arch import ArchConfig
-from psc_nas.costs import Cost
-from psc_nas.nets import cost
 from psc_nas.ops import summary
-from psc_nas.search.budget import Budget
-from psc_nas.search.catalog import Catalog
-from psc_nas.search.evaluate import RungResult, Trainer, failure_reason, forward_latency_ms
-from psc_nas.search.fidelity import Schedule, Scored
-from psc_nas.search.outputs import Front, Objective, write_outputs
+from psc_nas.evaluators.base import Evaluator, Fidelity, failure_reason
+from psc_nas.search.cache import StudyView, costs, merit
+from psc_nas.search.events import Evaluated, Event, Failed, FrontChanged, Listener, OverBudget
+from psc_nas.search.front import Front
+from psc_nas.search.latency import forward_latency_ms
+from psc_nas.search.optuna_adapter import Heartbeat, fail_stale, heartbeat_interval, release, snapshot
+from psc_nas.search.outputs import write_outputs
+from psc_nas.search.pricing import Pricing
 from psc_nas.search.profiles import Profile
-from psc_nas.search.storage import Heartbeat, claim_waiting, fail_stale, heartbeat_interval, release
+from psc_nas.search.promotion import Scored
+from psc_nas.search.queue import StudyQueue
+from psc_nas.search.record import (
+    StudyRecord,
+    TrialRecord,
+    set_violations,
+    tell_evaluated,
+    tell_failed,
+    tell_over_budget,
+)
 
 log = logging.getLogger("psc_nas.search")
 
-MAX_REPLACEMENTS_PER_SLOT = 20  # over-budget samples replaced before the sampler is deemed lost
-
-
-@dataclass
-class Candidate:
-    trial: optuna.Trial
-    config: ArchConfig
-    cost: Cost
-    preset: str | None
-    rungs: dict[int, RungResult] = field(default_factory=dict)
-    latency_ms: float | None = None
-    fail_reason: str | None = None
-
-    @property
-    def best(self) -> RungResult | None:
-        return self.rungs[max(self.rungs)] if self.rungs else None
-
 
 @dataclass(frozen=True)
-class Plan:
-    """Everything the loop needs, resolved and checked before any work."""
+class SearchPlan:
+    """Everything a search needs, resolved and checked before any work."""
 
     task: Any
     space: Any
-    catalog: Catalog
-    budget: Budget
-    objectives: tuple[Objective, ...]
+    pricing: Pricing
+    record: StudyRecord  # what the study searches: task, space, budget, objectives, evaluator
     profile: Profile
-    schedule: Schedule
-    trainer: Trainer
+    evaluator: Evaluator
+    fidelities: tuple[Fidelity, ...]  # the evaluator's, climbed by the policy; only the top one without multi-fidelity
     out_dir: Path
     trials: int
     timeout: float | None
     seed_presets: bool
 
 
+@dataclass
+class Candidate:
+    trial: optuna.Trial
+    config: ArchConfig
+    record: TrialRecord
+
+
 class Engine:
-    def __init__(self, plan: Plan, study: optuna.Study,
-                 on_progress: Callable[[int, Front], None] = lambda done, front: None) -> None:
+    def __init__(self, plan: SearchPlan, study: optuna.Study, on_event: Listener = lambda event: None) -> None:
         self.plan = plan
         self.study = study
-        # The study's own (cached) view of the storage: claiming a trial behind its back would
-        # leave the study's cache unaware of the trial, as ``Study.ask`` itself claims through it.
-        self.storage = study._storage
-        self.study_id = self.storage.get_study_id_from_name(study.study_name)
-        self.spatial = tuple(plan.task.input_shape[1:])
-        self.on_progress = on_progress
+        self.on_event = on_event
+        self.objectives = plan.record.objectives
+        self.queue = StudyQueue(study, plan.trials)
+        self.view = StudyView(study)
+        self.heartbeat_interval = heartbeat_interval(study)
         self.started = time.monotonic()
-        self.front = Front([], None, 0.0)
+        self.front = Front((), None, 0.0)
 
-    # ------------------------------------------------------------------ queue
     def fill_queue(self, created: bool) -> None:
-        """Enqueue the study's slots: presets first on creation, then blank ones up to ``trials``."""
-        slots = self.study.user_attrs.get("slots", 0)
-        if created and self.plan.seed_presets:
-            for name, config in self.plan.space.presets().items():
-                answers = self.plan.catalog.answers_for(config)
-                if answers is None:
-                    log.info("preset %s is not in space %s; not seeded", name, self.plan.space.name)
-                elif not self.plan.budget.fits(cost(config, self.spatial)):
-                    log.info("preset %s is over budget; not seeded", name)
-                elif slots < self.plan.trials:
-                    self.study.enqueue_trial(answers, user_attrs={"preset": name})
-                    slots += 1
-        for _ in range(self.plan.trials - slots):
-            self.study.enqueue_trial({})
-        self.study.set_user_attr("slots", max(slots, self.plan.trials))
+        self.queue.fill(self.plan.pricing.presets() if created and self.plan.seed_presets else {})
 
     # ------------------------------------------------------------------ loop
     def time_left(self) -> bool:
@@ -116,7 +99,9 @@ class Engine:
         return None if self.plan.timeout is None else max(1.0, self.plan.timeout - (time.monotonic() - self.started))
 
     def run(self) -> Front:
-        with Heartbeat(self.storage) as heartbeat:
+        self.plan.evaluator.prepare(self.plan.out_dir, seconds_left=self.seconds_left())
+        self.view.refresh()
+        with Heartbeat(self.study) as heartbeat:
             try:
                 while self.time_left():
                     fail_stale(self.study)
@@ -125,206 +110,149 @@ class Engine:
                     elif not self._wait_for_others():
                         break
             except BaseException:
-                release(self.study, self.storage, heartbeat.held)  # Ctrl-C: queue retries right now
+                release(self.study, heartbeat.held)  # Ctrl-C: queue retries right now
                 raise
         self._publish()
         return self.front
 
-    def _publish(self) -> None:
-        params_budget = self.plan.budget.params
-        self.front = write_outputs(self.plan.out_dir, self.study, self.plan.objectives, params_budget)
-        self._report()
+    def _emit(self, make: Any, **fields: Any) -> None:
+        """Send an event, with the run's progress: entries neither waiting nor claimed-but-unevaluated."""
+        event: Event = make(**fields, done=self.queue.planned - self.view.pending(), planned=self.queue.planned)
+        self.on_event(event)
 
-    def _report(self) -> None:
-        """Architectures evaluated so far: slots neither waiting nor claimed-but-untrained."""
-        pending = sum(1 for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
-                      if not t.user_attrs.get("rungs"))
-        self.on_progress(self.study.user_attrs["slots"] - pending, self.front)
+    def _publish(self) -> None:
+        self.view.refresh()
+        front, self.front = self.front, write_outputs(self.plan.out_dir, self.plan.record, self.view.records)
+        if _summary(self.front) != _summary(front):
+            self._emit(FrontChanged, front=self.front)
 
     def _wait_for_others(self) -> bool:
         """True while other workers hold trials that may yet come back to the queue as retries."""
-        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        interval = heartbeat_interval(self.storage)
-        if not running or not interval:
+        self.view.refresh()
+        if not self.view.running() or not self.heartbeat_interval:
             return False
-        time.sleep(interval)
+        time.sleep(self.heartbeat_interval)
         return True
 
     # ------------------------------------------------------------------ one bracket
     def _bracket(self, heartbeat: Heartbeat) -> bool:
         """Run one bracket; False when the queue was empty."""
+        policy, fidelities = self.plan.profile.policy, self.plan.fidelities
         members: list[Candidate] = []
         claimed = False
-        rungs = self.plan.schedule.rungs
-        while len(members) < self.plan.profile.bracket and self.time_left():
-            trial = claim_waiting(self.study, self.storage, self.study_id)
+        while len(members) < policy.bracket and self.time_left():
+            trial = self.queue.claim()
             if trial is None:
                 break
             claimed = True
-            heartbeat.hold(trial._trial_id)
-            candidate = self._prepare(trial)
+            heartbeat.hold(trial)
+            candidate = self._admit(trial)
             if candidate is None:
-                heartbeat.drop(trial._trial_id)
+                heartbeat.drop(trial)
                 continue
-            self._train(candidate, rungs[0])
+            self._evaluate(candidate, fidelities[0])
             members.append(candidate)
-        for low, high in zip(rungs, rungs[1:]):
-            contenders = [c for c in members if c.best is not None and c.best.fidelity == low]
+        for low, high in zip(fidelities, fidelities[1:]):
+            contenders = [c for c in members if c.record.fidelity is not None and c.record.fidelity.key == low.key]
             if not contenders:
                 continue
-            for index in self.plan.schedule.promote([self._scored(c, i) for i, c in enumerate(contenders)],
-                                                     self._pool(low)):
+            self.view.refresh()
+            pool = self.view.pool(low.key, self.objectives)
+            for index in policy.promote([self._scored(c, i) for i, c in enumerate(contenders)], pool):
                 if not self.time_left():
                     break
-                self._train(contenders[index], high)
+                self._evaluate(contenders[index], high)
         for candidate in members:
             self._finish(candidate)
-            heartbeat.drop(candidate.trial._trial_id)
+            heartbeat.drop(candidate.trial)
         return claimed
 
-    def _prepare(self, trial: optuna.Trial) -> Candidate | None:
-        """Sample and price; over-budget candidates are told here and replaced in the queue."""
+    def _admit(self, trial: optuna.Trial) -> Candidate | None:
+        """Sample and price; an over-budget candidate is told here and replaced in the queue."""
+        record = TrialRecord.read(snapshot(self.study, trial))  # a retry inherits what its dead worker stored
         try:
             config = self.plan.space.sample(trial)
         except Exception as error:  # a space/sampler bug must not end the search
-            self._fail(trial, f"sampling failed: {failure_reason(error)}")
+            self._fail(trial, record, f"sampling failed: {failure_reason(error)}")
             return None
-        priced = cost(config, self.spatial)
-        preset = trial.user_attrs.get("preset")
-        for key, value in {"arch": config.to_dict(), "arch_hash": config.hash, "params": priced.params,
-                           "macs": priced.macs, "preset": preset}.items():
-            trial.set_user_attr(key, value)
-        for name, excess in self.plan.budget.violations(priced).items():
-            if name not in trial.constraints:  # a retry inherits its original's constraints
-                trial.set_constraint(name, excess)
-        if not self.plan.budget.fits(priced):
-            trial.set_user_attr("fidelity", 0)
-            self.study.tell(trial, self._unmeasured_values(priced))
-            self._replace_slot()
-            log.info("trial %d over budget (%s): %s", trial.number, self.plan.budget.describe(), summary(config))
+        price = self.plan.pricing.price(config)
+        record = record.priced(config, price)
+        record.save(trial)
+        budget = self.plan.pricing.budget
+        violations = budget.violations(price)
+        set_violations(trial, violations)
+        if not budget.fits(price):
+            tell_over_budget(self.study, trial)
+            self.view.update(replace(record, state=TrialState.PRUNED, violations={**violations, **record.violations}))
+            self.queue.replace(self.view.over_budget())
+            self._emit(OverBudget, number=trial.number, cost=price, budget=budget.describe(), summary=summary(config))
             return None
-        candidate = Candidate(trial, config, priced, preset)
-        for data in trial.user_attrs.get("rungs", []):  # a retry inherits what its dead worker stored
-            candidate.rungs[data["fidelity"]] = RungResult.from_dict(data)
-        if any(o.name == "latency_ms" for o in self.plan.objectives):
-            candidate.latency_ms = self._latency(candidate)
+        candidate = Candidate(trial, config, record)
+        if any(o.name == "latency_ms" for o in self.objectives):
+            self._measure_latency(candidate)
         return candidate
 
-    def _replace_slot(self) -> None:
-        infeasible = sum(1 for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                         if t.user_attrs.get("fidelity") == 0)
-        if infeasible <= MAX_REPLACEMENTS_PER_SLOT * self.plan.trials:
-            self.study.enqueue_trial({})
-        else:
-            log.warning("%d over-budget samples so far; not replacing more (is the budget near the space's minimum?)",
-                        infeasible)
+    def _measure_latency(self, candidate: Candidate) -> None:
+        latency = self.view.latency_ms(candidate.config.hash)
+        if latency is None:
+            latency = forward_latency_ms(candidate.config, self.plan.task.input_shape,
+                                         repeats=self.plan.profile.latency_repeats)
+        self._record(candidate, replace(candidate.record, latency_ms=latency))
 
-    def _train(self, candidate: Candidate, epochs: int) -> None:
-        if epochs in candidate.rungs:
+    def _record(self, candidate: Candidate, record: TrialRecord) -> None:
+        candidate.record = record
+        record.save(candidate.trial)
+        self.view.update(record)
+
+    def _evaluate(self, candidate: Candidate, fidelity: Fidelity) -> None:
+        if candidate.record.evaluation_at(fidelity.key) is not None:
             return
-        result = self._cached(candidate.config.hash, epochs)
+        number, metric = candidate.trial.number, self.objectives[0].name
+        self.view.refresh()
+        result = self.view.result(candidate.config.hash, fidelity.key)
+        reused = result is not None
         if result is None:
             try:
-                result = self.plan.trainer(candidate.config, epochs, self.seconds_left())
-                result = replace(result, trained_by=candidate.trial.number)
+                result = self.plan.evaluator.evaluate(candidate.config, fidelity, seconds_left=self.seconds_left())
             except Exception as error:  # one candidate's NaN, OOM or bug is its own failure only
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                candidate.fail_reason = f"at {epochs} epochs: {failure_reason(error)}"
-                log.warning("trial %d failed %s", candidate.trial.number, candidate.fail_reason)
+                reason = f"at {fidelity.words}: {failure_reason(error)}"
+                self._record(candidate, replace(candidate.record, fail_reason=reason))
+                self._emit(Failed, number=number, reason=reason)
                 return
-            if result.fidelity in candidate.rungs:  # --timeout cut a promotion back to a rung it had
-                log.info("trial %d: promotion to %d epochs cut by --timeout", candidate.trial.number, epochs)
+            result = replace(result, evaluated_by=number)
+            if candidate.record.evaluation_at(result.fidelity.key) is not None:  # --timeout cut it back
+                log.info("trial %d: evaluation at %s cut by --timeout", number, fidelity.words)
                 return
-            log.info("trial %d trained %d epochs in %.1fs: %s = %.4f (%s)", candidate.trial.number, result.fidelity,
-                     result.wall_s, self.plan.task.metric, result.metrics.get(self.plan.task.metric, math.nan),
-                     summary(candidate.config))
-        candidate.rungs[result.fidelity] = result  # fewer epochs than asked when --timeout cut it
-        trial = candidate.trial
-        trial.set_user_attr("rungs", [candidate.rungs[f].to_dict() for f in sorted(candidate.rungs)])
-        trial.set_user_attr("fidelity", result.fidelity)
-        trial.set_user_attr("metrics", result.metrics)
-        trial.set_user_attr("curve", result.curve)
-        self._report()
-
-    def _cached(self, arch_hash: str, epochs: int) -> RungResult | None:
-        """A result for this architecture at this fidelity from any trial of the study, any worker."""
-        for trial in self._study_trials_with(arch_hash):
-            for data in trial.user_attrs.get("rungs", []):
-                if data["fidelity"] == epochs:
-                    return RungResult.from_dict(data)
-        return None
-
-    def _latency(self, candidate: Candidate) -> float:
-        for trial in self._study_trials_with(candidate.config.hash):
-            if trial.user_attrs.get("latency_ms") is not None:
-                latency = trial.user_attrs["latency_ms"]
-                break
-        else:
-            latency = forward_latency_ms(candidate.config, self.plan.task.input_shape,
-                                         repeats=self.plan.profile.latency_repeats)
-        candidate.trial.set_user_attr("latency_ms", latency)
-        return latency
-
-    def _study_trials_with(self, arch_hash: str) -> list[FrozenTrial]:
-        return [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("arch_hash") == arch_hash]
-
-    def _pool(self, epochs: int) -> list[Scored]:
-        """Every result of the study at ``epochs``, one per architecture, for the promotion rule."""
-        pool: dict[str, Scored] = {}
-        for trial in self.study.get_trials(deepcopy=False):
-            attrs = trial.user_attrs
-            for data in attrs.get("rungs", []):
-                if data["fidelity"] == epochs and attrs["arch_hash"] not in pool:
-                    metric = data["metrics"].get(self.plan.task.metric, math.nan)
-                    if not math.isnan(metric):
-                        pool[attrs["arch_hash"]] = Scored(attrs["arch_hash"], self._score(metric), self._costs(attrs))
-        return list(pool.values())
-
-    def _costs(self, attrs: dict[str, Any]) -> tuple[float, ...]:
-        return tuple(float(attrs.get(o.name, math.inf)) for o in self.plan.objectives[1:])
+        self._record(candidate, candidate.record.with_evaluation(result))  # lower than asked when --timeout cut it
+        self._emit(Evaluated, number=number, fidelity=result.fidelity, metric=metric,
+                   score=result.metrics.get(metric, math.nan), seconds=result.wall_s,
+                   summary=summary(candidate.config), reused=reused)
 
     def _scored(self, candidate: Candidate, key: int) -> Scored:
-        metric = candidate.best.metrics.get(self.plan.task.metric, math.nan)  # type: ignore[union-attr]
-        score = -math.inf if math.isnan(metric) else self._score(metric)
-        return Scored(key, score, self._costs(candidate.trial.user_attrs))
-
-    def _score(self, metric: float) -> float:
-        """The metric as the promotion rule takes it, higher is better, whatever the task's direction."""
-        return metric if self.plan.objectives[0].maximize else -metric
+        metric, record = self.objectives[0], candidate.record
+        return Scored(key, merit(record.measure(metric.name), metric), costs(record, self.objectives))
 
     # ------------------------------------------------------------------ telling
     def _finish(self, candidate: Candidate) -> None:
-        trial = candidate.trial
-        if candidate.fail_reason:
-            trial.set_user_attr("fail_reason", candidate.fail_reason)
-        best = candidate.best
-        metric = None if best is None else best.metrics.get(self.plan.task.metric)
+        record = candidate.record
+        metric = record.measure(self.objectives[0].name)
         if metric is None or math.isnan(metric):
-            self.study.tell(trial, state=TrialState.FAIL)
+            tell_failed(self.study, candidate.trial)
+            self.view.update(replace(record, state=TrialState.FAIL))
             return
-        values = []
-        for objective in self.plan.objectives:
-            if objective.name == "latency_ms":
-                values.append(float(candidate.latency_ms))  # type: ignore[arg-type]
-            elif objective is self.plan.objectives[0]:
-                values.append(float(metric))
-            else:
-                values.append(float(getattr(candidate.cost, objective.name)))
-        self.study.tell(trial, values)
+        values = tuple(float(record.measure(o.name)) for o in self.objectives)  # type: ignore[arg-type]
+        tell_evaluated(self.study, candidate.trial, values)
+        self.view.update(replace(record, state=TrialState.COMPLETE, values=values))
 
-    def _unmeasured_values(self, priced: Cost) -> list[float]:
-        """Values of a never-trained (over-budget) trial: its exact cost, the worst for the rest.
+    def _fail(self, trial: optuna.Trial, record: TrialRecord, reason: str) -> None:
+        record = replace(record, fail_reason=reason)
+        record.save(trial)
+        tell_failed(self.study, trial)
+        self.view.update(replace(record, state=TrialState.FAIL))
+        self._emit(Failed, number=trial.number, reason=reason)
 
-        Samplers rank infeasible trials by constraint violation, not by these; they exist because
-        Optuna needs values on a COMPLETE trial. Never on a front: fronts hold feasible trials only.
-        """
-        values = [0.0 if self.plan.objectives[0].maximize else math.inf]
-        for objective in self.plan.objectives[1:]:
-            values.append(float(getattr(priced, objective.name)) if objective.name in ("params", "macs") else math.inf)
-        return values
 
-    def _fail(self, trial: optuna.Trial, reason: str) -> None:
-        trial.set_user_attr("fail_reason", reason)
-        self.study.tell(trial, state=TrialState.FAIL)
-        log.warning("trial %d %s", trial.number, reason)
+def _summary(front: Front) -> tuple[list[int], int | None, float]:
+    return [m.number for m in front.members], front.knee.number if front.knee else None, front.hypervolume

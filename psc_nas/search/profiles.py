@@ -1,4 +1,4 @@
-"""Run-size profiles: how much training a search spends per candidate.
+"""Run-size profiles: how much a search spends per candidate.
 
 ``quick`` is the default and is sized, by measurement, so that ``psc-search --task ibsr
 --budget 5M`` finishes within 15 minutes on 2 CPU cores (docs/benchmarks/search.md). ``paper``
@@ -10,27 +10,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from psc_nas.search.fidelity import Schedule
+from psc_nas.search.promotion import SuccessiveHalving
 
 
 @dataclass(frozen=True)
 class Profile:
     name: str
-    trials: int  # architectures to train when --trials is not given
-    schedule: Schedule
-    bracket: int  # candidates trained at the lowest rung before a promotion round
+    trials: int  # architectures to evaluate when --trials is not given
+    epochs: tuple[int, ...]  # the training evaluator's fidelities, increasing
+    policy: SuccessiveHalving
     population: int  # NSGA-II population / TPE start-up trials
     data_options: dict[str, Any] = field(default_factory=dict)  # passed to task.datamodule
     timeout: float | None = None  # seconds; --timeout overrides
     latency_repeats: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.epochs or list(self.epochs) != sorted(set(self.epochs)) or self.epochs[0] < 1:
+            raise ValueError(f"epochs must be increasing positive counts, got {self.epochs}")
 
 
 PROFILES = {
     "quick": Profile(
         name="quick",
         trials=12,
-        schedule=Schedule(rungs=(1, 2), eta=3, epsilon=0.01),
-        bracket=6,
+        epochs=(1, 2),
+        policy=SuccessiveHalving(bracket=6, eta=3, epsilon=0.01),
         population=6,
         data_options={"samples_per_epoch": 8, "batch_size": 4},
         timeout=12.5 * 60,  # no training starts later; the last may finish one epoch: under 15 minutes
@@ -38,8 +42,8 @@ PROFILES = {
     "paper": Profile(
         name="paper",
         trials=200,
-        schedule=Schedule(rungs=(5, 15, 45), eta=3, epsilon=0.005),
-        bracket=27,
+        epochs=(5, 15, 45),
+        policy=SuccessiveHalving(bracket=27, eta=3, epsilon=0.005),
         population=24,
         data_options={"samples_per_epoch": 512, "batch_size": 8, "num_workers": 4},
         latency_repeats=20,

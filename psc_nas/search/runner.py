@@ -21,13 +21,16 @@ import optuna
 from rich.console import Console
 
 from psc_nas.costs import format_count
+from psc_nas.evaluators import Evaluator, EvaluatorSetup, make_evaluator
 from psc_nas.search.budget import Budget
 from psc_nas.search.catalog import Catalog
-from psc_nas.search.display import front_table, progress_bar
-from psc_nas.search.engine import Engine, Plan
-from psc_nas.search.evaluate import Trainer, fit_trainer
-from psc_nas.search.outputs import Front, Objective
+from psc_nas.search.display import ProgressBar, front_table
+from psc_nas.search.engine import Engine, SearchPlan
+from psc_nas.search.events import Event, describe
+from psc_nas.search.front import Front
+from psc_nas.search.pricing import Pricing
 from psc_nas.search.profiles import get_profile
+from psc_nas.search.record import Objective, StudyRecord
 from psc_nas.search.storage import open_storage, open_study, storage_url
 from psc_nas.space import SearchSpace
 from psc_nas.tasks import Task, get_task
@@ -42,7 +45,7 @@ class SearchSettings:
     task: str = "ibsr"
     budget: Budget = field(default_factory=Budget)
     objectives: tuple[str, ...] = ("metric", "params")
-    trials: int | None = None  # the study's total of trained architectures; the profile's by default
+    trials: int | None = None  # the study's total of evaluated architectures; the profile's by default
     timeout: float | None = None  # seconds after which no new training starts
     sampler: str = "nsga2"
     storage: str | None = None
@@ -52,6 +55,7 @@ class SearchSettings:
     data_dir: Path | None = None
     out: Path | None = None
     space: str | None = None
+    evaluator: str = "train"
     multi_fidelity: bool = True
     seed_presets: bool = True
     heartbeat_interval: int = 10
@@ -105,8 +109,8 @@ def make_sampler(name: str, *, seed: int, population: int) -> optuna.samplers.Ba
     raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
 
-def plan_search(settings: SearchSettings, trainer: Trainer | None = None) -> Plan:
-    """Resolve and check the settings; writes nothing."""
+def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) -> SearchPlan:
+    """Resolve and check the settings; writes nothing. ``evaluator`` replaces ``settings.evaluator``."""
     task = get_task(settings.task)
     profile = get_profile(settings.profile)
     if settings.sampler not in SAMPLERS:
@@ -123,17 +127,19 @@ def plan_search(settings: SearchSettings, trainer: Trainer | None = None) -> Pla
     catalog = _catalog(space_name, tuple(task.input_shape[1:]))
     catalog.check_reachable(settings.budget)
     check_macs_budget(settings.budget, catalog, task)
-    space = catalog.space
-    return Plan(
+    evaluator = evaluator or make_evaluator(settings.evaluator, EvaluatorSetup(
+        task, seed=settings.seed, data_dir=settings.data_dir, epochs=profile.epochs, data_options=profile.data_options))
+    fidelities = evaluator.levels()
+    return SearchPlan(
         task=task,
-        space=space,
-        catalog=catalog,
-        budget=settings.budget,
-        objectives=resolve_objectives(settings.objectives, task, settings.budget),
+        space=catalog.space,
+        pricing=Pricing(settings.budget, catalog),
+        record=StudyRecord(task.name, catalog.space.name, settings.budget,
+                           resolve_objectives(settings.objectives, task, settings.budget), evaluator.name,
+                           input_shape=tuple(task.input_shape)),
         profile=profile,
-        schedule=profile.schedule if settings.multi_fidelity else profile.schedule.single(),
-        trainer=trainer or fit_trainer(task, seed=settings.seed, data_dir=settings.data_dir,
-                                       data_options=profile.data_options),
+        evaluator=evaluator,
+        fidelities=fidelities if settings.multi_fidelity else fidelities[-1:],
         out_dir=settings.out_dir(),
         trials=trials,
         timeout=settings.timeout or profile.timeout,
@@ -166,48 +172,40 @@ def _catalog(space: str, spatial: tuple[int, ...]) -> Catalog:
     return Catalog(_space(space), spatial)
 
 
-def run_search(settings: SearchSettings, *, trainer: Trainer | None = None, console: Console | None = None) -> Front:
+def run_search(settings: SearchSettings, *, evaluator: Evaluator | None = None,
+               console: Console | None = None) -> Front:
     """Search (or resume) and return the feasible Pareto front; outputs land in the run folder."""
     console = console or Console(stderr=True)
-    plan = plan_search(settings, trainer)
+    plan = plan_search(settings, evaluator)
     out_dir = plan.out_dir
     created_dir = _make_out_dir(out_dir)
     try:
         storage = open_storage(storage_url(settings.storage, out_dir), heartbeat_interval=settings.heartbeat_interval)
         sampler = make_sampler(settings.sampler, seed=settings.seed, population=plan.profile.population)
-        study, created = open_study(
-            storage, settings.study_name or out_dir.resolve().name,
-            directions=[o.direction for o in plan.objectives], sampler=sampler,
-            attrs={
-                "task": plan.task.name,
-                "space": plan.space.name,
-                "input_shape": list(plan.task.input_shape),
-                "budget_params": plan.budget.params,
-                "budget_macs": plan.budget.macs,
-                "objectives": [o.to_attr() for o in plan.objectives],
-            },
-        )
+        study, created = open_study(storage, settings.study_name or out_dir.resolve().name, record=plan.record,
+                                    sampler=sampler)
     except BaseException:
         if created_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    with _log_to(out_dir / LOG_FILE), progress_bar(console) as progress:
-        bar = progress.add_task("search", total=plan.trials, front=0)
+    log = logging.getLogger("psc_nas.search")
+    with _log_to(out_dir / LOG_FILE), ProgressBar(console, plan.trials) as bar:
 
-        def show(done: int, front: Front) -> None:
-            progress.update(bar, completed=done, front=len(front.trials))
+        def show(event: Event) -> None:
+            log.info(describe(event))
+            bar(event)
 
-        engine = Engine(plan, study, on_progress=show)
+        engine = Engine(plan, study, on_event=show)
         engine.fill_queue(created)
-        logging.getLogger("psc_nas.search").info(
-            "%s study %r: task %s, space %s, %s, %d trials, profile %s, sampler %s, seed %d",
-            "created" if created else "resumed", study.study_name, plan.task.name, plan.space.name,
-            plan.budget.describe(), plan.trials, plan.profile.name, settings.sampler, settings.seed)
+        log.info("%s study %r: task %s, space %s, %s, %d trials, profile %s, evaluator %s, sampler %s, seed %d",
+                 "created" if created else "resumed", study.study_name, plan.task.name, plan.space.name,
+                 plan.pricing.budget.describe(), plan.trials, plan.profile.name, plan.evaluator.name, settings.sampler,
+                 settings.seed)
         front = engine.run()
     from psc_nas.dashboard import write_snapshot  # imports plotly; only needed once, at the end
 
     write_snapshot(out_dir, study)
-    console.print(front_table(front, plan.objectives))
+    console.print(front_table(front, plan.record.objectives))
     console.print(f"run: {out_dir}  (trials.csv, pareto.json, front/, best.yaml = knee, dashboard.html, {LOG_FILE})")
     return front
 

@@ -1,0 +1,73 @@
+"""Progress as events: what happened to which trial, with what a one-line report of it needs.
+
+The engine emits them; the console's progress bar, the run's log file (and any other consumer)
+subscribe. Every event carries the run's progress: architectures evaluated so far of those planned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+from psc_nas.costs import Cost, format_count
+from psc_nas.evaluators.base import Fidelity
+from psc_nas.search.front import Front
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    number: int
+    fidelity: Fidelity
+    metric: str
+    score: float
+    seconds: float
+    summary: str
+    reused: bool  # another trial's result for the same architecture, not evaluated again
+    done: int
+    planned: int
+
+
+@dataclass(frozen=True)
+class OverBudget:
+    number: int
+    cost: Cost
+    budget: str  # the budget in words
+    summary: str
+    done: int
+    planned: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    number: int
+    reason: str
+    done: int
+    planned: int
+
+
+@dataclass(frozen=True)
+class FrontChanged:
+    front: Front
+    done: int
+    planned: int
+
+
+Event = Union[Evaluated, OverBudget, Failed, FrontChanged]
+Listener = Callable[[Event], None]
+
+
+def describe(event: Event) -> str:
+    """One line for a log or a plain terminal."""
+    if isinstance(event, Evaluated):
+        how = "reused" if event.reused else f"{event.seconds:.1f}s"
+        score = "nan" if math.isnan(event.score) else f"{event.score:.4f}"
+        return f"trial {event.number} {event.fidelity.words} ({how}): {event.metric} = {score} ({event.summary})"
+    if isinstance(event, OverBudget):
+        return (f"trial {event.number} over budget ({event.budget}; {format_count(event.cost.params)} params, "
+                f"{format_count(event.cost.macs)} MACs), not evaluated: {event.summary}")
+    if isinstance(event, Failed):
+        return f"trial {event.number} failed: {event.reason}"
+    knee = event.front.knee.number if event.front.knee else "none"
+    return (f"{event.done}/{event.planned} architectures evaluated; front: {len(event.front.members)} trials, "
+            f"knee trial {knee}, hypervolume {event.front.hypervolume:.4f}")

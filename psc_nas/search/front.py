@@ -1,0 +1,53 @@
+"""The feasible Pareto front of a study and its knee: one computation for every reader.
+
+The run folder (pareto.json, front/, best.yaml), the console table, the dashboard and psc-export
+all call :func:`find_front`, on trials ordered by number, so they name the same front and knee.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from psc_nas.pareto import hypervolume, knee_point, normalize, pareto_front, to_minimization
+from psc_nas.search.record import Objective, StudyRecord, TrialRecord
+
+DEFAULT_METRIC_RANGE = (0.0, 1.0)  # Dice and accuracy are fractions
+
+
+@dataclass(frozen=True)
+class Front:
+    members: tuple[TrialRecord, ...]  # the feasible non-dominated trials, by trial number
+    knee: TrialRecord | None  # psc_nas.pareto.knee_point over all the study's objectives
+    hypervolume: float  # of (metric, params) in the unit box, see ``quality_hypervolume``
+
+
+def find_front(records: Iterable[TrialRecord], study: StudyRecord) -> Front:
+    done = sorted((r for r in records if r.feasible), key=lambda r: r.number)
+    if not done:
+        return Front((), None, 0.0)
+    points = to_minimization([r.values for r in done], [o.maximize for o in study.objectives])  # type: ignore[misc]
+    members = tuple(done[i] for i in pareto_front(points))
+    return Front(members, done[knee_point(points)], quality_hypervolume(done, study))
+
+
+def quality_hypervolume(feasible: Sequence[TrialRecord], study: StudyRecord) -> float:
+    """Hypervolume of (metric, params) of feasible trials, both scaled to [0, 1]: the metric over its
+    range (recorded with the objective; [0, 1] when none is), params over [0, budget] (or the largest
+    seen). Fixed bounds make runs of the same task and budget comparable; 1.0 would be the best
+    score at zero parameters."""
+    metric = study.objectives[0]
+    params = next((i for i, o in enumerate(study.objectives) if o.name == "params"), None)
+    if params is None or not feasible:
+        return 0.0
+    points = [(r.values[0], r.values[params]) for r in feasible]  # type: ignore[index]
+    upper_params = study.budget.params or max(p for _, p in points)
+    low, high = _bounds(metric)
+    scaled = normalize(to_minimization(points, [metric.maximize, False]), (low, 0.0), (high, upper_params))
+    return hypervolume(scaled, (1.0, 1.0))
+
+
+def _bounds(metric: Objective) -> tuple[float, float]:
+    """The metric's best and worst values, as minimized."""
+    low, high = metric.range or DEFAULT_METRIC_RANGE
+    return (-high, -low) if metric.maximize else (low, high)

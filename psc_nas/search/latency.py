@@ -1,0 +1,35 @@
+"""Forward latency of one sample on the search's device, an optional search objective."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Sequence
+
+import torch
+
+from psc_nas.nets import build_model
+from psc_nas.arch import ArchConfig
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def forward_latency_ms(config: ArchConfig, input_shape: Sequence[int], *, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of one inference forward pass of one sample on the current device."""
+    current = device()
+    model = build_model(config).to(current).eval()
+    sample = torch.randn(1, *input_shape, device=current)
+    timings = []
+    with torch.inference_mode():
+        for index in range(warmup + repeats):
+            if current.type == "cuda":
+                torch.cuda.synchronize(current)
+            started = time.perf_counter()
+            model(sample)
+            if current.type == "cuda":
+                torch.cuda.synchronize(current)  # kernels run asynchronously; time them, not the launch
+            if index >= warmup:
+                timings.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(timings)

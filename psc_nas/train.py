@@ -5,7 +5,8 @@ through it, so a number in a study and a number from ``psc-train`` mean the same
 
     ArchConfig ─► build_model ─► TaskModule ─┐
     Task ─► loss(), datamodule(seed) ────────┴─► Trainer.fit ─► TrainResult
-                                   │ training batch: Adam on task.loss()(net(batch[input_key]), batch)
+                                   │ training batch: Adam/AdamW on task.loss()(net(batch[input_key]), batch)
+                                   │   at a constant rate, or a one-cycle schedule (warm-up, cosine decay)
                                    │ validation batch: task.metrics().update(task.predict(net, batch), batch)
                                    └─ per epoch: train_loss and the task's metrics
 
@@ -38,6 +39,8 @@ from psc_nas.tasks import Batch, Task, get_task
 
 DEFAULT_LR = 1e-3
 CHECKPOINT_NAME = "best"
+LR_SCHEDULES = ("constant", "onecycle")
+WARMUP_SHARE = 0.05  # of all steps, for "onecycle"
 
 
 class TrainingFailed(RuntimeError):
@@ -63,14 +66,20 @@ class TrainResult:
 class TaskModule(L.LightningModule):
     """A network built from an ArchConfig, trained and validated the way its task says."""
 
-    def __init__(self, config: ArchConfig, task: Task, *, lr: float = DEFAULT_LR) -> None:
+    def __init__(self, config: ArchConfig, task: Task, *, lr: float = DEFAULT_LR, weight_decay: float = 0.0,
+                 lr_schedule: str = "constant") -> None:
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
         # The checkpoint carries the architecture, so export can rebuild the network from it alone.
-        self.save_hyperparameters({"arch": config.to_dict(), "task": task.name, "lr": lr})
+        self.save_hyperparameters({"arch": config.to_dict(), "task": task.name, "lr": lr,
+                                   "weight_decay": weight_decay, "lr_schedule": lr_schedule})
         self.net = build_model(config)
         self.task = task
         self.loss_fn = task.loss()
         self.lr = lr
+        self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
         self.val_metrics = task.metrics()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -95,8 +104,33 @@ class TaskModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute())
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    def on_test_epoch_start(self) -> None:
+        self.val_metrics.reset()
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self.val_metrics.update(self.task.predict(self.net, batch), batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict({f"test_{name}": value for name, value in self.val_metrics.compute().items()})
+
+    def configure_optimizers(self) -> Any:
+        return optimizer_and_schedule(self.parameters(), lr=self.lr, weight_decay=self.weight_decay,
+                                      schedule=self.lr_schedule, total_steps=int(self.trainer.estimated_stepping_batches))
+
+
+def optimizer_and_schedule(params: Any, *, lr: float, weight_decay: float, schedule: str, total_steps: int) -> Any:
+    """Adam at a constant rate (no weight decay), or AdamW; "onecycle": linear warm-up over the first
+    ``WARMUP_SHARE`` of the steps, then cosine decay to ~0 at the last step (stepped every batch), so a short
+    run ends on settled weights instead of wherever a constant rate left them."""
+    optimizer = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay
+                 else torch.optim.Adam(params, lr=lr))
+    if schedule == "constant":
+        return optimizer
+    total_steps = max(total_steps, 4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(  # at least 2 warm-up steps (OneCycleLR divides by them)
+        optimizer, max_lr=lr, total_steps=total_steps, pct_start=max(WARMUP_SHARE, 3 / total_steps), anneal_strategy="cos",
+        cycle_momentum=False, div_factor=25.0, final_div_factor=1e3)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class FwdBwdTimer(Callback):
@@ -176,6 +210,9 @@ def fit(
     out_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
     lr: float = DEFAULT_LR,
+    weight_decay: float = 0.0,
+    lr_schedule: str = "constant",
+    evaluate_test: bool = False,
     limit_train_batches: int | float | None = None,
     data_options: Mapping[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
@@ -186,6 +223,9 @@ def fit(
 
     Fidelity knobs for the search: ``epochs`` and ``limit_train_batches`` (batches per epoch, an int
     or a fraction); ``data_options`` go to ``task.datamodule`` (e.g. ``samples_per_epoch``).
+    ``lr_schedule`` is "constant" (Adam, or AdamW when ``weight_decay``) or "onecycle" (see
+    ``optimizer_and_schedule``). ``evaluate_test`` scores the final weights on the task's test split
+    too: ``test_<metric>`` keys in ``metrics`` (never used to choose anything).
     Nothing is written unless ``out_dir`` is given; then it receives ``config.yaml``,
     ``metrics.json``, ``curve.csv`` and the best epoch's checkpoint ``best.ckpt``.
     Raises ``TrainingFailed`` when the loss stops being finite, ``ValueError`` for a config that
@@ -198,7 +238,7 @@ def fit(
     started = time.perf_counter()
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule = task.datamodule(data_dir=data_dir, seed=seed, **dict(data_options or {}))
-    module = TaskModule(config, task, lr=lr)
+    module = TaskModule(config, task, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule)
     timer, curve = FwdBwdTimer(), EpochCurve()
     checkpoint = None
     if out_dir is not None:
@@ -226,10 +266,12 @@ def fit(
             callbacks=[timer, curve, *([checkpoint] if checkpoint else []), *callbacks],
         )
         trainer.fit(module, datamodule=datamodule)
-    if not curve.rows:
-        raise TrainingFailed("no training epoch finished")
+        if not curve.rows:
+            raise TrainingFailed("no training epoch finished")
+        tested = trainer.test(module, datamodule=datamodule, verbose=False)[0] if evaluate_test else {}
     result = TrainResult(
-        metrics={k: v for k, v in curve.rows[-1].items() if k not in ("epoch", "train_loss")},
+        metrics={**{k: v for k, v in curve.rows[-1].items() if k not in ("epoch", "train_loss")},
+                 **{k: float(v) for k, v in tested.items()}},
         best_metric=task.best([row[task.metric] for row in curve.rows]),
         curve=curve.rows,
         wall_seconds=time.perf_counter() - started,

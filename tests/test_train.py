@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from typer.testing import CliRunner
 
 from psc_nas import build_model
@@ -146,3 +147,29 @@ def test_psc_train_user_errors_are_one_line(args, message, tmp_path, monkeypatch
     assert result.stderr.startswith("psc-train: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+class LearningRates(Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_onecycle_warms_up_decays_and_the_test_split_is_scored(task, tiny_config):
+    rates = LearningRates()
+    result = fit(tiny_config, task, epochs=2, seed=0, lr=2e-3, weight_decay=1e-4, lr_schedule="onecycle",
+                 evaluate_test=True, data_options={**TINY_DATA, "samples_per_epoch": 20}, callbacks=[rates])
+    assert len(rates.rates) == 20  # 2 epochs x 10 batches of 2
+    peak = rates.rates.index(max(rates.rates))
+    assert rates.rates[0] < max(rates.rates) == pytest.approx(2e-3, rel=0.05)
+    assert all(a >= b for a, b in zip(rates.rates[peak:], rates.rates[peak + 1:]))  # cosine decay after the peak
+    assert rates.rates[-1] < 2e-3 / 20
+    assert {"test_dice_mean", "test_dice_csf", "dice_mean"} <= set(result.metrics)
+    assert 0.0 <= result.metrics["test_dice_mean"] <= 1.0
+
+
+def test_unknown_lr_schedule_is_refused(task, tiny_config):
+    with pytest.raises(ValueError, match="unknown lr_schedule 'cosine'"):
+        fit(tiny_config, task, epochs=1, lr_schedule="cosine", data_options=TINY_DATA)

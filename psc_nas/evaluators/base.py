@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -55,6 +55,9 @@ class EvaluatorSetup:
     data_dir: Path | None = None
     epochs: tuple[int, ...] = (1,)  # training fidelities the run profile asks for, cheap to expensive
     data_options: Mapping[str, Any] = field(default_factory=dict)  # passed to task.datamodule
+    space: Any = None  # the SearchSpace searched (a weight-sharing evaluator builds its super-network from it)
+    admissible: Callable[[ArchConfig], bool] | None = None  # within the run's budget (None: everything is)
+    options: Mapping[str, Any] = field(default_factory=dict)  # evaluator-specific (``--evaluator-option k=v``)
 
 
 class EvaluationFailed(RuntimeError):

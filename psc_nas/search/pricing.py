@@ -22,6 +22,10 @@ class Pricing:
     def price(self, config: ArchConfig) -> Cost:
         return cost(config, self.catalog.spatial)
 
+    def fits(self, config: ArchConfig) -> bool:
+        """Within the budget at the task's input size (what an evaluator may sample, e.g. a super-network)."""
+        return self.budget.fits(self.price(config))
+
     def presets(self) -> dict[str, Answers]:
         """The space's hand-designed networks that fit the budget, as the trial parameters that give them."""
         space = self.catalog.space

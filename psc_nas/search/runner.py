@@ -127,13 +127,15 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     catalog = _catalog(space_name, tuple(task.input_shape[1:]))
     catalog.check_reachable(settings.budget)
     check_macs_budget(settings.budget, catalog, task)
+    pricing = Pricing(settings.budget, catalog)
     evaluator = evaluator or make_evaluator(settings.evaluator, EvaluatorSetup(
-        task, seed=settings.seed, data_dir=settings.data_dir, epochs=profile.epochs, data_options=profile.data_options))
+        task, seed=settings.seed, data_dir=settings.data_dir, epochs=profile.epochs, data_options=profile.data_options,
+        space=catalog.space, admissible=pricing.fits))
     fidelities = evaluator.levels()
     return SearchPlan(
         task=task,
         space=catalog.space,
-        pricing=Pricing(settings.budget, catalog),
+        pricing=pricing,
         record=StudyRecord(task.name, catalog.space.name, settings.budget,
                            resolve_objectives(settings.objectives, task, settings.budget), evaluator.name,
                            input_shape=tuple(task.input_shape)),

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from psc_nas.costs import format_count
+from psc_nas.memory import keep_freed_memory
 from psc_nas.nets import cost
 from psc_nas.space import SearchSpace, shipped_spaces
 from psc_nas.tasks import Task, get_task, task_names
@@ -106,6 +107,7 @@ def export(
     onnx: Annotated[bool, typer.Option(help="Also write an ONNX model (needs psc-nas[onnx]).")] = False,
 ) -> None:
     """Write the architecture picked from a search run, rebuildable with psc_nas.build_model(path)."""
+    keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
     from psc_nas.export import Pick, export as export_run
 
     try:
@@ -171,8 +173,14 @@ def search(
     space: Annotated[Optional[str], typer.Option(help="Search space name or YAML; default <task>_<backbone>.")] = None,
     multi_fidelity: Annotated[bool, typer.Option(help="Train short first, promote only front candidates.")] = True,
     seed_presets: Annotated[bool, typer.Option(help="Evaluate the papers' presets that fit the budget first.")] = True,
+    retrain: Annotated[Optional[bool], typer.Option(
+        "--retrain/--no-retrain",
+        help="After the search, retrain the front's knee and its neighbours from scratch for the longest schedule "
+             "that fits the time budget (its last share; the profile's policy); best.yaml = the retrained knee. "
+             "Default: as the profile says (quick and paper retrain).")] = None,
 ) -> None:
     """Multi-objective architecture search under a cost budget; re-run the same command to resume."""
+    keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
     from pathlib import Path
 
     from psc_nas.costs import parse_count
@@ -196,6 +204,7 @@ def search(
             space=space,
             multi_fidelity=multi_fidelity,
             seed_presets=seed_presets,
+            retrain=retrain,
         )
         run_search(settings)
     except ValueError as err:
@@ -218,6 +227,7 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train one architecture; write config.yaml, metrics.json, curve.csv and best.ckpt into its run folder."""
+    keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
     from pathlib import Path
 
     from psc_nas.tasks import get_task

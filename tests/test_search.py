@@ -194,8 +194,8 @@ def test_latency_objective_is_measured_once_per_architecture(tmp_path):
 
 def test_journal_storage_is_a_file_based_alternative(tmp_path):
     journal = tmp_path / "study.log"
-    settings = SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=3, out=tmp_path / "run", retrain=False,
-                              storage=f"journal:{journal}", study_name="j")
+    settings = SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=3, out=tmp_path / "run",
+                              retrain=False, storage=f"journal:{journal}", study_name="j")
     run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     assert len(evaluated(optuna.load_study(study_name="j", storage=storage))) == 3
@@ -206,8 +206,8 @@ def test_events_report_every_evaluation_and_over_budget_sample(tmp_path):
     from psc_nas.search.engine import Engine
     from psc_nas.search.storage import open_storage, open_study
 
-    settings = SearchSettings(task="ibsr", budget=Budget(params=2_500_000), trials=5, out=tmp_path / "run", retrain=False,
-                              sampler="random")
+    settings = SearchSettings(task="ibsr", budget=Budget(params=2_500_000), trials=5, out=tmp_path / "run",
+                              retrain=False, sampler="random")
     plan = plan_search(settings, search_standin.StandinEvaluator())
     plan.out_dir.mkdir()
     storage = open_storage(f"sqlite:///{plan.out_dir / 'study.db'}", heartbeat_interval=10)

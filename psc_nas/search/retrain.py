@@ -103,11 +103,13 @@ def retrain_front(
     seconds_left: Callable[[], float | None],
     save: Callable[[Retrained], None],
     on_plan: Callable[[Plan], None] = lambda plan: None,
-    train: Callable[..., Retrained] = train_member,
+    train: Callable[..., Retrained] | None = None,
 ) -> list[Retrained]:
     """Retrain the members ``choose_members`` picks that ``done()`` (hashes already retrained) lacks,
     within ``seconds_left()`` (None: no limit, ``policy.epochs``); ``save`` stores each result as it
-    comes. Returns the new results; a member whose training fails is logged and skipped."""
+    comes. ``train`` replaces ``train_member``. Returns the new results; a member whose training fails
+    is logged and skipped."""
+    train = train or train_member
     members = [m for m in choose_members(front, job.policy.count) if m.arch_hash not in done()]
     if not members:
         return []

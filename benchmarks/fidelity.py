@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed

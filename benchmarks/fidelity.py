@@ -43,7 +43,7 @@ POOL = 3000
 N_QUANTILES = 11
 
 REF_WIDTH = 0.25
-REF_EPOCHS = 16
+REF_EPOCHS = 8
 REF_SAMPLES = 128
 REF_BATCH = 4
 REF_LR = 2e-3
@@ -237,6 +237,52 @@ def measure(work: Path, variant: str, seeds: tuple[int, ...], jobs: int) -> None
             print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
 
 
+def _supernet_job(seed: int, options_json: str, out_dir: str) -> str:
+    """One super-network per seed (its training is the seed-dependent part), then every panel member scored."""
+    _threads(1)
+    from psc_nas.evaluators import EvaluatorSetup, make_evaluator
+    from psc_nas.memory import keep_freed_memory
+    from psc_nas.nets import cost
+    from psc_nas.space import SearchSpace
+    from psc_nas.tasks import get_task
+
+    keep_freed_memory()
+    task = get_task(TASK)
+    spatial = tuple(task.input_shape[1:])
+    options = json.loads(options_json)
+    setup = EvaluatorSetup(task, seed=seed, space=SearchSpace.load(SPACE), options=options,
+                           admissible=lambda config: cost(config, spatial).params <= BUDGET_PARAMS)
+    evaluator = make_evaluator("supernet", setup)
+    started = time.time()
+    evaluator.prepare(Path(out_dir), seconds_left=None)
+    prepare_s = time.time() - started
+    level = evaluator.levels()[-1]
+    for member in panel():
+        out = Path(out_dir) / f"{member['config'].hash}-s{seed}.json"
+        if out.exists():
+            continue
+        t0 = time.time()
+        evaluation = evaluator.evaluate(member["config"], level, seconds_left=None)
+        record = {"variant": Path(out_dir).name, "name": member["name"], "seed": seed, "metrics": evaluation.metrics,
+                  "wall_s": time.time() - t0, "prepare_s": prepare_s, "fidelity": level.words}
+        out.write_text(json.dumps(record))
+    return f"supernet seed {seed}: prepared in {prepare_s:.0f} s, {level.words}"
+
+
+SUPERNET_VARIANTS = {
+    "supernet-w0.25-600": {"width": 0.25, "steps": 600},
+}
+
+
+def measure_supernet(work: Path, variant: str, seeds: tuple[int, ...], jobs: int) -> None:
+    out_dir = work / "scores" / variant
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = json.dumps(SUPERNET_VARIANTS[variant])
+    with ProcessPoolExecutor(jobs) as pool:
+        for future in as_completed([pool.submit(_supernet_job, seed, options, str(out_dir)) for seed in seeds]):
+            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["panel", "reference", "assemble", "measure", "report"])
@@ -252,6 +298,8 @@ def main() -> None:
         reference(args.work, args.jobs, tuple(args.seeds or REF_SEEDS))
     elif args.command == "assemble":
         assemble(args.work)
+    elif args.command == "measure" and args.variant in SUPERNET_VARIANTS:
+        measure_supernet(args.work, args.variant, tuple(args.seeds or (0, 1, 2)), args.jobs)
     elif args.command == "measure":
         measure(args.work, args.variant, tuple(args.seeds or (0, 1, 2)), args.jobs)
     elif args.command == "report":

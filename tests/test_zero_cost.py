@@ -41,6 +41,8 @@ def test_every_proxy_is_finite_repeatable_and_tells_architectures_apart(task, ba
     assert set(first) == set(PROXIES)
     assert all(math.isfinite(value) for value in first.values()), first
     assert proxy_scores(config(task, "p1sc1"), task, seed=0, batch=batch) == first
+    for name in ("grad_norm", "snip"):  # computed together by proxy_scores, alone by proxy_score
+        assert proxy_score(name, config(task, "p1sc1"), task, seed=0, batch=batch) == pytest.approx(first[name])
     other = proxy_scores(config(task, "csn_ip"), task, seed=0, batch=batch)
     assert all(other[name] != first[name] for name in PROXIES)
 

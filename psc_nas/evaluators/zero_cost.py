@@ -126,7 +126,17 @@ def proxy_scores(config: ArchConfig, task: Task | str, *, seed: int = 0, batch: 
     task = get_task(task) if isinstance(task, str) else task
     if batch is None:
         batch = training_batch(task, seed=seed, data_dir=data_dir)
-    return {name: proxy_score(name, config, task, seed=seed, batch=batch) for name in proxies}
+    scores = {}
+    if "grad_norm" in proxies and "snip" in proxies:  # one backward pass serves both
+        torch.manual_seed(seed)
+        net = build_model(config).train()
+        grads = _loss_grads(net, task, batch)
+        scores["grad_norm"] = float(sum(g.norm() for g in grads))
+        scores["snip"] = float(sum((w.detach() * g).abs().sum() for w, g in zip(_weights(net), grads)))
+    for name in proxies:
+        if name not in scores:
+            scores[name] = proxy_score(name, config, task, seed=seed, batch=batch)
+    return {name: scores[name] for name in proxies}
 
 
 def proxy_score(proxy: str, config: ArchConfig, task: Task | str, *, seed: int = 0, batch: Batch | None = None,

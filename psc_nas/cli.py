@@ -5,9 +5,10 @@ User errors (``ValueError``, including ``ConfigError``) become one line on stder
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -173,6 +174,8 @@ def search(
     space: Annotated[Optional[str], typer.Option(help="Search space name or YAML; default <task>_<backbone>.")] = None,
     multi_fidelity: Annotated[bool, typer.Option(help="Train short first, promote only front candidates.")] = True,
     seed_presets: Annotated[bool, typer.Option(help="Evaluate the papers' presets that fit the budget first.")] = True,
+    evaluator: Annotated[Optional[str], typer.Option(help="How candidates are scored: train | supernet; default the profile's.")] = None,
+    evaluator_option: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the evaluator (repeatable), e.g. width=0.25.")] = None,
     retrain: Annotated[Optional[bool], typer.Option(
         "--retrain/--no-retrain",
         help="After the search, retrain the front's knee and its neighbours from scratch for the longest schedule "
@@ -204,11 +207,24 @@ def search(
             space=space,
             multi_fidelity=multi_fidelity,
             seed_presets=seed_presets,
+            evaluator=evaluator,
+            evaluator_options=parse_options(evaluator_option or []),
             retrain=retrain,
         )
         run_search(settings)
     except ValueError as err:
         raise fail("psc-search", err) from None
+
+
+def parse_options(items: list[str]) -> tuple[tuple[str, Any], ...]:
+    """``KEY=VALUE`` pairs, each value read as YAML (numbers, booleans, strings)."""
+    parsed = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--evaluator-option takes KEY=VALUE, got {item!r}")
+        parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else value))
+    return tuple(parsed)
 
 
 train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -1,56 +1,44 @@
-"""Keep freed memory in the process: fewer page faults, less system time.
+"""Keep freed memory in the process instead of returning it to the kernel after every step.
 
-Training 3D networks on a CPU allocates and frees tensors of many megabytes every step. glibc's
-``malloc`` serves blocks above its mmap threshold (128 KiB, raised dynamically up to 32 MiB) with
-fresh ``mmap`` calls and gives freed heap tops back to the kernel past its trim threshold, so every
-step maps, zero-fills (one minor page fault per 4 KiB page) and unmaps the same memory again. On the
-default ``psc-search`` that was a quarter of all CPU time spent in the kernel
-(docs/benchmarks/search.md, "System time").
+Training allocates and frees the same large activation buffers at every step. glibc's malloc serves
+blocks above ``M_MMAP_THRESHOLD`` (dynamic, 128 KiB to 32 MiB) with fresh ``mmap`` calls and gives the
+heap top back with ``M_TRIM_THRESHOLD``: each step then page-faults its buffers in again, and the
+kernel zeroes every page. Measured on the default search's trial (docs/benchmarks/search.md, "System
+time"): most of the system CPU time was these minor faults. Raising both thresholds keeps the pages
+mapped and reused; peak resident memory grows by at most what one step already needed.
 
-:func:`keep_freed_memory` tells glibc, at run time through ``mallopt``, to serve blocks up to the
-largest mmap threshold it accepts from the heap, to keep freed memory (no trimming) and to use few
-arenas. The ``MALLOC_*`` environment variables do the same but only before the process starts;
-``mallopt`` works from inside it. Elsewhere (musl, macOS, Windows) it does nothing.
+``keep_freed_memory()`` is called once at the start of psc-search, psc-train and psc-export (and by the
+benchmarks). Environment variables (``MALLOC_MMAP_THRESHOLD_``) would do the same, but only when set
+before the process starts; ``mallopt`` works at run time. A no-op where the C library is not glibc.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import platform
+import logging
 
-# mallopt parameters, from glibc's malloc.h
-M_TRIM_THRESHOLD = -1
+log = logging.getLogger("psc_nas")
+
+M_TRIM_THRESHOLD = -1  # glibc malloc.h
 M_MMAP_THRESHOLD = -3
-M_ARENA_MAX = -8
+KEEP_BYTES = 1 << 30  # blocks up to 1 GiB come from the heap; up to 1 GiB of free heap is kept
 
-MMAP_THRESHOLDS = (1 << 30, 1 << 25)  # glibc caps it at HEAP_MAX_SIZE / 2 (32 MiB on 64-bit): try 1 GiB, then that
-TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed heap top instead of returning it to the kernel
-ARENA_MAX = 2  # one per core of the machines this runs on; each arena keeps its own freed memory
-
-_applied: bool | None = None
+_done = False
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's allocator to keep freed memory; True if it did (now or on an earlier call), False
-    where the C library is not glibc or refused. Idempotent: the first call decides, later ones return
-    its answer."""
-    global _applied
-    if _applied is None:
-        _applied = _apply()
-    return _applied
-
-
-def _apply() -> bool:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+    """Raise glibc's mmap and trim thresholds; True when applied (idempotent)."""
+    global _done
+    if _done:
+        return True
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    if not any(mallopt(M_MMAP_THRESHOLD, threshold) for threshold in MMAP_THRESHOLDS):
-        return False
-    return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(M_ARENA_MAX, ARENA_MAX))
+        return False  # not glibc (musl, macOS, Windows): nothing to tune
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _done = bool(mallopt(M_MMAP_THRESHOLD, KEEP_BYTES - 1)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+    if not _done:
+        log.debug("mallopt refused the thresholds; memory is returned to the kernel as usual")
+    return _done

@@ -53,8 +53,8 @@ class Profile:
     data_options: dict[str, Any] = field(default_factory=dict)  # passed to task.datamodule
     timeout: float | None = None  # seconds; --timeout overrides
     latency_repeats: int = 5
-    evaluator: str = "train"  # what ranks candidates during the search; --evaluator overrides
-    evaluator_options: dict[str, Any] = field(default_factory=dict)
+    evaluator: str = "train"  # --evaluator overrides
+    evaluator_options: dict[str, Any] = field(default_factory=dict)  # for ``evaluator`` only
     retrain: RetrainPolicy | None = None  # retrain the front after the search (None: never); --no-retrain skips
     retrain_share: float = 0.0  # of the time budget, kept for retraining: the search loop stops earlier by this much
 

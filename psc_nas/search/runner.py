@@ -16,7 +16,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import optuna
 from rich.console import Console
@@ -57,8 +57,8 @@ class SearchSettings:
     data_dir: Path | None = None
     out: Path | None = None
     space: str | None = None
-    evaluator: str | None = None  # the profile's unless given
-    evaluator_options: Mapping[str, Any] = field(default_factory=dict)  # over the profile's, for its evaluator
+    evaluator: str | None = None  # the profile's by default
+    evaluator_options: tuple[tuple[str, Any], ...] = ()  # over the profile's options for that evaluator
     retrain: bool | None = None  # retrain the front after the search; None: as the profile says
     multi_fidelity: bool = True
     seed_presets: bool = True
@@ -134,7 +134,7 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     pricing = Pricing(settings.budget, catalog)
     evaluator_name = settings.evaluator or profile.evaluator
     options = {**(profile.evaluator_options if evaluator_name == profile.evaluator else {}),
-               **settings.evaluator_options}
+               **dict(settings.evaluator_options)}
     evaluator = evaluator or make_evaluator(evaluator_name, EvaluatorSetup(
         task, seed=settings.seed, data_dir=settings.data_dir, epochs=profile.epochs, data_options=profile.data_options,
         space=catalog.space, admissible=pricing.fits, options=options))

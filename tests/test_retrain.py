@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -208,6 +209,17 @@ def test_the_schedule_is_the_longest_that_fits_the_time_left(searched):
                                     on_plan=plans.append, train=stand_in_train(clock, epoch_s))
     assert plans[0].epochs == 1 and results[0].trial == costliest.number
     assert [r.epochs for r in results] == [1, 1, 1] and {r.trial for r in results} == {m.number for m in members}
+
+    # less time left than one epoch of the search's own training of the costliest member: nothing starts
+    slow = [replace(r, evaluations=tuple(replace(e, wall_s=30.0 * e.fidelity.key) for e in r.evaluations))
+            for r in front.members]
+    slow_front = replace(front, members=tuple(slow), knee=next(r for r in slow if r.number == front.knee.number))
+    clock[0], plans[:] = 0.0, []
+    assert retrain.retrain_front(slow_front, job, done=set, seconds_left=lambda: 29.0, save=saved.append,
+                                 on_plan=plans.append, train=stand_in_train(clock, epoch_s)) == []
+    assert clock[0] == 0.0 and plans == []
+    assert retrain.retrain_front(slow_front, job, done=set, seconds_left=lambda: 31.0 - clock[0], save=lambda r: None,
+                                 train=stand_in_train(clock, epoch_s)) != []
 
     # architectures already retrained (a resume) are not trained again
     clock[0] = 0.0

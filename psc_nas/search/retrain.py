@@ -119,6 +119,9 @@ def retrain_front(
         plan = Plan(tuple(members), job.policy.epochs, None)
     else:
         costliest = max(members, key=lambda m: (m.macs or 0, m.params or 0))
+        if left < search_epoch_s(costliest):  # not even the search's shorter epoch fits: no probe either
+            log.info("no time left to retrain the front (%.0f s left)", left)
+            return []
         probe = _attempt(train, job, costliest, 1, None)
         if probe is None:
             return []
@@ -145,6 +148,13 @@ def retrain_front(
             save(result)
             results.append(result)
     return results
+
+
+def search_epoch_s(record: TrialRecord) -> float:
+    """Seconds per unit of fidelity of the trial's own top result: for the ``train`` evaluator one
+    search epoch, on fewer samples than a retraining epoch, so a lower bound of one; 0 when unknown."""
+    result = record.result
+    return result.wall_s / max(result.fidelity.key, 1) if result is not None else 0.0
 
 
 def _attempt(train: Callable[..., Retrained], job: RetrainJob, member: TrialRecord, epochs: int,

@@ -54,10 +54,10 @@ def front_table(front: Front, objectives: Sequence[Objective]) -> Table:
     for index, objective in enumerate(objectives):
         table.add_column(f"{objective.name} (search)" if index == 0 and front.retrained else objective.name,
                          justify="right")
-    table.add_column("fidelity", justify="right")
+    table.add_column("search fidelity" if front.retrained else "fidelity", justify="right")
     if front.retrained:
         table.add_column(f"{objectives[0].name} (retrained)", justify="right")
-        table.add_column("retrained", justify="right")
+        table.add_column("retrained how", justify="right")
     table.add_column("architecture")
     best = front.best.number if front.best is not None else None
     for record in sorted(front.members, key=lambda r: r.values[1:]):  # type: ignore[index]

@@ -163,7 +163,9 @@ def search(
     macs_budget: Annotated[Optional[str], typer.Option(help="MAC budget at the task's input size, e.g. 60G.")] = None,
     objectives: Annotated[str, typer.Option(help="Comma list: metric plus any of params, macs, latency.")] = "metric,params",
     trials: Annotated[Optional[int], typer.Option(help="Architectures to train in total (the study's, over all workers); default from --profile.")] = None,
-    timeout: Annotated[Optional[str], typer.Option(help="Start no training after this long, e.g. 900, 15m, 2h.")] = None,
+    timeout: Annotated[Optional[str], typer.Option(
+        help="Start no training after this long, e.g. 900, 15m, 2h; with retraining the search loop stops the "
+             "profile's retrain share earlier (quick: 30%) and retraining fits the rest.")] = None,
     sampler: Annotated[str, typer.Option(help="nsga2 | tpe | random.")] = "nsga2",
     storage: Annotated[Optional[str], typer.Option(help="Study storage: a database URL (postgresql://...) or journal:PATH; default OUT/study.db.")] = None,
     study_name: Annotated[Optional[str], typer.Option(help="Study name; default the --out folder's name.")] = None,

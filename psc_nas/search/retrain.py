@@ -15,6 +15,9 @@ the time left:
 Every member trains the same schedule with the same seed, so their retrained scores compare. When
 only one epoch fits, the probe is the costliest member's result and the others train one epoch while
 time lasts. The knee of the retrained scores (``Front.best``) becomes best.yaml.
+
+Several workers on one study each retrain after their loop; a member another worker already
+finished is skipped, but two workers that end together may both train the same one (no claim yet).
 """
 
 from __future__ import annotations

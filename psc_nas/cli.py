@@ -153,6 +153,17 @@ def dashboard(
 search_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
+def parse_options(pairs: list[str]) -> tuple[tuple[str, str], ...]:
+    """``["width=0.25", "steps=600"]`` -> ``(("width", "0.25"), ("steps", "600"))``; the evaluator reads the values."""
+    parsed = []
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"--evaluator-option must be KEY=VALUE, got {pair!r}")
+        parsed.append((key.strip(), value.strip()))
+    return tuple(parsed)
+
+
 @search_app.command()
 def search(
     task: Annotated[str, typer.Option(help="Task to search for (e.g. ibsr).")] = "ibsr",
@@ -169,6 +180,8 @@ def search(
     data_dir: Annotated[Optional[str], typer.Option(help="Task data; default the task's own.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder; default runs/<task>-<budget>. Re-run to resume.")] = None,
     space: Annotated[Optional[str], typer.Option(help="Search space name or YAML; default <task>_<backbone>.")] = None,
+    evaluator: Annotated[str, typer.Option(help="How candidates are scored: train (from scratch) | supernet (weight sharing).")] = "train",
+    evaluator_option: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the evaluator, repeatable (supernet: width=0.25, steps=600, ...).")] = None,
     multi_fidelity: Annotated[bool, typer.Option(help="Train short first, promote only front candidates.")] = True,
     seed_presets: Annotated[bool, typer.Option(help="Evaluate the papers' presets that fit the budget first.")] = True,
 ) -> None:
@@ -194,6 +207,8 @@ def search(
             data_dir=Path(data_dir) if data_dir else None,
             out=Path(out) if out else None,
             space=space,
+            evaluator=evaluator,
+            evaluator_options=parse_options(evaluator_option or []),
             multi_fidelity=multi_fidelity,
             seed_presets=seed_presets,
         )

@@ -204,7 +204,7 @@ class SwitchSlot(nn.Module):
         super().__init__()
         self.slot = slot
         self.choices = [choice for choice, _ in choices]  # distinct (``slot_choices``)
-        self.keys = {choice_key(choice): str(index) for index, choice in enumerate(self.choices)}
+        self.keys = {repr(specs): str(index) for index, (_, specs) in enumerate(choices)}
         graphs = [[spec.graph() for spec in specs] for _, specs in choices]
         plans = [[share_plan(spec, graph) for spec, graph in zip(specs, specs_graphs)]
                  for (_, specs), specs_graphs in zip(choices, graphs)]
@@ -236,7 +236,12 @@ class SwitchSlot(nn.Module):
         self.active = "0"
 
     def key(self, choice: BlockChoice) -> str:
-        key = self.keys.get(choice_key(choice))
+        """The candidate of ``choice``: choices are told apart by the ops they realize (so ``conv3d`` and
+        ``conv3d(kernel_size=3)`` are one candidate)."""
+        try:
+            key = self.keys.get(repr(realize(self.slot, choice)))
+        except ValueError:
+            key = None
         if key is None:
             raise ValueError(f"slot {self.slot.name}: {choice.op} {choice.to_dict()} is not a choice of the "
                              "super-network's space")
@@ -263,12 +268,8 @@ class SwitchSlot(nn.Module):
 
 
 # ---------------------------------------------------------------------- the super-network
-def choice_key(choice: BlockChoice) -> str:
-    return json.dumps(choice.to_dict(), sort_keys=True)
-
-
 def slot_choices(space: SearchSpace, slots: Sequence[Slot]) -> list[list[tuple[BlockChoice, list[Op]]]]:
-    """Every distinct choice each slot of ``space`` can take, with its ops, rescaled to ``slots`` (the space's
+    """Every distinct choice (by the ops it realizes) each slot of ``space`` can take, with its ops, rescaled to ``slots`` (the space's
     slots at another width) as ``with_width`` rescales a config; choices a narrow slot cannot take are left out."""
     found: list[dict[str, tuple[BlockChoice, list[Op]]]] = [{} for _ in space.slots]
     for unit in space.units:
@@ -277,13 +278,11 @@ def slot_choices(space: SearchSpace, slots: Sequence[Slot]) -> list[list[tuple[B
             for decision in decisions:
                 for index in unit.slots:
                     choice = rescale(domain.resolve(decision, space.slots[index]), space.slots[index], slots[index])
-                    key = choice_key(choice)
-                    if key in found[index]:
-                        continue
                     try:
-                        found[index][key] = (choice, realize(slots[index], choice))
+                        specs = realize(slots[index], choice)
                     except ValueError:
                         continue
+                    found[index].setdefault(repr(specs), (choice, specs))
     return [list(choices.values()) for choices in found]
 
 

@@ -56,6 +56,7 @@ class SearchSettings:
     out: Path | None = None
     space: str | None = None
     evaluator: str = "train"
+    evaluator_options: tuple[tuple[str, str], ...] = ()  # ``--evaluator-option key=value``, in order
     multi_fidelity: bool = True
     seed_presets: bool = True
     heartbeat_interval: int = 10
@@ -130,7 +131,7 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     pricing = Pricing(settings.budget, catalog)
     evaluator = evaluator or make_evaluator(settings.evaluator, EvaluatorSetup(
         task, seed=settings.seed, data_dir=settings.data_dir, epochs=profile.epochs, data_options=profile.data_options,
-        space=catalog.space, admissible=pricing.fits))
+        space=catalog.space, admissible=pricing.fits, options=dict(settings.evaluator_options)))
     fidelities = evaluator.levels()
     return SearchPlan(
         task=task,

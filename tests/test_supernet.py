@@ -7,17 +7,15 @@ Real modules, real training on the embedded IBSR cohort (16³ patches, tiny widt
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import optuna
 import pytest
+import tiny_task
 import torch
 from test_op_family import GHOST
 from test_tasks import run_cli
 from test_train import DICE_KEYS, SmallPatchIBSR
 
-import tiny_task
 from psc_nas.arch import BlockChoice
 from psc_nas.evaluators import EvaluationFailed, EvaluatorSetup, make_evaluator
 from psc_nas.evaluators.supernet import SuperNet, SupernetEvaluator, share_plan, supernet_key
@@ -179,7 +177,7 @@ def test_spos_training_lowers_the_loss_and_is_saved_under_its_key(trained):
 
 
 def test_evaluate_scores_a_sub_network_with_the_task_s_metrics(trained):
-    evaluator, setup, _ = trained
+    evaluator, _, _ = trained
     draw = evaluator.supernet.sampler(11)
     first = draw()
     result = evaluator.evaluate(first, evaluator.levels()[0], seconds_left=None)
@@ -201,7 +199,8 @@ def test_a_resumed_search_reloads_the_saved_super_network(trained, monkeypatch):
     monkeypatch.setattr(SupernetEvaluator, "train", lambda *args: pytest.fail("trained again instead of reloading"))
     resumed.prepare(folder, seconds_left=None)
     assert resumed.steps == 60 and resumed.losses == evaluator.losses
-    saved, loaded = evaluator.supernet.state_dict(), resumed.supernet.state_dict()
+    # The weights; BatchNorm statistics are what each evaluation recalibrates, whatever was saved.
+    saved, loaded = dict(evaluator.supernet.named_parameters()), dict(resumed.supernet.named_parameters())
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     assert resumed.evaluate(config, resumed.levels()[0], seconds_left=None).metrics == expected
     other = SupernetEvaluator(EvaluatorSetup(setup.task, seed=1, space=setup.space, data_options=TINY_DATA,
@@ -225,6 +224,7 @@ def test_option_and_usage_errors_are_one_clear_line():
         evaluator.evaluate(space.decide(lambda name, choices: choices[0]), evaluator.levels()[0], seconds_left=None)
 
 
+@pytest.mark.slow
 def test_psc_search_with_the_supernet_evaluator_writes_supernet_trials(tmp_path):
     (tmp_path / "bars.yaml").write_text(tiny_task.SPACE_YAML)
     found = run_cli("psc-search", "--task", "bar_axis", "--space", "bars.yaml", "--budget", "400k", "--trials", "6",
@@ -249,11 +249,9 @@ def test_psc_search_with_the_supernet_evaluator_writes_supernet_trials(tmp_path)
 def test_every_registered_family_is_covered():
     """A family added later is either shared by a rule here or falls back; the fallback needs no code."""
     assert set(families()) >= set(ALL_OPS)
-    rng = random.Random(0)
     backbone = get_backbone("densenet3d")
     slot = backbone.slots(TINY_HPARAMS)[2]
     for op in families():
         spec = make_spec(op, slot.in_channels, slot.out_channels)
         plan = share_plan(spec)
         assert (plan is not None) == (op in ("conv3d", "cakes", "pmscn", "p3d")), op
-    assert rng  # deterministic draws above

@@ -433,18 +433,34 @@ def stack(samples: Sequence[Mapping[str, torch.Tensor]], batch_size: int) -> lis
 
 
 # ---------------------------------------------------------------------- training (SPOS, Lightning)
+def random_crop(batch: Batch, input_key: str, side: int, generator: torch.Generator) -> dict[str, Any]:
+    """One random ``side``³ box of every tensor of the input's spatial size (others kept as they are)."""
+    spatial = tuple(batch[input_key].shape[2:])
+    if all(s <= side for s in spatial):
+        return dict(batch)
+    box = [slice(start, start + min(side, s)) for s in spatial
+           for start in [int(torch.randint(s - min(side, s) + 1, (1,), generator=generator))]]
+    return {key: (value[(slice(None), slice(None), *box)]
+                  if isinstance(value, torch.Tensor) and value.dim() == 5 and tuple(value.shape[2:]) == spatial
+                  else value) for key, value in batch.items()}
+
+
 class SposModule(L.LightningModule):
     """One optimizer step per sampled architecture: single-path one-shot training of the super-network."""
 
     def __init__(self, supernet: SuperNet, task: Task, draw: Callable[[], ArchConfig], *, lr: float,
-                 weight_decay: float, steps: int) -> None:
+                 weight_decay: float, steps: int, crop: int | None = None, seed: int = 0) -> None:
         super().__init__()
         self.supernet, self.task, self.draw = supernet, task, draw
         self.loss_fn = task.loss()
         self.lr, self.weight_decay, self.steps = lr, weight_decay, steps
+        self.crop = crop
+        self.generator = torch.Generator().manual_seed(seed)
         self.losses: list[float] = []
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if self.crop:
+            batch = random_crop(batch, self.task.input_key, self.crop, self.generator)
         self.supernet.activate(self.draw())
         loss = self.loss_fn(self.supernet(batch[self.task.input_key]), batch)
         if not torch.isfinite(loss):
@@ -466,6 +482,7 @@ DEFAULTS: dict[str, Any] = {
     "max_steps": 3000,
     "min_steps": 20,
     "batch_size": None,  # default: the run profile's data batch_size, else 4
+    "train_size": None,  # train on random crops of this side (e.g. 16) of the task's patches: fewer voxels per step
     "lr": 2e-3,
     "weight_decay": 1e-4,
     "calib_patches": 8,  # training patches that re-estimate BatchNorm statistics per candidate
@@ -485,7 +502,8 @@ def parse_options(given: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"supernet: option {key} must be a number, got {options[key]!r}") from None
         if not options[key] >= 0 or (key != "weight_decay" and options[key] == 0):
             raise ValueError(f"supernet: option {key} must be positive, got {options[key]!r}")
-    for key in ("default_steps", "max_steps", "min_steps", "calib_patches", "val_patches", "batch_size", "steps"):
+    for key in ("default_steps", "max_steps", "min_steps", "calib_patches", "val_patches", "batch_size", "steps",
+                "train_size"):
         value = options[key]
         if value is None or (key == "steps" and value == "auto"):
             continue
@@ -531,7 +549,8 @@ class SupernetEvaluator(Evaluator):
     # ------------------------------------------------------------------ fidelity
     def fidelity(self) -> Fidelity:
         steps = f", {self.steps} steps" if self.steps is not None else ""
-        return Fidelity(1, f"supernet, width {self.options['width']:g}{steps}")
+        crop = f" of {self.options['train_size']}³ crops" if self.options["train_size"] and steps else ""
+        return Fidelity(1, f"supernet, width {self.options['width']:g}{steps}{crop}")
 
     def levels(self) -> tuple[Fidelity, ...]:
         return (self.fidelity(),)
@@ -587,36 +606,32 @@ class SupernetEvaluator(Evaluator):
         return int(min(options["max_steps"], max(options["min_steps"], allowed / per_step)))
 
     def time_step(self, draw: Callable[[], ArchConfig], repeats: int = 3) -> float:
-        """Seconds of one forward + backward of a sampled sub-network on a calibration batch (no update)."""
+        """Median seconds of one training forward + backward of a sampled sub-network (no update), on a
+        batch of the training batch's size made of validation patches (only the time is kept)."""
         assert self.supernet is not None
         loss_fn = self.task.loss()
-        inputs = self._calibration[0]
-        batch = {self.task.input_key: inputs}
+        first = self._validation[0]
+        rows = self.batch_size
+        batch = {k: torch.cat([v] * math.ceil(rows / v.shape[0]))[:rows] for k, v in first.items()}
+        if self.options["train_size"]:
+            batch = random_crop(batch, self.task.input_key, self.options["train_size"], torch.Generator())
         seconds = []
         self.supernet.train()
         for _ in range(repeats):
             self.supernet.activate(draw())
             start = time.perf_counter()
-            output = self.supernet(inputs)
-            loss = loss_fn(output, {**batch, **self._target_like(output)})
-            loss.backward()
+            loss_fn(self.supernet(batch[self.task.input_key]), batch).backward()
             seconds.append(time.perf_counter() - start)
         self.supernet.zero_grad(set_to_none=True)
         return sorted(seconds)[len(seconds) // 2]
-
-    def _target_like(self, output: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A training batch's targets, for timing only: the first validation batch's, cropped to the output."""
-        sample = self._validation[0]
-        rows = output.shape[0]
-        return {k: torch.cat([v] * math.ceil(rows / v.shape[0]))[:rows] for k, v in sample.items()
-                if k != self.task.input_key}
 
     def train(self, steps: int, draw: Callable[[], ArchConfig]) -> None:
         assert self.supernet is not None
         started = time.perf_counter()
         L.seed_everything(self.setup.seed, workers=True, verbose=False)
         module = SposModule(self.supernet, self.task, draw, lr=self.options["lr"],
-                            weight_decay=self.options["weight_decay"], steps=steps)
+                            weight_decay=self.options["weight_decay"], steps=steps, crop=self.options["train_size"],
+                            seed=self.setup.seed)
         datamodule = self._datamodule(self.setup.seed, min(steps, 256) * self.batch_size)
         with _quiet():
             trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, limit_val_batches=0,

@@ -5,9 +5,10 @@ User errors (``ValueError``, including ``ConfigError``) become one line on stder
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -153,17 +154,6 @@ def dashboard(
 search_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def parse_options(pairs: list[str]) -> tuple[tuple[str, str], ...]:
-    """``["width=0.25", "steps=600"]`` -> ``(("width", "0.25"), ("steps", "600"))``; the evaluator reads the values."""
-    parsed = []
-    for pair in pairs:
-        key, equals, value = pair.partition("=")
-        if not equals or not key.strip():
-            raise ValueError(f"--evaluator-option must be KEY=VALUE, got {pair!r}")
-        parsed.append((key.strip(), value.strip()))
-    return tuple(parsed)
-
-
 @search_app.command()
 def search(
     task: Annotated[str, typer.Option(help="Task to search for (e.g. ibsr).")] = "ibsr",
@@ -180,10 +170,10 @@ def search(
     data_dir: Annotated[Optional[str], typer.Option(help="Task data; default the task's own.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder; default runs/<task>-<budget>. Re-run to resume.")] = None,
     space: Annotated[Optional[str], typer.Option(help="Search space name or YAML; default <task>_<backbone>.")] = None,
-    evaluator: Annotated[str, typer.Option(help="How candidates are scored: train (from scratch) | supernet (weight sharing).")] = "train",
-    evaluator_option: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the evaluator, repeatable (supernet: width=0.25, steps=600, ...).")] = None,
     multi_fidelity: Annotated[bool, typer.Option(help="Train short first, promote only front candidates.")] = True,
     seed_presets: Annotated[bool, typer.Option(help="Evaluate the papers' presets that fit the budget first.")] = True,
+    evaluator: Annotated[Optional[str], typer.Option(help="How candidates are scored: train | supernet; default the profile's.")] = None,
+    evaluator_option: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the evaluator (repeatable), e.g. width=0.25.")] = None,
 ) -> None:
     """Multi-objective architecture search under a cost budget; re-run the same command to resume."""
     from pathlib import Path
@@ -207,14 +197,25 @@ def search(
             data_dir=Path(data_dir) if data_dir else None,
             out=Path(out) if out else None,
             space=space,
-            evaluator=evaluator,
-            evaluator_options=parse_options(evaluator_option or []),
             multi_fidelity=multi_fidelity,
             seed_presets=seed_presets,
+            evaluator=evaluator,
+            evaluator_options=parse_options(evaluator_option or []),
         )
         run_search(settings)
     except ValueError as err:
         raise fail("psc-search", err) from None
+
+
+def parse_options(items: list[str]) -> tuple[tuple[str, Any], ...]:
+    """``KEY=VALUE`` pairs, each value read as YAML (numbers, booleans, strings)."""
+    parsed = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--evaluator-option takes KEY=VALUE, got {item!r}")
+        parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else value))
+    return tuple(parsed)
 
 
 train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -243,7 +243,7 @@ def test_psc_search_with_the_supernet_evaluator_writes_supernet_trials(tmp_path)
     assert json.loads((out / "pareto.json").read_text())["knee"] is not None
     bad = run_cli("psc-search", "--task", "bar_axis", "--space", "bars.yaml", "--budget", "400k", "--evaluator",
                   "supernet", "--evaluator-option", "nope", "--out", "bad", cwd=tmp_path, plugins="tiny_task")
-    assert bad.returncode == 1 and bad.stderr == "psc-search: --evaluator-option must be KEY=VALUE, got 'nope'\n"
+    assert bad.returncode == 1 and bad.stderr == "psc-search: --evaluator-option takes KEY=VALUE, got 'nope'\n"
 
 
 def test_every_registered_family_is_covered():

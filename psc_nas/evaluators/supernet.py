@@ -542,6 +542,7 @@ class SupernetEvaluator(Evaluator):
         self.steps: int | None = None
         self.losses: list[float] = []
         self.train_seconds = 0.0
+        self.train_cpu_seconds = 0.0
         self.path: Path | None = None
         self._calibration: list[torch.Tensor] = []
         self._validation: list[dict[str, torch.Tensor]] = []
@@ -627,7 +628,7 @@ class SupernetEvaluator(Evaluator):
 
     def train(self, steps: int, draw: Callable[[], ArchConfig]) -> None:
         assert self.supernet is not None
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         L.seed_everything(self.setup.seed, workers=True, verbose=False)
         module = SposModule(self.supernet, self.task, draw, lr=self.options["lr"],
                             weight_decay=self.options["weight_decay"], steps=steps, crop=self.options["train_size"],
@@ -643,13 +644,14 @@ class SupernetEvaluator(Evaluator):
                 raise EvaluationFailed(f"super-network training failed: {error}") from error
         self.losses = module.losses
         self.train_seconds = time.perf_counter() - started
+        self.train_cpu_seconds = time.process_time() - cpu  # this process's CPU: what the step costs, load aside
 
     # ------------------------------------------------------------------ storage
     def save(self, path: Path) -> None:
         assert self.supernet is not None
         buffer = io.BytesIO()
         torch.save({"state_dict": self.supernet.state_dict(), "steps": self.steps, "losses": self.losses,
-                    "train_seconds": self.train_seconds, "options": dict(self.options)}, buffer)
+                    "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds, "options": dict(self.options)}, buffer)
         write_bytes_atomic(Path(path), buffer.getvalue())
 
     def load(self, path: Path) -> None:
@@ -657,6 +659,7 @@ class SupernetEvaluator(Evaluator):
         saved = torch.load(path, map_location="cpu", weights_only=False)
         self.supernet.load_state_dict(saved["state_dict"], strict=True)
         self.steps, self.losses, self.train_seconds = saved["steps"], saved["losses"], saved["train_seconds"]
+        self.train_cpu_seconds = saved.get("train_cpu_seconds", 0.0)
 
     # ------------------------------------------------------------------ scoring
     def evaluate(self, config: ArchConfig, fidelity: Fidelity, *, seconds_left: float | None) -> Evaluation:

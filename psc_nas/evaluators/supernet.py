@@ -576,18 +576,17 @@ class SupernetEvaluator(Evaluator):
     def prepare(self, work_dir: Path, *, seconds_left: float | None) -> None:
         started = time.perf_counter()
         space = self.setup.space
-        self.supernet = SuperNet(space, width=self.options["width"])
         key = supernet_key(space, self.task, self.options, self.setup.seed, self.setup.data_options)
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         self.path = work_dir / f"supernet-{key}.pt"
         self._fixed_patches()
+        torch.manual_seed(self.setup.seed)  # initial weights from the seed, whatever ran before
+        self.supernet = SuperNet(space, width=self.options["width"])
         if self.path.is_file():
             self.load(self.path)
             log.info("super-network %s reused (%d steps)", self.path, self.steps)
             return
-        torch.manual_seed(self.setup.seed)
-        self.supernet = SuperNet(space, width=self.options["width"])  # weights from the seed, whatever ran before
         draw = self.supernet.sampler(self.setup.seed, self.setup.admissible)
         steps = self.options["steps"]
         if steps == "auto":

@@ -485,7 +485,7 @@ DEFAULTS: dict[str, Any] = {
     "train_size": None,  # train on random crops of this side (e.g. 16) of the task's patches: fewer voxels per step
     "lr": 2e-3,
     "weight_decay": 1e-4,
-    "calib_patches": 8,  # training patches that re-estimate BatchNorm statistics per candidate
+    "calib_patches": 4,  # training patches that re-estimate BatchNorm statistics per candidate
     "val_patches": 8,  # validation patches every candidate is scored on
 }
 

@@ -634,7 +634,7 @@ class SupernetEvaluator(Evaluator):
                             seed=self.setup.seed)
         datamodule = self._datamodule(self.setup.seed, min(steps, 256) * self.batch_size)
         with _quiet():
-            trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, limit_val_batches=0,
+            trainer = L.Trainer(accelerator="auto", devices=1, max_steps=steps, max_epochs=-1, limit_val_batches=0,
                                 num_sanity_val_steps=0, deterministic="warn", logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False)
             try:
@@ -669,12 +669,14 @@ class SupernetEvaluator(Evaluator):
             self.supernet.activate(config)
         except ValueError as error:
             raise EvaluationFailed(str(error)) from error
-        recalibrate(self.supernet, self._calibration)
+        device = next(self.supernet.parameters()).device
+        recalibrate(self.supernet, [inputs.to(device) for inputs in self._calibration])
         forward_started = time.perf_counter()
         metrics = self.task.metrics()
         metrics.reset()
         with torch.no_grad():
-            predictions = [self.task.predict(self.supernet, batch) for batch in self._validation]
+            predictions = [self.task.predict(self.supernet, {k: v.to(device) for k, v in batch.items()}).cpu()
+                           for batch in self._validation]
             pooled = pool_volumes(predictions, self._validation, self.task.input_key)
             for prediction, batch in pooled or zip(predictions, self._validation):
                 metrics.update(prediction, batch)

@@ -85,8 +85,9 @@ def report(work: Path) -> None:
         runs = list(reference[h].values())
         per_class = [np.mean([r["metrics"][f"dice_{c}"] for r in runs]) for c in ("csf", "gm", "wm")]
         drift = np.mean([r["curve"][-1]["dice_mean"] - r["curve"][-1 - REF_EPOCHS // 4]["dice_mean"] for r in runs])
+        each = ", ".join(f"{r['metrics']['dice_mean']:.4f}" for r in runs)
         lines.append(f"| {m['name']} | {m['params']:,} | {m['macs'] / 1e9:.2f} | {ref_val[h]:.4f} "
-                     f"({', '.join(f'{r['metrics']['dice_mean']:.4f}' for r in runs)}) | {ref_test[h]:.4f} | "
+                     f"({each}) | {ref_test[h]:.4f} | "
                      f"{per_class[0]:.3f} | {per_class[1]:.3f} | {per_class[2]:.3f} | {drift:+.4f} | "
                      f"{np.mean([r['wall_s'] for r in runs]):.0f} |")
 

@@ -2,11 +2,16 @@
 
 The run folder (pareto.json, front/, best.yaml), the console table, the dashboard and psc-export
 all call :func:`find_front`, on trials ordered by number, so they name the same front and knee.
+
+Where front members were retrained after the search (``record.Retrained``), the same knee rule over
+the retrained members, scored by their retrained metric, gives the *retrained knee*: ``Front.best``,
+the network best.yaml holds and psc-export's "knee" picks. Without retraining it is the search's knee.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 from psc_nas.pareto import hypervolume, knee_point, normalize, pareto_front, to_minimization
@@ -20,15 +25,45 @@ class Front:
     members: tuple[TrialRecord, ...]  # the feasible non-dominated trials, by trial number
     knee: TrialRecord | None  # psc_nas.pareto.knee_point over all the study's objectives
     hypervolume: float  # of (metric, params) in the unit box, see ``quality_hypervolume``
+    # front members retrained after the search, their metric replaced by the retrained one (``as_retrained``)
+    retrained: tuple[TrialRecord, ...] = ()
+    retrained_knee: TrialRecord | None = None  # the knee rule over ``retrained``
+    retrained_hypervolume: float | None = None  # ``quality_hypervolume`` of ``retrained``
+
+    @property
+    def best(self) -> TrialRecord | None:
+        """The network a user gets (best.yaml): the retrained knee, else the search's knee."""
+        return self.retrained_knee or self.knee
 
 
 def find_front(records: Iterable[TrialRecord], study: StudyRecord) -> Front:
     done = sorted((r for r in records if r.feasible), key=lambda r: r.number)
     if not done:
         return Front((), None, 0.0)
-    points = to_minimization([r.values for r in done], [o.maximize for o in study.objectives])  # type: ignore[misc]
+    maximize = [o.maximize for o in study.objectives]
+    points = to_minimization([r.values for r in done], maximize)  # type: ignore[misc]
     members = tuple(done[i] for i in pareto_front(points))
-    return Front(members, done[knee_point(points)], quality_hypervolume(done, study))
+    retrained = tuple(as_retrained(r, study) for r in members if _retrained_score(r, study) is not None)
+    if not retrained:
+        return Front(members, done[knee_point(points)], quality_hypervolume(done, study))
+    knee = knee_point(to_minimization([r.values for r in retrained], maximize))  # type: ignore[misc]
+    return Front(members, done[knee_point(points)], quality_hypervolume(done, study), retrained, retrained[knee],
+                 quality_hypervolume(retrained, study))
+
+
+def as_retrained(record: TrialRecord, study: StudyRecord) -> TrialRecord:
+    """``record`` with its metric (the first value) replaced by its retrained score; costs stay."""
+    score = _retrained_score(record, study)
+    if score is None or record.values is None:
+        raise ValueError(f"trial {record.number} has no retrained {study.objectives[0].name}")
+    return replace(record, values=(score, *record.values[1:]))
+
+
+def _retrained_score(record: TrialRecord, study: StudyRecord) -> float | None:
+    if record.retrained is None or record.values is None:
+        return None
+    score = record.retrained.metrics.get(study.objectives[0].name)
+    return None if score is None or not math.isfinite(score) else float(score)
 
 
 def quality_hypervolume(feasible: Sequence[TrialRecord], study: StudyRecord) -> float:

@@ -30,8 +30,9 @@ from psc_nas.search.engine import Engine, SearchPlan
 from psc_nas.search.events import Event, describe
 from psc_nas.search.front import Front
 from psc_nas.search.pricing import Pricing
-from psc_nas.search.profiles import get_profile
+from psc_nas.search.profiles import Profile, RetrainPolicy, get_profile
 from psc_nas.search.record import Objective, StudyRecord
+from psc_nas.search.retrain import RetrainJob
 from psc_nas.search.storage import open_storage, open_study, storage_url
 from psc_nas.space import SearchSpace
 from psc_nas.tasks import Task, get_task
@@ -58,6 +59,7 @@ class SearchSettings:
     space: str | None = None
     evaluator: str | None = None  # the profile's by default
     evaluator_options: tuple[tuple[str, Any], ...] = ()  # over the profile's options for that evaluator
+    retrain: bool | None = None  # retrain the front after the search; None: as the profile says
     multi_fidelity: bool = True
     seed_presets: bool = True
     heartbeat_interval: int = 10
@@ -137,6 +139,8 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
         task, seed=settings.seed, data_dir=settings.data_dir, epochs=profile.epochs, data_options=profile.data_options,
         space=catalog.space, admissible=pricing.fits, options=options))
     fidelities = evaluator.levels()
+    timeout = settings.timeout or profile.timeout
+    policy = retrain_policy(settings, profile)
     return SearchPlan(
         task=task,
         space=catalog.space,
@@ -149,9 +153,22 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
         fidelities=fidelities if settings.multi_fidelity else fidelities[-1:],
         out_dir=settings.out_dir(),
         trials=trials,
-        timeout=settings.timeout or profile.timeout,
+        # with retraining, the loop leaves the profile's share of the time budget to it
+        timeout=timeout * (1 - profile.retrain_share) if policy is not None and timeout is not None else timeout,
         seed_presets=settings.seed_presets,
+        retrain=RetrainJob(policy, task, seed=settings.seed, data_dir=settings.data_dir) if policy else None,
+        retrain_timeout=timeout if policy is not None else None,
     )
+
+
+def retrain_policy(settings: SearchSettings, profile: Profile) -> RetrainPolicy | None:
+    """The profile's retraining, unless ``settings.retrain`` is False; True with a profile that has
+    none retrains with the default policy."""
+    if settings.retrain is False:
+        return None
+    if settings.retrain and profile.retrain is None:
+        return RetrainPolicy()
+    return profile.retrain
 
 
 def check_macs_budget(budget: Budget, catalog: Catalog, task: Task) -> None:
@@ -204,16 +221,18 @@ def run_search(settings: SearchSettings, *, evaluator: Evaluator | None = None,
 
         engine = Engine(plan, study, on_event=show)
         engine.fill_queue(created)
-        log.info("%s study %r: task %s, space %s, %s, %d trials, profile %s, evaluator %s, sampler %s, seed %d",
+        log.info("%s study %r: task %s, space %s, %s, %d trials, profile %s, evaluator %s, sampler %s, seed %d, %s",
                  "created" if created else "resumed", study.study_name, plan.task.name, plan.space.name,
                  plan.pricing.budget.describe(), plan.trials, plan.profile.name, plan.evaluator.name, settings.sampler,
-                 settings.seed)
+                 settings.seed, f"then retraining {plan.retrain.policy.count} front trials" if plan.retrain
+                 else "no retraining")
         front = engine.run()
     from psc_nas.dashboard import write_snapshot  # imports plotly; only needed once, at the end
 
     write_snapshot(out_dir, study)
     console.print(front_table(front, plan.record.objectives))
-    console.print(f"run: {out_dir}  (trials.csv, pareto.json, front/, best.yaml = knee, dashboard.html, {LOG_FILE})")
+    best = "retrained knee" if front.retrained_knee is not None else "knee"
+    console.print(f"run: {out_dir}  (trials.csv, pareto.json, front/, best.yaml = {best}, dashboard.html, {LOG_FILE})")
     return front
 
 

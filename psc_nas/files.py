@@ -16,3 +16,11 @@ def write_text_atomic(path: Path, text: str) -> Path:
     partial.write_text(text, encoding="utf-8")
     partial.replace(path)
     return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """``write_text_atomic`` for bytes (a saved super-network, say)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_bytes(data)
+    partial.replace(path)
+    return path

@@ -171,6 +171,7 @@ def search(
     space: Annotated[Optional[str], typer.Option(help="Search space name or YAML; default <task>_<backbone>.")] = None,
     multi_fidelity: Annotated[bool, typer.Option(help="Train short first, promote only front candidates.")] = True,
     seed_presets: Annotated[bool, typer.Option(help="Evaluate the papers' presets that fit the budget first.")] = True,
+    budget_sampling: Annotated[str, typer.Option(help="restrict (sample only what can fit) | project (shrink to fit) | reject (prune over-budget samples).")] = "restrict",
 ) -> None:
     """Multi-objective architecture search under a cost budget; re-run the same command to resume."""
     from pathlib import Path
@@ -196,6 +197,7 @@ def search(
             space=space,
             multi_fidelity=multi_fidelity,
             seed_presets=seed_presets,
+            budget_sampling=budget_sampling,
         )
         run_search(settings)
     except ValueError as err:

@@ -171,7 +171,7 @@ class Engine:
         """Sample and price; an over-budget candidate is told here and replaced in the queue."""
         record = TrialRecord.read(snapshot(self.study, trial))  # a retry inherits what its dead worker stored
         try:
-            config = self.plan.space.sample(trial)
+            config = self.plan.pricing.sample(trial)  # within the budget unless pricing.sampling is reject
         except Exception as error:  # a space/sampler bug must not end the search
             self._fail(trial, record, f"sampling failed: {failure_reason(error)}")
             return None

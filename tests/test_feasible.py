@@ -118,8 +118,8 @@ def test_projection_shrinks_an_over_budget_candidate_until_it_fits(ibsr):
             assert feasibility.fits(feasibility.cost_of(built))
             if feasibility.fits(feasibility.cost_of(picks)):
                 assert built == picks
-            config = ibsr.space.decide(lambda name, choices, answers=feasibility.answers(built): answers.get(
-                name, choices[0]))
+            answers = feasibility.answers(built)
+            config = ibsr.space.decide(lambda name, choices, given=answers: given.get(name, choices[0]))
             assert budget.fits(cost(config, SPATIAL))
 
 

@@ -95,6 +95,10 @@ class Feasibility:
 
     def sample(self, trial: optuna.Trial) -> ArchConfig:
         """Define-by-run through ``trial``; restricted where the study's sampler is a :class:`RestrictedSampler`."""
+        return self.draw(trial)[0]
+
+    def draw(self, trial: optuna.Trial) -> tuple[ArchConfig, list[int]]:
+        """``sample``, with the option taken in each unit."""
         sampler = trial.study.sampler
         restricting = isinstance(sampler, RestrictedSampler)
         number = trial_id(trial)
@@ -105,7 +109,7 @@ class Feasibility:
             return trial.suggest_categorical(name, choices)  # type: ignore[arg-type]
 
         try:
-            return self.decide(propose)[0]
+            return self.decide(propose)
         finally:
             if restricting:
                 sampler.forget(number)
@@ -220,6 +224,8 @@ class RestrictedSampler(BaseSampler):
         self._rng = np.random.RandomState(seed)
         self._admissible: dict[tuple[int, str], tuple[Choice, ...]] = {}
         self._proposals: dict[int, dict[str, Any]] = {}
+        self.restricted = 0  # questions asked with only some answers admissible
+        self.refused = 0  # of those, questions whose first proposal was not admissible
         self.redrawn = 0  # answers the wrapped sampler proposed outside the admissible ones
         self.fallbacks = 0  # times REDRAWS draws found none admissible
 
@@ -244,12 +250,19 @@ class RestrictedSampler(BaseSampler):
         number = trial_id(trial)
         admissible = self._admissible.pop((number, name), None)
         proposal = self._proposals.get(number, {})
-        if name in proposal and _admits(admissible, proposal[name]):
-            return proposal[name]
+        self.restricted += admissible is not None
+        first = True
+        if name in proposal:
+            if _admits(admissible, proposal[name]):
+                return proposal[name]
+            self.refused += 1
+            first = False
         for _ in range(REDRAWS):
             value = self.inner.sample_independent(study, trial, name, param_distribution)
             if _admits(admissible, value):
                 return value
+            self.refused += first
+            first = False
             self.redrawn += 1
         self.fallbacks += 1
         return admissible[self._rng.randint(len(admissible))]  # type: ignore[index]

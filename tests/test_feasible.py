@@ -145,3 +145,16 @@ def test_a_macs_only_hypervolume_is_over_the_given_budget(tmp_path):
     (member,) = front.members
     dice = member.values[0]
     assert front.hypervolume == pytest.approx(dice * (1 - member.macs / 2_000_000_000))
+
+
+def test_the_last_decision_avoids_configs_already_in_the_study(ibsr):
+    """Near the minimum few configs fit; a sampler that keeps choosing the first answer gets a new one."""
+    budget = Budget(params=1_000_000)
+    feasibility = Feasibility(ibsr, budget)
+    first = lambda name, choices, admissible: admissible[0]
+    seen: set[str] = set()
+    for _ in range(5):
+        config = feasibility.decide(first, avoid=seen)[0]
+        assert config.hash not in seen and budget.fits(cost(config, SPATIAL))
+        seen.add(config.hash)
+    assert feasibility.decide(first)[0].hash in seen  # without avoid: the first one again

@@ -20,7 +20,7 @@ costliest decisions until it fits.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -84,20 +84,24 @@ class Feasibility:
         return bool((total <= self.limit).all())
 
     # ------------------------------------------------------------------ sampling
-    def decide(self, propose: Propose) -> tuple[ArchConfig, list[int]]:
+    def decide(self, propose: Propose, avoid: Collection[str] = ()) -> tuple[ArchConfig, list[int]]:
         """``space.decide`` with ``propose(name, choices, admissible)`` answering each question; the
         config and the option it took in each unit. An answer outside the admissible ones (a fixed
-        parameter of an enqueued trial) is followed, and later questions are no longer restricted."""
-        walk = _Walk(self, propose)
+        parameter of an enqueued trial) is followed, and later questions are no longer restricted.
+
+        ``avoid``: hashes of configs already in the study. Answers whose every completion within the
+        budget is one of them are not admissible while another admissible answer remains, so near the
+        space's minimum, where few configs fit, a sampler is steered to ones not yet evaluated."""
+        walk = _Walk(self, propose, avoid)
         config = self.catalog.space.decide(walk)
         walk.close_through(len(self.deltas))
         return config, walk.picks
 
-    def sample(self, trial: optuna.Trial) -> ArchConfig:
+    def sample(self, trial: optuna.Trial, avoid: Collection[str] = ()) -> ArchConfig:
         """Define-by-run through ``trial``; restricted where the study's sampler is a :class:`RestrictedSampler`."""
-        return self.draw(trial)[0]
+        return self.draw(trial, avoid)[0]
 
-    def draw(self, trial: optuna.Trial) -> tuple[ArchConfig, list[int]]:
+    def draw(self, trial: optuna.Trial, avoid: Collection[str] = ()) -> tuple[ArchConfig, list[int]]:
         """``sample``, with the option taken in each unit."""
         sampler = trial.study.sampler
         restricting = isinstance(sampler, RestrictedSampler)
@@ -109,7 +113,7 @@ class Feasibility:
             return trial.suggest_categorical(name, choices)  # type: ignore[arg-type]
 
         try:
-            return self.decide(propose)
+            return self.decide(propose, avoid)
         finally:
             if restricting:
                 sampler.forget(number)
@@ -158,9 +162,10 @@ class _Walk:
     """The ask function of one sampling: tracks the cost spent by closed units and, in the open unit,
     the answer paths still consistent with the answers given and still admissible."""
 
-    def __init__(self, feasibility: Feasibility, propose: Propose) -> None:
+    def __init__(self, feasibility: Feasibility, propose: Propose, avoid: Collection[str] = ()) -> None:
         self.f = feasibility
         self.propose = propose
+        self.avoid = avoid
         self.unit = 0
         self.spent = feasibility.base.copy()
         self.answers: Answers = {}
@@ -179,6 +184,8 @@ class _Walk:
                 self.open = [p for p in self.f.catalog.paths[unit] if ok[p[1]]]
             consistent = [p for p in self.open if name in p[0]]  # the same next question on every one
             admissible = tuple(c for c in choices if any(_same(p[0][name], c) for p in consistent))
+            if self.avoid:
+                admissible = tuple(c for c in admissible if self._fresh(name, c, consistent)) or admissible
         if not admissible:
             self.restricted = False
             admissible = choices
@@ -188,6 +195,26 @@ class _Walk:
             self.open = [p for p in consistent if _same(p[0][name], answer)]
             self.restricted = bool(self.open)
         return answer
+
+    def _fresh(self, name: str, choice: Choice, consistent: list[tuple[Answers, int]]) -> bool:
+        """Whether answering ``choice`` leaves a completion within the budget that is not in ``avoid``.
+
+        Depth-first over admissible options only, so every branch reaches a config; it stops at the
+        first config not in ``avoid``, after at most ``len(avoid) + 1`` configs."""
+        unit = self.unit
+        for option in dict.fromkeys(o for answers, o in consistent if _same(answers[name], choice)):
+            if self._fresh_after(unit + 1, self.spent + self.f.deltas[unit][option], [*self.picks, option]):
+                return True
+        return False
+
+    def _fresh_after(self, unit: int, spent: np.ndarray, picks: list[int]) -> bool:
+        catalog = self.f.catalog
+        if unit == len(self.f.deltas):
+            return catalog.compose([opts[p] for opts, p in zip(catalog.options, picks)]).hash not in self.avoid
+        for option in np.flatnonzero(self.f.admissible_options(unit, spent)):
+            if self._fresh_after(unit + 1, spent + self.f.deltas[unit][option], [*picks, int(option)]):
+                return True
+        return False
 
     def close_through(self, unit: int) -> None:
         """Close the open unit and every unit before ``unit`` (units that asked nothing take their one path)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import optuna
@@ -33,13 +34,14 @@ class Pricing:
     def feasibility(self) -> Feasibility:
         return Feasibility(self.catalog, self.budget)
 
-    def sample(self, trial: optuna.Trial) -> ArchConfig:
-        """The trial's candidate. Under ``project`` a shrunk candidate is stored in the trial's user
-        attribute ``built_params`` (the parameters that build it; ``trial.params`` are what was asked)."""
+    def sample(self, trial: optuna.Trial, avoid: Collection[str] = ()) -> ArchConfig:
+        """The trial's candidate; under ``restrict``, not one of the architectures ``avoid`` hashes
+        where the last decision can tell. Under ``project`` a shrunk candidate is stored in the trial's
+        user attribute ``built_params`` (the parameters that build it; ``trial.params`` are what was asked)."""
         if self.sampling == "reject":
             return self.catalog.space.sample(trial)
         if self.sampling == "restrict":
-            return self.feasibility.sample(trial)
+            return self.feasibility.sample(trial, avoid)
         config, picks = self.feasibility.decide(lambda name, choices, admissible: trial.suggest_categorical(
             name, choices))  # type: ignore[arg-type]
         built = self.feasibility.project(picks)

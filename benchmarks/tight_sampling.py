@@ -195,7 +195,13 @@ def main() -> None:
     parser.add_argument("--tpe-samples", type=int, default=300)
     parser.add_argument("--search-seconds", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--search-only", action="store_true", help="only part 3, merged into an existing --out")
     args = parser.parse_args()
+    if args.search_only:
+        result = json.loads(args.out.read_text())
+        result["search"] = search_runs(args.search_seconds)
+        args.out.write_text(json.dumps(result, indent=1))
+        return
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     catalog = _catalog("ibsr_densenet3d", SPATIAL)
     result = {"samples": args.samples, "tpe_samples": args.tpe_samples, "budgets": {}}

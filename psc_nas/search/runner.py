@@ -132,6 +132,8 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     catalog.check_reachable(settings.budget)
     check_macs_budget(settings.budget, catalog, task)
     pricing = Pricing(settings.budget, catalog, settings.budget_sampling)
+    if pricing.sampling != "reject":
+        _ = pricing.feasibility  # prices every option of every unit (about a second): before, not during, the search
     evaluator = evaluator or make_evaluator(settings.evaluator, EvaluatorSetup(
         task, seed=settings.seed, data_dir=settings.data_dir, epochs=profile.epochs, data_options=profile.data_options,
         space=catalog.space, admissible=pricing.fits))

@@ -158,3 +158,25 @@ def test_the_last_decision_avoids_configs_already_in_the_study(ibsr):
         assert config.hash not in seen and budget.fits(cost(config, SPATIAL))
         seen.add(config.hash)
     assert feasibility.decide(first)[0].hash in seen  # without avoid: the first one again
+
+
+def test_projected_trials_record_the_parameters_built(tmp_path, ibsr):
+    """--budget-sampling project: the sampler asks freely, the candidate built fits, and a trial whose
+    candidate was shrunk stores the parameters that build it beside what was asked."""
+    from psc_nas.search.pricing import Pricing
+
+    budget = Budget(params=1_000_000)
+    pricing = Pricing(budget, ibsr, "project")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'p.db'}", sampler=optuna.samplers.RandomSampler(seed=0))
+    shrunk = 0
+    for _ in range(5):
+        trial = study.ask()
+        config = pricing.sample(trial)
+        assert budget.fits(cost(config, SPATIAL))
+        built = study.trials[-1].user_attrs.get("built_params")
+        if built is not None:
+            shrunk += 1
+            assert built != trial.params
+            assert ibsr.space.decide(lambda name, choices, given=built: given.get(name, choices[0])).hash == config.hash
+        study.tell(trial, 0.5)
+    assert shrunk > 0

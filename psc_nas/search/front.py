@@ -39,7 +39,7 @@ def quality_hypervolume(feasible: Sequence[TrialRecord], study: StudyRecord) -> 
     Fixed bounds make runs of the same task and budget comparable; 1.0 would be the best score at
     zero cost."""
     metric = study.objectives[0]
-    if not feasible or not any(o.name == "params" for o in study.objectives) and study.budget.macs is None:
+    if not feasible or (not any(o.name == "params" for o in study.objectives) and study.budget.macs is None):
         return 0.0
     by_macs = study.budget.params is None and study.budget.macs is not None
     points = [(r.values[0], r.macs if by_macs else r.params) for r in feasible]  # type: ignore[index]

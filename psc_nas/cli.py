@@ -183,6 +183,7 @@ def search(
         help="After the search, retrain the front's knee and its neighbours from scratch for the longest schedule "
              "that fits the time budget (its last share; the profile's policy); best.yaml = the retrained knee. "
              "Default: as the profile says (quick and paper retrain).")] = None,
+    budget_sampling: Annotated[str, typer.Option(help="restrict (sample only what can fit) | project (shrink to fit) | reject (prune over-budget samples).")] = "restrict",
 ) -> None:
     """Multi-objective architecture search under a cost budget; re-run the same command to resume."""
     keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
@@ -212,6 +213,7 @@ def search(
             evaluator=evaluator,
             evaluator_options=parse_options(evaluator_option or []),
             retrain=retrain,
+            budget_sampling=budget_sampling,
         )
         run_search(settings)
     except ValueError as err:

@@ -89,7 +89,7 @@ def test_over_budget_candidates_are_pruned_never_evaluated_and_no_optuna_tool_co
     log = tmp_path / "trained.log"
     monkeypatch.setenv("PSC_TRAIN_LOG", str(log))
     budget = 2_500_000  # a good share of the space's random samples are over
-    study, out = search(tmp_path, budget=Budget(params=budget), sampler="random")
+    study, out = search(tmp_path, budget=Budget(params=budget), sampler="random", budget_sampling="reject")
     records = read_trials(study)
     over = [r for r in records if r.params > budget]
     assert over, "the budget should reject some samples"
@@ -207,7 +207,7 @@ def test_events_report_every_evaluation_and_over_budget_sample(tmp_path):
     from psc_nas.search.storage import open_storage, open_study
 
     settings = SearchSettings(task="ibsr", budget=Budget(params=2_500_000), trials=5, out=tmp_path / "run",
-                              retrain=False, sampler="random")
+                              retrain=False, sampler="random", budget_sampling="reject")
     plan = plan_search(settings, search_standin.StandinEvaluator())
     plan.out_dir.mkdir()
     storage = open_storage(f"sqlite:///{plan.out_dir / 'study.db'}", heartbeat_interval=10)

@@ -209,7 +209,8 @@ class Engine:
         """Sample and price; an over-budget candidate is told here and replaced in the queue."""
         record = TrialRecord.read(snapshot(self.study, trial))  # a retry inherits what its dead worker stored
         try:
-            config = self.plan.space.sample(trial)
+            seen = {r.arch_hash for r in self.view.records if r.arch_hash and not r.over_budget}
+            config = self.plan.pricing.sample(trial, avoid=seen)  # within the budget unless sampling is reject
         except Exception as error:  # a space/sampler bug must not end the search
             self._fail(trial, record, f"sampling failed: {failure_reason(error)}")
             return None

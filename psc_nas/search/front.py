@@ -24,7 +24,7 @@ DEFAULT_METRIC_RANGE = (0.0, 1.0)  # Dice and accuracy are fractions
 class Front:
     members: tuple[TrialRecord, ...]  # the feasible non-dominated trials, by trial number
     knee: TrialRecord | None  # psc_nas.pareto.knee_point over all the study's objectives
-    hypervolume: float  # of (metric, params) in the unit box, see ``quality_hypervolume``
+    hypervolume: float  # of (metric, params or MACs) in the unit box, see ``quality_hypervolume``
     # front members retrained after the search, their metric replaced by the retrained one (``as_retrained``)
     retrained: tuple[TrialRecord, ...] = ()
     retrained_knee: TrialRecord | None = None  # the knee rule over ``retrained``
@@ -67,18 +67,20 @@ def _retrained_score(record: TrialRecord, study: StudyRecord) -> float | None:
 
 
 def quality_hypervolume(feasible: Sequence[TrialRecord], study: StudyRecord) -> float:
-    """Hypervolume of (metric, params) of feasible trials, both scaled to [0, 1]: the metric over its
-    range (recorded with the objective; [0, 1] when none is), params over [0, budget] (or the largest
-    seen). Fixed bounds make runs of the same task and budget comparable; 1.0 would be the best
-    score at zero parameters."""
+    """Hypervolume of (metric, cost) of feasible trials, both scaled to [0, 1]: the metric over its
+    range (recorded with the objective; [0, 1] when none is), the cost over [0, budget]. The cost is
+    params under a params budget (or none), MACs under a MACs-only budget, so that a budget given
+    in MACs is the scale its searches are compared at; with no budget, params over the largest seen.
+    Fixed bounds make runs of the same task and budget comparable; 1.0 would be the best score at
+    zero cost."""
     metric = study.objectives[0]
-    params = next((i for i, o in enumerate(study.objectives) if o.name == "params"), None)
-    if params is None or not feasible:
+    if not feasible or (not any(o.name == "params" for o in study.objectives) and study.budget.macs is None):
         return 0.0
-    points = [(r.values[0], r.values[params]) for r in feasible]  # type: ignore[index]
-    upper_params = study.budget.params or max(p for _, p in points)
+    by_macs = study.budget.params is None and study.budget.macs is not None
+    points = [(r.values[0], r.macs if by_macs else r.params) for r in feasible]  # type: ignore[index]
+    upper = (study.budget.macs if by_macs else study.budget.params) or max(c for _, c in points)
     low, high = _bounds(metric)
-    scaled = normalize(to_minimization(points, [metric.maximize, False]), (low, 0.0), (high, upper_params))
+    scaled = normalize(to_minimization(points, [metric.maximize, False]), (low, 0.0), (high, upper))
     return hypervolume(scaled, (1.0, 1.0))
 
 

@@ -28,8 +28,9 @@ from psc_nas.search.catalog import Catalog
 from psc_nas.search.display import ProgressBar, front_table
 from psc_nas.search.engine import Engine, SearchPlan
 from psc_nas.search.events import Event, describe
+from psc_nas.search.feasible import RestrictedSampler
 from psc_nas.search.front import Front
-from psc_nas.search.pricing import Pricing
+from psc_nas.search.pricing import SAMPLING, Pricing
 from psc_nas.search.profiles import Profile, RetrainPolicy, get_profile
 from psc_nas.search.record import Objective, StudyRecord
 from psc_nas.search.retrain import RetrainJob
@@ -62,6 +63,7 @@ class SearchSettings:
     retrain: bool | None = None  # retrain the front after the search; None: as the profile says
     multi_fidelity: bool = True
     seed_presets: bool = True
+    budget_sampling: str = "restrict"  # restrict | project | reject, see psc_nas.search.pricing
     heartbeat_interval: int = 10
 
     def out_dir(self) -> Path:
@@ -119,6 +121,8 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     profile = get_profile(settings.profile)
     if settings.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {settings.sampler!r}; choose from {', '.join(SAMPLERS)}")
+    if settings.budget_sampling not in SAMPLING:
+        raise ValueError(f"unknown budget sampling {settings.budget_sampling!r}; choose from {', '.join(SAMPLING)}")
     trials = settings.trials if settings.trials is not None else profile.trials
     if trials < 1:
         raise ValueError(f"--trials must be at least 1, got {trials}")
@@ -131,7 +135,9 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     catalog = _catalog(space_name, tuple(task.input_shape[1:]))
     catalog.check_reachable(settings.budget)
     check_macs_budget(settings.budget, catalog, task)
-    pricing = Pricing(settings.budget, catalog)
+    pricing = Pricing(settings.budget, catalog, settings.budget_sampling)
+    if pricing.sampling != "reject":
+        _ = pricing.feasibility  # prices every option of every unit (about a second): before, not during, the search
     evaluator_name = settings.evaluator or profile.evaluator
     options = {**(profile.evaluator_options if evaluator_name == profile.evaluator else {}),
                **dict(settings.evaluator_options)}
@@ -206,6 +212,8 @@ def run_search(settings: SearchSettings, *, evaluator: Evaluator | None = None,
     try:
         storage = open_storage(storage_url(settings.storage, out_dir), heartbeat_interval=settings.heartbeat_interval)
         sampler = make_sampler(settings.sampler, seed=settings.seed, population=plan.profile.population)
+        if plan.pricing.sampling == "restrict":
+            sampler = RestrictedSampler(sampler, seed=settings.seed)
         study, created = open_study(storage, settings.study_name or out_dir.resolve().name, record=plan.record,
                                     sampler=sampler)
     except BaseException:

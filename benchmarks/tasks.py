@@ -36,7 +36,8 @@ REPORTED = {"em": ("vi_split", "vi_merge", "vi_sum", "arand"), "ucf101": ("clip_
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=sorted(REPORTED), required=True)
+    parser.add_argument("--task", choices=sorted(REPORTED))
+    parser.add_argument("--render", metavar="JSON", help="only print the table of a results JSON")
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma list of presets")
     parser.add_argument("--seeds", default="0,1", help="comma list of seeds")
     parser.add_argument("--epochs", type=int, default=3)
@@ -91,6 +92,13 @@ def markdown(task: str, rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.render:
+        record = json.loads(Path(args.render).read_text())
+        task_name = next(name for name, keys in REPORTED.items() if keys[0] in record["rows"][0]["runs"][0]["metrics"])
+        print(markdown(task_name, record["rows"]))
+        return
+    if args.task is None:
+        sys.exit("tasks.py: give --task em|ucf101 (or --render JSON)")
     names = [name.strip() for name in args.presets.split(",") if name.strip()]
     unknown = sorted(set(names) - set(PRESETS))
     if unknown:

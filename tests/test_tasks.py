@@ -85,8 +85,8 @@ def test_the_registry_checks_a_task_states_its_problem(monkeypatch):
     with pytest.raises(TypeError, match=r"task name 'bar_axis' of .*Impostor is taken by tiny_task\.BarAxisTask"):
         register_task(Impostor)
     assert isinstance(get_task("bar_axis"), tiny_task.BarAxisTask)
-    with pytest.raises(ValueError, match=r"unknown task 'em'; known: bar_axis, ibsr"):
-        get_task("em")
+    with pytest.raises(ValueError, match=r"unknown task 'segment_everything'; known: bar_axis, em, ibsr, ucf101"):
+        get_task("segment_everything")
 
 
 def test_ibsr_states_its_problem():
@@ -176,16 +176,17 @@ def test_psc_space_prices_the_presets_at_the_task_input_shape():
     assert rows["ibsr_densenet3d"][:2] == ["ibsr", "1x32x32x32"]
 
 
-def test_psc_space_says_which_spaces_have_no_installed_task():
+def test_psc_space_prices_every_shipped_space_and_says_which_spaces_have_no_installed_task(tmp_path):
     listing = CliRunner().invoke(space_app, [], env={"COLUMNS": "200"})
     assert listing.exit_code == 0, listing.output
-    for space, task in (("em_unet3d", "em"), ("video_resnet3d", "ucf101")):
-        line = f"{space}: presets not priced: search_spaces/{space}.yaml: task '{task}' is not installed"
-        assert line in listing.stdout
-    alone = CliRunner().invoke(space_app, ["em_unet3d"])
+    assert "presets not priced" not in listing.stdout
+    for space, task in (("em_unet3d", "em"), ("ibsr_densenet3d", "ibsr"), ("video_resnet3d", "ucf101")):
+        assert f"{space} at {get_task(task).describe_input()}" in listing.stdout
+    orphan = write_space(tmp_path / "orphan.yaml", task="segment_everything")
+    alone = CliRunner().invoke(space_app, [str(orphan)])
     assert alone.exit_code == 1 and alone.stdout == ""
-    assert alone.stderr == ("psc-space: search_spaces/em_unet3d.yaml: task 'em' is not installed "
-                            "(installed: bar_axis, ibsr)\n")
+    assert alone.stderr == (f"psc-space: {orphan}: task 'segment_everything' is not installed "
+                            "(installed: bar_axis, em, ibsr, ucf101)\n")
 
 
 def test_an_old_space_with_input_size_is_told_the_task_sets_it(tmp_path):

@@ -16,7 +16,8 @@ from psc_nas.plugins import load_plugins
 if TYPE_CHECKING:
     from psc_nas.tasks.base import Task
 
-BUILTIN = {"ibsr": "psc_nas.tasks.ibsr"}  # shipped task name -> module that registers it
+# shipped task name -> module that registers it
+BUILTIN = {"em": "psc_nas.tasks.em", "ibsr": "psc_nas.tasks.ibsr", "ucf101": "psc_nas.tasks.ucf101"}
 DIRECTIONS = ("maximize", "minimize")
 # The problem definition every task class states (see ``Task``); the rest has defaults or is code.
 REQUIRED = ("name", "backbone", "backbone_hparams", "class_names", "input_shape", "metric", "metric_direction",

@@ -1,0 +1,216 @@
+"""The EM and UCF101 tasks: their problem definitions, their data folders and losses, and both trained,
+searched and exported through the real command-line tools (tiny options, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from test_tasks import assert_one_line_error, run_cli
+
+import psc_nas
+from psc_nas.arch import ArchConfig
+from psc_nas.presets import PRESETS, preset_config
+from psc_nas.space import SearchSpace
+from psc_nas.tasks import DataError, get_task
+from psc_nas.tasks.em import AffinityLoss, split_volumes
+from psc_nas.tasks.em_embedded import synthetic_em_volume, write_cremi
+from psc_nas.tasks.em_segmentation import affinities_from_labels
+from psc_nas.tasks.video_embedded import write_video
+
+# The tasks' own backbones at a small width: the real task, data and CLI, seconds per trial.
+EM_SPACE = """\
+name: em_tiny
+task: em
+backbone: unet3d
+hparams: {in_channels: 1, num_classes: 3, base_channels: 4}
+blocks:
+  share: false
+  ops:
+    conv3d: {}
+    csn_ip: {}
+    pmscn: {m: [1, 2], n: [1, 2], orientations: all}
+"""
+VIDEO_SPACE = """\
+name: video_tiny
+task: ucf101
+backbone: resnet3d
+hparams: {in_channels: 3, num_classes: 101, depth: 34, base_channels: 8}
+blocks:
+  share: true
+  ops:
+    conv3d: {}
+    p3d: {orientation: 1x3x3}
+    csn_ir: {}
+  groups:
+    - {name: conv2, slots: "conv2.*"}
+    - {name: conv3, slots: "conv3.*"}
+    - {name: conv4, slots: "conv4.*"}
+    - {name: conv5, slots: "conv5.*"}
+"""
+
+
+# ---------------------------------------------------------------------- the problems
+@pytest.mark.parametrize(
+    ("name", "metric", "direction", "space", "shape"),
+    [("em", "vi_sum", "minimize", "em_unet3d", (1, 32, 32, 32)),
+     ("ucf101", "clip_top1", "maximize", "video_resnet3d", (3, 16, 32, 32))],
+)
+def test_em_and_ucf101_state_their_problem_and_every_preset_fits(name, metric, direction, space, shape):
+    task = get_task(name)
+    assert (task.metric, task.metric_direction, task.default_space, task.input_shape) == (
+        metric, direction, space, shape)
+    task.check_space(SearchSpace.load(space))
+    for preset in PRESETS:  # psc-train --arch <preset> builds and runs on the task's input
+        config = task.check_config(preset_config(preset, task.backbone, **task.backbone_hparams))
+        assert psc_nas.cost(config, shape[1:]).params > 0
+    net = psc_nas.build_model(preset_config("csn_ir", task.backbone, **task.backbone_hparams))
+    out = net(torch.zeros(1, *shape))
+    assert out.shape == ((1, 3, *shape[1:]) if name == "em" else (1, 101))
+
+
+def test_affinity_loss_is_masked_and_lowest_at_the_truth():
+    labels = np.repeat(np.arange(4), 8).reshape(2, 4, 4)[None].repeat(4, 0).reshape(8, 4, 4) + 1
+    affinities, _ = affinities_from_labels(labels)
+    target = torch.from_numpy(affinities)[None]
+    batch = {"affinities": target, "mask": torch.ones_like(target)}
+    right, wrong = 10 * (2 * target - 1), -10 * (2 * target - 1)
+    for kind in ("bce", "mse"):
+        loss = AffinityLoss(kind)
+        assert loss(right, batch) < 1e-3 and loss(wrong, batch) > 0.9
+    masked = {"affinities": target, "mask": torch.zeros_like(target)}
+    masked["mask"][:, :, 0] = 1
+    wrong_elsewhere = right.clone()
+    wrong_elsewhere[:, :, 1:] *= -1  # wrong only where the mask is 0
+    assert AffinityLoss()(wrong_elsewhere, masked) < 1e-3
+    with pytest.raises(ValueError, match="unknown affinity loss 'l1'"):
+        AffinityLoss("l1")
+
+
+def write_em_dir(root: Path, names: list[str], shape=(16, 32, 32)) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(names):
+        raw, labels = synthetic_em_volume(shape, seed=index)
+        write_cremi(root / f"{name}.hdf", raw, labels, (10.0, 10.0, 10.0))
+    return root
+
+
+def test_em_data_folders_split_into_train_and_val(tmp_path):
+    flat = write_em_dir(tmp_path / "flat", ["a", "b", "c"])
+    assert {k: [s.name for s in v] for k, v in split_volumes(flat).items()} == {"train": ["a", "b"], "val": ["c"]}
+    write_em_dir(tmp_path / "nested" / "train", ["a", "b"])
+    write_em_dir(tmp_path / "nested" / "val", ["c"])
+    assert [s.name for s in split_volumes(tmp_path / "nested")["val"]] == ["c"]
+    lonely = write_em_dir(tmp_path / "lonely", ["a"])
+    with pytest.raises(DataError, match=r"lonely: 1 volume\(s\): need train/ and val/ folders or at least 2"):
+        split_volumes(lonely)
+    (tmp_path / "halfnested" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"halfnested/train: no EM volumes"):
+        split_volumes(tmp_path / "halfnested")
+
+
+def test_ucf101_refuses_more_classes_than_its_outputs(tmp_path):
+    (tmp_path / "ucfTrainTestlist").mkdir()
+    (tmp_path / "ucfTrainTestlist/classInd.txt").write_text("".join(f"{i} C{i}\n" for i in range(1, 103)))
+    with pytest.raises(DataError, match=r"classInd\.txt: 102 classes, but the ucf101 task's networks have 101"):
+        get_task("ucf101").datamodule(tmp_path)
+
+
+# ---------------------------------------------------------------------- the real command-line tools
+@pytest.mark.slow
+def test_psc_train_em_on_a_data_folder_writes_vi_metrics(tmp_path):
+    write_em_dir(tmp_path / "data", ["a", "b"], shape=(32, 32, 32))
+    train = run_cli("psc-train", "--task", "em", "--arch", "csn_ir", "--epochs", "2", "--samples-per-epoch", "2",
+                    "--batch-size", "2", "--data-dir", "data", "--out", "trained", "--no-progress", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    record = json.loads((tmp_path / "trained" / "metrics.json").read_text())
+    assert set(record["metrics"]) == {"vi_split", "vi_merge", "vi_sum", "arand", "merge_threshold"}
+    assert record["best_metric"] == min(row["vi_sum"] for row in record["curve"])  # minimised
+    for row in record["curve"]:
+        assert row["vi_sum"] == pytest.approx(row["vi_split"] + row["vi_merge"])
+    assert (tmp_path / "trained" / "best.ckpt").is_file()
+
+    with h5py_file(tmp_path / "data" / "b.hdf") as file:
+        del file["volumes/labels/neuron_ids"]
+    bad = run_cli("psc-train", "--task", "em", "--arch", "csn_ir", "--data-dir", "data", "--out", "bad",
+                  "--no-progress", cwd=tmp_path)
+    assert_one_line_error(bad, "psc-train", "data/b.hdf: no dataset 'volumes/labels/neuron_ids'")
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+def h5py_file(path: Path):
+    import h5py
+
+    return h5py.File(path, "a")
+
+
+@pytest.mark.slow
+def test_psc_train_ucf101_on_a_data_folder_writes_clip_and_video_accuracy(tmp_path):
+    root = tmp_path / "ucf"
+    train, test = [], []
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("JumpRope", "Surfing")):
+        (root / name).mkdir(parents=True)
+        for group in (1, 2, 8, 9):
+            relative = f"{name}/v_{name}_g{group:02d}_c01.avi"
+            write_video(root / relative, rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8))
+            (test.append(relative) if group < 8 else train.append(f"{relative} {label + 1}"))
+    (root / "ucfTrainTestlist").mkdir()
+    (root / "ucfTrainTestlist/classInd.txt").write_text("1 JumpRope\n2 Surfing\n")
+    (root / "ucfTrainTestlist/trainlist01.txt").write_text("\n".join(train) + "\n")
+    (root / "ucfTrainTestlist/testlist01.txt").write_text("\n".join(test) + "\n")
+    result = run_cli("psc-train", "--task", "ucf101", "--arch", "csn_ir", "--epochs", "1", "--batch-size", "2",
+                     "--data-dir", "ucf", "--out", "trained", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "trained" / "metrics.json").read_text())
+    assert set(record["metrics"]) == {"clip_top1", "video_top1"}
+    assert record["best_metric"] == max(row["clip_top1"] for row in record["curve"])  # maximised
+    # 4 test videos × 4 clips: clip accuracy in sixteenths, video accuracy in quarters
+    assert record["metrics"]["clip_top1"] * 16 == round(record["metrics"]["clip_top1"] * 16)
+    assert record["metrics"]["video_top1"] * 4 == round(record["metrics"]["video_top1"] * 4)
+
+    (root / "Surfing/v_Surfing_g08_c01.avi").write_bytes(b"\0" * 500)  # a corrupt training video
+    bad = run_cli("psc-train", "--task", "ucf101", "--arch", "csn_ir", "--epochs", "1", "--batch-size", "4",
+                  "--data-dir", "ucf", "--out", "bad", "--no-progress", cwd=tmp_path)
+    assert_one_line_error(bad, "psc-train", "v_Surfing_g08_c01.avi: not a readable video")
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("task", "space", "budget", "metric", "direction"),
+    [("em", EM_SPACE, "400k", "vi_sum", "MINIMIZE"), ("ucf101", VIDEO_SPACE, "2M", "clip_top1", "MAXIMIZE")],
+)
+def test_psc_search_and_psc_export_on_the_embedded_data(tmp_path, task, space, budget, metric, direction):
+    (tmp_path / "space.yaml").write_text(space)
+    found = run_cli("psc-search", "--task", task, "--space", "space.yaml", "--budget", budget, "--trials", "2",
+                    "--out", "search", cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    out = tmp_path / "search"
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    shape = list(get_task(task).input_shape)
+    assert study.user_attrs["input_shape"] == shape
+    assert study.user_attrs["objectives"][0]["name"] == metric
+    assert study.user_attrs["objectives"][0]["direction"] == direction.lower()
+    assert [d.name for d in study.directions] == [direction, "MINIMIZE"]
+    trained = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs["fidelity"] > 0]
+    assert len(trained) == 2
+    for trial in trained:
+        assert trial.values[0] == trial.user_attrs["metrics"][metric]
+        config = ArchConfig.from_dict(trial.user_attrs["arch"])
+        assert trial.user_attrs["params"] == psc_nas.cost(config, tuple(shape[1:])).params
+    knee = study.trials[json.loads((out / "pareto.json").read_text())["knee"]]
+    assert ArchConfig.load(out / "best.yaml").hash == knee.user_attrs["arch_hash"]
+    assert (out / "dashboard.html").is_file()
+
+    exported = run_cli("psc-export", "search", "--pick", "best", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    sign = 1 if direction == "MAXIMIZE" else -1
+    picked = max(trained, key=lambda t: (sign * t.values[0], -t.number))  # ties: the earliest
+    assert exported.stdout.startswith(f"trial {picked.number} (best)")
+    (config_file,) = (out / "export").glob("*.yaml")
+    assert psc_nas.cost(ArchConfig.load(config_file), tuple(shape[1:])).params == picked.user_attrs["params"]

@@ -47,7 +47,7 @@ def count_option(text: str | None, option: str) -> int | None:
         raise ValueError(f"{option}: {err}") from None
 
 
-PORTS = range(0, 65536)
+PORTS = range(65536)
 
 
 def format_size(size: int) -> str:

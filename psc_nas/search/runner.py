@@ -17,14 +17,15 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import optuna
 from rich.console import Console
 
 from psc_nas.costs import format_count
-from psc_nas.files import folder_fingerprint
 from psc_nas.evaluators import Evaluator, EvaluatorSetup, make_evaluator
+from psc_nas.files import folder_fingerprint
 from psc_nas.search.budget import Budget
 from psc_nas.search.catalog import Catalog
 from psc_nas.search.display import ProgressBar, front_table

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class Interrupted(BaseException):

@@ -343,7 +343,7 @@ def test_reading_a_run_opens_the_study_read_only(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("n", "two", "n must be one of [1, 2, 3], got 'two'"),
-    ("m", [2], "m must be one of [1, 2, 3], got [2]"),
+    ("m", [2], "m must be one of [1, 2, 3], got (2,)"),
 ])
 def test_psc_train_with_a_bad_config_value_is_one_line(tmp_path, field, value, message):
     config = preset_config("p2sc2", "densenet3d", in_channels=1, num_classes=4).to_dict()

@@ -7,9 +7,10 @@ saying how to resume (docs/reliability.md lists every case).
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -203,6 +204,8 @@ def search(
     space: Annotated[Optional[str], typer.Option(help="Search space name or YAML; default <task>_<backbone>.")] = None,
     multi_fidelity: Annotated[bool, typer.Option(help="Train short first, promote only front candidates.")] = True,
     seed_presets: Annotated[bool, typer.Option(help="Evaluate the papers' presets that fit the budget first.")] = True,
+    evaluator: Annotated[Optional[str], typer.Option(help="How candidates are scored: train | supernet; default the profile's.")] = None,
+    evaluator_option: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the evaluator (repeatable), e.g. width=0.25.")] = None,
 ) -> None:
     """Multi-objective architecture search under a cost budget; re-run the same command to resume."""
     from pathlib import Path
@@ -229,6 +232,8 @@ def search(
             space=space,
             multi_fidelity=multi_fidelity,
             seed_presets=seed_presets,
+            evaluator=evaluator,
+            evaluator_options=parse_options(evaluator_option or []),
         )
         with sigint_raises():
             run_search(settings)
@@ -239,6 +244,17 @@ def search(
         typer.echo(f"psc-search: interrupted; the trial in progress is back in the queue: re-run the same command "
                    f"to resume{where}", err=True)
         raise typer.Exit(130) from None
+
+
+def parse_options(items: list[str]) -> tuple[tuple[str, Any], ...]:
+    """``KEY=VALUE`` pairs, each value read as YAML (numbers, booleans, strings)."""
+    parsed = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--evaluator-option takes KEY=VALUE, got {item!r}")
+        parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else value))
+    return tuple(parsed)
 
 
 train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

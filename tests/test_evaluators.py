@@ -8,6 +8,7 @@ from test_train import TINY, TINY_DATA, SmallPatchIBSR
 
 from psc_nas.evaluators import EvaluatorSetup, Fidelity, evaluator_names, make_evaluator, register_evaluator
 from psc_nas.evaluators.train import TrainEvaluator
+from psc_nas.nets import cost
 from psc_nas.presets import preset_config
 
 
@@ -40,3 +41,20 @@ def test_registry_names_evaluators_and_refuses_unknown_or_twice_registered_ones(
         make_evaluator("nope", EvaluatorSetup(SmallPatchIBSR()))
     with pytest.raises(ValueError, match="evaluator 'train' is already registered"):
         register_evaluator("train", TrainEvaluator)
+
+
+def test_train_evaluator_options_reduced_width_and_schedule():
+    setup = EvaluatorSetup(SmallPatchIBSR(), epochs=(1,), data_options=TINY_DATA,
+                           options={"width": 0.5, "lr_schedule": "onecycle", "lr": 2e-3})
+    evaluator = make_evaluator("train", setup)
+    assert evaluator.levels()[0].words.endswith("width 0.5")
+    task = SmallPatchIBSR()
+    config = preset_config("cakes_uniform", task.backbone, **task.backbone_hparams, **TINY)
+    proxy = evaluator.network(config)
+    assert [b.op for b in proxy.blocks] == [b.op for b in config.blocks]
+    assert proxy.hparams["width"] == pytest.approx(0.5 * config.hparams["width"])
+    assert cost(proxy, (16, 16, 16)).params < cost(config, (16, 16, 16)).params
+    with pytest.raises(ValueError, match="unknown option.*depth.*known: width"):
+        make_evaluator("train", EvaluatorSetup(SmallPatchIBSR(), options={"depth": 2}))
+    with pytest.raises(ValueError, match="width must be in"):
+        make_evaluator("train", EvaluatorSetup(SmallPatchIBSR(), options={"width": 2}))

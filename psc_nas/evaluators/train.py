@@ -2,6 +2,11 @@
 
 Its fidelities are the run profile's epoch counts. The same ``fit`` as ``psc-train``, so a search
 score and a ``psc-train`` score at equal epochs and data options mean the same thing.
+
+Options (``EvaluatorSetup.options``): ``width`` trains a reduced-width proxy of each candidate (the same
+choices at ``width`` × the config's width, channel-counting choices following their slots: many more
+steps per second on a CPU; the search still prices and reports the full-width network); ``lr``,
+``lr_schedule`` ("constant" or "onecycle") and ``weight_decay`` go to ``fit``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from lightning.pytorch.callbacks import Callback, Timer
 
 from psc_nas.arch import ArchConfig
 from psc_nas.evaluators.base import Evaluation, EvaluationFailed, Evaluator, EvaluatorSetup, Fidelity
-from psc_nas.train import TrainingFailed, fit
+from psc_nas.nets.budget import with_width
+from psc_nas.train import DEFAULT_LR, TrainingFailed, fit
+
+OPTIONS = ("width", "lr", "lr_schedule", "weight_decay")
 
 
 class ValidationTimer(Callback):
@@ -39,12 +47,28 @@ class TrainEvaluator(Evaluator):
     name = "train"
 
     def __init__(self, setup: EvaluatorSetup) -> None:
+        unknown = sorted(set(setup.options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)} for evaluator train; known: {', '.join(OPTIONS)}")
         self.setup = setup
+        self.width = float(setup.options.get("width", 1.0))
+        if not 0 < self.width <= 1:
+            raise ValueError(f"evaluator train: width must be in (0, 1], got {self.width}")
+        self.fit_options = {"lr": float(setup.options.get("lr", DEFAULT_LR)),
+                            "lr_schedule": str(setup.options.get("lr_schedule", "constant")),
+                            "weight_decay": float(setup.options.get("weight_decay", 0.0))}
 
     def fidelity(self, epochs: int) -> Fidelity:
         samples = self.setup.data_options.get("samples_per_epoch")
         words = f"{epochs} epoch{'s' if epochs != 1 else ''}"
-        return Fidelity(epochs, f"{words} × {samples} samples" if samples else words)
+        words = f"{words} × {samples} samples" if samples else words
+        return Fidelity(epochs, f"{words}, width {self.width:g}" if self.width != 1 else words)
+
+    def network(self, config: ArchConfig) -> ArchConfig:
+        """What is trained for ``config``: itself, or its reduced-width proxy."""
+        if self.width == 1:
+            return config
+        return with_width(config, self.width * float(config.hparams.get("width", 1.0)))
 
     def levels(self) -> tuple[Fidelity, ...]:
         return tuple(self.fidelity(epochs) for epochs in self.setup.epochs)
@@ -54,7 +78,8 @@ class TrainEvaluator(Evaluator):
         # Checked at epoch ends, so a cut training still has whole, validated epochs to report.
         deadline = [Timer(duration=timedelta(seconds=seconds_left), interval="epoch")] if seconds_left else []
         try:
-            result = fit(config, self.setup.task, epochs=fidelity.key, seed=self.setup.seed,
+            result = fit(self.network(config), self.setup.task, epochs=fidelity.key, seed=self.setup.seed,
+                         **self.fit_options,
                          data_dir=self.setup.data_dir, data_options=self.setup.data_options,
                          callbacks=[validation, *deadline])
         except TrainingFailed as error:

@@ -23,6 +23,8 @@ class Profile:
     data_options: dict[str, Any] = field(default_factory=dict)  # passed to task.datamodule
     timeout: float | None = None  # seconds; --timeout overrides
     latency_repeats: int = 5
+    evaluator: str = "train"  # --evaluator overrides
+    evaluator_options: dict[str, Any] = field(default_factory=dict)  # for ``evaluator`` only
 
     def __post_init__(self) -> None:
         if not self.epochs or list(self.epochs) != sorted(set(self.epochs)) or self.epochs[0] < 1:

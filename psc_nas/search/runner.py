@@ -59,7 +59,8 @@ class SearchSettings:
     data_dir: Path | None = None
     out: Path | None = None
     space: str | None = None
-    evaluator: str = "train"
+    evaluator: str | None = None  # the profile's by default
+    evaluator_options: tuple[tuple[str, Any], ...] = ()  # over the profile's options for that evaluator
     multi_fidelity: bool = True
     seed_presets: bool = True
     heartbeat_interval: int = 10
@@ -134,9 +135,12 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     pricing = Pricing(settings.budget, catalog)
     data_source, data_fingerprint = check_data(task, settings.data_dir, seed=settings.seed,
                                                data_options=profile.data_options)
-    evaluator = evaluator or make_evaluator(settings.evaluator, EvaluatorSetup(
+    evaluator_name = settings.evaluator or profile.evaluator
+    options = {**(profile.evaluator_options if evaluator_name == profile.evaluator else {}),
+               **dict(settings.evaluator_options)}
+    evaluator = evaluator or make_evaluator(evaluator_name, EvaluatorSetup(
         task, seed=settings.seed, data_dir=settings.data_dir, epochs=profile.epochs, data_options=profile.data_options,
-        space=catalog.space, admissible=pricing.fits))
+        space=catalog.space, admissible=pricing.fits, options=options))
     fidelities = evaluator.levels()
     return SearchPlan(
         task=task,

@@ -1,0 +1,313 @@
+"""Rank fidelity of the search's evaluators: does a cheap score order architectures like a long training does?
+
+    python benchmarks/fidelity.py panel                       # print the panel (no training)
+    python benchmarks/fidelity.py reference --jobs 2 --work W # train the reference (resumable, cached in W)
+    python benchmarks/fidelity.py assemble --work W           # -> docs/benchmarks/fidelity-reference.json
+    python benchmarks/fidelity.py measure VARIANT --seeds 0 1 2 --work W   # one evaluator on the panel
+    python benchmarks/fidelity.py report --work W             # -> docs/benchmarks/fidelity-table.md
+
+Panel: architectures of ``ibsr_densenet3d`` under the 5M-parameter budget (at the task's 32³ input): the
+hand-designed presets that fit, the cheapest and the largest of a seeded pool of uniform samples, and
+seeded samples at evenly spaced parameter-count quantiles of that pool. Fixed by ``PANEL_SEED``.
+
+Reference: each architecture at width ``REF_WIDTH`` (same choices; CAKES allocations follow their slots)
+trained from scratch for ``REF_EPOCHS`` × ``REF_SAMPLES`` random 32³ patches (batch ``REF_BATCH``), AdamW with
+a one-cycle schedule, for each seed in ``REF_SEEDS``; validated on the 2 validation volumes every epoch
+(sliding window, the task's Dice), scored on the 5 test volumes at the end. Reference score = mean over
+seeds of the final validation Dice. One process per job, one torch thread each.
+
+Every evaluator variant is scored on the same panel for ≥3 seeds; ``report`` gives Spearman ρ and Kendall τ
+against the reference (validation and test), ICC(1) over seeds, and seconds per architecture, beside the
+naive predictors parameter count and MACs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks"
+TASK = "ibsr"
+SPACE = "ibsr_densenet3d"
+BUDGET_PARAMS = 5_000_000
+PANEL_SEED = 2026
+POOL = 3000
+N_QUANTILES = 11
+
+REF_WIDTH = 0.25
+REF_EPOCHS = 8
+REF_SAMPLES = 128
+REF_BATCH = 4
+REF_LR = 2e-3
+REF_WD = 1e-4
+REF_SEEDS = (0, 1)
+
+
+def _threads(n: int = 1) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------- panel
+def panel() -> list[dict[str, Any]]:
+    """[{name, config (ArchConfig), params, macs}] — deterministic."""
+    from psc_nas.nets import cost
+    from psc_nas.space import SearchSpace
+    from psc_nas.tasks import get_task
+
+    task = get_task(TASK)
+    spatial = tuple(task.input_shape[1:])
+    space = SearchSpace.load(SPACE)
+    rng = random.Random(PANEL_SEED)
+    pool: dict[str, tuple[Any, Any]] = {}
+    for _ in range(POOL):
+        config = space.decide(lambda name, choices: choices[rng.randrange(len(choices))])
+        price = cost(config, spatial)
+        if price.params <= BUDGET_PARAMS:
+            pool.setdefault(config.hash, (config, price))
+    members: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def add(name: str, config: Any, price: Any) -> None:
+        if config.hash not in seen:
+            seen.add(config.hash)
+            members.append({"name": name, "config": config, "params": price.params, "macs": price.macs})
+
+    for name, config in sorted(space.presets().items()):
+        price = cost(config, spatial)
+        if price.params <= BUDGET_PARAMS:
+            add(name, config, price)
+    ordered = sorted(pool.values(), key=lambda item: (item[1].params, item[0].hash))
+    add("cheapest", *ordered[0])
+    add("largest", *ordered[-1])
+    for i in range(N_QUANTILES):
+        index = round((i + 0.5) / N_QUANTILES * (len(ordered) - 1))
+        while ordered[index][0].hash in seen:
+            index = (index + 1) % len(ordered)
+        add(f"random{i + 1:02d}", *ordered[index])
+    return members
+
+
+def reduced(config: Any, width: float) -> Any:
+    from psc_nas.nets.budget import with_width
+
+    return with_width(config, width * float(config.hparams.get("width", 1.0)))
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def _reference_job(name: str, config_json: str, seed: int, out: str) -> str:
+    _threads(1)
+    from psc_nas.arch import ArchConfig
+    from psc_nas.memory import keep_freed_memory
+    from psc_nas.train import fit
+
+    keep_freed_memory()
+    config = reduced(ArchConfig.from_json(config_json), REF_WIDTH)
+    started = time.time()
+    result = fit(config, TASK, epochs=REF_EPOCHS, seed=seed, lr=REF_LR, weight_decay=REF_WD, lr_schedule="onecycle",
+                 evaluate_test=True, data_options={"samples_per_epoch": REF_SAMPLES, "batch_size": REF_BATCH})
+    record = {"name": name, "seed": seed, "metrics": result.metrics, "curve": result.curve,
+              "wall_s": time.time() - started, "fwd_bwd_s": result.fwd_bwd_seconds, "width": REF_WIDTH}
+    tmp = Path(out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.rename(out)
+    return f"{name} seed {seed}: val {result.metrics['dice_mean']:.4f} test {result.metrics['test_dice_mean']:.4f} " \
+           f"({record['wall_s']:.0f} s)"
+
+
+def reference(work: Path, jobs: int, seeds: tuple[int, ...]) -> None:
+    out_dir = work / "reference"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = []
+    members = panel()
+    for seed in seeds:  # every architecture's first seed before any second seed
+        for member in members:
+            out = out_dir / f"{member['config'].hash}-s{seed}.json"
+            if not out.exists():
+                todo.append((member["name"], member["config"].to_json(), seed, str(out)))
+    print(f"{len(todo)} reference runs to do", flush=True)
+    with ProcessPoolExecutor(jobs) as pool:
+        futures = [pool.submit(_reference_job, *job) for job in todo]
+        for future in as_completed(futures):
+            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def load_reference(work: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    found: dict[str, dict[int, dict[str, Any]]] = {}
+    for member in panel():
+        for path in sorted((work / "reference").glob(f"{member['config'].hash}-s*.json")):
+            record = json.loads(path.read_text())
+            found.setdefault(member["config"].hash, {})[record["seed"]] = record
+    return found
+
+
+def assemble(work: Path) -> None:
+    runs = load_reference(work)
+    rows = []
+    for member in panel():
+        seeds = runs.get(member["config"].hash, {})
+        rows.append({
+            "name": member["name"], "hash": member["config"].hash, "params": member["params"],
+            "macs": member["macs"], "config": member["config"].to_dict(),
+            "runs": [{"seed": s, "metrics": r["metrics"], "curve": r["curve"], "wall_s": r["wall_s"]}
+                     for s, r in sorted(seeds.items())],
+        })
+    data = {
+        "command": "python benchmarks/fidelity.py reference --jobs 2 --work W && python benchmarks/fidelity.py assemble "
+                   "--work W",
+        "protocol": {"task": TASK, "space": SPACE, "budget_params": BUDGET_PARAMS, "width": REF_WIDTH,
+                     "epochs": REF_EPOCHS, "samples_per_epoch": REF_SAMPLES, "batch_size": REF_BATCH,
+                     "optimizer": "AdamW", "lr": REF_LR, "weight_decay": REF_WD, "lr_schedule": "onecycle",
+                     "seeds": list(REF_SEEDS), "score": "final validation dice_mean (2 volumes, sliding window)",
+                     "test": "test_dice_mean on the 5 test volumes after the last epoch"},
+        "panel": rows,
+    }
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / "fidelity-reference.json").write_text(json.dumps(data, indent=1) + "\n")
+    done = sum(len(r["runs"]) for r in rows)
+    print(f"wrote {DOCS / 'fidelity-reference.json'}: {done} runs over {len(rows)} architectures")
+
+
+# ----------------------------------------------------------------------------------------------- evaluators
+def _train_variant(epochs: int, samples: int, width: float | None, lr_schedule: str = "constant",
+                   lr: float = 1e-3, batch: int = 4) -> Callable[..., dict[str, float]]:
+    def score(config: Any, seed: int) -> dict[str, float]:
+        from psc_nas.train import fit
+
+        cfg = reduced(config, width) if width else config
+        result = fit(cfg, TASK, epochs=epochs, seed=seed, lr=lr, lr_schedule=lr_schedule,
+                     weight_decay=1e-4 if lr_schedule == "onecycle" else 0.0,
+                     data_options={"samples_per_epoch": samples, "batch_size": batch})
+        return result.metrics
+
+    return score
+
+
+VARIANTS: dict[str, Callable[[], Callable[..., dict[str, float]]]] = {
+    # today's quick profile, top rung: 2 epochs x 8 patches at full width, constant Adam 1e-3
+    "train-today": lambda: _train_variant(2, 8, None),
+    # re-tuned: reduced-width proxy, many more steps per second, one-cycle
+    "train-w0.25-32": lambda: _train_variant(2, 64, 0.25, "onecycle", 2e-3),
+    "train-w0.25-96": lambda: _train_variant(3, 128, 0.25, "onecycle", 2e-3),
+}
+
+
+def _measure_job(variant: str, name: str, config_json: str, seed: int, out: str) -> str:
+    _threads(1)
+    from psc_nas.arch import ArchConfig
+    from psc_nas.memory import keep_freed_memory
+
+    keep_freed_memory()
+    config = ArchConfig.from_json(config_json)
+    started = time.time()
+    if variant == "zero-cost":  # every proxy, one record (they share the batch and the initialisation seed)
+        from psc_nas.evaluators.zero_cost import proxy_scores
+
+        metrics = proxy_scores(config, TASK, seed=seed)
+    else:
+        metrics = VARIANTS[variant]()(config, seed)
+    record = {"variant": variant, "name": name, "seed": seed, "metrics": metrics, "wall_s": time.time() - started}
+    tmp = Path(out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.rename(out)
+    return f"{variant} {name} seed {seed}: {json.dumps(metrics)[:80]} ({record['wall_s']:.1f} s)"
+
+
+def measure(work: Path, variant: str, seeds: tuple[int, ...], jobs: int) -> None:
+    out_dir = work / "scores" / variant
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for seed in seeds:
+        for member in panel():
+            out = out_dir / f"{member['config'].hash}-s{seed}.json"
+            if not out.exists():
+                todo.append((variant, member["name"], member["config"].to_json(), seed, str(out)))
+    print(f"{variant}: {len(todo)} scores to compute", flush=True)
+    with ProcessPoolExecutor(jobs) as pool:
+        for future in as_completed([pool.submit(_measure_job, *job) for job in todo]):
+            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def _supernet_job(seed: int, options_json: str, out_dir: str) -> str:
+    """One super-network per seed (its training is the seed-dependent part), then every panel member scored."""
+    _threads(1)
+    from psc_nas.evaluators import EvaluatorSetup, make_evaluator
+    from psc_nas.memory import keep_freed_memory
+    from psc_nas.nets import cost
+    from psc_nas.space import SearchSpace
+    from psc_nas.tasks import get_task
+
+    keep_freed_memory()
+    task = get_task(TASK)
+    spatial = tuple(task.input_shape[1:])
+    options = json.loads(options_json)
+    setup = EvaluatorSetup(task, seed=seed, space=SearchSpace.load(SPACE), options=options,
+                           admissible=lambda config: cost(config, spatial).params <= BUDGET_PARAMS)
+    evaluator = make_evaluator("supernet", setup)
+    started = time.time()
+    evaluator.prepare(Path(out_dir), seconds_left=None)
+    prepare_s = time.time() - started
+    level = evaluator.levels()[-1]
+    for member in panel():
+        out = Path(out_dir) / f"{member['config'].hash}-s{seed}.json"
+        if out.exists():
+            continue
+        t0 = time.time()
+        evaluation = evaluator.evaluate(member["config"], level, seconds_left=None)
+        record = {"variant": Path(out_dir).name, "name": member["name"], "seed": seed, "metrics": evaluation.metrics,
+                  "wall_s": time.time() - t0, "prepare_s": prepare_s, "fidelity": level.words}
+        out.write_text(json.dumps(record))
+    return f"supernet seed {seed}: prepared in {prepare_s:.0f} s, {level.words}"
+
+
+SUPERNET_VARIANTS = {
+    "supernet-w0.25-600": {"width": 0.25, "steps": 600},
+}
+
+
+def measure_supernet(work: Path, variant: str, seeds: tuple[int, ...], jobs: int) -> None:
+    out_dir = work / "scores" / variant
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = json.dumps(SUPERNET_VARIANTS[variant])
+    with ProcessPoolExecutor(jobs) as pool:
+        for future in as_completed([pool.submit(_supernet_job, seed, options, str(out_dir)) for seed in seeds]):
+            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["panel", "reference", "assemble", "measure", "report"])
+    parser.add_argument("variant", nargs="?")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "fidelity")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+")
+    args = parser.parse_args()
+    if args.command == "panel":
+        for m in panel():
+            print(f"{m['name']:14s} {m['config'].hash} params {m['params']:>9,d} MACs {m['macs'] / 1e9:6.2f}G")
+    elif args.command == "reference":
+        reference(args.work, args.jobs, tuple(args.seeds or REF_SEEDS))
+    elif args.command == "assemble":
+        assemble(args.work)
+    elif args.command == "measure" and args.variant in SUPERNET_VARIANTS:
+        measure_supernet(args.work, args.variant, tuple(args.seeds or (0, 1, 2)), args.jobs)
+    elif args.command == "measure":
+        measure(args.work, args.variant, tuple(args.seeds or (0, 1, 2)), args.jobs)
+    elif args.command == "report":
+        from fidelity_report import report  # benchmarks/fidelity_report.py
+
+        report(args.work)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()

@@ -1,0 +1,63 @@
+"""Zero-cost proxies on real (tiny) networks and a real batch of the IBSR training data."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from psc_nas.evaluators.zero_cost import PROXIES, proxy_score, proxy_scores, training_batch
+from psc_nas.presets import preset_config
+from psc_nas.tasks.ibsr import IBSRTask
+
+TINY = {"width": 0.25, "num_blocks": 3, "layers_per_block": 2}
+
+
+class SmallPatchIBSR(IBSRTask):
+    input_shape = (1, 16, 16, 16)
+
+    def datamodule(self, data_dir=None, *, seed=0, **options):
+        return super().datamodule(data_dir, seed=seed, **{**options, "spacing": 4.0})
+
+
+@pytest.fixture(scope="module")
+def task():
+    torch.set_num_threads(1)
+    return SmallPatchIBSR()
+
+
+@pytest.fixture(scope="module")
+def batch(task):
+    return training_batch(task, seed=0)
+
+
+def config(task, name):
+    return preset_config(name, task.backbone, **task.backbone_hparams, **TINY)
+
+
+def test_every_proxy_is_finite_repeatable_and_tells_architectures_apart(task, batch):
+    first = proxy_scores(config(task, "p1sc1"), task, seed=0, batch=batch)
+    assert set(first) == set(PROXIES)
+    assert all(math.isfinite(value) for value in first.values()), first
+    assert proxy_scores(config(task, "p1sc1"), task, seed=0, batch=batch) == first
+    for name in ("grad_norm", "snip"):  # computed together by proxy_scores, alone by proxy_score
+        assert proxy_score(name, config(task, "p1sc1"), task, seed=0, batch=batch) == pytest.approx(first[name])
+    other = proxy_scores(config(task, "csn_ip"), task, seed=0, batch=batch)
+    assert all(other[name] != first[name] for name in PROXIES)
+
+
+def test_the_seed_changes_the_initialisation(task, batch):
+    net = config(task, "conv3d")
+    assert proxy_score("snip", net, task, seed=0, batch=batch) != proxy_score("snip", net, task, seed=1, batch=batch)
+
+
+def test_more_weights_more_synflow(task, batch):
+    narrow = preset_config("conv3d", task.backbone, **task.backbone_hparams, **{**TINY, "width": 0.125})
+    assert proxy_score("synflow", config(task, "conv3d"), task, batch=batch) > proxy_score("synflow", narrow, task,
+                                                                                             batch=batch)
+
+
+def test_unknown_proxy(task, batch):
+    with pytest.raises(ValueError, match="unknown zero-cost proxy 'jacob'; known: grad_norm"):
+        proxy_score("jacob", config(task, "conv3d"), task, batch=batch)

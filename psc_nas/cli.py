@@ -253,7 +253,10 @@ def parse_options(items: list[str]) -> tuple[tuple[str, Any], ...]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--evaluator-option takes KEY=VALUE, got {item!r}")
-        parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else value))
+        try:
+            parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else value))
+        except yaml.YAMLError as err:
+            raise ValueError(f"--evaluator-option {key.strip()}: not a YAML value ({one_line(err)})") from None
     return tuple(parsed)
 
 

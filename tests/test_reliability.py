@@ -442,8 +442,9 @@ COUNTS = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(budget=COUNTS, macs=st.one_of(st.none(), COUNTS), timeout=st.one_of(st.none(), COUNTS))
-def test_fuzz_psc_search_budgets_end_in_exit_0_or_one_line(monkeypatch, tmp_path, budget, macs, timeout):
+@given(budget=COUNTS, macs=st.one_of(st.none(), COUNTS), timeout=st.one_of(st.none(), COUNTS),
+       option=st.one_of(st.none(), st.text(max_size=10), st.sampled_from(["k=[", "k={", "=1", "k: [1", "k=\t"])))
+def test_fuzz_psc_search_budgets_end_in_exit_0_or_one_line(monkeypatch, tmp_path, budget, macs, timeout, option):
     """Every option string is checked as psc-search checks it (plan_search: everything but the search itself,
     which writes nothing); the search is replaced only so that a valid budget does not start training."""
     monkeypatch.setattr(runner, "run_search", lambda settings: runner.plan_search(settings))
@@ -451,6 +452,7 @@ def test_fuzz_psc_search_budgets_end_in_exit_0_or_one_line(monkeypatch, tmp_path
             "--out", str(tmp_path / "x")]
     args += ["--macs-budget", macs] if macs is not None else []
     args += ["--timeout", timeout] if timeout is not None else []
+    args += ["--evaluator-option", option] if option is not None else []
     result = CliRunner().invoke(cli.search_app, args)
     assert_exit_0_or_one_line(result)
     if budget.strip() == "":

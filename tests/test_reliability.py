@@ -64,10 +64,15 @@ def run_cli(command: str, *args: str, cwd: Path, wrap: list[str] = (), **extra: 
                           text=True, timeout=600, check=False)
 
 
-def one_line(result: subprocess.CompletedProcess, command: str, *parts: str, code: int = 1) -> str:
-    """The error line: exit ``code``, exactly one line on stderr starting with the command, no traceback."""
+def one_line(result: subprocess.CompletedProcess, command: str, *parts: str, code: int = 1,
+             after_progress: bool = False) -> str:
+    """The error line: exit ``code``, exactly one line on stderr starting with the command, no traceback.
+    ``after_progress``: a search that ran first showed its progress (stderr), the error is the last line."""
     assert result.returncode == code, result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if not line.startswith("[I ")]  # Optuna's own INFO lines
+    if after_progress:
+        assert sum(line.startswith(f"{command}: ") for line in lines) == 1, result.stderr
+        lines = lines[-1:]
     assert len(lines) == 1 and lines[0].startswith(f"{command}: "), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     for part in parts:
@@ -198,7 +203,7 @@ def test_psc_search_whose_every_trial_failed_exits_1(tmp_path):
     result = run_cli("psc-search", "--task", "slow_bar", "--space", str(slow_space(tmp_path)), "--budget", "400k",
                      "--trials", "2", "--out", "s", cwd=tmp_path, SLOW_BAR_FAIL="1")
     one_line(result, "psc-search", "no architecture was evaluated: 2 trial(s) failed",
-             "slow_bar: training data broken on purpose")
+             "slow_bar: training data broken on purpose", after_progress=True)
 
 
 def test_a_space_for_another_task_is_refused_before_anything_is_written(tmp_path):
@@ -241,7 +246,8 @@ def test_ctrl_c_exits_130_says_how_to_resume_and_puts_the_trial_back_without_usi
     space, mark = slow_space(tmp_path), tmp_path / "mark"
     for _ in range(MAX_RETRIES + 2):  # more interrupts than a crashed trial has retries
         result = interrupt_search(tmp_path, space, mark)
-        one_line(result, "psc-search", "interrupted", "re-run the same command to resume", code=130)
+        one_line(result, "psc-search", "interrupted", "re-run the same command to resume", code=130,
+                 after_progress=True)
         # the held trial is queued again as it was: no FAIL, no retry copy, nothing lost
         assert [(n, state, reason, retry) for n, state, reason, retry in states(tmp_path / "s")] == [
             (0, "WAITING", None, None), (1, "WAITING", None, None)]

@@ -174,8 +174,8 @@ def dashboard(
         typer.echo(f"psc-dashboard: warning: listening on {host}:{server.server_address[1]}: anyone who can reach this "
                    f"machine on that port can read run {run_dir} (its trials, architectures and folder path); "
                    "there is no password", err=True)
-    typer.echo(f"serving {run_dir} at {server.url} (Ctrl-C to stop)")
-    try:
+    try:  # from here on Ctrl-C is how the server stops: exit 0
+        typer.echo(f"serving {run_dir} at {server.url} (Ctrl-C to stop)")
         server.serve_forever()
     except KeyboardInterrupt:
         pass

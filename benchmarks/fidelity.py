@@ -271,6 +271,7 @@ def _supernet_job(seed: int, options_json: str, out_dir: str) -> str:
 
 SUPERNET_VARIANTS = {
     "supernet-w0.25-600": {"width": 0.25, "steps": 600},
+    "supernet-w0.25-600-c16": {"width": 0.25, "steps": 600, "train_size": 16},  # SPOS on 16³ crops: ~5× cheaper
 }
 
 

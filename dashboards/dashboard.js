@@ -48,11 +48,12 @@
   function hoverText(trial) {
     const lines = [
       `<b>trial ${trial.number}</b> (${trial.state.toLowerCase()}${category(trial, new Set()) === "infeasible" ? ", over budget" : ""})`,
-      `${data.run.quality}: ${number(trial.quality)}`,
+      `${data.run.quality} (search): ${number(trial.quality)}`,
       `params: ${count(trial.params)}   MACs: ${count(trial.macs)}`,
     ];
     if (trial.latency_ms != null) lines.push(`latency: ${number(trial.latency_ms, 2)} ms`);
-    if (trial.fidelity_words != null) lines.push(`fidelity: ${trial.fidelity_words}`);
+    if (trial.fidelity_words != null) lines.push(`search fidelity: ${trial.fidelity_words}`);
+    if (trial.retrained != null) lines.push(`retrained ${data.run.quality}: ${number(trial.retrained)} (${trial.retrained_fidelity})`);
     if (trial.preset) lines.push(`preset: ${trial.preset}`);
     if (trial.fail_reason) lines.push(`failed: ${trial.fail_reason}`);
     if (trial.summary) lines.push(trial.summary);
@@ -116,6 +117,14 @@
     traces.unshift({ type: "scatter", mode: "lines", name: "front", x: line.map((t) => t[cost]),
       y: line.map((t) => t.quality), line: { shape: "hv", color: CATEGORIES.front.color, width: 1.5 },
       hoverinfo: "skip", showlegend: false });
+    // Front members retrained after the search: their retrained score, beside the search's
+    const retrained = trials.filter((t) => t.retrained != null);
+    if (retrained.length) {
+      traces.push({ type: "scatter", mode: "markers", name: `retrained (${retrained[0].retrained_fidelity})`,
+        x: retrained.map((t) => t[cost]), y: retrained.map((t) => t.retrained), customdata: retrained.map((t) => t.number),
+        hovertext: retrained.map(hoverText), hoverinfo: "text",
+        marker: { symbol: "diamond", size: 11, color: "#9467bd", line: { color: "#000", width: 1 } } });
+    }
     const shapes = [];
     const annotations = [];
     const budget = { params: data.run.budget_params, macs: data.run.budget_macs }[cost];
@@ -124,13 +133,17 @@
       shapes.push(b.shape);
       annotations.push(b.annotation);
     }
-    const marked = new Map([[data.knee, "knee"]]);
-    if (selected != null) marked.set(selected, selected === data.knee ? `knee · trial ${selected}` : `trial ${selected}`);
+    // data.knee is best.yaml's trial: the retrained knee once the front was retrained, else the search's knee
+    const bestLabel = data.search_knee != null && data.knee !== data.search_knee ? "best.yaml (retrained knee)" : "knee";
+    const marked = new Map([[data.knee, bestLabel]]);
+    if (data.search_knee != null && data.search_knee !== data.knee) marked.set(data.search_knee, "knee by search score");
+    if (selected != null) marked.set(selected, marked.has(selected) ? `${marked.get(selected)} · trial ${selected}` : `trial ${selected}`);
     for (const [n, text] of marked) {
       const trial = byNumber.get(n);
-      if (trial && trial[cost] != null && trial.quality != null) {
+      const y = n === data.knee && trial && trial.retrained != null ? trial.retrained : trial && trial.quality;
+      if (trial && trial[cost] != null && y != null) {
         // Annotations on a log axis take log10 coordinates (shapes take data values).
-        annotations.push({ x: Math.log10(trial[cost]), y: trial.quality, text, arrowhead: 2, ax: 30, ay: -30 });
+        annotations.push({ x: Math.log10(trial[cost]), y, text, arrowhead: 2, ax: 30, ay: -30 });
       }
     }
     Plotly.react(element, traces, {
@@ -193,8 +206,9 @@
 
   const TABLE_COLUMNS = [
     ["number", "#", String], ["state", "state", String], ["feasible", "feasible", (v) => (v ? "yes" : "no")],
-    ["quality", null, (v) => number(v)], ["params", "params", count], ["macs", "MACs", count],
-    ["latency_ms", "latency ms", (v) => number(v, 2)], ["fidelity_words", "fidelity", (v) => v || "–"],
+    ["quality", null, (v) => number(v)], ["fidelity_words", "search fidelity", (v) => v || "–"],
+    ["retrained", "retrained", (v) => number(v)], ["retrained_fidelity", "retrained how", (v) => v || "–"],
+    ["params", "params", count], ["macs", "MACs", count], ["latency_ms", "latency ms", (v) => number(v, 2)],
     ["train_s", "train s", (v) => (v ? number(v, 1) : "–")],
     ["preset", "preset", (v) => v || ""], ["summary", "architecture", (v) => v || ""],
   ];
@@ -204,7 +218,8 @@
     head.replaceChildren(document.createElement("tr"));
     for (const [key, title] of TABLE_COLUMNS) {
       const th = document.createElement("th");
-      th.textContent = title ?? data.run.quality;
+      th.textContent = key === "quality" ? `${data.run.quality} (search)`
+        : key === "retrained" ? `${data.run.quality} (retrained)` : title;
       th.dataset.key = key;
       if (sort.key === key) th.className = sort.ascending ? "asc" : "desc";
       th.onclick = () => {
@@ -284,8 +299,11 @@
     $("arch-title").textContent = `Trial ${n}: ${trial.summary || "(no architecture)"}`;
     drawArchitecture(trial);
     drawCurve(trial);
-    const figures = [["state", trial.state], [data.run.quality, number(trial.quality)], ["params", count(trial.params)],
-      ["MACs", count(trial.macs)], ["latency ms", number(trial.latency_ms, 2)], ["fidelity", trial.fidelity_words ?? "–"],
+    const figures = [["state", trial.state], [`${data.run.quality} (search)`, number(trial.quality)],
+      ["search fidelity", trial.fidelity_words ?? "–"],
+      [`${data.run.quality} (retrained)`, trial.retrained != null ? number(trial.retrained) : "not retrained"],
+      ["retrained how", trial.retrained_fidelity ?? "–"], ["params", count(trial.params)],
+      ["MACs", count(trial.macs)], ["latency ms", number(trial.latency_ms, 2)],
       ["preset", trial.preset || "–"], ["hash", trial.arch_hash || "–"], ["fail reason", trial.fail_reason || "–"],
       ...Object.entries(trial.metrics || {}).map(([k, v]) => [k, typeof v === "number" ? number(v) : String(v)])];
     $("trial-figures").replaceChildren(...figures.map(([k, v]) => {

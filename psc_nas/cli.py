@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from psc_nas.costs import format_count
+from psc_nas.memory import keep_freed_memory
 from psc_nas.nets import cost
 from psc_nas.space import SearchSpace, shipped_spaces
 from psc_nas.tasks import Task, get_task, task_names
@@ -133,6 +134,7 @@ def export(
     onnx: Annotated[bool, typer.Option(help="Also write an ONNX model (needs psc-nas[onnx]).")] = False,
 ) -> None:
     """Write the architecture picked from a search run, rebuildable with psc_nas.build_model(path)."""
+    keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
     from psc_nas.export import Pick, export as export_run
 
     try:
@@ -193,7 +195,9 @@ def search(
     macs_budget: Annotated[Optional[str], typer.Option(help="MAC budget at the task's input size, e.g. 60G.")] = None,
     objectives: Annotated[str, typer.Option(help="Comma list: metric plus any of params, macs, latency.")] = "metric,params",
     trials: Annotated[Optional[int], typer.Option(help="Architectures to train in total (the study's, over all workers); default from --profile.")] = None,
-    timeout: Annotated[Optional[str], typer.Option(help="Start no training after this long, e.g. 900, 15m, 2h.")] = None,
+    timeout: Annotated[Optional[str], typer.Option(
+        help="Start no training after this long, e.g. 900, 15m, 2h; with retraining the search loop stops the "
+             "profile's retrain share earlier (quick: 30%) and retraining fits the rest.")] = None,
     sampler: Annotated[str, typer.Option(help="nsga2 | tpe | random.")] = "nsga2",
     storage: Annotated[Optional[str], typer.Option(help="Study storage: a database URL (postgresql://...) or journal:PATH; default OUT/study.db.")] = None,
     study_name: Annotated[Optional[str], typer.Option(help="Study name; default the --out folder's name.")] = None,
@@ -206,8 +210,15 @@ def search(
     seed_presets: Annotated[bool, typer.Option(help="Evaluate the papers' presets that fit the budget first.")] = True,
     evaluator: Annotated[Optional[str], typer.Option(help="How candidates are scored: train | supernet; default the profile's.")] = None,
     evaluator_option: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the evaluator (repeatable), e.g. width=0.25.")] = None,
+    retrain: Annotated[Optional[bool], typer.Option(
+        "--retrain/--no-retrain",
+        help="After the search, retrain the front's knee and its neighbours from scratch for the longest schedule "
+             "that fits the time budget (its last share; the profile's policy); best.yaml = the retrained knee. "
+             "Default: as the profile says (quick and paper retrain).")] = None,
+    budget_sampling: Annotated[str, typer.Option(help="restrict (sample only what can fit) | project (shrink to fit) | reject (prune over-budget samples).")] = "restrict",
 ) -> None:
     """Multi-objective architecture search under a cost budget; re-run the same command to resume."""
+    keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
     from pathlib import Path
 
     from psc_nas.search.budget import Budget
@@ -234,6 +245,8 @@ def search(
             seed_presets=seed_presets,
             evaluator=evaluator,
             evaluator_options=parse_options(evaluator_option or []),
+            retrain=retrain,
+            budget_sampling=budget_sampling,
         )
         with sigint_raises():
             run_search(settings)
@@ -276,6 +289,7 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train one architecture; write config.yaml, metrics.json, curve.csv and best.ckpt into its run folder."""
+    keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
     from pathlib import Path
 
     from psc_nas.tasks import get_task

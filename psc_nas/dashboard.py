@@ -113,13 +113,16 @@ def hypervolume_history(run: Run) -> list[dict[str, Any]]:
 
 
 def version(run: Run) -> str:
-    """Changes whenever a trial does: a new one, a new state, values, or an evaluation at a new fidelity."""
-    key = [(r.number, r.state.name, r.values, str(r.completed_at), r.fidelity and r.fidelity.key) for r in run.records]
+    """Changes whenever a trial does: a new one, a new state, values, an evaluation at a new fidelity, or
+    a retraining of its architecture."""
+    key = [(r.number, r.state.name, r.values, str(r.completed_at), r.fidelity and r.fidelity.key,
+            r.retrained and r.retrained.fidelity.key) for r in run.records]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
 def payload(run: Run) -> dict[str, Any]:
-    """Everything the page draws, JSON-ready, for the trials ``run`` last read."""
+    """Everything the page draws, JSON-ready, for the trials ``run`` last read. ``knee`` is best.yaml's
+    trial (the retrained knee once there is one), ``search_knee`` the knee by the search's scores."""
     table = run.table()
     knee = run.knee()
     records = {r.number: r for r in run.records}
@@ -138,6 +141,7 @@ def payload(run: Run) -> dict[str, Any]:
         "trials": rows,
         "fronts": fronts(run, table),
         "knee": knee,
+        "search_knee": run.search_knee(),
         "hypervolume": hypervolume_history(run),
     }
 

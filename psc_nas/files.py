@@ -37,3 +37,11 @@ def folder_fingerprint(root: Path) -> str:
                 handle.seek(-FINGERPRINT_SAMPLE, os.SEEK_END)
             digest.update(handle.read(FINGERPRINT_SAMPLE))
     return digest.hexdigest()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """``write_text_atomic`` for bytes (a saved super-network, say)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_bytes(data)
+    partial.replace(path)
+    return path

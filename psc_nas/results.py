@@ -7,7 +7,7 @@ which finds the front and its knee with psc-search's own function (psc_nas.searc
 run's pareto.json / best.yaml.
 
     Run.open("runs/ibsr-5M") ─► .records (TrialRecord) ─► .table() (pandas, one row per trial)
-                                                       ├► .front() (members, knee, hypervolume)
+                                                       ├► .front() (members, knee, hypervolume, retrained knee)
                                                        └► .config(number) (ArchConfig)
 """
 
@@ -110,7 +110,13 @@ class Run:
         return find_front(self.records, self.record)
 
     def knee(self) -> int | None:
-        """Number of the knee trial over all the study's objectives (what best.yaml holds), if any."""
+        """Number of the trial best.yaml holds, if any: the knee of the front members retrained after the
+        search by their retrained scores, or, before any retraining, the knee by the search's scores."""
+        best = self.front().best
+        return best.number if best else None
+
+    def search_knee(self) -> int | None:
+        """Number of the knee by the search's own scores (over all the study's objectives)."""
         knee = self.front().knee
         return knee.number if knee else None
 

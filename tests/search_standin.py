@@ -64,6 +64,7 @@ def main() -> None:
     raw = json.loads(sys.argv[1])
     raw["budget"] = Budget(**raw.get("budget", {}))
     raw["out"] = Path(raw["out"])
+    raw.setdefault("retrain", False)  # retraining trains for real; the worker tests count stand-in evaluations
     settings = SearchSettings(**raw)
     run_search(settings, evaluator=StandinEvaluator(), console=Console(stderr=True, quiet=True))
 

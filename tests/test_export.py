@@ -144,7 +144,7 @@ def test_cli_refuses_a_folder_without_a_study(tmp_path):
 def test_a_real_search_run_exports_its_best_yaml_and_the_dashboard_agrees(tmp_path):
     """psc-search (with the search tests' stand-in evaluator) writes the run; we read it back."""
     out = tmp_path / "ibsr-2M"
-    run_search(SearchSettings(task="ibsr", budget=Budget(params=2_000_000), trials=6, out=out),
+    run_search(SearchSettings(task="ibsr", budget=Budget(params=2_000_000), trials=6, out=out, retrain=False),
                evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     pareto = json.loads((out / "pareto.json").read_text())
     done = export(out, out_dir=tmp_path / "export")

@@ -23,9 +23,11 @@ from psc_nas.search.front import find_front, quality_hypervolume
 from psc_nas.search.outputs import write_outputs
 from psc_nas.search.record import (
     Objective,
+    Retrained,
     StudyRecord,
     TrialRecord,
     read_trials,
+    save_retrained,
     set_violations,
     tell_evaluated,
     tell_over_budget,
@@ -53,14 +55,19 @@ def test_a_record_reads_back_as_written(tmp_path):
     trial = study.ask()
     written = (TrialRecord(trial.number, preset="csn_ip").priced(CONFIG, Cost(1234, 56789))
                .with_evaluation(evaluation(2, math.nan, by=0)).with_evaluation(evaluation(1, 0.5, by=7)))
-    written = replace(written, latency_ms=3.5, fail_reason="at 2 epochs: diverged", retrained=evaluation(20, 0.8, by=0))
+    written = replace(written, latency_ms=3.5, fail_reason="at 2 epochs: diverged")
     written.save(trial)
     written.save(trial)  # unchanged, NaN included: nothing to write, nothing breaks
     study.tell(trial, state=TrialState.FAIL)
+    # a retraining after the search belongs to the architecture, stored on the study (the trial is finished)
+    retrained = Retrained(CONFIG.hash, evaluation(20, 0.8, by=0), seed=3, trial=trial.number)
+    save_retrained(study, retrained)
+    written = replace(written, retrained=retrained)
     read = read_trials(study)[0]
     assert read.state == TrialState.FAIL and read.completed_at is not None
     for field in ("arch", "arch_hash", "params", "macs", "preset", "latency_ms", "fail_reason", "retrained"):
         assert getattr(read, field) == getattr(written, field), field
+    assert read.retrained.epochs == 20 and study.user_attrs[f"retrained:{CONFIG.hash}"]["seed"] == 3
     assert [e.fidelity.key for e in read.evaluations] == [1, 2]  # cheap to expensive, whatever the order told
     assert read.evaluations[0] == written.evaluations[0]
     assert math.isnan(read.metrics["dice_mean"]) and read.fidelity == Fidelity(2, "2 epochs × 8 samples")

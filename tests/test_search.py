@@ -29,7 +29,7 @@ SPATIAL = search_standin.SPATIAL
 
 def search(tmp_path: Path, name: str = "run", *, evaluator=None, **overrides) -> tuple[optuna.Study, Path]:
     settings = SearchSettings(**{"task": "ibsr", "budget": Budget(params=5_000_000), "trials": 8,
-                                 "out": tmp_path / name, **overrides})
+                                 "out": tmp_path / name, "retrain": False, **overrides})
     run_search(settings, evaluator=evaluator or search_standin.StandinEvaluator(), console=Console(quiet=True))
     storage = f"sqlite:///{tmp_path / name / 'study.db'}"
     return optuna.load_study(study_name=name, storage=storage), tmp_path / name
@@ -89,7 +89,7 @@ def test_over_budget_candidates_are_pruned_never_evaluated_and_no_optuna_tool_co
     log = tmp_path / "trained.log"
     monkeypatch.setenv("PSC_TRAIN_LOG", str(log))
     budget = 2_500_000  # a good share of the space's random samples are over
-    study, out = search(tmp_path, budget=Budget(params=budget), sampler="random")
+    study, out = search(tmp_path, budget=Budget(params=budget), sampler="random", budget_sampling="reject")
     records = read_trials(study)
     over = [r for r in records if r.params > budget]
     assert over, "the budget should reject some samples"
@@ -195,7 +195,7 @@ def test_latency_objective_is_measured_once_per_architecture(tmp_path):
 def test_journal_storage_is_a_file_based_alternative(tmp_path):
     journal = tmp_path / "study.log"
     settings = SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=3, out=tmp_path / "run",
-                              storage=f"journal:{journal}", study_name="j")
+                              retrain=False, storage=f"journal:{journal}", study_name="j")
     run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     assert len(evaluated(optuna.load_study(study_name="j", storage=storage))) == 3
@@ -207,7 +207,7 @@ def test_events_report_every_evaluation_and_over_budget_sample(tmp_path):
     from psc_nas.search.storage import open_storage, open_study
 
     settings = SearchSettings(task="ibsr", budget=Budget(params=2_500_000), trials=5, out=tmp_path / "run",
-                              sampler="random")
+                              retrain=False, sampler="random", budget_sampling="reject")
     plan = plan_search(settings, search_standin.StandinEvaluator())
     plan.out_dir.mkdir()
     storage = open_storage(f"sqlite:///{plan.out_dir / 'study.db'}", heartbeat_interval=10)

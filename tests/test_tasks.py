@@ -57,7 +57,7 @@ def write_space(path: Path, **changes) -> Path:
 
 def search(tmp_path: Path, name: str = "run", **overrides) -> Path:
     settings = SearchSettings(**{"task": "ibsr", "budget": Budget(params=5_000_000), "trials": 2,
-                                 "out": tmp_path / name, **overrides})
+                                 "out": tmp_path / name, "retrain": False, **overrides})
     run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     return tmp_path / name
 
@@ -240,7 +240,7 @@ def test_psc_train_and_psc_search_run_a_task_defined_in_a_test_file(tmp_path):
 
     (tmp_path / "bars.yaml").write_text(tiny_task.SPACE_YAML)
     found = run_cli("psc-search", "--task", "bar_axis", "--space", "bars.yaml", "--budget", "400k", "--trials", "2",
-                    "--out", "search", cwd=tmp_path, plugins="tiny_task")
+                    "--no-retrain", "--out", "search", cwd=tmp_path, plugins="tiny_task")
     assert found.returncode == 0, found.stderr
     out = tmp_path / "search"
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")

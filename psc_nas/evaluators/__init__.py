@@ -16,6 +16,7 @@ EvaluatorFactory = Callable[[EvaluatorSetup], Evaluator]
 # name -> "module:class" (imported on first use) or a factory registered by a plugin
 _EVALUATORS: dict[str, str | EvaluatorFactory] = {
     "train": "psc_nas.evaluators.train:TrainEvaluator",
+    "supernet": "psc_nas.evaluators.supernet:SupernetEvaluator",
 }
 
 

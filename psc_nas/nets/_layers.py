@@ -24,6 +24,14 @@ from psc_nas.ops import Op, OpSpec, PlainConv, realize
 
 Norm = Callable[[int], nn.Module]
 Activation = Callable[[], nn.Module]
+# What fills slot ``index`` given its ops and the backbone's own builder of them (``build(specs)``);
+# a weight-sharing super-network passes one that returns a module switchable between choices.
+SlotFill = Callable[[int, Sequence[Op], Callable[[Sequence[Op]], nn.Module]], nn.Module]
+
+
+def default_fill(index: int, specs: Sequence[Op], build: Callable[[Sequence[Op]], nn.Module]) -> nn.Module:
+    """The ordinary network: every slot is what the backbone builds from its choice's ops."""
+    return build(specs)
 
 # Room for any shipped family's arguments at any width (PmSCn's m <= 3 streams need a channel each).
 MIN_CHANNELS = 3
@@ -53,12 +61,15 @@ def run_cost(specs: Sequence[Op], spatial: Spatial) -> tuple[Cost, Spatial]:
 
 
 def conv_norm_act(
-    specs: Sequence[Op], *, norm: Norm, activation: Activation, last_activation: bool = True
+    specs: Sequence[Op], *, norm: Norm, activation: Activation, last_activation: bool = True,
+    build_op: Callable[[int, Op], nn.Module] | None = None,
 ) -> nn.Sequential:
-    """op ─ norm ─ act ─ op ─ norm [─ act]: a slot's ops with the backbone's own norm/act between."""
+    """op ─ norm ─ act ─ op ─ norm [─ act]: a slot's ops with the backbone's own norm/act between.
+
+    ``build_op(position, spec)`` builds the op at ``position`` (default ``spec.build()``)."""
     layers: list[nn.Module] = []
     for index, spec in enumerate(specs):
-        layers += [spec.build(), norm(spec.out_channels)]
+        layers += [build_op(index, spec) if build_op else spec.build(), norm(spec.out_channels)]
         if last_activation or index < len(specs) - 1:
             layers.append(activation())
     return nn.Sequential(*layers)
@@ -67,7 +78,7 @@ def conv_norm_act(
 class Blueprint(Protocol):
     def cost(self, spatial: Spatial) -> Cost: ...
 
-    def build(self, *, norm: Norm, activation: Activation) -> nn.Module: ...
+    def build(self, *, norm: Norm, activation: Activation, fill: SlotFill = default_fill) -> nn.Module: ...
 
 
 class BlueprintBackbone(Backbone):
@@ -102,8 +113,8 @@ class BlueprintBackbone(Backbone):
         hparams = self.hparams(config.hparams)
         return hparams, [realize(slot, block) for slot, block in zip(self.slots(hparams), config.blocks)]
 
-    def build(self, config: ArchConfig) -> nn.Module:
-        return self.blueprint(config).build(norm=nn.BatchNorm3d, activation=nn.ReLU)
+    def build(self, config: ArchConfig, *, fill: SlotFill | None = None) -> nn.Module:
+        return self.blueprint(config).build(norm=nn.BatchNorm3d, activation=nn.ReLU, fill=fill or default_fill)
 
     def cost(self, config: ArchConfig, spatial: Spatial) -> Cost:
         return self.blueprint(config).cost(tuple(spatial))  # type: ignore[arg-type]

@@ -32,7 +32,9 @@ class Backbone:
     def slots(self, hparams: Mapping[str, Any]) -> list[Slot]:
         raise NotImplementedError
 
-    def build(self, config: ArchConfig) -> nn.Module:
+    def build(self, config: ArchConfig, *, fill: Any = None) -> nn.Module:
+        """The network; ``fill(index, specs, build)`` (``nets._layers.SlotFill``), when given, makes what
+        fills each slot instead of ``build(specs)`` (a super-network's switchable slots)."""
         raise NotImplementedError
 
     def cost(self, config: ArchConfig, spatial: Spatial) -> Cost:

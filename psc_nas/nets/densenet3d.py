@@ -33,15 +33,24 @@ from torch import nn
 
 from psc_nas.arch import ArchConfig, Slot
 from psc_nas.costs import Cost, Spatial
-from psc_nas.nets._layers import Activation, BlueprintBackbone, Norm, fixed_conv, norm_cost, scaled
+from psc_nas.nets._layers import (
+    Activation,
+    BlueprintBackbone,
+    Norm,
+    SlotFill,
+    default_fill,
+    fixed_conv,
+    norm_cost,
+    scaled,
+)
 from psc_nas.nets.registry import register_backbone
 from psc_nas.ops import Op
 from psc_nas.ops._conv import ConvSpec
 
 
-def preact(spec: Op | ConvSpec, *, norm: Norm, activation: Activation) -> nn.Sequential:
-    """BN ─ ReLU ─ conv, the DenseNet layer order."""
-    return nn.Sequential(norm(spec.in_channels), activation(), spec.build())
+def preact(spec: Op | ConvSpec, *, norm: Norm, activation: Activation, op: nn.Module | None = None) -> nn.Sequential:
+    """BN ─ ReLU ─ conv, the DenseNet layer order (``op``: the conv's module, default ``spec.build()``)."""
+    return nn.Sequential(norm(spec.in_channels), activation(), op if op is not None else spec.build())
 
 
 def preact_cost(spec: Op, spatial: Spatial) -> tuple[Cost, Spatial]:
@@ -117,13 +126,19 @@ class DenseNetBlueprint:
             total += preact_cost(side, shape)[0]
         return total + norm_cost(self.head.in_channels) + self.head.cost(spatial)[0]
 
-    def build(self, *, norm: Norm, activation: Activation) -> nn.Module:
+    def build(self, *, norm: Norm, activation: Activation, fill: SlotFill = default_fill) -> nn.Module:
         def layer(spec: Op | ConvSpec) -> nn.Sequential:
             return preact(spec, norm=norm, activation=activation)
 
+        def slot(index: int, spec: Op) -> nn.Sequential:
+            return preact(spec, norm=norm, activation=activation,
+                          op=fill(index, [spec], lambda specs: specs[0].build()))
+
+        starts = [sum(len(specs) for specs in self.blocks[:b]) for b in range(len(self.blocks))]
         return DenseNet3d(
             stem=self.stem.build(),
-            blocks=[DenseBlock([layer(spec) for spec in specs]) for specs in self.blocks],
+            blocks=[DenseBlock([slot(start + j, spec) for j, spec in enumerate(specs)])
+                    for start, specs in zip(starts, self.blocks)],
             transitions=[nn.Sequential(*layer(spec), nn.AvgPool3d(2)) for spec in self.transitions],
             sides=[layer(spec) for spec in self.sides],
             head=layer(self.head),

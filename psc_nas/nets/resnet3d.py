@@ -30,7 +30,17 @@ from torch import nn
 
 from psc_nas.arch import ArchConfig, ConfigError, Slot
 from psc_nas.costs import Cost, Spatial
-from psc_nas.nets._layers import Activation, BlueprintBackbone, Norm, conv_norm_act, fixed_conv, run_cost, scaled
+from psc_nas.nets._layers import (
+    Activation,
+    BlueprintBackbone,
+    Norm,
+    SlotFill,
+    conv_norm_act,
+    default_fill,
+    fixed_conv,
+    run_cost,
+    scaled,
+)
 from psc_nas.nets.registry import register_backbone
 from psc_nas.ops import Op
 from psc_nas.ops._conv import conv_out_size
@@ -64,6 +74,8 @@ class ResBlock(nn.Module):
 class ResBlockBlueprint:
     body: tuple[Op, ...]  # norm + activation between, norm after the last
     shortcut: Op | None
+    slot: int = 0  # the searchable slot's index
+    bottleneck: bool = False  # body = fixed 1x1x1, the slot's op, fixed 1x1x1 (else: the slot's ops)
 
     def cost(self, spatial: Spatial) -> tuple[Cost, Spatial]:
         total, out = run_cost(self.body, spatial)
@@ -71,8 +83,15 @@ class ResBlockBlueprint:
             total += run_cost([self.shortcut], spatial)[0]
         return total, out
 
-    def build(self, *, norm: Norm, activation: Activation) -> ResBlock:
-        body = conv_norm_act(self.body, norm=norm, activation=activation, last_activation=False)
+    def build(self, *, norm: Norm, activation: Activation, fill: SlotFill = default_fill) -> ResBlock:
+        if self.bottleneck:  # the slot is the middle op; the fixed 1x1x1 convs around it are not searched
+            def middle(position: int, spec: Op) -> nn.Module:
+                return fill(self.slot, [spec], lambda specs: specs[0].build()) if position == 1 else spec.build()
+
+            body = conv_norm_act(self.body, norm=norm, activation=activation, last_activation=False, build_op=middle)
+        else:
+            body = fill(self.slot, self.body, lambda specs: conv_norm_act(
+                specs, norm=norm, activation=activation, last_activation=False))
         shortcut = (
             None
             if self.shortcut is None
@@ -100,11 +119,11 @@ class ResNetBlueprint:
         fc = self.features * self.num_classes
         return total + Cost(params=fc + self.num_classes, macs=fc)
 
-    def build(self, *, norm: Norm, activation: Activation) -> nn.Module:
+    def build(self, *, norm: Norm, activation: Activation, fill: SlotFill = default_fill) -> nn.Module:
         pool = nn.MaxPool3d(POOL_KERNEL, POOL_STRIDE, padding=tuple(k // 2 for k in POOL_KERNEL))
         return nn.Sequential(
             nn.Sequential(*conv_norm_act([self.stem], norm=norm, activation=activation), pool),
-            nn.Sequential(*(block.build(norm=norm, activation=activation) for block in self.blocks)),
+            nn.Sequential(*(block.build(norm=norm, activation=activation, fill=fill) for block in self.blocks)),
             nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(self.features, self.num_classes)),
         )
 
@@ -142,7 +161,7 @@ class ResNet3dBackbone(BlueprintBackbone):
         bottleneck = LAYOUTS[hparams["depth"]][0] == "bottleneck"
         stem_channels = scaled(hparams["base_channels"], hparams["width"])
         blocks, in_channels = [], stem_channels
-        for slot_specs in specs:
+        for index, slot_specs in enumerate(specs):
             first, last = slot_specs[0], slot_specs[-1]
             if bottleneck:
                 out = last.out_channels * BOTTLENECK_EXPANSION
@@ -151,7 +170,7 @@ class ResNet3dBackbone(BlueprintBackbone):
                 out, body = last.out_channels, tuple(slot_specs)
             reshaped = in_channels != out or first.stride != (1, 1, 1)
             shortcut = fixed_conv(in_channels, out, stride=first.stride) if reshaped else None
-            blocks.append(ResBlockBlueprint(body, shortcut))
+            blocks.append(ResBlockBlueprint(body, shortcut, index, bottleneck))
             in_channels = out
         stem = fixed_conv(hparams["in_channels"], stem_channels, kernel=STEM_KERNEL, stride=STEM_STRIDE)
         return ResNetBlueprint(stem, tuple(blocks), hparams["num_classes"])

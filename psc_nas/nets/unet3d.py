@@ -30,7 +30,16 @@ from torch import nn
 
 from psc_nas.arch import ArchConfig, ConfigError, Slot, Triple
 from psc_nas.costs import Cost, Spatial
-from psc_nas.nets._layers import Activation, BlueprintBackbone, Norm, conv_norm_act, run_cost, scaled
+from psc_nas.nets._layers import (
+    Activation,
+    BlueprintBackbone,
+    Norm,
+    SlotFill,
+    conv_norm_act,
+    default_fill,
+    run_cost,
+    scaled,
+)
 from psc_nas.nets.registry import register_backbone
 from psc_nas.ops import Op
 from psc_nas.ops._conv import ConvSpec, triple
@@ -116,14 +125,15 @@ class UNetBlueprint:
             total += up + layer
         return total + self.head.cost(shape)[0]
 
-    def build(self, *, norm: Norm, activation: Activation) -> nn.Module:
-        def double(specs: tuple[Op, ...]) -> nn.Sequential:
-            return conv_norm_act(specs, norm=norm, activation=activation)
+    def build(self, *, norm: Norm, activation: Activation, fill: SlotFill = default_fill) -> nn.Module:
+        def double(index: int, specs: tuple[Op, ...]) -> nn.Module:
+            return fill(index, specs, lambda ops: conv_norm_act(ops, norm=norm, activation=activation))
 
+        levels = len(self.encoders)
         return UNet3d(
-            encoders=[double(specs) for specs in self.encoders],
+            encoders=[double(index, specs) for index, specs in enumerate(self.encoders)],
             upconvs=[up.build() for up in self.upconvs],
-            decoders=[double(specs) for specs in self.decoders],
+            decoders=[double(levels + index, specs) for index, specs in enumerate(self.decoders)],
             head=self.head.build(),
             factors=self.factors,
         )

@@ -39,20 +39,29 @@ class Catalog:
         self.space = space
         self.spatial = tuple(spatial)
         self.reference = space.decide(lambda name, choices: choices[0])
-        self.options = [self._unit_options(unit) for unit in space.units]
+        # per unit: its distinct options, and every answer path with the index of the option it gives
+        self.options: list[list[Option]] = []
+        self.paths: list[list[tuple[Answers, int]]] = []
+        for unit in space.units:
+            options, paths = self._unit_options(unit)
+            self.options.append(options)
+            self.paths.append(paths)
 
-    def _unit_options(self, unit: Unit) -> list[Option]:
-        options, seen = [], set()
+    def _unit_options(self, unit: Unit) -> tuple[list[Option], list[tuple[Answers, int]]]:
+        options: list[Option] = []
+        paths: list[tuple[Answers, int]] = []
+        seen: dict[tuple[BlockChoice, ...], int] = {}
         for answers in _answer_paths(self.space, unit.label):
             config = self.space.decide(lambda name, choices: answers.get(name, choices[0]))
             blocks = tuple(config.blocks[i] for i in unit.slots)
             if blocks not in seen:  # two answer paths can resolve to one network (e.g. equal widths)
-                seen.add(blocks)
+                seen[blocks] = len(options)
                 options.append(Option(answers, config, blocks))
-        return options
+            paths.append((answers, seen[blocks]))
+        return options, paths
 
     @functools.cached_property
-    def _deltas(self) -> list[list[Cost]]:
+    def deltas(self) -> list[list[Cost]]:
         """Each option's cost relative to the reference: the seconds-long part, done only when asked."""
         base = cost(self.reference, self.spatial)
         return [[cost(o.config, self.spatial) + Cost(-base.params, -base.macs) for o in unit] for unit in self.options]
@@ -67,7 +76,7 @@ class Catalog:
     def cheapest(self) -> list[tuple[Cost, ArchConfig]]:
         """The space's Pareto-minimal (params, MACs) architectures, exactly priced."""
         front: list[tuple[Cost, tuple[Option, ...]]] = [(cost(self.reference, self.spatial), ())]
-        for unit_options, deltas in zip(self.options, self._deltas):
+        for unit_options, deltas in zip(self.options, self.deltas):
             merged = [(c + d, picks + (o,)) for c, picks in front for o, d in zip(unit_options, deltas)]
             front = [merged[i] for i in pareto_front([(c.params, c.macs) for c, _ in merged])]
         found = []
@@ -83,7 +92,7 @@ class Catalog:
     def costliest_macs(self) -> Cost:
         """The cost of the space's architecture with the most MACs: each unit at its costliest option."""
         picks = [max(zip(options, deltas), key=lambda pair: pair[1].macs)[0]
-                 for options, deltas in zip(self.options, self._deltas)]
+                 for options, deltas in zip(self.options, self.deltas)]
         return cost(self.compose(picks), self.spatial)
 
     def check_reachable(self, budget: Budget) -> None:

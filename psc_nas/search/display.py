@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from psc_nas.costs import format_count
-from psc_nas.search.events import Event, FrontChanged
+from psc_nas.search.events import Event, FrontChanged, Retrained, RetrainPlanned, describe
 from psc_nas.search.front import Front
 from psc_nas.search.record import Objective
 
@@ -34,6 +34,8 @@ class ProgressBar:
     def __call__(self, event: Event) -> None:
         fields = {"front": len(event.front.members)} if isinstance(event, FrontChanged) else {}
         self.progress.update(self.bar, completed=event.done, total=event.planned, **fields)
+        if isinstance(event, (RetrainPlanned, Retrained)):  # a line per retrained network, above the bar
+            self.progress.console.print(describe(event), highlight=False)
 
     def __enter__(self) -> ProgressBar:
         self.progress.__enter__()
@@ -44,18 +46,33 @@ class ProgressBar:
 
 
 def front_table(front: Front, objectives: Sequence[Objective]) -> Table:
+    """The front by cost: search scores at the fidelity the search reached, and, for the members retrained
+    after the search, the retrained score with how it was retrained; best.yaml's trial is marked."""
     table = Table(title=f"Pareto front ({len(front.members)} trials, hypervolume {front.hypervolume:.3f})")
     table.add_column("trial", justify="right")
     table.add_column("preset")
-    for objective in objectives:
-        table.add_column(objective.name, justify="right")
-    table.add_column("fidelity", justify="right")
+    for index, objective in enumerate(objectives):
+        table.add_column(f"{objective.name} (search)" if index == 0 and front.retrained else objective.name,
+                         justify="right")
+    table.add_column("search fidelity" if front.retrained else "fidelity", justify="right")
+    if front.retrained:
+        table.add_column(f"{objectives[0].name} (retrained)", justify="right")
+        table.add_column("retrained how", justify="right")
     table.add_column("architecture")
+    best = front.best.number if front.best is not None else None
     for record in sorted(front.members, key=lambda r: r.values[1:]):  # type: ignore[index]
         mark = " (knee)" if front.knee is not None and record.number == front.knee.number else ""
+        if front.retrained_knee is not None and record.number == best:
+            mark += " (best.yaml)"
         cells = [_cell(o.name, v) for o, v in zip(objectives, record.values or ())]
-        table.add_row(f"{record.number}{mark}", record.preset or "", *cells,
-                      record.fidelity.words if record.fidelity else "", record.summary() or "")
+        if front.retrained:
+            retrained = record.retrained
+            cells += [record.fidelity.words if record.fidelity else "",
+                      _cell(objectives[0].name, retrained.metrics.get(objectives[0].name, float("nan")))
+                      if retrained else "", retrained.fidelity.words if retrained else ""]
+        else:
+            cells.append(record.fidelity.words if record.fidelity else "")
+        table.add_row(f"{record.number}{mark}", record.preset or "", *cells, record.summary() or "")
     return table
 
 

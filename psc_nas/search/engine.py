@@ -5,6 +5,8 @@
                                                            └─ evaluate at the cheapest fidelity
     bracket full ─► the policy promotes, evaluate at the next fidelity ... ─► tell the values of the
     highest fidelity reached ─► the run folder (trials.csv, pareto.json, front/, best.yaml)
+    loop over (queue empty or --timeout) ─► retrain the front's knee and neighbours (``retrain``)
+    ─► the run folder again, best.yaml = the retrained knee
 
 The parts live apart: the queue (``queue``), pricing (``pricing``), the study-wide result cache
 (``cache``), latency (``latency``), the promotion rule (``promotion``), the evaluator
@@ -31,7 +33,8 @@ from psc_nas.arch import ArchConfig
 from psc_nas.ops import summary
 from psc_nas.evaluators.base import Evaluator, Fidelity, failure_reason
 from psc_nas.search.cache import StudyView, costs, merit
-from psc_nas.search.events import Evaluated, Event, Failed, FrontChanged, Listener, OverBudget
+from psc_nas.search.events import Evaluated, Event, Failed, FrontChanged, Listener, OverBudget, RetrainPlanned
+from psc_nas.search.events import Retrained as RetrainedEvent
 from psc_nas.search.front import Front
 from psc_nas.search.latency import forward_latency_ms
 from psc_nas.search.interrupt import INTERRUPTS
@@ -42,14 +45,17 @@ from psc_nas.search.profiles import Profile
 from psc_nas.search.promotion import Scored
 from psc_nas.search.queue import StudyQueue
 from psc_nas.search.record import (
+    Retrained,
     StudyRecord,
     TrialRecord,
     failure_attrs,
+    save_retrained,
     set_violations,
     tell_evaluated,
     tell_failed,
     tell_over_budget,
 )
+from psc_nas.search.retrain import Plan, RetrainJob, retrain_front, retrained_hashes
 
 log = logging.getLogger("psc_nas.search")
 
@@ -67,8 +73,10 @@ class SearchPlan:
     fidelities: tuple[Fidelity, ...]  # the evaluator's, climbed by the policy; only the top one without multi-fidelity
     out_dir: Path
     trials: int
-    timeout: float | None
+    timeout: float | None  # seconds after which the search loop starts no evaluation
     seed_presets: bool
+    retrain: RetrainJob | None = None  # retrain the front after the loop (None: don't)
+    retrain_timeout: float | None = None  # seconds after the start by which retraining ends (None: no limit)
 
 
 @dataclass
@@ -123,6 +131,8 @@ class Engine:
                 heartbeat.drop_all()
                 raise
         self._publish()
+        if self.plan.retrain is not None:  # not after Ctrl-C: that ends the run above
+            self._retrain(self.plan.retrain)
         return self.front
 
     def _emit(self, make: Any, **fields: Any) -> None:
@@ -143,6 +153,34 @@ class Engine:
             return False
         time.sleep(self.heartbeat_interval)
         return True
+
+    # ------------------------------------------------------------------ retraining
+    def _retrain(self, job: RetrainJob) -> None:
+        def done() -> set[str]:
+            self.view.refresh()
+            return retrained_hashes(self.view.records)
+
+        def seconds_left() -> float | None:
+            limit = self.plan.retrain_timeout
+            return None if limit is None else max(0.0, limit - (time.monotonic() - self.started))
+
+        def planned(plan: Plan) -> None:
+            self._emit(RetrainPlanned, numbers=tuple(m.number for m in plan.members), epochs=plan.epochs,
+                       epoch_s=plan.probe_s)
+
+        def save(result: Retrained) -> None:
+            save_retrained(self.study, result)
+            searched = next((r for r in self.front.members if r.number == result.trial), None)
+            metric = self.objectives[0].name
+            self._emit(RetrainedEvent, number=result.trial, metric=metric,
+                       score=result.metrics.get(metric, math.nan), fidelity=result.fidelity.words,
+                       search_score=searched.measure(metric) if searched else None,
+                       search_fidelity=searched.fidelity.words if searched and searched.fidelity else None,
+                       seconds=result.evaluation.wall_s,
+                       summary=searched.summary() or "" if searched else "")
+            self._publish()
+
+        retrain_front(self.front, job, done=done, seconds_left=seconds_left, save=save, on_plan=planned)
 
     # ------------------------------------------------------------------ one bracket
     def _bracket(self, heartbeat: Heartbeat) -> bool:
@@ -181,7 +219,8 @@ class Engine:
         """Sample and price; an over-budget candidate is told here and replaced in the queue."""
         record = TrialRecord.read(snapshot(self.study, trial))  # a retry inherits what its dead worker stored
         try:
-            config = self.plan.space.sample(trial)
+            seen = {r.arch_hash for r in self.view.records if r.arch_hash and not r.over_budget}
+            config = self.plan.pricing.sample(trial, avoid=seen)  # within the budget unless sampling is reject
         except Exception as error:  # a space/sampler bug must not end the search
             self._fail(trial, record, f"sampling failed: {failure_reason(error)}")
             return None
@@ -264,5 +303,6 @@ class Engine:
         self._emit(Failed, number=trial.number, reason=reason)
 
 
-def _summary(front: Front) -> tuple[list[int], int | None, float]:
-    return [m.number for m in front.members], front.knee.number if front.knee else None, front.hypervolume
+def _summary(front: Front) -> tuple[list[int], int | None, float, int | None]:
+    return ([m.number for m in front.members], front.knee.number if front.knee else None, front.hypervolume,
+            front.retrained_knee.number if front.retrained_knee else None)

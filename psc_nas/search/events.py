@@ -53,7 +53,34 @@ class FrontChanged:
     planned: int
 
 
-Event = Union[Evaluated, OverBudget, Failed, FrontChanged]
+@dataclass(frozen=True)
+class RetrainPlanned:
+    """Retraining starts: these front trials, from scratch, for this many epochs (chosen to fit the time left)."""
+
+    numbers: tuple[int, ...]
+    epochs: int
+    epoch_s: float | None  # one epoch of the costliest of them, measured; None without a time limit
+    done: int
+    planned: int
+
+
+@dataclass(frozen=True)
+class Retrained:
+    """One front trial's architecture retrained: its retrained score beside its search score."""
+
+    number: int
+    metric: str
+    score: float  # retrained
+    fidelity: str  # how it was retrained, in words
+    search_score: float | None
+    search_fidelity: str | None  # how the search scored it, in words
+    seconds: float
+    summary: str
+    done: int
+    planned: int
+
+
+Event = Union[Evaluated, OverBudget, Failed, FrontChanged, RetrainPlanned, Retrained]
 Listener = Callable[[Event], None]
 
 
@@ -68,6 +95,21 @@ def describe(event: Event) -> str:
                 f"{format_count(event.cost.macs)} MACs), not evaluated: {event.summary}")
     if isinstance(event, Failed):
         return f"trial {event.number} failed: {event.reason}"
+    if isinstance(event, RetrainPlanned):
+        timing = f", {event.epoch_s:.1f}s per epoch measured" if event.epoch_s is not None else ""
+        return (f"retraining {len(event.numbers)} front trials ({', '.join(map(str, event.numbers))}) from scratch, "
+                f"{event.epochs} epoch{'s' if event.epochs != 1 else ''}{timing}")
+    if isinstance(event, Retrained):
+        search = (f"search: {_score(event.search_score)} at {event.search_fidelity}"
+                  if event.search_score is not None else "no search score")
+        return (f"trial {event.number} {event.fidelity} ({event.seconds:.1f}s): {event.metric} = "
+                f"{_score(event.score)} ({search}; {event.summary})")
     knee = event.front.knee.number if event.front.knee else "none"
+    if event.front.retrained_knee is not None:
+        knee = f"{knee} (retrained knee trial {event.front.retrained_knee.number})"
     return (f"{event.done}/{event.planned} architectures evaluated; front: {len(event.front.members)} trials, "
             f"knee trial {knee}, hypervolume {event.front.hypervolume:.4f}")
+
+
+def _score(value: float | None) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{value:.4f}"

@@ -1,9 +1,10 @@
 """What a search leaves in runs/<name>/ besides the study: a table, the front, the knee config.
 
     trials.csv       one row per trial (pandas), every state
-    pareto.json      the feasible front: objectives, normalized hypervolume, knee, one entry per point
+    pareto.json      the feasible front: objectives, normalized hypervolume, knee, one entry per point,
+                     and a "retrained" section: the members trained again after the search, their knee
     front/<n>.yaml   the config of every front trial n (ArchConfig.save)
-    best.yaml        the knee of the front (psc_nas.search.front)
+    best.yaml        the retrained knee, or the search's knee before any retraining (``Front.best``)
 
 Written from the study's records alone, whichever engine filled the study; rewritten after every
 bracket, each file atomically, so a killed search leaves readable files.
@@ -41,11 +42,14 @@ def trials_table(records: Sequence[TrialRecord], objectives: Sequence[Objective]
         }
         for index, objective in enumerate(objectives):
             row[objective.name] = record.values[index] if record.values else None
+        retrained = record.retrained
         row.update({
+            # the same metric after retraining from scratch, and how it was retrained, in words
+            "retrained": retrained.metrics.get(objectives[0].name) if retrained else None,
+            "retrained_fidelity": retrained.fidelity.words if retrained else None,
             "params": record.params,
             "macs": record.macs,
             "latency_ms": record.latency_ms,
-            "retrained": record.retrained.metrics.get(objectives[0].name) if record.retrained else None,
             "train_s": sum(e.wall_s for e in own),
             "fwd_bwd_s": sum(e.fwd_bwd_s for e in own),
             "val_forward_s": sum(e.val_forward_s for e in own),
@@ -73,23 +77,63 @@ def write_outputs(out_dir: Path, study: StudyRecord, records: Sequence[TrialReco
             "evaluator": record.result.evaluator if record.result else None,
             "fidelity": record.fidelity.words if record.fidelity else None,
             "values": {o.name: _json_number(v) for o, v in zip(study.objectives, record.values or ())},
-            "retrained": record.retrained.metrics if record.retrained else None,
+            "retrained": _json_metrics(record.retrained.metrics) if record.retrained else None,
+            "retrained_fidelity": record.retrained.fidelity.words if record.retrained else None,
             "config": f"front/{path.name}",
         })
     for stale in front_dir.glob("*.yaml"):  # trials that left the front since the last write
         if stale.name not in keep:
             stale.unlink()
-    if front.knee is not None:
-        front.knee.config().save(out_dir / "best.yaml")
+    if front.best is not None:
+        front.best.config().save(out_dir / "best.yaml")
     summary = {
         "objectives": [o.to_dict() for o in study.objectives],
         "hypervolume": front.hypervolume,
-        "knee": front.knee.number if front.knee else None,
+        "knee": front.knee.number if front.knee else None,  # by the search's scores
+        "best": front.best.number if front.best else None,  # best.yaml: the retrained knee when there is one
         "front": entries,
+        "retrained": retrained_summary(front, study),
     }
     write_text_atomic(out_dir / "pareto.json", json.dumps(summary, indent=2) + "\n")
     return front
 
 
+def retrained_summary(front: Front, study: StudyRecord) -> dict[str, Any] | None:
+    """pareto.json's "retrained" section: each retrained member's search score beside its retrained
+    score, with both fidelities in words, and the knee of the retrained scores (best.yaml)."""
+    if not front.retrained:
+        return None
+    metric = study.objectives[0].name
+    searched = {r.number: r for r in front.members}
+    members = []
+    for record in front.retrained:
+        retrained = record.retrained
+        assert retrained is not None  # front.retrained holds retrained members only
+        search = searched[record.number]
+        members.append({
+            "number": record.number,
+            "arch_hash": record.arch_hash,
+            "search_score": _json_number(search.values[0]) if search.values else None,
+            "search_fidelity": search.fidelity.words if search.fidelity else None,
+            "retrained_score": _json_number(record.values[0]) if record.values else None,
+            "retrained_fidelity": retrained.fidelity.words,
+            "metrics": _json_metrics(retrained.metrics),
+            "epochs": retrained.epochs,
+            "seed": retrained.seed,
+            "wall_s": retrained.evaluation.wall_s,
+            "config": f"front/{record.number}.yaml",
+        })
+    return {
+        "metric": metric,
+        "knee": front.retrained_knee.number if front.retrained_knee else None,
+        "hypervolume": front.retrained_hypervolume,
+        "members": members,
+    }
+
+
 def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {name: _json_number(float(value)) for name, value in metrics.items()}

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
+
+import optuna
 
 from psc_nas.nets import cost
 from psc_nas.arch import ArchConfig
 from psc_nas.costs import Cost
 from psc_nas.search.budget import Budget
 from psc_nas.search.catalog import Answers, Catalog
+from psc_nas.search.feasible import Feasibility
+
+SAMPLING = ("restrict", "project", "reject")
 
 log = logging.getLogger("psc_nas.search")
 
@@ -18,6 +25,30 @@ log = logging.getLogger("psc_nas.search")
 class Pricing:
     budget: Budget
     catalog: Catalog  # the space, priced at the task's input size
+    # how candidates meet the budget (``feasible``): restrict: every decision only among answers that
+    # can still fit; project: the sampler's candidate, its costliest decisions shrunk until it fits;
+    # reject: the sampler's candidate as it is, over budget ones pruned and replaced
+    sampling: str = "restrict"
+
+    @functools.cached_property
+    def feasibility(self) -> Feasibility:
+        return Feasibility(self.catalog, self.budget)
+
+    def sample(self, trial: optuna.Trial, avoid: Collection[str] = ()) -> ArchConfig:
+        """The trial's candidate; under ``restrict``, not one of the architectures ``avoid`` hashes
+        where the last decision can tell. Under ``project`` a shrunk candidate is stored in the trial's
+        user attribute ``built_params`` (the parameters that build it; ``trial.params`` are what was asked)."""
+        if self.sampling == "reject":
+            return self.catalog.space.sample(trial)
+        if self.sampling == "restrict":
+            return self.feasibility.sample(trial, avoid)
+        config, picks = self.feasibility.decide(lambda name, choices, admissible: trial.suggest_categorical(
+            name, choices))  # type: ignore[arg-type]
+        built = self.feasibility.project(picks)
+        if built == picks:
+            return config
+        trial.set_user_attr("built_params", self.feasibility.answers(built))
+        return self.catalog.compose([options[b] for options, b in zip(self.catalog.options, built)])
 
     def price(self, config: ArchConfig) -> Cost:
         return cost(config, self.catalog.spatial)

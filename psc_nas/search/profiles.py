@@ -1,8 +1,12 @@
-"""Run-size profiles: how much a search spends per candidate.
+"""Run-size profiles: how much a search spends per candidate, and on retraining its front.
 
 ``quick`` is the default and is sized, by measurement, so that ``psc-search --task ibsr
 --budget 5M`` finishes within 15 minutes on 2 CPU cores (docs/benchmarks/search.md). ``paper``
 is for a GPU: the paper's patch count and epochs per candidate.
+
+A profile names the evaluator that ranks candidates (``evaluator``, ``evaluator_options``) and how the
+search ends: ``retrain`` retrains the front's knee and its neighbours from scratch (``RetrainPolicy``),
+in the last ``retrain_share`` of the run's time budget (``psc_nas.search.retrain``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from psc_nas.search.promotion import SuccessiveHalving
+
+
+@dataclass(frozen=True)
+class RetrainPolicy:
+    """How the search retrains its front after the search loop: the knee and its neighbours on the
+    front (``count`` networks in all), from scratch at full width with ``psc_nas.train.fit``, for the
+    most epochs up to ``epochs`` that fit the time left (measured on a first epoch)."""
+
+    count: int = 3
+    epochs: int = 20  # the longest schedule; fewer when the run's time budget is shorter
+    samples_per_epoch: int = 32
+    batch_size: int = 4
+    lr_schedule: str = "onecycle"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.epochs < 1 or self.samples_per_epoch < 1 or self.batch_size < 1:
+            raise ValueError(f"a retrain policy needs positive counts, got {self}")
+
+    def data_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"samples_per_epoch": self.samples_per_epoch, "batch_size": self.batch_size}
+        if self.num_workers:
+            options["num_workers"] = self.num_workers
+        return options
 
 
 @dataclass(frozen=True)
@@ -25,21 +55,33 @@ class Profile:
     latency_repeats: int = 5
     evaluator: str = "train"  # --evaluator overrides
     evaluator_options: dict[str, Any] = field(default_factory=dict)  # for ``evaluator`` only
+    retrain: RetrainPolicy | None = None  # retrain the front after the search (None: never); --no-retrain skips
+    retrain_share: float = 0.0  # of the time budget, kept for retraining: the search loop stops earlier by this much
 
     def __post_init__(self) -> None:
         if not self.epochs or list(self.epochs) != sorted(set(self.epochs)) or self.epochs[0] < 1:
             raise ValueError(f"epochs must be increasing positive counts, got {self.epochs}")
+        if not 0.0 <= self.retrain_share < 1.0:
+            raise ValueError(f"retrain_share must be in [0, 1), got {self.retrain_share}")
 
 
 PROFILES = {
     "quick": Profile(
         name="quick",
-        trials=12,
-        epochs=(1, 2),
+        # Ranked by a weight-sharing super-network (docs/benchmarks/fidelity.md says why): it trains once in
+        # the first part of the search loop, then scores a candidate in about a second, so the loop ranks
+        # hundreds; --trials caps them, the time budget ends them first.
+        trials=400,
+        epochs=(1, 2),  # for --evaluator train: 1 and 2 epochs of data_options' samples
         policy=SuccessiveHalving(bracket=6, eta=3, epsilon=0.01),
-        population=6,
+        population=24,
         data_options={"samples_per_epoch": 8, "batch_size": 4},
-        timeout=12.5 * 60,  # no training starts later; the last may finish one epoch: under 15 minutes
+        timeout=12.5 * 60,  # no evaluation starts later; the last may finish one epoch: under 15 minutes
+        evaluator="supernet",
+        # a fixed step count, not a share of the time: the same super-network whatever the machine's load
+        evaluator_options={"width": 0.25, "train_size": 16, "steps": 600},
+        retrain=RetrainPolicy(count=3, epochs=20, samples_per_epoch=32, batch_size=4, lr_schedule="onecycle"),
+        retrain_share=0.4,  # the search loop stops at 60% of the 12.5 minutes; retraining the front fits the rest
     ),
     "paper": Profile(
         name="paper",
@@ -49,6 +91,8 @@ PROFILES = {
         population=24,
         data_options={"samples_per_epoch": 512, "batch_size": 8, "num_workers": 4},
         latency_repeats=20,
+        retrain=RetrainPolicy(count=5, epochs=100, samples_per_epoch=512, batch_size=8, lr_schedule="onecycle",
+                              num_workers=4),
     ),
 }
 

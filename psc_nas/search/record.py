@@ -97,10 +97,11 @@ class TrialRecord:
     evaluations: tuple[Evaluation, ...] = ()  # every fidelity's result, cheap to expensive
     latency_ms: float | None = None
     fail_reason: str | None = None
-    retrained: Evaluation | None = None  # a from-scratch retraining after the search, beside its score
+    retrained: Retrained | None = None  # its architecture trained again after the search (a study attribute)
 
     @classmethod
-    def read(cls, trial: FrozenTrial) -> TrialRecord:
+    def read(cls, trial: FrozenTrial, retrained: Mapping[str, Retrained] | None = None) -> TrialRecord:
+        """``retrained``: the study's retrainings by architecture hash (``read_retrained``)."""
         attrs = trial.user_attrs
         return cls(
             number=trial.number,
@@ -118,7 +119,7 @@ class TrialRecord:
             evaluations=tuple(_evaluation_from_json(e) for e in attrs.get("evaluations", [])),
             latency_ms=attrs.get("latency_ms"),
             fail_reason=attrs.get("fail_reason"),
-            retrained=_evaluation_from_json(attrs["retrained"]) if attrs.get("retrained") else None,
+            retrained=(retrained or {}).get(attrs.get("arch_hash", "")),
         )
 
     def attrs(self) -> dict[str, Any]:
@@ -136,7 +137,6 @@ class TrialRecord:
             "evaluations": [_evaluation_to_json(e) for e in self.evaluations] or None,
             "latency_ms": self.latency_ms,
             "fail_reason": self.fail_reason,
-            "retrained": self.retrained and _evaluation_to_json(self.retrained),
         }
         return {key: value for key, value in found.items() if value is not None}
 
@@ -221,8 +221,60 @@ def _same(stored: Any, value: Any) -> bool:
 
 
 def read_trials(study: optuna.Study, states: Sequence[TrialState] | None = None) -> list[TrialRecord]:
-    """Every trial of the study (or those in ``states``) as records, by trial number."""
-    return [TrialRecord.read(t) for t in study.get_trials(deepcopy=False, states=states)]
+    """Every trial of the study (or those in ``states``) as records, by trial number, each with the
+    retraining of its architecture if there was one."""
+    retrained = read_retrained(study)
+    return [TrialRecord.read(t, retrained) for t in study.get_trials(deepcopy=False, states=states)]
+
+
+# ---------------------------------------------------------------------------------------- retrained
+RETRAINED_PREFIX = "retrained:"
+
+
+@dataclass(frozen=True)
+class Retrained:
+    """A front member's architecture trained again from scratch after the search, at a longer schedule
+    than the search scored it: the score a user of that network can expect, beside the search's.
+
+    Stored once per architecture as the study attribute ``retrained:<arch_hash>`` (a finished trial's
+    own attributes cannot change), so a resumed or finished search, psc-export and the dashboard
+    read it back and a resume never retrains an architecture twice.
+    """
+
+    arch_hash: str
+    evaluation: Evaluation  # evaluator "retrain"; fidelity key = epochs, words e.g. "retrained: 12 epochs × 32 samples"
+    seed: int
+    trial: int  # the trial whose architecture was retrained (every trial of that architecture shares it)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.evaluation.metrics
+
+    @property
+    def fidelity(self) -> Fidelity:
+        return self.evaluation.fidelity
+
+    @property
+    def epochs(self) -> int:
+        return len(self.evaluation.curve) or self.evaluation.fidelity.key
+
+    def to_json(self) -> dict[str, Any]:
+        return {**_evaluation_to_json(self.evaluation), "seed": self.seed, "trial": self.trial,
+                "epochs": self.epochs}
+
+    @classmethod
+    def from_json(cls, arch_hash: str, data: Mapping[str, Any]) -> Retrained:
+        return cls(arch_hash, _evaluation_from_json(data), data["seed"], data["trial"])
+
+
+def save_retrained(study: optuna.Study, retrained: Retrained) -> None:
+    study.set_user_attr(RETRAINED_PREFIX + retrained.arch_hash, retrained.to_json())
+
+
+def read_retrained(study: optuna.Study) -> dict[str, Retrained]:
+    """The study's retrainings by architecture hash."""
+    return {key[len(RETRAINED_PREFIX):]: Retrained.from_json(key[len(RETRAINED_PREFIX):], value)
+            for key, value in study.user_attrs.items() if key.startswith(RETRAINED_PREFIX)}
 
 
 def enqueue(study: optuna.Study, answers: Mapping[str, Any], *, preset: str | None = None) -> None:

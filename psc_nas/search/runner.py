@@ -31,10 +31,12 @@ from psc_nas.search.catalog import Catalog
 from psc_nas.search.display import ProgressBar, front_table
 from psc_nas.search.engine import Engine, SearchPlan
 from psc_nas.search.events import Event, describe
+from psc_nas.search.feasible import RestrictedSampler
 from psc_nas.search.front import Front
-from psc_nas.search.pricing import Pricing
-from psc_nas.search.profiles import get_profile
+from psc_nas.search.pricing import SAMPLING, Pricing
+from psc_nas.search.profiles import Profile, RetrainPolicy, get_profile
 from psc_nas.search.record import Objective, StudyRecord, read_trials
+from psc_nas.search.retrain import RetrainJob
 from psc_nas.search.storage import open_storage, open_study, storage_url
 from psc_nas.space import SearchSpace
 from psc_nas.tasks import Task, get_task
@@ -61,8 +63,10 @@ class SearchSettings:
     space: str | None = None
     evaluator: str | None = None  # the profile's by default
     evaluator_options: tuple[tuple[str, Any], ...] = ()  # over the profile's options for that evaluator
+    retrain: bool | None = None  # retrain the front after the search; None: as the profile says
     multi_fidelity: bool = True
     seed_presets: bool = True
+    budget_sampling: str = "restrict"  # restrict | project | reject, see psc_nas.search.pricing
     heartbeat_interval: int = 10
 
     def out_dir(self) -> Path:
@@ -120,6 +124,8 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     profile = get_profile(settings.profile)
     if settings.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {settings.sampler!r}; choose from {', '.join(SAMPLERS)}")
+    if settings.budget_sampling not in SAMPLING:
+        raise ValueError(f"unknown budget sampling {settings.budget_sampling!r}; choose from {', '.join(SAMPLING)}")
     trials = settings.trials if settings.trials is not None else profile.trials
     if trials < 1:
         raise ValueError(f"--trials must be at least 1, got {trials}")
@@ -132,7 +138,9 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     catalog = _catalog(space_name, tuple(task.input_shape[1:]))
     catalog.check_reachable(settings.budget)
     check_macs_budget(settings.budget, catalog, task)
-    pricing = Pricing(settings.budget, catalog)
+    pricing = Pricing(settings.budget, catalog, settings.budget_sampling)
+    if pricing.sampling != "reject":
+        _ = pricing.feasibility  # prices every option of every unit (about a second): before, not during, the search
     data_source, data_fingerprint = check_data(task, settings.data_dir, seed=settings.seed,
                                                data_options=profile.data_options)
     evaluator_name = settings.evaluator or profile.evaluator
@@ -142,6 +150,8 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
         task, seed=settings.seed, data_dir=settings.data_dir, epochs=profile.epochs, data_options=profile.data_options,
         space=catalog.space, admissible=pricing.fits, options=options))
     fidelities = evaluator.levels()
+    timeout = settings.timeout or profile.timeout
+    policy = retrain_policy(settings, profile)
     return SearchPlan(
         task=task,
         space=catalog.space,
@@ -155,8 +165,11 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
         fidelities=fidelities if settings.multi_fidelity else fidelities[-1:],
         out_dir=settings.out_dir(),
         trials=trials,
-        timeout=settings.timeout or profile.timeout,
+        # with retraining, the loop leaves the profile's share of the time budget to it
+        timeout=timeout * (1 - profile.retrain_share) if policy is not None and timeout is not None else timeout,
         seed_presets=settings.seed_presets,
+        retrain=RetrainJob(policy, task, seed=settings.seed, data_dir=settings.data_dir) if policy else None,
+        retrain_timeout=timeout if policy is not None else None,
     )
 
 
@@ -178,6 +191,16 @@ def check_data(task: Task, data_dir: Path | None, *, seed: int,
     except OSError as err:
         raise ValueError(f"{err.filename or path}: cannot read the data: {err.strerror or err}") from None
     return str(path.resolve()), fingerprint
+
+
+def retrain_policy(settings: SearchSettings, profile: Profile) -> RetrainPolicy | None:
+    """The profile's retraining, unless ``settings.retrain`` is False; True with a profile that has
+    none retrains with the default policy."""
+    if settings.retrain is False:
+        return None
+    if settings.retrain and profile.retrain is None:
+        return RetrainPolicy()
+    return profile.retrain
 
 
 def check_macs_budget(budget: Budget, catalog: Catalog, task: Task) -> None:
@@ -215,6 +238,8 @@ def run_search(settings: SearchSettings, *, evaluator: Evaluator | None = None,
     try:
         storage = open_storage(storage_url(settings.storage, out_dir), heartbeat_interval=settings.heartbeat_interval)
         sampler = make_sampler(settings.sampler, seed=settings.seed, population=plan.profile.population)
+        if plan.pricing.sampling == "restrict":
+            sampler = RestrictedSampler(sampler, seed=settings.seed)
         study, created = open_study(storage, settings.study_name or out_dir.resolve().name, record=plan.record,
                                     sampler=sampler)
     except BaseException:
@@ -230,16 +255,18 @@ def run_search(settings: SearchSettings, *, evaluator: Evaluator | None = None,
 
         engine = Engine(plan, study, on_event=show)
         engine.fill_queue(created)
-        log.info("%s study %r: task %s, space %s, %s, %d trials, profile %s, evaluator %s, sampler %s, seed %d",
+        log.info("%s study %r: task %s, space %s, %s, %d trials, profile %s, evaluator %s, sampler %s, seed %d, %s",
                  "created" if created else "resumed", study.study_name, plan.task.name, plan.space.name,
                  plan.pricing.budget.describe(), plan.trials, plan.profile.name, plan.evaluator.name, settings.sampler,
-                 settings.seed)
+                 settings.seed, f"then retraining {plan.retrain.policy.count} front trials" if plan.retrain
+                 else "no retraining")
         front = engine.run()
     from psc_nas.dashboard import write_snapshot  # imports plotly; only needed once, at the end
 
     write_snapshot(out_dir, study)
     console.print(front_table(front, plan.record.objectives))
-    console.print(f"run: {out_dir}  (trials.csv, pareto.json, front/, best.yaml = knee, dashboard.html, {LOG_FILE})")
+    best = "retrained knee" if front.retrained_knee is not None else "knee"
+    console.print(f"run: {out_dir}  (trials.csv, pareto.json, front/, best.yaml = {best}, dashboard.html, {LOG_FILE})")
     check_any_evaluated(study, out_dir)
     return front
 

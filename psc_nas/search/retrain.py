@@ -1,0 +1,174 @@
+"""After the search loop: retrain the front's knee and its neighbours from scratch, longer.
+
+A search ranks candidates cheaply (a few epochs on a few patches, or weight sharing); the numbers it
+ends with are noisy and low. The network a user gets deserves a real training, so the search ends by
+training the knee of its front and its neighbours on the front again, from scratch, at full width
+with ``psc_nas.train.fit`` (the same ``fit`` as ``psc-train``), for the longest schedule that fits
+the time left:
+
+    members = knee, then its neighbours on the front by cost, up to ``policy.count``;
+    those already retrained in this study (a resume) are skipped
+    ─► one epoch of the costliest of them, timed (the probe)
+    ─► epochs = the most, up to ``policy.epochs``, that let every member train within the time left
+    ─► each member: fit(epochs) ─► record.Retrained (study attribute ``retrained:<arch_hash>``)
+
+Every member trains the same schedule with the same seed, so their retrained scores compare. When
+only one epoch fits, the probe is the costliest member's result and the others train one epoch while
+time lasts. The knee of the retrained scores (``Front.best``) becomes best.yaml.
+
+Several workers on one study each retrain after their loop; a member another worker already
+finished is skipped, but two workers that end together may both train the same one (no claim yet).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Sequence
+
+from lightning.pytorch.callbacks import Timer
+
+from psc_nas.evaluators.base import Evaluation, Fidelity, failure_reason
+from psc_nas.search.front import Front
+from psc_nas.search.profiles import RetrainPolicy
+from psc_nas.search.record import Retrained, TrialRecord
+from psc_nas.train import fit
+
+log = logging.getLogger("psc_nas.search")
+EVALUATOR = "retrain"
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    """What retraining needs besides the front: the policy, the task and its data, the seed."""
+
+    policy: RetrainPolicy
+    task: object
+    seed: int = 0
+    data_dir: Path | None = None
+
+
+def choose_members(front: Front, count: int) -> list[TrialRecord]:
+    """The knee, then its neighbours on the front ordered by cost (nearest first, the cheaper side
+    first on ties), up to ``count``; one per architecture."""
+    if front.knee is None:
+        return []
+    ordered = sorted(front.members, key=lambda r: (tuple(r.values[1:]), r.number))  # type: ignore[index]
+    at = next(i for i, r in enumerate(ordered) if r.number == front.knee.number)
+    by_distance = sorted(range(len(ordered)), key=lambda i: (abs(i - at), i))
+    chosen: list[TrialRecord] = []
+    hashes: set[str | None] = set()
+    for index in by_distance:
+        record = ordered[index]
+        if record.arch_hash in hashes:
+            continue
+        hashes.add(record.arch_hash)
+        chosen.append(record)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def fidelity_words(policy: RetrainPolicy, epochs: int) -> str:
+    schedule = {"onecycle": ", one-cycle", "constant": ""}.get(policy.lr_schedule, f", {policy.lr_schedule}")
+    return (f"retrained: {epochs} epoch{'s' if epochs != 1 else ''} × {policy.samples_per_epoch} samples"
+            f"{schedule}, full width")
+
+
+def train_member(job: RetrainJob, record: TrialRecord, epochs: int, *, seconds_left: float | None) -> Retrained:
+    """Train ``record``'s architecture from scratch for ``epochs``; the result as a ``Retrained``.
+    Past ``seconds_left`` the training stops at an epoch end and reports the epochs it finished."""
+    policy = job.policy
+    deadline = [Timer(duration=timedelta(seconds=seconds_left), interval="epoch")] if seconds_left else []
+    result = fit(record.config(), job.task, epochs=epochs, seed=job.seed, data_dir=job.data_dir,  # type: ignore[arg-type]
+                 lr=policy.lr, weight_decay=policy.weight_decay, lr_schedule=policy.lr_schedule,
+                 data_options=policy.data_options(), callbacks=deadline)
+    evaluation = Evaluation(EVALUATOR, Fidelity(result.epochs, fidelity_words(policy, result.epochs)), result.metrics,
+                            result.curve, result.wall_seconds, result.fwd_bwd_seconds, evaluated_by=record.number)
+    return Retrained(record.arch_hash or record.config().hash, evaluation, job.seed, record.number)
+
+
+@dataclass(frozen=True)
+class Plan:
+    members: tuple[TrialRecord, ...]
+    epochs: int
+    probe_s: float | None  # one epoch of the costliest member, when timed
+
+
+def retrain_front(
+    front: Front,
+    job: RetrainJob,
+    *,
+    done: Callable[[], set[str]],
+    seconds_left: Callable[[], float | None],
+    save: Callable[[Retrained], None],
+    on_plan: Callable[[Plan], None] = lambda plan: None,
+    train: Callable[..., Retrained] | None = None,
+) -> list[Retrained]:
+    """Retrain the members ``choose_members`` picks that ``done()`` (hashes already retrained) lacks,
+    within ``seconds_left()`` (None: no limit, ``policy.epochs``); ``save`` stores each result as it
+    comes. ``train`` replaces ``train_member``. Returns the new results; a member whose training fails
+    is logged and skipped."""
+    train = train or train_member
+    members = [m for m in choose_members(front, job.policy.count) if m.arch_hash not in done()]
+    if not members:
+        return []
+    left = seconds_left()
+    probe: Retrained | None = None
+    if left is None:
+        plan = Plan(tuple(members), job.policy.epochs, None)
+    else:
+        costliest = max(members, key=lambda m: (m.macs or 0, m.params or 0))
+        if left < search_epoch_s(costliest):  # not even the search's shorter epoch fits: no probe either
+            log.info("no time left to retrain the front (%.0f s left)", left)
+            return []
+        probe = _attempt(train, job, costliest, 1, None)
+        if probe is None:
+            return []
+        probe_s = max(probe.evaluation.wall_s, 1e-3)
+        epochs = min(job.policy.epochs, math.floor((seconds_left() or 0.0) / (probe_s * len(members))))
+        if epochs > 1:
+            probe = None  # a timing only: every member trains the longer schedule from scratch
+        else:  # one epoch fits: the probe is the costliest member's result
+            members = [m for m in members if m.number != costliest.number]
+            epochs = 1
+        plan = Plan(tuple(members), epochs, probe_s)
+    on_plan(plan)
+    results: list[Retrained] = []
+    if probe is not None:
+        save(probe)
+        results.append(probe)
+    for member in plan.members:
+        left = seconds_left()
+        if left is not None and plan.probe_s is not None and left < plan.probe_s * plan.epochs * 0.5:
+            log.info("no time left to retrain trial %d (%d epochs)", member.number, plan.epochs)
+            continue
+        result = _attempt(train, job, member, plan.epochs, left)
+        if result is not None:
+            save(result)
+            results.append(result)
+    return results
+
+
+def search_epoch_s(record: TrialRecord) -> float:
+    """Seconds per unit of fidelity of the trial's own top result: for the ``train`` evaluator one
+    search epoch, on fewer samples than a retraining epoch, so a lower bound of one; 0 when unknown."""
+    result = record.result
+    return result.wall_s / max(result.fidelity.key, 1) if result is not None else 0.0
+
+
+def _attempt(train: Callable[..., Retrained], job: RetrainJob, member: TrialRecord, epochs: int,
+             seconds_left: float | None) -> Retrained | None:
+    """One retraining; a failure (divergence, out of memory, a bug) is logged and skips this member only."""
+    try:
+        return train(job, member, epochs, seconds_left=seconds_left)
+    except Exception as error:
+        log.warning("retraining trial %d failed: %s", member.number, failure_reason(error))
+        return None
+
+
+def retrained_hashes(records: Sequence[TrialRecord]) -> set[str]:
+    return {r.retrained.arch_hash for r in records if r.retrained is not None}

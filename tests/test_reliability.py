@@ -201,7 +201,7 @@ def test_a_search_whose_every_trial_failed_raises_with_the_first_reason(tmp_path
 @pytest.mark.slow
 def test_psc_search_whose_every_trial_failed_exits_1(tmp_path):
     result = run_cli("psc-search", "--task", "slow_bar", "--space", str(slow_space(tmp_path)), "--budget", "400k",
-                     "--trials", "2", "--out", "s", cwd=tmp_path, SLOW_BAR_FAIL="1")
+                     "--trials", "2", "--out", "s", "--evaluator", "train", cwd=tmp_path, SLOW_BAR_FAIL="1")
     one_line(result, "psc-search", "no architecture was evaluated: 2 trial(s) failed",
              "slow_bar: training data broken on purpose", after_progress=True)
 
@@ -230,7 +230,7 @@ def interrupt_search(tmp_path: Path, space: Path, mark: Path) -> subprocess.Comp
     mark.unlink(missing_ok=True)
     process = subprocess.Popen(
         [str(BIN / "psc-search"), "--task", "slow_bar", "--space", str(space), "--budget", "400k", "--trials", "2",
-         "--out", "s"], cwd=tmp_path, env=env(SLOW_BAR_SECONDS="1", SLOW_BAR_MARK=str(mark)),
+         "--out", "s", "--evaluator", "train"], cwd=tmp_path, env=env(SLOW_BAR_SECONDS="1", SLOW_BAR_MARK=str(mark)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while not (mark.exists() and mark.read_text()):
@@ -252,7 +252,7 @@ def test_ctrl_c_exits_130_says_how_to_resume_and_puts_the_trial_back_without_usi
         assert [(n, state, reason, retry) for n, state, reason, retry in states(tmp_path / "s")] == [
             (0, "WAITING", None, None), (1, "WAITING", None, None)]
     done = run_cli("psc-search", "--task", "slow_bar", "--space", str(space), "--budget", "400k", "--trials", "2",
-                   "--out", "s", cwd=tmp_path)
+                   "--out", "s", "--evaluator", "train", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert [state for _, state, _, _ in states(tmp_path / "s")] == ["COMPLETE", "COMPLETE"]
 

@@ -1,6 +1,8 @@
 """Console scripts; each command is its own Typer app, named in ``[project.scripts]``.
 
-User errors (``ValueError``, including ``ConfigError``) become one line on stderr and exit code 1.
+User errors (``ValueError``, including ``ConfigError``, and ``OSError`` such as a read-only
+``--out``) become one line on stderr and exit code 1; Ctrl-C during psc-search exits 130 with one line
+saying how to resume (docs/reliability.md lists every case).
 """
 
 from __future__ import annotations
@@ -22,8 +24,32 @@ space_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def fail(command: str, err: Exception) -> typer.Exit:
-    typer.echo(f"{command}: {err}", err=True)
+    typer.echo(f"{command}: {one_line(err)}", err=True)
     return typer.Exit(1)
+
+
+def one_line(err: Exception) -> str:
+    """The error as one line: an OSError as ``path: reason`` (no errno), anything else as its first line."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror}" + (f" ({err.filename2})" if err.filename2 else "")
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def count_option(text: str | None, option: str) -> int | None:
+    """A count option's value; None when not given. An empty value is an error, not "no budget"."""
+    if text is None:
+        return None
+    from psc_nas.costs import parse_count
+
+    try:
+        return parse_count(text)
+    except ValueError as err:
+        raise ValueError(f"{option}: {err}") from None
+
+
+PORTS = range(65536)
 
 
 def format_size(size: int) -> str:
@@ -114,7 +140,7 @@ def export(
     try:
         done = export_run(run_dir, pick, fmt=fmt, out_dir=out, retrain=retrain, epochs=epochs, data_dir=data_dir,
                           torchscript=torchscript, onnx=onnx)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         raise fail("psc-export", err) from None
     record = done.record
     quality = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items() if isinstance(v, float))
@@ -135,17 +161,23 @@ def dashboard(
     snapshot: Annotated[bool, typer.Option(help="Only write RUN_DIR/dashboard.html (works offline) and exit.")] = False,
 ) -> None:
     """Serve a live dashboard of a search run: Pareto fronts, architectures, curves, trial table."""
-    from psc_nas.dashboard import make_server, write_snapshot
+    from psc_nas.dashboard import LOOPBACK_NAMES, make_server, write_snapshot
 
     try:
+        if port not in PORTS:
+            raise ValueError(f"--port must be between 0 and 65535, got {port}")
         if snapshot:
             typer.echo(f"wrote {write_snapshot(run_dir)}")
             return
         server = make_server(run_dir, host=host, port=port)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, OverflowError) as err:
         raise fail("psc-dashboard", err) from None
-    typer.echo(f"serving {run_dir} at {server.url} (Ctrl-C to stop)")
-    try:
+    if host not in LOOPBACK_NAMES:
+        typer.echo(f"psc-dashboard: warning: listening on {host}:{server.server_address[1]}: anyone who can reach this "
+                   f"machine on that port can read run {run_dir} (its trials, architectures and folder path); "
+                   "there is no password", err=True)
+    try:  # from here on Ctrl-C is how the server stops: exit 0
+        typer.echo(f"serving {run_dir} at {server.url} (Ctrl-C to stop)")
         server.serve_forever()
     except KeyboardInterrupt:
         pass
@@ -189,17 +221,18 @@ def search(
     keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
     from pathlib import Path
 
-    from psc_nas.costs import parse_count
     from psc_nas.search.budget import Budget
+    from psc_nas.search.interrupt import INTERRUPTS, sigint_raises
     from psc_nas.search.runner import SearchSettings, parse_duration, run_search
 
+    settings = None
     try:
         settings = SearchSettings(
             task=task,
-            budget=Budget(parse_count(budget) if budget else None, parse_count(macs_budget) if macs_budget else None),
+            budget=Budget(count_option(budget, "--budget"), count_option(macs_budget, "--macs-budget")),
             objectives=tuple(name.strip() for name in objectives.split(",") if name.strip()),
             trials=trials,
-            timeout=parse_duration(timeout) if timeout else None,
+            timeout=parse_duration(timeout) if timeout is not None else None,
             sampler=sampler,
             storage=storage,
             study_name=study_name,
@@ -215,9 +248,15 @@ def search(
             retrain=retrain,
             budget_sampling=budget_sampling,
         )
-        run_search(settings)
-    except ValueError as err:
+        with sigint_raises():
+            run_search(settings)
+    except (ValueError, OSError) as err:
         raise fail("psc-search", err) from None
+    except INTERRUPTS:
+        where = f" (run folder {settings.out_dir()})" if settings else ""
+        typer.echo(f"psc-search: interrupted; the trial in progress is back in the queue: re-run the same command "
+                   f"to resume{where}", err=True)
+        raise typer.Exit(130) from None
 
 
 def parse_options(items: list[str]) -> tuple[tuple[str, Any], ...]:
@@ -227,7 +266,10 @@ def parse_options(items: list[str]) -> tuple[tuple[str, Any], ...]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--evaluator-option takes KEY=VALUE, got {item!r}")
-        parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else value))
+        try:
+            parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else value))
+        except yaml.YAMLError as err:
+            raise ValueError(f"--evaluator-option {key.strip()}: not a YAML value ({one_line(err)})") from None
     return tuple(parsed)
 
 
@@ -260,7 +302,7 @@ def train(
         run_dir = Path(out) if out else Path("runs") / f"{task}-{label}-{config.hash}-s{seed}"
         result = fit_into(run_dir, config, task_def, epochs=epochs, seed=seed, data_dir=data_dir, progress=progress,
                           data_options={k: v for k, v in options.items() if v is not None})
-    except (ValueError, TrainingFailed) as err:
+    except (ValueError, OSError, TrainingFailed) as err:
         raise fail("psc-train", err) from None
     scores = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
     typer.echo(f"{run_dir}: {result.epochs} epochs in {result.wall_seconds:.0f} s "

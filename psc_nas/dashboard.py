@@ -35,6 +35,7 @@ from psc_nas.search.front import quality_hypervolume
 from psc_nas.search.record import TrialRecord
 
 SNAPSHOT_FILE = "dashboard.html"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 POLL_SECONDS = 3
 
 
@@ -184,6 +185,9 @@ class DashboardServer(ThreadingHTTPServer):
 
     def __init__(self, run: Run, host: str, port: int) -> None:
         self.run = run
+        # Bound to loopback, the server answers only requests naming a loopback host: a page of another
+        # site that a DNS-rebinding attack points at 127.0.0.1 sends its own name and is refused.
+        self.loopback_only = host in LOOPBACK_NAMES
         # Handler threads share the Run (refresh replaces its trials) and the cached payload.
         self.lock = threading.Lock()
         self.page = render_page().encode()
@@ -206,10 +210,21 @@ class DashboardServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/"
 
 
+def host_name(header: str | None) -> str:
+    """The host name of a ``Host:`` header, without port or IPv6 brackets, lower case."""
+    value = (header or "").strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
 class DashboardHandler(BaseHTTPRequestHandler):
     server: DashboardServer
 
     def do_GET(self) -> None:  # noqa: N802  (http.server's naming)
+        if self.server.loopback_only and host_name(self.headers.get("Host")) not in LOOPBACK_NAMES:
+            self.send_error(403, "only loopback host names are served (start psc-dashboard with --host to expose it)")
+            return
         route = self.path.split("?")[0]
         if route in ("/", "/index.html"):
             self._send(self.server.page, "text/html; charset=utf-8")

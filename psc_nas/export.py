@@ -69,10 +69,13 @@ def select(run: Run, pick: Pick) -> TrialRecord:
         record = run.trial(pick.number)  # type: ignore[arg-type]
         if record.over_budget:
             budget = run.record.budget
-            excess = ", ".join(f"{name} by {format_count(used - limit)}" for name, used, limit in
+            # Exact counts: an excess of a few parameters rounds away in format_count's 3 digits.
+            excess = ", ".join(f"{name} {used:,} > budget {limit:,}, +{100 * (used - limit) / limit:.2g}%"
+                               for name, used, limit in
                                (("params", record.params, budget.params), ("macs", record.macs, budget.macs))
                                if limit is not None and used is not None and used > limit)
-            raise ValueError(f"trial {record.number} is over budget ({excess}) and was never trained")
+            raise ValueError(f"trial {record.number} is over budget ({excess}) and was never trained; "
+                             "over-budget trials are priced, not evaluated")
         if record.state != TrialState.COMPLETE:
             state = {"FAIL": "failed", "RUNNING": "still running"}.get(record.state.name, record.state.name.lower())
             reason = f": {record.fail_reason}" if record.fail_reason else ""

@@ -13,16 +13,26 @@ run's pareto.json / best.yaml.
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 
 import optuna
 import pandas as pd
+import sqlalchemy.exc
 
 from psc_nas.arch import ArchConfig
 from psc_nas.search.front import Front, find_front
 from psc_nas.search.outputs import trials_table
 from psc_nas.search.record import Objective, StudyRecord, TrialRecord, read_trials
 from psc_nas.search.storage import STUDY_FILE
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost cause (sqlite3's "file is not a database", not the wrappers')."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    err = getattr(err, "orig", None) or err
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 class Run:
@@ -38,19 +48,29 @@ class Run:
         self.refresh()
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> Run:
-        """Open ``run_dir/study.db``; a folder without one raises ``ValueError`` saying so."""
+    def open(cls, run_dir: str | Path, *, writable: bool = False) -> Run:
+        """Open ``run_dir/study.db``, read-only unless ``writable``: a reader never changes a study (an
+        empty or damaged file is reported, not given Optuna's tables). A folder without a study, a file
+        that is no Optuna study or cannot be read raise ``ValueError`` with one line saying so."""
         path = Path(run_dir)
         db = path / STUDY_FILE
         if not db.is_file():
             raise ValueError(f"{path} is not a search run: no {STUDY_FILE} in it")
-        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
-        names = optuna.study.get_all_study_names(storage)
-        if not names:
-            raise ValueError(f"{db} holds no study")
-        # psc-search names the study after the folder unless told otherwise (--study-name).
-        name = path.resolve().name if path.resolve().name in names else names[-1]
-        return cls(path, optuna.load_study(study_name=name, storage=storage))
+        if not writable and db.stat().st_size == 0:
+            raise ValueError(f"{db} is empty (0 bytes): no study was written to it")
+        # SQLite's own read-only mode (a URI filename): no schema is created, nothing is written.
+        url = (f"sqlite:///{db.resolve()}" if writable else
+               f"sqlite:///file:{urllib.parse.quote(str(db.resolve()))}?mode=ro&uri=true")
+        try:
+            storage = optuna.storages.RDBStorage(url, skip_table_creation=not writable)
+            names = optuna.study.get_all_study_names(storage)
+            if not names:
+                raise ValueError(f"{db} holds no study")
+            # psc-search names the study after the folder unless told otherwise (--study-name).
+            name = path.resolve().name if path.resolve().name in names else names[-1]
+            return cls(path, optuna.load_study(study_name=name, storage=storage))
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.OptunaError, RuntimeError) as err:
+            raise ValueError(f"{db} cannot be read as an Optuna study ({_root_cause(err)})") from None
 
     def refresh(self) -> None:
         """Re-read the trials (a running search keeps adding them)."""

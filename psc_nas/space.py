@@ -226,7 +226,13 @@ def _parse_units(raw: Any, slots: tuple[Slot, ...]) -> tuple[Unit, ...]:
 def _parse_ops(raw: Any, path: str) -> dict[str, OpDomain]:
     if not isinstance(raw, Mapping) or not raw:
         raise ConfigError(path, f"must map op families to their argument domains, e.g. {{conv3d: {{}}, pmscn: {{m: [1, 2]}}}}; got {raw!r}")
-    return {op: parse_domain(op, args, f"{path}.{op}") for op, args in raw.items()}
+    domains = {}
+    for op, args in raw.items():
+        try:
+            domains[op] = parse_domain(op, args, f"{path}.{op}")
+        except TypeError as err:  # a value of a kind the family's parser did not check for
+            raise ConfigError(f"{path}.{op}", f"invalid argument domain ({err}): {args!r}") from None
+    return domains
 
 
 def _share(raw: Any, path: str) -> bool:

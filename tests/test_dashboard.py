@@ -160,7 +160,7 @@ def test_live_page(tmp_path, browser):
         tab.wait_points(len(done), "front-macs")
         assert tab.page.locator("#front-latency_ms").is_hidden()  # nothing measured latency
 
-        run = Run.open(run_dir)
+        run = Run.open(run_dir, writable=True)  # it plays the search, telling a trial below
         layout = tab.page.evaluate("""() => {
             const gd = document.getElementById('front-params');
             const presets = gd.data.find(t => t.name === 'hand-designed preset');

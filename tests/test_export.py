@@ -129,7 +129,10 @@ def test_cli_refuses_failed_running_and_over_budget_trials(run):
     conv3d = next(r for r in run.records if r.preset == "conv3d")
     result = cli(str(run.path), "--pick", f"trial {conv3d.number}")
     assert result.exit_code == 1
-    assert result.output == f"psc-export: trial {conv3d.number} is over budget (params by 1) and was never trained\n"
+    used = conv3d.params
+    assert result.output == (f"psc-export: trial {conv3d.number} is over budget (params {used:,} > budget {used - 1:,}, "
+                             f"+{100 / (used - 1):.2g}%) and was never trained; over-budget trials are priced, not "
+                             "evaluated\n")
 
 
 def test_cli_refuses_a_folder_without_a_study(tmp_path):

@@ -51,9 +51,10 @@ class Backbone:
         for index, (slot, block) in enumerate(zip(slots, config.blocks)):
             try:
                 realize(slot, block)
-            except ValueError as err:
+            except (ValueError, TypeError) as err:  # TypeError: a value of the wrong kind a family did not check
                 where = f"slot {slot.name}: {slot.in_channels}->{slot.out_channels}"
-                raise ConfigError(f"blocks[{index}]", f"{err} ({where})") from None
+                text = str(err) if isinstance(err, ValueError) else f"{block.op}: invalid argument ({err})"
+                raise ConfigError(f"blocks[{index}]", f"{text} ({where})") from None
 
     def uniform(self, choice: BlockChoice, **hparams: Any) -> ArchConfig:
         """Config with the same choice in every slot (what the papers' hand-designed networks do)."""

@@ -158,7 +158,7 @@ class CakesDomain(OpDomain):
         check_keys(raw, ("shapes", "step"), path)
         shapes: list[str] = []
         for name in as_list(raw.get("shapes", list(SHAPES)), f"{path}.shapes"):
-            if name not in SHAPES and name not in SHAPE_DIMS:
+            if not isinstance(name, str) or (name not in SHAPES and name not in SHAPE_DIMS):
                 allowed = f"1D, 2D, 3D or shapes from {list(SHAPES)}"
                 raise ConfigError(f"{path}.shapes", f"values must be {allowed}, got {name!r}")
             shapes += SHAPE_DIMS.get(name, [name])

@@ -63,7 +63,7 @@ class PmSCnSpec(OpSpec):
         if self.n not in (1, 2, 3) or isinstance(self.n, bool):
             raise ValueError(f"{family}: n must be one of [1, 2, 3], got {self.n!r}")
         orientations = ORIENTATIONS[: self.m] if self.orientations is None else self.orientations
-        if isinstance(orientations, str) or not all(o in ORIENTATIONS for o in orientations):
+        if not isinstance(orientations, (list, tuple)) or not all(o in ORIENTATIONS for o in orientations):
             raise ValueError(
                 f"{family}: orientations must be a list of distinct values from {list(ORIENTATIONS)}, "
                 f"got {self.orientations!r}"

@@ -37,7 +37,8 @@ from psc_nas.search.events import Evaluated, Event, Failed, FrontChanged, Listen
 from psc_nas.search.events import Retrained as RetrainedEvent
 from psc_nas.search.front import Front
 from psc_nas.search.latency import forward_latency_ms
-from psc_nas.search.optuna_adapter import Heartbeat, fail_stale, heartbeat_interval, release, snapshot
+from psc_nas.search.interrupt import INTERRUPTS
+from psc_nas.search.optuna_adapter import Heartbeat, fail_stale, heartbeat_interval, release, requeue, snapshot
 from psc_nas.search.outputs import write_outputs
 from psc_nas.search.pricing import Pricing
 from psc_nas.search.profiles import Profile
@@ -47,6 +48,7 @@ from psc_nas.search.record import (
     Retrained,
     StudyRecord,
     TrialRecord,
+    failure_attrs,
     save_retrained,
     set_violations,
     tell_evaluated,
@@ -95,6 +97,7 @@ class Engine:
         self.heartbeat_interval = heartbeat_interval(study)
         self.started = time.monotonic()
         self.front = Front((), None, 0.0)
+        self.requeued: list[int] = []  # trials an interrupt put back in the queue
 
     def fill_queue(self, created: bool) -> None:
         self.queue.fill(self.plan.pricing.presets() if created and self.plan.seed_presets else {})
@@ -109,16 +112,23 @@ class Engine:
     def run(self) -> Front:
         self.plan.evaluator.prepare(self.plan.out_dir, seconds_left=self.seconds_left())
         self.view.refresh()
+        stale = failure_attrs(f"its worker stopped sending heartbeats for {3 * (self.heartbeat_interval or 0)} s "
+                              "(killed, crashed or cut off); queued again as a retry")
         with Heartbeat(self.study) as heartbeat:
             try:
                 while self.time_left():
-                    fail_stale(self.study)
+                    fail_stale(self.study, stale)
                     if self._bracket(heartbeat):
                         self._publish()
                     elif not self._wait_for_others():
                         break
-            except BaseException:
-                release(self.study, heartbeat.held)  # Ctrl-C: queue retries right now
+            except INTERRUPTS:
+                self.requeued = requeue(self.study, heartbeat.held)  # Ctrl-C: back in the queue, no retry used
+                heartbeat.drop_all()
+                raise
+            except BaseException as error:
+                release(self.study, heartbeat.held, failure_attrs(f"the worker crashed: {failure_reason(error)}"))
+                heartbeat.drop_all()
                 raise
         self._publish()
         if self.plan.retrain is not None:  # not after Ctrl-C: that ends the run above

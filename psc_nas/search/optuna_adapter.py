@@ -6,8 +6,11 @@ queue is empty) and no heartbeat for trials run outside ``Study.optimize``. What
 
     Study._storage, Study._study_id       the study's own (cached) storage and its id
     Trial._trial_id                       a trial's storage id
-    BaseStorage.set_trial_state_values    atomic WAITING -> RUNNING claim, FAIL on release
+    BaseStorage.set_trial_state_values    atomic WAITING -> RUNNING claim, FAIL on release,
+                                          RUNNING -> WAITING when Ctrl-C hands a trial back
+    BaseStorage.set_trial_user_attr       a failed trial's reason, written just before it fails
     optuna.storages._heartbeat            BaseHeartbeat: record_heartbeat, get_heartbeat_interval
+    RDBStorage._get_stale_trial_ids       trials whose worker went silent (fail_stale_trials, with reasons)
     experimental: fail_stale_trials, RetryHeartbeatStaleTrialCallback, Study.set_metric_names
 
 Each accessor raises :class:`OptunaInternalsMoved` naming the internal it misses, and
@@ -17,12 +20,13 @@ breaks the adapter fails loudly, in one place, instead of deep inside a search.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import threading
 import warnings
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import optuna
 from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
@@ -109,22 +113,53 @@ def retry_of(trial: FrozenTrial) -> int | None:
         return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
 
 
-def fail_stale(study: optuna.Study) -> None:
-    """Fail trials whose worker stopped beating; the storage's callback queues their retries."""
-    with experimental_ok():
-        optuna.storages.fail_stale_trials(study)
+def fail_stale(study: optuna.Study, attrs: Mapping[str, Any] | None = None) -> None:
+    """Fail trials whose worker stopped beating, with ``attrs`` (the reason) written on them first,
+    and queue their retries (up to MAX_RETRIES). ``optuna.storages.fail_stale_trials`` does the same
+    without the reason, which a finished trial no longer accepts."""
+    storage = storage_of(study)
+    if heartbeat_interval(study) is None:
+        return
+    stale = _internal(storage, "_get_stale_trial_ids", "RDBStorage._get_stale_trial_ids (stale trials)")
+    fail_and_retry(study, stale(study_id(study)), attrs or {})
 
 
-def release(study: optuna.Study, trial_ids: Iterable[int]) -> None:
-    """Fail trials this worker holds but will not finish (Ctrl-C) and queue their retries right away."""
+def fail_and_retry(study: optuna.Study, trial_ids: Iterable[int], attrs: Mapping[str, Any]) -> None:
+    """Fail ``trial_ids`` with user attributes ``attrs`` (why) and queue a retry of each (its parameters
+    and other attributes, not ``attrs``: a retry starts without its original's failure)."""
     storage = storage_of(study)
     retry = retry_callback()
     for held in trial_ids:
         try:
+            for key, value in attrs.items():
+                storage.set_trial_user_attr(held, key, value)
             if storage.set_trial_state_values(held, state=TrialState.FAIL):
-                retry(study, storage.get_trial(held))
+                failed = copy.deepcopy(storage.get_trial(held))
+                for key in attrs:
+                    failed.user_attrs.pop(key, None)
+                retry(study, failed)
         except optuna.exceptions.UpdateFinishedTrialError:
-            continue
+            continue  # another worker failed or finished it first
+
+
+def release(study: optuna.Study, trial_ids: Iterable[int], attrs: Mapping[str, Any] | None = None) -> None:
+    """Fail trials this worker holds but will not finish (it is crashing) and queue their retries now."""
+    fail_and_retry(study, trial_ids, attrs or {})
+
+
+def requeue(study: optuna.Study, trial_ids: Iterable[int]) -> list[int]:
+    """Put trials this worker holds back in the queue (RUNNING -> WAITING), as they are: an interrupt is
+    no crash, so no retry is used; what they stored (evaluations) is reused when they are claimed again.
+    Returns the numbers of the trials put back."""
+    storage = storage_of(study)
+    numbers = []
+    for held in trial_ids:
+        try:
+            if storage.set_trial_state_values(held, state=TrialState.WAITING):
+                numbers.append(storage.get_trial(held).number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # told between the interrupt and here
+    return numbers
 
 
 def heartbeat_interval(study: optuna.Study) -> int | None:
@@ -159,6 +194,10 @@ class Heartbeat:
     def drop(self, trial: optuna.Trial) -> None:
         with self._lock:
             self._held.discard(trial_id(trial))
+
+    def drop_all(self) -> None:
+        with self._lock:
+            self._held.clear()
 
     @property
     def held(self) -> list[int]:

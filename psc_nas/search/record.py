@@ -301,6 +301,12 @@ def tell_failed(study: optuna.Study, trial: optuna.Trial) -> None:
     study.tell(trial, state=TrialState.FAIL)
 
 
+def failure_attrs(reason: str) -> dict[str, str]:
+    """The user attributes that say why a trial failed, for writers that fail it without a record
+    (a worker that went silent, a crashing worker: ``optuna_adapter.fail_and_retry``)."""
+    return {"fail_reason": reason}
+
+
 # ---------------------------------------------------------------------------------------- study
 @dataclass(frozen=True)
 class StudyRecord:
@@ -313,6 +319,8 @@ class StudyRecord:
     evaluator: str | None = None
     input_shape: tuple[int, ...] | None = None  # the task's (C, D, H, W), at which params/MACs were priced
     planned_trials: int | None = None  # architectures the study is to evaluate, over all workers
+    data_source: str | None = None  # the --data-dir searched (resolved); None: the task's own data
+    data_fingerprint: str | None = None  # files.folder_fingerprint of it; a resume on other data is refused
 
     def identity(self) -> dict[str, Any]:
         return {"task": self.task, "space": self.space,
@@ -331,13 +339,27 @@ class StudyRecord:
             evaluator=attrs.get("evaluator"),
             input_shape=tuple(attrs["input_shape"]) if attrs.get("input_shape") else None,
             planned_trials=attrs.get("planned_trials"),
+            data_source=attrs.get("data_source"),
+            data_fingerprint=attrs.get("data_fingerprint"),
         )
 
     def write(self, study: optuna.Study) -> None:
         """Describe a new study; the objectives also name Optuna's values (``study.metric_names``)."""
         for key, value in self.identity().items():
             study.set_user_attr(key, value)
+        study.set_user_attr("data_source", self.data_source)
+        study.set_user_attr("data_fingerprint", self.data_fingerprint)
         name_metrics(study, [o.name for o in self.objectives])
+
+    def describe_data(self) -> str:
+        if self.data_fingerprint is None:
+            return "the task's own data" if self.data_source is None else f"data {self.data_source}"
+        return f"data {self.data_source} (content {self.data_fingerprint[:12]})"
+
+    def other_data(self, wanted: StudyRecord) -> bool:
+        """True when ``wanted`` searches other data than this study did: another folder content, or a
+        folder where the study used the task's own data (a moved folder with the same files is the same)."""
+        return (self.data_fingerprint, self.data_source is None) != (wanted.data_fingerprint, wanted.data_source is None)
 
     def changes(self, wanted: StudyRecord) -> dict[str, tuple[Any, Any]]:
         """Identity fields that differ: name -> (recorded here, wanted)."""

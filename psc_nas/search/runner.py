@@ -3,8 +3,9 @@
 Every user error (unknown task, a space for another task or with other backbone hparams, bad
 objective, a budget no architecture of the space can meet or a MAC budget none comes near at the
 task's input shape, an unwritable output folder, an unreachable database, a resume at another input
-shape) raises ``ValueError`` *before* anything is written, so the CLI prints one line and leaves no
-half-made run behind.
+shape, data the task cannot read from ``--data-dir``, a resume on other data) raises ``ValueError``
+*before* anything is written, so the CLI prints one line and leaves no half-made run behind. A search
+whose every trial failed raises :class:`SearchFailed` (a ``ValueError``) at the end.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from rich.console import Console
 
 from psc_nas.costs import format_count
 from psc_nas.evaluators import Evaluator, EvaluatorSetup, make_evaluator
+from psc_nas.files import folder_fingerprint
 from psc_nas.search.budget import Budget
 from psc_nas.search.catalog import Catalog
 from psc_nas.search.display import ProgressBar, front_table
@@ -32,7 +35,7 @@ from psc_nas.search.feasible import RestrictedSampler
 from psc_nas.search.front import Front
 from psc_nas.search.pricing import SAMPLING, Pricing
 from psc_nas.search.profiles import Profile, RetrainPolicy, get_profile
-from psc_nas.search.record import Objective, StudyRecord
+from psc_nas.search.record import Objective, StudyRecord, read_trials
 from psc_nas.search.retrain import RetrainJob
 from psc_nas.search.storage import open_storage, open_study, storage_url
 from psc_nas.space import SearchSpace
@@ -138,6 +141,8 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     pricing = Pricing(settings.budget, catalog, settings.budget_sampling)
     if pricing.sampling != "reject":
         _ = pricing.feasibility  # prices every option of every unit (about a second): before, not during, the search
+    data_source, data_fingerprint = check_data(task, settings.data_dir, seed=settings.seed,
+                                               data_options=profile.data_options)
     evaluator_name = settings.evaluator or profile.evaluator
     options = {**(profile.evaluator_options if evaluator_name == profile.evaluator else {}),
                **dict(settings.evaluator_options)}
@@ -153,7 +158,8 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
         pricing=pricing,
         record=StudyRecord(task.name, catalog.space.name, settings.budget,
                            resolve_objectives(settings.objectives, task, settings.budget), evaluator.name,
-                           input_shape=tuple(task.input_shape)),
+                           input_shape=tuple(task.input_shape), data_source=data_source,
+                           data_fingerprint=data_fingerprint),
         profile=profile,
         evaluator=evaluator,
         fidelities=fidelities if settings.multi_fidelity else fidelities[-1:],
@@ -165,6 +171,26 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
         retrain=RetrainJob(policy, task, seed=settings.seed, data_dir=settings.data_dir) if policy else None,
         retrain_timeout=timeout if policy is not None else None,
     )
+
+
+def check_data(task: Task, data_dir: Path | None, *, seed: int,
+               data_options: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """Load the task's data from ``data_dir`` once, reading only, so that a missing folder, a bad file or a
+    wrong shape stops the search with the task's one-line ``DataError`` before anything is written
+    (in a trial it would only fail that trial). Returns what the study records of it: the resolved
+    folder and its content fingerprint; (None, None) for the task's own data, which is not checked."""
+    if data_dir is None:
+        return None, None
+    path = Path(data_dir).expanduser()
+    try:
+        module = task.datamodule(data_dir=path, seed=seed, **dict(data_options))
+        setup = getattr(module, "setup", None)
+        if setup is not None:
+            setup("fit")
+        fingerprint = folder_fingerprint(path) if path.is_dir() else None
+    except OSError as err:
+        raise ValueError(f"{err.filename or path}: cannot read the data: {err.strerror or err}") from None
+    return str(path.resolve()), fingerprint
 
 
 def retrain_policy(settings: SearchSettings, profile: Profile) -> RetrainPolicy | None:
@@ -241,7 +267,24 @@ def run_search(settings: SearchSettings, *, evaluator: Evaluator | None = None,
     console.print(front_table(front, plan.record.objectives))
     best = "retrained knee" if front.retrained_knee is not None else "knee"
     console.print(f"run: {out_dir}  (trials.csv, pareto.json, front/, best.yaml = {best}, dashboard.html, {LOG_FILE})")
+    check_any_evaluated(study, out_dir)
     return front
+
+
+class SearchFailed(ValueError):
+    """Every architecture the search tried to evaluate failed."""
+
+
+def check_any_evaluated(study: optuna.Study, out_dir: Path) -> None:
+    """Raise :class:`SearchFailed` when trials failed and none was evaluated: a search that trained
+    nothing is no success, whatever its queue says (e.g. every slot used up by crashes)."""
+    records = read_trials(study)
+    failed = [r for r in records if r.state == optuna.trial.TrialState.FAIL]
+    if not failed or any(r.state == optuna.trial.TrialState.COMPLETE for r in records):
+        return
+    first = next((r for r in failed if r.fail_reason), failed[0])
+    raise SearchFailed(f"no architecture was evaluated: {len(failed)} trial(s) failed, e.g. trial {first.number}: "
+                       f"{first.fail_reason or 'no reason recorded'} (see {out_dir / LOG_FILE})")
 
 
 def _make_out_dir(out_dir: Path) -> bool:

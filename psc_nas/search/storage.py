@@ -15,6 +15,7 @@ The study is a plain Optuna study: ``optuna.load_study`` and optuna-dashboard re
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -61,8 +62,21 @@ def open_storage(url: str, *, heartbeat_interval: int) -> BaseStorage:
                 raise
             time.sleep(0.5 * (attempt + 1))
         except Exception as err:  # SQLAlchemy raises driver-specific types for "cannot connect"
-            raise ValueError(f"cannot open storage {url!r}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+            reason = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(redact(f"cannot open storage {url!r}: {type(err).__name__}: {reason}", url)) from None
     raise AssertionError("unreachable")
+
+
+_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@\s]*)@")
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (``scheme://user:password@host``) replaced by ``***``,
+    wherever it appears: the URL itself, or a driver's message quoting it."""
+    match = _PASSWORD.search(url)
+    if match and match.group("password"):
+        text = text.replace(match.group("password"), "***")
+    return _PASSWORD.sub(lambda m: f"{m.group('scheme')}{m.group('user')}:***@", text)
 
 
 def open_study(
@@ -79,7 +93,11 @@ def open_study(
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
         wait_until_set_up(study)
-        changed = StudyRecord.read(study).changes(record)
+        recorded = StudyRecord.read(study)
+        if recorded.other_data(record):
+            raise ValueError(f"study {name!r} was searched on {recorded.describe_data()}, not on "
+                             f"{record.describe_data()}; resume on the same data or use another --out/--study-name")
+        changed = recorded.changes(record)
         if changed:
             raise ValueError(
                 f"study {name!r} searches {', '.join(f'{k}={old!r}' for k, (old, _) in changed.items())}, not "

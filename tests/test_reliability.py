@@ -142,7 +142,7 @@ def test_psc_search_refuses_bad_data_before_the_first_trial(tmp_path, damage):
 
 
 def standin_search(tmp_path: Path, name: str, **overrides) -> Path:
-    settings = SearchSettings(**{"task": "ibsr", "budget": Budget(params=5_000_000), "trials": 2,
+    settings = SearchSettings(**{"task": "ibsr", "budget": Budget(params=5_000_000), "trials": 2, "retrain": False,
                                  "out": tmp_path / name, **overrides})
     run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     return tmp_path / name

@@ -229,3 +229,14 @@ def test_events_report_every_evaluation_and_over_budget_sample(tmp_path):
     last = [e for e in events if isinstance(e, FrontChanged)][-1]  # sent only when the front moved
     assert [m.number for m in last.front.members] == [m.number for m in front.members]
     assert all(describe(e).count("\n") == 0 for e in events)
+
+
+class UnpreparedEvaluator(search_standin.StandinEvaluator):
+    def prepare(self, work_dir, *, seconds_left):
+        raise RuntimeError("the super-network's loss became nan\nat step 3")
+
+
+def test_an_evaluator_that_cannot_prepare_ends_the_search_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"^evaluator standin could not prepare: RuntimeError: the super-network's "
+                                         r"loss became nan$"):
+        search(tmp_path, evaluator=UnpreparedEvaluator(), trials=2, retrain=False)

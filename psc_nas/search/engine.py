@@ -60,6 +60,10 @@ from psc_nas.search.retrain import Plan, RetrainJob, retrain_front, retrained_ha
 log = logging.getLogger("psc_nas.search")
 
 
+class EvaluatorUnavailable(ValueError):
+    """The evaluator's one-time preparation (training a super-network) failed: nothing can be scored."""
+
+
 @dataclass(frozen=True)
 class SearchPlan:
     """Everything a search needs, resolved and checked before any work."""
@@ -110,7 +114,13 @@ class Engine:
         return None if self.plan.timeout is None else max(1.0, self.plan.timeout - (time.monotonic() - self.started))
 
     def run(self) -> Front:
-        self.plan.evaluator.prepare(self.plan.out_dir, seconds_left=self.seconds_left())
+        try:
+            self.plan.evaluator.prepare(self.plan.out_dir, seconds_left=self.seconds_left())
+        except INTERRUPTS:
+            raise
+        except Exception as error:  # e.g. a super-network that cannot train: no trial can be scored
+            raise EvaluatorUnavailable(f"evaluator {self.plan.evaluator.name} could not prepare: "
+                                       f"{failure_reason(error)}") from error
         self.view.refresh()
         stale = failure_attrs(f"its worker stopped sending heartbeats for {3 * (self.heartbeat_interval or 0)} s "
                               "(killed, crashed or cut off); queued again as a retry")

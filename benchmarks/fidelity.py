@@ -29,9 +29,10 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
@@ -113,15 +114,33 @@ def _reference_job(name: str, config_json: str, seed: int, out: str) -> str:
     keep_freed_memory()
     config = reduced(ArchConfig.from_json(config_json), REF_WIDTH)
     started = time.time()
-    result = fit(config, TASK, epochs=REF_EPOCHS, seed=seed, lr=REF_LR, weight_decay=REF_WD, lr_schedule="onecycle",
-                 evaluate_test=True, data_options={"samples_per_epoch": REF_SAMPLES, "batch_size": REF_BATCH})
-    record = {"name": name, "seed": seed, "metrics": result.metrics, "curve": result.curve,
-              "wall_s": time.time() - started, "fwd_bwd_s": result.fwd_bwd_seconds, "width": REF_WIDTH}
+    result = fit(
+        config,
+        TASK,
+        epochs=REF_EPOCHS,
+        seed=seed,
+        lr=REF_LR,
+        weight_decay=REF_WD,
+        lr_schedule="onecycle",
+        evaluate_test=True,
+        data_options={"samples_per_epoch": REF_SAMPLES, "batch_size": REF_BATCH},
+    )
+    record = {
+        "name": name,
+        "seed": seed,
+        "metrics": result.metrics,
+        "curve": result.curve,
+        "wall_s": time.time() - started,
+        "fwd_bwd_s": result.fwd_bwd_seconds,
+        "width": REF_WIDTH,
+    }
     tmp = Path(out).with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.rename(out)
-    return f"{name} seed {seed}: val {result.metrics['dice_mean']:.4f} test {result.metrics['test_dice_mean']:.4f} " \
-           f"({record['wall_s']:.0f} s)"
+    return (
+        f"{name} seed {seed}: val {result.metrics['dice_mean']:.4f} test {result.metrics['test_dice_mean']:.4f} "
+        f"({record['wall_s']:.0f} s)"
+    )
 
 
 def reference(work: Path, jobs: int, seeds: tuple[int, ...]) -> None:
@@ -155,20 +174,39 @@ def assemble(work: Path) -> None:
     rows = []
     for member in panel():
         seeds = runs.get(member["config"].hash, {})
-        rows.append({
-            "name": member["name"], "hash": member["config"].hash, "params": member["params"],
-            "macs": member["macs"], "config": member["config"].to_dict(),
-            "runs": [{"seed": s, "metrics": r["metrics"], "curve": r["curve"], "wall_s": r["wall_s"]}
-                     for s, r in sorted(seeds.items())],
-        })
+        rows.append(
+            {
+                "name": member["name"],
+                "hash": member["config"].hash,
+                "params": member["params"],
+                "macs": member["macs"],
+                "config": member["config"].to_dict(),
+                "runs": [
+                    {"seed": s, "metrics": r["metrics"], "curve": r["curve"], "wall_s": r["wall_s"]}
+                    for s, r in sorted(seeds.items())
+                ],
+            }
+        )
     data = {
-        "command": "python benchmarks/fidelity.py reference --jobs 2 --work W && python benchmarks/fidelity.py assemble "
-                   "--work W",
-        "protocol": {"task": TASK, "space": SPACE, "budget_params": BUDGET_PARAMS, "width": REF_WIDTH,
-                     "epochs": REF_EPOCHS, "samples_per_epoch": REF_SAMPLES, "batch_size": REF_BATCH,
-                     "optimizer": "AdamW", "lr": REF_LR, "weight_decay": REF_WD, "lr_schedule": "onecycle",
-                     "seeds": list(REF_SEEDS), "score": "final validation dice_mean (2 volumes, sliding window)",
-                     "test": "test_dice_mean on the 5 test volumes after the last epoch"},
+        "command": "python benchmarks/fidelity.py reference --jobs 2 --work W && "
+        "python benchmarks/fidelity.py assemble "
+        "--work W",
+        "protocol": {
+            "task": TASK,
+            "space": SPACE,
+            "budget_params": BUDGET_PARAMS,
+            "width": REF_WIDTH,
+            "epochs": REF_EPOCHS,
+            "samples_per_epoch": REF_SAMPLES,
+            "batch_size": REF_BATCH,
+            "optimizer": "AdamW",
+            "lr": REF_LR,
+            "weight_decay": REF_WD,
+            "lr_schedule": "onecycle",
+            "seeds": list(REF_SEEDS),
+            "score": "final validation dice_mean (2 volumes, sliding window)",
+            "test": "test_dice_mean on the 5 test volumes after the last epoch",
+        },
         "panel": rows,
     }
     DOCS.mkdir(parents=True, exist_ok=True)
@@ -178,15 +216,23 @@ def assemble(work: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- evaluators
-def _train_variant(epochs: int, samples: int, width: float | None, lr_schedule: str = "constant",
-                   lr: float = 1e-3, batch: int = 4) -> Callable[..., dict[str, float]]:
+def _train_variant(
+    epochs: int, samples: int, width: float | None, lr_schedule: str = "constant", lr: float = 1e-3, batch: int = 4
+) -> Callable[..., dict[str, float]]:
     def score(config: Any, seed: int) -> dict[str, float]:
         from psc_nas.train import fit
 
         cfg = reduced(config, width) if width else config
-        result = fit(cfg, TASK, epochs=epochs, seed=seed, lr=lr, lr_schedule=lr_schedule,
-                     weight_decay=1e-4 if lr_schedule == "onecycle" else 0.0,
-                     data_options={"samples_per_epoch": samples, "batch_size": batch})
+        result = fit(
+            cfg,
+            TASK,
+            epochs=epochs,
+            seed=seed,
+            lr=lr,
+            lr_schedule=lr_schedule,
+            weight_decay=1e-4 if lr_schedule == "onecycle" else 0.0,
+            data_options={"samples_per_epoch": samples, "batch_size": batch},
+        )
         return result.metrics
 
     return score
@@ -250,8 +296,13 @@ def _supernet_job(seed: int, options_json: str, out_dir: str) -> str:
     task = get_task(TASK)
     spatial = tuple(task.input_shape[1:])
     options = json.loads(options_json)
-    setup = EvaluatorSetup(task, seed=seed, space=SearchSpace.load(SPACE), options=options,
-                           admissible=lambda config: cost(config, spatial).params <= BUDGET_PARAMS)
+    setup = EvaluatorSetup(
+        task,
+        seed=seed,
+        space=SearchSpace.load(SPACE),
+        options=options,
+        admissible=lambda config: cost(config, spatial).params <= BUDGET_PARAMS,
+    )
     evaluator = make_evaluator("supernet", setup)
     started = time.time()
     evaluator.prepare(Path(out_dir), seconds_left=None)
@@ -263,8 +314,15 @@ def _supernet_job(seed: int, options_json: str, out_dir: str) -> str:
             continue
         t0 = time.time()
         evaluation = evaluator.evaluate(member["config"], level, seconds_left=None)
-        record = {"variant": Path(out_dir).name, "name": member["name"], "seed": seed, "metrics": evaluation.metrics,
-                  "wall_s": time.time() - t0, "prepare_s": prepare_s, "fidelity": level.words}
+        record = {
+            "variant": Path(out_dir).name,
+            "name": member["name"],
+            "seed": seed,
+            "metrics": evaluation.metrics,
+            "wall_s": time.time() - t0,
+            "prepare_s": prepare_s,
+            "fidelity": level.words,
+        }
         out.write_text(json.dumps(record))
     return f"supernet seed {seed}: prepared in {prepare_s:.0f} s, {level.words}"
 

@@ -64,7 +64,10 @@ def measure(name: str, args: argparse.Namespace, task) -> dict:
         latency[threads] = forward_latency_ms(config, task.input_shape, repeats=args.latency_repeats)
     torch.set_num_threads(args.train_threads)
     result = fit(
-        config, task, epochs=args.epochs, seed=args.seed,
+        config,
+        task,
+        epochs=args.epochs,
+        seed=args.seed,
         data_options={"samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size},
     )
     return {
@@ -85,17 +88,21 @@ def measure(name: str, args: argparse.Namespace, task) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| preset | params | MACs | latency ms (2 thr / 1 thr) | CSF | GM | WM | mean | paper params | paper CSF / GM / WM |",
+        "| preset | params | MACs | latency ms (2 thr / 1 thr) | CSF | GM | WM | mean | paper params "
+        "| paper CSF / GM / WM |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         dice = " | ".join(f"{100 * row['metrics'][key]:.1f}" for key in CLASSES)
         paper = PAPER.get(row["preset"])
         paper_cells = (
-            f"{paper['params'] / 1e6:.1f}M | {paper['dice_csf']} / {paper['dice_gm']} / {paper['dice_wm']}" if paper else "– | –"
+            f"{paper['params'] / 1e6:.1f}M | {paper['dice_csf']} / {paper['dice_gm']} / {paper['dice_wm']}"
+            if paper
+            else "– | –"
         )
         lines.append(
-            f"| {row['preset']} | {row['params'] / 1e3:.0f}k | {row['macs'] / 1e9:.2f}G | {row['latency_ms']:.0f} / {row['latency_ms_1_thread']:.0f} | "
+            f"| {row['preset']} | {row['params'] / 1e3:.0f}k | {row['macs'] / 1e9:.2f}G | "
+            f"{row['latency_ms']:.0f} / {row['latency_ms_1_thread']:.0f} | "
             f"{dice} | {paper_cells} |"
         )
     return "\n".join(lines)
@@ -119,7 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         record["rows"].append(measure(name, args, task))
         row = record["rows"][-1]
-        print(f"{name}: dice_mean {row['metrics']['dice_mean']:.3f}, {row['train_wall_s']:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"{name}: dice_mean {row['metrics']['dice_mean']:.3f}, {row['train_wall_s']:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         if args.out != "-":
             Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     print(markdown(record["rows"]))

@@ -8,7 +8,8 @@ runs once to warm up, then ``--repeats`` rounds that each time every pair once, 
 random order, so load from other processes on a shared machine hits all variants alike. Ratios
 and GF/s use each variant's fastest repeat, the least disturbed by other jobs (with two oneDNN
 threads on an oversubscribed machine one descheduled thread stalls the other, so disturbed
-times scatter by up to 30x); the median is shown beside it. The efficiency ratio is (op time / Conv3d time) ÷ (op MACs / Conv3d MACs):
+times scatter by up to 30x); the median is shown beside it. The efficiency ratio is
+(op time / Conv3d time) ÷ (op MACs / Conv3d MACs):
 1.0 means the op's MAC savings turn fully into time savings.
 """
 
@@ -242,4 +243,3 @@ def command_line(argv: list[str] | None) -> str:
 
 if __name__ == "__main__":
     main()
-

@@ -38,8 +38,9 @@ from psc_nas.tasks import get_task
 BUDGET = "5M"
 BUDGET_PARAMS = 5_000_000
 # (Dice, params) normalized to Dice in [0, 1] and params in [0, budget], whatever the searches recorded
-COMPARED = StudyRecord("ibsr", "ibsr_densenet3d", Budget(params=BUDGET_PARAMS),
-                       (Objective("dice_mean", True), Objective("params", False)))
+COMPARED = StudyRecord(
+    "ibsr", "ibsr_densenet3d", Budget(params=BUDGET_PARAMS), (Objective("dice_mean", True), Objective("params", False))
+)
 METHODS = {
     "ours (NSGA-II + multi-fidelity + presets)": [],
     "random (Optuna RandomSampler)": ["--sampler", "random", "--no-multi-fidelity", "--no-seed-presets"],
@@ -50,8 +51,16 @@ METHODS = {
 def psc_search(out: Path, *extra: str) -> float:
     """Run the CLI as a user would; returns its wall seconds."""
     started = time.perf_counter()
-    command = [str(Path(sys.executable).with_name("psc-search")), "--task", "ibsr", "--budget", BUDGET,
-               "--out", str(out), *extra]
+    command = [
+        str(Path(sys.executable).with_name("psc-search")),
+        "--task",
+        "ibsr",
+        "--budget",
+        BUDGET,
+        "--out",
+        str(out),
+        *extra,
+    ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
@@ -72,8 +81,8 @@ def compute_share(out: Path, wall: float) -> dict[str, float]:
         "search_wall_s": wall,
         "trial_train_s": train_s,
         "fwd_bwd_share_of_training": float(trained["fwd_bwd_s"].sum()) / train_s,
-        "fwd_bwd_plus_val_forward_share_of_training":
-            float(trained["fwd_bwd_s"].sum() + trained["val_forward_s"].sum()) / train_s,
+        "fwd_bwd_plus_val_forward_share_of_training": float(trained["fwd_bwd_s"].sum() + trained["val_forward_s"].sum())
+        / train_s,
         "training_share_of_search_wall": train_s / wall,
     }
 
@@ -132,9 +141,12 @@ def presets_vs_fronts(compare: dict) -> dict:
         found[name] = {
             "dice_mean": dice,
             "params": params,
-            "dominated_by": {method: next(([d, p] for d, p in entry["points"]
-                                           if d >= dice and p <= params and (d, p) != (dice, params)), None)
-                             for method, entry in compare.items()},
+            "dominated_by": {
+                method: next(
+                    ([d, p] for d, p in entry["points"] if d >= dice and p <= params and (d, p) != (dice, params)), None
+                )
+                for method, entry in compare.items()
+            },
         }
         print(name, json.dumps(found[name]), flush=True)
     return found
@@ -149,12 +161,18 @@ def plot(compare: dict, presets: dict, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for (name, entry), marker in zip(compare.items(), "os^"):
         points = sorted(entry["points"], key=lambda p: p[1])
-        axes.scatter([p[1] / 1e6 for p in points], [p[0] for p in points], marker=marker, alpha=0.7,
-                     label=f"{name}: HV {entry['hypervolume']:.3f}")
+        axes.scatter(
+            [p[1] / 1e6 for p in points],
+            [p[0] for p in points],
+            marker=marker,
+            alpha=0.7,
+            label=f"{name}: HV {entry['hypervolume']:.3f}",
+        )
     for name, entry in presets.items():
         axes.scatter(entry["params"] / 1e6, entry["dice_mean"], marker="x", color="black")
-        axes.annotate(name, (entry["params"] / 1e6, entry["dice_mean"]), fontsize=7, xytext=(3, 3),
-                      textcoords="offset points")
+        axes.annotate(
+            name, (entry["params"] / 1e6, entry["dice_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
     axes.axvline(BUDGET_PARAMS / 1e6, color="grey", linestyle=":", label="budget 5M")
     axes.set_xlabel("parameters (M)")
     axes.set_ylabel("validation Dice (mean of CSF, GM, WM)")
@@ -177,8 +195,12 @@ def main() -> None:
         print(json.dumps(report["default"], indent=2), flush=True)
     report["compare_minutes"] = args.compare_minutes
     report["compare"] = comparison(args.out, args.compare_minutes)
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "points"} for k, v in report["compare"].items()},
-                     indent=2), flush=True)
+    print(
+        json.dumps(
+            {k: {kk: vv for kk, vv in v.items() if kk != "points"} for k, v in report["compare"].items()}, indent=2
+        ),
+        flush=True,
+    )
     report["presets"] = {} if args.skip_presets else presets_vs_fronts(report["compare"])
     (args.out / "search-benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report["compare"], report["presets"], args.out / "search-fronts.png")

@@ -63,29 +63,52 @@ def measure(name: str, seeds: list[int], args: argparse.Namespace, task) -> dict
     runs = []
     for seed in seeds:
         started, cpu = time.perf_counter(), cpu_seconds()
-        result = fit(config, task, epochs=args.epochs, seed=seed,
-                     data_options={"samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size})
-        runs.append({"seed": seed, "metrics": result.metrics, "best_metric": result.best_metric,
-                     "curve": result.curve, "wall_s": time.perf_counter() - started,
-                     "cpu_s": cpu_seconds() - cpu, "fwd_bwd_s": result.fwd_bwd_seconds,
-                     "load_average": os.getloadavg()})
-    return {"preset": name, "arch_hash": config.hash, "params": price.params, "macs": price.macs,
-            "full_width_params": cost(full, task.input_shape[1:]).params, "latency_ms_1_thread": latency,
-            "runs": runs}
+        result = fit(
+            config,
+            task,
+            epochs=args.epochs,
+            seed=seed,
+            data_options={"samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size},
+        )
+        runs.append(
+            {
+                "seed": seed,
+                "metrics": result.metrics,
+                "best_metric": result.best_metric,
+                "curve": result.curve,
+                "wall_s": time.perf_counter() - started,
+                "cpu_s": cpu_seconds() - cpu,
+                "fwd_bwd_s": result.fwd_bwd_seconds,
+                "load_average": os.getloadavg(),
+            }
+        )
+    return {
+        "preset": name,
+        "arch_hash": config.hash,
+        "params": price.params,
+        "macs": price.macs,
+        "full_width_params": cost(full, task.input_shape[1:]).params,
+        "latency_ms_1_thread": latency,
+        "runs": runs,
+    }
 
 
 def markdown(task: str, rows: list[dict]) -> str:
     keys = REPORTED[task]
-    lines = ["| preset | params (full width) | params | MACs | latency ms | " + " | ".join(keys) + " |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(keys)]
+    lines = [
+        "| preset | params (full width) | params | MACs | latency ms | " + " | ".join(keys) + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(keys),
+    ]
     for row in rows:
         cells = []
         for key in keys:
             values = [run["metrics"][key] for run in row["runs"]]
             scale = 100 if task == "ucf101" else 1
             cells.append(" / ".join(f"{scale * v:.{1 if task == 'ucf101' else 2}f}" for v in values))
-        lines.append(f"| {row['preset']} | {row['full_width_params'] / 1e6:.1f}M | {row['params'] / 1e3:.0f}k | "
-                     f"{row['macs'] / 1e9:.2f}G | {row['latency_ms_1_thread']:.0f} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {row['preset']} | {row['full_width_params'] / 1e6:.1f}M | {row['params'] / 1e3:.0f}k | "
+            f"{row['macs'] / 1e9:.2f}G | {row['latency_ms_1_thread']:.0f} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -106,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     task = get_task(args.task)
     record = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/tasks.py", *argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch {torch.__version__}",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},

@@ -39,10 +39,10 @@ import optuna
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from psc_nas.search.budget import Budget
-from psc_nas.search.feasible import Feasibility, RestrictedSampler
-from psc_nas.search.record import tell_evaluated, tell_over_budget
-from psc_nas.search.runner import _catalog, make_sampler
+from psc_nas.search.budget import Budget  # noqa: E402 (after the path set-up)
+from psc_nas.search.feasible import Feasibility, RestrictedSampler  # noqa: E402 (after the path set-up)
+from psc_nas.search.record import tell_evaluated, tell_over_budget  # noqa: E402 (after the path set-up)
+from psc_nas.search.runner import _catalog, make_sampler  # noqa: E402 (after the path set-up)
 
 SPATIAL = (32, 32, 32)
 BUDGETS = (1_000_000, 2_000_000, 5_000_000)
@@ -87,8 +87,15 @@ def sample_run(f: Feasibility, sampler_name: str, mode: str, n: int, seed: int) 
             tell_over_budget(study, trial)
             ops.pop()
     seconds = time.perf_counter() - started
-    row = {"sampler": sampler_name, "mode": mode, "samples": n, "fit_share": fit / n, "distinct_fitting": len(distinct),
-           "s_per_sample": seconds / n, "mean_params_fitting": float(np.mean(fitting_params)) if fitting_params else None}
+    row = {
+        "sampler": sampler_name,
+        "mode": mode,
+        "samples": n,
+        "fit_share": fit / n,
+        "distinct_fitting": len(distinct),
+        "s_per_sample": seconds / n,
+        "mean_params_fitting": float(np.mean(fitting_params)) if fitting_params else None,
+    }
     if mode == "restrict":
         row["restricted_questions"] = sampler.restricted
         row["first_proposal_refused"] = sampler.refused
@@ -127,8 +134,12 @@ def ideal_op_marginals(f: Feasibility) -> tuple[list[dict[str, float]], float]:
             if other != unit:
                 rest = np.convolve(rest, pmf)[:size]
         cdf = np.cumsum(rest)
-        weights = np.array([p[o] * (cdf[size - 1 - b] if (b := int(f.deltas[unit][o, 0] - lows[unit]) // BIN) < size
-                                    else 0.0) for o in range(len(p))])
+        weights = np.array(
+            [
+                p[o] * (cdf[size - 1 - b] if (b := int(f.deltas[unit][o, 0] - lows[unit]) // BIN) < size else 0.0)
+                for o in range(len(p))
+            ]
+        )
         weights /= weights.sum()
         by_op: Counter = Counter()
         for option, weight in enumerate(weights):
@@ -154,7 +165,7 @@ def closeness(rows: list[dict], f: Feasibility, seed: int) -> dict:
         distances = [tv(Counter(o[u] for o in ops), len(ops), marginals[u]) for u in range(len(marginals))]
         out[row["mode"]] = {"fitting_samples": len(ops), "mean_tv_op": float(np.mean(distances))}
         noise = []
-        for u, marginal in enumerate(marginals):
+        for marginal in marginals:
             names = list(marginal)
             draws = rng.choice(len(names), size=len(ops), p=np.array([marginal[k] for k in names]))
             noise.append(tv(Counter(names[d] for d in draws), len(ops), marginal))
@@ -174,17 +185,32 @@ def search_runs(seconds: float) -> list[dict]:
     for budget in BUDGETS:
         for mode in MODES:
             with tempfile.TemporaryDirectory() as tmp:
-                settings = SearchSettings(task="ibsr", budget=Budget(params=budget), trials=40, timeout=seconds,
-                                          out=Path(tmp) / "run", budget_sampling=mode)
+                settings = SearchSettings(
+                    task="ibsr",
+                    budget=Budget(params=budget),
+                    trials=40,
+                    timeout=seconds,
+                    out=Path(tmp) / "run",
+                    budget_sampling=mode,
+                )
                 started = time.perf_counter()
                 front = run_search(settings, evaluator=StandinEvaluator(), console=Console(quiet=True))
                 study = optuna.load_study(study_name="run", storage=f"sqlite:///{Path(tmp) / 'run' / 'study.db'}")
                 states = Counter(t.state.name for t in study.trials)
-                rows.append({"budget": budget, "mode": mode, "wall_s": time.perf_counter() - started,
-                             "hypervolume": front.hypervolume, "front": len(front.members),
-                             "complete": states.get("COMPLETE", 0), "over_budget": states.get("PRUNED", 0),
-                             "distinct_evaluated": len({t.user_attrs.get("arch_hash") for t in study.trials
-                                                        if t.state.name == "COMPLETE"})})
+                rows.append(
+                    {
+                        "budget": budget,
+                        "mode": mode,
+                        "wall_s": time.perf_counter() - started,
+                        "hypervolume": front.hypervolume,
+                        "front": len(front.members),
+                        "complete": states.get("COMPLETE", 0),
+                        "over_budget": states.get("PRUNED", 0),
+                        "distinct_evaluated": len(
+                            {t.user_attrs.get("arch_hash") for t in study.trials if t.state.name == "COMPLETE"}
+                        ),
+                    }
+                )
                 print(rows[-1], flush=True)
     return rows
 
@@ -215,8 +241,10 @@ def main() -> None:
                 rows.append(sample_run(f, sampler, mode, n, args.seed))
                 print(budget, {k: v for k, v in rows[-1].items() if k != "_ops"}, flush=True)
         random_rows = [r for r in rows if r["sampler"] == "random"]
-        entry = {"sampling": [{k: v for k, v in r.items() if k != "_ops"} for r in rows],
-                 "closeness_random": closeness(random_rows, f, args.seed)}
+        entry = {
+            "sampling": [{k: v for k, v in r.items() if k != "_ops"} for r in rows],
+            "closeness_random": closeness(random_rows, f, args.seed),
+        }
         result["budgets"][str(budget)] = entry
         print(budget, entry["closeness_random"], flush=True)
     if args.search_seconds > 0:

@@ -77,8 +77,15 @@ def space(
     console = Console()
     overview = Table("space", "task", "input", "backbone", "slots", "decisions", "size", title="search spaces")
     for item, task in zip(spaces, tasks):
-        overview.add_row(item.name, item.task, "-" if isinstance(task, Exception) else task.describe_input(),
-                         item.backbone, str(len(item.slots)), str(len(item.units)), format_size(item.size()))
+        overview.add_row(
+            item.name,
+            item.task,
+            "-" if isinstance(task, Exception) else task.describe_input(),
+            item.backbone,
+            str(len(item.slots)),
+            str(len(item.units)),
+            format_size(item.size()),
+        )
     console.print(overview)
     for item, task in zip(spaces, tasks):
         if name_or_path:
@@ -127,25 +134,41 @@ def export(
     pick: Annotated[str, typer.Option(help="knee | best | 'trial N' | 'under 2M' | 'under 50G macs'.")] = "knee",
     fmt: Annotated[str, typer.Option("--format", help="Config format: yaml or json.")] = "yaml",
     out: Annotated[Optional[str], typer.Option(help="Output folder; default RUN_DIR/export.")] = None,
-    retrain: Annotated[bool, typer.Option(help="Train the pick from scratch at full fidelity and save its weights.")] = False,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs for --retrain; default the run's longest learning curve.")] = None,
+    retrain: Annotated[
+        bool, typer.Option(help="Train the pick from scratch at full fidelity and save its weights.")
+    ] = False,
+    epochs: Annotated[
+        Optional[int], typer.Option(help="Epochs for --retrain; default the run's longest learning curve.")
+    ] = None,
     data_dir: Annotated[Optional[str], typer.Option(help="Task data for --retrain; default the task's own.")] = None,
     torchscript: Annotated[bool, typer.Option(help="Also write a traced TorchScript module.")] = False,
     onnx: Annotated[bool, typer.Option(help="Also write an ONNX model (needs psc-nas[onnx]).")] = False,
 ) -> None:
     """Write the architecture picked from a search run, rebuildable with psc_nas.build_model(path)."""
     keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
-    from psc_nas.export import Pick, export as export_run
+    from psc_nas.export import Pick
+    from psc_nas.export import export as export_run
 
     try:
-        done = export_run(run_dir, pick, fmt=fmt, out_dir=out, retrain=retrain, epochs=epochs, data_dir=data_dir,
-                          torchscript=torchscript, onnx=onnx)
+        done = export_run(
+            run_dir,
+            pick,
+            fmt=fmt,
+            out_dir=out,
+            retrain=retrain,
+            epochs=epochs,
+            data_dir=data_dir,
+            torchscript=torchscript,
+            onnx=onnx,
+        )
     except (ValueError, OSError) as err:
         raise fail("psc-export", err) from None
     record = done.record
     quality = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items() if isinstance(v, float))
-    typer.echo(f"trial {record.number} ({Pick.parse(pick)}): {format_count(record.params)} params, "
-               f"{format_count(record.macs)} MACs" + (f", {quality}" if quality else ""))
+    typer.echo(
+        f"trial {record.number} ({Pick.parse(pick)}): {format_count(record.params)} params, "
+        f"{format_count(record.macs)} MACs" + (f", {quality}" if quality else "")
+    )
     for kind, path in done.files.items():
         typer.echo(f"  {kind}: {path}")
 
@@ -157,7 +180,9 @@ dashboard_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False
 def dashboard(
     run_dir: Annotated[str, typer.Argument(help="A search run folder, running or finished.")],
     port: Annotated[int, typer.Option(help="Port to serve on (0: any free port).")] = 8050,
-    host: Annotated[str, typer.Option(help="Interface to bind; anything but 127.0.0.1 exposes the run to the network.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; anything but 127.0.0.1 exposes the run to the network.")
+    ] = "127.0.0.1",
     snapshot: Annotated[bool, typer.Option(help="Only write RUN_DIR/dashboard.html (works offline) and exit.")] = False,
 ) -> None:
     """Serve a live dashboard of a search run: Pareto fronts, architectures, curves, trial table."""
@@ -173,9 +198,12 @@ def dashboard(
     except (ValueError, OSError, OverflowError) as err:
         raise fail("psc-dashboard", err) from None
     if host not in LOOPBACK_NAMES:
-        typer.echo(f"psc-dashboard: warning: listening on {host}:{server.server_address[1]}: anyone who can reach this "
-                   f"machine on that port can read run {run_dir} (its trials, architectures and folder path); "
-                   "there is no password", err=True)
+        typer.echo(
+            f"psc-dashboard: warning: listening on {host}:{server.server_address[1]}: anyone who can reach this "
+            f"machine on that port can read run {run_dir} (its trials, architectures and folder path); "
+            "there is no password",
+            err=True,
+        )
     try:  # from here on Ctrl-C is how the server stops: exit 0
         typer.echo(f"serving {run_dir} at {server.url} (Ctrl-C to stop)")
         server.serve_forever()
@@ -193,29 +221,56 @@ def search(
     task: Annotated[str, typer.Option(help="Task to search for (e.g. ibsr).")] = "ibsr",
     budget: Annotated[Optional[str], typer.Option(help="Parameter budget, e.g. 5M, 1.4M, 250k.")] = None,
     macs_budget: Annotated[Optional[str], typer.Option(help="MAC budget at the task's input size, e.g. 60G.")] = None,
-    objectives: Annotated[str, typer.Option(help="Comma list: metric plus any of params, macs, latency.")] = "metric,params",
-    trials: Annotated[Optional[int], typer.Option(help="Architectures to train in total (the study's, over all workers); default from --profile.")] = None,
-    timeout: Annotated[Optional[str], typer.Option(
-        help="Start no training after this long, e.g. 900, 15m, 2h; with retraining the search loop stops the "
-             "profile's retrain share earlier (quick: 30%) and retraining fits the rest.")] = None,
+    objectives: Annotated[
+        str, typer.Option(help="Comma list: metric plus any of params, macs, latency.")
+    ] = "metric,params",
+    trials: Annotated[
+        Optional[int],
+        typer.Option(help="Architectures to train in total (the study's, over all workers); default from --profile."),
+    ] = None,
+    timeout: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Start no training after this long, e.g. 900, 15m, 2h; with retraining the search loop stops the "
+            "profile's retrain share earlier (quick: 30%) and retraining fits the rest."
+        ),
+    ] = None,
     sampler: Annotated[str, typer.Option(help="nsga2 | tpe | random.")] = "nsga2",
-    storage: Annotated[Optional[str], typer.Option(help="Study storage: a database URL (postgresql://...) or journal:PATH; default OUT/study.db.")] = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(help="Study storage: a database URL (postgresql://...) or journal:PATH; default OUT/study.db."),
+    ] = None,
     study_name: Annotated[Optional[str], typer.Option(help="Study name; default the --out folder's name.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sampler and of every training.")] = 0,
     profile: Annotated[str, typer.Option(help="quick (CPU, minutes) | paper (GPU, the paper's training).")] = "quick",
     data_dir: Annotated[Optional[str], typer.Option(help="Task data; default the task's own.")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Run folder; default runs/<task>-<budget>. Re-run to resume.")] = None,
+    out: Annotated[
+        Optional[str], typer.Option(help="Run folder; default runs/<task>-<budget>. Re-run to resume.")
+    ] = None,
     space: Annotated[Optional[str], typer.Option(help="Search space name or YAML; default <task>_<backbone>.")] = None,
     multi_fidelity: Annotated[bool, typer.Option(help="Train short first, promote only front candidates.")] = True,
     seed_presets: Annotated[bool, typer.Option(help="Evaluate the papers' presets that fit the budget first.")] = True,
-    evaluator: Annotated[Optional[str], typer.Option(help="How candidates are scored: train | supernet; default the profile's.")] = None,
-    evaluator_option: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the evaluator (repeatable), e.g. width=0.25.")] = None,
-    retrain: Annotated[Optional[bool], typer.Option(
-        "--retrain/--no-retrain",
-        help="After the search, retrain the front's knee and its neighbours from scratch for the longest schedule "
-             "that fits the time budget (its last share; the profile's policy); best.yaml = the retrained knee. "
-             "Default: as the profile says (quick and paper retrain).")] = None,
-    budget_sampling: Annotated[str, typer.Option(help="restrict (sample only what can fit) | project (shrink to fit) | reject (prune over-budget samples).")] = "restrict",
+    evaluator: Annotated[
+        Optional[str], typer.Option(help="How candidates are scored: train | supernet; default the profile's.")
+    ] = None,
+    evaluator_option: Annotated[
+        Optional[list[str]], typer.Option(help="KEY=VALUE for the evaluator (repeatable), e.g. width=0.25.")
+    ] = None,
+    retrain: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--retrain/--no-retrain",
+            help="After the search, retrain the front's knee and its neighbours from scratch for the longest schedule "
+            "that fits the time budget (its last share; the profile's policy); best.yaml = the retrained knee. "
+            "Default: as the profile says (quick and paper retrain).",
+        ),
+    ] = None,
+    budget_sampling: Annotated[
+        str,
+        typer.Option(
+            help="restrict (sample only what can fit) | project (shrink to fit) | reject (prune over-budget samples)."
+        ),
+    ] = "restrict",
 ) -> None:
     """Multi-objective architecture search under a cost budget; re-run the same command to resume."""
     keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
@@ -254,8 +309,11 @@ def search(
         raise fail("psc-search", err) from None
     except INTERRUPTS:
         where = f" (run folder {settings.out_dir()})" if settings else ""
-        typer.echo(f"psc-search: interrupted; the trial in progress is back in the queue: re-run the same command "
-                   f"to resume{where}", err=True)
+        typer.echo(
+            f"psc-search: interrupted; the trial in progress is back in the queue: re-run the same command "
+            f"to resume{where}",
+            err=True,
+        )
         raise typer.Exit(130) from None
 
 
@@ -278,13 +336,22 @@ train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @train_app.command()
 def train(
-    arch: Annotated[str, typer.Option(help="A preset (conv3d, p1sc1, p2sc2, p2sc3, csn_ip, csn_ir, cakes_uniform) or a config YAML/JSON.")],
+    arch: Annotated[
+        str,
+        typer.Option(
+            help="A preset (conv3d, p1sc1, p2sc2, p2sc3, csn_ip, csn_ir, cakes_uniform) or a config YAML/JSON."
+        ),
+    ],
     task: Annotated[str, typer.Option(help="Task to train on (e.g. ibsr).")] = "ibsr",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs; validation on whole volumes after each.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of weights, patch sampling and data order.")] = 0,
     data_dir: Annotated[Optional[str], typer.Option(help="Task data; default the task's own.")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Run folder; default runs/<task>-<arch>-<config hash>-s<seed>.")] = None,
-    samples_per_epoch: Annotated[Optional[int], typer.Option(min=1, help="Training patches per epoch; default the task's.")] = None,
+    out: Annotated[
+        Optional[str], typer.Option(help="Run folder; default runs/<task>-<arch>-<config hash>-s<seed>.")
+    ] = None,
+    samples_per_epoch: Annotated[
+        Optional[int], typer.Option(min=1, help="Training patches per epoch; default the task's.")
+    ] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Patches per step; default the task's.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -300,10 +367,20 @@ def train(
         task_def = get_task(task)
         config, label = load_arch(arch, task_def)
         run_dir = Path(out) if out else Path("runs") / f"{task}-{label}-{config.hash}-s{seed}"
-        result = fit_into(run_dir, config, task_def, epochs=epochs, seed=seed, data_dir=data_dir, progress=progress,
-                          data_options={k: v for k, v in options.items() if v is not None})
+        result = fit_into(
+            run_dir,
+            config,
+            task_def,
+            epochs=epochs,
+            seed=seed,
+            data_dir=data_dir,
+            progress=progress,
+            data_options={k: v for k, v in options.items() if v is not None},
+        )
     except (ValueError, OSError, TrainingFailed) as err:
         raise fail("psc-train", err) from None
     scores = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
-    typer.echo(f"{run_dir}: {result.epochs} epochs in {result.wall_seconds:.0f} s "
-               f"({result.fwd_bwd_seconds:.0f} s forward+backward); {scores}")
+    typer.echo(
+        f"{run_dir}: {result.epochs} epochs in {result.wall_seconds:.0f} s "
+        f"({result.fwd_bwd_seconds:.0f} s forward+backward); {scores}"
+    )

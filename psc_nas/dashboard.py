@@ -75,8 +75,13 @@ def finite(value: Any) -> Any:
 
 def trial_detail(run: Run, record: TrialRecord) -> dict[str, Any]:
     """What clicking a point shows: architecture, learning curve, config, export command."""
-    detail: dict[str, Any] = {"metrics": finite(record.metrics), "curve": finite(record.curve),
-                              "export": export_command(run, record.number), "arch": None, "arch_error": None}
+    detail: dict[str, Any] = {
+        "metrics": finite(record.metrics),
+        "curve": finite(record.curve),
+        "export": export_command(run, record.number),
+        "arch": None,
+        "arch_error": None,
+    }
     if record.arch is None:
         detail["arch_error"] = "the trial recorded no architecture"
         return detail
@@ -106,8 +111,11 @@ def hypervolume_history(run: Run) -> list[dict[str, Any]]:
     in pareto.json: (metric, params) in the unit box, so the last point equals the run's."""
     done = run.completed()
     return [
-        {"trial": r.number, "time": r.completed_at.isoformat(),  # type: ignore[union-attr]
-         "hypervolume": quality_hypervolume(done[: i + 1], run.record)}
+        {
+            "trial": r.number,
+            "time": r.completed_at.isoformat(),  # type: ignore[union-attr]
+            "hypervolume": quality_hypervolume(done[: i + 1], run.record),
+        }
         for i, r in enumerate(done)
     ]
 
@@ -115,8 +123,17 @@ def hypervolume_history(run: Run) -> list[dict[str, Any]]:
 def version(run: Run) -> str:
     """Changes whenever a trial does: a new one, a new state, values, an evaluation at a new fidelity, or
     a retraining of its architecture."""
-    key = [(r.number, r.state.name, r.values, str(r.completed_at), r.fidelity and r.fidelity.key,
-            r.retrained and r.retrained.fidelity.key) for r in run.records]
+    key = [
+        (
+            r.number,
+            r.state.name,
+            r.values,
+            str(r.completed_at),
+            r.fidelity and r.fidelity.key,
+            r.retrained and r.retrained.fidelity.key,
+        )
+        for r in run.records
+    ]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -132,8 +149,12 @@ def payload(run: Run) -> dict[str, Any]:
     return {
         "version": version(run),
         "run": {
-            "name": run.name, "path": str(run.path), "task": run.task, "space": run.record.space,
-            "budget_params": run.record.budget.params, "budget_macs": run.record.budget.macs,
+            "name": run.name,
+            "path": str(run.path),
+            "task": run.task,
+            "space": run.record.space,
+            "budget_params": run.record.budget.params,
+            "budget_macs": run.record.budget.macs,
             "objectives": [o.to_dict() for o in run.objectives],
             "quality": run.quality.name,
             "states": {state: int(n) for state, n in table.state.value_counts().items()},
@@ -155,8 +176,9 @@ def _script_json(data: Any) -> str:
 def render_page(data: dict[str, Any] | None = None) -> str:
     """The page; with ``data`` a self-contained snapshot, without it the live page that polls."""
     plotly = f"<script>{get_plotlyjs()}</script>" if data is not None else '<script src="plotly.min.js"></script>'
-    embedded = (f'<script type="application/json" id="run-data">{_script_json(data)}</script>'
-                if data is not None else "")
+    embedded = (
+        f'<script type="application/json" id="run-data">{_script_json(data)}</script>' if data is not None else ""
+    )
     html = dashboards.asset("index.html")
     for marker, value in {
         "{{style}}": dashboards.asset("dashboard.css"),
@@ -214,7 +236,7 @@ def host_name(header: str | None) -> str:
     """The host name of a ``Host:`` header, without port or IPv6 brackets, lower case."""
     value = (header or "").strip().lower()
     if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
+        return value[1 : value.find("]")] if "]" in value else value
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 

@@ -70,12 +70,15 @@ def select(run: Run, pick: Pick) -> TrialRecord:
         if record.over_budget:
             budget = run.record.budget
             # Exact counts: an excess of a few parameters rounds away in format_count's 3 digits.
-            excess = ", ".join(f"{name} {used:,} > budget {limit:,}, +{100 * (used - limit) / limit:.2g}%"
-                               for name, used, limit in
-                               (("params", record.params, budget.params), ("macs", record.macs, budget.macs))
-                               if limit is not None and used is not None and used > limit)
-            raise ValueError(f"trial {record.number} is over budget ({excess}) and was never trained; "
-                             "over-budget trials are priced, not evaluated")
+            excess = ", ".join(
+                f"{name} {used:,} > budget {limit:,}, +{100 * (used - limit) / limit:.2g}%"
+                for name, used, limit in (("params", record.params, budget.params), ("macs", record.macs, budget.macs))
+                if limit is not None and used is not None and used > limit
+            )
+            raise ValueError(
+                f"trial {record.number} is over budget ({excess}) and was never trained; "
+                "over-budget trials are priced, not evaluated"
+            )
         if record.state != TrialState.COMPLETE:
             state = {"FAIL": "failed", "RUNNING": "still running"}.get(record.state.name, record.state.name.lower())
             reason = f": {record.fail_reason}" if record.fail_reason else ""
@@ -90,8 +93,10 @@ def select(run: Run, pick: Pick) -> TrialRecord:
         fitting = [r for r in candidates if r.measure(pick.cost) <= pick.limit]  # type: ignore[operator]
         if not fitting:
             smallest = min(r.measure(pick.cost) for r in candidates)  # type: ignore[type-var]
-            raise ValueError(f"no finished trial has {pick.cost} <= {format_count(pick.limit)} "
-                             f"(the smallest has {format_count(smallest)})")
+            raise ValueError(
+                f"no finished trial has {pick.cost} <= {format_count(pick.limit)} "
+                f"(the smallest has {format_count(smallest)})"
+            )
         candidates = fitting
     sign = 1 if run.quality.maximize else -1
     return max(candidates, key=lambda r: (sign * run.quality_of(r), -r.number))  # type: ignore[operator]
@@ -157,8 +162,15 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             # One self-contained file: these networks are far below ONNX's 2 GB protobuf limit.
-            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
-                              input_names=["image"], output_names=["logits"])
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                input_names=["image"],
+                output_names=["logits"],
+            )
     finally:
         exporter_log.setLevel(level)
     return path
@@ -193,11 +205,14 @@ def export(
     model = build_model(config)
     params = sum(p.numel() for p in model.parameters())
     if params != record.params:
-        raise ValueError(f"trial {record.number} rebuilds with {params} parameters but the study recorded "
-                         f"{record.params}; was the study written by another psc-nas version?")
+        raise ValueError(
+            f"trial {record.number} rebuilds with {params} parameters but the study recorded "
+            f"{record.params}; was the study written by another psc-nas version?"
+        )
     if retrain:
-        files["weights"] = retrain_weights(run, config, stem, epochs=epochs or full_fidelity_epochs(run),
-                                           data_dir=data_dir)
+        files["weights"] = retrain_weights(
+            run, config, stem, epochs=epochs or full_fidelity_epochs(run), data_dir=data_dir
+        )
         model.load_state_dict(torch.load(files["weights"], map_location="cpu"))
     if torchscript or onnx:
         model.eval()

@@ -8,7 +8,7 @@ one convention serves the search's promotion rule, the front, the benchmark and 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 Point = Sequence[float]
 # Far above float rounding of a normalized sum (~1e-16 per objective), far below any real difference
@@ -112,8 +112,7 @@ def select_best(points: Sequence[Point], count: int) -> list[int]:
 def normalize(points: Sequence[Point], lower: Point, upper: Point) -> list[tuple[float, ...]]:
     """Affine map sending ``lower`` to 0 and ``upper`` to 1 per objective (a zero range maps to 0)."""
     return [
-        tuple((v - lo) / (hi - lo) if hi > lo else 0.0 for v, lo, hi in zip(point, lower, upper))
-        for point in points
+        tuple((v - lo) / (hi - lo) if hi > lo else 0.0 for v, lo, hi in zip(point, lower, upper)) for point in points
     ]
 
 

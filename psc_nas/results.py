@@ -59,8 +59,11 @@ class Run:
         if not writable and db.stat().st_size == 0:
             raise ValueError(f"{db} is empty (0 bytes): no study was written to it")
         # SQLite's own read-only mode (a URI filename): no schema is created, nothing is written.
-        url = (f"sqlite:///{db.resolve()}" if writable else
-               f"sqlite:///file:{urllib.parse.quote(str(db.resolve()))}?mode=ro&uri=true")
+        url = (
+            f"sqlite:///{db.resolve()}"
+            if writable
+            else f"sqlite:///file:{urllib.parse.quote(str(db.resolve()))}?mode=ro&uri=true"
+        )
         try:
             storage = optuna.storages.RDBStorage(url, skip_table_creation=not writable)
             names = optuna.study.get_all_study_names(storage)
@@ -128,6 +131,7 @@ class Run:
         """psc-search's trials.csv table with ``quality`` added: measured accuracy or missing."""
         table = trials_table(self.records, self.objectives)
         if table.empty:  # a search that has not started a trial: the columns, no rows
-            return pd.DataFrame(columns=["number", "state", "feasible", "over_budget", "quality", "params", "macs",
-                                         "latency_ms"])
+            return pd.DataFrame(
+                columns=["number", "state", "feasible", "over_budget", "quality", "params", "macs", "latency_ms"]
+            )
         return table.assign(quality=table[self.quality.name].where(table.feasible))

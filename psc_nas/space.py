@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -201,7 +202,9 @@ def _parse_units(raw: Any, slots: tuple[Slot, ...]) -> tuple[Unit, ...]:
         patterns = group.get("slots", "*")
         patterns = patterns if isinstance(patterns, list) else [patterns]
         if not all(isinstance(p, str) for p in patterns):
-            raise ConfigError(f"{path}.slots", f"must be slot-name patterns such as 'block1.*', got {group.get('slots')!r}")
+            raise ConfigError(
+                f"{path}.slots", f"must be slot-name patterns such as 'block1.*', got {group.get('slots')!r}"
+            )
         members = tuple(i for i in unclaimed if any(fnmatchcase(slots[i].name, p) for p in patterns))
         if not members:
             names = [slots[i].name for i in unclaimed]
@@ -219,13 +222,18 @@ def _parse_units(raw: Any, slots: tuple[Slot, ...]) -> tuple[Unit, ...]:
         else:
             units += [Unit(f"b{i}", (i,), domains, ops_path) for i in members]
     if unclaimed:
-        raise ConfigError("blocks.groups", f"slots {[slots[i].name for i in unclaimed]} are in no group; end with slots: '*'")
+        raise ConfigError(
+            "blocks.groups", f"slots {[slots[i].name for i in unclaimed]} are in no group; end with slots: '*'"
+        )
     return tuple(sorted(units, key=lambda unit: unit.slots[0]))
 
 
 def _parse_ops(raw: Any, path: str) -> dict[str, OpDomain]:
     if not isinstance(raw, Mapping) or not raw:
-        raise ConfigError(path, f"must map op families to their argument domains, e.g. {{conv3d: {{}}, pmscn: {{m: [1, 2]}}}}; got {raw!r}")
+        raise ConfigError(
+            path,
+            f"must map op families to their argument domains, e.g. {{conv3d: {{}}, pmscn: {{m: [1, 2]}}}}; got {raw!r}",
+        )
     domains = {}
     for op, args in raw.items():
         try:
@@ -332,7 +340,9 @@ def _locate(name_or_path: str | Path) -> Path:
     shipped = shipped_spaces()
     if str(name_or_path) in shipped:
         return shipped[str(name_or_path)]
-    raise ConfigError("", f"no search space {str(name_or_path)!r}: not a file and not a shipped space {sorted(shipped)}")
+    raise ConfigError(
+        "", f"no search space {str(name_or_path)!r}: not a file and not a shipped space {sorted(shipped)}"
+    )
 
 
 def _display(path: Path) -> str:

@@ -23,10 +23,11 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -66,14 +67,28 @@ class TrainResult:
 class TaskModule(L.LightningModule):
     """A network built from an ArchConfig, trained and validated the way its task says."""
 
-    def __init__(self, config: ArchConfig, task: Task, *, lr: float = DEFAULT_LR, weight_decay: float = 0.0,
-                 lr_schedule: str = "constant") -> None:
+    def __init__(
+        self,
+        config: ArchConfig,
+        task: Task,
+        *,
+        lr: float = DEFAULT_LR,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+    ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
         # The checkpoint carries the architecture, so export can rebuild the network from it alone.
-        self.save_hyperparameters({"arch": config.to_dict(), "task": task.name, "lr": lr,
-                                   "weight_decay": weight_decay, "lr_schedule": lr_schedule})
+        self.save_hyperparameters(
+            {
+                "arch": config.to_dict(),
+                "task": task.name,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "lr_schedule": lr_schedule,
+            }
+        )
         self.net = build_model(config)
         self.task = task
         self.loss_fn = task.loss()
@@ -114,22 +129,35 @@ class TaskModule(L.LightningModule):
         self.log_dict({f"test_{name}": value for name, value in self.val_metrics.compute().items()})
 
     def configure_optimizers(self) -> Any:
-        return optimizer_and_schedule(self.parameters(), lr=self.lr, weight_decay=self.weight_decay,
-                                      schedule=self.lr_schedule, total_steps=int(self.trainer.estimated_stepping_batches))
+        return optimizer_and_schedule(
+            self.parameters(),
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            schedule=self.lr_schedule,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+        )
 
 
 def optimizer_and_schedule(params: Any, *, lr: float, weight_decay: float, schedule: str, total_steps: int) -> Any:
     """Adam at a constant rate (no weight decay), or AdamW; "onecycle": linear warm-up over the first
     ``WARMUP_SHARE`` of the steps, then cosine decay to ~0 at the last step (stepped every batch), so a short
     run ends on settled weights instead of wherever a constant rate left them."""
-    optimizer = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay
-                 else torch.optim.Adam(params, lr=lr))
+    optimizer = (
+        torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay else torch.optim.Adam(params, lr=lr)
+    )
     if schedule == "constant":
         return optimizer
     total_steps = max(total_steps, 4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(  # at least 2 warm-up steps (OneCycleLR divides by them)
-        optimizer, max_lr=lr, total_steps=total_steps, pct_start=max(WARMUP_SHARE, 3 / total_steps), anneal_strategy="cos",
-        cycle_momentum=False, div_factor=25.0, final_div_factor=1e3)
+        optimizer,
+        max_lr=lr,
+        total_steps=total_steps,
+        pct_start=max(WARMUP_SHARE, 3 / total_steps),
+        anneal_strategy="cos",
+        cycle_momentum=False,
+        div_factor=25.0,
+        final_div_factor=1e3,
+    )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -245,9 +273,13 @@ def fit(
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = ModelCheckpoint(
-            dirpath=out_dir, filename=CHECKPOINT_NAME, monitor=task.metric, mode="max" if task.maximize else "min",
+            dirpath=out_dir,
+            filename=CHECKPOINT_NAME,
+            monitor=task.metric,
+            mode="max" if task.maximize else "min",
             save_top_k=1,
-            auto_insert_metric_name=False, enable_version_counter=False,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
         )
     with _quiet():
         trainer = L.Trainer(
@@ -270,8 +302,10 @@ def fit(
             raise TrainingFailed("no training epoch finished")
         tested = trainer.test(module, datamodule=datamodule, verbose=False)[0] if evaluate_test else {}
     result = TrainResult(
-        metrics={**{k: v for k, v in curve.rows[-1].items() if k not in ("epoch", "train_loss")},
-                 **{k: float(v) for k, v in tested.items()}},
+        metrics={
+            **{k: v for k, v in curve.rows[-1].items() if k not in ("epoch", "train_loss")},
+            **{k: float(v) for k, v in tested.items()},
+        },
         best_metric=task.best([row[task.metric] for row in curve.rows]),
         curve=curve.rows,
         wall_seconds=time.perf_counter() - started,

@@ -8,7 +8,8 @@ their default domains never produce (kernel sizes, explicit widths, arbitrary CA
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hypothesis import assume
 from hypothesis import strategies as st

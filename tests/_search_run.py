@@ -78,15 +78,18 @@ class _Recorder:
         dice = _dice(record.params, self.rng)
         curve = [{"epoch": e, "train_loss": 1.2 / (e + 1), "dice_mean": dice * (e + 1) / 3} for e in range(3)]
         metrics = {"dice_mean": dice, "dice_gm": dice - 0.02, "dice_wm": dice + 0.02}
-        record.with_evaluation(Evaluation("train", FIDELITY, metrics, curve, wall_s=3.0, evaluated_by=trial.number)
-                               ).save(trial)
+        record.with_evaluation(
+            Evaluation("train", FIDELITY, metrics, curve, wall_s=3.0, evaluated_by=trial.number)
+        ).save(trial)
         tell_evaluated(self.study, trial, [dice, record.params])
 
     def fail(self, config: ArchConfig, reason: str) -> None:
         trial, record = self.start(config)
         # what a diverged run leaves behind
-        curve = [{"epoch": 0, "train_loss": 2.1, "dice_mean": 0.3},
-                 {"epoch": 1, "train_loss": math.inf, "dice_mean": math.nan}]
+        curve = [
+            {"epoch": 0, "train_loss": 2.1, "dice_mean": 0.3},
+            {"epoch": 1, "train_loss": math.inf, "dice_mean": math.nan},
+        ]
         diverged = Evaluation("train", FIDELITY, {"dice_mean": math.nan}, curve, evaluated_by=trial.number)
         replace(record.with_evaluation(diverged), fail_reason=reason).save(trial)
         tell_failed(self.study, trial)
@@ -97,10 +100,12 @@ def make_run(root: Path, name: str = "demo", *, mixed: int = 8, seed: int = 0, h
     rng = random.Random(seed)
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    study = optuna.create_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}",
-                                directions=[o.direction for o in OBJECTIVES])
-    presets = {p: preset_config(p, "densenet3d", **hparams)
-               for p in ("conv3d", "p1sc1", "p2sc2", "csn_ip", "cakes_uniform")}
+    study = optuna.create_study(
+        study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}", directions=[o.direction for o in OBJECTIVES]
+    )
+    presets = {
+        p: preset_config(p, "densenet3d", **hparams) for p in ("conv3d", "p1sc1", "p2sc2", "csn_ip", "cakes_uniform")
+    }
     budget = Budget(params=psc_nas.cost(presets["conv3d"], SPATIAL).params - 1)
     StudyRecord("ibsr", "ibsr_densenet3d", budget, OBJECTIVES, "train").write(study)
 

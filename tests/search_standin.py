@@ -49,9 +49,14 @@ class StandinEvaluator(Evaluator):
             with open(log, "a") as handle:
                 handle.write(f"{config.hash} {epochs} {os.getpid()}\n")
         dice = fake_dice(config, epochs)
-        return Evaluation(self.name, fidelity, {"dice_mean": dice},
-                          [{"epoch": e + 1, "dice_mean": dice} for e in range(epochs)],
-                          wall_s=seconds * epochs, fwd_bwd_s=0.9 * seconds * epochs)
+        return Evaluation(
+            self.name,
+            fidelity,
+            {"dice_mean": dice},
+            [{"epoch": e + 1, "dice_mean": dice} for e in range(epochs)],
+            wall_s=seconds * epochs,
+            fwd_bwd_s=0.9 * seconds * epochs,
+        )
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from psc_nas.tasks import register_task
 
 SLOW_SPACE_YAML = SPACE_YAML.replace("name: bar_axis_resnet3d", "name: slow_bar_resnet3d").replace(
-    "task: bar_axis", "task: slow_bar")
+    "task: bar_axis", "task: slow_bar"
+)
 
 
 class _Announced(list):
@@ -36,17 +37,30 @@ class _Announced(list):
 class SlowBarData(BarData):
     def train_dataloader(self) -> DataLoader:
         loader = super().train_dataloader()
-        return DataLoader(_Announced(loader.dataset), batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+        return DataLoader(
+            _Announced(loader.dataset), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+        )
 
 
 @register_task
 class SlowBarTask(BarAxisTask):
     name = "slow_bar"
 
-    def datamodule(self, data_dir: str | Path | None = None, *, seed: int = 0, samples_per_epoch: int = 32,
-                   batch_size: int = 8, num_workers: int = 0) -> SlowBarData:
-        base = super().datamodule(data_dir, seed=seed, samples_per_epoch=samples_per_epoch, batch_size=batch_size,
-                                  num_workers=num_workers)
-        return SlowBarData(seed=seed, samples_per_epoch=base.samples_per_epoch, batch_size=base.batch_size,
-                           num_workers=base.num_workers)
+    def datamodule(
+        self,
+        data_dir: str | Path | None = None,
+        *,
+        seed: int = 0,
+        samples_per_epoch: int = 32,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ) -> SlowBarData:
+        base = super().datamodule(
+            data_dir, seed=seed, samples_per_epoch=samples_per_epoch, batch_size=batch_size, num_workers=num_workers
+        )
+        return SlowBarData(
+            seed=seed,
+            samples_per_epoch=base.samples_per_epoch,
+            batch_size=base.batch_size,
+            num_workers=base.num_workers,
+        )

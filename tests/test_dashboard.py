@@ -22,8 +22,16 @@ from psc_nas.search.budget import Budget
 from psc_nas.search.record import Objective, StudyRecord, TrialRecord
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
 
 
@@ -62,7 +70,9 @@ class Page:
     def wait_points(self, expected: int, plot: str = "front-params") -> None:
         self.page.wait_for_function(
             "([plot, n]) => document.querySelectorAll(`#${plot} .scatterlayer .point`).length === n",
-            arg=[plot, expected], timeout=20_000)
+            arg=[plot, expected],
+            timeout=20_000,
+        )
 
     def click_trial(self, number: int, plot: str = "front-params") -> None:
         """Click the marker of trial ``number`` where plotly drew it."""
@@ -77,7 +87,9 @@ class Page:
                     return {x: r.x + r.width / 2, y: r.y + r.height / 2};
                 }
                 return null;
-            }""", [plot, number])
+            }""",
+            [plot, number],
+        )
         assert box is not None, f"trial {number} is not plotted"
         self.page.mouse.move(box["x"], box["y"])
         self.page.mouse.click(box["x"], box["y"])
@@ -195,7 +207,8 @@ def test_live_page(tmp_path, browser):
 def assert_shows_trial(tab: Page, run: Run, number: int) -> None:
     """The trial panel shows trial ``number``: its architecture drawn as data, config, export command."""
     tab.page.wait_for_function(
-        "n => document.getElementById('arch-title').textContent.startsWith(`Trial ${n}:`)", arg=number)
+        "n => document.getElementById('arch-title').textContent.startsWith(`Trial ${n}:`)", arg=number
+    )
     drawn = tab.page.evaluate("() => document.getElementById('arch').data.map(t => ({kind: t.name, shares: t.y}))")
     expected = architecture(run.config(number))
     for trace in drawn:
@@ -227,10 +240,15 @@ def test_snapshot_works_offline(run_dir, browser):
 def test_page_of_a_search_that_has_not_finished_a_trial(tmp_path, browser):
     run_dir = tmp_path / "fresh"
     run_dir.mkdir()
-    study = optuna.create_study(study_name="fresh", storage=f"sqlite:///{run_dir / 'study.db'}",
-                                directions=["maximize", "minimize"])
-    StudyRecord("ibsr", "ibsr_densenet3d", Budget(params=5_000_000),
-                (Objective("dice_mean", maximize=True), Objective("params", maximize=False))).write(study)
+    study = optuna.create_study(
+        study_name="fresh", storage=f"sqlite:///{run_dir / 'study.db'}", directions=["maximize", "minimize"]
+    )
+    StudyRecord(
+        "ibsr",
+        "ibsr_densenet3d",
+        Budget(params=5_000_000),
+        (Objective("dice_mean", maximize=True), Objective("params", maximize=False)),
+    ).write(study)
     tab = Page(browser, offline=True)
     tab.page.goto(write_snapshot(run_dir, study).as_uri())
     tab.page.wait_for_function("() => document.getElementById('run-facts').textContent.includes('none yet')")

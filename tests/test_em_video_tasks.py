@@ -57,13 +57,19 @@ blocks:
 # ---------------------------------------------------------------------- the problems
 @pytest.mark.parametrize(
     ("name", "metric", "direction", "space", "shape"),
-    [("em", "vi_sum", "minimize", "em_unet3d", (1, 32, 32, 32)),
-     ("ucf101", "clip_top1", "maximize", "video_resnet3d", (3, 16, 32, 32))],
+    [
+        ("em", "vi_sum", "minimize", "em_unet3d", (1, 32, 32, 32)),
+        ("ucf101", "clip_top1", "maximize", "video_resnet3d", (3, 16, 32, 32)),
+    ],
 )
 def test_em_and_ucf101_state_their_problem_and_every_preset_fits(name, metric, direction, space, shape):
     task = get_task(name)
     assert (task.metric, task.metric_direction, task.default_space, task.input_shape) == (
-        metric, direction, space, shape)
+        metric,
+        direction,
+        space,
+        shape,
+    )
     task.check_space(SearchSpace.load(space))
     for preset in PRESETS:  # psc-train --arch <preset> builds and runs on the task's input
         config = task.check_config(preset_config(preset, task.backbone, **task.backbone_hparams))
@@ -124,8 +130,25 @@ def test_ucf101_refuses_more_classes_than_its_outputs(tmp_path):
 @pytest.mark.slow
 def test_psc_train_em_on_a_data_folder_writes_vi_metrics(tmp_path):
     write_em_dir(tmp_path / "data", ["a", "b"], shape=(32, 32, 32))
-    train = run_cli("psc-train", "--task", "em", "--arch", "csn_ir", "--epochs", "2", "--samples-per-epoch", "2",
-                    "--batch-size", "2", "--data-dir", "data", "--out", "trained", "--no-progress", cwd=tmp_path)
+    train = run_cli(
+        "psc-train",
+        "--task",
+        "em",
+        "--arch",
+        "csn_ir",
+        "--epochs",
+        "2",
+        "--samples-per-epoch",
+        "2",
+        "--batch-size",
+        "2",
+        "--data-dir",
+        "data",
+        "--out",
+        "trained",
+        "--no-progress",
+        cwd=tmp_path,
+    )
     assert train.returncode == 0, train.stderr
     record = json.loads((tmp_path / "trained" / "metrics.json").read_text())
     assert set(record["metrics"]) == {"vi_split", "vi_merge", "vi_sum", "arand", "merge_threshold"}
@@ -136,8 +159,19 @@ def test_psc_train_em_on_a_data_folder_writes_vi_metrics(tmp_path):
 
     with h5py_file(tmp_path / "data" / "b.hdf") as file:
         del file["volumes/labels/neuron_ids"]
-    bad = run_cli("psc-train", "--task", "em", "--arch", "csn_ir", "--data-dir", "data", "--out", "bad",
-                  "--no-progress", cwd=tmp_path)
+    bad = run_cli(
+        "psc-train",
+        "--task",
+        "em",
+        "--arch",
+        "csn_ir",
+        "--data-dir",
+        "data",
+        "--out",
+        "bad",
+        "--no-progress",
+        cwd=tmp_path,
+    )
     assert_one_line_error(bad, "psc-train", "data/b.hdf: no dataset 'volumes/labels/neuron_ids'")
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
 
@@ -163,8 +197,23 @@ def test_psc_train_ucf101_on_a_data_folder_writes_clip_and_video_accuracy(tmp_pa
     (root / "ucfTrainTestlist/classInd.txt").write_text("1 JumpRope\n2 Surfing\n")
     (root / "ucfTrainTestlist/trainlist01.txt").write_text("\n".join(train) + "\n")
     (root / "ucfTrainTestlist/testlist01.txt").write_text("\n".join(test) + "\n")
-    result = run_cli("psc-train", "--task", "ucf101", "--arch", "csn_ir", "--epochs", "1", "--batch-size", "2",
-                     "--data-dir", "ucf", "--out", "trained", "--no-progress", cwd=tmp_path)
+    result = run_cli(
+        "psc-train",
+        "--task",
+        "ucf101",
+        "--arch",
+        "csn_ir",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--data-dir",
+        "ucf",
+        "--out",
+        "trained",
+        "--no-progress",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "trained" / "metrics.json").read_text())
     assert set(record["metrics"]) == {"clip_top1", "video_top1"}
@@ -174,8 +223,23 @@ def test_psc_train_ucf101_on_a_data_folder_writes_clip_and_video_accuracy(tmp_pa
     assert record["metrics"]["video_top1"] * 4 == round(record["metrics"]["video_top1"] * 4)
 
     (root / "Surfing/v_Surfing_g08_c01.avi").write_bytes(b"\0" * 500)  # a corrupt training video
-    bad = run_cli("psc-train", "--task", "ucf101", "--arch", "csn_ir", "--epochs", "1", "--batch-size", "4",
-                  "--data-dir", "ucf", "--out", "bad", "--no-progress", cwd=tmp_path)
+    bad = run_cli(
+        "psc-train",
+        "--task",
+        "ucf101",
+        "--arch",
+        "csn_ir",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--data-dir",
+        "ucf",
+        "--out",
+        "bad",
+        "--no-progress",
+        cwd=tmp_path,
+    )
     assert_one_line_error(bad, "psc-train", "v_Surfing_g08_c01.avi: not a readable video")
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
 
@@ -187,8 +251,20 @@ def test_psc_train_ucf101_on_a_data_folder_writes_clip_and_video_accuracy(tmp_pa
 )
 def test_psc_search_and_psc_export_on_the_embedded_data(tmp_path, task, space, budget, metric, direction):
     (tmp_path / "space.yaml").write_text(space)
-    found = run_cli("psc-search", "--task", task, "--space", "space.yaml", "--budget", budget, "--trials", "2",
-                    "--out", "search", cwd=tmp_path)
+    found = run_cli(
+        "psc-search",
+        "--task",
+        task,
+        "--space",
+        "space.yaml",
+        "--budget",
+        budget,
+        "--trials",
+        "2",
+        "--out",
+        "search",
+        cwd=tmp_path,
+    )
     assert found.returncode == 0, found.stderr
     out = tmp_path / "search"
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")

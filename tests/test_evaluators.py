@@ -44,8 +44,12 @@ def test_registry_names_evaluators_and_refuses_unknown_or_twice_registered_ones(
 
 
 def test_train_evaluator_options_reduced_width_and_schedule():
-    setup = EvaluatorSetup(SmallPatchIBSR(), epochs=(1,), data_options=TINY_DATA,
-                           options={"width": 0.5, "lr_schedule": "onecycle", "lr": 2e-3})
+    setup = EvaluatorSetup(
+        SmallPatchIBSR(),
+        epochs=(1,),
+        data_options=TINY_DATA,
+        options={"width": 0.5, "lr_schedule": "onecycle", "lr": 2e-3},
+    )
     evaluator = make_evaluator("train", setup)
     assert evaluator.levels()[0].words.endswith("width 0.5")
     task = SmallPatchIBSR()

@@ -38,13 +38,16 @@ def cli(*args: str):
     return CliRunner().invoke(export_app, list(args))
 
 
-@pytest.mark.parametrize("text, pick", [
-    ("knee", Pick("knee")),
-    ("BEST", Pick("best")),
-    ("trial 12", Pick("trial", number=12)),
-    ("under 2M", Pick("under", limit=2_000_000)),
-    ("under 1.5G macs", Pick("under", limit=1_500_000_000, cost="macs")),
-])
+@pytest.mark.parametrize(
+    "text, pick",
+    [
+        ("knee", Pick("knee")),
+        ("BEST", Pick("best")),
+        ("trial 12", Pick("trial", number=12)),
+        ("under 2M", Pick("under", limit=2_000_000)),
+        ("under 1.5G macs", Pick("under", limit=1_500_000_000, cost="macs")),
+    ],
+)
 def test_pick_forms(text, pick):
     assert Pick.parse(text) == pick
 
@@ -97,19 +100,23 @@ def test_torchscript_and_onnx_compute_the_same_network(run, tmp_path):
     scripted = torch.jit.load(str(done.files["torchscript"]))
     expected = scripted(x).detach().numpy()
     assert expected.shape == (1, 4, *SPATIAL)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"trial-{done.record.number}.{ext}"
-                                                          for ext in ("onnx", "torchscript.pt", "yaml")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"trial-{done.record.number}.{ext}" for ext in ("onnx", "torchscript.pt", "yaml")
+    ]
     session = ort.InferenceSession(str(done.files["onnx"]))
     (got,) = session.run(None, {"image": x.numpy()})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--pick", "under 1k"], "no finished trial has params <= 1k"),
-    (["--pick", "trial 99"], "has no trial 99"),
-    (["--pick", "nearest"], "--pick must be one of"),
-    (["--format", "toml"], "--format must be one of"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pick", "under 1k"], "no finished trial has params <= 1k"),
+        (["--pick", "trial 99"], "has no trial 99"),
+        (["--pick", "nearest"], "--pick must be one of"),
+        (["--format", "toml"], "--format must be one of"),
+    ],
+)
 def test_cli_errors_are_one_line(run, args, message):
     result = cli(str(run.path), *args)
     assert result.exit_code == 1
@@ -124,15 +131,19 @@ def test_cli_refuses_failed_running_and_over_budget_trials(run):
     failed = next(r for r in run.records if r.state == TrialState.FAIL)
     result = cli(str(run.path), "--pick", f"trial {failed.number}")
     assert result.exit_code == 1
-    assert result.output == f"psc-export: trial {failed.number} failed: at 3 epochs: non-finite loss; " \
-                            "only finished trials can be exported\n"
+    assert (
+        result.output == f"psc-export: trial {failed.number} failed: at 3 epochs: non-finite loss; "
+        "only finished trials can be exported\n"
+    )
     conv3d = next(r for r in run.records if r.preset == "conv3d")
     result = cli(str(run.path), "--pick", f"trial {conv3d.number}")
     assert result.exit_code == 1
     used = conv3d.params
-    assert result.output == (f"psc-export: trial {conv3d.number} is over budget (params {used:,} > budget {used - 1:,}, "
-                             f"+{100 / (used - 1):.2g}%) and was never trained; over-budget trials are priced, not "
-                             "evaluated\n")
+    assert result.output == (
+        f"psc-export: trial {conv3d.number} is over budget (params {used:,} > budget {used - 1:,}, "
+        f"+{100 / (used - 1):.2g}%) and was never trained; over-budget trials are priced, not "
+        "evaluated\n"
+    )
 
 
 def test_cli_refuses_a_folder_without_a_study(tmp_path):
@@ -144,8 +155,11 @@ def test_cli_refuses_a_folder_without_a_study(tmp_path):
 def test_a_real_search_run_exports_its_best_yaml_and_the_dashboard_agrees(tmp_path):
     """psc-search (with the search tests' stand-in evaluator) writes the run; we read it back."""
     out = tmp_path / "ibsr-2M"
-    run_search(SearchSettings(task="ibsr", budget=Budget(params=2_000_000), trials=6, out=out, retrain=False),
-               evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
+    run_search(
+        SearchSettings(task="ibsr", budget=Budget(params=2_000_000), trials=6, out=out, retrain=False),
+        evaluator=search_standin.StandinEvaluator(),
+        console=Console(quiet=True),
+    )
     pareto = json.loads((out / "pareto.json").read_text())
     done = export(out, out_dir=tmp_path / "export")
     assert done.record.number == pareto["knee"]

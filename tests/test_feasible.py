@@ -21,13 +21,32 @@ from psc_nas.space import SearchSpace, replay_all
 
 SPATIAL = search_standin.SPATIAL
 SMALL_SPACE = {
-    "name": "small", "task": "ibsr", "backbone": "densenet3d",
-    "hparams": {"in_channels": 1, "num_classes": 4, "init_channels": 8, "growth_rate": 6, "side_channels": 4,
-                "num_blocks": 3, "layers_per_block": 2},
-    "blocks": {"share": True, "ops": {"conv3d": {}, "csn_ip": {}, "p3d": {"orientation": ["1x3x3", "3x1x3"]},
-                                      "pmscn": {"m": [1], "n": [1], "orientations": "all"}},
-               "groups": [{"name": "block1", "slots": "block1.*"}, {"name": "block2", "slots": "block2.*"},
-                          {"name": "rest", "slots": "*"}]},
+    "name": "small",
+    "task": "ibsr",
+    "backbone": "densenet3d",
+    "hparams": {
+        "in_channels": 1,
+        "num_classes": 4,
+        "init_channels": 8,
+        "growth_rate": 6,
+        "side_channels": 4,
+        "num_blocks": 3,
+        "layers_per_block": 2,
+    },
+    "blocks": {
+        "share": True,
+        "ops": {
+            "conv3d": {},
+            "csn_ip": {},
+            "p3d": {"orientation": ["1x3x3", "3x1x3"]},
+            "pmscn": {"m": [1], "n": [1], "orientations": "all"},
+        },
+        "groups": [
+            {"name": "block1", "slots": "block1.*"},
+            {"name": "block2", "slots": "block2.*"},
+            {"name": "rest", "slots": "*"},
+        ],
+    },
 }
 
 
@@ -38,8 +57,12 @@ def ibsr() -> Catalog:
 
 def _study(tmp_path, name: str, sampler: str, seed: int) -> optuna.Study:
     inner = make_sampler(sampler, seed=seed, population=6)
-    return optuna.create_study(storage=f"sqlite:///{tmp_path / f'{name}.db'}", study_name=name,
-                               sampler=RestrictedSampler(inner, seed=seed), directions=["maximize", "minimize"])
+    return optuna.create_study(
+        storage=f"sqlite:///{tmp_path / f'{name}.db'}",
+        study_name=name,
+        sampler=RestrictedSampler(inner, seed=seed),
+        directions=["maximize", "minimize"],
+    )
 
 
 def _random_budget(rng: random.Random, catalog: Catalog) -> Budget:
@@ -87,15 +110,21 @@ def test_restricted_sampling_reaches_exactly_the_feasible_configs(tmp_path):
     catalog = Catalog(space, SPATIAL)
     every = {c.hash: cost(c, SPATIAL) for c in replay_all(space.decide)}
     prices = sorted(every.values(), key=lambda c: c.params)
-    for budget in (Budget(params=prices[len(prices) // 4].params),
-                   Budget(macs=sorted(c.macs for c in prices)[len(prices) // 3]),
-                   Budget(params=prices[len(prices) // 2].params, macs=sorted(c.macs for c in prices)[len(prices) // 5])):
+    for budget in (
+        Budget(params=prices[len(prices) // 4].params),
+        Budget(macs=sorted(c.macs for c in prices)[len(prices) // 3]),
+        Budget(params=prices[len(prices) // 2].params, macs=sorted(c.macs for c in prices)[len(prices) // 5]),
+    ):
         feasible = {h for h, c in every.items() if budget.fits(c)}
         assert 1 < len(feasible) < len(every)
         feasibility = Feasibility(catalog, budget)
         # every config restricted sampling can produce: each branch of admissible answers, replayed
-        seen = {c.hash for c in replay_all(lambda ask, f=feasibility: f.decide(
-            lambda name, choices, admissible: ask(name, admissible))[0])}
+        seen = {
+            c.hash
+            for c in replay_all(
+                lambda ask, f=feasibility: f.decide(lambda name, choices, admissible: ask(name, admissible))[0]
+            )
+        }
         assert seen == feasible, budget.describe()
 
 
@@ -151,7 +180,10 @@ def test_the_last_decision_avoids_configs_already_in_the_study(ibsr):
     """Near the minimum few configs fit; a sampler that keeps choosing the first answer gets a new one."""
     budget = Budget(params=1_000_000)
     feasibility = Feasibility(ibsr, budget)
-    first = lambda name, choices, admissible: admissible[0]
+
+    def first(name, choices, admissible):
+        return admissible[0]
+
     seen: set[str] = set()
     for _ in range(5):
         config = feasibility.decide(first, avoid=seen)[0]

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from psc_nas.tasks import DataError, get_task
-from psc_nas.tasks import ibsr_embedded
+from psc_nas.tasks import DataError, get_task, ibsr_embedded
 from psc_nas.tasks.ibsr import IBSRDataModule
 from psc_nas.tasks.ibsr_embedded import embedded_cohort
 

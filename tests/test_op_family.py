@@ -16,10 +16,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import optuna
 import pytest
@@ -237,8 +238,12 @@ def test_a_plugin_module_registers_the_family_for_the_command_line(tmp_path):
         "from psc_nas.ops import register_family\nfrom test_op_family import GHOST\n\nregister_family(GHOST)\n"
     )
     root = Path(psc_nas.__file__).parents[1]
-    env = {**os.environ, "PSC_NAS_PLUGINS": "ghost_plugin", "COLUMNS": "200",
-           "PYTHONPATH": os.pathsep.join(map(str, [tmp_path, Path(__file__).parent, root]))}
+    env = {
+        **os.environ,
+        "PSC_NAS_PLUGINS": "ghost_plugin",
+        "COLUMNS": "200",
+        "PYTHONPATH": os.pathsep.join(map(str, [tmp_path, Path(__file__).parent, root])),
+    }
     command = [sys.executable, "-c", "from psc_nas.cli import space_app; space_app()", str(ghost_space(tmp_path))]
     shown = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr

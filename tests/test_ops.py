@@ -103,7 +103,9 @@ def test_bad_arguments_raise_value_error_naming_the_field(op, args, field):
         make_spec(op, 4, 8, **args)
 
 
-@pytest.mark.parametrize(("cin", "cout", "message"), [(0, 8, "in_channels"), (4, -1, "out_channels"), (4.5, 8, "in_channels")])
+@pytest.mark.parametrize(
+    ("cin", "cout", "message"), [(0, 8, "in_channels"), (4, -1, "out_channels"), (4.5, 8, "in_channels")]
+)
 def test_bad_channel_counts_raise(cin, cout, message):
     with pytest.raises(ValueError, match=message):
         make_spec("conv3d", cin, cout)

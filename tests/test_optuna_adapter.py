@@ -19,8 +19,9 @@ from psc_nas.search.storage import open_storage
 
 def make_study(tmp_path, *, heartbeat_interval: int = 60, name: str = "s") -> optuna.Study:
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=heartbeat_interval)
-    return optuna.create_study(storage=storage, study_name=name, directions=["maximize", "minimize"],
-                               load_if_exists=True)
+    return optuna.create_study(
+        storage=storage, study_name=name, directions=["maximize", "minimize"], load_if_exists=True
+    )
 
 
 def test_claims_take_queued_trials_in_order_each_once_and_never_create_one(tmp_path):
@@ -28,8 +29,12 @@ def test_claims_take_queued_trials_in_order_each_once_and_never_create_one(tmp_p
     other_worker = make_study(tmp_path)  # a second process's view of the same study
     for _ in range(4):
         enqueue(study, {})
-    claimed = [adapter.claim_waiting(study), adapter.claim_waiting(other_worker),
-               adapter.claim_waiting(study), adapter.claim_waiting(other_worker)]
+    claimed = [
+        adapter.claim_waiting(study),
+        adapter.claim_waiting(other_worker),
+        adapter.claim_waiting(study),
+        adapter.claim_waiting(other_worker),
+    ]
     assert [t.number for t in claimed] == [0, 1, 2, 3]
     assert adapter.claim_waiting(study) is None and adapter.claim_waiting(other_worker) is None
     assert [r.state for r in read_trials(study)] == [TrialState.RUNNING] * 4

@@ -40,21 +40,33 @@ OBJECTIVES = (Objective("dice_mean", maximize=True), Objective("params", maximiz
 
 def new_study(tmp_path, name: str = "run") -> optuna.Study:
     (tmp_path / name).mkdir()
-    return optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path / name / 'study.db'}",
-                               directions=["maximize", "minimize"])
+    return optuna.create_study(
+        study_name=name, storage=f"sqlite:///{tmp_path / name / 'study.db'}", directions=["maximize", "minimize"]
+    )
 
 
 def evaluation(fidelity: int, dice: float, by: int) -> Evaluation:
-    return Evaluation("train", Fidelity(fidelity, f"{fidelity} epochs × 8 samples"), {"dice_mean": dice},
-                      [{"epoch": e + 1, "dice_mean": dice} for e in range(fidelity)], wall_s=1.5 * fidelity,
-                      fwd_bwd_s=fidelity, val_forward_s=0.25, evaluated_by=by)
+    return Evaluation(
+        "train",
+        Fidelity(fidelity, f"{fidelity} epochs × 8 samples"),
+        {"dice_mean": dice},
+        [{"epoch": e + 1, "dice_mean": dice} for e in range(fidelity)],
+        wall_s=1.5 * fidelity,
+        fwd_bwd_s=fidelity,
+        val_forward_s=0.25,
+        evaluated_by=by,
+    )
 
 
 def test_a_record_reads_back_as_written(tmp_path):
     study = new_study(tmp_path)
     trial = study.ask()
-    written = (TrialRecord(trial.number, preset="csn_ip").priced(CONFIG, Cost(1234, 56789))
-               .with_evaluation(evaluation(2, math.nan, by=0)).with_evaluation(evaluation(1, 0.5, by=7)))
+    written = (
+        TrialRecord(trial.number, preset="csn_ip")
+        .priced(CONFIG, Cost(1234, 56789))
+        .with_evaluation(evaluation(2, math.nan, by=0))
+        .with_evaluation(evaluation(1, 0.5, by=7))
+    )
     written = replace(written, latency_ms=3.5, fail_reason="at 2 epochs: diverged")
     written.save(trial)
     written.save(trial)  # unchanged, NaN included: nothing to write, nothing breaks
@@ -102,11 +114,13 @@ def test_study_record_round_trip_and_what_a_resume_must_match(tmp_path):
 
 def test_hypervolume_normalizes_the_metric_by_its_recorded_range():
     done = [TrialRecord(0, TrialState.COMPLETE, values=(50.0, 0.0))]
-    study = StudyRecord("t", "s", Budget(params=10), (Objective("score", True, range=(0.0, 100.0)),
-                                                       Objective("params", False)))
+    study = StudyRecord(
+        "t", "s", Budget(params=10), (Objective("score", True, range=(0.0, 100.0)), Objective("params", False))
+    )
     assert quality_hypervolume(done, study) == pytest.approx(0.5)
-    lower_is_better = StudyRecord("t", "s", Budget(params=10), (Objective("error", False, range=(0.0, 4.0)),
-                                                                 Objective("params", False)))
+    lower_is_better = StudyRecord(
+        "t", "s", Budget(params=10), (Objective("error", False, range=(0.0, 4.0)), Objective("params", False))
+    )
     assert quality_hypervolume([TrialRecord(0, TrialState.COMPLETE, values=(1.0, 5.0))], lower_is_better) == 0.375
 
 
@@ -137,4 +151,3 @@ def test_every_reader_names_the_same_knee_when_completion_order_differs_from_num
     assert front.knee.number == json.loads((tmp_path / "run" / "pareto.json").read_text())["knee"] == 0
     assert run.knee() == payload(run)["knee"] == find_front(records, record).knee.number == 0
     assert export(tmp_path / "run", out_dir=tmp_path / "export").record.number == 0
-

@@ -55,17 +55,31 @@ BIN = Path(sys.executable).parent
 
 
 def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]), "COLUMNS": "200",
-            "OMP_NUM_THREADS": "1", "PSC_NAS_PLUGINS": "slow_task", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
+        "COLUMNS": "200",
+        "OMP_NUM_THREADS": "1",
+        "PSC_NAS_PLUGINS": "slow_task",
+        **extra,
+    }
 
 
 def run_cli(command: str, *args: str, cwd: Path, wrap: list[str] = (), **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*wrap, str(BIN / command), *args], cwd=cwd, env=env(**extra), capture_output=True,
-                          text=True, timeout=600, check=False)
+    return subprocess.run(
+        [*wrap, str(BIN / command), *args],
+        cwd=cwd,
+        env=env(**extra),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
-def one_line(result: subprocess.CompletedProcess, command: str, *parts: str, code: int = 1,
-             after_progress: bool = False) -> str:
+def one_line(
+    result: subprocess.CompletedProcess, command: str, *parts: str, code: int = 1, after_progress: bool = False
+) -> str:
     """The error line: exit ``code``, exactly one line on stderr starting with the command, no traceback.
     ``after_progress``: a search that ran first showed its progress (stderr), the error is the last line."""
     assert result.returncode == code, result.stdout + result.stderr
@@ -127,7 +141,9 @@ def truncated_image(tmp_path):
 
 def wrong_label_shape(tmp_path):
     root = write_ibsr(tmp_path / "ibsr")
-    nib.save(nib.Nifti1Image(np.zeros((12, 10, 13), np.uint8), np.eye(4)), root / "IBSR_04" / "IBSR_04_segTRI_ana.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.zeros((12, 10, 13), np.uint8), np.eye(4)), root / "IBSR_04" / "IBSR_04_segTRI_ana.nii.gz"
+    )
     return root, "label shape (12, 10, 13) differs from image shape (12, 10, 14)"
 
 
@@ -135,15 +151,35 @@ def wrong_label_shape(tmp_path):
 @pytest.mark.parametrize("damage", [no_data, empty_folder, truncated_image, wrong_label_shape])
 def test_psc_search_refuses_bad_data_before_the_first_trial(tmp_path, damage):
     data_dir, message = damage(tmp_path)
-    result = run_cli("psc-search", "--task", "ibsr", "--budget", "5M", "--trials", "2", "--out", "d1",
-                     "--data-dir", str(data_dir), cwd=tmp_path)
+    result = run_cli(
+        "psc-search",
+        "--task",
+        "ibsr",
+        "--budget",
+        "5M",
+        "--trials",
+        "2",
+        "--out",
+        "d1",
+        "--data-dir",
+        str(data_dir),
+        cwd=tmp_path,
+    )
     one_line(result, "psc-search", message)
     assert not (tmp_path / "d1").exists()  # nothing written, no study to resume
 
 
 def standin_search(tmp_path: Path, name: str, **overrides) -> Path:
-    settings = SearchSettings(**{"task": "ibsr", "budget": Budget(params=5_000_000), "trials": 2, "retrain": False,
-                                 "out": tmp_path / name, **overrides})
+    settings = SearchSettings(
+        **{
+            "task": "ibsr",
+            "budget": Budget(params=5_000_000),
+            "trials": 2,
+            "retrain": False,
+            "out": tmp_path / name,
+            **overrides,
+        }
+    )
     run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     return tmp_path / name
 
@@ -176,9 +212,23 @@ def test_psc_search_resumed_on_other_data_is_one_line_and_trains_nothing(tmp_pat
     data = write_ibsr(tmp_path / "ibsr")
     out = standin_search(tmp_path, "d1", data_dir=data)
     before = (out / "study.db").read_bytes()
-    nib.save(nib.Nifti1Image(np.ones((*SHAPE, 1), np.float32), np.eye(4)), data / "IBSR_05" / "IBSR_05_ana_strip.nii.gz")
-    result = run_cli("psc-search", "--task", "ibsr", "--budget", "5M", "--trials", "2", "--out", "d1",
-                     "--data-dir", str(data), cwd=tmp_path)
+    nib.save(
+        nib.Nifti1Image(np.ones((*SHAPE, 1), np.float32), np.eye(4)), data / "IBSR_05" / "IBSR_05_ana_strip.nii.gz"
+    )
+    result = run_cli(
+        "psc-search",
+        "--task",
+        "ibsr",
+        "--budget",
+        "5M",
+        "--trials",
+        "2",
+        "--out",
+        "d1",
+        "--data-dir",
+        str(data),
+        cwd=tmp_path,
+    )
     one_line(result, "psc-search", "study 'd1' was searched on data", "resume on the same data")
     assert (out / "study.db").read_bytes() == before
 
@@ -190,25 +240,52 @@ class AlwaysFails(search_standin.StandinEvaluator):
 
 
 def test_a_search_whose_every_trial_failed_raises_with_the_first_reason(tmp_path):
-    with pytest.raises(SearchFailed, match=r"no architecture was evaluated: 2 trial\(s\) failed, e\.g\. trial 0: "
-                                           r"at 1 stand-in epochs: RuntimeError: no GPU \(see .*search\.log\)"):
-        run_search(SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=2, out=tmp_path / "run"),
-                   evaluator=AlwaysFails(), console=Console(quiet=True))
+    with pytest.raises(
+        SearchFailed,
+        match=r"no architecture was evaluated: 2 trial\(s\) failed, e\.g\. trial 0: "
+        r"at 1 stand-in epochs: RuntimeError: no GPU \(see .*search\.log\)",
+    ):
+        run_search(
+            SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=2, out=tmp_path / "run"),
+            evaluator=AlwaysFails(),
+            console=Console(quiet=True),
+        )
     # the run folder is still written: what failed, and why, stays readable
     assert (tmp_path / "run" / "trials.csv").is_file()
 
 
 @pytest.mark.slow
 def test_psc_search_whose_every_trial_failed_exits_1(tmp_path):
-    result = run_cli("psc-search", "--task", "slow_bar", "--space", str(slow_space(tmp_path)), "--budget", "400k",
-                     "--trials", "2", "--out", "s", "--evaluator", "train", cwd=tmp_path, SLOW_BAR_FAIL="1")
-    one_line(result, "psc-search", "no architecture was evaluated: 2 trial(s) failed",
-             "slow_bar: training data broken on purpose", after_progress=True)
+    result = run_cli(
+        "psc-search",
+        "--task",
+        "slow_bar",
+        "--space",
+        str(slow_space(tmp_path)),
+        "--budget",
+        "400k",
+        "--trials",
+        "2",
+        "--out",
+        "s",
+        "--evaluator",
+        "train",
+        cwd=tmp_path,
+        SLOW_BAR_FAIL="1",
+    )
+    one_line(
+        result,
+        "psc-search",
+        "no architecture was evaluated: 2 trial(s) failed",
+        "slow_bar: training data broken on purpose",
+        after_progress=True,
+    )
 
 
 def test_a_space_for_another_task_is_refused_before_anything_is_written(tmp_path):
-    result = CliRunner().invoke(cli.search_app, ["--task", "ibsr", "--budget", "5M", "--space", "em_unet3d",
-                                                 "--out", str(tmp_path / "x")])
+    result = CliRunner().invoke(
+        cli.search_app, ["--task", "ibsr", "--budget", "5M", "--space", "em_unet3d", "--out", str(tmp_path / "x")]
+    )
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
     assert "space 'em_unet3d' is for task em, not ibsr" in result.output
     assert not (tmp_path / "x").exists()
@@ -229,9 +306,28 @@ def interrupt_search(tmp_path: Path, space: Path, mark: Path) -> subprocess.Comp
     does (SIGINT to the whole process group)."""
     mark.unlink(missing_ok=True)
     process = subprocess.Popen(
-        [str(BIN / "psc-search"), "--task", "slow_bar", "--space", str(space), "--budget", "400k", "--trials", "2",
-         "--out", "s", "--evaluator", "train"], cwd=tmp_path, env=env(SLOW_BAR_SECONDS="1", SLOW_BAR_MARK=str(mark)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            str(BIN / "psc-search"),
+            "--task",
+            "slow_bar",
+            "--space",
+            str(space),
+            "--budget",
+            "400k",
+            "--trials",
+            "2",
+            "--out",
+            "s",
+            "--evaluator",
+            "train",
+        ],
+        cwd=tmp_path,
+        env=env(SLOW_BAR_SECONDS="1", SLOW_BAR_MARK=str(mark)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not (mark.exists() and mark.read_text()):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
@@ -246,20 +342,40 @@ def test_ctrl_c_exits_130_says_how_to_resume_and_puts_the_trial_back_without_usi
     space, mark = slow_space(tmp_path), tmp_path / "mark"
     for _ in range(MAX_RETRIES + 2):  # more interrupts than a crashed trial has retries
         result = interrupt_search(tmp_path, space, mark)
-        one_line(result, "psc-search", "interrupted", "re-run the same command to resume", code=130,
-                 after_progress=True)
+        one_line(
+            result, "psc-search", "interrupted", "re-run the same command to resume", code=130, after_progress=True
+        )
         # the held trial is queued again as it was: no FAIL, no retry copy, nothing lost
         assert [(n, state, reason, retry) for n, state, reason, retry in states(tmp_path / "s")] == [
-            (0, "WAITING", None, None), (1, "WAITING", None, None)]
-    done = run_cli("psc-search", "--task", "slow_bar", "--space", str(space), "--budget", "400k", "--trials", "2",
-                   "--out", "s", "--evaluator", "train", cwd=tmp_path)
+            (0, "WAITING", None, None),
+            (1, "WAITING", None, None),
+        ]
+    done = run_cli(
+        "psc-search",
+        "--task",
+        "slow_bar",
+        "--space",
+        str(space),
+        "--budget",
+        "400k",
+        "--trials",
+        "2",
+        "--out",
+        "s",
+        "--evaluator",
+        "train",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert [state for _, state, _, _ in states(tmp_path / "s")] == ["COMPLETE", "COMPLETE"]
 
 
 def test_a_held_trial_handed_back_keeps_what_it_stored_and_is_claimed_first(tmp_path):
-    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=60),
-                                study_name="s", directions=["maximize", "minimize"])
+    study = optuna.create_study(
+        storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=60),
+        study_name="s",
+        directions=["maximize", "minimize"],
+    )
     enqueue(study, {}, preset="csn_ip")
     enqueue(study, {})
     trial = adapter.claim_waiting(study)
@@ -267,15 +383,20 @@ def test_a_held_trial_handed_back_keeps_what_it_stored_and_is_claimed_first(tmp_
     assert adapter.requeue(study, [adapter.trial_id(trial)]) == [0]
     again = adapter.claim_waiting(study)
     assert again.number == 0 and adapter.snapshot(study, again).user_attrs["arch_hash"] == "abc"
-    assert [(r.state, r.retry_of) for r in read_trials(study)] == [(TrialState.RUNNING, None),
-                                                                  (TrialState.WAITING, None)]
+    assert [(r.state, r.retry_of) for r in read_trials(study)] == [
+        (TrialState.RUNNING, None),
+        (TrialState.WAITING, None),
+    ]
     study.tell(again, [0.5, 1.0])
     assert adapter.requeue(study, [adapter.trial_id(again)]) == []  # finished meanwhile: left as it is
 
 
 def test_a_silent_worker_s_trial_fails_saying_so_and_its_retry_starts_clean(tmp_path):
-    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1),
-                                study_name="s", directions=["maximize", "minimize"])
+    study = optuna.create_study(
+        storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1),
+        study_name="s",
+        directions=["maximize", "minimize"],
+    )
     enqueue(study, {})
     trial = adapter.claim_waiting(study)
     with adapter.Heartbeat(study) as heartbeat:
@@ -290,25 +411,56 @@ def test_a_silent_worker_s_trial_fails_saying_so_and_its_retry_starts_clean(tmp_
 # ---------------------------------------------------------------------------------------- one-line errors
 def test_psc_train_into_a_path_under_a_file_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("")
-    result = run_cli("psc-train", "--task", "bar_axis", "--arch", "p1sc1", "--epochs", "1", "--out", "afile/t",
-                     "--no-progress", cwd=tmp_path, PSC_NAS_PLUGINS="tiny_task")
+    result = run_cli(
+        "psc-train",
+        "--task",
+        "bar_axis",
+        "--arch",
+        "p1sc1",
+        "--epochs",
+        "1",
+        "--out",
+        "afile/t",
+        "--no-progress",
+        cwd=tmp_path,
+        PSC_NAS_PLUGINS="tiny_task",
+    )
     one_line(result, "psc-train", "afile/", "Not a directory")
     assert (tmp_path / "afile").read_text() == ""
 
 
-WITHOUT_DAC_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
-                        "--bounding-set=-dac_override,-dac_read_search", "--"]
+WITHOUT_DAC_OVERRIDE = [
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--",
+]
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                    reason="drops root's permission override with setpriv (util-linux), as root")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="drops root's permission override with setpriv (util-linux), as root",
+)
 def test_psc_train_and_psc_export_into_a_read_only_folder_are_one_line(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)  # read-only; root obeys it once setpriv drops CAP_DAC_OVERRIDE: a real PermissionError
     run_dir = make_run(tmp_path)
-    train = run_cli("psc-train", "--task", "bar_axis", "--arch", "p1sc1", "--epochs", "1", "--out", str(locked / "t"),
-                    "--no-progress", cwd=tmp_path, wrap=WITHOUT_DAC_OVERRIDE, PSC_NAS_PLUGINS="tiny_task")
+    train = run_cli(
+        "psc-train",
+        "--task",
+        "bar_axis",
+        "--arch",
+        "p1sc1",
+        "--epochs",
+        "1",
+        "--out",
+        str(locked / "t"),
+        "--no-progress",
+        cwd=tmp_path,
+        wrap=WITHOUT_DAC_OVERRIDE,
+        PSC_NAS_PLUGINS="tiny_task",
+    )
     one_line(train, "psc-train", str(locked), "Permission denied")
     export = run_cli("psc-export", str(run_dir), "--out", str(locked / "x"), cwd=tmp_path, wrap=WITHOUT_DAC_OVERRIDE)
     one_line(export, "psc-export", str(locked / "x"), "Permission denied")
@@ -324,13 +476,18 @@ def bad_studies(tmp_path) -> dict[str, Path]:
     return {"empty": tmp_path / "empty", "corrupt": tmp_path / "corrupt"}
 
 
-@pytest.mark.parametrize("kind, message", [("empty", "is empty (0 bytes)"),
-                                           ("corrupt", "cannot be read as an Optuna study (file is not a database)")])
+@pytest.mark.parametrize(
+    "kind, message",
+    [("empty", "is empty (0 bytes)"), ("corrupt", "cannot be read as an Optuna study (file is not a database)")],
+)
 def test_readers_of_an_empty_or_corrupt_study_say_so_in_one_line_and_change_nothing(bad_studies, kind, message):
     run_dir = bad_studies[kind]
     before = (run_dir / "study.db").read_bytes()
-    for app, args in ((cli.export_app, [str(run_dir)]), (cli.dashboard_app, [str(run_dir), "--snapshot"]),
-                      (cli.dashboard_app, [str(run_dir), "--port", "0"])):
+    for app, args in (
+        (cli.export_app, [str(run_dir)]),
+        (cli.dashboard_app, [str(run_dir), "--snapshot"]),
+        (cli.dashboard_app, [str(run_dir), "--port", "0"]),
+    ):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
         assert message in result.output and str(run_dir / "study.db") in result.output
@@ -347,10 +504,13 @@ def test_reading_a_run_opens_the_study_read_only(tmp_path):
     assert "touched" not in Run.open(run_dir, writable=True).study.user_attrs
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("n", "two", "n must be one of [1, 2, 3], got 'two'"),
-    ("m", [2], "m must be one of [1, 2, 3], got (2,)"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("n", "two", "n must be one of [1, 2, 3], got 'two'"),
+        ("m", [2], "m must be one of [1, 2, 3], got (2,)"),
+    ],
+)
 def test_psc_train_with_a_bad_config_value_is_one_line(tmp_path, field, value, message):
     config = preset_config("p2sc2", "densenet3d", in_channels=1, num_classes=4).to_dict()
     config["blocks"][0][field] = value
@@ -368,9 +528,21 @@ def test_a_port_out_of_range_is_one_line(tmp_path, port):
 
 
 def test_a_bad_storage_url_never_prints_its_password(tmp_path):
-    result = run_cli("psc-search", "--task", "bar_axis", "--space", str(tiny_space(tmp_path)), "--budget", "400k",
-                     "--storage", "postgresql://bob:hunter2-secret@127.0.0.1:1/db", "--out", "x", cwd=tmp_path,
-                     PSC_NAS_PLUGINS="tiny_task")
+    result = run_cli(
+        "psc-search",
+        "--task",
+        "bar_axis",
+        "--space",
+        str(tiny_space(tmp_path)),
+        "--budget",
+        "400k",
+        "--storage",
+        "postgresql://bob:hunter2-secret@127.0.0.1:1/db",
+        "--out",
+        "x",
+        cwd=tmp_path,
+        PSC_NAS_PLUGINS="tiny_task",
+    )
     line = one_line(result, "psc-search", "cannot open storage 'postgresql://bob:***@127.0.0.1:1/db'")
     assert "hunter2" not in result.stdout + result.stderr and line
     assert not (tmp_path / "x").exists()
@@ -417,8 +589,14 @@ def test_the_loopback_dashboard_answers_only_loopback_host_names(tmp_path):
 @pytest.mark.slow
 def test_psc_dashboard_on_every_interface_warns_what_becomes_reachable(tmp_path):
     run_dir = make_run(tmp_path)
-    process = subprocess.Popen([str(BIN / "psc-dashboard"), str(run_dir), "--host", "0.0.0.0", "--port", "0"],
-                               cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [str(BIN / "psc-dashboard"), str(run_dir), "--host", "0.0.0.0", "--port", "0"],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         warning = process.stderr.readline()
         serving = process.stdout.readline()
@@ -448,14 +626,26 @@ COUNTS = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(budget=COUNTS, macs=st.one_of(st.none(), COUNTS), timeout=st.one_of(st.none(), COUNTS),
-       option=st.one_of(st.none(), st.text(max_size=10), st.sampled_from(["k=[", "k={", "=1", "k: [1", "k=\t"])))
+@given(
+    budget=COUNTS,
+    macs=st.one_of(st.none(), COUNTS),
+    timeout=st.one_of(st.none(), COUNTS),
+    option=st.one_of(st.none(), st.text(max_size=10), st.sampled_from(["k=[", "k={", "=1", "k: [1", "k=\t"])),
+)
 def test_fuzz_psc_search_budgets_end_in_exit_0_or_one_line(monkeypatch, tmp_path, budget, macs, timeout, option):
     """Every option string is checked as psc-search checks it (plan_search: everything but the search itself,
     which writes nothing); the search is replaced only so that a valid budget does not start training."""
     monkeypatch.setattr(runner, "run_search", lambda settings: runner.plan_search(settings))
-    args = ["--task", "bar_axis", "--space", str(tiny_space(tmp_path)), "--budget", budget,
-            "--out", str(tmp_path / "x")]
+    args = [
+        "--task",
+        "bar_axis",
+        "--space",
+        str(tiny_space(tmp_path)),
+        "--budget",
+        budget,
+        "--out",
+        str(tmp_path / "x"),
+    ]
     args += ["--macs-budget", macs] if macs is not None else []
     args += ["--timeout", timeout] if timeout is not None else []
     args += ["--evaluator-option", option] if option is not None else []
@@ -466,19 +656,45 @@ def test_fuzz_psc_search_budgets_end_in_exit_0_or_one_line(monkeypatch, tmp_path
 
 
 VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 9), st.floats(allow_nan=True, allow_infinity=True, width=32),
-    st.text(max_size=6), st.lists(st.one_of(st.integers(-1, 4), st.text(max_size=5)), max_size=3),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 9),
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.text(max_size=6),
+    st.lists(st.one_of(st.integers(-1, 4), st.text(max_size=5)), max_size=3),
     st.dictionaries(st.text(max_size=4), st.integers(-1, 3), max_size=2),
     st.sampled_from(["two", "1x3x3", "3x3x3", "1D", "1/4", "all", [1, 2], ["1x3x3", "3x1x3"], 0.5]),
 )
-CONFIG_FIELDS = st.sampled_from([("blocks", 0, "n"), ("blocks", 0, "m"), ("blocks", 0, "orientations"),
-                                 ("blocks", 0, "op"), ("blocks", 0, "mid_channels"), ("hparams", "growth_rate"),
-                                 ("hparams", "width"), ("hparams", "num_blocks"), ("backbone",), ("blocks",)])
-SPACE_FIELDS = st.sampled_from([("blocks", "ops", "pmscn", "n"), ("blocks", "ops", "pmscn", "m"),
-                                ("blocks", "ops", "pmscn", "width"), ("blocks", "ops", "pmscn", "orientations"),
-                                ("blocks", "ops", "p3d", "orientation"), ("blocks", "ops", "cakes", "step"),
-                                ("blocks", "ops", "cakes", "shapes"), ("blocks", "share"), ("hparams", "growth_rate"),
-                                ("blocks", "groups", 0, "slots"), ("task",), ("backbone",)])
+CONFIG_FIELDS = st.sampled_from(
+    [
+        ("blocks", 0, "n"),
+        ("blocks", 0, "m"),
+        ("blocks", 0, "orientations"),
+        ("blocks", 0, "op"),
+        ("blocks", 0, "mid_channels"),
+        ("hparams", "growth_rate"),
+        ("hparams", "width"),
+        ("hparams", "num_blocks"),
+        ("backbone",),
+        ("blocks",),
+    ]
+)
+SPACE_FIELDS = st.sampled_from(
+    [
+        ("blocks", "ops", "pmscn", "n"),
+        ("blocks", "ops", "pmscn", "m"),
+        ("blocks", "ops", "pmscn", "width"),
+        ("blocks", "ops", "pmscn", "orientations"),
+        ("blocks", "ops", "p3d", "orientation"),
+        ("blocks", "ops", "cakes", "step"),
+        ("blocks", "ops", "cakes", "shapes"),
+        ("blocks", "share"),
+        ("hparams", "growth_rate"),
+        ("blocks", "groups", 0, "slots"),
+        ("task",),
+        ("backbone",),
+    ]
+)
 
 
 def put(data, path, value):
@@ -495,8 +711,9 @@ def test_fuzz_psc_train_config_values_end_in_exit_0_or_one_line(monkeypatch, tmp
 
     def checked_only(out, config, task, **kwargs):
         task.check_config(config)
-        return train.TrainResult(metrics={}, best_metric=0.0, curve=[], wall_seconds=0.0, fwd_bwd_seconds=0.0,
-                                 epochs=0, checkpoint=None)
+        return train.TrainResult(
+            metrics={}, best_metric=0.0, curve=[], wall_seconds=0.0, fwd_bwd_seconds=0.0, epochs=0, checkpoint=None
+        )
 
     monkeypatch.setattr(train, "fit_into", checked_only)
     config = preset_config("p2sc2", "densenet3d", in_channels=1, num_classes=4).to_dict()
@@ -519,6 +736,7 @@ def test_fuzz_psc_space_yaml_values_end_in_exit_0_or_one_line(tmp_path, field, v
 
 def test_the_fuzz_check_fails_on_a_traceback():
     """The property above can fail: an exception escaping a command is caught by it."""
+
     class Result:
         exception = KeyError("x")
         exit_code = 1
@@ -530,4 +748,3 @@ def test_the_fuzz_check_fails_on_a_traceback():
     Result.output = "psc-x: a\nb\n"
     with pytest.raises(AssertionError):
         assert_exit_0_or_one_line(Result())
-

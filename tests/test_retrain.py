@@ -59,14 +59,31 @@ class Counting:
 # ------------------------------------------------------------------------------ end to end, real training
 @pytest.mark.slow
 def test_a_tiny_search_retrains_its_front_and_every_output_says_so(tmp_path, monkeypatch):
-    monkeypatch.setitem(PROFILES, "tiny", Profile(
-        name="tiny", trials=4, epochs=(1,), policy=SuccessiveHalving(bracket=4, eta=2, epsilon=0.01), population=4,
-        data_options={"samples_per_epoch": 8, "batch_size": 8}, timeout=600.0, retrain=TINY_POLICY,
-        retrain_share=0.5))
+    monkeypatch.setitem(
+        PROFILES,
+        "tiny",
+        Profile(
+            name="tiny",
+            trials=4,
+            epochs=(1,),
+            policy=SuccessiveHalving(bracket=4, eta=2, epsilon=0.01),
+            population=4,
+            data_options={"samples_per_epoch": 8, "batch_size": 8},
+            timeout=600.0,
+            retrain=TINY_POLICY,
+            retrain_share=0.5,
+        ),
+    )
     (tmp_path / "bars.yaml").write_text(tiny_task.SPACE_YAML)
     out = tmp_path / "bars"
-    settings = SearchSettings(task="bar_axis", space=str(tmp_path / "bars.yaml"), budget=Budget(params=400_000),
-                              profile="tiny", out=out, seed=1)
+    settings = SearchSettings(
+        task="bar_axis",
+        space=str(tmp_path / "bars.yaml"),
+        budget=Budget(params=400_000),
+        profile="tiny",
+        out=out,
+        seed=1,
+    )
     counting = Counting(monkeypatch)
     run_search(settings, console=Console(quiet=True))
 
@@ -91,8 +108,7 @@ def test_a_tiny_search_retrains_its_front_and_every_output_says_so(tmp_path, mon
 
     # best.yaml: the knee rule over the retrained members scored by their retrained error
     members = [r for r in front.members if r.arch_hash in retrained]
-    points = to_minimization([(retrained[r.arch_hash].metrics["error"], r.values[1]) for r in members],
-                             [False, False])
+    points = to_minimization([(retrained[r.arch_hash].metrics["error"], r.values[1]) for r in members], [False, False])
     knee = members[knee_point(points)]
     assert front.retrained_knee.number == knee.number
     assert ArchConfig.load(out / "best.yaml").hash == knee.arch_hash
@@ -143,9 +159,13 @@ def stand_in_train(clock: list[float], epoch_s: dict[int, float]):
     def train(job, record, epochs, *, seconds_left):
         seconds = epoch_s[record.number] * epochs
         clock[0] += seconds
-        evaluation = Evaluation("retrain", Fidelity(epochs, retrain.fidelity_words(job.policy, epochs)),
-                                {"dice_mean": 0.5 + 0.01 * record.number}, [{"epoch": e + 1} for e in range(epochs)],
-                                wall_s=seconds)
+        evaluation = Evaluation(
+            "retrain",
+            Fidelity(epochs, retrain.fidelity_words(job.policy, epochs)),
+            {"dice_mean": 0.5 + 0.01 * record.number},
+            [{"epoch": e + 1} for e in range(epochs)],
+            wall_s=seconds,
+        )
         return Retrained(record.arch_hash, evaluation, job.seed, record.number)
 
     return train
@@ -155,8 +175,11 @@ def stand_in_train(clock: list[float], epoch_s: dict[int, float]):
 def searched(tmp_path_factory):
     """A stand-in search without retraining: a real study and front to retrain."""
     out = tmp_path_factory.mktemp("searched") / "run"
-    run_search(SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=10, out=out, retrain=False),
-               evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
+    run_search(
+        SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=10, out=out, retrain=False),
+        evaluator=search_standin.StandinEvaluator(),
+        console=Console(quiet=True),
+    )
     study = load(out)
     return out, find_front(read_trials(study), StudyRecord.read(study))
 
@@ -189,8 +212,15 @@ def test_the_schedule_is_the_longest_that_fits_the_time_left(searched):
     epoch_s = {r.number: 1.0 + r.macs / costliest.macs for r in members}  # ... the slowest here, 2 s an epoch
     clock, saved, plans = [0.0], [], []
     job = retrain.RetrainJob(RetrainPolicy(count=3, epochs=50), task=None, seed=4)
-    results = retrain.retrain_front(front, job, done=set, seconds_left=lambda: 200.0 - clock[0], save=saved.append,
-                                    on_plan=plans.append, train=stand_in_train(clock, epoch_s))
+    results = retrain.retrain_front(
+        front,
+        job,
+        done=set,
+        seconds_left=lambda: 200.0 - clock[0],
+        save=saved.append,
+        on_plan=plans.append,
+        train=stand_in_train(clock, epoch_s),
+    )
     probe_s = epoch_s[costliest.number]
     expected = math.floor((200.0 - probe_s) / (probe_s * 3))
     assert plans[0].probe_s == probe_s and plans[0].epochs == expected
@@ -199,33 +229,77 @@ def test_the_schedule_is_the_longest_that_fits_the_time_left(searched):
 
     # no time limit: the policy's longest schedule, no probe
     clock[0], plans[:] = 0.0, []
-    results = retrain.retrain_front(front, job, done=set, seconds_left=lambda: None, save=lambda r: None,
-                                    on_plan=plans.append, train=stand_in_train(clock, epoch_s))
+    results = retrain.retrain_front(
+        front,
+        job,
+        done=set,
+        seconds_left=lambda: None,
+        save=lambda r: None,
+        on_plan=plans.append,
+        train=stand_in_train(clock, epoch_s),
+    )
     assert plans[0].probe_s is None and [r.epochs for r in results] == [50] * 3
 
     # one epoch fits: the probe is the costliest member's result, the others train one epoch each
     clock[0], plans[:] = 0.0, []
-    results = retrain.retrain_front(front, job, done=set, seconds_left=lambda: 8.0 - clock[0], save=lambda r: None,
-                                    on_plan=plans.append, train=stand_in_train(clock, epoch_s))
+    results = retrain.retrain_front(
+        front,
+        job,
+        done=set,
+        seconds_left=lambda: 8.0 - clock[0],
+        save=lambda r: None,
+        on_plan=plans.append,
+        train=stand_in_train(clock, epoch_s),
+    )
     assert plans[0].epochs == 1 and results[0].trial == costliest.number
     assert [r.epochs for r in results] == [1, 1, 1] and {r.trial for r in results} == {m.number for m in members}
 
     # less time left than one epoch of the search's own training of the costliest member: nothing starts
-    slow = [replace(r, evaluations=tuple(replace(e, wall_s=30.0 * e.fidelity.key) for e in r.evaluations))
-            for r in front.members]
+    slow = [
+        replace(r, evaluations=tuple(replace(e, wall_s=30.0 * e.fidelity.key) for e in r.evaluations))
+        for r in front.members
+    ]
     slow_front = replace(front, members=tuple(slow), knee=next(r for r in slow if r.number == front.knee.number))
     clock[0], plans[:] = 0.0, []
-    assert retrain.retrain_front(slow_front, job, done=set, seconds_left=lambda: 29.0, save=saved.append,
-                                 on_plan=plans.append, train=stand_in_train(clock, epoch_s)) == []
+    assert (
+        retrain.retrain_front(
+            slow_front,
+            job,
+            done=set,
+            seconds_left=lambda: 29.0,
+            save=saved.append,
+            on_plan=plans.append,
+            train=stand_in_train(clock, epoch_s),
+        )
+        == []
+    )
     assert clock[0] == 0.0 and plans == []
-    assert retrain.retrain_front(slow_front, job, done=set, seconds_left=lambda: 31.0 - clock[0], save=lambda r: None,
-                                 train=stand_in_train(clock, epoch_s)) != []
+    assert (
+        retrain.retrain_front(
+            slow_front,
+            job,
+            done=set,
+            seconds_left=lambda: 31.0 - clock[0],
+            save=lambda r: None,
+            train=stand_in_train(clock, epoch_s),
+        )
+        != []
+    )
 
     # architectures already retrained (a resume) are not trained again
     clock[0] = 0.0
     done = {m.arch_hash for m in members}
-    assert retrain.retrain_front(front, job, done=lambda: done, seconds_left=lambda: 200.0, save=saved.append,
-                                 train=stand_in_train(clock, epoch_s)) == []
+    assert (
+        retrain.retrain_front(
+            front,
+            job,
+            done=lambda: done,
+            seconds_left=lambda: 200.0,
+            save=saved.append,
+            train=stand_in_train(clock, epoch_s),
+        )
+        == []
+    )
     assert clock[0] == 0.0
 
 
@@ -233,13 +307,26 @@ def test_retraining_events_read_as_one_line_each(searched):
     _, front = searched
     knee = front.knee
     planned = RetrainPlanned(numbers=(knee.number, 3), epochs=12, epoch_s=4.25, done=10, planned=10)
-    assert describe(planned) == (f"retraining 2 front trials ({knee.number}, 3) from scratch, 12 epochs, "
-                                 "4.2s per epoch measured")
-    line = describe(RetrainedEvent(number=knee.number, metric="dice_mean", score=0.61, fidelity="retrained: 12 epochs",
-                                   search_score=0.3, search_fidelity="2 stand-in epochs", seconds=50.0, summary="x",
-                                   done=10, planned=10))
-    assert line == (f"trial {knee.number} retrained: 12 epochs (50.0s): dice_mean = 0.6100 "
-                    "(search: 0.3000 at 2 stand-in epochs; x)")
+    assert describe(planned) == (
+        f"retraining 2 front trials ({knee.number}, 3) from scratch, 12 epochs, 4.2s per epoch measured"
+    )
+    line = describe(
+        RetrainedEvent(
+            number=knee.number,
+            metric="dice_mean",
+            score=0.61,
+            fidelity="retrained: 12 epochs",
+            search_score=0.3,
+            search_fidelity="2 stand-in epochs",
+            seconds=50.0,
+            summary="x",
+            done=10,
+            planned=10,
+        )
+    )
+    assert line == (
+        f"trial {knee.number} retrained: 12 epochs (50.0s): dice_mean = 0.6100 (search: 0.3000 at 2 stand-in epochs; x)"
+    )
 
 
 class Interrupting(search_standin.StandinEvaluator):
@@ -256,8 +343,9 @@ class Interrupting(search_standin.StandinEvaluator):
 
 def test_a_search_stopped_by_ctrl_c_skips_retraining(tmp_path, monkeypatch):
     counting = Counting(monkeypatch, train=lambda *a, **k: pytest.fail("retrained after Ctrl-C"))
-    settings = SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=8, out=tmp_path / "run",
-                              retrain=True)
+    settings = SearchSettings(
+        task="ibsr", budget=Budget(params=5_000_000), trials=8, out=tmp_path / "run", retrain=True
+    )
     with pytest.raises(KeyboardInterrupt):
         run_search(settings, evaluator=Interrupting(), console=Console(quiet=True))
     assert counting.calls == [] and read_retrained(load(tmp_path / "run")) == {}
@@ -285,8 +373,13 @@ def test_keep_freed_memory_stops_the_page_fault_churn_of_training_steps():
     root = str(Path(__file__).resolve().parents[1])
 
     def faults(mode: str) -> int:
-        done = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True,
-                              env={"PYTHONPATH": root, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+        done = subprocess.run(
+            [sys.executable, "-c", FAULTS, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONPATH": root, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        )
         return int(done.stdout.split()[-1])
 
     default, kept = faults("default"), faults("keep")

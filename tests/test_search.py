@@ -28,8 +28,16 @@ SPATIAL = search_standin.SPATIAL
 
 
 def search(tmp_path: Path, name: str = "run", *, evaluator=None, **overrides) -> tuple[optuna.Study, Path]:
-    settings = SearchSettings(**{"task": "ibsr", "budget": Budget(params=5_000_000), "trials": 8,
-                                 "out": tmp_path / name, "retrain": False, **overrides})
+    settings = SearchSettings(
+        **{
+            "task": "ibsr",
+            "budget": Budget(params=5_000_000),
+            "trials": 8,
+            "out": tmp_path / name,
+            "retrain": False,
+            **overrides,
+        }
+    )
     run_search(settings, evaluator=evaluator or search_standin.StandinEvaluator(), console=Console(quiet=True))
     storage = f"sqlite:///{tmp_path / name / 'study.db'}"
     return optuna.load_study(study_name=name, storage=storage), tmp_path / name
@@ -194,8 +202,15 @@ def test_latency_objective_is_measured_once_per_architecture(tmp_path):
 
 def test_journal_storage_is_a_file_based_alternative(tmp_path):
     journal = tmp_path / "study.log"
-    settings = SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=3, out=tmp_path / "run",
-                              retrain=False, storage=f"journal:{journal}", study_name="j")
+    settings = SearchSettings(
+        task="ibsr",
+        budget=Budget(params=5_000_000),
+        trials=3,
+        out=tmp_path / "run",
+        retrain=False,
+        storage=f"journal:{journal}",
+        study_name="j",
+    )
     run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     assert len(evaluated(optuna.load_study(study_name="j", storage=storage))) == 3
@@ -206,8 +221,15 @@ def test_events_report_every_evaluation_and_over_budget_sample(tmp_path):
     from psc_nas.search.engine import Engine
     from psc_nas.search.storage import open_storage, open_study
 
-    settings = SearchSettings(task="ibsr", budget=Budget(params=2_500_000), trials=5, out=tmp_path / "run",
-                              retrain=False, sampler="random", budget_sampling="reject")
+    settings = SearchSettings(
+        task="ibsr",
+        budget=Budget(params=2_500_000),
+        trials=5,
+        out=tmp_path / "run",
+        retrain=False,
+        sampler="random",
+        budget_sampling="reject",
+    )
     plan = plan_search(settings, search_standin.StandinEvaluator())
     plan.out_dir.mkdir()
     storage = open_storage(f"sqlite:///{plan.out_dir / 'study.db'}", heartbeat_interval=10)
@@ -220,7 +242,8 @@ def test_events_report_every_evaluation_and_over_budget_sample(tmp_path):
     records = {r.number: r for r in read_trials(study)}
     fresh = [e for e in events if isinstance(e, Evaluated) and not e.reused]
     assert sorted((e.number, e.fidelity.key) for e in fresh) == sorted(
-        (r.number, e.fidelity.key) for r in records.values() for e in r.own_evaluations())
+        (r.number, e.fidelity.key) for r in records.values() for e in r.own_evaluations()
+    )
     for event in fresh:
         assert event.score == records[event.number].evaluation_at(event.fidelity.key).metrics["dice_mean"]
         assert event.summary == records[event.number].summary()
@@ -237,6 +260,9 @@ class UnpreparedEvaluator(search_standin.StandinEvaluator):
 
 
 def test_an_evaluator_that_cannot_prepare_ends_the_search_in_one_line(tmp_path):
-    with pytest.raises(ValueError, match=r"^evaluator standin could not prepare: RuntimeError: the super-network's "
-                                         r"loss became nan$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^evaluator standin could not prepare: RuntimeError: the super-network's "
+        r"loss became nan$",
+    ):
         search(tmp_path, evaluator=UnpreparedEvaluator(), trials=2, retrain=False)

@@ -25,8 +25,13 @@ STANDIN = Path(__file__).with_name("search_standin.py")
 
 
 def start_worker(settings: dict, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(STANDIN), json.dumps(settings)], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(STANDIN), json.dumps(settings)],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(worker: subprocess.Popen) -> None:
@@ -40,8 +45,13 @@ def evaluated(study: optuna.Study) -> list[TrialRecord]:
 
 def test_kill_9_then_the_same_command_resumes_without_losing_or_repeating(tmp_path):
     log = tmp_path / "trained.log"
-    settings = {"task": "ibsr", "budget": {"params": 5_000_000}, "trials": 9, "out": str(tmp_path / "run"),
-                "heartbeat_interval": 1}
+    settings = {
+        "task": "ibsr",
+        "budget": {"params": 5_000_000},
+        "trials": 9,
+        "out": str(tmp_path / "run"),
+        "heartbeat_interval": 1,
+    }
     env = {"PSC_TRAIN_SECONDS": "0.4", "PSC_TRAIN_LOG": str(log)}
     worker = start_worker(settings, env)
     storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
@@ -53,16 +63,24 @@ def test_kill_9_then_the_same_command_resumes_without_losing_or_repeating(tmp_pa
             before = evaluated(optuna.load_study(study_name="run", storage=storage))
         except Exception:  # the run folder, the database or the study is still being created
             before = []
-        held = [r for r in read_trials(optuna.load_study(study_name="run", storage=storage))
-                if r.state == TrialState.RUNNING and r.evaluations] if before else []
+        held = (
+            [
+                r
+                for r in read_trials(optuna.load_study(study_name="run", storage=storage))
+                if r.state == TrialState.RUNNING and r.evaluations
+            ]
+            if before
+            else []
+        )
         if held:
             break
         time.sleep(0.2)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     before = evaluated(optuna.load_study(study_name="run", storage=storage))
-    held = [r for r in read_trials(optuna.load_study(study_name="run", storage=storage))
-            if r.state == TrialState.RUNNING]
+    held = [
+        r for r in read_trials(optuna.load_study(study_name="run", storage=storage)) if r.state == TrialState.RUNNING
+    ]
     assert held, "kill -9 should leave trials running"
 
     finish(start_worker(settings, env))
@@ -123,8 +141,15 @@ def postgres_url():
 def test_four_workers_on_one_postgres_study_finish_exactly_the_queue(tmp_path, postgres_url):
     per_worker, workers = 3, 4
     log = tmp_path / "trained.log"
-    settings = {"task": "ibsr", "budget": {"params": 50_000_000}, "trials": per_worker * workers,
-                "out": str(tmp_path / "run"), "storage": postgres_url, "study_name": "shared", "multi_fidelity": False}
+    settings = {
+        "task": "ibsr",
+        "budget": {"params": 50_000_000},
+        "trials": per_worker * workers,
+        "out": str(tmp_path / "run"),
+        "storage": postgres_url,
+        "study_name": "shared",
+        "multi_fidelity": False,
+    }
     env = {"PSC_TRAIN_SECONDS": "0.3", "PSC_TRAIN_LOG": str(log)}
     procs = [start_worker(settings, env) for _ in range(workers)]
     for proc in procs:

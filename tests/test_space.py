@@ -33,12 +33,22 @@ TINY = {
         "ops": {
             "conv3d": {},
             "p3d": {"orientation": ["1x3x3", "3x3x1"], "width": [0.25, 0.5, 1.0]},
-            "pmscn": {"m": [1, 2], "n": [1, 2], "orientations": [["1x3x3"], ["1x3x3", "3x1x3"]], "width": [0.5, 0.6, 1.0]},
+            "pmscn": {
+                "m": [1, 2],
+                "n": [1, 2],
+                "orientations": [["1x3x3"], ["1x3x3", "3x1x3"]],
+                "width": [0.5, 0.6, 1.0],
+            },
             "cakes": {"shapes": ["1D", "3x3x3"], "step": "1/4"},
         },
         "groups": [
             {"slots": "block1.layer1"},
-            {"name": "rest", "slots": "*", "share": True, "ops": {"csn_ir": {}, "cakes": {"shapes": ["2D"], "step": 0.5}}},
+            {
+                "name": "rest",
+                "slots": "*",
+                "share": True,
+                "ops": {"csn_ir": {}, "cakes": {"shapes": ["2D"], "step": 0.5}},
+            },
         ],
     },
 }
@@ -117,7 +127,11 @@ def test_shared_fractions_resolve_to_each_slots_own_channel_count():
 @pytest.mark.parametrize(
     ("fractions", "total", "expected"),
     [
-        ({"1x1x3": 1 / 4, "1x3x1": 1 / 4, "3x1x1": 1 / 4, "3x3x3": 1 / 4}, 6, {"1x1x3": 2, "1x3x1": 2, "3x1x1": 1, "3x3x3": 1}),
+        (
+            {"1x1x3": 1 / 4, "1x3x1": 1 / 4, "3x1x1": 1 / 4, "3x3x3": 1 / 4},
+            6,
+            {"1x1x3": 2, "1x3x1": 2, "3x1x1": 1, "3x3x3": 1},
+        ),
         ({"1x3x3": 3 / 4, "3x3x3": 1 / 4}, 2, {"1x3x3": 2}),
         ({"3x3x1": 1 / 2, "1x3x3": 1 / 2}, 7, {"1x3x3": 4, "3x3x1": 3}),
     ],
@@ -150,10 +164,19 @@ def test_unknown_preset_lists_the_known_ones():
         (lambda d: d.update(backbone="densenet2d"), r"x\.yaml: backbone: unknown backbone 'densenet2d'"),
         (lambda d: d["blocks"]["ops"].update(conv4d={}), r"x\.yaml: blocks\.ops\.conv4d: unknown op"),
         (lambda d: d["blocks"]["ops"]["pmscn"].update(k=2), r"x\.yaml: blocks\.ops\.pmscn\.k: unknown argument"),
-        (lambda d: d["blocks"]["ops"]["pmscn"].update(m=[1, 4]), r"blocks\.ops\.pmscn\.m: values must be from \[1, 2, 3\]"),
+        (
+            lambda d: d["blocks"]["ops"]["pmscn"].update(m=[1, 4]),
+            r"blocks\.ops\.pmscn\.m: values must be from \[1, 2, 3\]",
+        ),
         (lambda d: d["blocks"]["ops"]["cakes"].update(step=0.3), r"blocks\.ops\.cakes\.step: must be 1/K"),
-        (lambda d: d["blocks"]["groups"][1].update(slots="block9.*"), r"blocks\.groups\[1\]\.slots: \['block9\.\*'\] matches no slot"),
-        (lambda d: d["blocks"]["groups"].pop(), r"blocks\.groups: slots \['block1\.layer2', 'block1\.layer3'\] are in no group"),
+        (
+            lambda d: d["blocks"]["groups"][1].update(slots="block9.*"),
+            r"blocks\.groups\[1\]\.slots: \['block9\.\*'\] matches no slot",
+        ),
+        (
+            lambda d: d["blocks"]["groups"].pop(),
+            r"blocks\.groups: slots \['block1\.layer2', 'block1\.layer3'\] are in no group",
+        ),
         (lambda d: d["hparams"].update(depth=3), r"x\.yaml: hparams\.depth: unknown for densenet3d"),
         (lambda d: d.pop("task"), r"x\.yaml: task: required, the name of the task the space is for; got None"),
         (lambda d: d.update(task=["ibsr"]), r"x\.yaml: task: required, the name of the task"),
@@ -245,7 +268,9 @@ def test_sampled_configs_round_trip_through_yaml_to_the_priced_network(name: str
         loaded = ArchConfig.load(path)
         assert loaded == config and loaded.hash == config.hash
         first, second = psc_nas.build_model(path), psc_nas.build_model(path)
-        assert {k: v.shape for k, v in first.state_dict().items()} == {k: v.shape for k, v in second.state_dict().items()}
+        assert {k: v.shape for k, v in first.state_dict().items()} == {
+            k: v.shape for k, v in second.state_dict().items()
+        }
         expected = psc_nas.cost(loaded, spatial)
         assert sum(p.numel() for p in first.parameters()) == expected.params
         x = torch.randn(1, config.hparams["in_channels"], *spatial)

@@ -24,8 +24,15 @@ from psc_nas.ops import families, make_spec, register_family
 from psc_nas.ops.registry import FAMILIES
 from psc_nas.space import SearchSpace
 
-TINY_HPARAMS = {"in_channels": 1, "num_classes": 4, "init_channels": 8, "growth_rate": 6, "side_channels": 4,
-                "num_blocks": 2, "layers_per_block": 2}
+TINY_HPARAMS = {
+    "in_channels": 1,
+    "num_classes": 4,
+    "init_channels": 8,
+    "growth_rate": 6,
+    "side_channels": 4,
+    "num_blocks": 2,
+    "layers_per_block": 2,
+}
 ALL_OPS = {
     "conv3d": {},
     "p3d": {"orientation": ["1x3x3", "3x1x3", "3x3x1"], "width": [0.5, 1.0]},
@@ -49,10 +56,12 @@ def one_thread_and_ghost():
     torch.set_num_threads(threads)
 
 
-def space_of(ops: dict, *, backbone: str = "densenet3d", hparams: dict | None = None, task: str = "ibsr",
-             share: bool = False) -> SearchSpace:
-    return SearchSpace.from_dict({"task": task, "backbone": backbone, "hparams": hparams or TINY_HPARAMS,
-                                  "blocks": {"share": share, "ops": ops}})
+def space_of(
+    ops: dict, *, backbone: str = "densenet3d", hparams: dict | None = None, task: str = "ibsr", share: bool = False
+) -> SearchSpace:
+    return SearchSpace.from_dict(
+        {"task": task, "backbone": backbone, "hparams": hparams or TINY_HPARAMS, "blocks": {"share": share, "ops": ops}}
+    )
 
 
 def configs_through_every_choice(supernet: SuperNet, space: SearchSpace):
@@ -105,11 +114,14 @@ def test_sampled_architectures_at_reduced_width_equal_their_standalone_networks(
         assert_same_as_standalone(supernet, config, inputs)
 
 
-@pytest.mark.parametrize("backbone, hparams, side", [
-    ("resnet3d", {"in_channels": 1, "num_classes": 3, "depth": 18, "width": 0.125}, 16),  # basic pairs, convs=2
-    ("resnet3d", {"in_channels": 1, "num_classes": 3, "depth": 50, "width": 0.0625}, 16),  # bottleneck middles
-    ("unet3d", {"in_channels": 1, "num_classes": 3, "base_channels": 4, "downsample": [[2, 2, 2]]}, 8),
-])
+@pytest.mark.parametrize(
+    "backbone, hparams, side",
+    [
+        ("resnet3d", {"in_channels": 1, "num_classes": 3, "depth": 18, "width": 0.125}, 16),  # basic pairs, convs=2
+        ("resnet3d", {"in_channels": 1, "num_classes": 3, "depth": 50, "width": 0.0625}, 16),  # bottleneck middles
+        ("unet3d", {"in_channels": 1, "num_classes": 3, "base_channels": 4, "downsample": [[2, 2, 2]]}, 8),
+    ],
+)
 def test_slots_of_several_convs_share_too(backbone, hparams, side):
     torch.manual_seed(2)
     ops = {"conv3d": {}, "p3d": {}, "pmscn": {"m": [1, 2], "n": [1, 2]}, "cakes": {"step": "uniform"}, "csn_ir": {}}
@@ -156,10 +168,16 @@ def test_conv3d_cakes_and_pmscn_inherit_slices_of_one_kernel_bank():
 def trained(tmp_path_factory):
     """A tiny super-network trained by SPOS on 16³ IBSR patches, saved in its run folder."""
     task = SmallPatchIBSR()
-    space = space_of({"conv3d": {}, "cakes": {"step": "1/2"}, "pmscn": {"m": [1, 2], "n": [1, 2]}, "csn_ip": {}},
-                     share=True)
-    setup = EvaluatorSetup(task, seed=0, space=space, data_options=TINY_DATA,
-                           options={"steps": "60", "width": "1.0", "lr": "0.01", "calib_patches": 4, "val_patches": 4})
+    space = space_of(
+        {"conv3d": {}, "cakes": {"step": "1/2"}, "pmscn": {"m": [1, 2], "n": [1, 2]}, "csn_ip": {}}, share=True
+    )
+    setup = EvaluatorSetup(
+        task,
+        seed=0,
+        space=space,
+        data_options=TINY_DATA,
+        options={"steps": "60", "width": "1.0", "lr": "0.01", "calib_patches": 4, "val_patches": 4},
+    )
     evaluator = make_evaluator("supernet", setup)
     folder = tmp_path_factory.mktemp("supernet")
     evaluator.prepare(folder, seconds_left=None)
@@ -186,8 +204,9 @@ def test_evaluate_scores_a_sub_network_with_the_task_s_metrics(trained):
     assert result.wall_s >= result.val_forward_s > 0
     again = evaluator.evaluate(first, evaluator.levels()[0], seconds_left=None)  # BN recalibrated from scratch
     assert again.metrics == result.metrics
-    scores = {evaluator.evaluate(draw(), evaluator.levels()[0], seconds_left=None).metrics["dice_mean"]
-              for _ in range(3)}
+    scores = {
+        evaluator.evaluate(draw(), evaluator.levels()[0], seconds_left=None).metrics["dice_mean"] for _ in range(3)
+    }
     assert len(scores | {result.metrics["dice_mean"]}) > 1  # different sub-networks, different scores
 
 
@@ -203,8 +222,9 @@ def test_a_resumed_search_reloads_the_saved_super_network(trained, monkeypatch):
     saved, loaded = dict(evaluator.supernet.named_parameters()), dict(resumed.supernet.named_parameters())
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     assert resumed.evaluate(config, resumed.levels()[0], seconds_left=None).metrics == expected
-    other = SupernetEvaluator(EvaluatorSetup(setup.task, seed=1, space=setup.space, data_options=TINY_DATA,
-                                             options=setup.options))
+    other = SupernetEvaluator(
+        EvaluatorSetup(setup.task, seed=1, space=setup.space, data_options=TINY_DATA, options=setup.options)
+    )
     assert supernet_key(setup.space, setup.task, other.options, 1, TINY_DATA) not in str(list(folder.iterdir()))
 
 
@@ -227,9 +247,29 @@ def test_option_and_usage_errors_are_one_clear_line():
 @pytest.mark.slow
 def test_psc_search_with_the_supernet_evaluator_writes_supernet_trials(tmp_path):
     (tmp_path / "bars.yaml").write_text(tiny_task.SPACE_YAML)
-    found = run_cli("psc-search", "--task", "bar_axis", "--space", "bars.yaml", "--budget", "400k", "--trials", "6",
-                    "--evaluator", "supernet", "--evaluator-option", "steps=30", "--evaluator-option", "width=1",
-                    "--evaluator-option", "val_patches=16", "--out", "search", cwd=tmp_path, plugins="tiny_task")
+    found = run_cli(
+        "psc-search",
+        "--task",
+        "bar_axis",
+        "--space",
+        "bars.yaml",
+        "--budget",
+        "400k",
+        "--trials",
+        "6",
+        "--evaluator",
+        "supernet",
+        "--evaluator-option",
+        "steps=30",
+        "--evaluator-option",
+        "width=1",
+        "--evaluator-option",
+        "val_patches=16",
+        "--out",
+        "search",
+        cwd=tmp_path,
+        plugins="tiny_task",
+    )
     assert found.returncode == 0, found.stderr
     out = tmp_path / "search"
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
@@ -241,8 +281,23 @@ def test_psc_search_with_the_supernet_evaluator_writes_supernet_trials(tmp_path)
         assert trial.values[0] == trial.user_attrs["metrics"]["error"]
     assert len(list(out.glob("supernet-*.pt"))) == 1
     assert json.loads((out / "pareto.json").read_text())["knee"] is not None
-    bad = run_cli("psc-search", "--task", "bar_axis", "--space", "bars.yaml", "--budget", "400k", "--evaluator",
-                  "supernet", "--evaluator-option", "nope", "--out", "bad", cwd=tmp_path, plugins="tiny_task")
+    bad = run_cli(
+        "psc-search",
+        "--task",
+        "bar_axis",
+        "--space",
+        "bars.yaml",
+        "--budget",
+        "400k",
+        "--evaluator",
+        "supernet",
+        "--evaluator-option",
+        "nope",
+        "--out",
+        "bad",
+        cwd=tmp_path,
+        plugins="tiny_task",
+    )
     assert bad.returncode == 1 and bad.stderr == "psc-search: --evaluator-option takes KEY=VALUE, got 'nope'\n"
 
 

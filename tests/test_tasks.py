@@ -36,10 +36,22 @@ ROOT = Path(psc_nas.__file__).resolve().parent.parent
 def run_cli(command: str, *args: str, cwd: Path, plugins: str = "") -> subprocess.CompletedProcess:
     """The installed console script in a fresh process, importing this checkout and the tests folder."""
     # One OpenMP thread: tiny steps on two threads that wait on each other run ~8x slower (tests/test_train.py).
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]), "PSC_NAS_PLUGINS": plugins,
-           "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(Path(sys.executable).parent / command), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
+        "PSC_NAS_PLUGINS": plugins,
+        "COLUMNS": "200",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [str(Path(sys.executable).parent / command), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 def assert_one_line_error(result, command: str, message: str) -> None:
@@ -49,15 +61,28 @@ def assert_one_line_error(result, command: str, message: str) -> None:
 
 
 def write_space(path: Path, **changes) -> Path:
-    data = {"task": "ibsr", "backbone": "densenet3d", "hparams": {"in_channels": 1, "num_classes": 4},
-            "blocks": {"ops": {"conv3d": {}, "csn_ir": {}}}, **changes}
+    data = {
+        "task": "ibsr",
+        "backbone": "densenet3d",
+        "hparams": {"in_channels": 1, "num_classes": 4},
+        "blocks": {"ops": {"conv3d": {}, "csn_ir": {}}},
+        **changes,
+    }
     path.write_text(json.dumps(data))  # JSON is YAML
     return path
 
 
 def search(tmp_path: Path, name: str = "run", **overrides) -> Path:
-    settings = SearchSettings(**{"task": "ibsr", "budget": Budget(params=5_000_000), "trials": 2,
-                                 "out": tmp_path / name, "retrain": False, **overrides})
+    settings = SearchSettings(
+        **{
+            "task": "ibsr",
+            "budget": Budget(params=5_000_000),
+            "trials": 2,
+            "out": tmp_path / name,
+            "retrain": False,
+            **overrides,
+        }
+    )
     run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     return tmp_path / name
 
@@ -92,7 +117,11 @@ def test_the_registry_checks_a_task_states_its_problem(monkeypatch):
 def test_ibsr_states_its_problem():
     task = get_task("ibsr")
     assert (task.input_shape, task.metric, task.metric_direction, task.metric_range) == (
-        (1, 32, 32, 32), "dice_mean", "maximize", (0.0, 1.0))
+        (1, 32, 32, 32),
+        "dice_mean",
+        "maximize",
+        (0.0, 1.0),
+    )
     assert task.default_space == "ibsr_densenet3d"
     task.check_space(SearchSpace.load(task.default_space))
 
@@ -102,12 +131,18 @@ def test_ibsr_states_its_problem():
     ("changes", "message"),
     [
         ({"task": "em"}, r"x\.yaml: task: space 'x' is for task em, not ibsr; the ibsr task's space is ibsr_densenet"),
-        ({"hparams": {"in_channels": 1, "num_classes": 3}},
-         r"x\.yaml: hparams\.num_classes: task ibsr needs 4, the space has 3"),
-        ({"hparams": {"num_classes": 4}, "backbone": "unet3d"},
-         r"x\.yaml: backbone: task ibsr trains densenet3d, the space is for unet3d"),
-        ({"hparams": {"in_channels": 1, "num_classes": 4, "num_blocks": 7}},
-         r"x\.yaml: task ibsr's input 1x32x32x32 does not fit the space: .*at least 64"),
+        (
+            {"hparams": {"in_channels": 1, "num_classes": 3}},
+            r"x\.yaml: hparams\.num_classes: task ibsr needs 4, the space has 3",
+        ),
+        (
+            {"hparams": {"num_classes": 4}, "backbone": "unet3d"},
+            r"x\.yaml: backbone: task ibsr trains densenet3d, the space is for unet3d",
+        ),
+        (
+            {"hparams": {"in_channels": 1, "num_classes": 4, "num_blocks": 7}},
+            r"x\.yaml: task ibsr's input 1x32x32x32 does not fit the space: .*at least 64",
+        ),
     ],
 )
 def test_a_space_for_another_problem_is_refused_before_anything_is_written(tmp_path, changes, message):
@@ -119,9 +154,12 @@ def test_a_space_for_another_problem_is_refused_before_anything_is_written(tmp_p
 
 def test_a_mac_budget_no_architecture_comes_near_is_refused(tmp_path):
     # 60G is about the presets' MACs at 64^3; at the task's 32^3 the costliest network has 27.4G.
-    with pytest.raises(ValueError, match=r"--macs-budget 60G is above the costliest architecture of space "
-                                         r"'ibsr_densenet3d' \(27\.4G MACs\), so it excludes nothing; MACs count at "
-                                         r"task ibsr's input 1x32x32x32"):
+    with pytest.raises(
+        ValueError,
+        match=r"--macs-budget 60G is above the costliest architecture of space "
+        r"'ibsr_densenet3d' \(27\.4G MACs\), so it excludes nothing; MACs count at "
+        r"task ibsr's input 1x32x32x32",
+    ):
         search(tmp_path, budget=Budget(params=5_000_000, macs=60 * 10**9))
     assert not (tmp_path / "run").exists()
 
@@ -144,8 +182,9 @@ def test_resuming_a_study_priced_at_another_input_shape_is_refused(tmp_path, mon
 @pytest.mark.slow
 def test_psc_search_with_a_space_of_another_task_is_one_line_and_writes_nothing(tmp_path):
     result = run_cli("psc-search", "--task", "ibsr", "--space", "em_unet3d", cwd=tmp_path)
-    assert_one_line_error(result, "psc-search",
-                          "search_spaces/em_unet3d.yaml: task: space 'em_unet3d' is for task em, not ibsr")
+    assert_one_line_error(
+        result, "psc-search", "search_spaces/em_unet3d.yaml: task: space 'em_unet3d' is for task em, not ibsr"
+    )
     assert list(tmp_path.iterdir()) == []
     missing = run_cli("psc-search", "--task", "ibsr", cwd=tmp_path, plugins="no_such_plugin")
     assert_one_line_error(missing, "psc-search", "$PSC_NAS_PLUGINS: cannot import plugin 'no_such_plugin'")
@@ -185,16 +224,18 @@ def test_psc_space_prices_every_shipped_space_and_says_which_spaces_have_no_inst
     orphan = write_space(tmp_path / "orphan.yaml", task="segment_everything")
     alone = CliRunner().invoke(space_app, [str(orphan)])
     assert alone.exit_code == 1 and alone.stdout == ""
-    assert alone.stderr == (f"psc-space: {orphan}: task 'segment_everything' is not installed "
-                            "(installed: bar_axis, em, ibsr, ucf101)\n")
+    assert alone.stderr == (
+        f"psc-space: {orphan}: task 'segment_everything' is not installed (installed: bar_axis, em, ibsr, ucf101)\n"
+    )
 
 
 def test_an_old_space_with_input_size_is_told_the_task_sets_it(tmp_path):
     space = write_space(tmp_path / "old.yaml", input_size=[64, 64, 64])
     result = CliRunner().invoke(space_app, [str(space)])
     assert result.exit_code == 1
-    assert result.stderr == (f"psc-space: {space}: input_size: no longer part of a space: its task sets the input "
-                             "size now; remove it\n")
+    assert result.stderr == (
+        f"psc-space: {space}: input_size: no longer part of a space: its task sets the input size now; remove it\n"
+    )
 
 
 # ---------------------------------------------------------------------- a task from a test file
@@ -209,8 +250,9 @@ def one_thread():
 def test_the_plugin_task_learns_and_keeps_its_best_epoch_by_its_direction(tmp_path, one_thread):
     task = tiny_task.BarAxisTask()
     config = preset_config("conv3d", task.backbone, **task.backbone_hparams)
-    result = fit(config, task, epochs=4, seed=0, out_dir=tmp_path,
-                 data_options={"samples_per_epoch": 256, "batch_size": 16})
+    result = fit(
+        config, task, epochs=4, seed=0, out_dir=tmp_path, data_options={"samples_per_epoch": 256, "batch_size": 16}
+    )
     errors = [row["error"] for row in result.curve]
     assert errors[-1] < 1 / 3 < 2 / 3 <= errors[0] + 0.05  # from chance (2/3) to well below half of it
     assert result.best_metric == min(errors)
@@ -231,8 +273,24 @@ def test_psc_space_prices_a_plugin_space_at_its_task_input_shape(tmp_path):
 
 @pytest.mark.slow
 def test_psc_train_and_psc_search_run_a_task_defined_in_a_test_file(tmp_path):
-    train = run_cli("psc-train", "--task", "bar_axis", "--arch", "p1sc1", "--epochs", "2", "--samples-per-epoch", "16",
-                    "--batch-size", "8", "--out", "trained", "--no-progress", cwd=tmp_path, plugins="tiny_task")
+    train = run_cli(
+        "psc-train",
+        "--task",
+        "bar_axis",
+        "--arch",
+        "p1sc1",
+        "--epochs",
+        "2",
+        "--samples-per-epoch",
+        "16",
+        "--batch-size",
+        "8",
+        "--out",
+        "trained",
+        "--no-progress",
+        cwd=tmp_path,
+        plugins="tiny_task",
+    )
     assert train.returncode == 0, train.stderr
     record = json.loads((tmp_path / "trained" / "metrics.json").read_text())
     assert set(record["metrics"]) == {"accuracy", "error"}
@@ -240,8 +298,22 @@ def test_psc_train_and_psc_search_run_a_task_defined_in_a_test_file(tmp_path):
     assert ArchConfig.load(tmp_path / "trained" / "config.yaml").hparams["width"] == 0.125
 
     (tmp_path / "bars.yaml").write_text(tiny_task.SPACE_YAML)
-    found = run_cli("psc-search", "--task", "bar_axis", "--space", "bars.yaml", "--budget", "400k", "--trials", "2",
-                    "--no-retrain", "--out", "search", cwd=tmp_path, plugins="tiny_task")
+    found = run_cli(
+        "psc-search",
+        "--task",
+        "bar_axis",
+        "--space",
+        "bars.yaml",
+        "--budget",
+        "400k",
+        "--trials",
+        "2",
+        "--no-retrain",
+        "--out",
+        "search",
+        cwd=tmp_path,
+        plugins="tiny_task",
+    )
     assert found.returncode == 0, found.stderr
     out = tmp_path / "search"
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")

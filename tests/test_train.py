@@ -115,7 +115,9 @@ def invoke(*args: str):
 def test_psc_train_writes_the_run(tiny_config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny_config.save("tiny.yaml")
-    result = invoke("--arch", "tiny.yaml", "--epochs", "1", "--samples-per-epoch", "2", "--batch-size", "2", "--no-progress")
+    result = invoke(
+        "--arch", "tiny.yaml", "--epochs", "1", "--samples-per-epoch", "2", "--batch-size", "2", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / f"ibsr-tiny-{tiny_config.hash}-s0"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [run_dir.name]
@@ -159,12 +161,22 @@ class LearningRates(Callback):
 
 def test_onecycle_warms_up_decays_and_the_test_split_is_scored(task, tiny_config):
     rates = LearningRates()
-    result = fit(tiny_config, task, epochs=2, seed=0, lr=2e-3, weight_decay=1e-4, lr_schedule="onecycle",
-                 evaluate_test=True, data_options={**TINY_DATA, "samples_per_epoch": 20}, callbacks=[rates])
+    result = fit(
+        tiny_config,
+        task,
+        epochs=2,
+        seed=0,
+        lr=2e-3,
+        weight_decay=1e-4,
+        lr_schedule="onecycle",
+        evaluate_test=True,
+        data_options={**TINY_DATA, "samples_per_epoch": 20},
+        callbacks=[rates],
+    )
     assert len(rates.rates) == 20  # 2 epochs x 10 batches of 2
     peak = rates.rates.index(max(rates.rates))
     assert rates.rates[0] < max(rates.rates) == pytest.approx(2e-3, rel=0.05)
-    assert all(a >= b for a, b in zip(rates.rates[peak:], rates.rates[peak + 1:]))  # cosine decay after the peak
+    assert all(a >= b for a, b in zip(rates.rates[peak:], rates.rates[peak + 1 :]))  # cosine decay after the peak
     assert rates.rates[-1] < 2e-3 / 20
     assert {"test_dice_mean", "test_dice_csf", "dice_mean"} <= set(result.metrics)
     assert 0.0 <= result.metrics["test_dice_mean"] <= 1.0

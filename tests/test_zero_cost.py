@@ -54,8 +54,9 @@ def test_the_seed_changes_the_initialisation(task, batch):
 
 def test_more_weights_more_synflow(task, batch):
     narrow = preset_config("conv3d", task.backbone, **task.backbone_hparams, **{**TINY, "width": 0.125})
-    assert proxy_score("synflow", config(task, "conv3d"), task, batch=batch) > proxy_score("synflow", narrow, task,
-                                                                                             batch=batch)
+    assert proxy_score("synflow", config(task, "conv3d"), task, batch=batch) > proxy_score(
+        "synflow", narrow, task, batch=batch
+    )
 
 
 def test_unknown_proxy(task, batch):

@@ -43,8 +43,13 @@ class BarData(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(bar_volumes(self.samples_per_epoch, self.seed), batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            bar_volumes(self.samples_per_epoch, self.seed),
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(bar_volumes(VALIDATION_SIZE, VALIDATION_SEED), batch_size=16, num_workers=self.num_workers)
@@ -80,8 +85,15 @@ class BarAxisTask(Task):
     def metrics(self) -> ErrorRate:
         return ErrorRate()
 
-    def datamodule(self, data_dir: str | Path | None = None, *, seed: int = 0, samples_per_epoch: int = 32,
-                   batch_size: int = 8, num_workers: int = 0) -> BarData:
+    def datamodule(
+        self,
+        data_dir: str | Path | None = None,
+        *,
+        seed: int = 0,
+        samples_per_epoch: int = 32,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ) -> BarData:
         if data_dir is not None:
             raise DataError(data_dir, "the bar_axis task makes its own volumes and reads no data directory")
         return BarData(seed=seed, samples_per_epoch=samples_per_epoch, batch_size=batch_size, num_workers=num_workers)

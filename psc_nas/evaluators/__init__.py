@@ -5,8 +5,8 @@ Evaluator modules may import Lightning and MONAI, so they load only when asked f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import import_module
-from typing import Callable
 
 from psc_nas.evaluators.base import Evaluation, EvaluationFailed, Evaluator, EvaluatorSetup, Fidelity, failure_reason
 from psc_nas.plugins import load_plugins
@@ -41,5 +41,14 @@ def make_evaluator(name: str, setup: EvaluatorSetup) -> Evaluator:
     return factory(setup)
 
 
-__all__ = ["Evaluation", "EvaluationFailed", "Evaluator", "EvaluatorSetup", "Fidelity", "evaluator_names",
-           "failure_reason", "make_evaluator", "register_evaluator"]
+__all__ = [
+    "Evaluation",
+    "EvaluationFailed",
+    "Evaluator",
+    "EvaluatorSetup",
+    "Fidelity",
+    "evaluator_names",
+    "failure_reason",
+    "make_evaluator",
+    "register_evaluator",
+]

@@ -102,8 +102,11 @@ def share_plan(spec: Op, graph: ConvGraph | None = None) -> list[NodeSlice] | No
             if node.source != INPUT or node.relu or index not in offsets:
                 return None
             conv = node.conv
-            plan.append(NodeSlice("cube", (offsets[index], offsets[index] + conv.out_channels),
-                                  (0, conv.in_channels), conv.kernel))
+            plan.append(
+                NodeSlice(
+                    "cube", (offsets[index], offsets[index] + conv.out_channels), (0, conv.in_channels), conv.kernel
+                )
+            )
         return plan
     # pmscn / p3d: streams of 2D convs then one 1D conv; roles by the stream's plane orientation
     depth: list[int] = []
@@ -121,8 +124,9 @@ def share_plan(spec: Op, graph: ConvGraph | None = None) -> list[NodeSlice] | No
             out = (offsets[index], offsets[index] + conv.out_channels)
             plan.append(NodeSlice(f"line{role}", out, (0, conv.in_channels), conv.kernel))
         else:
-            plan.append(NodeSlice(f"plane{role}d{depth[index]}", (0, conv.out_channels), (0, conv.in_channels),
-                                  conv.kernel))
+            plan.append(
+                NodeSlice(f"plane{role}d{depth[index]}", (0, conv.out_channels), (0, conv.in_channels), conv.kernel)
+            )
     return plan
 
 
@@ -141,8 +145,12 @@ class SharedOp(nn.Module):
         self._owner = (owner,)  # a tuple: not registered as a submodule (the banks belong to the slot)
         # CAKES / conv3d: every node reads the input, so one conv on the masked cube computes them all
         # (the zero taps change nothing); the gradient of a masked-out tap is zero.
-        self.merged = len(plan) > 1 and all(n.source == INPUT and not n.relu for n in self.graph.nodes) and all(
-            s.bank == "cube" for s in plan) and plan[-1].out[1] == sum(s.out[1] - s.out[0] for s in plan)
+        self.merged = (
+            len(plan) > 1
+            and all(n.source == INPUT and not n.relu for n in self.graph.nodes)
+            and all(s.bank == "cube" for s in plan)
+            and plan[-1].out[1] == sum(s.out[1] - s.out[0] for s in plan)
+        )
         if self.merged:
             mask = torch.zeros(plan[-1].out[1], 1, *CUBE)
             for piece in plan:
@@ -161,7 +169,7 @@ class SharedOp(nn.Module):
         if self.merged:
             first = self.plan[0]
             bank = self._owner[0].banks[first.bank]
-            weight = bank[: self.plan[-1].out[1], first.inp[0]: first.inp[1]] * self.mask
+            weight = bank[: self.plan[-1].out[1], first.inp[0] : first.inp[1]] * self.mask
             return fast_conv(x, weight, None, self.graph.nodes[0].conv.stride, (1, 1, 1), 1, False)
         values: list[torch.Tensor] = []
         for index, node in enumerate(self.graph.nodes):
@@ -199,15 +207,18 @@ class SwitchSlot(nn.Module):
     views of ``banks``); the others are the backbone's module of the choice, one per choice.
     """
 
-    def __init__(self, slot: Slot, choices: Sequence[tuple[BlockChoice, list[Op]]],
-                 build: Callable[[Sequence[Op]], nn.Module]) -> None:
+    def __init__(
+        self, slot: Slot, choices: Sequence[tuple[BlockChoice, list[Op]]], build: Callable[[Sequence[Op]], nn.Module]
+    ) -> None:
         super().__init__()
         self.slot = slot
         self.choices = [choice for choice, _ in choices]  # distinct (``slot_choices``)
         self.keys = {repr(specs): str(index) for index, (_, specs) in enumerate(choices)}
         graphs = [[spec.graph() for spec in specs] for _, specs in choices]
-        plans = [[share_plan(spec, graph) for spec, graph in zip(specs, specs_graphs)]
-                 for (_, specs), specs_graphs in zip(choices, graphs)]
+        plans = [
+            [share_plan(spec, graph) for spec, graph in zip(specs, specs_graphs)]
+            for (_, specs), specs_graphs in zip(choices, graphs)
+        ]
         extents: dict[str, list[int]] = {}  # bank -> [out, in, kd, kh, kw] maxima
         for choice_plans in plans:
             if all(plan is not None for plan in choice_plans):
@@ -225,10 +236,12 @@ class SwitchSlot(nn.Module):
             self.banks[name] = nn.Parameter(weight)
         self.candidates = nn.ModuleDict()
         self.shared = 0
-        for index, ((choice, specs), choice_graphs, choice_plans) in enumerate(zip(choices, graphs, plans)):
+        for index, ((_choice, specs), choice_graphs, choice_plans) in enumerate(zip(choices, graphs, plans)):
             if all(plan is not None for plan in choice_plans):
-                proxies = [SharedSpec(spec, graph, plan, self, f"p{position}")  # type: ignore[arg-type]
-                           for position, (spec, graph, plan) in enumerate(zip(specs, choice_graphs, choice_plans))]
+                proxies = [
+                    SharedSpec(spec, graph, plan, self, f"p{position}")  # type: ignore[arg-type]
+                    for position, (spec, graph, plan) in enumerate(zip(specs, choice_graphs, choice_plans))
+                ]
                 self.candidates[str(index)] = build(proxies)  # type: ignore[arg-type]
                 self.shared += 1
             else:
@@ -243,8 +256,9 @@ class SwitchSlot(nn.Module):
         except ValueError:
             key = None
         if key is None:
-            raise ValueError(f"slot {self.slot.name}: {choice.op} {choice.to_dict()} is not a choice of the "
-                             "super-network's space")
+            raise ValueError(
+                f"slot {self.slot.name}: {choice.op} {choice.to_dict()} is not a choice of the super-network's space"
+            )
         return key
 
     def activate(self, choice: BlockChoice) -> None:
@@ -259,8 +273,9 @@ class SwitchSlot(nn.Module):
         state = {name: value.detach().clone() for name, value in content.state_dict().items()}
         for name, module in content.named_modules():
             if isinstance(module, SharedOp):
-                state.update({f"{name}.{key}" if name else key: value
-                              for key, value in module.standalone_state().items()})
+                state.update(
+                    {f"{name}.{key}" if name else key: value for key, value in module.standalone_state().items()}
+                )
         return state
 
     def extra_repr(self) -> str:
@@ -269,8 +284,9 @@ class SwitchSlot(nn.Module):
 
 # ---------------------------------------------------------------------- the super-network
 def slot_choices(space: SearchSpace, slots: Sequence[Slot]) -> list[list[tuple[BlockChoice, list[Op]]]]:
-    """Every distinct choice (by the ops it realizes) each slot of ``space`` can take, with its ops, rescaled to ``slots`` (the space's
-    slots at another width) as ``with_width`` rescales a config; choices a narrow slot cannot take are left out."""
+    """Every distinct choice (by the ops it realizes) each slot of ``space`` can take, with its ops, rescaled to
+    ``slots`` (the space's slots at another width) as ``with_width`` rescales a config; choices a narrow slot
+    cannot take are left out."""
     found: list[dict[str, tuple[BlockChoice, list[Op]]]] = [{} for _ in space.slots]
     for unit in space.units:
         for domain in unit.domains.values():
@@ -308,7 +324,9 @@ class SuperNet(nn.Module):
         try:
             self.net = backbone.build(self.base, fill=fill)
         except TypeError as err:
-            raise ValueError(f"backbone {space.backbone} cannot build a super-network (no slot-fill hook): {err}") from None
+            raise ValueError(
+                f"backbone {space.backbone} cannot build a super-network (no slot-fill hook): {err}"
+            ) from None
         if any(switch is None for switch in self.switches):
             raise ValueError(f"backbone {space.backbone} did not place every slot through its fill hook")
         self.active: ArchConfig = self.base
@@ -340,18 +358,26 @@ class SuperNet(nn.Module):
 
         standalone = get_backbone(narrow.backbone).build(narrow, fill=record)
         inside = {id(switch): name for name, switch in self.net.named_modules() if isinstance(switch, SwitchSlot)}
-        state = {key: value for key, value in self.net.state_dict().items()
-                 if not any(key.startswith(f"{prefix}.") for prefix in inside.values())}
+        state = {
+            key: value
+            for key, value in self.net.state_dict().items()
+            if not any(key.startswith(f"{prefix}.") for prefix in inside.values())
+        }
         names = {id(module): name for name, module in standalone.named_modules()}
         for index, module in placed.items():
             prefix = names[id(module)]
-            state.update({f"{prefix}.{key}": value
-                          for key, value in self.switches[index].standalone_state(narrow.blocks[index]).items()})
+            state.update(
+                {
+                    f"{prefix}.{key}": value
+                    for key, value in self.switches[index].standalone_state(narrow.blocks[index]).items()
+                }
+            )
         standalone.load_state_dict(state, strict=True)
         return standalone
 
-    def sampler(self, seed: int, admissible: Callable[[ArchConfig], bool] | None = None,
-                tries: int = 100) -> Callable[[], ArchConfig]:
+    def sampler(
+        self, seed: int, admissible: Callable[[ArchConfig], bool] | None = None, tries: int = 100
+    ) -> Callable[[], ArchConfig]:
         """Random architectures of the space: uniform over each unit's answers (its op, then each of the op's
         arguments), redrawn until ``admissible`` (the run's budget) accepts one, at most ``tries`` times."""
         rng = random.Random(seed)
@@ -384,8 +410,9 @@ def recalibrate(net: nn.Module, batches: Iterable[torch.Tensor]) -> None:
 
 
 # ---------------------------------------------------------------------- fixed patches
-def crop_patches(batches: Iterable[Batch], input_key: str, size: Sequence[int], count: int,
-                 seed: int) -> list[dict[str, Any]]:
+def crop_patches(
+    batches: Iterable[Batch], input_key: str, size: Sequence[int], count: int, seed: int
+) -> list[dict[str, Any]]:
     """``count`` samples of ``size`` (D, H, W) from ``batches``, drawn with ``seed``, volumes taken in turn.
 
     A sample larger than ``size`` gives patches centred on a random non-zero voxel of its target (the first
@@ -428,8 +455,10 @@ def crop_patches(batches: Iterable[Batch], input_key: str, size: Sequence[int], 
 
 
 def stack(samples: Sequence[Mapping[str, torch.Tensor]], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    return [{key: torch.stack([s[key] for s in samples[i: i + batch_size]]) for key in samples[0]}
-            for i in range(0, len(samples), batch_size)]
+    return [
+        {key: torch.stack([s[key] for s in samples[i : i + batch_size]]) for key in samples[0]}
+        for i in range(0, len(samples), batch_size)
+    ]
 
 
 # ---------------------------------------------------------------------- training (SPOS, Lightning)
@@ -438,18 +467,36 @@ def random_crop(batch: Batch, input_key: str, side: int, generator: torch.Genera
     spatial = tuple(batch[input_key].shape[2:])
     if all(s <= side for s in spatial):
         return dict(batch)
-    box = [slice(start, start + min(side, s)) for s in spatial
-           for start in [int(torch.randint(s - min(side, s) + 1, (1,), generator=generator))]]
-    return {key: (value[(slice(None), slice(None), *box)]
-                  if isinstance(value, torch.Tensor) and value.dim() == 5 and tuple(value.shape[2:]) == spatial
-                  else value) for key, value in batch.items()}
+    box = [
+        slice(start, start + min(side, s))
+        for s in spatial
+        for start in [int(torch.randint(s - min(side, s) + 1, (1,), generator=generator))]
+    ]
+    return {
+        key: (
+            value[(slice(None), slice(None), *box)]
+            if isinstance(value, torch.Tensor) and value.dim() == 5 and tuple(value.shape[2:]) == spatial
+            else value
+        )
+        for key, value in batch.items()
+    }
 
 
 class SposModule(L.LightningModule):
     """One optimizer step per sampled architecture: single-path one-shot training of the super-network."""
 
-    def __init__(self, supernet: SuperNet, task: Task, draw: Callable[[], ArchConfig], *, lr: float,
-                 weight_decay: float, steps: int, crop: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        supernet: SuperNet,
+        task: Task,
+        draw: Callable[[], ArchConfig],
+        *,
+        lr: float,
+        weight_decay: float,
+        steps: int,
+        crop: int | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.supernet, self.task, self.draw = supernet, task, draw
         self.loss_fn = task.loss()
@@ -469,8 +516,13 @@ class SposModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        return optimizer_and_schedule(self.supernet.parameters(), lr=self.lr, weight_decay=self.weight_decay,
-                                      schedule="onecycle", total_steps=self.steps)
+        return optimizer_and_schedule(
+            self.supernet.parameters(),
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            schedule="onecycle",
+            total_steps=self.steps,
+        )
 
 
 # ---------------------------------------------------------------------- the evaluator
@@ -502,8 +554,16 @@ def parse_options(given: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"supernet: option {key} must be a number, got {options[key]!r}") from None
         if not options[key] >= 0 or (key != "weight_decay" and options[key] == 0):
             raise ValueError(f"supernet: option {key} must be positive, got {options[key]!r}")
-    for key in ("default_steps", "max_steps", "min_steps", "calib_patches", "val_patches", "batch_size", "steps",
-                "train_size"):
+    for key in (
+        "default_steps",
+        "max_steps",
+        "min_steps",
+        "calib_patches",
+        "val_patches",
+        "batch_size",
+        "steps",
+        "train_size",
+    ):
         value = options[key]
         if value is None or (key == "steps" and value == "auto"):
             continue
@@ -516,15 +576,24 @@ def parse_options(given: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def supernet_key(space: SearchSpace, task: Task, options: Mapping[str, Any], seed: int,
-                 data_options: Mapping[str, Any]) -> str:
+def supernet_key(
+    space: SearchSpace, task: Task, options: Mapping[str, Any], seed: int, data_options: Mapping[str, Any]
+) -> str:
     """What a trained super-network depends on, hashed: a resumed search with the same settings reuses it."""
-    described = json.dumps({
-        "space": [space.name, space.backbone, sorted((k, repr(v)) for k, v in space.hparams.items()),
-                  [repr(unit) for unit in space.units]],
-        "task": task.name, "options": sorted((k, repr(v)) for k, v in options.items()), "seed": seed,
-        "data": sorted((k, repr(v)) for k, v in data_options.items()),
-    })
+    described = json.dumps(
+        {
+            "space": [
+                space.name,
+                space.backbone,
+                sorted((k, repr(v)) for k, v in space.hparams.items()),
+                [repr(unit) for unit in space.units],
+            ],
+            "task": task.name,
+            "options": sorted((k, repr(v)) for k, v in options.items()),
+            "seed": seed,
+            "data": sorted((k, repr(v)) for k, v in data_options.items()),
+        }
+    )
     return hashlib.sha256(described.encode()).hexdigest()[:12]
 
 
@@ -568,8 +637,9 @@ class SupernetEvaluator(Evaluator):
         datamodule = self._datamodule(seed, self.options["calib_patches"])
         key = self.task.input_key
         self._calibration = [batch[key] for batch in datamodule.train_dataloader()]
-        patches = crop_patches(datamodule.val_dataloader(), key, self.task.input_shape[1:],
-                               self.options["val_patches"], seed)
+        patches = crop_patches(
+            datamodule.val_dataloader(), key, self.task.input_shape[1:], self.options["val_patches"], seed
+        )
         self._validation = stack(patches, self.batch_size)
 
     # ------------------------------------------------------------------ training
@@ -594,8 +664,13 @@ class SupernetEvaluator(Evaluator):
         self.steps = steps
         self.train(steps, draw)
         self.save(self.path)
-        log.info("super-network trained: %d steps in %.0f s, loss %.3f -> %.3f", steps, self.train_seconds,
-                 _mean(self.losses[:20]), _mean(self.losses[-20:]))
+        log.info(
+            "super-network trained: %d steps in %.0f s, loss %.3f -> %.3f",
+            steps,
+            self.train_seconds,
+            _mean(self.losses[:20]),
+            _mean(self.losses[-20:]),
+        )
 
     def _auto_steps(self, draw: Callable[[], ArchConfig], seconds_left: float | None, spent: float) -> int:
         options = self.options
@@ -629,14 +704,31 @@ class SupernetEvaluator(Evaluator):
         assert self.supernet is not None
         started, cpu = time.perf_counter(), time.process_time()
         L.seed_everything(self.setup.seed, workers=True, verbose=False)
-        module = SposModule(self.supernet, self.task, draw, lr=self.options["lr"],
-                            weight_decay=self.options["weight_decay"], steps=steps, crop=self.options["train_size"],
-                            seed=self.setup.seed)
+        module = SposModule(
+            self.supernet,
+            self.task,
+            draw,
+            lr=self.options["lr"],
+            weight_decay=self.options["weight_decay"],
+            steps=steps,
+            crop=self.options["train_size"],
+            seed=self.setup.seed,
+        )
         datamodule = self._datamodule(self.setup.seed, min(steps, 256) * self.batch_size)
         with _quiet():
-            trainer = L.Trainer(accelerator="auto", devices=1, max_steps=steps, max_epochs=-1, limit_val_batches=0,
-                                num_sanity_val_steps=0, deterministic="warn", logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False)
+            trainer = L.Trainer(
+                accelerator="auto",
+                devices=1,
+                max_steps=steps,
+                max_epochs=-1,
+                limit_val_batches=0,
+                num_sanity_val_steps=0,
+                deterministic="warn",
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
             try:
                 trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
             except TrainingFailed as error:
@@ -649,8 +741,17 @@ class SupernetEvaluator(Evaluator):
     def save(self, path: Path) -> None:
         assert self.supernet is not None
         buffer = io.BytesIO()
-        torch.save({"state_dict": self.supernet.state_dict(), "steps": self.steps, "losses": self.losses,
-                    "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds, "options": dict(self.options)}, buffer)
+        torch.save(
+            {
+                "state_dict": self.supernet.state_dict(),
+                "steps": self.steps,
+                "losses": self.losses,
+                "train_seconds": self.train_seconds,
+                "train_cpu_seconds": self.train_cpu_seconds,
+                "options": dict(self.options),
+            },
+            buffer,
+        )
         write_bytes_atomic(Path(path), buffer.getvalue())
 
     def load(self, path: Path) -> None:
@@ -675,8 +776,10 @@ class SupernetEvaluator(Evaluator):
         metrics = self.task.metrics()
         metrics.reset()
         with torch.no_grad():
-            predictions = [self.task.predict(self.supernet, {k: v.to(device) for k, v in batch.items()}).cpu()
-                           for batch in self._validation]
+            predictions = [
+                self.task.predict(self.supernet, {k: v.to(device) for k, v in batch.items()}).cpu()
+                for batch in self._validation
+            ]
             pooled = pool_volumes(predictions, self._validation, self.task.input_key)
             for prediction, batch in pooled or zip(predictions, self._validation):
                 metrics.update(prediction, batch)
@@ -687,8 +790,9 @@ class SupernetEvaluator(Evaluator):
         return Evaluation(self.name, self.fidelity(), scores, wall_s=now - started, val_forward_s=now - forward_started)
 
 
-def pool_volumes(predictions: Sequence[torch.Tensor], batches: Sequence[Mapping[str, torch.Tensor]],
-                 input_key: str) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]] | None:
+def pool_volumes(
+    predictions: Sequence[torch.Tensor], batches: Sequence[Mapping[str, torch.Tensor]], input_key: str
+) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]] | None:
     """Voxel predictions and targets of every patch as one volume (concatenated along D); None when the
     prediction or a target is not a volume of the patches' size (a classifier's, say)."""
     spatial = tuple(batches[0][input_key].shape[2:])
@@ -709,17 +813,34 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def score_panel(space: SearchSpace | str, task: Task | str, configs: Sequence[ArchConfig], *, seed: int = 0,
-                steps: int | str = "auto", width: float = 0.25, work_dir: str | Path, seconds: float | None = None,
-                data_options: Mapping[str, Any] | None = None, **options: Any) -> dict[str, dict[str, float]]:
+def score_panel(
+    space: SearchSpace | str,
+    task: Task | str,
+    configs: Sequence[ArchConfig],
+    *,
+    seed: int = 0,
+    steps: int | str = "auto",
+    width: float = 0.25,
+    work_dir: str | Path,
+    seconds: float | None = None,
+    data_options: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, dict[str, float]]:
     """Train (or reuse) one super-network and score ``configs`` with it: ``{config.hash: metrics}``, each
     metrics dict with ``wall_s`` added. For the fidelity benchmark."""
     from psc_nas.tasks import get_task
 
     task = get_task(task) if isinstance(task, str) else task
     space = SearchSpace.load(space) if isinstance(space, str) else space
-    evaluator = SupernetEvaluator(EvaluatorSetup(task, seed=seed, space=space, data_options=dict(data_options or {}),
-                                                 options={"steps": steps, "width": width, **options}))
+    evaluator = SupernetEvaluator(
+        EvaluatorSetup(
+            task,
+            seed=seed,
+            space=space,
+            data_options=dict(data_options or {}),
+            options={"steps": steps, "width": width, **options},
+        )
+    )
     evaluator.prepare(Path(work_dir), seconds_left=seconds)
     scored = {}
     for config in configs:

@@ -54,9 +54,11 @@ class TrainEvaluator(Evaluator):
         self.width = float(setup.options.get("width", 1.0))
         if not 0 < self.width <= 1:
             raise ValueError(f"evaluator train: width must be in (0, 1], got {self.width}")
-        self.fit_options = {"lr": float(setup.options.get("lr", DEFAULT_LR)),
-                            "lr_schedule": str(setup.options.get("lr_schedule", "constant")),
-                            "weight_decay": float(setup.options.get("weight_decay", 0.0))}
+        self.fit_options = {
+            "lr": float(setup.options.get("lr", DEFAULT_LR)),
+            "lr_schedule": str(setup.options.get("lr_schedule", "constant")),
+            "weight_decay": float(setup.options.get("weight_decay", 0.0)),
+        }
 
     def fidelity(self, epochs: int) -> Fidelity:
         samples = self.setup.data_options.get("samples_per_epoch")
@@ -78,11 +80,24 @@ class TrainEvaluator(Evaluator):
         # Checked at epoch ends, so a cut training still has whole, validated epochs to report.
         deadline = [Timer(duration=timedelta(seconds=seconds_left), interval="epoch")] if seconds_left else []
         try:
-            result = fit(self.network(config), self.setup.task, epochs=fidelity.key, seed=self.setup.seed,
-                         **self.fit_options,
-                         data_dir=self.setup.data_dir, data_options=self.setup.data_options,
-                         callbacks=[validation, *deadline])
+            result = fit(
+                self.network(config),
+                self.setup.task,
+                epochs=fidelity.key,
+                seed=self.setup.seed,
+                **self.fit_options,
+                data_dir=self.setup.data_dir,
+                data_options=self.setup.data_options,
+                callbacks=[validation, *deadline],
+            )
         except TrainingFailed as error:
             raise EvaluationFailed(f"training failed: {error}") from error
-        return Evaluation(self.name, self.fidelity(result.epochs), result.metrics, result.curve, result.wall_seconds,
-                          result.fwd_bwd_seconds, val_forward_s=validation.seconds)
+        return Evaluation(
+            self.name,
+            self.fidelity(result.epochs),
+            result.metrics,
+            result.curve,
+            result.wall_seconds,
+            result.fwd_bwd_seconds,
+            val_forward_s=validation.seconds,
+        )

@@ -16,7 +16,8 @@ The weights are initialised from ``seed``; the batch comes from the task's train
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,8 +38,11 @@ def training_batch(task: Task, *, seed: int, batch_size: int = BATCH, data_dir: 
 
 
 def _weights(net: nn.Module) -> list[nn.Parameter]:
-    return [m.weight for m in net.modules() if isinstance(m, (nn.Conv3d, nn.Conv2d, nn.Conv1d, nn.Linear))
-            and m.weight.requires_grad]
+    return [
+        m.weight
+        for m in net.modules()
+        if isinstance(m, (nn.Conv3d, nn.Conv2d, nn.Conv1d, nn.Linear)) and m.weight.requires_grad
+    ]
 
 
 def _loss_grads(net: nn.Module, task: Task, batch: Batch) -> list[torch.Tensor]:
@@ -100,8 +104,10 @@ def zico(net: nn.Module, task: Task, batch: Batch) -> float:
     half = inputs.shape[0] // 2
     if half < 1:
         raise ValueError("zico needs at least 2 samples")
-    parts = [{k: (v[:half] if i == 0 else v[half:]) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-             for i in range(2)]
+    parts = [
+        {k: (v[:half] if i == 0 else v[half:]) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        for i in range(2)
+    ]
     grads = [_loss_grads(net, task, part) for part in parts]
     score = 0.0
     for layer in zip(*grads):
@@ -116,12 +122,23 @@ def zico(net: nn.Module, task: Task, batch: Batch) -> float:
 
 
 SCORERS: dict[str, Callable[[nn.Module, Task, Batch], float]] = {
-    "grad_norm": grad_norm, "snip": snip, "synflow": synflow, "naswot": naswot, "zico": zico,
+    "grad_norm": grad_norm,
+    "snip": snip,
+    "synflow": synflow,
+    "naswot": naswot,
+    "zico": zico,
 }
 
 
-def proxy_scores(config: ArchConfig, task: Task | str, *, seed: int = 0, batch: Batch | None = None,
-                 data_dir: Any = None, proxies: tuple[str, ...] = PROXIES) -> dict[str, float]:
+def proxy_scores(
+    config: ArchConfig,
+    task: Task | str,
+    *,
+    seed: int = 0,
+    batch: Batch | None = None,
+    data_dir: Any = None,
+    proxies: tuple[str, ...] = PROXIES,
+) -> dict[str, float]:
     """Every proxy in ``proxies`` of ``config``, each on a fresh initialisation from ``seed`` (one batch)."""
     task = get_task(task) if isinstance(task, str) else task
     if batch is None:
@@ -139,8 +156,9 @@ def proxy_scores(config: ArchConfig, task: Task | str, *, seed: int = 0, batch: 
     return {name: scores[name] for name in proxies}
 
 
-def proxy_score(proxy: str, config: ArchConfig, task: Task | str, *, seed: int = 0, batch: Batch | None = None,
-                data_dir: Any = None) -> float:
+def proxy_score(
+    proxy: str, config: ArchConfig, task: Task | str, *, seed: int = 0, batch: Batch | None = None, data_dir: Any = None
+) -> float:
     """``proxy`` of ``config`` initialised from ``seed`` on a batch of ``task``'s training data."""
     if proxy not in SCORERS:
         raise ValueError(f"unknown zero-cost proxy {proxy!r}; known: {', '.join(PROXIES)}")

@@ -13,7 +13,8 @@ Costs price the default normalization, ``nn.BatchNorm3d``: two trainable paramet
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -32,6 +33,7 @@ SlotFill = Callable[[int, Sequence[Op], Callable[[Sequence[Op]], nn.Module]], nn
 def default_fill(index: int, specs: Sequence[Op], build: Callable[[Sequence[Op]], nn.Module]) -> nn.Module:
     """The ordinary network: every slot is what the backbone builds from its choice's ops."""
     return build(specs)
+
 
 # Room for any shipped family's arguments at any width (PmSCn's m <= 3 streams need a channel each).
 MIN_CHANNELS = 3
@@ -61,7 +63,11 @@ def run_cost(specs: Sequence[Op], spatial: Spatial) -> tuple[Cost, Spatial]:
 
 
 def conv_norm_act(
-    specs: Sequence[Op], *, norm: Norm, activation: Activation, last_activation: bool = True,
+    specs: Sequence[Op],
+    *,
+    norm: Norm,
+    activation: Activation,
+    last_activation: bool = True,
     build_op: Callable[[int, Op], nn.Module] | None = None,
 ) -> nn.Sequential:
     """op ─ norm ─ act ─ op ─ norm [─ act]: a slot's ops with the backbone's own norm/act between.

@@ -8,7 +8,8 @@ into the op specs that fill it.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from torch import nn
 

@@ -13,7 +13,7 @@ rule says (a CAKES allocation in proportion, an explicit ``mid_channels`` with t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from psc_nas.arch import ArchConfig
 from psc_nas.nets.registry import get_backbone

@@ -24,8 +24,9 @@ paper's "5.2M" (its exact layer widths are not published); 99.4 GMACs on a 64³ 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -131,14 +132,17 @@ class DenseNetBlueprint:
             return preact(spec, norm=norm, activation=activation)
 
         def slot(index: int, spec: Op) -> nn.Sequential:
-            return preact(spec, norm=norm, activation=activation,
-                          op=fill(index, [spec], lambda specs: specs[0].build()))
+            return preact(
+                spec, norm=norm, activation=activation, op=fill(index, [spec], lambda specs: specs[0].build())
+            )
 
         starts = [sum(len(specs) for specs in self.blocks[:b]) for b in range(len(self.blocks))]
         return DenseNet3d(
             stem=self.stem.build(),
-            blocks=[DenseBlock([slot(start + j, spec) for j, spec in enumerate(specs)])
-                    for start, specs in zip(starts, self.blocks)],
+            blocks=[
+                DenseBlock([slot(start + j, spec) for j, spec in enumerate(specs)])
+                for start, specs in zip(starts, self.blocks)
+            ],
             transitions=[nn.Sequential(*layer(spec), nn.AvgPool3d(2)) for spec in self.transitions],
             sides=[layer(spec) for spec in self.sides],
             head=layer(self.head),

@@ -22,8 +22,9 @@ ResNet3D-34, all 3x3x3, 101 classes (the PSC paper's "64M") has 63,527,717 param
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,13 +86,17 @@ class ResBlockBlueprint:
 
     def build(self, *, norm: Norm, activation: Activation, fill: SlotFill = default_fill) -> ResBlock:
         if self.bottleneck:  # the slot is the middle op; the fixed 1x1x1 convs around it are not searched
+
             def middle(position: int, spec: Op) -> nn.Module:
                 return fill(self.slot, [spec], lambda specs: specs[0].build()) if position == 1 else spec.build()
 
             body = conv_norm_act(self.body, norm=norm, activation=activation, last_activation=False, build_op=middle)
         else:
-            body = fill(self.slot, self.body, lambda specs: conv_norm_act(
-                specs, norm=norm, activation=activation, last_activation=False))
+            body = fill(
+                self.slot,
+                self.body,
+                lambda specs: conv_norm_act(specs, norm=norm, activation=activation, last_activation=False),
+            )
         shortcut = (
             None
             if self.shortcut is None

@@ -21,9 +21,10 @@ parameters, the scale of the PSC paper's 21M baseline.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from math import prod
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -16,8 +16,9 @@ an implementation the family offers itself (``impls``); default ``$PSC_NAS_OP_IM
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from torch import nn
 

@@ -15,8 +15,9 @@ family's domain lives in the family's module and is named by its ``OpFamily`` re
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from psc_nas.arch import BlockChoice, ConfigError, Slot
 from psc_nas.ops.registry import families

@@ -145,10 +145,13 @@ class GraphConv(nn.Module):
         readers = [[k for k, node in enumerate(nodes) if node.source == j] for j in range(len(nodes))]
         # A node value is dropped after its last reader unless it is an output; a ReLU may then
         # overwrite it in place (the memory the sequential streams had before the graph).
-        self._drop_after = [[j for j in range(len(nodes)) if j not in outputs and readers[j][-1:] == [k]]
-                            for k in range(len(nodes))]
-        self._relu_inplace = [node.source != INPUT and node.source not in outputs and readers[node.source] == [k]
-                              for k, node in enumerate(nodes)]
+        self._drop_after = [
+            [j for j in range(len(nodes)) if j not in outputs and readers[j][-1:] == [k]] for k in range(len(nodes))
+        ]
+        self._relu_inplace = [
+            node.source != INPUT and node.source not in outputs and readers[node.source] == [k]
+            for k, node in enumerate(nodes)
+        ]
 
     def cost(self, spatial: Spatial) -> Cost:
         return self.spec.cost(spatial)

@@ -19,9 +19,10 @@ PmSCn with m = n = 1 and has its own family here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any, Mapping
+from typing import Any
 
 from psc_nas.arch import BlockChoice, ConfigError, Slot
 from psc_nas.ops._conv import ConvSpec
@@ -126,8 +127,13 @@ class P3DSpec(OpSpec):
 
     def graph(self) -> ConvGraph:
         as_pmscn = PmSCnSpec(
-            self.in_channels, self.out_channels, self.stride,
-            m=1, n=1, orientations=(self.orientation,), mid_channels=self.mid_channels,
+            self.in_channels,
+            self.out_channels,
+            self.stride,
+            m=1,
+            n=1,
+            orientations=(self.orientation,),
+            mid_channels=self.mid_channels,
         )
         return as_pmscn.graph()
 

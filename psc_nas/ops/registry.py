@@ -11,8 +11,9 @@ the registry is read.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from psc_nas.arch import Slot
 from psc_nas.plugins import load_plugins

@@ -29,6 +29,8 @@ class Budget:
         return found
 
     def describe(self) -> str:
-        parts = [f"params <= {format_count(self.params)}" if self.params is not None else "",
-                 f"MACs <= {format_count(self.macs)}" if self.macs is not None else ""]
+        parts = [
+            f"params <= {format_count(self.params)}" if self.params is not None else "",
+            f"MACs <= {format_count(self.macs)}" if self.macs is not None else "",
+        ]
         return " and ".join(p for p in parts if p) or "no budget"

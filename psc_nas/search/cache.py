@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import optuna
 from optuna.trial import TrialState
@@ -76,8 +76,11 @@ class StudyView:
 
     def pending(self) -> int:
         """Queue entries not evaluated yet: waiting, or claimed with no result so far."""
-        return sum(1 for r in self._records.values()
-                   if r.state in (TrialState.WAITING, TrialState.RUNNING) and not r.evaluations)
+        return sum(
+            1
+            for r in self._records.values()
+            if r.state in (TrialState.WAITING, TrialState.RUNNING) and not r.evaluations
+        )
 
 
 def merit(score: float | None, metric: Objective) -> float:

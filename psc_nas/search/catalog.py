@@ -14,8 +14,9 @@ over the 10^12 configs):
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from psc_nas.arch import ArchConfig, BlockChoice
 from psc_nas.costs import Cost, Spatial, format_count
@@ -84,15 +85,19 @@ class Catalog:
             config = self.compose(picks)
             actual = cost(config, self.spatial)
             if actual != predicted:
-                raise RuntimeError(f"{self.space.backbone}: slot costs are not additive ({predicted} vs {actual}); "
-                                   "the budget check cannot be exact for this backbone")
+                raise RuntimeError(
+                    f"{self.space.backbone}: slot costs are not additive ({predicted} vs {actual}); "
+                    "the budget check cannot be exact for this backbone"
+                )
             found.append((actual, config))
         return found
 
     def costliest_macs(self) -> Cost:
         """The cost of the space's architecture with the most MACs: each unit at its costliest option."""
-        picks = [max(zip(options, deltas), key=lambda pair: pair[1].macs)[0]
-                 for options, deltas in zip(self.options, self.deltas)]
+        picks = [
+            max(zip(options, deltas), key=lambda pair: pair[1].macs)[0]
+            for options, deltas in zip(self.options, self.deltas)
+        ]
         return cost(self.compose(picks), self.spatial)
 
     def check_reachable(self, budget: Budget) -> None:
@@ -100,8 +105,11 @@ class Catalog:
 
         A preset that fits settles it at once; only otherwise is the space priced exactly.
         """
-        if any(budget.fits(cost(config, self.spatial)) for config in self.space.presets().values()
-               if self.answers_for(config) is not None):
+        if any(
+            budget.fits(cost(config, self.spatial))
+            for config in self.space.presets().values()
+            if self.answers_for(config) is not None
+        ):
             return
         cheapest = self.cheapest()
         if any(budget.fits(c) for c, _ in cheapest):

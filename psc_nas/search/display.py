@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -52,8 +52,9 @@ def front_table(front: Front, objectives: Sequence[Objective]) -> Table:
     table.add_column("trial", justify="right")
     table.add_column("preset")
     for index, objective in enumerate(objectives):
-        table.add_column(f"{objective.name} (search)" if index == 0 and front.retrained else objective.name,
-                         justify="right")
+        table.add_column(
+            f"{objective.name} (search)" if index == 0 and front.retrained else objective.name, justify="right"
+        )
     table.add_column("search fidelity" if front.retrained else "fidelity", justify="right")
     if front.retrained:
         table.add_column(f"{objectives[0].name} (retrained)", justify="right")
@@ -67,9 +68,11 @@ def front_table(front: Front, objectives: Sequence[Objective]) -> Table:
         cells = [_cell(o.name, v) for o, v in zip(objectives, record.values or ())]
         if front.retrained:
             retrained = record.retrained
-            cells += [record.fidelity.words if record.fidelity else "",
-                      _cell(objectives[0].name, retrained.metrics.get(objectives[0].name, float("nan")))
-                      if retrained else "", retrained.fidelity.words if retrained else ""]
+            cells += [
+                record.fidelity.words if record.fidelity else "",
+                _cell(objectives[0].name, retrained.metrics.get(objectives[0].name, float("nan"))) if retrained else "",
+                retrained.fidelity.words if retrained else "",
+            ]
         else:
             cells.append(record.fidelity.words if record.fidelity else "")
         table.add_row(f"{record.number}{mark}", record.preset or "", *cells, record.summary() or "")

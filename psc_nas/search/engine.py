@@ -30,14 +30,14 @@ import torch
 from optuna.trial import TrialState
 
 from psc_nas.arch import ArchConfig
-from psc_nas.ops import summary
 from psc_nas.evaluators.base import Evaluator, Fidelity, failure_reason
+from psc_nas.ops import summary
 from psc_nas.search.cache import StudyView, costs, merit
 from psc_nas.search.events import Evaluated, Event, Failed, FrontChanged, Listener, OverBudget, RetrainPlanned
 from psc_nas.search.events import Retrained as RetrainedEvent
 from psc_nas.search.front import Front
-from psc_nas.search.latency import forward_latency_ms
 from psc_nas.search.interrupt import INTERRUPTS
+from psc_nas.search.latency import forward_latency_ms
 from psc_nas.search.optuna_adapter import Heartbeat, fail_stale, heartbeat_interval, release, requeue, snapshot
 from psc_nas.search.outputs import write_outputs
 from psc_nas.search.pricing import Pricing
@@ -119,11 +119,14 @@ class Engine:
         except INTERRUPTS:
             raise
         except Exception as error:  # e.g. a super-network that cannot train: no trial can be scored
-            raise EvaluatorUnavailable(f"evaluator {self.plan.evaluator.name} could not prepare: "
-                                       f"{failure_reason(error)}") from error
+            raise EvaluatorUnavailable(
+                f"evaluator {self.plan.evaluator.name} could not prepare: {failure_reason(error)}"
+            ) from error
         self.view.refresh()
-        stale = failure_attrs(f"its worker stopped sending heartbeats for {3 * (self.heartbeat_interval or 0)} s "
-                              "(killed, crashed or cut off); queued again as a retry")
+        stale = failure_attrs(
+            f"its worker stopped sending heartbeats for {3 * (self.heartbeat_interval or 0)} s "
+            "(killed, crashed or cut off); queued again as a retry"
+        )
         with Heartbeat(self.study) as heartbeat:
             try:
                 while self.time_left():
@@ -175,19 +178,25 @@ class Engine:
             return None if limit is None else max(0.0, limit - (time.monotonic() - self.started))
 
         def planned(plan: Plan) -> None:
-            self._emit(RetrainPlanned, numbers=tuple(m.number for m in plan.members), epochs=plan.epochs,
-                       epoch_s=plan.probe_s)
+            self._emit(
+                RetrainPlanned, numbers=tuple(m.number for m in plan.members), epochs=plan.epochs, epoch_s=plan.probe_s
+            )
 
         def save(result: Retrained) -> None:
             save_retrained(self.study, result)
             searched = next((r for r in self.front.members if r.number == result.trial), None)
             metric = self.objectives[0].name
-            self._emit(RetrainedEvent, number=result.trial, metric=metric,
-                       score=result.metrics.get(metric, math.nan), fidelity=result.fidelity.words,
-                       search_score=searched.measure(metric) if searched else None,
-                       search_fidelity=searched.fidelity.words if searched and searched.fidelity else None,
-                       seconds=result.evaluation.wall_s,
-                       summary=searched.summary() or "" if searched else "")
+            self._emit(
+                RetrainedEvent,
+                number=result.trial,
+                metric=metric,
+                score=result.metrics.get(metric, math.nan),
+                fidelity=result.fidelity.words,
+                search_score=searched.measure(metric) if searched else None,
+                search_fidelity=searched.fidelity.words if searched and searched.fidelity else None,
+                seconds=result.evaluation.wall_s,
+                summary=searched.summary() or "" if searched else "",
+            )
             self._publish()
 
         retrain_front(self.front, job, done=done, seconds_left=seconds_left, save=save, on_plan=planned)
@@ -254,8 +263,9 @@ class Engine:
     def _measure_latency(self, candidate: Candidate) -> None:
         latency = self.view.latency_ms(candidate.config.hash)
         if latency is None:
-            latency = forward_latency_ms(candidate.config, self.plan.task.input_shape,
-                                         repeats=self.plan.profile.latency_repeats)
+            latency = forward_latency_ms(
+                candidate.config, self.plan.task.input_shape, repeats=self.plan.profile.latency_repeats
+            )
         self._record(candidate, replace(candidate.record, latency_ms=latency))
 
     def _record(self, candidate: Candidate, record: TrialRecord) -> None:
@@ -285,9 +295,16 @@ class Engine:
                 log.info("trial %d: evaluation at %s cut by --timeout", number, fidelity.words)
                 return
         self._record(candidate, candidate.record.with_evaluation(result))  # lower than asked when --timeout cut it
-        self._emit(Evaluated, number=number, fidelity=result.fidelity, metric=metric,
-                   score=result.metrics.get(metric, math.nan), seconds=result.wall_s,
-                   summary=summary(candidate.config), reused=reused)
+        self._emit(
+            Evaluated,
+            number=number,
+            fidelity=result.fidelity,
+            metric=metric,
+            score=result.metrics.get(metric, math.nan),
+            seconds=result.wall_s,
+            summary=summary(candidate.config),
+            reused=reused,
+        )
 
     def _scored(self, candidate: Candidate, key: int) -> Scored:
         metric, record = self.objectives[0], candidate.record
@@ -314,5 +331,9 @@ class Engine:
 
 
 def _summary(front: Front) -> tuple[list[int], int | None, float, int | None]:
-    return ([m.number for m in front.members], front.knee.number if front.knee else None, front.hypervolume,
-            front.retrained_knee.number if front.retrained_knee else None)
+    return (
+        [m.number for m in front.members],
+        front.knee.number if front.knee else None,
+        front.hypervolume,
+        front.retrained_knee.number if front.retrained_knee else None,
+    )

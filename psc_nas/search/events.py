@@ -7,8 +7,9 @@ subscribe. Every event carries the run's progress: architectures evaluated so fa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Union
 
 from psc_nas.costs import Cost, format_count
 from psc_nas.evaluators.base import Fidelity
@@ -91,24 +92,35 @@ def describe(event: Event) -> str:
         score = "nan" if math.isnan(event.score) else f"{event.score:.4f}"
         return f"trial {event.number} {event.fidelity.words} ({how}): {event.metric} = {score} ({event.summary})"
     if isinstance(event, OverBudget):
-        return (f"trial {event.number} over budget ({event.budget}; {format_count(event.cost.params)} params, "
-                f"{format_count(event.cost.macs)} MACs), not evaluated: {event.summary}")
+        return (
+            f"trial {event.number} over budget ({event.budget}; {format_count(event.cost.params)} params, "
+            f"{format_count(event.cost.macs)} MACs), not evaluated: {event.summary}"
+        )
     if isinstance(event, Failed):
         return f"trial {event.number} failed: {event.reason}"
     if isinstance(event, RetrainPlanned):
         timing = f", {event.epoch_s:.1f}s per epoch measured" if event.epoch_s is not None else ""
-        return (f"retraining {len(event.numbers)} front trials ({', '.join(map(str, event.numbers))}) from scratch, "
-                f"{event.epochs} epoch{'s' if event.epochs != 1 else ''}{timing}")
+        return (
+            f"retraining {len(event.numbers)} front trials ({', '.join(map(str, event.numbers))}) from scratch, "
+            f"{event.epochs} epoch{'s' if event.epochs != 1 else ''}{timing}"
+        )
     if isinstance(event, Retrained):
-        search = (f"search: {_score(event.search_score)} at {event.search_fidelity}"
-                  if event.search_score is not None else "no search score")
-        return (f"trial {event.number} {event.fidelity} ({event.seconds:.1f}s): {event.metric} = "
-                f"{_score(event.score)} ({search}; {event.summary})")
+        search = (
+            f"search: {_score(event.search_score)} at {event.search_fidelity}"
+            if event.search_score is not None
+            else "no search score"
+        )
+        return (
+            f"trial {event.number} {event.fidelity} ({event.seconds:.1f}s): {event.metric} = "
+            f"{_score(event.score)} ({search}; {event.summary})"
+        )
     knee = event.front.knee.number if event.front.knee else "none"
     if event.front.retrained_knee is not None:
         knee = f"{knee} (retrained knee trial {event.front.retrained_knee.number})"
-    return (f"{event.done}/{event.planned} architectures evaluated; front: {len(event.front.members)} trials, "
-            f"knee trial {knee}, hypervolume {event.front.hypervolume:.4f}")
+    return (
+        f"{event.done}/{event.planned} architectures evaluated; front: {len(event.front.members)} trials, "
+        f"knee trial {knee}, hypervolume {event.front.hypervolume:.4f}"
+    )
 
 
 def _score(value: float | None) -> str:

@@ -61,8 +61,10 @@ class Feasibility:
         base = cost(catalog.reference, catalog.spatial)
         self.base = np.array([base.params, base.macs], dtype=np.int64)
         big = np.iinfo(np.int64).max // 4
-        self.limit = np.array([big if budget.params is None else budget.params,
-                               big if budget.macs is None else budget.macs], dtype=np.int64)
+        self.limit = np.array(
+            [big if budget.params is None else budget.params, big if budget.macs is None else budget.macs],
+            dtype=np.int64,
+        )
         self.units = {unit.label: index for index, unit in enumerate(catalog.space.units)}
         self.deltas = [np.array([[d.params, d.macs] for d in unit], dtype=np.int64) for unit in catalog.deltas]
         # suffix[i]: the cheapest completions of units i.. (Pareto-minimal sums); suffix[n] is "nothing left"
@@ -267,13 +269,15 @@ class RestrictedSampler(BaseSampler):
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return self.inner.infer_relative_search_space(study, trial)
 
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         self._proposals[trial_id(trial)] = self.inner.sample_relative(study, trial, search_space)
         return {}
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str,
-                           param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, name: str, param_distribution: BaseDistribution
+    ) -> Any:
         number = trial_id(trial)
         admissible = self._admissible.pop((number, name), None)
         proposal = self._proposals.get(number, {})
@@ -297,8 +301,9 @@ class RestrictedSampler(BaseSampler):
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.inner.before_trial(study, trial)
 
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
         self.forget(trial_id(trial))
         self.inner.after_trial(study, trial, state, values)
 

@@ -11,8 +11,8 @@ the network best.yaml holds and psc-export's "knee" picks. Without retraining it
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
 
 from psc_nas.pareto import hypervolume, knee_point, normalize, pareto_front, to_minimization
 from psc_nas.search.record import Objective, StudyRecord, TrialRecord
@@ -47,8 +47,14 @@ def find_front(records: Iterable[TrialRecord], study: StudyRecord) -> Front:
     if not retrained:
         return Front(members, done[knee_point(points)], quality_hypervolume(done, study))
     knee = knee_point(to_minimization([r.values for r in retrained], maximize))  # type: ignore[misc]
-    return Front(members, done[knee_point(points)], quality_hypervolume(done, study), retrained, retrained[knee],
-                 quality_hypervolume(retrained, study))
+    return Front(
+        members,
+        done[knee_point(points)],
+        quality_hypervolume(done, study),
+        retrained,
+        retrained[knee],
+        quality_hypervolume(retrained, study),
+    )
 
 
 def as_retrained(record: TrialRecord, study: StudyRecord) -> TrialRecord:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from psc_nas.nets import build_model
 from psc_nas.arch import ArchConfig
+from psc_nas.nets import build_model
 
 
 def device() -> torch.device:

@@ -24,9 +24,10 @@ import copy
 import importlib
 import threading
 import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
@@ -40,8 +41,9 @@ class OptunaInternalsMoved(RuntimeError):
 
 
 def _moved(what: str, why: str) -> OptunaInternalsMoved:
-    return OptunaInternalsMoved(f"optuna {optuna.__version__}: {what} moved or changed ({why}); "
-                                "psc_nas/search/optuna_adapter.py must follow it")
+    return OptunaInternalsMoved(
+        f"optuna {optuna.__version__}: {what} moved or changed ({why}); psc_nas/search/optuna_adapter.py must follow it"
+    )
 
 
 def _internal(owner: Any, name: str, what: str) -> Any:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -43,20 +44,22 @@ def trials_table(records: Sequence[TrialRecord], objectives: Sequence[Objective]
         for index, objective in enumerate(objectives):
             row[objective.name] = record.values[index] if record.values else None
         retrained = record.retrained
-        row.update({
-            # the same metric after retraining from scratch, and how it was retrained, in words
-            "retrained": retrained.metrics.get(objectives[0].name) if retrained else None,
-            "retrained_fidelity": retrained.fidelity.words if retrained else None,
-            "params": record.params,
-            "macs": record.macs,
-            "latency_ms": record.latency_ms,
-            "train_s": sum(e.wall_s for e in own),
-            "fwd_bwd_s": sum(e.fwd_bwd_s for e in own),
-            "val_forward_s": sum(e.val_forward_s for e in own),
-            "duration_s": record.duration_s,
-            "fail_reason": record.fail_reason,
-            "summary": record.summary(),
-        })
+        row.update(
+            {
+                # the same metric after retraining from scratch, and how it was retrained, in words
+                "retrained": retrained.metrics.get(objectives[0].name) if retrained else None,
+                "retrained_fidelity": retrained.fidelity.words if retrained else None,
+                "params": record.params,
+                "macs": record.macs,
+                "latency_ms": record.latency_ms,
+                "train_s": sum(e.wall_s for e in own),
+                "fwd_bwd_s": sum(e.fwd_bwd_s for e in own),
+                "val_forward_s": sum(e.val_forward_s for e in own),
+                "duration_s": record.duration_s,
+                "fail_reason": record.fail_reason,
+                "summary": record.summary(),
+            }
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -70,17 +73,19 @@ def write_outputs(out_dir: Path, study: StudyRecord, records: Sequence[TrialReco
     for record in front.members:
         path = record.config().save(front_dir / f"{record.number}.yaml")
         keep.add(path.name)
-        entries.append({
-            "number": record.number,
-            "arch_hash": record.arch_hash,
-            "preset": record.preset,
-            "evaluator": record.result.evaluator if record.result else None,
-            "fidelity": record.fidelity.words if record.fidelity else None,
-            "values": {o.name: _json_number(v) for o, v in zip(study.objectives, record.values or ())},
-            "retrained": _json_metrics(record.retrained.metrics) if record.retrained else None,
-            "retrained_fidelity": record.retrained.fidelity.words if record.retrained else None,
-            "config": f"front/{path.name}",
-        })
+        entries.append(
+            {
+                "number": record.number,
+                "arch_hash": record.arch_hash,
+                "preset": record.preset,
+                "evaluator": record.result.evaluator if record.result else None,
+                "fidelity": record.fidelity.words if record.fidelity else None,
+                "values": {o.name: _json_number(v) for o, v in zip(study.objectives, record.values or ())},
+                "retrained": _json_metrics(record.retrained.metrics) if record.retrained else None,
+                "retrained_fidelity": record.retrained.fidelity.words if record.retrained else None,
+                "config": f"front/{path.name}",
+            }
+        )
     for stale in front_dir.glob("*.yaml"):  # trials that left the front since the last write
         if stale.name not in keep:
             stale.unlink()
@@ -110,19 +115,21 @@ def retrained_summary(front: Front, study: StudyRecord) -> dict[str, Any] | None
         retrained = record.retrained
         assert retrained is not None  # front.retrained holds retrained members only
         search = searched[record.number]
-        members.append({
-            "number": record.number,
-            "arch_hash": record.arch_hash,
-            "search_score": _json_number(search.values[0]) if search.values else None,
-            "search_fidelity": search.fidelity.words if search.fidelity else None,
-            "retrained_score": _json_number(record.values[0]) if record.values else None,
-            "retrained_fidelity": retrained.fidelity.words,
-            "metrics": _json_metrics(retrained.metrics),
-            "epochs": retrained.epochs,
-            "seed": retrained.seed,
-            "wall_s": retrained.evaluation.wall_s,
-            "config": f"front/{record.number}.yaml",
-        })
+        members.append(
+            {
+                "number": record.number,
+                "arch_hash": record.arch_hash,
+                "search_score": _json_number(search.values[0]) if search.values else None,
+                "search_fidelity": search.fidelity.words if search.fidelity else None,
+                "retrained_score": _json_number(record.values[0]) if record.values else None,
+                "retrained_fidelity": retrained.fidelity.words,
+                "metrics": _json_metrics(retrained.metrics),
+                "epochs": retrained.epochs,
+                "seed": retrained.seed,
+                "wall_s": retrained.evaluation.wall_s,
+                "config": f"front/{record.number}.yaml",
+            }
+        )
     return {
         "metric": metric,
         "knee": front.retrained_knee.number if front.retrained_knee else None,

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import optuna
 
-from psc_nas.nets import cost
 from psc_nas.arch import ArchConfig
 from psc_nas.costs import Cost
+from psc_nas.nets import cost
 from psc_nas.search.budget import Budget
 from psc_nas.search.catalog import Answers, Catalog
 from psc_nas.search.feasible import Feasibility
@@ -42,8 +42,9 @@ class Pricing:
             return self.catalog.space.sample(trial)
         if self.sampling == "restrict":
             return self.feasibility.sample(trial, avoid)
-        config, picks = self.feasibility.decide(lambda name, choices, admissible: trial.suggest_categorical(
-            name, choices))  # type: ignore[arg-type]
+        config, picks = self.feasibility.decide(
+            lambda name, choices, admissible: trial.suggest_categorical(name, choices)
+        )  # type: ignore[arg-type]
         built = self.feasibility.project(picks)
         if built == picks:
             return config

@@ -91,8 +91,9 @@ PROFILES = {
         population=24,
         data_options={"samples_per_epoch": 512, "batch_size": 8, "num_workers": 4},
         latency_repeats=20,
-        retrain=RetrainPolicy(count=5, epochs=100, samples_per_epoch=512, batch_size=8, lr_schedule="onecycle",
-                              num_workers=4),
+        retrain=RetrainPolicy(
+            count=5, epochs=100, samples_per_epoch=512, batch_size=8, lr_schedule="onecycle", num_workers=4
+        ),
     ),
 }
 

@@ -20,8 +20,8 @@ conservative, never flattered by a short training.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Sequence
 
 from psc_nas.pareto import select_best
 

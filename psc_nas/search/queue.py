@@ -11,7 +11,7 @@ so ``--trials`` counts evaluated architectures.
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 import optuna
 
@@ -50,5 +50,7 @@ class StudyQueue:
         if over_budget <= MAX_REPLACEMENTS_PER_ENTRY * self.trials:
             enqueue(self.study, {})
         else:
-            log.warning("%d over-budget samples so far; not replacing more (is the budget near the space's minimum?)",
-                        over_budget)
+            log.warning(
+                "%d over-budget samples so far; not replacing more (is the budget near the space's minimum?)",
+                over_budget,
+            )

@@ -24,18 +24,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from psc_nas.arch import ArchConfig
-from psc_nas.nets import validate as check_config
-from psc_nas.ops import summary as summarize
 from psc_nas.costs import Cost
 from psc_nas.evaluators.base import Evaluation, Fidelity
+from psc_nas.nets import validate as check_config
+from psc_nas.ops import summary as summarize
 from psc_nas.search.budget import Budget
 from psc_nas.search.optuna_adapter import name_metrics, retry_of
 
@@ -66,15 +67,30 @@ class Objective:
 
 # ---------------------------------------------------------------------------------------- trials
 def _evaluation_to_json(evaluation: Evaluation) -> dict[str, Any]:
-    return {"evaluator": evaluation.evaluator, "fidelity": evaluation.fidelity.key,
-            "fidelity_words": evaluation.fidelity.words, "metrics": evaluation.metrics, "curve": evaluation.curve,
-            "wall_s": evaluation.wall_s, "fwd_bwd_s": evaluation.fwd_bwd_s, "val_forward_s": evaluation.val_forward_s,
-            "evaluated_by": evaluation.evaluated_by}
+    return {
+        "evaluator": evaluation.evaluator,
+        "fidelity": evaluation.fidelity.key,
+        "fidelity_words": evaluation.fidelity.words,
+        "metrics": evaluation.metrics,
+        "curve": evaluation.curve,
+        "wall_s": evaluation.wall_s,
+        "fwd_bwd_s": evaluation.fwd_bwd_s,
+        "val_forward_s": evaluation.val_forward_s,
+        "evaluated_by": evaluation.evaluated_by,
+    }
 
 
 def _evaluation_from_json(data: Mapping[str, Any]) -> Evaluation:
-    return Evaluation(data["evaluator"], Fidelity(data["fidelity"], data["fidelity_words"]), data["metrics"],
-                      data["curve"], data["wall_s"], data["fwd_bwd_s"], data["val_forward_s"], data["evaluated_by"])
+    return Evaluation(
+        data["evaluator"],
+        Fidelity(data["fidelity"], data["fidelity_words"]),
+        data["metrics"],
+        data["curve"],
+        data["wall_s"],
+        data["fwd_bwd_s"],
+        data["val_forward_s"],
+        data["evaluated_by"],
+    )
 
 
 @dataclass(frozen=True)
@@ -127,7 +143,10 @@ class TrialRecord:
         at the top level (``fidelity``, ``metrics``, ``curve``) for tools that show attributes as columns."""
         result = self.result
         found = {
-            "arch": self.arch, "arch_hash": self.arch_hash, "params": self.params, "macs": self.macs,
+            "arch": self.arch,
+            "arch_hash": self.arch_hash,
+            "params": self.params,
+            "macs": self.macs,
             "preset": self.preset,
             "evaluator": result and result.evaluator,
             "fidelity": result and result.fidelity.key,
@@ -259,8 +278,7 @@ class Retrained:
         return len(self.evaluation.curve) or self.evaluation.fidelity.key
 
     def to_json(self) -> dict[str, Any]:
-        return {**_evaluation_to_json(self.evaluation), "seed": self.seed, "trial": self.trial,
-                "epochs": self.epochs}
+        return {**_evaluation_to_json(self.evaluation), "seed": self.seed, "trial": self.trial, "epochs": self.epochs}
 
     @classmethod
     def from_json(cls, arch_hash: str, data: Mapping[str, Any]) -> Retrained:
@@ -273,8 +291,11 @@ def save_retrained(study: optuna.Study, retrained: Retrained) -> None:
 
 def read_retrained(study: optuna.Study) -> dict[str, Retrained]:
     """The study's retrainings by architecture hash."""
-    return {key[len(RETRAINED_PREFIX):]: Retrained.from_json(key[len(RETRAINED_PREFIX):], value)
-            for key, value in study.user_attrs.items() if key.startswith(RETRAINED_PREFIX)}
+    return {
+        key[len(RETRAINED_PREFIX) :]: Retrained.from_json(key[len(RETRAINED_PREFIX) :], value)
+        for key, value in study.user_attrs.items()
+        if key.startswith(RETRAINED_PREFIX)
+    }
 
 
 def enqueue(study: optuna.Study, answers: Mapping[str, Any], *, preset: str | None = None) -> None:
@@ -323,10 +344,15 @@ class StudyRecord:
     data_fingerprint: str | None = None  # files.folder_fingerprint of it; a resume on other data is refused
 
     def identity(self) -> dict[str, Any]:
-        return {"task": self.task, "space": self.space,
-                "input_shape": list(self.input_shape) if self.input_shape else None,
-                "budget_params": self.budget.params, "budget_macs": self.budget.macs,
-                "objectives": [o.to_dict() for o in self.objectives], "evaluator": self.evaluator}
+        return {
+            "task": self.task,
+            "space": self.space,
+            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "budget_params": self.budget.params,
+            "budget_macs": self.budget.macs,
+            "objectives": [o.to_dict() for o in self.objectives],
+            "evaluator": self.evaluator,
+        }
 
     @classmethod
     def read(cls, study: optuna.Study) -> StudyRecord:
@@ -359,7 +385,10 @@ class StudyRecord:
     def other_data(self, wanted: StudyRecord) -> bool:
         """True when ``wanted`` searches other data than this study did: another folder content, or a
         folder where the study used the task's own data (a moved folder with the same files is the same)."""
-        return (self.data_fingerprint, self.data_source is None) != (wanted.data_fingerprint, wanted.data_source is None)
+        return (self.data_fingerprint, self.data_source is None) != (
+            wanted.data_fingerprint,
+            wanted.data_source is None,
+        )
 
     def changes(self, wanted: StudyRecord) -> dict[str, tuple[Any, Any]]:
         """Identity fields that differ: name -> (recorded here, wanted)."""

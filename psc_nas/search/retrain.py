@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Sequence
 
 from lightning.pytorch.callbacks import Timer
 
@@ -74,8 +74,10 @@ def choose_members(front: Front, count: int) -> list[TrialRecord]:
 
 def fidelity_words(policy: RetrainPolicy, epochs: int) -> str:
     schedule = {"onecycle": ", one-cycle", "constant": ""}.get(policy.lr_schedule, f", {policy.lr_schedule}")
-    return (f"retrained: {epochs} epoch{'s' if epochs != 1 else ''} × {policy.samples_per_epoch} samples"
-            f"{schedule}, full width")
+    return (
+        f"retrained: {epochs} epoch{'s' if epochs != 1 else ''} × {policy.samples_per_epoch} samples"
+        f"{schedule}, full width"
+    )
 
 
 def train_member(job: RetrainJob, record: TrialRecord, epochs: int, *, seconds_left: float | None) -> Retrained:
@@ -83,11 +85,27 @@ def train_member(job: RetrainJob, record: TrialRecord, epochs: int, *, seconds_l
     Past ``seconds_left`` the training stops at an epoch end and reports the epochs it finished."""
     policy = job.policy
     deadline = [Timer(duration=timedelta(seconds=seconds_left), interval="epoch")] if seconds_left else []
-    result = fit(record.config(), job.task, epochs=epochs, seed=job.seed, data_dir=job.data_dir,  # type: ignore[arg-type]
-                 lr=policy.lr, weight_decay=policy.weight_decay, lr_schedule=policy.lr_schedule,
-                 data_options=policy.data_options(), callbacks=deadline)
-    evaluation = Evaluation(EVALUATOR, Fidelity(result.epochs, fidelity_words(policy, result.epochs)), result.metrics,
-                            result.curve, result.wall_seconds, result.fwd_bwd_seconds, evaluated_by=record.number)
+    result = fit(
+        record.config(),
+        job.task,
+        epochs=epochs,
+        seed=job.seed,
+        data_dir=job.data_dir,  # type: ignore[arg-type]
+        lr=policy.lr,
+        weight_decay=policy.weight_decay,
+        lr_schedule=policy.lr_schedule,
+        data_options=policy.data_options(),
+        callbacks=deadline,
+    )
+    evaluation = Evaluation(
+        EVALUATOR,
+        Fidelity(result.epochs, fidelity_words(policy, result.epochs)),
+        result.metrics,
+        result.curve,
+        result.wall_seconds,
+        result.fwd_bwd_seconds,
+        evaluated_by=record.number,
+    )
     return Retrained(record.arch_hash or record.config().hash, evaluation, job.seed, record.number)
 
 
@@ -160,8 +178,9 @@ def search_epoch_s(record: TrialRecord) -> float:
     return result.wall_s / max(result.fidelity.key, 1) if result is not None else 0.0
 
 
-def _attempt(train: Callable[..., Retrained], job: RetrainJob, member: TrialRecord, epochs: int,
-             seconds_left: float | None) -> Retrained | None:
+def _attempt(
+    train: Callable[..., Retrained], job: RetrainJob, member: TrialRecord, epochs: int, seconds_left: float | None
+) -> Retrained | None:
     """One retraining; a failure (divergence, out of memory, a bug) is logged and skips this member only."""
     try:
         return train(job, member, epochs, seconds_left=seconds_left)

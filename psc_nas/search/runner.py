@@ -111,8 +111,9 @@ def make_sampler(name: str, *, seed: int, population: int) -> optuna.samplers.Ba
     if name == "tpe":
         # group: the space is define-by-run (an op's arguments exist only when it is chosen);
         # constant_liar: parallel workers do not all propose the same promising point.
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
-                                          n_startup_trials=population)
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=population
+        )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
@@ -141,14 +142,27 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     pricing = Pricing(settings.budget, catalog, settings.budget_sampling)
     if pricing.sampling != "reject":
         _ = pricing.feasibility  # prices every option of every unit (about a second): before, not during, the search
-    data_source, data_fingerprint = check_data(task, settings.data_dir, seed=settings.seed,
-                                               data_options=profile.data_options)
+    data_source, data_fingerprint = check_data(
+        task, settings.data_dir, seed=settings.seed, data_options=profile.data_options
+    )
     evaluator_name = settings.evaluator or profile.evaluator
-    options = {**(profile.evaluator_options if evaluator_name == profile.evaluator else {}),
-               **dict(settings.evaluator_options)}
-    evaluator = evaluator or make_evaluator(evaluator_name, EvaluatorSetup(
-        task, seed=settings.seed, data_dir=settings.data_dir, epochs=profile.epochs, data_options=profile.data_options,
-        space=catalog.space, admissible=pricing.fits, options=options))
+    options = {
+        **(profile.evaluator_options if evaluator_name == profile.evaluator else {}),
+        **dict(settings.evaluator_options),
+    }
+    evaluator = evaluator or make_evaluator(
+        evaluator_name,
+        EvaluatorSetup(
+            task,
+            seed=settings.seed,
+            data_dir=settings.data_dir,
+            epochs=profile.epochs,
+            data_options=profile.data_options,
+            space=catalog.space,
+            admissible=pricing.fits,
+            options=options,
+        ),
+    )
     fidelities = evaluator.levels()
     timeout = settings.timeout or profile.timeout
     policy = retrain_policy(settings, profile)
@@ -156,10 +170,16 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
         task=task,
         space=catalog.space,
         pricing=pricing,
-        record=StudyRecord(task.name, catalog.space.name, settings.budget,
-                           resolve_objectives(settings.objectives, task, settings.budget), evaluator.name,
-                           input_shape=tuple(task.input_shape), data_source=data_source,
-                           data_fingerprint=data_fingerprint),
+        record=StudyRecord(
+            task.name,
+            catalog.space.name,
+            settings.budget,
+            resolve_objectives(settings.objectives, task, settings.budget),
+            evaluator.name,
+            input_shape=tuple(task.input_shape),
+            data_source=data_source,
+            data_fingerprint=data_fingerprint,
+        ),
         profile=profile,
         evaluator=evaluator,
         fidelities=fidelities if settings.multi_fidelity else fidelities[-1:],
@@ -173,8 +193,9 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     )
 
 
-def check_data(task: Task, data_dir: Path | None, *, seed: int,
-               data_options: Mapping[str, Any]) -> tuple[str | None, str | None]:
+def check_data(
+    task: Task, data_dir: Path | None, *, seed: int, data_options: Mapping[str, Any]
+) -> tuple[str | None, str | None]:
     """Load the task's data from ``data_dir`` once, reading only, so that a missing folder, a bad file or a
     wrong shape stops the search with the task's one-line ``DataError`` before anything is written
     (in a trial it would only fail that trial). Returns what the study records of it: the resolved
@@ -228,8 +249,9 @@ def _catalog(space: str, spatial: tuple[int, ...]) -> Catalog:
     return Catalog(_space(space), spatial)
 
 
-def run_search(settings: SearchSettings, *, evaluator: Evaluator | None = None,
-               console: Console | None = None) -> Front:
+def run_search(
+    settings: SearchSettings, *, evaluator: Evaluator | None = None, console: Console | None = None
+) -> Front:
     """Search (or resume) and return the feasible Pareto front; outputs land in the run folder."""
     console = console or Console(stderr=True)
     plan = plan_search(settings, evaluator)
@@ -240,8 +262,9 @@ def run_search(settings: SearchSettings, *, evaluator: Evaluator | None = None,
         sampler = make_sampler(settings.sampler, seed=settings.seed, population=plan.profile.population)
         if plan.pricing.sampling == "restrict":
             sampler = RestrictedSampler(sampler, seed=settings.seed)
-        study, created = open_study(storage, settings.study_name or out_dir.resolve().name, record=plan.record,
-                                    sampler=sampler)
+        study, created = open_study(
+            storage, settings.study_name or out_dir.resolve().name, record=plan.record, sampler=sampler
+        )
     except BaseException:
         if created_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -255,11 +278,20 @@ def run_search(settings: SearchSettings, *, evaluator: Evaluator | None = None,
 
         engine = Engine(plan, study, on_event=show)
         engine.fill_queue(created)
-        log.info("%s study %r: task %s, space %s, %s, %d trials, profile %s, evaluator %s, sampler %s, seed %d, %s",
-                 "created" if created else "resumed", study.study_name, plan.task.name, plan.space.name,
-                 plan.pricing.budget.describe(), plan.trials, plan.profile.name, plan.evaluator.name, settings.sampler,
-                 settings.seed, f"then retraining {plan.retrain.policy.count} front trials" if plan.retrain
-                 else "no retraining")
+        log.info(
+            "%s study %r: task %s, space %s, %s, %d trials, profile %s, evaluator %s, sampler %s, seed %d, %s",
+            "created" if created else "resumed",
+            study.study_name,
+            plan.task.name,
+            plan.space.name,
+            plan.pricing.budget.describe(),
+            plan.trials,
+            plan.profile.name,
+            plan.evaluator.name,
+            settings.sampler,
+            settings.seed,
+            f"then retraining {plan.retrain.policy.count} front trials" if plan.retrain else "no retraining",
+        )
         front = engine.run()
     from psc_nas.dashboard import write_snapshot  # imports plotly; only needed once, at the end
 
@@ -283,8 +315,10 @@ def check_any_evaluated(study: optuna.Study, out_dir: Path) -> None:
     if not failed or any(r.state == optuna.trial.TrialState.COMPLETE for r in records):
         return
     first = next((r for r in failed if r.fail_reason), failed[0])
-    raise SearchFailed(f"no architecture was evaluated: {len(failed)} trial(s) failed, e.g. trial {first.number}: "
-                       f"{first.fail_reason or 'no reason recorded'} (see {out_dir / LOG_FILE})")
+    raise SearchFailed(
+        f"no architecture was evaluated: {len(failed)} trial(s) failed, e.g. trial {first.number}: "
+        f"{first.fail_reason or 'no reason recorded'} (see {out_dir / LOG_FILE})"
+    )
 
 
 def _make_out_dir(out_dir: Path) -> bool:

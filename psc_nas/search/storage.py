@@ -39,10 +39,11 @@ def storage_url(storage: str | None, out_dir: Path) -> str:
 def open_storage(url: str, *, heartbeat_interval: int) -> BaseStorage:
     """The storage behind ``url``; raises ``ValueError`` with one clear line for a bad URL or server."""
     if url.startswith(JOURNAL_PREFIX):
-        return JournalStorage(JournalFileBackend(url[len(JOURNAL_PREFIX):]))
+        return JournalStorage(JournalFileBackend(url[len(JOURNAL_PREFIX) :]))
     if "://" not in url:
-        raise ValueError(f"--storage must be a database URL (sqlite:///..., postgresql://...) or journal:PATH, "
-                         f"got {url!r}")
+        raise ValueError(
+            f"--storage must be a database URL (sqlite:///..., postgresql://...) or journal:PATH, got {url!r}"
+        )
     # SQLite serializes writers; waiting for the lock beats failing a trial on "database is locked".
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(SCHEMA_ATTEMPTS):
@@ -80,7 +81,11 @@ def redact(text: str, url: str) -> str:
 
 
 def open_study(
-    storage: BaseStorage, name: str, *, record: StudyRecord, sampler: optuna.samplers.BaseSampler,
+    storage: BaseStorage,
+    name: str,
+    *,
+    record: StudyRecord,
+    sampler: optuna.samplers.BaseSampler,
 ) -> tuple[optuna.Study, bool]:
     """Create the study, or load it to resume; True when this worker created it.
 
@@ -95,8 +100,10 @@ def open_study(
         wait_until_set_up(study)
         recorded = StudyRecord.read(study)
         if recorded.other_data(record):
-            raise ValueError(f"study {name!r} was searched on {recorded.describe_data()}, not on "
-                             f"{record.describe_data()}; resume on the same data or use another --out/--study-name")
+            raise ValueError(
+                f"study {name!r} was searched on {recorded.describe_data()}, not on "
+                f"{record.describe_data()}; resume on the same data or use another --out/--study-name"
+            ) from None
         changed = recorded.changes(record)
         if changed:
             raise ValueError(

@@ -17,8 +17,9 @@ other key is the task's own (labels, affinities, video ids, ...), read only by i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -122,8 +123,9 @@ class Task(ABC):
         """Raise ``ConfigError`` naming the space file when ``space`` is not a space of this task."""
         if space.task != self.name:
             suggestion = f"; the {self.name} task's space is {self.default_space}" if self.default_space else ""
-            raise ConfigError(f"{space.source}: task", f"space {space.name!r} is for task {space.task}, not {self.name}"
-                              + suggestion)
+            raise ConfigError(
+                f"{space.source}: task", f"space {space.name!r} is for task {space.task}, not {self.name}" + suggestion
+            )
         try:
             self._check_backbone(space.backbone, space.hparams, "space")
             self._check_input(space.decide(lambda name, choices: choices[0]), "space")

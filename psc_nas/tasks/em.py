@@ -57,8 +57,11 @@ def split_volumes(data_dir: str | Path) -> dict[str, list[VolumeSource]]:
         return splits
     volumes = find_volumes(data_dir)
     if len(volumes) < 2:
-        raise DataError(data_dir, f"{len(volumes)} volume(s): need train/ and val/ folders or at least 2 volumes "
-                                  "(all but the last train, the last validates)")
+        raise DataError(
+            data_dir,
+            f"{len(volumes)} volume(s): need train/ and val/ folders or at least 2 volumes "
+            "(all but the last train, the last validates)",
+        )
     return {"train": volumes[:-1], "val": volumes[-1:]}
 
 
@@ -74,8 +77,12 @@ class EMSample:
         self.resolution = torch.tensor(volume.resolution, dtype=torch.float64)
 
     def item(self) -> dict[str, Any]:
-        return {"image": self.raw, "affinities": self.affinities, "neuron_ids": self.labels,
-                "resolution": self.resolution}
+        return {
+            "image": self.raw,
+            "affinities": self.affinities,
+            "neuron_ids": self.labels,
+            "resolution": self.resolution,
+        }
 
 
 class RandomPatches(Dataset):
@@ -114,9 +121,17 @@ class EMDataModule(L.LightningDataModule):
     volumes only.
     """
 
-    def __init__(self, data_dir: str | Path | None = None, *, seed: int = 0, patch_size: Sequence[int] = (32, 32, 32),
-                 batch_size: int = 2, samples_per_epoch: int = 16, cache_dir: str | Path | None = None,
-                 num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        *,
+        seed: int = 0,
+        patch_size: Sequence[int] = (32, 32, 32),
+        batch_size: int = 2,
+        samples_per_epoch: int = 16,
+        cache_dir: str | Path | None = None,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         if data_dir is not None and cache_dir is not None:
             raise ValueError("cache_dir applies to the embedded volumes only, not to a data_dir")
@@ -137,8 +152,13 @@ class EMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         patches = RandomPatches(self.samples["train"], self.patch_size, self.samples_per_epoch, self.seed)
-        return DataLoader(patches, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            patches,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def _volumes(self, split: str) -> DataLoader:
         return DataLoader([s.item() for s in self.samples[split]], batch_size=1, num_workers=self.num_workers)

@@ -16,9 +16,10 @@ same proportions. Images are z-scored over their non-zero (brain) voxels.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -49,7 +50,9 @@ def find_subjects(data_dir: str | Path) -> list[Subject]:
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         raise DataError(data_dir, "IBSR data directory not found")
-    numbered = [(int(m.group(1)), d) for d in data_dir.iterdir() if d.is_dir() and (m := _SUBJECT_DIR.fullmatch(d.name))]
+    numbered = [
+        (int(m.group(1)), d) for d in data_dir.iterdir() if d.is_dir() and (m := _SUBJECT_DIR.fullmatch(d.name))
+    ]
     subjects = []
     for _, directory in sorted(numbered):
         subject = Subject(

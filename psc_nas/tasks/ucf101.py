@@ -33,21 +33,107 @@ from psc_nas.tasks.video import ClipVideoAccuracy, VideoClips, class_names, read
 from psc_nas.tasks.video_embedded import embedded_videos
 
 UCF101_CLASSES = (  # classInd.txt order
-    "ApplyEyeMakeup", "ApplyLipstick", "Archery", "BabyCrawling", "BalanceBeam", "BandMarching", "BaseballPitch",
-    "Basketball", "BasketballDunk", "BenchPress", "Biking", "Billiards", "BlowDryHair", "BlowingCandles",
-    "BodyWeightSquats", "Bowling", "BoxingPunchingBag", "BoxingSpeedBag", "BreastStroke", "BrushingTeeth",
-    "CleanAndJerk", "CliffDiving", "CricketBowling", "CricketShot", "CuttingInKitchen", "Diving", "Drumming",
-    "Fencing", "FieldHockeyPenalty", "FloorGymnastics", "FrisbeeCatch", "FrontCrawl", "GolfSwing", "Haircut",
-    "Hammering", "HammerThrow", "HandstandPushups", "HandstandWalking", "HeadMassage", "HighJump", "HorseRace",
-    "HorseRiding", "HulaHoop", "IceDancing", "JavelinThrow", "JugglingBalls", "JumpingJack", "JumpRope", "Kayaking",
-    "Knitting", "LongJump", "Lunges", "MilitaryParade", "Mixing", "MoppingFloor", "Nunchucks", "ParallelBars",
-    "PizzaTossing", "PlayingCello", "PlayingDaf", "PlayingDhol", "PlayingFlute", "PlayingGuitar", "PlayingPiano",
-    "PlayingSitar", "PlayingTabla", "PlayingViolin", "PoleVault", "PommelHorse", "PullUps", "Punch", "PushUps",
-    "Rafting", "RockClimbingIndoor", "RopeClimbing", "Rowing", "SalsaSpin", "ShavingBeard", "Shotput",
-    "SkateBoarding", "Skiing", "Skijet", "SkyDiving", "SoccerJuggling", "SoccerPenalty", "StillRings",
-    "SumoWrestling", "Surfing", "Swing", "TableTennisShot", "TaiChi", "TennisSwing", "ThrowDiscus",
-    "TrampolineJumping", "Typing", "UnevenBars", "VolleyballSpiking", "WalkingWithDog", "WallPushups",
-    "WritingOnBoard", "YoYo",
+    "ApplyEyeMakeup",
+    "ApplyLipstick",
+    "Archery",
+    "BabyCrawling",
+    "BalanceBeam",
+    "BandMarching",
+    "BaseballPitch",
+    "Basketball",
+    "BasketballDunk",
+    "BenchPress",
+    "Biking",
+    "Billiards",
+    "BlowDryHair",
+    "BlowingCandles",
+    "BodyWeightSquats",
+    "Bowling",
+    "BoxingPunchingBag",
+    "BoxingSpeedBag",
+    "BreastStroke",
+    "BrushingTeeth",
+    "CleanAndJerk",
+    "CliffDiving",
+    "CricketBowling",
+    "CricketShot",
+    "CuttingInKitchen",
+    "Diving",
+    "Drumming",
+    "Fencing",
+    "FieldHockeyPenalty",
+    "FloorGymnastics",
+    "FrisbeeCatch",
+    "FrontCrawl",
+    "GolfSwing",
+    "Haircut",
+    "Hammering",
+    "HammerThrow",
+    "HandstandPushups",
+    "HandstandWalking",
+    "HeadMassage",
+    "HighJump",
+    "HorseRace",
+    "HorseRiding",
+    "HulaHoop",
+    "IceDancing",
+    "JavelinThrow",
+    "JugglingBalls",
+    "JumpingJack",
+    "JumpRope",
+    "Kayaking",
+    "Knitting",
+    "LongJump",
+    "Lunges",
+    "MilitaryParade",
+    "Mixing",
+    "MoppingFloor",
+    "Nunchucks",
+    "ParallelBars",
+    "PizzaTossing",
+    "PlayingCello",
+    "PlayingDaf",
+    "PlayingDhol",
+    "PlayingFlute",
+    "PlayingGuitar",
+    "PlayingPiano",
+    "PlayingSitar",
+    "PlayingTabla",
+    "PlayingViolin",
+    "PoleVault",
+    "PommelHorse",
+    "PullUps",
+    "Punch",
+    "PushUps",
+    "Rafting",
+    "RockClimbingIndoor",
+    "RopeClimbing",
+    "Rowing",
+    "SalsaSpin",
+    "ShavingBeard",
+    "Shotput",
+    "SkateBoarding",
+    "Skiing",
+    "Skijet",
+    "SkyDiving",
+    "SoccerJuggling",
+    "SoccerPenalty",
+    "StillRings",
+    "SumoWrestling",
+    "Surfing",
+    "Swing",
+    "TableTennisShot",
+    "TaiChi",
+    "TennisSwing",
+    "ThrowDiscus",
+    "TrampolineJumping",
+    "Typing",
+    "UnevenBars",
+    "VolleyballSpiking",
+    "WalkingWithDog",
+    "WallPushups",
+    "WritingOnBoard",
+    "YoYo",
 )
 DEFAULT_CLIPS_PER_VIDEO = 4
 
@@ -60,10 +146,20 @@ class VideoDataModule(L.LightningDataModule):
     ``cache_dir`` (embedded videos only), ``num_workers``.
     """
 
-    def __init__(self, data_dir: str | Path | None = None, *, seed: int = 0, clip_shape: tuple[int, int, int],
-                 num_classes: int, batch_size: int = 8, samples_per_epoch: int | None = None,
-                 clips_per_video: int = DEFAULT_CLIPS_PER_VIDEO, fold: int = 1, cache_dir: str | Path | None = None,
-                 num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        *,
+        seed: int = 0,
+        clip_shape: tuple[int, int, int],
+        num_classes: int,
+        batch_size: int = 8,
+        samples_per_epoch: int | None = None,
+        clips_per_video: int = DEFAULT_CLIPS_PER_VIDEO,
+        fold: int = 1,
+        cache_dir: str | Path | None = None,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         if data_dir is not None and cache_dir is not None:
             raise ValueError("cache_dir applies to the embedded videos only, not to a data_dir")
@@ -83,8 +179,9 @@ class VideoDataModule(L.LightningDataModule):
                 where: str | Path = split_file(root, "classInd.txt")
             except DataError:
                 where = root
-            raise DataError(where, f"{len(names)} classes, but the ucf101 task's networks have {self.num_classes} "
-                                   "outputs")
+            raise DataError(
+                where, f"{len(names)} classes, but the ucf101 task's networks have {self.num_classes} outputs"
+            )
         self.entries = {split: read_split(root, split, self.fold) for split in ("train", "test")}
 
     def setup(self, stage: str | None = None) -> None:
@@ -93,19 +190,26 @@ class VideoDataModule(L.LightningDataModule):
 
     def _clips(self, split: str, clips_per_video: int | None) -> VideoClips:
         frames, height, width = self.clip_shape
-        return VideoClips(self.entries[split], frames_per_clip=frames, size=(height, width),
-                          clips_per_video=clips_per_video, seed=self.seed)
+        return VideoClips(
+            self.entries[split],
+            frames_per_clip=frames,
+            size=(height, width),
+            clips_per_video=clips_per_video,
+            seed=self.seed,
+        )
 
     def train_dataloader(self) -> DataLoader:
         clips = self._clips("train", None)
         count = self.samples_per_epoch or len(clips)
-        sampler = RandomSampler(clips, replacement=count > len(clips), num_samples=count,
-                                generator=torch.Generator().manual_seed(self.seed))
+        sampler = RandomSampler(
+            clips, replacement=count > len(clips), num_samples=count, generator=torch.Generator().manual_seed(self.seed)
+        )
         return DataLoader(clips, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._clips("test", self.clips_per_video), batch_size=self.batch_size,
-                          num_workers=self.num_workers)
+        return DataLoader(
+            self._clips("test", self.clips_per_video), batch_size=self.batch_size, num_workers=self.num_workers
+        )
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -133,5 +237,10 @@ class UCF101Task(Task):
     def datamodule(self, data_dir: str | Path | None = None, *, seed: int = 0, **options: Any) -> VideoDataModule:
         """Options: ``batch_size``, ``samples_per_epoch``, ``clips_per_video``, ``fold``, ``cache_dir``,
         ``num_workers``."""
-        return VideoDataModule(data_dir, seed=seed, clip_shape=self.input_shape[1:],
-                               num_classes=self.backbone_hparams["num_classes"], **options)
+        return VideoDataModule(
+            data_dir,
+            seed=seed,
+            clip_shape=self.input_shape[1:],
+            num_classes=self.backbone_hparams["num_classes"],
+            **options,
+        )

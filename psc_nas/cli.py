@@ -37,6 +37,13 @@ def one_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def path_option(text: str | None, option: str) -> str | None:
+    """A folder option's value; None when not given. An empty value is an error, not "the current folder"."""
+    if text is not None and not text.strip():
+        raise ValueError(f"{option} is empty; leave it out to use the default")
+    return text
+
+
 def count_option(text: str | None, option: str) -> int | None:
     """A count option's value; None when not given. An empty value is an error, not "no budget"."""
     if text is None:
@@ -293,8 +300,8 @@ def search(
             study_name=study_name,
             seed=seed,
             profile=profile,
-            data_dir=Path(data_dir) if data_dir else None,
-            out=Path(out) if out else None,
+            data_dir=Path(data_dir) if path_option(data_dir, "--data-dir") else None,
+            out=Path(out) if path_option(out, "--out") else None,
             space=space,
             multi_fidelity=multi_fidelity,
             seed_presets=seed_presets,
@@ -365,7 +372,9 @@ def train(
     options = {"samples_per_epoch": samples_per_epoch, "batch_size": batch_size}
     try:
         task_def = get_task(task)
+        data_dir = path_option(data_dir, "--data-dir")
         config, label = load_arch(arch, task_def)
+        out = path_option(out, "--out")
         run_dir = Path(out) if out else Path("runs") / f"{task}-{label}-{config.hash}-s{seed}"
         result = fit_into(
             run_dir,

@@ -300,6 +300,18 @@ def test_an_empty_budget_or_timeout_is_an_error_not_no_limit(tmp_path, option):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(
+    "app, args",
+    [(cli.search_app, ["--budget", "5M", "--data-dir", " "]), (cli.train_app, ["--arch", "csn_ip", "--data-dir", ""])],
+)
+def test_an_empty_data_dir_is_an_error_not_the_current_folder(tmp_path, monkeypatch, app, args):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["--task", "ibsr", *args])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "--data-dir is empty; leave it out to use the default" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------- Ctrl-C
 def interrupt_search(tmp_path: Path, space: Path, mark: Path) -> subprocess.CompletedProcess:
     """Start psc-search in its own session, wait until a training batch runs, then Ctrl-C it as a terminal

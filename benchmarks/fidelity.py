@@ -286,7 +286,7 @@ def measure(work: Path, variant: str, seeds: tuple[int, ...], jobs: int) -> None
 def _supernet_job(seed: int, options_json: str, out_dir: str) -> str:
     """One super-network per seed (its training is the seed-dependent part), then every panel member scored."""
     _threads(1)
-    from psc_nas.evaluators import EvaluatorSetup, make_evaluator
+    from psc_nas.evaluators import EvaluationFailed, EvaluatorSetup, make_evaluator
     from psc_nas.memory import keep_freed_memory
     from psc_nas.nets import cost
     from psc_nas.space import SearchSpace
@@ -313,7 +313,11 @@ def _supernet_job(seed: int, options_json: str, out_dir: str) -> str:
         if out.exists():
             continue
         t0 = time.time()
-        evaluation = evaluator.evaluate(member["config"], level, seconds_left=None)
+        try:
+            evaluation = evaluator.evaluate(member["config"], level, seconds_left=None)
+        except EvaluationFailed as error:  # not an architecture of the space (cakes_uniform): no score
+            print(f"{member['name']}: {error}", flush=True)
+            continue
         record = {
             "variant": Path(out_dir).name,
             "name": member["name"],

@@ -263,6 +263,7 @@ def test_psc_search_and_psc_export_on_the_embedded_data(tmp_path, task, space, b
         "2",
         "--out",
         "search",
+        "--no-retrain",  # retraining is tested in test_retrain.py
         cwd=tmp_path,
     )
     assert found.returncode == 0, found.stderr

@@ -265,6 +265,7 @@ def test_psc_search_with_the_supernet_evaluator_writes_supernet_trials(tmp_path)
         "width=1",
         "--evaluator-option",
         "val_patches=16",
+        "--no-retrain",  # retraining is tested in test_retrain.py
         "--out",
         "search",
         cwd=tmp_path,

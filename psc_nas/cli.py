@@ -317,8 +317,8 @@ def search(
     except INTERRUPTS:
         where = f" (run folder {settings.out_dir()})" if settings else ""
         typer.echo(
-            f"psc-search: interrupted; the trial in progress is back in the queue: re-run the same command "
-            f"to resume{where}",
+            f"psc-search: interrupted; finished results are kept, a trial in training is back in the queue and an "
+            f"unfinished retraining runs again: re-run the same command to resume{where}",
             err=True,
         )
         raise typer.Exit(130) from None

@@ -184,7 +184,10 @@ def test_live_page(tmp_path, browser):
         target = next(r for r in run.records if r.preset is None and r.state == TrialState.COMPLETE)
         tab.click_trial(target.number)
         hover = tab.page.locator("#front-params .hoverlayer .hovertext").text_content()
-        assert f"trial {target.number} (complete)" in hover and f"dice_mean: {run.quality_of(target):.4f}" in hover
+        assert (
+            f"trial {target.number} (complete)" in hover
+            and f"dice_mean (search): {run.quality_of(target):.4f}" in hover
+        )
         assert_shows_trial(tab, run, target.number)
         assert tab.page.locator("#curve .scatterlayer .trace").count() == 2  # train_loss and dice_mean
 

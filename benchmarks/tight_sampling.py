@@ -192,6 +192,7 @@ def search_runs(seconds: float) -> list[dict]:
                     timeout=seconds,
                     out=Path(tmp) / "run",
                     budget_sampling=mode,
+                    retrain=False,  # equal search time; retraining is not what is compared
                 )
                 started = time.perf_counter()
                 front = run_search(settings, evaluator=StandinEvaluator(), console=Console(quiet=True))

@@ -155,7 +155,7 @@ def test_projection_shrinks_an_over_budget_candidate_until_it_fits(ibsr):
 @pytest.mark.parametrize("budget", [Budget(params=1_000_000), Budget(macs=2_000_000_000)], ids=["1M", "2G-MACs"])
 def test_search_near_the_space_minimum_evaluates_every_trial(tmp_path, budget):
     """psc-search at 1M params or 2G MACs: 4 distinct architectures, none over budget, a hypervolume > 0."""
-    settings = SearchSettings(task="ibsr", budget=budget, trials=4, out=tmp_path / "run")
+    settings = SearchSettings(task="ibsr", budget=budget, trials=4, out=tmp_path / "run", retrain=False)
     front = run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     study = optuna.load_study(study_name="run", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     records = read_trials(study)
@@ -169,7 +169,9 @@ def test_search_near_the_space_minimum_evaluates_every_trial(tmp_path, budget):
 
 def test_a_macs_only_hypervolume_is_over_the_given_budget(tmp_path):
     """One trial at 2G MACs: (metric, MACs) over [0, 2G], not params over the largest seen (which is 0)."""
-    settings = SearchSettings(task="ibsr", budget=Budget(macs=2_000_000_000), trials=1, out=tmp_path / "run")
+    settings = SearchSettings(
+        task="ibsr", budget=Budget(macs=2_000_000_000), trials=1, out=tmp_path / "run", retrain=False
+    )
     front = run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     (member,) = front.members
     dice = member.values[0]

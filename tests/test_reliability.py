@@ -246,7 +246,7 @@ def test_a_search_whose_every_trial_failed_raises_with_the_first_reason(tmp_path
         r"at 1 stand-in epochs: RuntimeError: no GPU \(see .*search\.log\)",
     ):
         run_search(
-            SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=2, out=tmp_path / "run"),
+            SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=2, out=tmp_path / "run", retrain=False),
             evaluator=AlwaysFails(),
             console=Console(quiet=True),
         )

@@ -83,7 +83,14 @@ def quality_hypervolume(feasible: Sequence[TrialRecord], study: StudyRecord) -> 
     if not feasible or (not any(o.name == "params" for o in study.objectives) and study.budget.macs is None):
         return 0.0
     by_macs = study.budget.params is None and study.budget.macs is not None
-    points = [(r.values[0], r.macs if by_macs else r.params) for r in feasible]  # type: ignore[index]
+    names = [o.name for o in study.objectives]
+
+    def cost_of(record: TrialRecord) -> float:
+        """The record's own cost field, else the objective value of that name (a record told by hand)."""
+        name, value = ("macs", record.macs) if by_macs else ("params", record.params)
+        return value if value is not None else record.values[names.index(name)]  # type: ignore[index]
+
+    points = [(r.values[0], cost_of(r)) for r in feasible]  # type: ignore[index]
     upper = (study.budget.macs if by_macs else study.budget.params) or max(c for _, c in points)
     low, high = _bounds(metric)
     scaled = normalize(to_minimization(points, [metric.maximize, False]), (low, 0.0), (high, upper))

@@ -33,6 +33,9 @@ class Cost:
         return (params is None or self.params <= params) and (macs is None or self.macs <= macs)
 
 
+MAX_COUNT = 2**62  # beyond any network, and within the 64-bit integers cost arithmetic and storage use
+
+
 def parse_count(text: str | int | float) -> int:
     """Parse a human count such as ``5M``, ``1.4M``, ``250k``, ``60G`` or ``1200`` into an int.
 
@@ -43,6 +46,8 @@ def parse_count(text: str | int | float) -> int:
     if isinstance(text, (int, float)):
         if text <= 0:
             raise ValueError(f"a count must be positive, got {text!r}")
+        if text > MAX_COUNT:
+            raise ValueError(f"{text!r} is larger than any network can be (at most {MAX_COUNT:.2e})")
         return int(text)
     match = _NUMBER.match(str(text))
     if not match:
@@ -50,6 +55,8 @@ def parse_count(text: str | int | float) -> int:
     value = round(float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
     if value <= 0:
         raise ValueError(f"a count must be positive, got {text!r}")
+    if value > MAX_COUNT:
+        raise ValueError(f"{text!r} is larger than any network can be (at most {MAX_COUNT:.2e})")
     return value
 
 

@@ -158,6 +158,7 @@ def test_cli_writes_a_snapshot_or_says_why_not(run_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ browser
+@pytest.mark.slow
 @needs_browser
 def test_live_page(tmp_path, browser):
     """Every finished trial plotted once; a click shows that trial; sorting; new trials appear."""
@@ -223,6 +224,7 @@ def assert_shows_trial(tab: Page, run: Run, number: int) -> None:
     assert run.config(number).to_yaml().strip() == tab.page.locator("#trial-config").text_content().strip()
 
 
+@pytest.mark.slow
 @needs_browser
 def test_snapshot_works_offline(run_dir, browser):
     path = write_snapshot(run_dir)
@@ -239,6 +241,7 @@ def test_snapshot_works_offline(run_dir, browser):
     tab.close()
 
 
+@pytest.mark.slow
 @needs_browser
 def test_page_of_a_search_that_has_not_finished_a_trial(tmp_path, browser):
     run_dir = tmp_path / "fresh"

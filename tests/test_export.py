@@ -92,6 +92,7 @@ def test_cli_exports_a_named_trial(run, tmp_path):
     assert ArchConfig.load(tmp_path / f"trial-{number}.yaml") == run.config(number)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_torchscript_and_onnx_compute_the_same_network(run, tmp_path):
     ort = pytest.importorskip("onnxruntime")
@@ -152,6 +153,7 @@ def test_cli_refuses_a_folder_without_a_study(tmp_path):
     assert result.output == f"psc-export: {tmp_path} is not a search run: no study.db in it\n"
 
 
+@pytest.mark.slow
 def test_a_real_search_run_exports_its_best_yaml_and_the_dashboard_agrees(tmp_path):
     """psc-search (with the search tests' stand-in evaluator) writes the run; we read it back."""
     out = tmp_path / "ibsr-2M"

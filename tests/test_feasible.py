@@ -73,6 +73,7 @@ def _random_budget(rng: random.Random, catalog: Catalog) -> Budget:
     return [Budget(params=params), Budget(macs=macs), Budget(params=params, macs=macs)][rng.randrange(3)]
 
 
+@pytest.mark.slow
 def test_every_proposed_candidate_fits_random_budgets(tmp_path, ibsr):
     """Real SQLite studies, each sampler, budgets drawn between the space's minimum and maximum: all fit,
     priced with the exact cost, and the walk's additive prediction is that exact cost."""

@@ -187,6 +187,7 @@ def test_dice_scores_and_loss():
     assert loss(perfect, {"label": target}) < 0.01 < 1 < loss(wrong * -1, {"label": target})
 
 
+@pytest.mark.slow
 def test_embedded_cohort_is_real_anatomy_in_ibsr_layout(tmp_path):
     root = embedded_cohort(tmp_path, spacing=6.0)
     manifest = json.loads((root / "manifest.json").read_text())

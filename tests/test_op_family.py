@@ -233,6 +233,7 @@ def space_slots(config: ArchConfig) -> list[Slot]:
 
 
 # ---------------------------------------------------------------------- as a plugin
+@pytest.mark.slow
 def test_a_plugin_module_registers_the_family_for_the_command_line(tmp_path):
     (tmp_path / "ghost_plugin.py").write_text(
         "from psc_nas.ops import register_family\nfrom test_op_family import GHOST\n\nregister_family(GHOST)\n"

@@ -40,6 +40,7 @@ def test_claims_take_queued_trials_in_order_each_once_and_never_create_one(tmp_p
     assert [r.state for r in read_trials(study)] == [TrialState.RUNNING] * 4
 
 
+@pytest.mark.slow
 def test_a_silent_worker_s_trial_is_failed_and_retried_with_what_it_stored(tmp_path):
     study = make_study(tmp_path, heartbeat_interval=1)
     enqueue(study, {}, preset="csn_ip")

@@ -403,6 +403,7 @@ def test_a_held_trial_handed_back_keeps_what_it_stored_and_is_claimed_first(tmp_
     assert adapter.requeue(study, [adapter.trial_id(again)]) == []  # finished meanwhile: left as it is
 
 
+@pytest.mark.slow
 def test_a_silent_worker_s_trial_fails_saying_so_and_its_retry_starts_clean(tmp_path):
     study = optuna.create_study(
         storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1),
@@ -453,6 +454,7 @@ WITHOUT_DAC_OVERRIDE = [
     os.geteuid() != 0 or shutil.which("setpriv") is None,
     reason="drops root's permission override with setpriv (util-linux), as root",
 )
+@pytest.mark.slow
 def test_psc_train_and_psc_export_into_a_read_only_folder_are_one_line(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -539,6 +541,7 @@ def test_a_port_out_of_range_is_one_line(tmp_path, port):
     assert result.exit_code == 1 and result.output == f"psc-dashboard: --port must be between 0 and 65535, got {port}\n"
 
 
+@pytest.mark.slow
 def test_a_bad_storage_url_never_prints_its_password(tmp_path):
     result = run_cli(
         "psc-search",

@@ -368,6 +368,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_keep_freed_memory_stops_the_page_fault_churn_of_training_steps():
     root = str(Path(__file__).resolve().parents[1])

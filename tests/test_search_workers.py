@@ -43,6 +43,7 @@ def evaluated(study: optuna.Study) -> list[TrialRecord]:
     return [r for r in read_trials(study) if r.state == TrialState.COMPLETE]
 
 
+@pytest.mark.slow
 def test_kill_9_then_the_same_command_resumes_without_losing_or_repeating(tmp_path):
     log = tmp_path / "trained.log"
     settings = {
@@ -57,7 +58,8 @@ def test_kill_9_then_the_same_command_resumes_without_losing_or_repeating(tmp_pa
     storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
     deadline = time.monotonic() + 150
     while True:  # kill in the middle: some trials told, others held
-        assert worker.poll() is None, "the search ended before it could be killed"
+        if worker.poll() is not None:
+            raise AssertionError(f"the search ended before it could be killed:\n{worker.stdout.read()[-3000:]}")
         assert time.monotonic() < deadline
         try:
             before = evaluated(optuna.load_study(study_name="run", storage=storage))
@@ -138,6 +140,7 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_four_workers_on_one_postgres_study_finish_exactly_the_queue(tmp_path, postgres_url):
     per_worker, workers = 3, 4
     log = tmp_path / "trained.log"

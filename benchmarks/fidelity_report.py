@@ -112,23 +112,25 @@ def report(work: Path) -> None:
 
     rows = []
     baselines = {
-        "params": {h: m["params"] for m in members for h in [m["config"].hash]},
-        "MACs": {h: m["macs"] for m in members for h in [m["config"].hash]},
+        "params": {m["config"].hash: m["params"] for m in members},
+        "MACs": {m["config"].hash: m["macs"] for m in members},
     }
-    for name, values in baselines.items():
-        xs = [values[h] for h in hashes]
-        rows.append(
-            (
-                name,
-                len(hashes),
-                spearmanr(xs, [ref_val[h] for h in hashes]).statistic,
-                kendalltau(xs, [ref_val[h] for h in hashes]).statistic,
-                spearmanr(xs, [ref_test[h] for h in hashes]).statistic,
-                1.0,
-                0,
-                0.0,
-            )
+
+    def row(name: str, archs: list[str], scores: list[float], icc: float, seeds: int, seconds: float) -> tuple:
+        """One table row: the predictor's scores on ``archs`` against the reference (val and test)."""
+        return (
+            name,
+            len(archs),
+            spearmanr(scores, [ref_val[h] for h in archs]).statistic,
+            kendalltau(scores, [ref_val[h] for h in archs]).statistic,
+            spearmanr(scores, [ref_test[h] for h in archs]).statistic,
+            icc,
+            seeds,
+            seconds,
         )
+
+    for name, values in baselines.items():
+        rows.append(row(name, hashes, [values[h] for h in hashes], 1.0, 0, 0.0))
     for name, predictor in sorted(_predictors(_load_scores(work)).items()):
         seeds = sorted({s for v in predictor["values"].values() for s in v})
         common = [h for h in hashes if h in predictor["values"] and all(s in predictor["values"][h] for s in seeds)]
@@ -136,19 +138,7 @@ def report(work: Path) -> None:
             continue
         matrix = np.array([[predictor["values"][h][s] for s in seeds] for h in common], dtype=float)
         matrix[~np.isfinite(matrix)] = np.nanmin(matrix[np.isfinite(matrix)]) if np.isfinite(matrix).any() else 0
-        means = matrix.mean(axis=1)
-        rows.append(
-            (
-                name,
-                len(common),
-                spearmanr(means, [ref_val[h] for h in common]).statistic,
-                kendalltau(means, [ref_val[h] for h in common]).statistic,
-                spearmanr(means, [ref_test[h] for h in common]).statistic,
-                icc1(matrix),
-                len(seeds),
-                predictor["seconds"],
-            )
-        )
+        rows.append(row(name, common, list(matrix.mean(axis=1)), icc1(matrix), len(seeds), predictor["seconds"]))
     lines += [
         "",
         "## Predictors against the reference",

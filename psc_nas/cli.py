@@ -7,7 +7,7 @@ saying how to resume (docs/reliability.md lists every case).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 import yaml
@@ -16,9 +16,10 @@ from rich.table import Table
 
 from psc_nas.costs import format_count
 from psc_nas.memory import keep_freed_memory
-from psc_nas.nets import cost
-from psc_nas.space import SearchSpace, shipped_spaces
-from psc_nas.tasks import Task, get_task, task_names
+
+if TYPE_CHECKING:  # imported where used: psc-search shows its first line before PyTorch loads (seconds)
+    from psc_nas.space import SearchSpace
+    from psc_nas.tasks import Task
 
 space_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -73,6 +74,9 @@ def space(
 ) -> None:
     """Show search spaces: task, backbone, slots, number of distinct architectures, and the presets' cost
     at the task's input shape."""
+    from psc_nas.space import SearchSpace, shipped_spaces
+    from psc_nas.tasks import task_names
+
     try:
         spaces = [SearchSpace.load(name) for name in ([name_or_path] if name_or_path else shipped_spaces())]
         installed = task_names()  # imports plugins, which may fail
@@ -105,6 +109,8 @@ def space(
 
 def task_for(space: SearchSpace, installed: list[str]) -> Task | ValueError:
     """The installed task ``space`` is for, checked against the space, or the error saying why not."""
+    from psc_nas.tasks import get_task
+
     if space.task not in installed:
         return ValueError(f"{space.source}: task {space.task!r} is not installed (installed: {', '.join(installed)})")
     try:
@@ -125,6 +131,8 @@ def decisions_table(space: SearchSpace) -> Table:
 
 
 def presets_table(space: SearchSpace, task: Task) -> Table:
+    from psc_nas.nets import cost
+
     table = Table("preset", "params", "MACs", title=f"{space.name} at {task.describe_input()}")
     for name, config in space.presets().items():
         price = cost(config, task.input_shape)
@@ -284,34 +292,38 @@ def search(
     from pathlib import Path
 
     from psc_nas.search.budget import Budget
+    from psc_nas.search.display import console_for, make_display
     from psc_nas.search.interrupt import INTERRUPTS, sigint_raises
-    from psc_nas.search.runner import SearchSettings, parse_duration, run_search
 
     settings = None
     try:
-        settings = SearchSettings(
-            task=task,
-            budget=Budget(count_option(budget, "--budget"), count_option(macs_budget, "--macs-budget")),
-            objectives=tuple(name.strip() for name in objectives.split(",") if name.strip()),
-            trials=trials,
-            timeout=parse_duration(timeout) if timeout is not None else None,
-            sampler=sampler,
-            storage=storage,
-            study_name=study_name,
-            seed=seed,
-            profile=profile,
-            data_dir=Path(data_dir) if path_option(data_dir, "--data-dir") else None,
-            out=Path(out) if path_option(out, "--out") else None,
-            space=space,
-            multi_fidelity=multi_fidelity,
-            seed_presets=seed_presets,
-            evaluator=evaluator,
-            evaluator_options=parse_options(evaluator_option or []),
-            retrain=retrain,
-            budget_sampling=budget_sampling,
-        )
-        with sigint_raises():
-            run_search(settings)
+        # progress on stdout, live in a terminal, plain lines in a pipe or a batch log; errors on stderr
+        with make_display(console_for()) as display, sigint_raises():
+            display.stage("loading PyTorch, Lightning and Optuna")  # on screen before they load, seconds
+            from psc_nas.search.runner import SearchSettings, parse_duration, run_search
+
+            settings = SearchSettings(
+                task=task,
+                budget=Budget(count_option(budget, "--budget"), count_option(macs_budget, "--macs-budget")),
+                objectives=tuple(name.strip() for name in objectives.split(",") if name.strip()),
+                trials=trials,
+                timeout=parse_duration(timeout) if timeout is not None else None,
+                sampler=sampler,
+                storage=storage,
+                study_name=study_name,
+                seed=seed,
+                profile=profile,
+                data_dir=Path(data_dir) if path_option(data_dir, "--data-dir") else None,
+                out=Path(out) if path_option(out, "--out") else None,
+                space=space,
+                multi_fidelity=multi_fidelity,
+                seed_presets=seed_presets,
+                evaluator=evaluator,
+                evaluator_options=parse_options(evaluator_option or []),
+                retrain=retrain,
+                budget_sampling=budget_sampling,
+            )
+            run_search(settings, display=display)
     except (ValueError, OSError) as err:
         raise fail("psc-search", err) from None
     except INTERRUPTS:

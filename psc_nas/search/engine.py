@@ -33,9 +33,21 @@ from psc_nas.arch import ArchConfig
 from psc_nas.evaluators.base import Evaluator, Fidelity, failure_reason
 from psc_nas.ops import summary
 from psc_nas.search.cache import StudyView, costs, merit
-from psc_nas.search.events import Evaluated, Event, Failed, FrontChanged, Listener, OverBudget, RetrainPlanned
+from psc_nas.search.events import (
+    Evaluated,
+    Evaluating,
+    Event,
+    Failed,
+    FrontChanged,
+    Listener,
+    OverBudget,
+    Preparing,
+    Retraining,
+    RetrainPlanned,
+    Started,
+)
 from psc_nas.search.events import Retrained as RetrainedEvent
-from psc_nas.search.front import Front
+from psc_nas.search.front import Front, find_front
 from psc_nas.search.interrupt import INTERRUPTS
 from psc_nas.search.latency import forward_latency_ms
 from psc_nas.search.optuna_adapter import Heartbeat, fail_stale, heartbeat_interval, release, requeue, snapshot
@@ -55,7 +67,7 @@ from psc_nas.search.record import (
     tell_failed,
     tell_over_budget,
 )
-from psc_nas.search.retrain import Plan, RetrainJob, retrain_front, retrained_hashes
+from psc_nas.search.retrain import Plan, RetrainJob, retrain_front, retrained_hashes, train_member
 
 log = logging.getLogger("psc_nas.search")
 
@@ -101,9 +113,13 @@ class Engine:
         self.heartbeat_interval = heartbeat_interval(study)
         self.started = time.monotonic()
         self.front = Front((), None, 0.0)
+        self.shown = _summary(self.front)  # the front last sent as FrontChanged
+        self.members: dict[int, Candidate] = {}  # this worker's bracket, not told yet
         self.requeued: list[int] = []  # trials an interrupt put back in the queue
+        self.created = True  # a new study (``fill_queue`` says)
 
     def fill_queue(self, created: bool) -> None:
+        self.created = created
         self.queue.fill(self.plan.pricing.presets() if created and self.plan.seed_presets else {})
 
     # ------------------------------------------------------------------ loop
@@ -114,8 +130,11 @@ class Engine:
         return None if self.plan.timeout is None else max(1.0, self.plan.timeout - (time.monotonic() - self.started))
 
     def run(self) -> Front:
+        evaluator = self.plan.evaluator
+        if type(evaluator).prepare is not Evaluator.prepare:
+            self.on_event(Preparing(f"evaluator {evaluator.name}: preparing"))
         try:
-            self.plan.evaluator.prepare(self.plan.out_dir, seconds_left=self.seconds_left())
+            evaluator.prepare(self.plan.out_dir, seconds_left=self.seconds_left())
         except INTERRUPTS:
             raise
         except Exception as error:  # e.g. a super-network that cannot train: no trial can be scored
@@ -123,6 +142,14 @@ class Engine:
                 f"evaluator {self.plan.evaluator.name} could not prepare: {failure_reason(error)}"
             ) from error
         self.view.refresh()
+        self._emit(
+            Started,
+            created=self.created,
+            loop_s=None if self.plan.timeout is None else max(0.0, self.plan.timeout - self._elapsed()),
+            end_s=None if self.plan.retrain_timeout is None else max(0.0, self.plan.retrain_timeout - self._elapsed()),
+            retrain=self.plan.retrain.policy.count if self.plan.retrain is not None else 0,
+        )
+        self._live_front()  # a resumed study already has one
         stale = failure_attrs(
             f"its worker stopped sending heartbeats for {3 * (self.heartbeat_interval or 0)} s "
             "(killed, crashed or cut off); queued again as a retry"
@@ -153,11 +180,32 @@ class Engine:
         event: Event = make(**fields, done=self.queue.planned - self.view.pending(), planned=self.queue.planned)
         self.on_event(event)
 
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.started
+
     def _publish(self) -> None:
         self.view.refresh()
-        front, self.front = self.front, write_outputs(self.plan.out_dir, self.plan.record, self.view.records)
-        if _summary(self.front) != _summary(front):
-            self._emit(FrontChanged, front=self.front)
+        self.front = write_outputs(self.plan.out_dir, self.plan.record, self.view.records)
+        self._show_front(self.front)
+
+    def _show_front(self, front: Front) -> None:
+        if _summary(front) != self.shown:
+            self.shown = _summary(front)
+            self._emit(FrontChanged, front=front)
+
+    def _live_front(self) -> None:
+        """The front as the study will have it once this bracket is told: each member of it counted at the
+        highest fidelity it has reached so far; sent when it moved, so the front's size is live."""
+        records = []
+        for record in self.view.records:
+            candidate = self.members.get(record.number)
+            if candidate is not None and record.state == TrialState.RUNNING:
+                values = self._values(candidate.record)
+                if values is None:
+                    continue
+                record = replace(candidate.record, state=TrialState.COMPLETE, values=values)
+            records.append(record)
+        self._show_front(find_front(records, self.plan.record))
 
     def _wait_for_others(self) -> bool:
         """True while other workers hold trials that may yet come back to the queue as retries."""
@@ -199,13 +247,18 @@ class Engine:
             )
             self._publish()
 
-        retrain_front(self.front, job, done=done, seconds_left=seconds_left, save=save, on_plan=planned)
+        def train(job: RetrainJob, member: TrialRecord, epochs: int, *, seconds_left: float | None) -> Retrained:
+            self._emit(Retraining, number=member.number, epochs=epochs, summary=member.summary() or "")
+            return train_member(job, member, epochs, seconds_left=seconds_left)
+
+        retrain_front(self.front, job, done=done, seconds_left=seconds_left, save=save, on_plan=planned, train=train)
 
     # ------------------------------------------------------------------ one bracket
     def _bracket(self, heartbeat: Heartbeat) -> bool:
         """Run one bracket; False when the queue was empty."""
         policy, fidelities = self.plan.profile.policy, self.plan.fidelities
         members: list[Candidate] = []
+        self.members = {}
         claimed = False
         while len(members) < policy.bracket and self.time_left():
             trial = self.queue.claim()
@@ -217,8 +270,9 @@ class Engine:
             if candidate is None:
                 heartbeat.drop(trial)
                 continue
-            self._evaluate(candidate, fidelities[0])
             members.append(candidate)
+            self.members[trial.number] = candidate
+            self._evaluate(candidate, fidelities[0])
         for low, high in zip(fidelities, fidelities[1:]):
             contenders = [c for c in members if c.record.fidelity is not None and c.record.fidelity.key == low.key]
             if not contenders:
@@ -232,6 +286,7 @@ class Engine:
         for candidate in members:
             self._finish(candidate)
             heartbeat.drop(candidate.trial)
+        self.members = {}
         return claimed
 
     def _admit(self, trial: optuna.Trial) -> Candidate | None:
@@ -281,6 +336,13 @@ class Engine:
         result = self.view.result(candidate.config.hash, fidelity.key)
         reused = result is not None
         if result is None:
+            self._emit(
+                Evaluating,
+                number=number,
+                fidelity=fidelity,
+                promoted=fidelity.key != self.plan.fidelities[0].key,
+                summary=summary(candidate.config),
+            )
             try:
                 result = self.plan.evaluator.evaluate(candidate.config, fidelity, seconds_left=self.seconds_left())
             except Exception as error:  # one candidate's NaN, OOM or bug is its own failure only
@@ -288,7 +350,7 @@ class Engine:
                     torch.cuda.empty_cache()
                 reason = f"at {fidelity.words}: {failure_reason(error)}"
                 self._record(candidate, replace(candidate.record, fail_reason=reason))
-                self._emit(Failed, number=number, reason=reason)
+                self._emit(Failed, number=number, reason=reason, summary=summary(candidate.config))
                 return
             result = replace(result, evaluated_by=number)
             if candidate.record.evaluation_at(result.fidelity.key) is not None:  # --timeout cut it back
@@ -304,21 +366,30 @@ class Engine:
             seconds=result.wall_s,
             summary=summary(candidate.config),
             reused=reused,
+            cost=candidate.record.cost,
+            arch_hash=candidate.config.hash,
         )
+        self._live_front()
 
     def _scored(self, candidate: Candidate, key: int) -> Scored:
         metric, record = self.objectives[0], candidate.record
         return Scored(key, merit(record.measure(metric.name), metric), costs(record, self.objectives))
 
     # ------------------------------------------------------------------ telling
-    def _finish(self, candidate: Candidate) -> None:
-        record = candidate.record
+    def _values(self, record: TrialRecord) -> tuple[float, ...] | None:
+        """The objective values the study is told; None when the metric is missing or NaN (a failure)."""
         metric = record.measure(self.objectives[0].name)
         if metric is None or math.isnan(metric):
+            return None
+        return tuple(float(record.measure(o.name)) for o in self.objectives)  # type: ignore[arg-type]
+
+    def _finish(self, candidate: Candidate) -> None:
+        record = candidate.record
+        values = self._values(record)
+        if values is None:
             tell_failed(self.study, candidate.trial)
             self.view.update(replace(record, state=TrialState.FAIL))
             return
-        values = tuple(float(record.measure(o.name)) for o in self.objectives)  # type: ignore[arg-type]
         tell_evaluated(self.study, candidate.trial, values)
         self.view.update(replace(record, state=TrialState.COMPLETE, values=values))
 
@@ -330,7 +401,7 @@ class Engine:
         self._emit(Failed, number=trial.number, reason=reason)
 
 
-def _summary(front: Front) -> tuple[list[int], int | None, float, int | None]:
+def _summary(front: Front) -> tuple:
     return (
         [m.number for m in front.members],
         front.knee.number if front.knee else None,

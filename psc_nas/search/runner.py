@@ -14,8 +14,9 @@ import functools
 import logging
 import os
 import re
+import shlex
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from psc_nas.evaluators import Evaluator, EvaluatorSetup, make_evaluator
 from psc_nas.files import folder_fingerprint
 from psc_nas.search.budget import Budget
 from psc_nas.search.catalog import Catalog
-from psc_nas.search.display import ProgressBar, front_table
+from psc_nas.search.display import Display, DisplayHandler, make_display
 from psc_nas.search.engine import Engine, SearchPlan
 from psc_nas.search.events import Event, describe
 from psc_nas.search.feasible import RestrictedSampler
@@ -119,8 +120,11 @@ def make_sampler(name: str, *, seed: int, population: int) -> optuna.samplers.Ba
     raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
 
-def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) -> SearchPlan:
-    """Resolve and check the settings; writes nothing. ``evaluator`` replaces ``settings.evaluator``."""
+def plan_search(
+    settings: SearchSettings, evaluator: Evaluator | None = None, *, stage: Callable[[str], None] = lambda what: None
+) -> SearchPlan:
+    """Resolve and check the settings; writes nothing. ``evaluator`` replaces ``settings.evaluator``;
+    ``stage`` hears what is being done, in words, before each step that can take a while."""
     task = get_task(settings.task)
     profile = get_profile(settings.profile)
     if settings.sampler not in SAMPLERS:
@@ -135,6 +139,7 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     space_name = settings.space or task.default_space
     if space_name is None:
         raise ValueError(f"task {task.name} names no default search space; choose one with --space")
+    stage(f"pricing every option of space {space_name} at task {task.name}'s input {task.describe_input()}")
     task.check_space(_space(space_name))
     catalog = _catalog(space_name, tuple(task.input_shape[1:]))
     catalog.check_reachable(settings.budget)
@@ -142,6 +147,8 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
     pricing = Pricing(settings.budget, catalog, settings.budget_sampling)
     if pricing.sampling != "reject":
         _ = pricing.feasibility  # prices every option of every unit (about a second): before, not during, the search
+    if settings.data_dir is not None:
+        stage(f"checking the data in {settings.data_dir}")
     data_source, data_fingerprint = check_data(
         task, settings.data_dir, seed=settings.seed, data_options=profile.data_options
     )
@@ -250,31 +257,41 @@ def _catalog(space: str, spatial: tuple[int, ...]) -> Catalog:
 
 
 def run_search(
-    settings: SearchSettings, *, evaluator: Evaluator | None = None, console: Console | None = None
+    settings: SearchSettings,
+    *,
+    evaluator: Evaluator | None = None,
+    console: Console | None = None,
+    display: Display | None = None,
 ) -> Front:
-    """Search (or resume) and return the feasible Pareto front; outputs land in the run folder."""
-    console = console or Console(stderr=True)
-    plan = plan_search(settings, evaluator)
-    out_dir = plan.out_dir
-    created_dir = _make_out_dir(out_dir)
-    try:
-        storage = open_storage(storage_url(settings.storage, out_dir), heartbeat_interval=settings.heartbeat_interval)
-        sampler = make_sampler(settings.sampler, seed=settings.seed, population=plan.profile.population)
-        if plan.pricing.sampling == "restrict":
-            sampler = RestrictedSampler(sampler, seed=settings.seed)
-        study, created = open_study(
-            storage, settings.study_name or out_dir.resolve().name, record=plan.record, sampler=sampler
-        )
-    except BaseException:
-        if created_dir:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    log = logging.getLogger("psc_nas.search")
-    with _log_to(out_dir / LOG_FILE), ProgressBar(console, plan.trials) as bar:
+    """Search (or resume) and return the feasible Pareto front; outputs land in the run folder. Progress
+    goes to ``display`` (default: made for ``console``, default stderr: live in a terminal, plain lines
+    elsewhere); Optuna's own log lines go to the run's search.log, never to the console."""
+    display = display or make_display(console or Console(stderr=True))
+    with display, _Logging(display) as logs:
+        plan = plan_search(settings, evaluator, stage=display.stage)
+        out_dir = plan.out_dir
+        created_dir = _make_out_dir(out_dir)
+        display.stage("opening the study" + (f" {out_dir / 'study.db'}" if settings.storage is None else ""))
+        try:
+            storage = open_storage(
+                storage_url(settings.storage, out_dir), heartbeat_interval=settings.heartbeat_interval
+            )
+            sampler = make_sampler(settings.sampler, seed=settings.seed, population=plan.profile.population)
+            if plan.pricing.sampling == "restrict":
+                sampler = RestrictedSampler(sampler, seed=settings.seed)
+            study, created = open_study(
+                storage, settings.study_name or out_dir.resolve().name, record=plan.record, sampler=sampler
+            )
+        except BaseException:
+            if created_dir:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+        logs.to_file(out_dir / LOG_FILE)
+        log = logging.getLogger("psc_nas.search")
 
         def show(event: Event) -> None:
-            log.info(describe(event))
-            bar(event)
+            log.info(describe(event), extra={"psc_event": True})  # to search.log; the display gets the event
+            display(event)
 
         engine = Engine(plan, study, on_event=show)
         engine.fill_queue(created)
@@ -292,13 +309,15 @@ def run_search(
             settings.seed,
             f"then retraining {plan.retrain.policy.count} front trials" if plan.retrain else "no retraining",
         )
+        display.note(f"watch it live: psc-dashboard {shlex.quote(str(out_dir))}")
         front = engine.run()
-    from psc_nas.dashboard import write_snapshot  # imports plotly; only needed once, at the end
+        from psc_nas.dashboard import write_snapshot  # imports plotly; only needed once, at the end
 
-    write_snapshot(out_dir, study)
-    console.print(front_table(front, plan.record.objectives))
-    best = "retrained knee" if front.retrained_knee is not None else "knee"
-    console.print(f"run: {out_dir}  (trials.csv, pareto.json, front/, best.yaml = {best}, dashboard.html, {LOG_FILE})")
+        display.stage(f"writing {out_dir / 'dashboard.html'}")
+        write_snapshot(out_dir, study)
+        display.finish(
+            front, plan.record.objectives, out_dir, "retrained knee" if front.retrained_knee is not None else "knee"
+        )
     check_any_evaluated(study, out_dir)
     return front
 
@@ -333,21 +352,57 @@ def _make_out_dir(out_dir: Path) -> bool:
     return not existed
 
 
-class _log_to:
-    """Search log lines into the run's log file; Optuna's per-trial chatter off the console."""
+class _Logging:
+    """While a search runs: the package's log messages on the display and, once the run folder has its study,
+    in search.log with the events; Optuna's log lines off the console (its handler removed), the ones from
+    opening the study kept for search.log, its per-trial lines dropped (the events say more)."""
 
-    def __init__(self, path: Path) -> None:
-        self.handler = logging.FileHandler(path)
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        self.logger = logging.getLogger("psc_nas.search")
+    def __init__(self, display: Display) -> None:
+        self.display = DisplayHandler(display)
+        self.file: logging.Handler | None = None
+        self.held = _Held()
+        self.package = logging.getLogger("psc_nas")
+        self.optuna = logging.getLogger("optuna")
 
-    def __enter__(self) -> None:
-        self.logger.addHandler(self.handler)
-        self.logger.setLevel(logging.INFO)
+    def __enter__(self) -> _Logging:
+        self.level = self.package.level
+        self.package.setLevel(logging.INFO)
+        self.package.addHandler(self.display)
         self.verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.INFO)
+        self.removed = [h for h in self.optuna.handlers if type(h) is logging.StreamHandler]
+        for handler in self.removed:
+            self.optuna.removeHandler(handler)
+        self.optuna.addHandler(self.held)
+        return self
+
+    def to_file(self, path: Path) -> None:
+        self.file = logging.FileHandler(path)
+        self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.package.addHandler(self.file)
+        self.optuna.removeHandler(self.held)
+        for record in self.held.records:
+            self.file.handle(record)
+        self.optuna.addHandler(self.file)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def __exit__(self, *exc: object) -> None:
-        self.logger.removeHandler(self.handler)
-        self.handler.close()
+        self.package.removeHandler(self.display)
+        self.package.setLevel(self.level)
+        self.optuna.removeHandler(self.held)
+        if self.file is not None:
+            self.package.removeHandler(self.file)
+            self.optuna.removeHandler(self.file)
+            self.file.close()
+        for handler in self.removed:
+            self.optuna.addHandler(handler)
         optuna.logging.set_verbosity(self.verbosity)
+
+
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)

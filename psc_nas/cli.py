@@ -323,7 +323,7 @@ def search(
                 retrain=retrain,
                 budget_sampling=budget_sampling,
             )
-            run_search(settings, display=display)
+            run_search(settings)  # reports to the display entered above
     except (ValueError, OSError) as err:
         raise fail("psc-search", err) from None
     except INTERRUPTS:

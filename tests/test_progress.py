@@ -18,10 +18,13 @@ import optuna
 import pytest
 import search_standin
 import slow_task
+import tiny_task
 from optuna.trial import TrialState
 from rich.console import Console
+from typer.testing import CliRunner
 
 import psc_nas
+from psc_nas.cli import search_app
 from psc_nas.evaluators import Fidelity
 from psc_nas.results import Run
 from psc_nas.search.budget import Budget
@@ -80,6 +83,28 @@ def test_the_first_line_needs_no_pytorch_optuna_or_lightning():
     assert psc_nas.cost is psc_nas.nets.cost and "build_model" in dir(psc_nas)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         psc_nas.nope  # noqa: B018
+
+
+def test_a_user_error_while_preparing_is_the_only_line(tmp_path):
+    """The preparation's lines are held back until the search starts: an error found while preparing (here a
+    budget no architecture of the space meets) stays psc-search's one line, its exit code 1."""
+    (tmp_path / "bars.yaml").write_text(tiny_task.SPACE_YAML)
+    args = [
+        "--task",
+        "bar_axis",
+        "--space",
+        str(tmp_path / "bars.yaml"),
+        "--budget",
+        "1k",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    result = CliRunner().invoke(search_app, args)
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and result.output.startswith("psc-search: no architecture in space"), (
+        result.output
+    )
+    assert not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------------------------------------- clock
@@ -221,12 +246,12 @@ def test_the_front_is_sent_as_results_come_not_only_when_a_bracket_is_told(tmp_p
             super().__call__(event)
 
     settings = SearchSettings(
-        task="ibsr", budget=Budget(params=5_000_000), trials=6, out=tmp_path / "run", retrain=False
+        task="ibsr", budget=Budget(params=5_000_000), trials=3, out=tmp_path / "run", retrain=False
     )
     out = io.StringIO()
     run_search(settings, evaluator=search_standin.StandinEvaluator(), display=Recording(console_for(out)))
     kinds = [type(e).__name__ for e in events]
-    # the quick profile's bracket is 6 trials: a front after the first result, long before the bracket is told
+    # the quick profile's bracket is 6 trials, all 3 here: a front after the first result, before any is told
     assert kinds.index("FrontChanged") == kinds.index("Evaluated") + 1
     assert len(events[kinds.index("FrontChanged")].front.members) == 1
     fresh = [e for e in events if isinstance(e, Evaluated) and not e.reused]

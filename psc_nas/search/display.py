@@ -192,6 +192,14 @@ def console_for(stream: IO[str] | None = None) -> Console:
     )
 
 
+_ACTIVE: list[Display] = []  # displays entered and not exited, innermost last
+
+
+def active_display() -> Display | None:
+    """The display the command line entered, which a search started inside it reports to."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 def make_display(console: Console, *, heartbeat_s: float = HEARTBEAT_S) -> Display:
     """The live display on an interactive terminal, else plain lines."""
     if console.is_terminal and not console.is_dumb_terminal and not console.quiet:
@@ -201,7 +209,11 @@ def make_display(console: Console, *, heartbeat_s: float = HEARTBEAT_S) -> Displ
 
 class Display:
     """Events in, lines out; what runs now and the front's size for the status. Enter to show, exit to
-    stop (re-entrant: the command line enters it before the search does)."""
+    stop (re-entrant: the command line enters it before the search does).
+
+    Preparation (``stage``) is shown as the status, not as lines, until the search starts: a user error
+    found while preparing (a budget nothing meets, a space of another task) stays the command's only line.
+    """
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -217,19 +229,23 @@ class Display:
         with self.lock:
             self.depth += 1
             if self.depth == 1:
+                _ACTIVE.append(self)
                 self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         with self.lock:
             self.depth -= 1
-            if self.depth == 0:
-                self.stop()
+            last = self.depth == 0
+            if last:
+                _ACTIVE.remove(self)
+        if last:
+            self.stop(failed=kind is not None)  # not under the lock: a status thread may be waiting for it
 
     def start(self) -> None:
         pass
 
-    def stop(self) -> None:
+    def stop(self, *, failed: bool = False) -> None:
         pass
 
     # -- input
@@ -239,7 +255,9 @@ class Display:
             if isinstance(event, FrontChanged):
                 self.front_size = len(event.front.members)
             self._set_activity(event)
-            if not isinstance(event, (Evaluating, Retraining)):  # starts show in the status, results as lines
+            if isinstance(event, Preparing):
+                self.staged(describe(event))
+            elif not isinstance(event, (Evaluating, Retraining)):  # starts show in the status, results as lines
                 self.line(describe(event), progress=isinstance(event, (Evaluated, OverBudget, Failed, Retrained)))
             self.refresh()
 
@@ -272,14 +290,19 @@ class Display:
     def line(self, text: str, *, progress: bool) -> None:
         raise NotImplementedError
 
+    def staged(self, text: str) -> None:
+        """A preparation step: a line once the search has started, the status only before."""
+        if self.clock.phase != "preparing":
+            self.line(text, progress=False)
+
     def refresh(self) -> None:
         pass
 
     def finish(self, front: Front, objectives: Sequence[Objective], out_dir: Path, best: str) -> None:
         """The end of a run: the front, the run folder, the commands to look at it and export it."""
+        self.clock.finish()
+        self.stop()
         with self.lock:
-            self.clock.finish()
-            self.stop()
             self.console.print(front_table(front, objectives))
             self.console.print(
                 f"run: {out_dir}  (trials.csv, pareto.json, front/, best.yaml = {best}, dashboard.html, search.log)",
@@ -303,6 +326,7 @@ class PlainDisplay(Display):
         self.last_line = self.clock.now()
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        self.held: list[str] | None = []  # preparation lines, printed with the first other line (None: since)
 
     def start(self) -> None:
         self.stopping.clear()
@@ -310,16 +334,38 @@ class PlainDisplay(Display):
             self.thread = threading.Thread(target=self._beat, name="psc-search status", daemon=True)
             self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, *, failed: bool = False) -> None:
         self.stopping.set()
         thread, self.thread = self.thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        with self.lock:
+            if failed:
+                self.held = None  # the error is the line to read
+            self._release()
+
+    def staged(self, text: str) -> None:
+        if self.held is None:
+            self.line(text, progress=False)
+        else:
+            self.held.append(self._stamped(text))
 
     def line(self, text: str, *, progress: bool) -> None:
         status = self.progress_text(front=False)  # a result's line comes before the front it moves
         suffix = f"  [{status}]" if progress and status else ""
-        self.console.print(f"[{clock(self.clock.elapsed())}] {text}{suffix}", markup=False, soft_wrap=True)
+        self._release()
+        self._print(self._stamped(text + suffix))
+
+    def _stamped(self, text: str) -> str:
+        return f"[{clock(self.clock.elapsed())}] {text}"
+
+    def _release(self) -> None:
+        held, self.held = self.held, None
+        for text in held or ():
+            self._print(text)
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, markup=False, soft_wrap=True)
         self.console.file.flush()
         self.last_line = self.clock.now()
 
@@ -327,7 +373,7 @@ class PlainDisplay(Display):
         while not self.stopping.wait(min(self.heartbeat_s, 5.0)):
             with self.lock:
                 now = self.clock.now()
-                if now - self.last_line < self.heartbeat_s or self.clock.phase == "finished":
+                if self.stopping.is_set() or now - self.last_line < self.heartbeat_s or self.clock.phase == "finished":
                     continue
                 since = clock(now - self.activity_since)
                 self.line(f"still {self.activity} ({since} so far)", progress=True)
@@ -347,6 +393,7 @@ class LiveDisplay(Display):
             _ClockColumn(self.clock),
             console=console,
             refresh_per_second=2,
+            transient=True,  # the result lines above it stay; an error after it is the last line on screen
         )
         self.bar = self.progress.add_task(self.activity, total=None, front="-")
         self.live = False
@@ -355,11 +402,11 @@ class LiveDisplay(Display):
         self.progress.start()
         self.live = True
 
-    def stop(self) -> None:
-        if self.live:
-            self.refresh()
-            self.progress.stop()
-            self.live = False
+    def stop(self, *, failed: bool = False) -> None:
+        with self.lock:
+            if self.live:
+                self.progress.stop()
+                self.live = False
 
     def line(self, text: str, *, progress: bool) -> None:
         stamp = Text(f"{clock(self.clock.elapsed()):>7} ", style="dim")

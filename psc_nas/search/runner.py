@@ -29,7 +29,7 @@ from psc_nas.evaluators import Evaluator, EvaluatorSetup, make_evaluator
 from psc_nas.files import folder_fingerprint
 from psc_nas.search.budget import Budget
 from psc_nas.search.catalog import Catalog
-from psc_nas.search.display import Display, DisplayHandler, make_display
+from psc_nas.search.display import Display, DisplayHandler, active_display, make_display
 from psc_nas.search.engine import Engine, SearchPlan
 from psc_nas.search.events import Event, describe
 from psc_nas.search.feasible import RestrictedSampler
@@ -264,9 +264,10 @@ def run_search(
     display: Display | None = None,
 ) -> Front:
     """Search (or resume) and return the feasible Pareto front; outputs land in the run folder. Progress
-    goes to ``display`` (default: made for ``console``, default stderr: live in a terminal, plain lines
-    elsewhere); Optuna's own log lines go to the run's search.log, never to the console."""
-    display = display or make_display(console or Console(stderr=True))
+    goes to ``display``, else to the display the caller entered (psc-search's, on stdout), else to one made
+    for ``console`` (default stderr): live in a terminal, plain lines elsewhere. Optuna's own log lines go
+    to the run's search.log, never to the console."""
+    display = display or active_display() or make_display(console or Console(stderr=True))
     with display, _Logging(display) as logs:
         plan = plan_search(settings, evaluator, stage=display.stage)
         out_dir = plan.out_dir

@@ -34,6 +34,7 @@ from psc_nas.search.events import (
     Evaluating,
     FrontChanged,
     Preparing,
+    Promoting,
     Retrained,
     Retraining,
     RetrainPlanned,
@@ -130,6 +131,26 @@ def test_time_left_is_measured_per_architecture_and_moves_during_a_long_evaluati
     now.t += 20  # the next evaluation runs: the estimate keeps moving
     assert timer.left() == (150.0, "measured")  # 3 to go at (50 s / 1 done)
     assert timer.elapsed() == 55.0
+
+
+def test_promotions_count_in_the_time_left_at_their_measured_or_scaled_length():
+    now = FakeTime()
+    timer = Clock(now)
+    timer.update(started(planned=2))
+    one, two = Fidelity(1, "1 epoch"), Fidelity(2, "2 epochs")
+    for number in (0, 1):
+        timer.update(Evaluating(number, one, False, "x", number, 2))
+        now.t += 10
+        timer.update(Evaluated(number, one, "dice_mean", 0.5, 10.0, "x", False, number + 1, 2))
+    assert timer.eta() == "finishing"  # every architecture evaluated once, nothing promoted
+    timer.update(Promoting((0, 1), two, 2, 2))
+    assert timer.left() == (40.0, "measured")  # 2 × 10 s scaled from 1 epoch to 2
+    timer.update(Evaluating(0, two, True, "x", 2, 2))
+    now.t += 5
+    assert timer.left() == (35.0, "measured")
+    now.t += 13
+    timer.update(Evaluated(0, two, "dice_mean", 0.6, 18.0, "x", False, 2, 2))
+    assert timer.left() == (18.0, "measured")  # the one left, as long as the one measured at 2 epochs
 
 
 def test_a_time_budget_bounds_the_time_left_and_retraining_fills_it():
@@ -231,9 +252,9 @@ def test_the_live_display_draws_in_a_terminal_and_prints_results_above_its_bar()
         display(started(loop_s=600.0))
         display(Evaluating(0, Fidelity(1, "1 epoch × 8 samples"), False, "densenet3d: 20×conv3d", 0, 4))
         display(Evaluated(0, Fidelity(1, "1 epoch"), "dice_mean", 0.5, 3.0, "densenet3d: 20×conv3d", False, 1, 4))
-    text = ANSI.sub("", out.getvalue())
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
     assert "trial 0 at 1 epoch (3.0s): dice_mean = 0.5000" in text
-    assert "1/4" in text and "architectures, front" in text and "elapsed" in text
+    assert "1/4" in text and "architectures · front" in text and "elapsed" in text
 
 
 # ---------------------------------------------------------------------------------------------- engine

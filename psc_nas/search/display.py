@@ -38,6 +38,7 @@ from psc_nas.search.events import (
     FrontChanged,
     OverBudget,
     Preparing,
+    Promoting,
     Retrained,
     Retraining,
     RetrainPlanned,
@@ -79,6 +80,9 @@ class Clock:
         self.retrained = 0
         self.retrain_mark: float | None = None  # when the current retraining started (or the plan was made)
         self.retrain_seconds: list[float] = []
+        self.seconds: dict[int, list[float]] = {}  # measured evaluations by fidelity key
+        self.promotions: dict[int, int] = {}  # trial -> fidelity key: promoted, not evaluated there yet
+        self.evaluating: tuple[int, int, float] | None = None  # trial, fidelity key, since
 
     def elapsed(self) -> float:
         return self.now() - self.start
@@ -92,6 +96,17 @@ class Clock:
             self.loop_end = None if event.loop_s is None else t + event.loop_s
             self.run_end = None if event.end_s is None else t + event.end_s
             self.retrain = event.retrain
+        elif isinstance(event, Promoting):
+            self.promotions.update({number: event.fidelity.key for number in event.numbers})
+        elif isinstance(event, Evaluating):
+            if not event.promoted:  # a new bracket: promotions the time limit skipped will not come
+                self.promotions.clear()
+            self.evaluating = (event.number, event.fidelity.key, t)
+        elif isinstance(event, (Evaluated, Failed)):
+            if isinstance(event, Evaluated) and not event.reused:
+                self.seconds.setdefault(event.fidelity.key, []).append(event.seconds)
+            self.promotions.pop(event.number, None)
+            self.evaluating = None
         elif isinstance(event, Retraining):
             self.phase = "retrain"
             self.retrain_mark = t
@@ -132,12 +147,34 @@ class Clock:
         finished = self.done - self.done_at_start
         if self.loop_start is not None and finished > 0:
             measured = max(0, self.planned - self.done) * (t - self.loop_start) / finished
+        promotions = self._promotions_left(t)
+        if promotions is not None:
+            measured = (measured or 0.0) + promotions
         if self.loop_end is None:
             return measured, "measured" if measured is not None else "unknown"
         budget = max(0.0, self.loop_end - t)
         if measured is None or budget < measured:
             return budget, "budget"
         return measured, "measured"
+
+    def _promotions_left(self, t: float) -> float | None:
+        """The promoted evaluations still to run, each as long as the mean measured at its fidelity (or the
+        next lower one, scaled by the keys: epochs), less what the running one has run."""
+        if not self.promotions:
+            return None
+        total = sum(self._evaluation_s(key) for key in self.promotions.values())
+        if self.evaluating is not None and self.evaluating[0] in self.promotions:
+            total -= t - self.evaluating[2]
+        return max(0.0, total)
+
+    def _evaluation_s(self, key: int) -> float:
+        if self.seconds.get(key):
+            return sum(self.seconds[key]) / len(self.seconds[key])
+        lower = [k for k in self.seconds if k < key and self.seconds[k]]
+        if not lower:
+            return 0.0
+        below = max(lower)
+        return sum(self.seconds[below]) / len(self.seconds[below]) * key / max(below, 1)
 
     def _retrain_left(self, t: float) -> float | None:
         if self.plan is None or self.retrain_mark is None:
@@ -281,8 +318,10 @@ class Display:
             activity = f"trial {event.number} {step} {event.fidelity.words}"
         elif isinstance(event, Retraining):
             activity = f"retraining trial {event.number}, {event.epochs} epoch{'s' if event.epochs != 1 else ''}"
+        elif isinstance(event, Promoting):
+            activity = describe(event)
         elif isinstance(event, (Evaluated, OverBudget, Failed)):
-            activity = "sampling, promoting, telling the study"
+            activity = "sampling and pricing the next architecture"
         if activity is not None:
             self.activity, self.activity_since = activity, self.clock.now()
 
@@ -389,7 +428,7 @@ class LiveDisplay(Display):
             TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=60)),
             BarColumn(bar_width=20),
             MofNCompleteColumn(),
-            TextColumn("architectures, front {task.fields[front]}"),
+            TextColumn("architectures · front {task.fields[front]} ·"),
             _ClockColumn(self.clock),
             console=console,
             refresh_per_second=2,

@@ -42,6 +42,7 @@ from psc_nas.search.events import (
     Listener,
     OverBudget,
     Preparing,
+    Promoting,
     Retraining,
     RetrainPlanned,
     Started,
@@ -279,7 +280,10 @@ class Engine:
                 continue
             self.view.refresh()
             pool = self.view.pool(low.key, self.objectives)
-            for index in policy.promote([self._scored(c, i) for i, c in enumerate(contenders)], pool):
+            chosen = policy.promote([self._scored(c, i) for i, c in enumerate(contenders)], pool)
+            if chosen:
+                self._emit(Promoting, numbers=tuple(contenders[i].trial.number for i in chosen), fidelity=high)
+            for index in chosen:
                 if not self.time_left():
                     break
                 self._evaluate(contenders[index], high)

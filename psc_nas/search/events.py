@@ -3,7 +3,7 @@
 The engine emits them; the console's display, the run's log file (and any other consumer) subscribe.
 Every event but ``Preparing`` carries the run's progress: architectures evaluated so far of those planned.
 
-    Preparing ─► Started ─► (Evaluating ─► Evaluated | Failed) / OverBudget ... FrontChanged ...
+    Preparing ─► Started ─► (Evaluating ─► Evaluated | Failed) / OverBudget ... FrontChanged ... Promoting ...
     ─► Retraining (timing) ─► RetrainPlanned ─► (Retraining ─► Retrained) ...
 
 This module imports nothing heavy (no torch, no Optuna), so the command line can show its first line
@@ -39,6 +39,16 @@ class Started:
     loop_s: float | None  # seconds from now after which the loop starts no evaluation (None: no time limit)
     end_s: float | None  # seconds from now by which the run, retraining included, should end (None: no limit)
     retrain: int  # front trials retrained after the loop (0: none)
+    done: int
+    planned: int
+
+
+@dataclass(frozen=True)
+class Promoting:
+    """The promotion rule moves these trials of a bracket to the next fidelity (front candidates)."""
+
+    numbers: tuple[int, ...]
+    fidelity: Fidelity
     done: int
     planned: int
 
@@ -141,6 +151,7 @@ class Retrained:
 Event = Union[
     Preparing,
     Started,
+    Promoting,
     Evaluating,
     Evaluated,
     OverBudget,
@@ -159,6 +170,9 @@ def describe(event: Event) -> str:
         return event.what
     if isinstance(event, Started):
         return _started(event)
+    if isinstance(event, Promoting):
+        numbers = ", ".join(map(str, event.numbers))
+        return f"promoting trial{'s' if len(event.numbers) != 1 else ''} {numbers} to {event.fidelity.words}"
     if isinstance(event, Evaluating):
         step = "promoted to" if event.promoted else "at"
         return f"trial {event.number} {step} {event.fidelity.words}: evaluating {event.summary}"

@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 from psc_nas.arch import ArchConfig
 from psc_nas.evaluators.base import Evaluator, Fidelity, failure_reason
 from psc_nas.ops import summary
+from psc_nas.search import retrain as retraining
 from psc_nas.search.cache import StudyView, costs, merit
 from psc_nas.search.events import (
     Evaluated,
@@ -68,7 +69,7 @@ from psc_nas.search.record import (
     tell_failed,
     tell_over_budget,
 )
-from psc_nas.search.retrain import Plan, RetrainJob, retrain_front, retrained_hashes, train_member
+from psc_nas.search.retrain import Plan, RetrainJob, retrain_front, retrained_hashes
 
 log = logging.getLogger("psc_nas.search")
 
@@ -250,7 +251,7 @@ class Engine:
 
         def train(job: RetrainJob, member: TrialRecord, epochs: int, *, seconds_left: float | None) -> Retrained:
             self._emit(Retraining, number=member.number, epochs=epochs, summary=member.summary() or "")
-            return train_member(job, member, epochs, seconds_left=seconds_left)
+            return retraining.train_member(job, member, epochs, seconds_left=seconds_left)  # looked up now
 
         retrain_front(self.front, job, done=done, seconds_left=seconds_left, save=save, on_plan=planned, train=train)
 

@@ -164,8 +164,8 @@ def test_a_time_budget_bounds_the_time_left_and_retraining_fills_it():
     no_retrain = Clock(now)
     no_retrain.update(started(loop_s=100.0))
     now.t += 60
-    no_retrain.update(evaluated(0, done=1))  # 3 × 60 s measured is past the loop's limit: the limit bounds it
-    assert no_retrain.left() == (40.0, "budget")
+    no_retrain.update(evaluated(0, done=1))  # 3 × 60 s measured is past the loop's limit: the limit bounds it,
+    assert no_retrain.left() == (50.0, "budget")  # plus one 10 s evaluation started just before it
     now.t += 40
     assert no_retrain.eta() == "finishing"  # the last evaluation may run past the limit
 

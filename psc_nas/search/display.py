@@ -60,8 +60,10 @@ class Clock:
     """Time elapsed since the command started, and the time left, estimated from what the run measured.
 
     The search loop's rest: architectures to go × the wall time per architecture measured so far (sampling,
-    pricing, training and promotions included), never past the loop's time limit. Retraining after it: with
-    a time budget it fills the time left (its schedule is chosen to), so the run's end is the budget's end;
+    pricing, training and promotions included), plus the promoted evaluations to go at their measured length;
+    never past the loop's time limit plus one evaluation (the limit stops only the start of evaluations).
+    Retraining after it: with a time budget it fills the time left (its schedule is chosen to), so the run's
+    end is the budget's end;
     once its schedule is known, members to go × epochs × the measured epoch, minus the time the current one
     has run. Without a time budget, retraining's length is unknown until planned and the text says so.
     """
@@ -152,7 +154,14 @@ class Clock:
             measured = (measured or 0.0) + promotions
         if self.loop_end is None:
             return measured, "measured" if measured is not None else "unknown"
-        budget = max(0.0, self.loop_end - t)
+        every = [s for seconds in self.seconds.values() for s in seconds]
+        mean = sum(every) / len(every) if every else 0.0
+        if t < self.loop_end:  # the limit stops starting evaluations: one may start just before it
+            budget = self.loop_end - t + mean
+        elif self.evaluating is not None:  # the last one runs past the limit
+            budget = max(0.0, mean - (t - self.evaluating[2]))
+        else:
+            budget = 0.0
         if measured is None or budget < measured:
             return budget, "budget"
         return measured, "measured"

@@ -63,9 +63,9 @@ class Clock:
     pricing, training and promotions included), plus the promoted evaluations to go at their measured length;
     never past the loop's time limit plus one evaluation (the limit stops only the start of evaluations).
     Retraining after it: with a time budget it fills the time left (its schedule is chosen to), so the run's
-    end is the budget's end;
-    once its schedule is known, members to go × epochs × the measured epoch, minus the time the current one
-    has run. Without a time budget, retraining's length is unknown until planned and the text says so.
+    end is the budget's end; once its schedule is known, members to go × epochs × the measured epoch, minus
+    the time the current one has run. Without a time budget, retraining's length is unknown until planned
+    and the text says so.
     """
 
     def __init__(self, now: Callable[[], float] = time.monotonic) -> None:

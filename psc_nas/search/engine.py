@@ -282,7 +282,7 @@ class Engine:
             self.view.refresh()
             pool = self.view.pool(low.key, self.objectives)
             chosen = policy.promote([self._scored(c, i) for i, c in enumerate(contenders)], pool)
-            if chosen:
+            if chosen and self.time_left():  # past --timeout none of them starts
                 self._emit(Promoting, numbers=tuple(contenders[i].trial.number for i in chosen), fidelity=high)
             for index in chosen:
                 if not self.time_left():

@@ -308,7 +308,8 @@ class Display:
             self.refresh()
 
     def stage(self, what: str) -> None:
-        """Work before the search (loading, pricing, opening the study): a line and the status."""
+        """Work before the search (loading, pricing, opening the study): the status, and a line once the
+        search has started (plain output prints the held ones then, with their times)."""
         self(Preparing(what))
 
     def note(self, text: str, *, warning: bool = False) -> None:

@@ -114,6 +114,9 @@ class TrialRecord:
     latency_ms: float | None = None
     fail_reason: str | None = None
     retrained: Retrained | None = None  # its architecture trained again after the search (a study attribute)
+    # the space's answers that built it (``b3.op``, ``b3.pmscn.m``): Optuna's trial parameters, or
+    # ``built_params`` where the budget projection built other answers than the sampler asked (read only)
+    decisions: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, trial: FrozenTrial, retrained: Mapping[str, Retrained] | None = None) -> TrialRecord:
@@ -136,6 +139,7 @@ class TrialRecord:
             latency_ms=attrs.get("latency_ms"),
             fail_reason=attrs.get("fail_reason"),
             retrained=(retrained or {}).get(attrs.get("arch_hash", "")),
+            decisions=dict(attrs.get("built_params") or trial.params),
         )
 
     def attrs(self) -> dict[str, Any]:

@@ -270,7 +270,7 @@ def test_the_retrained_score_stands_beside_the_search_score(tmp_path):
 
     write_outputs(tmp_path, StudyRecord("ibsr", None, Budget(params=2000), OBJECTIVES), records[:1])
     section = json.loads((tmp_path / "pareto.json").read_text())["retrained"]
-    assert section["hypervolume_definition"]["scores"] == "dice_mean as the retrained scored it"
+    assert section["hypervolume_definition"]["scores"] == "the retrained scores (`retrained_score`)"
     assert section["hypervolume_definition"]["reference_point"] == {"dice_mean": 0.0, "params": 2000}
 
 

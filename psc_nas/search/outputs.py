@@ -165,7 +165,9 @@ def _decision_order(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
     def key(name: str) -> tuple[int, int, int, int]:
         unit, tail = name.split(".", 1)
-        return units.index(unit), tail != "op", ops.index(tail.split(".")[0]) if "." in tail else -1, tails.index(tail)
+        last = tail.rsplit(".", 1)[-1]  # a CAKES fraction's shape: in the order of ops.cakes.SHAPES
+        within = SHAPES.index(last) if last in SHAPES else len(SHAPES) + tails.index(tail)
+        return units.index(unit), tail != "op", ops.index(tail.split(".")[0]) if "." in tail else -1, within
 
     return sorted(seen, key=key)
 
@@ -249,20 +251,22 @@ def retrained_summary(front: Front, study: StudyRecord) -> dict[str, Any] | None
         "metric": metric,
         "knee": front.retrained_knee.number if front.retrained_knee else None,
         "hypervolume": front.retrained_hypervolume,
-        "hypervolume_definition": _hypervolume_definition(front.retrained, study, "retrained"),
+        "hypervolume_definition": _hypervolume_definition(
+            front.retrained, study, "the retrained scores (`retrained_score`)"
+        ),
         "members": members,
     }
 
 
 def _hypervolume_definition(
-    feasible: Sequence[TrialRecord], study: StudyRecord, scored: str = "search"
+    feasible: Sequence[TrialRecord], study: StudyRecord, scored: str = "the search's scores (the front's `values`)"
 ) -> dict[str, Any]:
     """Where the hypervolume beside it was measured (``front.hypervolume_box``), or why it is 0."""
     box = hypervolume_box(feasible, study)
     if box is None:
         why = "no feasible trial" if not feasible else "neither params among the objectives nor a MACs budget"
         return {"objectives": None, "reference_point": None, "normalisation": None, "note": f"0: {why}"}
-    return {**box.describe(), "scores": f"{box.metric} as the {scored} scored it"}
+    return {**box.describe(), "scores": scored}
 
 
 def _json_number(value: float) -> float | None:

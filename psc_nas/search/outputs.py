@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from psc_nas.files import write_text_atomic
 from psc_nas.ops.cakes import SHAPES
 from psc_nas.search.front import Front, find_front, hypervolume_box
-from psc_nas.search.record import Objective, StudyRecord, TrialRecord
+from psc_nas.search.record import COST_FIELDS, Objective, StudyRecord, TrialRecord
 
 RETRAINED = "retrained_"  # prefix of the retrained scores' columns, beside the search's own
 
@@ -48,6 +48,7 @@ FIELDS = {
         "the metrics of the same architecture trained again from scratch after the search, for longer "
         "(`retrained_fidelity` says how): the score a user of the network can expect"
     ),
+    "metrics": "every metric of the evaluation `values` come from (per-class scores too), at `fidelity`",
     "params": "exact parameter count",
     "macs": "exact multiply-accumulates of one forward pass of one sample of size `input_shape` (C, D, H, W)",
     "latency_ms": "median forward time of one sample on the search's device, in ms; null where not measured "
@@ -77,7 +78,8 @@ def trials_table(records: Sequence[TrialRecord], objectives: Sequence[Objective]
             "search_fidelity": record.fidelity.words if scores and record.fidelity else None,
         }
         for index, objective in enumerate(objectives):  # the search's scores, as told to Optuna
-            row[objective.name] = record.values[index] if record.values else math.nan
+            if objective.name not in COST_FIELDS:  # costs: below, priced for every trial
+                row[objective.name] = record.values[index] if record.values else math.nan
             if index == 0:  # the retrained score beside the search's, and how it was retrained
                 row[RETRAINED + metric] = retrained.metrics.get(metric, math.nan) if retrained else math.nan
                 row["retrained_fidelity"] = retrained.fidelity.words if retrained else None

@@ -60,12 +60,13 @@ FIELDS = {
 def trials_table(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> pd.DataFrame:
     """One row per trial; scores only where the trial was told them (COMPLETE), else NaN."""
     metric = objectives[0].name
-    scored = [r for r in records if _scored(r)]
-    per_class = [m for m in _ordered(r.metrics for r in scored) if m not in {o.name for o in objectives}]
+    names = {o.name for o in objectives}
+    per_class = [m for m in _ordered(r.metrics for r in records if _scored(r)) if m not in names]
     retrained_metrics = _ordered(r.retrained.metrics for r in records if r.retrained is not None)
     rows = []
     for record in records:
-        scores = record.metrics if _scored(record) else {}
+        scored = _scored(record)
+        scores = record.metrics if scored else {}
         own = record.own_evaluations()  # reused results cost this trial nothing
         retrained = record.retrained
         row: dict[str, Any] = {
@@ -74,8 +75,8 @@ def trials_table(records: Sequence[TrialRecord], objectives: Sequence[Objective]
             "feasible": record.feasible,
             "over_budget": record.over_budget,
             "preset": record.preset,
-            "evaluator": record.result.evaluator if scores else None,
-            "search_fidelity": record.fidelity.words if scores and record.fidelity else None,
+            "evaluator": record.result.evaluator if scored and record.result else None,
+            "search_fidelity": record.fidelity.words if scored and record.fidelity else None,
         }
         for index, objective in enumerate(objectives):  # the search's scores, as told to Optuna
             if objective.name not in COST_FIELDS:  # costs: below, priced for every trial
@@ -96,7 +97,8 @@ def trials_table(records: Sequence[TrialRecord], objectives: Sequence[Objective]
                 "params": record.params,
                 "macs": record.macs,
                 "latency_ms": record.latency_ms,
-                # seconds this trial spent training; NaN for one that trained nothing (0 where it reused results)
+                # seconds this trial spent training (a failed one: its fidelities before the failure); NaN for
+                # one that trained nothing, 0 for one whose results were all reused from another trial
                 "train_s": sum(e.wall_s for e in own) if record.evaluations else math.nan,
                 "fwd_bwd_s": sum(e.fwd_bwd_s for e in own) if record.evaluations else math.nan,
                 "val_forward_s": sum(e.val_forward_s for e in own) if record.evaluations else math.nan,

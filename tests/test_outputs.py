@@ -287,3 +287,17 @@ def test_a_projected_trial_reads_the_decisions_that_built_it(tmp_path):
     first, second = read_trials(study)
     assert first.decisions == study.trials[0].params == {"b0.op": first.decisions["b0.op"]}
     assert second.decisions == {"b0.op": "p3d", "b0.p3d.orientation": "3x1x3"}
+
+
+def test_without_a_budget_the_hypervolume_says_its_cost_bound_is_the_largest_cost_seen(tmp_path):
+    configs = [preset_config(name, "densenet3d", **HPARAMS) for name in ("csn_ip", "csn_ir")]
+    records = [
+        _evaluated(n, {"b0.op": c.blocks[0].op}, d, arch=c.to_dict()) for n, c, d in zip((0, 1), configs, (0.5, 0.7))
+    ]
+    write_outputs(tmp_path, StudyRecord("ibsr", None, Budget(), OBJECTIVES), records)
+    summary = json.loads((tmp_path / "pareto.json").read_text())
+    definition = summary["hypervolume_definition"]
+    assert definition["reference_point"] == {"dice_mean": 0.0, "params": 1001}  # trial 1's params, the largest
+    assert "no params budget" in definition["normalisation"] and "compare directly" not in definition["normalisation"]
+    # (0.5, 1000/1001) and (0.7, 1) in the unit box: only the first dominates any area
+    assert summary["hypervolume"] == pytest.approx(0.5 * (1 - 1000 / 1001))

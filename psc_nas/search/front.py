@@ -83,6 +83,7 @@ class HypervolumeBox:
     ideal: tuple[float, float]  # as recorded: (best metric, 0)
     reference: tuple[float, float]  # as recorded: (worst metric, cost bound); (1, 1) once normalized
     cost_bound: str  # what the cost bound is: "the params budget", ..., "the largest params seen"
+    by_budget: bool = True  # the cost bound is the budget (fixed), not the trials' largest cost
 
     def normalized(self, points: Sequence[tuple[float, float]], maximize: bool) -> list[tuple[float, ...]]:
         """(metric, cost) as recorded -> minimization points in the unit box."""
@@ -100,9 +101,9 @@ class HypervolumeBox:
             "normalisation": (
                 f"{self.metric} and {self.cost} are each mapped linearly onto [0, 1], 0 at the ideal point and 1 at "
                 f"the reference point: {self.metric} over its range [{metric_low:g}, {metric_high:g}], "
-                f"{self.cost} over [0, {self.reference[1]:g}] ({self.cost_bound}); the hypervolume is the area "
-                "those front points dominate in that unit square (reference (1, 1)), so 1.0 would be the best "
-                "score at zero cost and runs with the same task and budget compare directly"
+                f"{self.cost} over [0, {self.reference[1]:,.0f}] ({self.cost_bound}); the hypervolume is the area "
+                "the feasible trials dominate in that unit square (reference (1, 1)): 1.0 would be the best score "
+                "at zero cost" + (", and runs of the same task and budget compare directly" if self.by_budget else "")
             ),
         }
 
@@ -120,8 +121,8 @@ def hypervolume_box(feasible: Sequence[TrialRecord], study: StudyRecord) -> Hype
     if metric.maximize:
         best, worst = -best, -worst
     bound = budget or max(_cost_of(r, cost, study) for r in feasible)
-    words = f"the {cost} budget" if budget else f"the largest {cost} of these trials (no {cost} budget)"
-    return HypervolumeBox(metric.name, cost, (best, 0.0), (worst, float(bound)), words)
+    words = f"the {cost} budget" if budget else f"the largest {cost} of these trials: no {cost} budget"
+    return HypervolumeBox(metric.name, cost, (best, 0.0), (worst, float(bound)), words, bool(budget))
 
 
 def _cost_of(record: TrialRecord, name: str, study: StudyRecord) -> float:

@@ -8,8 +8,9 @@ the time left:
 
     members = knee, then its neighbours on the front by cost, up to ``policy.count``;
     those already retrained in this study (a resume) are skipped
-    ─► one epoch of the costliest of them, timed (the probe)
-    ─► epochs = the most, up to ``policy.epochs``, that let every member train within the time left
+    ─► one epoch of the costliest of them, timed (the probe): its epoch time and its set-up time
+    ─► epochs = the most, up to ``policy.epochs``, that let every member (set-up + epochs) train
+       within the time left
     ─► each member: fit(epochs) ─► record.Retrained (study attribute ``retrained:<arch_hash>``)
 
 Every member trains the same schedule with the same seed, so their retrained scores compare. When
@@ -113,7 +114,26 @@ def train_member(job: RetrainJob, record: TrialRecord, epochs: int, *, seconds_l
 class Plan:
     members: tuple[TrialRecord, ...]
     epochs: int
-    probe_s: float | None  # one epoch of the costliest member, when timed
+    probe_s: float | None  # one epoch (training + validation) of the costliest member, when timed
+    setup_s: float = 0.0  # the rest of the probe's wall time: data, model, first-call warm-up
+
+    @property
+    def member_s(self) -> float:
+        """Expected seconds of one member's retraining."""
+        return self.setup_s + (self.probe_s or 0.0) * self.epochs
+
+
+def probe_timing(probe: Retrained) -> tuple[float, float]:
+    """(seconds of one epoch, seconds of everything else) of a one-epoch probe. The epoch's own time
+    comes from the learning curve (``epoch_s``, training + validation); the set-up (data, model, the
+    first calls' warm-up) is paid once per member, not per epoch, so an epoch count from the whole
+    wall time would under-use the time left. Without a timed curve, the whole wall time is an epoch."""
+    wall = max(probe.evaluation.wall_s, 1e-3)
+    curve = probe.evaluation.curve
+    epoch = curve[-1].get("epoch_s") if curve else None
+    if not epoch or epoch <= 0 or epoch > wall:
+        return wall, 0.0
+    return epoch, wall - epoch
 
 
 def retrain_front(
@@ -146,14 +166,15 @@ def retrain_front(
         probe = _attempt(train, job, costliest, 1, None)
         if probe is None:
             return []
-        probe_s = max(probe.evaluation.wall_s, 1e-3)
-        epochs = min(job.policy.epochs, math.floor((seconds_left() or 0.0) / (probe_s * len(members))))
+        epoch_s, setup_s = probe_timing(probe)
+        share = (seconds_left() or 0.0) / len(members)
+        epochs = min(job.policy.epochs, math.floor((share - setup_s) / epoch_s))
         if epochs > 1:
             probe = None  # a timing only: every member trains the longer schedule from scratch
         else:  # one epoch fits: the probe is the costliest member's result
             members = [m for m in members if m.number != costliest.number]
             epochs = 1
-        plan = Plan(tuple(members), epochs, probe_s)
+        plan = Plan(tuple(members), epochs, epoch_s, setup_s)
     on_plan(plan)
     results: list[Retrained] = []
     if probe is not None:
@@ -161,7 +182,7 @@ def retrain_front(
         results.append(probe)
     for member in plan.members:
         left = seconds_left()
-        if left is not None and plan.probe_s is not None and left < plan.probe_s * plan.epochs * 0.5:
+        if left is not None and plan.probe_s is not None and left < plan.member_s * 0.5:
             log.info("no time left to retrain trial %d (%d epochs)", member.number, plan.epochs)
             continue
         result = _attempt(train, job, member, plan.epochs, left)

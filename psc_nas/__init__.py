@@ -9,6 +9,7 @@ from __future__ import annotations
 from psc_nas.arch import ArchConfig, BlockChoice, ConfigError, as_config
 from psc_nas.costs import Cost, format_count, parse_count
 from psc_nas.nets import build_model, cost, validate
+from psc_nas.weights import WeightsError, load_model
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,8 @@ __all__ = [
     "build_model",
     "cost",
     "format_count",
+    "load_model",
     "parse_count",
     "validate",
+    "WeightsError",
 ]

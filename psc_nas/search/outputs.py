@@ -5,6 +5,7 @@
                      and a "retrained" section: the members trained again after the search, their knee
     front/<n>.yaml   the config of every front trial n (ArchConfig.save)
     best.yaml        the retrained knee, or the search's knee before any retraining (``Front.best``)
+    best.weights.pt  best.yaml's trained weights, when it was retrained (psc_nas.load_model(run folder))
 
 Written from the study's records alone, whichever engine filled the study; rewritten after every
 bracket, each file atomically, so a killed search leaves readable files.
@@ -23,6 +24,7 @@ import pandas as pd
 from psc_nas.files import write_text_atomic
 from psc_nas.search.front import Front, find_front
 from psc_nas.search.record import Objective, StudyRecord, TrialRecord
+from psc_nas.weights import copy_weights
 
 
 def trials_table(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> pd.DataFrame:
@@ -91,6 +93,11 @@ def write_outputs(out_dir: Path, study: StudyRecord, records: Sequence[TrialReco
             stale.unlink()
     if front.best is not None:
         front.best.config().save(out_dir / "best.yaml")
+    best_retrained = front.best.retrained if front.best is not None else None  # its weights as best.weights.pt
+    copy_weights(
+        out_dir / best_retrained.weights if best_retrained and best_retrained.weights else None,
+        out_dir / "best.weights.pt",
+    )
     summary = {
         "objectives": [o.to_dict() for o in study.objectives],
         "hypervolume": front.hypervolume,
@@ -128,6 +135,7 @@ def retrained_summary(front: Front, study: StudyRecord) -> dict[str, Any] | None
                 "seed": retrained.seed,
                 "wall_s": retrained.evaluation.wall_s,
                 "config": f"front/{record.number}.yaml",
+                "weights": retrained.weights,  # the retrained network's state dict, relative to the run folder
             }
         )
     return {

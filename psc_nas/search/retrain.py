@@ -11,7 +11,8 @@ the time left:
     ─► one epoch of the costliest of them, timed (the probe): its epoch time and its set-up time
     ─► epochs = the most, up to ``policy.epochs``, that let every member (set-up + epochs) train
        within the time left
-    ─► each member: fit(epochs) ─► record.Retrained (study attribute ``retrained:<arch_hash>``)
+    ─► each member: fit(epochs) ─► front/<trial>.weights.pt (its final weights, the ones scored)
+                                ─► record.Retrained (study attribute ``retrained:<arch_hash>``, naming that file)
 
 Every member trains the same schedule with the same seed, so their retrained scores compare. When
 only one epoch fits, the probe is the costliest member's result and the others train one epoch while
@@ -30,13 +31,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from lightning.pytorch.callbacks import Timer
+import lightning as L
+from lightning.pytorch.callbacks import Callback, Timer
 
 from psc_nas.evaluators.base import Evaluation, Fidelity, failure_reason
 from psc_nas.search.front import Front
 from psc_nas.search.profiles import RetrainPolicy
 from psc_nas.search.record import Retrained, TrialRecord
 from psc_nas.train import fit
+from psc_nas.weights import WEIGHTS_SUFFIX, save_weights, state_of
 
 log = logging.getLogger("psc_nas.search")
 EVALUATOR = "retrain"
@@ -44,12 +47,32 @@ EVALUATOR = "retrain"
 
 @dataclass(frozen=True)
 class RetrainJob:
-    """What retraining needs besides the front: the policy, the task and its data, the seed."""
+    """What retraining needs besides the front: the policy, the task and its data, the seed, and the
+    run folder that keeps each retrained network's weights (``front/<trial>.weights.pt``; None: not kept)."""
 
     policy: RetrainPolicy
     task: object
     seed: int = 0
     data_dir: Path | None = None
+    out_dir: Path | None = None
+
+
+WEIGHTS_DIR = "front"
+
+
+def weights_file(number: int) -> str:
+    """Where a retrained trial's weights go, relative to the run folder: beside its ``front/<n>.yaml``."""
+    return f"{WEIGHTS_DIR}/{number}{WEIGHTS_SUFFIX}"
+
+
+class FinalWeights(Callback):
+    """Keeps the network's weights as training ends: the weights its last validation scored."""
+
+    def __init__(self) -> None:
+        self.state: dict | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.state = state_of(pl_module.net)  # type: ignore[arg-type]
 
 
 def choose_members(front: Front, count: int) -> list[TrialRecord]:
@@ -83,9 +106,11 @@ def fidelity_words(policy: RetrainPolicy, epochs: int) -> str:
 
 def train_member(job: RetrainJob, record: TrialRecord, epochs: int, *, seconds_left: float | None) -> Retrained:
     """Train ``record``'s architecture from scratch for ``epochs``; the result as a ``Retrained``.
-    Past ``seconds_left`` the training stops at an epoch end and reports the epochs it finished."""
+    Past ``seconds_left`` the training stops at an epoch end and reports the epochs it finished.
+    With ``job.out_dir``, the final weights (those the recorded metrics score) are saved there first."""
     policy = job.policy
     deadline = [Timer(duration=timedelta(seconds=seconds_left), interval="epoch")] if seconds_left else []
+    final = FinalWeights()
     result = fit(
         record.config(),
         job.task,
@@ -96,8 +121,12 @@ def train_member(job: RetrainJob, record: TrialRecord, epochs: int, *, seconds_l
         weight_decay=policy.weight_decay,
         lr_schedule=policy.lr_schedule,
         data_options=policy.data_options(),
-        callbacks=deadline,
+        callbacks=[*deadline, final],
     )
+    weights = None
+    if job.out_dir is not None and final.state is not None:
+        weights = weights_file(record.number)
+        save_weights(final.state, Path(job.out_dir) / weights)
     evaluation = Evaluation(
         EVALUATOR,
         Fidelity(result.epochs, fidelity_words(policy, result.epochs)),
@@ -107,7 +136,7 @@ def train_member(job: RetrainJob, record: TrialRecord, epochs: int, *, seconds_l
         result.fwd_bwd_seconds,
         evaluated_by=record.number,
     )
-    return Retrained(record.arch_hash or record.config().hash, evaluation, job.seed, record.number)
+    return Retrained(record.arch_hash or record.config().hash, evaluation, job.seed, record.number, weights)
 
 
 @dataclass(frozen=True)
@@ -170,6 +199,7 @@ def retrain_front(
         share = (seconds_left() or 0.0) / len(members)
         epochs = min(job.policy.epochs, math.floor((share - setup_s) / epoch_s))
         if epochs > 1:
+            _discard_weights(job, probe)
             probe = None  # a timing only: every member trains the longer schedule from scratch
         else:  # one epoch fits: the probe is the costliest member's result
             members = [m for m in members if m.number != costliest.number]
@@ -208,6 +238,12 @@ def _attempt(
     except Exception as error:
         log.warning("retraining trial %d failed: %s", member.number, failure_reason(error))
         return None
+
+
+def _discard_weights(job: RetrainJob, result: Retrained) -> None:
+    """A probe's weights are no result: its member trains again (and may fail), so they go."""
+    if job.out_dir is not None and result.weights:
+        (Path(job.out_dir) / result.weights).unlink(missing_ok=True)
 
 
 def retrained_hashes(records: Sequence[TrialRecord]) -> set[str]:

@@ -17,6 +17,7 @@ import filecmp
 import io
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def _load(path: Path, what: str) -> object:
     if not path.is_file():
         raise WeightsError(f"{path}: no such {what}" if not path.exists() else f"{path}: not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a stray pickle's protocol warning, before the real error below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, pickled code: all just "unreadable"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WeightsError(f"{path}: not a readable {what} ({reason[:200]})") from None

@@ -357,7 +357,8 @@ def test_load_model_errors_are_one_line(run, tmp_path):
 
 
 # ------------------------------------------------------------------------------ end to end, real training
-TINY_RETRAIN = RetrainPolicy(count=2, epochs=2, samples_per_epoch=16, batch_size=8, lr_schedule="onecycle")
+# enough to learn the bar axis (error well below chance, 2/3), so a wrong or untrained network shows
+TINY_RETRAIN = RetrainPolicy(count=2, epochs=5, samples_per_epoch=128, batch_size=8, lr=1e-2, lr_schedule="onecycle")
 
 
 @pytest.mark.slow
@@ -401,6 +402,7 @@ def test_a_retrained_search_exports_weights_that_reproduce_the_retrained_score(t
     result = cli(str(out), "--out", str(tmp_path / "export"))
     assert result.exit_code == 0, result.output
     assert f"  trained: {retrained[best].fidelity.words}" in result.output
+    assert retrained[best].metrics["error"] < 0.5  # it learned: a score an untrained network would not match
     model = psc_nas.load_model(tmp_path / "export" / f"trial-{best}.yaml")
     scores = validate(model, task)
     assert scores["error"] == pytest.approx(retrained[best].metrics["error"], rel=1e-6)
@@ -413,7 +415,16 @@ def test_a_retrained_search_exports_weights_that_reproduce_the_retrained_score(t
 def test_a_psc_train_checkpoint_loads_the_same_way(tmp_path):
     task = tiny_task.BarAxisTask()
     config = preset_config("p2sc2", task.backbone, **task.backbone_hparams)
-    trained = fit_into(tmp_path / "run", config, task, epochs=2, data_options={"samples_per_epoch": 16})
+    trained = fit_into(
+        tmp_path / "run",
+        config,
+        task,
+        epochs=4,
+        lr=1e-2,
+        lr_schedule="onecycle",
+        data_options={"samples_per_epoch": 128},
+    )
+    assert trained.best_metric < 0.5
     assert trained.checkpoint == tmp_path / "run" / "best.ckpt"
     model = psc_nas.load_model(trained.checkpoint)
     assert not model.training and sum(p.numel() for p in model.parameters()) == psc_nas.cost(config, (16,) * 3).params

@@ -20,6 +20,7 @@ import search_standin
 import tiny_task
 from rich.console import Console
 
+import psc_nas
 from psc_nas import memory
 from psc_nas.arch import ArchConfig
 from psc_nas.dashboard import payload
@@ -105,6 +106,12 @@ def test_a_tiny_search_retrains_its_front_and_every_output_says_so(tmp_path, mon
         assert len(result.evaluation.curve) == result.epochs and result.evaluation.wall_s > 0
         assert 0.0 <= result.metrics["error"] <= 1.0
         assert records[result.trial].arch_hash == result.arch_hash
+        # its final weights (those its metrics score) kept beside its config, loadable as they are
+        assert result.weights == f"front/{result.trial}.weights.pt"
+        assert psc_nas.load_model(out / "front" / f"{result.trial}.yaml").training is False
+    assert sorted(p.name for p in (out / "front").glob("*.weights.pt")) == sorted(
+        f"{r.trial}.weights.pt" for r in retrained.values()
+    )  # nothing else: a probe that trains again leaves no file of its own
 
     # best.yaml: the knee rule over the retrained members scored by their retrained error
     members = [r for r in front.members if r.arch_hash in retrained]
@@ -124,6 +131,7 @@ def test_a_tiny_search_retrains_its_front_and_every_output_says_so(tmp_path, mon
         assert member["retrained_fidelity"] == result.fidelity.words and member["epochs"] == result.epochs
         assert member["search_score"] == records[member["number"]].values[0]
         assert member["search_fidelity"] == "1 epoch × 8 samples"
+        assert member["weights"] == result.weights
 
     table = pd.read_csv(out / "trials.csv")
     assert {"retrained", "retrained_fidelity", "error", "fidelity_words"} <= set(table.columns)

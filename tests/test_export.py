@@ -362,6 +362,7 @@ TINY_RETRAIN = RetrainPolicy(count=2, epochs=5, samples_per_epoch=128, batch_siz
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_a_retrained_search_exports_weights_that_reproduce_the_retrained_score(tmp_path, monkeypatch):
     """A real tiny search with retraining -> psc-export -> load_model -> the task's validation again."""
     monkeypatch.setitem(
@@ -409,6 +410,15 @@ def test_a_retrained_search_exports_weights_that_reproduce_the_retrained_score(t
     assert scores["accuracy"] == pytest.approx(retrained[best].metrics["accuracy"], rel=1e-6)
     x = torch.randn(2, *task.input_shape)
     torch.testing.assert_close(psc_nas.load_model(out)(x), model(x), rtol=0, atol=0)  # best.weights.pt
+
+    # --retrain trains the pick again here: its own weights, loadable the same way, and a TorchScript of them
+    again = tmp_path / "again"
+    result = cli(str(out), "--retrain", "--epochs", "1", "--torchscript", "--out", str(again))
+    assert result.exit_code == 0, result.output
+    assert "  trained: retrained here: 1 epoch, best epoch" in result.output and "WARNING" not in result.output
+    model = psc_nas.load_model(again / f"trial-{best}.yaml")
+    scripted = torch.jit.load(str(again / f"trial-{best}.torchscript.pt"))
+    torch.testing.assert_close(scripted(x), model(x))
 
 
 @pytest.mark.slow

@@ -236,7 +236,6 @@ def export(
     record = select(run, selection)
     config = record.config()
     stem = Path(out_dir or run.path / "export") / f"trial-{record.number}"
-    files = {"config": config.save(stem.with_suffix(f".{fmt}"))}
     model = build_model(config)
     params = sum(p.numel() for p in model.parameters())
     if params != record.params:
@@ -244,6 +243,7 @@ def export(
             f"trial {record.number} rebuilds with {params} parameters but the study recorded "
             f"{record.params}; was the study written by another psc-nas version?"
         )
+    # Everything that can refuse does so before anything is written.
     kept = None if retrain else search_weights(run, record)
     wanted = [name for name, on in (("--torchscript", torchscript), ("--onnx", onnx)) if on]
     if wanted and not retrain and kept is None and not allow_untrained:
@@ -251,17 +251,18 @@ def export(
             f"{' and '.join(wanted)} need trained weights and {untrained_reason(run, record)}; "
             "add --retrain to train it, or --allow-untrained to export random weights"
         )
+    if kept is not None:
+        load_state(model, read_weights(kept[0]), kept[0])  # weights that do not fit are refused, not copied
+    files = {"config": config.save(stem.with_suffix(f".{fmt}"))}
     origin = None
     if retrain:
         epochs = epochs or full_fidelity_epochs(run)
         files["weights"] = retrain_weights(run, config, stem, epochs=epochs, data_dir=data_dir)
         origin = f"retrained here: {epochs} epoch{'s' if epochs != 1 else ''}, best epoch"
+        load_state(model, read_weights(files["weights"]), files["weights"])
     elif kept is not None:
         source, origin = kept
-        load_state(model, read_weights(source), source)  # refuse weights that do not fit before copying them
         files["weights"] = copy_weights(source, weights_path(files["config"]))  # type: ignore[assignment]
-    if retrain:
-        load_state(model, read_weights(files["weights"]), files["weights"])
     model.eval()
     notes: list[str] = []
     if wanted:

@@ -268,7 +268,7 @@ def test_torchscript_and_onnx_refuse_untrained_weights_unless_allowed(run, tmp_p
         f"psc-export: --torchscript and --onnx need trained weights and trial {number} was not retrained after "
         "the search; add --retrain to train it, or --allow-untrained to export random weights\n"
     )
-    assert not (tmp_path / f"trial-{number}.torchscript.pt").exists()
+    assert not list(tmp_path.iterdir())  # refused before writing anything
     result = cli(str(run.path), "--torchscript", "--allow-untrained", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert "no trained weights: build_model(config) gives an untrained network" in result.output
@@ -296,6 +296,7 @@ def test_export_of_missing_or_corrupt_weights_is_one_line(run_dir, tmp_path):
         f"psc-export: trial {number}'s retrained weights {copy / 'front' / f'{number}.weights.pt'} are missing "
         "(moved or deleted?); --retrain trains the network again\n"
     )
+    assert not (tmp_path / "a").exists()
     weights = copy / "front" / f"{number}.weights.pt"
     weights.write_bytes(b"not a torch file")
     result = cli(str(copy), "--pick", f"trial {number}", "--out", str(tmp_path / "b"))

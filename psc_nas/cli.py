@@ -179,7 +179,9 @@ def export(
     quality = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items() if isinstance(v, float))
     typer.echo(
         f"trial {record.number} ({Pick.parse(pick)}): {format_count(record.params)} params, "
-        f"{format_count(record.macs)} MACs" + (f", {quality}" if quality else "")
+        f"{format_count(record.macs)} MACs"
+        + (f", {quality}" if quality else "")
+        + (f" (search: {record.fidelity.words})" if quality and record.fidelity else "")
     )
     for kind, path in done.files.items():
         typer.echo(f"  {kind}: {path}")

@@ -248,7 +248,8 @@ def export(
     wanted = [name for name, on in (("--torchscript", torchscript), ("--onnx", onnx)) if on]
     if wanted and not retrain and kept is None and not allow_untrained:
         raise ValueError(
-            f"{' and '.join(wanted)} need trained weights and {untrained_reason(run, record)}; "
+            f"{' and '.join(wanted)} need{'s' if len(wanted) == 1 else ''} trained weights and "
+            f"{untrained_reason(run, record)}; "
             "add --retrain to train it, or --allow-untrained to export random weights"
         )
     if kept is not None:

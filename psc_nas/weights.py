@@ -70,8 +70,15 @@ def _load(path: Path, what: str) -> object:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, pickled code: all just "unreadable"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsError(f"{path}: not a readable {what} ({reason[:200]})") from None
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = f"torch.load: {type(error).__name__}" + (f": {text[:200]}" if text else "")
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+        if head == b"PK":  # torch.save's zip container, cut short or damaged
+            reason = f"truncated or damaged; {reason}"
+        elif head[:1] != b"\x80":  # neither a zip nor a pickle: never written by torch.save
+            reason = f"not written by torch.save; {reason}"
+        raise WeightsError(f"{path}: not a readable {what} ({reason})") from None
 
 
 def _tensors(data: object) -> bool:

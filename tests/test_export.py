@@ -301,7 +301,7 @@ def test_export_of_missing_or_corrupt_weights_is_one_line(run_dir, tmp_path):
     weights.write_bytes(b"not a torch file")
     result = cli(str(copy), "--pick", f"trial {number}", "--out", str(tmp_path / "b"))
     assert result.exit_code == 1 and result.output.count("\n") == 1
-    assert result.output.startswith(f"psc-export: {weights}: not a readable weights file (")
+    assert result.output.startswith(f"psc-export: {weights}: not a readable weights file (not written by torch.save; ")
 
 
 def test_load_model_errors_are_one_line(run, tmp_path):
@@ -323,7 +323,9 @@ def test_load_model_errors_are_one_line(run, tmp_path):
     truncated = io.BytesIO()
     torch.save(full, truncated)
     weights.write_bytes(truncated.getvalue()[: len(truncated.getvalue()) // 2])
-    with pytest.raises(psc_nas.WeightsError, match=r"net.weights.pt: not a readable weights file \(") as error:
+    with pytest.raises(
+        psc_nas.WeightsError, match=r"weights.pt: not a readable weights file \(truncated or damaged; "
+    ) as error:
         psc_nas.load_model(path)
     cases.append(error)
     torch.save([1, 2, 3], weights)

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import optuna
 import pytest
+import search_standin
 import torch
 import yaml
 from _families import block_choice
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.networks.nets import BasicUNet, UNet
+from rich.console import Console
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -19,7 +21,11 @@ import psc_nas
 from psc_nas import ArchConfig, BlockChoice, ConfigError, Cost
 from psc_nas.nets import from_module
 from psc_nas.nets.torch_module import ENV_VAR, SlotConv
+from psc_nas.search.budget import Budget
+from psc_nas.search.record import read_trials
+from psc_nas.search.runner import SearchSettings, run_search
 from psc_nas.space import SearchSpace
+from psc_nas.tasks import get_task
 
 BASIC = {"spatial_dims": 3, "in_channels": 1, "out_channels": 4, "features": [4, 4, 8, 8, 16, 4]}
 UNET = {
@@ -263,3 +269,39 @@ def test_a_module_of_its_own_keeps_ineligible_convs_and_prices_shared_and_unused
     for spatial in [(8, 8, 8), (5, 7, 9)]:
         cost, y = measured(model, torch.randn(1, 1, *spatial))
         assert psc_nas.cost(config, spatial) == cost and tuple(y.shape) == (1, 2)
+
+
+def test_a_task_takes_a_network_of_the_users_own_only_with_its_input_and_output(tmp_path: Path):
+    task = get_task("ibsr")
+    task.check_space(
+        SearchSpace.load(write_space(tmp_path, {"module": "monai.networks.nets.BasicUNet", "args": BASIC}))
+    )
+    wrong = {**BASIC, "out_channels": 3}
+    path = write_space(tmp_path, {"module": "monai.networks.nets.BasicUNet", "args": wrong})
+    message = (
+        rf"^{path}: backbone: monai.networks.nets.BasicUNet gives an output of 1x3x32x32x32 for an input of "
+        r"1x1x32x32x32; the task needs 1x4x32x32x32 \(set the network's output channels in args\)$"
+    )
+    with pytest.raises(ConfigError, match=message):
+        task.check_space(SearchSpace.load(path))
+    path = write_space(tmp_path, {"module": "monai.networks.nets.BasicUNet", "args": {**BASIC, "in_channels": 2}})
+    with pytest.raises(ConfigError, match=r"takes 2 input channels, the task gives 1$"):
+        task.check_space(SearchSpace.load(path))
+
+
+def test_a_search_over_a_monai_network_records_exact_costs_and_exports_a_rebuildable_best(tmp_path: Path):
+    space = write_space(tmp_path, {"module": "monai.networks.nets.BasicUNet", "args": BASIC})
+    out = tmp_path / "run"
+    settings = SearchSettings(
+        task="ibsr", budget=Budget(params=40_000), trials=4, out=out, retrain=False, space=str(space)
+    )
+    run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
+    study = optuna.load_study(study_name="run", storage=f"sqlite:///{out / 'study.db'}")
+    records = [r for r in read_trials(study) if r.arch is not None]
+    assert len(records) == 4 and {r.arch["backbone"] for r in records} == {"module"}
+    for record in records:
+        expected = psc_nas.cost(ArchConfig.from_dict(record.arch), (32, 32, 32))
+        assert (record.params, record.macs) == (expected.params, expected.macs)
+    best = ArchConfig.load(out / "best.yaml")
+    x = torch.randn(1, 1, 32, 32, 32)
+    assert measured(psc_nas.build_model(best), x)[0] == psc_nas.cost(best, x.shape)

@@ -59,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from psc_nas.arch import ArchConfig, BlockChoice, ConfigError, Slot
 from psc_nas.costs import Cost, Spatial
 from psc_nas.nets.base import Backbone
-from psc_nas.nets.registry import register_backbone
+from psc_nas.nets.registry import get_backbone, register_backbone
 from psc_nas.ops import Op, realize
 from psc_nas.ops._conv import ConvSpec
 
@@ -455,6 +455,29 @@ class ModuleBackbone(Backbone):
     def build(self, config: ArchConfig, *, fill: Any = None) -> nn.Module:
         self.validate(config)
         return self.net(config.hparams).build(config, fill=fill)
+
+    def check_task(self, hparams: Mapping[str, Any], input_shape: Sequence[int], reference: ArchConfig) -> None:
+        """Raise ``ConfigError`` unless the network takes the task's input (C, D, H, W) and gives an
+        output of the shape the task's own network (``reference``) gives."""
+        net = self.net(hparams)
+        channels, spatial = int(input_shape[0]), tuple(int(s) for s in input_shape[1:])
+        if net.in_channels != channels:
+            raise ConfigError(
+                "backbone", f"{net.label} takes {net.in_channels} input channels, the task gives {channels}"
+            )
+        with torch.device("meta"):
+            wanted = tuple(get_backbone(reference.backbone).build(reference).eval()(torch.zeros(1, *input_shape)).shape)
+        try:
+            got = net.trace(spatial).out_shape  # type: ignore[arg-type]
+        except ValueError as err:
+            raise ConfigError("backbone", str(err)) from None
+        if got != wanted:
+            shown = "x".join(map(str, (1, *input_shape)))
+            raise ConfigError(
+                "backbone",
+                f"{net.label} gives an output of {'x'.join(map(str, got))} for an input of {shown}; "
+                f"the task needs {'x'.join(map(str, wanted))} (set the network's output channels in args)",
+            )
 
     def cost(self, config: ArchConfig, spatial: Spatial) -> Cost:
         self.validate(config)

@@ -19,7 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import psc_nas
 from psc_nas import ArchConfig, BlockChoice, ConfigError, Cost
+from psc_nas.evaluators.supernet import SuperNet
 from psc_nas.nets import from_module
+from psc_nas.nets.budget import with_width
 from psc_nas.nets.torch_module import ENV_VAR, SlotConv
 from psc_nas.search.budget import Budget
 from psc_nas.search.record import read_trials
@@ -305,3 +307,15 @@ def test_a_search_over_a_monai_network_records_exact_costs_and_exports_a_rebuild
     best = ArchConfig.load(out / "best.yaml")
     x = torch.randn(1, 1, 32, 32, 32)
     assert measured(psc_nas.build_model(best), x)[0] == psc_nas.cost(best, x.shape)
+
+
+def test_a_super_network_switches_the_slots_of_a_monai_network_and_width_is_refused(tmp_path: Path):
+    space = SearchSpace.load(write_space(tmp_path, {"module": "monai.networks.nets.BasicUNet", "args": BASIC}))
+    supernet = SuperNet(space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(2):
+        supernet.activate(space.sample(study.ask()))
+        assert tuple(supernet.net(torch.randn(1, 1, 32, 32, 32)).shape) == (1, 4, 32, 32, 32)
+    config = space.decide(lambda name, choices: choices[0])
+    with pytest.raises(ConfigError, match=r"^hparams.width: a network of your own has no width multiplier"):
+        with_width(config, 0.5)

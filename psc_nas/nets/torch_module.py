@@ -430,7 +430,12 @@ class ModuleBackbone(Backbone):
     defaults = {"module": None, "args": {}}
 
     def net(self, hparams: Mapping[str, Any]) -> ModuleNet:
-        unknown = sorted(set(hparams) - set(_KEYS))
+        if hparams.get("width", 1) != 1:  # with_width(config, 1.0), as a super-network narrows, is a no-op
+            raise ConfigError(
+                "hparams.width",
+                f"a network of your own has no width multiplier (its args size it); got {hparams['width']!r}",
+            )
+        unknown = sorted(set(hparams) - {*_KEYS, "width"})
         if unknown:
             raise ConfigError(f"hparams.{unknown[0]}", f"unknown for {NAME}; allowed: {list(_KEYS)}")
         if hparams.get("module") is None:

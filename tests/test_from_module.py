@@ -319,3 +319,16 @@ def test_a_super_network_switches_the_slots_of_a_monai_network_and_width_is_refu
     config = space.decide(lambda name, choices: choices[0])
     with pytest.raises(ConfigError, match=r"^hparams.width: a network of your own has no width multiplier"):
         with_width(config, 0.5)
+
+
+def test_torchvision_video_resnets_where_installed():
+    """Not run where torchvision is missing (this repository's venv); r2plus1d_18 is (2+1)D already."""
+    video = pytest.importorskip("torchvision.models.video")
+    net = from_module(video.r3d_18, num_classes=5)
+    assert len(net.slots) == 16 and net.in_channels == 3  # 4 stages x 2 blocks x 2 convs; stem and shortcuts kept
+    config = net.uniform("pmscn", m=2, n=1)
+    with torch.device("meta"):
+        cost, y = measured(psc_nas.build_model(config), torch.zeros(1, 3, 8, 32, 32))
+    assert psc_nas.cost(config, (3, 8, 32, 32)) == cost and tuple(y.shape) == (1, 5)
+    with pytest.raises(ValueError, match="no eligible 3x3x3 Conv3d"):
+        from_module(video.r2plus1d_18)

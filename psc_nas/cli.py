@@ -88,7 +88,7 @@ def space(
             item.name,
             item.task,
             "-" if isinstance(task, Exception) else task.describe_input(),
-            item.backbone,
+            item.hparams["module"].rpartition(".")[2] if item.backbone == "module" else item.backbone,  # BYO network
             str(len(item.slots)),
             str(len(item.units)),
             format_size(item.size()),

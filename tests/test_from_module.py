@@ -332,3 +332,22 @@ def test_torchvision_video_resnets_where_installed():
     assert psc_nas.cost(config, (3, 8, 32, 32)) == cost and tuple(y.shape) == (1, 5)
     with pytest.raises(ValueError, match="no eligible 3x3x3 Conv3d"):
         from_module(video.r2plus1d_18)
+
+
+def test_psc_space_shows_the_network_and_psc_search_refuses_a_mismatched_one_in_one_line(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from psc_nas.cli import search_app, space_app
+
+    path = write_space(tmp_path, {"module": "monai.networks.nets.BasicUNet", "args": BASIC})
+    result = CliRunner().invoke(space_app, [str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "BasicUNet" in result.stdout and "down_4.convs.conv_1.conv" in result.stdout
+    conv3d = psc_nas.cost(from_module(BasicUNet, **BASIC).uniform("conv3d"), (32, 32, 32))
+    assert psc_nas.format_count(conv3d.params) in result.stdout
+    bad = write_space(tmp_path, {"module": "monai.networks.nets.BasicUNet", "args": {**BASIC, "out_channels": 2}})
+    out = tmp_path / "run"
+    result = CliRunner().invoke(search_app, ["--task", "ibsr", "--space", str(bad), "--trials", "1", "--out", str(out)])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "gives an output of 1x2x32x32x32" in result.stderr
+    assert not out.exists()

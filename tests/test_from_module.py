@@ -351,3 +351,23 @@ def test_psc_space_shows_the_network_and_psc_search_refuses_a_mismatched_one_in_
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "gives an output of 1x2x32x32x32" in result.stderr
     assert not out.exists()
+
+
+class DataDependentNet(nn.Module):
+    """A forward that reads values, which a shape-only (meta-device) pass cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 4, 3, padding=1)
+        self.other = nn.Conv3d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.other(h) if bool(h.abs().sum() >= 0) else h
+
+
+def test_a_forward_that_reads_values_is_traced_on_the_cpu_and_still_priced_exactly():
+    net = from_module(DataDependentNet)
+    config = net.uniform("cakes")
+    cost, _ = measured(psc_nas.build_model(config), torch.randn(1, 1, 6, 7, 8))
+    assert net.cost(config, (6, 7, 8)) == cost and cost.macs > 0

@@ -238,11 +238,24 @@ class ModuleNet:
         return self._traces[spatial]
 
     def _run_trace(self, spatial: Spatial) -> _Trace:
-        device = next((p.device for p in self._template.parameters()), torch.device("meta"))
+        try:
+            return self._trace_with(self._template, spatial)
+        except Exception as err:
+            error = err
+        if _device(self._template).type == "meta":  # a forward that needs data (not only shapes): run it for real
+            try:
+                return self._trace_with(self._make().eval(), spatial)
+            except Exception as err:
+                error = err
+        line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        shape = "x".join(map(str, (self.in_channels, *spatial)))
+        raise ValueError(f"{self.label}: an input of {shape} does not fit the network: {line}") from None
+
+    def _trace_with(self, model: nn.Module, spatial: Spatial) -> _Trace:
         calls: list[list[Spatial]] = [[] for _ in self._convs]
         hooks = []
         for index, conv in enumerate(self._convs):
-            module = self._template.get_submodule(conv.names[0])
+            module = model.get_submodule(conv.names[0])
             hooks.append(
                 module.register_forward_hook(
                     lambda _m, inputs, _o, index=index: calls[index].append(tuple(inputs[0].shape[2:]))
@@ -250,17 +263,17 @@ class ModuleNet:
             )
         try:
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                out = self._template(torch.zeros(1, self.in_channels, *spatial, device=device))
-        except Exception as err:  # the network's own check of its input, in its own words
-            line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            shape = "x".join(map(str, (self.in_channels, *spatial)))
-            raise ValueError(f"{self.label}: an input of {shape} does not fit the network: {line}") from None
+                out = model(torch.zeros(1, self.in_channels, *spatial, device=_device(model)))
         finally:
             for hook in hooks:
                 hook.remove()
         conv_macs = sum(conv.spec.cost(shape)[0].macs for conv, shapes in zip(self._convs, calls) for shape in shapes)
         out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
         return _Trace(tuple(map(tuple, calls)), counter.get_total_flops() // 2 - conv_macs, out_shape)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _build_run(ops: Sequence[Op]) -> nn.Module:

@@ -28,7 +28,8 @@ initialization; ``convert`` of an instance keeps the instance's weights everywhe
 backbone's slots (``OpSpec.cost_and_shape`` at the input size each slot sees), to the fixed
 layers' cost: their parameters (``sum(p.numel())`` outside the slots) and their MACs from one
 shape-only ``FlopCounterMode`` pass of the original network on the meta device per input size
-(cached; no data, no compute), minus the original convs' analytic MACs. The network is traced in
+(cached; no data, no compute; a forward that reads values runs once on the CPU instead), minus the
+original convs' analytic MACs. The input's channels are the first 3D conv's (in module order). The network is traced in
 eval mode, so layers used only in training (deep-supervision heads) cost parameters but no MACs.
 The sum equals ``sum(p.numel())`` and ``FlopCounterMode`` FLOPs / 2 of the built network
 (``tests/test_from_module.py``). No width multiplier: ``args`` size the network.

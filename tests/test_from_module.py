@@ -28,6 +28,7 @@ from psc_nas.search.record import read_trials
 from psc_nas.search.runner import SearchSettings, run_search
 from psc_nas.space import SearchSpace
 from psc_nas.tasks import get_task
+from psc_nas.weights import save_weights, weights_path
 
 BASIC = {"spatial_dims": 3, "in_channels": 1, "out_channels": 4, "features": [4, 4, 8, 8, 16, 4]}
 UNET = {
@@ -371,3 +372,14 @@ def test_a_forward_that_reads_values_is_traced_on_the_cpu_and_still_priced_exact
     config = net.uniform("cakes")
     cost, _ = measured(psc_nas.build_model(config), torch.randn(1, 1, 6, 7, 8))
     assert net.cost(config, (6, 7, 8)) == cost and cost.macs > 0
+
+
+def test_load_model_reads_a_module_network_with_its_weights(tmp_path: Path):
+    config = from_module(UNet, **UNET).uniform("pmscn", m=2, n=1)
+    path = config.save(tmp_path / "unet.yaml")
+    trained = psc_nas.build_model(config).eval()
+    save_weights(trained, weights_path(path))
+    loaded = psc_nas.load_model(path)
+    x = torch.randn(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)

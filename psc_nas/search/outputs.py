@@ -10,6 +10,7 @@
                      the search, their knee
     front/<n>.yaml   the config of every front trial n (ArchConfig.save)
     best.yaml        the retrained knee, or the search's knee before any retraining (``Front.best``)
+    best.weights.pt  best.yaml's trained weights, when it was retrained (psc_nas.load_model(run folder))
 
 Written from the study's records alone, whichever engine filled the study; rewritten after every
 bracket, each file atomically, so a killed search leaves readable files.
@@ -32,6 +33,7 @@ from psc_nas.files import write_text_atomic
 from psc_nas.ops.cakes import SHAPES
 from psc_nas.search.front import Front, find_front, hypervolume_box
 from psc_nas.search.record import COST_FIELDS, Objective, StudyRecord, TrialRecord
+from psc_nas.weights import copy_weights
 
 RETRAINED = "retrained_"  # prefix of the retrained scores' columns, beside the search's own
 
@@ -207,6 +209,11 @@ def write_outputs(out_dir: Path, study: StudyRecord, records: Sequence[TrialReco
             stale.unlink()
     if front.best is not None:
         front.best.config().save(out_dir / "best.yaml")
+    best_retrained = front.best.retrained if front.best is not None else None  # its weights as best.weights.pt
+    copy_weights(
+        out_dir / best_retrained.weights if best_retrained and best_retrained.weights else None,
+        out_dir / "best.weights.pt",
+    )
     summary = {
         "task": study.task,
         "space": study.space,
@@ -249,6 +256,7 @@ def retrained_summary(front: Front, study: StudyRecord) -> dict[str, Any] | None
                 "seed": retrained.seed,
                 "wall_s": retrained.evaluation.wall_s,
                 "config": f"front/{record.number}.yaml",
+                "weights": retrained.weights,  # the retrained network's state dict, relative to the run folder
             }
         )
     return {

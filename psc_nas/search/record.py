@@ -268,6 +268,7 @@ class Retrained:
     evaluation: Evaluation  # evaluator "retrain"; fidelity key = epochs, words e.g. "retrained: 12 epochs × 32 samples"
     seed: int
     trial: int  # the trial whose architecture was retrained (every trial of that architecture shares it)
+    weights: str | None = None  # its trained state dict, relative to the run folder (front/<trial>.weights.pt)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -282,11 +283,12 @@ class Retrained:
         return len(self.evaluation.curve) or self.evaluation.fidelity.key
 
     def to_json(self) -> dict[str, Any]:
-        return {**_evaluation_to_json(self.evaluation), "seed": self.seed, "trial": self.trial, "epochs": self.epochs}
+        data = {**_evaluation_to_json(self.evaluation), "seed": self.seed, "trial": self.trial, "epochs": self.epochs}
+        return {**data, "weights": self.weights} if self.weights else data
 
     @classmethod
     def from_json(cls, arch_hash: str, data: Mapping[str, Any]) -> Retrained:
-        return cls(arch_hash, _evaluation_from_json(data), data["seed"], data["trial"])
+        return cls(arch_hash, _evaluation_from_json(data), data["seed"], data["trial"], data.get("weights"))
 
 
 def save_retrained(study: optuna.Study, retrained: Retrained) -> None:

@@ -171,6 +171,7 @@ def reference_extra(work: Path, configs: list[Path], jobs: int, seeds: tuple[int
     for seed in seeds:
         for path in configs:
             config = ArchConfig.load(path)
+            config.save(out_dir / f"{config.hash}.yaml")  # the report prices it from here
             out = out_dir / f"{config.hash}-s{seed}.json"
             if not out.exists():
                 todo.append((f"{path.parent.name}/{path.name}", config.to_json(), seed, str(out)))

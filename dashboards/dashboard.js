@@ -278,7 +278,7 @@
   function drawCurve(trial) {
     const curve = trial.curve || [];
     const keys = [...new Set(curve.flatMap((row) => Object.keys(row)))]
-      .filter((k) => k !== "epoch" && curve.some((row) => typeof row[k] === "number"));
+      .filter((k) => k !== "epoch" && k !== "epoch_s" && curve.some((row) => typeof row[k] === "number"));
     const epochs = curve.map((row, i) => row.epoch ?? i);
     const traces = keys.map((key) => ({
       type: "scatter", mode: "lines+markers", name: key, x: epochs, y: curve.map((row) => row[key]),

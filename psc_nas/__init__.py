@@ -17,14 +17,19 @@ from psc_nas.arch import ArchConfig, BlockChoice, ConfigError, as_config
 from psc_nas.costs import Cost, format_count, parse_count
 
 if TYPE_CHECKING:
-    from psc_nas.nets import build_model, cost, validate
+    from psc_nas.nets import build_model, convert, cost, from_module, validate
+    from psc_nas.weights import WeightsError, load_model
 
 __version__ = "0.1.0"
 
 _LAZY = {  # name -> the module it comes from, imported on first use
     "build_model": "psc_nas.nets",
+    "convert": "psc_nas.nets",
     "cost": "psc_nas.nets",
+    "from_module": "psc_nas.nets",
     "validate": "psc_nas.nets",
+    "WeightsError": "psc_nas.weights",
+    "load_model": "psc_nas.weights",
 }
 
 __all__ = [
@@ -34,10 +39,14 @@ __all__ = [
     "Cost",
     "as_config",
     "build_model",
+    "convert",
     "cost",
     "format_count",
+    "from_module",
+    "load_model",
     "parse_count",
     "validate",
+    "WeightsError",
 ]
 
 

@@ -132,6 +132,12 @@ def presets_table(space: SearchSpace, task: Task) -> Table:
     return table
 
 
+READ_STORAGE_HELP = (
+    "Where psc-search --storage put the study: a database URL (sqlite:///..., postgresql://...) or journal:PATH; "
+    "default RUN_DIR/study.db."
+)
+READ_STUDY_HELP = "Study name in --storage; default RUN_DIR's folder name, as psc-search names it."
+
 export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -150,6 +156,8 @@ def export(
     data_dir: Annotated[Optional[str], typer.Option(help="Task data for --retrain; default the task's own.")] = None,
     torchscript: Annotated[bool, typer.Option(help="Also write a traced TorchScript module.")] = False,
     onnx: Annotated[bool, typer.Option(help="Also write an ONNX model (needs psc-nas[onnx]).")] = False,
+    storage: Annotated[Optional[str], typer.Option(help=READ_STORAGE_HELP)] = None,
+    study_name: Annotated[Optional[str], typer.Option(help=READ_STUDY_HELP)] = None,
 ) -> None:
     """Write the architecture picked from a search run, rebuildable with psc_nas.build_model(path)."""
     keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
@@ -167,6 +175,8 @@ def export(
             data_dir=data_dir,
             torchscript=torchscript,
             onnx=onnx,
+            storage=storage,
+            study_name=study_name,
         )
     except (ValueError, OSError) as err:
         raise fail("psc-export", err) from None
@@ -191,6 +201,8 @@ def dashboard(
         str, typer.Option(help="Interface to bind; anything but 127.0.0.1 exposes the run to the network.")
     ] = "127.0.0.1",
     snapshot: Annotated[bool, typer.Option(help="Only write RUN_DIR/dashboard.html (works offline) and exit.")] = False,
+    storage: Annotated[Optional[str], typer.Option(help=READ_STORAGE_HELP)] = None,
+    study_name: Annotated[Optional[str], typer.Option(help=READ_STUDY_HELP)] = None,
 ) -> None:
     """Serve a live dashboard of a search run: Pareto fronts, architectures, curves, trial table."""
     from psc_nas.dashboard import LOOPBACK_NAMES, make_server, write_snapshot
@@ -199,9 +211,9 @@ def dashboard(
         if port not in PORTS:
             raise ValueError(f"--port must be between 0 and 65535, got {port}")
         if snapshot:
-            typer.echo(f"wrote {write_snapshot(run_dir)}")
+            typer.echo(f"wrote {write_snapshot(run_dir, storage=storage, study_name=study_name)}")
             return
-        server = make_server(run_dir, host=host, port=port)
+        server = make_server(run_dir, host=host, port=port, storage=storage, study_name=study_name)
     except (ValueError, OSError, OverflowError) as err:
         raise fail("psc-dashboard", err) from None
     if host not in LOOPBACK_NAMES:

@@ -191,13 +191,25 @@ def render_page(data: dict[str, Any] | None = None) -> str:
     return html
 
 
-def write_snapshot(run_dir: str | Path, study: optuna.Study | None = None) -> Path:
+def write_snapshot(
+    run_dir: str | Path,
+    study: optuna.Study | None = None,
+    *,
+    storage: str | None = None,
+    study_name: str | None = None,
+) -> Path:
     """Write ``run_dir/dashboard.html``: the dashboard as of now, viewable offline with no server.
 
-    The study is read from ``run_dir/study.db`` unless given (a search on another storage).
+    The study is read from ``run_dir/study.db`` unless given, or read from ``storage`` (psc-search's
+    ``--storage``: a database URL or ``journal:PATH``) as ``study_name`` (default: the folder's name).
     """
-    run = Run(Path(run_dir), study) if study is not None else Run.open(run_dir)
+    if study is not None:
+        run = Run(Path(run_dir), study)
+    else:
+        run = Run.open(run_dir, storage=storage, study_name=study_name)
     path = run.path / SNAPSHOT_FILE
+    if storage is not None:  # a distributed study viewed from a machine without its run folder
+        path.parent.mkdir(parents=True, exist_ok=True)
     return write_text_atomic(path, render_page(payload(run)))
 
 
@@ -272,6 +284,14 @@ class DashboardHandler(BaseHTTPRequestHandler):
         """Quiet: one line per poll every few seconds would drown the terminal."""
 
 
-def make_server(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8050) -> DashboardServer:
-    """A server for ``run_dir`` bound to ``host:port`` (port 0 picks a free one); not yet serving."""
-    return DashboardServer(Run.open(run_dir), host, port)
+def make_server(
+    run_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8050,
+    storage: str | None = None,
+    study_name: str | None = None,
+) -> DashboardServer:
+    """A server for ``run_dir`` bound to ``host:port`` (port 0 picks a free one); not yet serving.
+    ``storage``/``study_name``: the study psc-search kept there (``results.Run.open``)."""
+    return DashboardServer(Run.open(run_dir, storage=storage, study_name=study_name), host, port)

@@ -187,17 +187,20 @@ def export(
     data_dir: str | Path | None = None,
     torchscript: bool = False,
     onnx: bool = False,
+    storage: str | None = None,
+    study_name: str | None = None,
 ) -> Exported:
     """Write the picked trial's config (and on request weights, TorchScript, ONNX) to ``out_dir``.
 
     ``out_dir`` defaults to ``run_dir/export``; files are named ``trial-<N>.<ext>``. TorchScript and
     ONNX carry the retrained weights with ``retrain`` (for ``epochs``, by default the run's full
-    fidelity), freshly initialized ones otherwise.
+    fidelity), freshly initialized ones otherwise. ``storage``/``study_name``: where psc-search's
+    ``--storage`` keeps the study (``results.Run.open``), for a search run on PostgreSQL or a journal.
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
     selection = Pick.parse(pick)
-    run = Run.open(run_dir)
+    run = Run.open(run_dir, storage=storage, study_name=study_name)
     record = select(run, selection)
     config = record.config()
     stem = Path(out_dir or run.path / "export") / f"trial-{record.number}"

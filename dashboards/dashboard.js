@@ -70,7 +70,7 @@
     return CATEGORIES[key].symbol || fidelitySymbol(trial);
   }
 
-  const inputSize = () => (data.run.input_shape ? data.run.input_shape.join("×") : "the task's input size");
+  const inputSize = () => (data.run.input_shape ? `input ${data.run.input_shape.join("×")}` : "the task's input size");
 
   // What the score axis shows, in words: the metric on validation data, after which training.
   function scoreTitle() {
@@ -85,7 +85,7 @@
 
   function costTitle(cost) {
     if (cost === "params") return "parameters (exact count)";
-    if (cost === "macs") return `MACs of one forward pass at input ${inputSize()}`;
+    if (cost === "macs") return `MACs of one forward pass at ${inputSize()}`;
     return "latency of one sample (ms, median)";
   }
 
@@ -119,6 +119,7 @@
       const trace = {
         ...base,
         name: style.name,
+        meta: "trials",  // every finished trial, once (the tests count these points)
         showlegend: false,  // the legend keys below say what colors and symbols mean
         mode: key === "preset" ? "markers+text" : "markers",
         customdata: members.map((t) => t.number),

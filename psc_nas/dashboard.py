@@ -34,7 +34,6 @@ from psc_nas.results import Run
 from psc_nas.search.front import quality_hypervolume
 from psc_nas.search.record import TrialRecord
 from psc_nas.space import SearchSpace
-from psc_nas.tasks import get_task, task_names
 
 SNAPSHOT_FILE = "dashboard.html"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -179,12 +178,9 @@ def version(run: Run) -> str:
 
 
 def input_shape(run: Run) -> list[int] | None:
-    """The (C, D, H, W) at which the study priced MACs: as recorded, else its task's (older studies)."""
-    if run.record.input_shape:
-        return list(run.record.input_shape)
-    if run.task and run.task in task_names():
-        return list(get_task(run.task).input_shape)
-    return None
+    """The (C, D, H, W) at which the study priced MACs, as it recorded (None in studies older than that
+    record: the task's is not looked up, since importing a task costs a reader seconds of imports)."""
+    return list(run.record.input_shape) if run.record.input_shape else None
 
 
 def search_fidelities(run: Run) -> list[dict[str, Any]]:

@@ -377,9 +377,13 @@
     if (!trial.arch) {
       Plotly.purge($("arch"));
       $("arch").textContent = `No architecture to draw: ${trial.arch_error}`;
+      $("arch").dataset.message = "1";
       return;
     }
-    $("arch").textContent = "";
+    if ($("arch").dataset.message) {  // clear the message, never a drawn plot (react would not redraw it)
+      $("arch").textContent = "";
+      delete $("arch").dataset.message;
+    }
     const slots = trial.arch.map((b) => b.slot);
     const kinds = [...kindColor.keys()].filter((k) => trial.arch.some((b) => b.segments.some(([kind]) => kind === k)));
     const traces = kinds.map((kind) => {

@@ -128,12 +128,9 @@ class Page:
 
     # The points of the traces that draw each finished trial once (not the retrained scores, the ring
     # around the selected trial or the legend's keys).
-    COUNT_TRIALS = """plot => {
-        const gd = document.getElementById(plot);
-        const traces = gd.querySelectorAll('.scatterlayer .trace');
-        return (gd._fullData || []).reduce(
-            (n, t, i) => n + (t.meta === 'trials' ? traces[i].querySelectorAll('.point').length : 0), 0);
-    }"""
+    COUNT_TRIALS = """plot => [...document.querySelectorAll(`#${plot} .scatterlayer .trace`)]
+        .filter(g => g.__data__ && g.__data__[0] && g.__data__[0].trace.meta === 'trials')
+        .reduce((n, g) => n + g.querySelectorAll('.point').length, 0)"""
 
     def points(self, plot: str = "front-params") -> int:
         return self.page.evaluate(self.COUNT_TRIALS, plot)
@@ -147,12 +144,12 @@ class Page:
         """Click the marker of trial ``number`` where plotly drew it."""
         box = self.page.evaluate(
             """([plot, number]) => {
-                const gd = document.getElementById(plot);
-                const traces = gd.querySelectorAll('.scatterlayer .trace');
-                for (let i = 0; i < gd._fullData.length; i++) {
-                    const j = (gd._fullData[i].customdata || []).indexOf(number);
+                for (const g of document.querySelectorAll(`#${plot} .scatterlayer .trace`)) {
+                    const trace = g.__data__ && g.__data__[0] && g.__data__[0].trace;
+                    if (!trace || trace.meta !== 'trials') continue;
+                    const j = (trace.customdata || []).indexOf(number);
                     if (j < 0) continue;
-                    const r = traces[i].querySelectorAll('.point')[j].getBoundingClientRect();
+                    const r = g.querySelectorAll('.point')[j].getBoundingClientRect();
                     return {x: r.x + r.width / 2, y: r.y + r.height / 2};
                 }
                 return null;

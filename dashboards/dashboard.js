@@ -31,6 +31,7 @@
     "1x1x3": "#c6dbef", "1x3x1": "#6baed6", "3x1x1": "#2171b5",
     "1x3x3": "#c7e9c0", "3x1x3": "#74c476", "3x3x1": "#238b45", "3x3x3": "#d62728",
   };
+  const CURVE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
   const OTHER_COLORS = ["#9467bd", "#c5b0d5", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#ff9896",
     "#7f7f7f", "#dbdb8d", "#9edae5", "#f7b6d2", "#c49c94", "#393b79", "#637939"];
 
@@ -323,9 +324,9 @@
     Plotly.react($("parcoords"), [{
       type: "parcoords", dimensions, labelfont: { size: 12 }, tickfont: { size: 10 },
       line: { color: trials.map((t) => t.quality), colorscale: "Viridis", showscale: true,
-        colorbar: { title: { text: data.run.quality, side: "right" } } },
+        colorbar: { title: { text: data.run.quality, side: "right" }, x: 1.03, xpad: 20 } },
     }], { title: title(`Decisions that vary: ${varying.length} of ${names.length} (color = validation ${data.run.quality}, search)${same}`),
-      margin: { t: 90, l: 90, r: 90 }, uirevision: "keep" }, PLOT_CONFIG);
+      margin: { t: 90, l: 90, r: 130 }, uirevision: "keep" }, PLOT_CONFIG);
   }
 
   const TABLE_COLUMNS = [
@@ -399,24 +400,32 @@
       title: title("Architecture: each block's output channels by sub-kernel"),
       barmode: "stack", bargap: 0.1, xaxis: { tickangle: -45, automargin: true },
       yaxis: { title: { text: "channel share" }, tickformat: ".0%", range: [0, 1] },
-      legend: { title: { text: "sub-kernel" } }, margin: { t: 40, r: 20 },
+      legend: { title: { text: "sub-kernel" } }, showlegend: true, margin: { t: 40, r: 20 },
     }, PLOT_CONFIG);
   }
 
+  // The search's learning curve (solid) and, for a retrained trial, the retraining's (dashed).
   function drawCurve(trial) {
-    const curve = trial.curve || [];
-    const keys = [...new Set(curve.flatMap((row) => Object.keys(row)))]
-      .filter((k) => k !== "epoch" && curve.some((row) => typeof row[k] === "number"));
-    const epochs = curve.map((row, i) => row.epoch ?? i);
-    const traces = keys.map((key) => ({
-      type: "scatter", mode: "lines+markers", name: key, x: epochs, y: curve.map((row) => row[key]),
-      yaxis: key.includes("loss") ? "y2" : "y",
-    }));
+    const traces = [];
+    const colors = new Map();  // one color per metric, solid for the search, dashed for the retraining
+    const curves = [["", trial.curve || [], "solid"], [" (retrained)", trial.retrained_curve || [], "dash"]];
+    for (const [suffix, curve, dash] of curves) {
+      const keys = [...new Set(curve.flatMap((row) => Object.keys(row)))]
+        .filter((k) => k !== "epoch" && curve.some((row) => typeof row[k] === "number"));
+      const epochs = curve.map((row, i) => row.epoch ?? i);
+      for (const key of keys) {
+        if (!colors.has(key)) colors.set(key, CURVE_COLORS[colors.size % CURVE_COLORS.length]);
+        traces.push({ type: "scatter", mode: "lines+markers", name: `${key}${suffix}`, x: epochs,
+          y: curve.map((row) => row[key]), yaxis: key.includes("loss") ? "y2" : "y",
+          line: { dash, color: colors.get(key) }, marker: { color: colors.get(key) } });
+      }
+    }
+    const how = trial.retrained_curve ? "solid: search, dashed: retrained" : "search";
     Plotly.react($("curve"), traces, {
-      title: title(curve.length ? `Learning curve (search, ${trial.fidelity_words || "its training"})` : "Learning curve (none recorded)"),
-      xaxis: { title: { text: "epoch" } }, yaxis: { title: { text: "metric" } },
-      yaxis2: { title: { text: "loss" }, overlaying: "y", side: "right" },
-      legend: { orientation: "h", y: -0.25 }, margin: { t: 40, r: 50 },
+      title: title(traces.length ? `Learning curve (${how})` : "Learning curve (none recorded)"),
+      xaxis: { title: { text: "epoch" }, automargin: true }, yaxis: { title: { text: "validation metric" } },
+      yaxis2: { title: { text: "training loss" }, overlaying: "y", side: "right" },
+      legend: { orientation: "h", y: -0.3, yanchor: "top" }, margin: { t: 40, r: 50 },
     }, PLOT_CONFIG);
   }
 

@@ -111,6 +111,7 @@ def trial_detail(run: Run, record: TrialRecord, groups: dict[str, Any] | None = 
         "metrics": finite(record.metrics),
         "retrained_metrics": finite(record.retrained.metrics) if record.retrained else None,
         "curve": finite(record.curve),
+        "retrained_curve": finite(record.retrained.evaluation.curve) if record.retrained else None,
         "export": export_command(run, record.number),
         "arch": None,
         "arch_error": None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import threading
@@ -14,6 +15,7 @@ import optuna
 import pytest
 from _search_run import FIDELITY, SPATIAL, make_run
 from optuna.trial import TrialState
+from PIL import Image, ImageChops
 from test_search_workers import postgres_url  # noqa: F401  (the throw-away PostgreSQL server fixture)
 from typer.testing import CliRunner
 
@@ -545,6 +547,42 @@ def test_titles_fit_and_the_toolbar_covers_none(mixed_tab):
             assert left <= x0 and x1 <= right + 0.5 and top <= y0 and y1 <= bottom + 0.5, (plot, title)
             bx0, by0, bx1, by1 = found["bar"]
             assert x1 <= bx0 or bx1 <= x0 or y1 <= by0 or by1 <= y0, (plot, title["text"], "under the toolbar")
+
+
+@pytest.mark.slow
+@needs_browser
+def test_3d_axis_titles_are_not_clipped(mixed_tab):
+    """WebGL draws the 3D view's axis titles, out of reach of the DOM: the pixels that change when they
+    are blanked must lie inside the scene, off its edges (at plotly's default camera "params" was cut to
+    "arams"; there the changed pixels reach the scene's bottom edge)."""
+    page = mixed_tab.page
+
+    def shot() -> Image.Image:
+        page.wait_for_timeout(500)
+        return Image.open(io.BytesIO(page.locator("#view3d").screenshot())).convert("RGB")
+
+    titled = shot()
+    titles = page.evaluate("""() => {
+        const scene = document.getElementById('view3d').layout.scene;
+        const titles = ['xaxis', 'yaxis', 'zaxis'].map(a => scene[a].title.text);
+        Plotly.relayout('view3d', Object.fromEntries(['x', 'y', 'z'].map(a => [`scene.${a}axis.title.text`, ''])));
+        return titles;
+    }""")
+    blank = shot()
+    page.evaluate(
+        "t => Plotly.relayout('view3d', {'scene.xaxis.title.text': t[0], 'scene.yaxis.title.text': t[1], "
+        "'scene.zaxis.title.text': t[2]})",
+        titles,
+    )
+    assert titles == ["params", "MACs", "validation dice_mean"]
+    changed = ImageChops.difference(titled, blank).getbbox()
+    assert changed is not None, "blanking the axis titles changed nothing: were they drawn?"
+    size = page.evaluate("() => document.getElementById('view3d')._fullLayout._size")
+    border = 1  # the element's screenshot includes its 1 px border
+    scene = (size["l"] + border, size["t"] + border, size["l"] + size["w"] + border, size["t"] + size["h"] + border)
+    margin = 3
+    assert scene[0] + margin <= changed[0] and scene[1] + margin <= changed[1], (changed, scene)
+    assert changed[2] <= scene[2] - margin and changed[3] <= scene[3] - margin, (changed, scene)
 
 
 @pytest.mark.slow

@@ -24,8 +24,11 @@
     modeBarButtonsToRemove: ["select2d", "lasso2d", "autoScale2d", "toggleSpikelines", "hoverClosestCartesian",
       "hoverCompareCartesian", "hoverClosest3d", "resetCameraLastSave3d", "tableRotation"],
   };
-  // Titles start at the left edge: the toolbar appears at the top right and must not cover them.
-  const title = (text) => ({ text, x: 0.01, xref: "container", xanchor: "left", font: { size: 14 } });
+  // Titles start at the left edge, below the strip where the toolbar appears on hover (top right), so
+  // the toolbar covers none of them at any width.
+  const title = (text) => ({ text, x: 0.01, xref: "container", xanchor: "left", y: 1, yref: "container",
+    yanchor: "top", pad: { t: 30 }, font: { size: 14 } });
+  const TOP = 62;  // top margin: toolbar strip + title
   // CAKES sub-kernels keep the paper's grouping: 1D blues, 2D greens, the full cube red.
   const KIND_COLORS = {
     "1x1x3": "#c6dbef", "1x3x1": "#6baed6", "3x1x1": "#2171b5",
@@ -256,7 +259,7 @@
       yaxis: { title: { text: scoreTitle() }, automargin: true },
       shapes, annotations, uirevision: "keep", hovermode: "closest",
       legend: { orientation: "h", y: -0.22, yanchor: "top", itemclick: false, itemdoubleclick: false, font: { size: 11 } },
-      margin: { t: 40, r: 20, b: 20 },
+      margin: { t: TOP, r: 20, b: 20 },
     }, PLOT_CONFIG);
     bindClick(element);
   }
@@ -285,7 +288,7 @@
         camera: { eye: { x: 1.55, y: 1.55, z: 0.95 }, center: { x: 0, y: 0, z: -0.1 } },
         aspectmode: "cube" },
       legend: { orientation: "h", y: 0, yanchor: "top", itemclick: false, itemdoubleclick: false, font: { size: 11 } },
-      uirevision: "keep", margin: { t: 40, l: 10, r: 10, b: 10 },
+      uirevision: "keep", margin: { t: TOP, l: 10, r: 10, b: 10 },
     }, PLOT_CONFIG);
     bindClick($("view3d"));
   }
@@ -299,7 +302,7 @@
     }], {
       title: title("Hypervolume over time (search scores, normalized objectives)"),
       xaxis: { title: { text: "finished feasible trials" } }, yaxis: { title: { text: "hypervolume" }, rangemode: "tozero" },
-      uirevision: "keep", margin: { t: 40, r: 20 },
+      uirevision: "keep", margin: { t: TOP, r: 20 },
     }, PLOT_CONFIG);
   }
 
@@ -400,7 +403,7 @@
       title: title("Architecture: each block's output channels by sub-kernel"),
       barmode: "stack", bargap: 0.1, xaxis: { tickangle: -45, automargin: true },
       yaxis: { title: { text: "channel share" }, tickformat: ".0%", range: [0, 1] },
-      legend: { title: { text: "sub-kernel" } }, showlegend: true, margin: { t: 40, r: 20 },
+      legend: { title: { text: "sub-kernel" } }, showlegend: true, margin: { t: TOP, r: 20 },
     }, PLOT_CONFIG);
   }
 
@@ -425,7 +428,7 @@
       title: title(traces.length ? `Learning curve (${how})` : "Learning curve (none recorded)"),
       xaxis: { title: { text: "epoch" }, automargin: true }, yaxis: { title: { text: "validation metric" } },
       yaxis2: { title: { text: "training loss" }, overlaying: "y", side: "right" },
-      legend: { orientation: "h", y: -0.3, yanchor: "top" }, margin: { t: 40, r: 50 },
+      legend: { orientation: "h", y: -0.3, yanchor: "top" }, margin: { t: TOP, r: 50 },
     }, PLOT_CONFIG);
   }
 

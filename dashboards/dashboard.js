@@ -428,7 +428,7 @@
       title: title(traces.length ? `Learning curve (${how})` : "Learning curve (none recorded)"),
       xaxis: { title: { text: "epoch" }, automargin: true }, yaxis: { title: { text: "validation metric" } },
       yaxis2: { title: { text: "training loss" }, overlaying: "y", side: "right" },
-      legend: { orientation: "h", y: -0.3, yanchor: "top" }, margin: { t: TOP, r: 50 },
+      legend: { orientation: "h", y: -0.42, yanchor: "top" }, margin: { t: TOP, r: 50 },
     }, PLOT_CONFIG);
   }
 

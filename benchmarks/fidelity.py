@@ -160,6 +160,27 @@ def reference(work: Path, jobs: int, seeds: tuple[int, ...]) -> None:
             print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
 
 
+def reference_extra(work: Path, configs: list[Path], jobs: int, seeds: tuple[int, ...]) -> None:
+    """Reference trainings of architectures outside the panel (a search's knee and its neighbours), same protocol,
+    kept apart in ``W/reference-extra`` so the panel's statistics never include them."""
+    from psc_nas.arch import ArchConfig
+
+    out_dir = work / "reference-extra"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for seed in seeds:
+        for path in configs:
+            config = ArchConfig.load(path)
+            config.save(out_dir / f"{config.hash}.yaml")  # the report prices it from here
+            out = out_dir / f"{config.hash}-s{seed}.json"
+            if not out.exists():
+                todo.append((f"{path.parent.name}/{path.name}", config.to_json(), seed, str(out)))
+    print(f"{len(todo)} extra reference runs to do", flush=True)
+    with ProcessPoolExecutor(jobs) as pool:
+        for future in as_completed([pool.submit(_reference_job, *job) for job in todo]):
+            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def load_reference(work: Path) -> dict[str, dict[int, dict[str, Any]]]:
     found: dict[str, dict[int, dict[str, Any]]] = {}
     for member in panel():
@@ -348,17 +369,20 @@ def measure_supernet(work: Path, variant: str, seeds: tuple[int, ...], jobs: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["panel", "reference", "assemble", "measure", "report"])
+    parser.add_argument("command", choices=["panel", "reference", "reference-extra", "assemble", "measure", "report"])
     parser.add_argument("variant", nargs="?")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "fidelity")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--config", type=Path, nargs="+", help="reference-extra: architecture files to train")
     args = parser.parse_args()
     if args.command == "panel":
         for m in panel():
             print(f"{m['name']:14s} {m['config'].hash} params {m['params']:>9,d} MACs {m['macs'] / 1e9:6.2f}G")
     elif args.command == "reference":
         reference(args.work, args.jobs, tuple(args.seeds or REF_SEEDS))
+    elif args.command == "reference-extra":
+        reference_extra(args.work, args.config or [], args.jobs, tuple(args.seeds or REF_SEEDS))
     elif args.command == "assemble":
         assemble(args.work)
     elif args.command == "measure" and args.variant in SUPERNET_VARIANTS:

@@ -61,6 +61,39 @@ def _predictors(scores: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> dict
     return out
 
 
+PRESET_NAMES = ("cakes_uniform", "csn_ip", "csn_ir", "p1sc1", "p2sc2", "p2sc3", "conv3d")
+
+
+def _extra_reference(work: Path) -> list[dict[str, Any]]:
+    """The reference-protocol runs of architectures outside the panel, one entry per architecture."""
+    from fidelity import TASK
+
+    from psc_nas import cost
+    from psc_nas.arch import ArchConfig
+    from psc_nas.tasks import get_task
+
+    spatial = tuple(get_task(TASK).input_shape[1:])
+    by_hash: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((work / "reference-extra").glob("*.json")):
+        by_hash.setdefault(path.name.rsplit("-s", 1)[0], []).append(json.loads(path.read_text()))
+    out = []
+    for h, runs in by_hash.items():
+        price = cost(ArchConfig.load(work / "reference-extra" / f"{h}.yaml"), spatial)  # full width, as the panel
+        out.append(
+            {
+                "name": runs[0]["name"],
+                "hash": h,
+                "params": price.params,
+                "macs": price.macs,
+                "seeds": sorted(r["seed"] for r in runs),
+                "val": float(np.mean([r["metrics"]["dice_mean"] for r in runs])),
+                "test": float(np.mean([r["metrics"]["test_dice_mean"] for r in runs])),
+                "runs": [{"seed": r["seed"], "metrics": r["metrics"], "wall_s": r["wall_s"]} for r in runs],
+            }
+        )
+    return out
+
+
 def report(work: Path) -> None:
     members = panel()
     reference = load_reference(work)
@@ -133,6 +166,9 @@ def report(work: Path) -> None:
         rows.append(row(name, hashes, [values[h] for h in hashes], 1.0, 0, 0.0))
     for name, predictor in sorted(_predictors(_load_scores(work)).items()):
         seeds = sorted({s for v in predictor["values"].values() for s in v})
+        # a measurement still under way: the seeds every panel architecture has, when there is one
+        whole = [s for s in seeds if all(s in predictor["values"].get(h, {}) for h in hashes)]
+        seeds = whole or seeds
         common = [h for h in hashes if h in predictor["values"] and all(s in predictor["values"][h] for s in seeds)]
         if len(common) < 3:
             continue
@@ -155,9 +191,33 @@ def report(work: Path) -> None:
         lines.append(
             f"| {name} | {n} | {rho:.3f} | {tau:.3f} | {rho_test:.3f} | {icc:.3f} | {k or '—'} | {seconds:.1f} |"
         )
+    extra = _extra_reference(work)
+    presets = {m["name"]: m["config"].hash for m in members if m["name"] in PRESET_NAMES}
+    presets = {name: h for name, h in presets.items() if h in ref_val}
+    if extra:
+        lines += [
+            "",
+            "## A search's knee and neighbours against the presets, on the reference protocol",
+            "",
+            "Architectures outside the panel (`fidelity.py reference-extra --config …`), trained exactly as the "
+            "reference; Δ: their validation Dice minus each preset's (mean over seeds).",
+            "",
+            "| architecture | hash | params | seeds | val Dice | test Dice | "
+            + " | ".join(f"Δ vs {p} ({ref_val[h]:.4f})" for p, h in presets.items())
+            + " |",
+            "|---|---|---|---|---|---|" + "---|" * len(presets),
+        ]
+        for item in extra:
+            lines.append(
+                f"| {item['name']} | {item['hash']} | {item['params']:,} | {item['seeds']} | {item['val']:.4f} "
+                f"| {item['test']:.4f} | "
+                + " | ".join(f"{item['val'] - ref_val[h]:+.4f}" for h in presets.values())
+                + " |"
+            )
     (DOCS / "fidelity-table.md").write_text("\n".join(lines) + "\n")
     dump = {
         "reference": {names[h]: {"hash": h, "val": ref_val[h], "test": ref_test[h]} for h in hashes},
+        "extra_reference": extra,
         "predictors": [
             dict(zip(("name", "archs", "rho_val", "tau_val", "rho_test", "icc1", "seeds", "seconds"), row))
             for row in rows

@@ -5,10 +5,11 @@
 1. ``psc-search --task ibsr --budget 5M`` as a user runs it (the quick profile), timed from the
    outside: wall time, architectures trained, front, knee config, and the share of trial time
    spent in network compute (training forward/backward, and that plus validation forward).
-2. Equal wall time (``--timeout``) for three searches of the same study schema:
+2. Equal wall time (``--timeout``, retraining of the front included) for three searches, per seed
+   (``--compare-seeds``; ``--parallel`` runs a seed's three searches at once, one thread each):
    ours (NSGA-II + Pareto-aware successive halving + preset seeding), Optuna's RandomSampler and
    plain NSGA-II (both one fidelity, no presets). Hypervolume of (Dice, params) normalized to
-   Dice in [0, 1] and params in [0, budget].
+   Dice in [0, 1] and params in [0, budget], of the search scores and of the retrained front.
 3. The papers' presets at the quick profile's top fidelity (taken from our study when a preset got
    there, trained otherwise); which point of each search dominates each preset.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -102,23 +104,68 @@ def default_run(out: Path) -> dict:
     }
 
 
-def comparison(root: Path, minutes: float) -> dict:
+def _one_run(out: Path, minutes: float, seed: int, flags: list[str], threads: int | None) -> subprocess.Popen:
+    command = [str(Path(sys.executable).with_name("psc-search")), "--task", "ibsr", "--budget", BUDGET]
+    command += ["--out", str(out), "--timeout", f"{minutes}m", "--trials", "200", "--seed", str(seed), *flags]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
+
+
+def _summary(out: Path, wall: float, seed: int) -> dict:
+    records = load(out)
+    trials = [r for r in records if r.feasible]
+    pareto = json.loads((out / "pareto.json").read_text())
+    retrained = pareto.get("retrained") or {}
+    params = {r.number: r.params for r in records}
+    return {
+        "seed": seed,
+        "out": str(out),
+        "wall_s": wall,
+        "architectures_trained": len(trials),
+        "hypervolume": quality_hypervolume(trials, COMPARED),  # the search's own scores
+        "retrained": len(retrained.get("members", [])),
+        "retrained_epochs": sorted({m["epochs"] for m in retrained.get("members", [])}),
+        "retrained_hypervolume": retrained.get("hypervolume") or 0.0,  # the retrained front's scores
+        "points": front_points(records),
+        "retrained_points": [[m["retrained_score"], params[m["number"]]] for m in retrained.get("members", [])],
+    }
+
+
+def comparison(root: Path, minutes: float, seeds: tuple[int, ...] = (0,), parallel: bool = False) -> dict:
+    """Each method for ``minutes`` of wall time per seed (retraining included, as the profile ends);
+    with ``parallel`` the three methods of one seed run at the same time, one torch thread each, so
+    that they share the machine's load alike."""
+    runs: dict[str, list[dict]] = {name: [] for name in METHODS}
+    for seed in seeds:
+        started = time.perf_counter()
+        jobs = []
+        for index, (name, flags) in enumerate(METHODS.items()):
+            out = root / f"compare-{index}-s{seed}"
+            jobs.append((name, out, _one_run(out, minutes, seed, flags, 1 if parallel else None)))
+            if not parallel:
+                jobs[-1][2].wait()
+        for name, out, process in jobs:
+            if process.wait() != 0:
+                raise SystemExit(f"{out}: psc-search exited {process.returncode}")
+            runs[name].append(_summary(out, time.perf_counter() - started, seed))
+            print(name, json.dumps({k: v for k, v in runs[name][-1].items() if "points" not in k}), flush=True)
     results = {}
-    for index, (name, flags) in enumerate(METHODS.items()):
-        out = root / f"compare-{index}"
-        wall = psc_search(out, "--timeout", f"{minutes}m", "--trials", "200", *flags)
-        records = load(out)
-        trials = [r for r in records if r.feasible]
+    ours = runs[next(iter(METHODS))]
+    for name, per_seed in runs.items():
+        hv = [r["retrained_hypervolume"] for r in per_seed]
+        ratios = [
+            o["retrained_hypervolume"] / r["retrained_hypervolume"] if r["retrained_hypervolume"] else None
+            for o, r in zip(ours, per_seed)
+        ]
         results[name] = {
-            "out": str(out),
-            "wall_s": wall,
-            "architectures_trained": len(trials),
-            "hypervolume": quality_hypervolume(trials, COMPARED),
-            "points": front_points(records),
+            "out": per_seed[0]["out"],
+            "points": per_seed[0]["points"],
+            "hypervolume": sum(r["hypervolume"] for r in per_seed) / len(per_seed),
+            "retrained_hypervolume": sum(hv) / len(hv),
+            "retrained_hypervolume_range": [min(hv), max(hv)],
+            "ours_over_this_retrained": ratios,
+            "seeds": per_seed,
         }
-    ours = results[next(iter(METHODS))]["hypervolume"]
-    for entry in results.values():
-        entry["ours_over_this"] = ours / entry["hypervolume"] if entry["hypervolume"] else None
     return results
 
 
@@ -185,6 +232,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-search"))
     parser.add_argument("--compare-minutes", type=float, default=5.0)
+    parser.add_argument("--compare-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--parallel", action="store_true", help="the three methods of a seed at once, 1 thread each")
     parser.add_argument("--skip-default", action="store_true")
     parser.add_argument("--skip-presets", action="store_true")
     args = parser.parse_args()
@@ -194,10 +243,15 @@ def main() -> None:
         report["default"] = default_run(args.out / "default")
         print(json.dumps(report["default"], indent=2), flush=True)
     report["compare_minutes"] = args.compare_minutes
-    report["compare"] = comparison(args.out, args.compare_minutes)
+    report["compare_seeds"] = args.compare_seeds
+    report["compare"] = comparison(args.out, args.compare_minutes, tuple(args.compare_seeds), args.parallel)
     print(
         json.dumps(
-            {k: {kk: vv for kk, vv in v.items() if kk != "points"} for k, v in report["compare"].items()}, indent=2
+            {
+                k: {kk: vv for kk, vv in v.items() if kk not in ("points", "seeds")}
+                for k, v in report["compare"].items()
+            },
+            indent=2,
         ),
         flush=True,
     )

@@ -414,7 +414,7 @@
     const curves = [["", trial.curve || [], "solid"], [" (retrained)", trial.retrained_curve || [], "dash"]];
     for (const [suffix, curve, dash] of curves) {
       const keys = [...new Set(curve.flatMap((row) => Object.keys(row)))]
-        .filter((k) => k !== "epoch" && curve.some((row) => typeof row[k] === "number"));
+        .filter((k) => k !== "epoch" && k !== "epoch_s" && curve.some((row) => typeof row[k] === "number"));
       const epochs = curve.map((row, i) => row.epoch ?? i);
       for (const key of keys) {
         if (!colors.has(key)) colors.set(key, CURVE_COLORS[colors.size % CURVE_COLORS.length]);

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from psc_nas.arch import ArchConfig, BlockChoice, ConfigError, as_config
 from psc_nas.costs import Cost, format_count, parse_count
-from psc_nas.nets import build_model, cost, validate
+from psc_nas.nets import build_model, convert, cost, from_module, validate
+from psc_nas.weights import WeightsError, load_model
 
 __version__ = "0.1.0"
 
@@ -19,8 +20,12 @@ __all__ = [
     "Cost",
     "as_config",
     "build_model",
+    "convert",
     "cost",
     "format_count",
+    "from_module",
+    "load_model",
     "parse_count",
     "validate",
+    "WeightsError",
 ]

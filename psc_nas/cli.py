@@ -88,7 +88,7 @@ def space(
             item.name,
             item.task,
             "-" if isinstance(task, Exception) else task.describe_input(),
-            item.backbone,
+            item.hparams["module"].rpartition(".")[2] if item.backbone == "module" else item.backbone,  # BYO network
             str(len(item.slots)),
             str(len(item.units)),
             format_size(item.size()),
@@ -158,8 +158,12 @@ def export(
     onnx: Annotated[bool, typer.Option(help="Also write an ONNX model (needs psc-nas[onnx]).")] = False,
     storage: Annotated[Optional[str], typer.Option(help=READ_STORAGE_HELP)] = None,
     study_name: Annotated[Optional[str], typer.Option(help=READ_STUDY_HELP)] = None,
+    allow_untrained: Annotated[
+        bool, typer.Option(help="Let --torchscript/--onnx write a pick without trained weights (random ones).")
+    ] = False,
 ) -> None:
-    """Write the architecture picked from a search run, rebuildable with psc_nas.build_model(path)."""
+    """Write the architecture picked from a search run with its trained weights where the search kept any:
+    psc_nas.load_model(config) rebuilds the trained network, psc_nas.build_model(config) an untrained one."""
     keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
     from psc_nas.export import Pick
     from psc_nas.export import export as export_run
@@ -177,6 +181,7 @@ def export(
             onnx=onnx,
             storage=storage,
             study_name=study_name,
+            allow_untrained=allow_untrained,
         )
     except (ValueError, OSError) as err:
         raise fail("psc-export", err) from None
@@ -184,10 +189,18 @@ def export(
     quality = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items() if isinstance(v, float))
     typer.echo(
         f"trial {record.number} ({Pick.parse(pick)}): {format_count(record.params)} params, "
-        f"{format_count(record.macs)} MACs" + (f", {quality}" if quality else "")
+        f"{format_count(record.macs)} MACs"
+        + (f", {quality}" if quality else "")
+        + (f" (search: {record.fidelity.words})" if quality and record.fidelity else "")
     )
     for kind, path in done.files.items():
         typer.echo(f"  {kind}: {path}")
+    if done.weights:
+        typer.echo(f"  trained: {done.weights}")
+    else:
+        typer.echo("  no trained weights: build_model(config) gives an untrained network; --retrain trains one")
+    for warning in done.warnings:
+        typer.echo(warning, err=True)
 
 
 dashboard_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

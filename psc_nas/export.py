@@ -1,12 +1,16 @@
 """Pick an architecture from a search run and hand it over: config, weights, TorchScript, ONNX.
 
     psc-export runs/ibsr-5M                         the knee of the front -> runs/ibsr-5M/export/trial-12.yaml
+                                                    (+ trial-12.weights.pt when the search retrained it)
     psc-export runs/ibsr-5M --pick best --format json
     psc-export runs/ibsr-5M --pick "under 2M" --retrain --torchscript --onnx
 
 The written config rebuilds the network with ``psc_nas.build_model(path)``, with exactly the
-parameters and MACs the study recorded for the trial. Every user mistake (a pick that matches
-nothing, a folder without a study, a failed trial) raises ``ValueError`` with one clear line.
+parameters and MACs the study recorded for the trial; ``psc_nas.load_model(path)`` rebuilds it with
+its trained weights: those the search kept when it retrained the trial (``front/<n>.weights.pt``), or
+those ``--retrain`` trains here. TorchScript and ONNX need trained weights (or ``allow_untrained``).
+Every user mistake (a pick that matches nothing, a folder without a study, a failed trial, missing or
+corrupt weights) raises ``ValueError`` with one clear line.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from psc_nas.costs import format_count, parse_count
 from psc_nas.nets import build_model
 from psc_nas.results import Run
 from psc_nas.search.record import TrialRecord
+from psc_nas.weights import copy_weights, load_state, read_checkpoint, read_weights, save_weights, weights_path
 
 PICK_FORMS = "knee, best, 'trial N', 'under 2M' (params) or 'under 50G macs'"
 FORMATS = ("yaml", "json")
@@ -107,6 +112,8 @@ class Exported:
     record: TrialRecord
     config: ArchConfig
     files: dict[str, Path]  # what was written: config, weights, torchscript, onnx
+    weights: str | None = None  # where the weights come from, in words; None: the network is untrained
+    warnings: tuple[str, ...] = ()  # what a user must not miss (untrained weights in a TorchScript/ONNX file)
 
 
 def full_fidelity_epochs(run: Run) -> int:
@@ -124,12 +131,37 @@ def retrain_weights(run: Run, config: ArchConfig, stem: Path, *, epochs: int, da
     result = fit_into(stem.with_name(stem.name + "-retrain"), config, run.task, epochs=epochs, data_dir=data_dir)
     if result.checkpoint is None:
         raise ValueError(f"retraining trial {stem.name} saved no checkpoint")
-    # Our own Lightning checkpoint (it holds hyper-parameters, not only tensors), so not weights_only.
-    state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    weights = {key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")}
-    path = stem.with_suffix(".weights.pt")
-    torch.save(weights, path)
-    return path
+    _, weights = read_checkpoint(result.checkpoint)
+    return save_weights(weights, weights_path(stem.with_suffix(".yaml")))
+
+
+def search_weights(run: Run, record: TrialRecord) -> tuple[Path, str] | None:
+    """The weights the search kept for ``record`` (it retrained the trial) and how they were trained, in
+    words; None when it kept none. A recorded file that is gone raises ``ValueError``."""
+    retrained = record.retrained
+    if retrained is None or not retrained.weights:
+        return None
+    path = run.path / retrained.weights
+    if not path.is_file():
+        raise ValueError(
+            f"trial {record.number}'s retrained weights {path} are missing (moved or deleted?); "
+            "--retrain trains the network again"
+        )
+    metric = run.quality.name
+    score = retrained.metrics.get(metric)
+    scored = f", {metric} {score:.4f}" if isinstance(score, float) else ""
+    return path, f"{retrained.fidelity.words}{scored} (the search's retraining, {retrained.weights})"
+
+
+def untrained_reason(run: Run, record: TrialRecord) -> str:
+    """Why ``record`` has no weights, and which trials of the run do."""
+    kept = sorted({r.retrained.trial for r in run.records if r.retrained is not None and r.retrained.weights})
+    why = (
+        f"trial {record.number} was retrained before psc-nas kept weights"
+        if record.retrained is not None
+        else f"trial {record.number} was not retrained after the search"
+    )
+    return why + (f" (trials with weights: {', '.join(map(str, kept))})" if kept else "")
 
 
 def example_input(run: Run) -> torch.Tensor:
@@ -189,13 +221,17 @@ def export(
     onnx: bool = False,
     storage: str | None = None,
     study_name: str | None = None,
+    allow_untrained: bool = False,
 ) -> Exported:
-    """Write the picked trial's config (and on request weights, TorchScript, ONNX) to ``out_dir``.
+    """Write the picked trial's config, its trained weights where there are any, and on request
+    TorchScript and ONNX, to ``out_dir``.
 
-    ``out_dir`` defaults to ``run_dir/export``; files are named ``trial-<N>.<ext>``. TorchScript and
-    ONNX carry the retrained weights with ``retrain`` (for ``epochs``, by default the run's full
-    fidelity), freshly initialized ones otherwise. ``storage``/``study_name``: where psc-search's
-    ``--storage`` keeps the study (``results.Run.open``), for a search run on PostgreSQL or a journal.
+    ``out_dir`` defaults to ``run_dir/export``; files are named ``trial-<N>.<ext>``. The weights are
+    those the search kept when it retrained the trial, or with ``retrain`` a new training (for
+    ``epochs``, by default the run's full fidelity). TorchScript and ONNX carry those weights; without
+    any they are refused unless ``allow_untrained``, and then ``Exported.warnings`` says so.
+    ``storage``/``study_name``: where psc-search's ``--storage`` keeps the study (``results.Run.open``),
+    for a search run on PostgreSQL or a journal.
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
@@ -204,7 +240,6 @@ def export(
     record = select(run, selection)
     config = record.config()
     stem = Path(out_dir or run.path / "export") / f"trial-{record.number}"
-    files = {"config": config.save(stem.with_suffix(f".{fmt}"))}
     model = build_model(config)
     params = sum(p.numel() for p in model.parameters())
     if params != record.params:
@@ -212,16 +247,38 @@ def export(
             f"trial {record.number} rebuilds with {params} parameters but the study recorded "
             f"{record.params}; was the study written by another psc-nas version?"
         )
-    if retrain:
-        files["weights"] = retrain_weights(
-            run, config, stem, epochs=epochs or full_fidelity_epochs(run), data_dir=data_dir
+    # Everything that can refuse does so before anything is written.
+    kept = None if retrain else search_weights(run, record)
+    wanted = [name for name, on in (("--torchscript", torchscript), ("--onnx", onnx)) if on]
+    if wanted and not retrain and kept is None and not allow_untrained:
+        raise ValueError(
+            f"{' and '.join(wanted)} need{'s' if len(wanted) == 1 else ''} trained weights and "
+            f"{untrained_reason(run, record)}; "
+            "add --retrain to train it, or --allow-untrained to export random weights"
         )
-        model.load_state_dict(torch.load(files["weights"], map_location="cpu"))
-    if torchscript or onnx:
-        model.eval()
+    if kept is not None:
+        load_state(model, read_weights(kept[0]), kept[0])  # weights that do not fit are refused, not copied
+    files = {"config": config.save(stem.with_suffix(f".{fmt}"))}
+    origin = None
+    if retrain:
+        epochs = epochs or full_fidelity_epochs(run)
+        files["weights"] = retrain_weights(run, config, stem, epochs=epochs, data_dir=data_dir)
+        origin = f"retrained here: {epochs} epoch{'s' if epochs != 1 else ''}, best epoch"
+        load_state(model, read_weights(files["weights"]), files["weights"])
+    elif kept is not None:
+        source, origin = kept
+        files["weights"] = copy_weights(source, weights_path(files["config"]))  # type: ignore[assignment]
+    model.eval()
+    notes: list[str] = []
+    if wanted:
         example = example_input(run)
         if torchscript:
             files["torchscript"] = to_torchscript(model, example, stem.with_suffix(".torchscript.pt"))
         if onnx:
             files["onnx"] = to_onnx(model, example, stem.with_suffix(".onnx"))
-    return Exported(record, config, files)
+        if origin is None:
+            written = ", ".join(files[kind].name for kind in ("torchscript", "onnx") if kind in files)
+            notes.append(
+                f"WARNING: {written} carry UNTRAINED, randomly initialized weights ({untrained_reason(run, record)})"
+            )
+    return Exported(record, config, files, origin, tuple(notes))

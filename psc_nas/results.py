@@ -24,7 +24,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from psc_nas.arch import ArchConfig
 from psc_nas.search.front import Front, find_front
-from psc_nas.search.outputs import trials_table
+from psc_nas.search.outputs import RETRAINED, trials_table
 from psc_nas.search.record import Objective, StudyRecord, TrialRecord, read_trials
 from psc_nas.search.storage import JOURNAL_PREFIX, STUDY_FILE, redact
 
@@ -184,10 +184,16 @@ class Run:
         return float(record.values[0]) if record.feasible and record.values else None
 
     def table(self) -> pd.DataFrame:
-        """psc-search's trials.csv table with ``quality`` added: measured accuracy or missing."""
+        """psc-search's trials.csv table with ``quality`` added: measured accuracy or missing. The dashboard
+        page reads two columns under their former names too: ``fidelity_words`` (trials.csv's
+        ``search_fidelity``) and ``retrained`` (``retrained_<metric>``)."""
         table = trials_table(self.records, self.objectives)
         if table.empty:  # a search that has not started a trial: the columns, no rows
             return pd.DataFrame(
                 columns=["number", "state", "feasible", "over_budget", "quality", "params", "macs", "latency_ms"]
             )
-        return table.assign(quality=table[self.quality.name].where(table.feasible))
+        return table.assign(
+            quality=table[self.quality.name].where(table.feasible),
+            fidelity_words=table["search_fidelity"],
+            retrained=table[RETRAINED + self.quality.name],
+        )

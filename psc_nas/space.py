@@ -26,6 +26,7 @@ import yaml
 
 from psc_nas.arch import ArchConfig, BlockChoice, ConfigError, Slot
 from psc_nas.nets import get_backbone
+from psc_nas.nets.torch_module import space_backbone
 from psc_nas.ops import Choice, OpDomain, parse_domain, realize
 from psc_nas.presets import preset_config
 from psc_nas.presets import presets as all_presets
@@ -96,15 +97,22 @@ class SearchSpace:
         unknown = sorted(set(data) - set(_SPACE_KEYS))
         if unknown:
             raise ConfigError(unknown[0], f"unknown key; allowed: {list(_SPACE_KEYS)}")
-        if not isinstance(data.get("backbone"), str):
-            raise ConfigError("backbone", f"required, a backbone name; got {data.get('backbone')!r}")
-        backbone = get_backbone(data["backbone"])
+        raw_backbone = data.get("backbone")
+        if not isinstance(raw_backbone, (str, Mapping)):
+            raise ConfigError(
+                "backbone", f"required, a backbone name or {{module: import.path, args: {{...}}}}; got {raw_backbone!r}"
+            )
         given = data.get("hparams") or {}
         if not isinstance(given, Mapping):
             raise ConfigError("hparams", f"must be a mapping, got {given!r}")
         if not isinstance(data.get("task"), str):
             raise ConfigError("task", f"required, the name of the task the space is for; got {data.get('task')!r}")
-        hparams = backbone.hparams(given)
+        if isinstance(raw_backbone, Mapping):  # bring your own network (psc_nas/nets/torch_module.py)
+            name, hparams = space_backbone(raw_backbone, given)
+            backbone = get_backbone(name)
+        else:
+            backbone = get_backbone(raw_backbone)
+            hparams = backbone.hparams(given)
         slots = tuple(backbone.slots(hparams))
         units = _parse_units(data.get("blocks"), slots)
         return cls(

@@ -52,7 +52,7 @@ class TrainingFailed(RuntimeError):
 class TrainResult:
     metrics: dict[str, float]  # validation metrics after the last epoch
     best_metric: float  # best value of the task's metric over the epochs, in the metric's direction
-    curve: list[dict[str, float]]  # one dict per epoch: epoch, train_loss, validation metrics
+    curve: list[dict[str, float]]  # one dict per epoch: epoch, train_loss, validation metrics, epoch_s
     wall_seconds: float
     fwd_bwd_seconds: float  # time inside training_step + backward, the share the architecture decides
     epochs: int
@@ -188,14 +188,22 @@ class FwdBwdTimer(Callback):
 
 
 class EpochCurve(Callback):
-    """One row per epoch; validation runs before ``on_train_epoch_end``, so its metrics are fresh."""
+    """One row per epoch; validation runs before ``on_train_epoch_end``, so its metrics are fresh.
+    ``epoch_s`` is the epoch's wall time, training and validation, without the run's set-up."""
+
+    NOT_METRICS = ("epoch", "train_loss", "epoch_s")
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self._started = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         row = {"epoch": trainer.current_epoch + 1}
         row.update({name: float(value) for name, value in trainer.callback_metrics.items()})
+        row["epoch_s"] = time.perf_counter() - self._started
         self.rows.append(row)
 
 
@@ -303,7 +311,7 @@ def fit(
         tested = trainer.test(module, datamodule=datamodule, verbose=False)[0] if evaluate_test else {}
     result = TrainResult(
         metrics={
-            **{k: v for k, v in curve.rows[-1].items() if k not in ("epoch", "train_loss")},
+            **{k: v for k, v in curve.rows[-1].items() if k not in EpochCurve.NOT_METRICS},
             **{k: float(v) for k, v in tested.items()},
         },
         best_metric=task.best([row[task.metric] for row in curve.rows]),

@@ -72,7 +72,9 @@ def test_a_record_reads_back_as_written(tmp_path):
     written.save(trial)  # unchanged, NaN included: nothing to write, nothing breaks
     study.tell(trial, state=TrialState.FAIL)
     # a retraining after the search belongs to the architecture, stored on the study (the trial is finished)
-    retrained = Retrained(CONFIG.hash, evaluation(20, 0.8, by=0), seed=3, trial=trial.number)
+    retrained = Retrained(
+        CONFIG.hash, evaluation(20, 0.8, by=0), seed=3, trial=trial.number, weights="front/0.weights.pt"
+    )
     save_retrained(study, retrained)
     written = replace(written, retrained=retrained)
     read = read_trials(study)[0]
@@ -80,6 +82,7 @@ def test_a_record_reads_back_as_written(tmp_path):
     for field in ("arch", "arch_hash", "params", "macs", "preset", "latency_ms", "fail_reason", "retrained"):
         assert getattr(read, field) == getattr(written, field), field
     assert read.retrained.epochs == 20 and study.user_attrs[f"retrained:{CONFIG.hash}"]["seed"] == 3
+    assert read.retrained.weights == "front/0.weights.pt"  # which file holds the retrained network
     assert [e.fidelity.key for e in read.evaluations] == [1, 2]  # cheap to expensive, whatever the order told
     assert read.evaluations[0] == written.evaluations[0]
     assert math.isnan(read.metrics["dice_mean"]) and read.fidelity == Fidelity(2, "2 epochs × 8 samples")

@@ -20,6 +20,7 @@ import search_standin
 import tiny_task
 from rich.console import Console
 
+import psc_nas
 from psc_nas import memory
 from psc_nas.arch import ArchConfig
 from psc_nas.dashboard import payload
@@ -105,6 +106,12 @@ def test_a_tiny_search_retrains_its_front_and_every_output_says_so(tmp_path, mon
         assert len(result.evaluation.curve) == result.epochs and result.evaluation.wall_s > 0
         assert 0.0 <= result.metrics["error"] <= 1.0
         assert records[result.trial].arch_hash == result.arch_hash
+        # its final weights (those its metrics score) kept beside its config, loadable as they are
+        assert result.weights == f"front/{result.trial}.weights.pt"
+        assert psc_nas.load_model(out / "front" / f"{result.trial}.yaml").training is False
+    assert sorted(p.name for p in (out / "front").glob("*.weights.pt")) == sorted(
+        f"{r.trial}.weights.pt" for r in retrained.values()
+    )  # nothing else: a probe that trains again leaves no file of its own
 
     # best.yaml: the knee rule over the retrained members scored by their retrained error
     members = [r for r in front.members if r.arch_hash in retrained]
@@ -124,15 +131,22 @@ def test_a_tiny_search_retrains_its_front_and_every_output_says_so(tmp_path, mon
         assert member["retrained_fidelity"] == result.fidelity.words and member["epochs"] == result.epochs
         assert member["search_score"] == records[member["number"]].values[0]
         assert member["search_fidelity"] == "1 epoch × 8 samples"
+        assert member["weights"] == result.weights
 
     table = pd.read_csv(out / "trials.csv")
-    assert {"retrained", "retrained_fidelity", "error", "fidelity_words"} <= set(table.columns)
+    # the retrained score beside the search's, each with its fidelity in words
+    assert list(table.columns[table.columns.get_loc("search_fidelity") :][:4]) == [
+        "search_fidelity",
+        "error",
+        "retrained_error",
+        "retrained_fidelity",
+    ]
     for row in table.itertuples():
         result = retrained.get(row.arch_hash) if isinstance(row.arch_hash, str) else None
         if result is None:
-            assert math.isnan(row.retrained)
+            assert math.isnan(row.retrained_error) and not isinstance(row.retrained_fidelity, str)
         else:
-            assert row.retrained == pytest.approx(result.metrics["error"])
+            assert row.retrained_error == pytest.approx(result.metrics["error"])
             assert row.retrained_fidelity == result.fidelity.words
 
     run = Run.open(out)  # psc-export and the dashboard
@@ -153,17 +167,21 @@ def test_a_tiny_search_retrains_its_front_and_every_output_says_so(tmp_path, mon
 
 
 # ------------------------------------------------------------------------------ choosing and fitting to time
+SETUP_S = 0.5  # the stand-in training's set-up, paid once per run
+
+
 def stand_in_train(clock: list[float], epoch_s: dict[int, float]):
-    """A training that takes ``epoch_s[trial]`` seconds per epoch on a fake clock."""
+    """A training that takes ``SETUP_S`` plus ``epoch_s[trial]`` seconds per epoch on a fake clock, and
+    times its epochs in the curve as ``psc_nas.train.fit`` does."""
 
     def train(job, record, epochs, *, seconds_left):
-        seconds = epoch_s[record.number] * epochs
+        seconds = SETUP_S + epoch_s[record.number] * epochs
         clock[0] += seconds
         evaluation = Evaluation(
             "retrain",
             Fidelity(epochs, retrain.fidelity_words(job.policy, epochs)),
             {"dice_mean": 0.5 + 0.01 * record.number},
-            [{"epoch": e + 1} for e in range(epochs)],
+            [{"epoch": e + 1, "epoch_s": epoch_s[record.number]} for e in range(epochs)],
             wall_s=seconds,
         )
         return Retrained(record.arch_hash, evaluation, job.seed, record.number)
@@ -190,7 +208,7 @@ def test_no_retrain_leaves_the_search_knee_as_best_yaml(searched):
     summary = json.loads((out / "pareto.json").read_text())
     assert summary["retrained"] is None and summary["best"] == summary["knee"] == front.knee.number
     assert ArchConfig.load(out / "best.yaml").hash == front.knee.arch_hash
-    assert pd.read_csv(out / "trials.csv").retrained.isna().all()
+    assert pd.read_csv(out / "trials.csv").retrained_dice_mean.isna().all()
 
 
 def test_members_are_the_knee_then_its_nearest_neighbours_by_cost(searched):
@@ -221,11 +239,13 @@ def test_the_schedule_is_the_longest_that_fits_the_time_left(searched):
         on_plan=plans.append,
         train=stand_in_train(clock, epoch_s),
     )
-    probe_s = epoch_s[costliest.number]
-    expected = math.floor((200.0 - probe_s) / (probe_s * 3))
-    assert plans[0].probe_s == probe_s and plans[0].epochs == expected
+    probe_s = epoch_s[costliest.number]  # the probe's epoch, its set-up apart (paid once per member)
+    expected = math.floor(((200.0 - SETUP_S - probe_s) / 3 - SETUP_S) / probe_s)
+    assert plans[0].probe_s == probe_s and plans[0].setup_s == pytest.approx(SETUP_S)
+    assert plans[0].epochs == expected > math.floor((200.0 - SETUP_S - probe_s) / ((SETUP_S + probe_s) * 3))
     assert [r.epochs for r in results] == [expected] * 3 and saved == results
     assert [r.trial for r in results] == [m.number for m in members]
+    assert clock[0] <= 200.0  # the schedule chosen fits the time left
 
     # no time limit: the policy's longest schedule, no probe
     clock[0], plans[:] = 0.0, []

@@ -197,7 +197,10 @@ def test_latency_objective_is_measured_once_per_architecture(tmp_path):
     assert [o.name for o in StudyRecord.read(study).objectives] == ["dice_mean", "params", "latency_ms"]
     for record in evaluated(study):
         assert record.values[2] == record.latency_ms > 0
-    assert "latency_ms" in json.loads((out / "pareto.json").read_text())["front"][0]["values"]
+    front = json.loads((out / "pareto.json").read_text())["front"]
+    assert "latency_ms" in front[0]["values"]
+    measured = {r.number: r.latency_ms for r in evaluated(study)}
+    assert all(entry["latency_ms"] == entry["values"]["latency_ms"] == measured[entry["number"]] for entry in front)
 
 
 def test_journal_storage_is_a_file_based_alternative(tmp_path):

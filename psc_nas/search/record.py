@@ -114,6 +114,9 @@ class TrialRecord:
     latency_ms: float | None = None
     fail_reason: str | None = None
     retrained: Retrained | None = None  # its architecture trained again after the search (a study attribute)
+    # the space's answers that built it (``b3.op``, ``b3.pmscn.m``): Optuna's trial parameters, or
+    # ``built_params`` where the budget projection built other answers than the sampler asked (read only)
+    decisions: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, trial: FrozenTrial, retrained: Mapping[str, Retrained] | None = None) -> TrialRecord:
@@ -136,6 +139,7 @@ class TrialRecord:
             latency_ms=attrs.get("latency_ms"),
             fail_reason=attrs.get("fail_reason"),
             retrained=(retrained or {}).get(attrs.get("arch_hash", "")),
+            decisions=dict(attrs.get("built_params") or trial.params),
         )
 
     def attrs(self) -> dict[str, Any]:
@@ -264,6 +268,7 @@ class Retrained:
     evaluation: Evaluation  # evaluator "retrain"; fidelity key = epochs, words e.g. "retrained: 12 epochs × 32 samples"
     seed: int
     trial: int  # the trial whose architecture was retrained (every trial of that architecture shares it)
+    weights: str | None = None  # its trained state dict, relative to the run folder (front/<trial>.weights.pt)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -278,11 +283,12 @@ class Retrained:
         return len(self.evaluation.curve) or self.evaluation.fidelity.key
 
     def to_json(self) -> dict[str, Any]:
-        return {**_evaluation_to_json(self.evaluation), "seed": self.seed, "trial": self.trial, "epochs": self.epochs}
+        data = {**_evaluation_to_json(self.evaluation), "seed": self.seed, "trial": self.trial, "epochs": self.epochs}
+        return {**data, "weights": self.weights} if self.weights else data
 
     @classmethod
     def from_json(cls, arch_hash: str, data: Mapping[str, Any]) -> Retrained:
-        return cls(arch_hash, _evaluation_from_json(data), data["seed"], data["trial"])
+        return cls(arch_hash, _evaluation_from_json(data), data["seed"], data["trial"], data.get("weights"))
 
 
 def save_retrained(study: optuna.Study, retrained: Retrained) -> None:

@@ -8,9 +8,11 @@ the time left:
 
     members = knee, then its neighbours on the front by cost, up to ``policy.count``;
     those already retrained in this study (a resume) are skipped
-    ─► one epoch of the costliest of them, timed (the probe)
-    ─► epochs = the most, up to ``policy.epochs``, that let every member train within the time left
-    ─► each member: fit(epochs) ─► record.Retrained (study attribute ``retrained:<arch_hash>``)
+    ─► one epoch of the costliest of them, timed (the probe): its epoch time and its set-up time
+    ─► epochs = the most, up to ``policy.epochs``, that let every member (set-up + epochs) train
+       within the time left
+    ─► each member: fit(epochs) ─► front/<trial>.weights.pt (its final weights, the ones scored)
+                                ─► record.Retrained (study attribute ``retrained:<arch_hash>``, naming that file)
 
 Every member trains the same schedule with the same seed, so their retrained scores compare. When
 only one epoch fits, the probe is the costliest member's result and the others train one epoch while
@@ -29,13 +31,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from lightning.pytorch.callbacks import Timer
+import lightning as L
+from lightning.pytorch.callbacks import Callback, Timer
 
 from psc_nas.evaluators.base import Evaluation, Fidelity, failure_reason
 from psc_nas.search.front import Front
 from psc_nas.search.profiles import RetrainPolicy
 from psc_nas.search.record import Retrained, TrialRecord
 from psc_nas.train import fit
+from psc_nas.weights import WEIGHTS_SUFFIX, save_weights, state_of
 
 log = logging.getLogger("psc_nas.search")
 EVALUATOR = "retrain"
@@ -43,12 +47,32 @@ EVALUATOR = "retrain"
 
 @dataclass(frozen=True)
 class RetrainJob:
-    """What retraining needs besides the front: the policy, the task and its data, the seed."""
+    """What retraining needs besides the front: the policy, the task and its data, the seed, and the
+    run folder that keeps each retrained network's weights (``front/<trial>.weights.pt``; None: not kept)."""
 
     policy: RetrainPolicy
     task: object
     seed: int = 0
     data_dir: Path | None = None
+    out_dir: Path | None = None
+
+
+WEIGHTS_DIR = "front"
+
+
+def weights_file(number: int) -> str:
+    """Where a retrained trial's weights go, relative to the run folder: beside its ``front/<n>.yaml``."""
+    return f"{WEIGHTS_DIR}/{number}{WEIGHTS_SUFFIX}"
+
+
+class FinalWeights(Callback):
+    """Keeps the network's weights as training ends: the weights its last validation scored."""
+
+    def __init__(self) -> None:
+        self.state: dict | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.state = state_of(pl_module.net)  # type: ignore[arg-type]
 
 
 def choose_members(front: Front, count: int) -> list[TrialRecord]:
@@ -82,9 +106,11 @@ def fidelity_words(policy: RetrainPolicy, epochs: int) -> str:
 
 def train_member(job: RetrainJob, record: TrialRecord, epochs: int, *, seconds_left: float | None) -> Retrained:
     """Train ``record``'s architecture from scratch for ``epochs``; the result as a ``Retrained``.
-    Past ``seconds_left`` the training stops at an epoch end and reports the epochs it finished."""
+    Past ``seconds_left`` the training stops at an epoch end and reports the epochs it finished.
+    With ``job.out_dir``, the final weights (those the recorded metrics score) are saved there first."""
     policy = job.policy
     deadline = [Timer(duration=timedelta(seconds=seconds_left), interval="epoch")] if seconds_left else []
+    final = FinalWeights()
     result = fit(
         record.config(),
         job.task,
@@ -95,8 +121,12 @@ def train_member(job: RetrainJob, record: TrialRecord, epochs: int, *, seconds_l
         weight_decay=policy.weight_decay,
         lr_schedule=policy.lr_schedule,
         data_options=policy.data_options(),
-        callbacks=deadline,
+        callbacks=[*deadline, final],
     )
+    weights = None
+    if job.out_dir is not None and final.state is not None:
+        weights = weights_file(record.number)
+        save_weights(final.state, Path(job.out_dir) / weights)
     evaluation = Evaluation(
         EVALUATOR,
         Fidelity(result.epochs, fidelity_words(policy, result.epochs)),
@@ -106,14 +136,33 @@ def train_member(job: RetrainJob, record: TrialRecord, epochs: int, *, seconds_l
         result.fwd_bwd_seconds,
         evaluated_by=record.number,
     )
-    return Retrained(record.arch_hash or record.config().hash, evaluation, job.seed, record.number)
+    return Retrained(record.arch_hash or record.config().hash, evaluation, job.seed, record.number, weights)
 
 
 @dataclass(frozen=True)
 class Plan:
     members: tuple[TrialRecord, ...]
     epochs: int
-    probe_s: float | None  # one epoch of the costliest member, when timed
+    probe_s: float | None  # one epoch (training + validation) of the costliest member, when timed
+    setup_s: float = 0.0  # the rest of the probe's wall time: data, model, first-call warm-up
+
+    @property
+    def member_s(self) -> float:
+        """Expected seconds of one member's retraining."""
+        return self.setup_s + (self.probe_s or 0.0) * self.epochs
+
+
+def probe_timing(probe: Retrained) -> tuple[float, float]:
+    """(seconds of one epoch, seconds of everything else) of a one-epoch probe. The epoch's own time
+    comes from the learning curve (``epoch_s``, training + validation); the set-up (data, model, the
+    first calls' warm-up) is paid once per member, not per epoch, so an epoch count from the whole
+    wall time would under-use the time left. Without a timed curve, the whole wall time is an epoch."""
+    wall = max(probe.evaluation.wall_s, 1e-3)
+    curve = probe.evaluation.curve
+    epoch = curve[-1].get("epoch_s") if curve else None
+    if not epoch or epoch <= 0 or epoch > wall:
+        return wall, 0.0
+    return epoch, wall - epoch
 
 
 def retrain_front(
@@ -146,14 +195,16 @@ def retrain_front(
         probe = _attempt(train, job, costliest, 1, None)
         if probe is None:
             return []
-        probe_s = max(probe.evaluation.wall_s, 1e-3)
-        epochs = min(job.policy.epochs, math.floor((seconds_left() or 0.0) / (probe_s * len(members))))
+        epoch_s, setup_s = probe_timing(probe)
+        share = (seconds_left() or 0.0) / len(members)
+        epochs = min(job.policy.epochs, math.floor((share - setup_s) / epoch_s))
         if epochs > 1:
+            _discard_weights(job, probe)
             probe = None  # a timing only: every member trains the longer schedule from scratch
         else:  # one epoch fits: the probe is the costliest member's result
             members = [m for m in members if m.number != costliest.number]
             epochs = 1
-        plan = Plan(tuple(members), epochs, probe_s)
+        plan = Plan(tuple(members), epochs, epoch_s, setup_s)
     on_plan(plan)
     results: list[Retrained] = []
     if probe is not None:
@@ -161,7 +212,7 @@ def retrain_front(
         results.append(probe)
     for member in plan.members:
         left = seconds_left()
-        if left is not None and plan.probe_s is not None and left < plan.probe_s * plan.epochs * 0.5:
+        if left is not None and plan.probe_s is not None and left < plan.member_s * 0.5:
             log.info("no time left to retrain trial %d (%d epochs)", member.number, plan.epochs)
             continue
         result = _attempt(train, job, member, plan.epochs, left)
@@ -187,6 +238,12 @@ def _attempt(
     except Exception as error:
         log.warning("retraining trial %d failed: %s", member.number, failure_reason(error))
         return None
+
+
+def _discard_weights(job: RetrainJob, result: Retrained) -> None:
+    """A probe's weights are no result: its member trains again (and may fail), so they go."""
+    if job.out_dir is not None and result.weights:
+        (Path(job.out_dir) / result.weights).unlink(missing_ok=True)
 
 
 def retrained_hashes(records: Sequence[TrialRecord]) -> set[str]:

@@ -188,7 +188,9 @@ def plan_search(settings: SearchSettings, evaluator: Evaluator | None = None) ->
         # with retraining, the loop leaves the profile's share of the time budget to it
         timeout=timeout * (1 - profile.retrain_share) if policy is not None and timeout is not None else timeout,
         seed_presets=settings.seed_presets,
-        retrain=RetrainJob(policy, task, seed=settings.seed, data_dir=settings.data_dir) if policy else None,
+        retrain=RetrainJob(policy, task, seed=settings.seed, data_dir=settings.data_dir, out_dir=settings.out_dir())
+        if policy
+        else None,
         retrain_timeout=timeout if policy is not None else None,
     )
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from psc_nas.arch import ArchConfig, ConfigError
+from psc_nas.arch import ArchConfig, BlockChoice, ConfigError
 from psc_nas.nets import cost, get_backbone, validate
 
 if TYPE_CHECKING:
@@ -63,6 +63,11 @@ class TargetLoss(nn.Module):
 
     def forward(self, prediction: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self.loss(prediction, batch[self.target])
+
+
+def found_reference(task: Task) -> ArchConfig:
+    """The task's own network (all conv3d): what a network brought by the user must take and give."""
+    return get_backbone(task.backbone).uniform(BlockChoice("conv3d"), **task.backbone_hparams)
 
 
 class Task(ABC):
@@ -133,6 +138,10 @@ class Task(ABC):
             raise ConfigError(f"{space.source}: {err.path}" if err.path else space.source, err.message) from None
 
     def _check_backbone(self, backbone: str, hparams: Mapping[str, Any], what: str) -> None:
+        found = get_backbone(backbone)
+        if backbone != self.backbone and hasattr(found, "check_task"):  # a network of the user's own
+            found.check_task(hparams, self.input_shape, found_reference(self))
+            return
         if backbone != self.backbone:
             raise ConfigError("backbone", f"task {self.name} trains {self.backbone}, the {what} is for {backbone}")
         full = get_backbone(backbone).hparams(hparams)

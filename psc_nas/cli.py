@@ -140,6 +140,12 @@ def presets_table(space: SearchSpace, task: Task) -> Table:
     return table
 
 
+READ_STORAGE_HELP = (
+    "Where psc-search --storage put the study: a database URL (sqlite:///..., postgresql://...) or journal:PATH; "
+    "default RUN_DIR/study.db."
+)
+READ_STUDY_HELP = "Study name in --storage; default RUN_DIR's folder name, as psc-search names it."
+
 export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -158,6 +164,8 @@ def export(
     data_dir: Annotated[Optional[str], typer.Option(help="Task data for --retrain; default the task's own.")] = None,
     torchscript: Annotated[bool, typer.Option(help="Also write a traced TorchScript module.")] = False,
     onnx: Annotated[bool, typer.Option(help="Also write an ONNX model (needs psc-nas[onnx]).")] = False,
+    storage: Annotated[Optional[str], typer.Option(help=READ_STORAGE_HELP)] = None,
+    study_name: Annotated[Optional[str], typer.Option(help=READ_STUDY_HELP)] = None,
     allow_untrained: Annotated[
         bool, typer.Option(help="Let --torchscript/--onnx write a pick without trained weights (random ones).")
     ] = False,
@@ -179,6 +187,8 @@ def export(
             data_dir=data_dir,
             torchscript=torchscript,
             onnx=onnx,
+            storage=storage,
+            study_name=study_name,
             allow_untrained=allow_untrained,
         )
     except (ValueError, OSError) as err:
@@ -212,6 +222,8 @@ def dashboard(
         str, typer.Option(help="Interface to bind; anything but 127.0.0.1 exposes the run to the network.")
     ] = "127.0.0.1",
     snapshot: Annotated[bool, typer.Option(help="Only write RUN_DIR/dashboard.html (works offline) and exit.")] = False,
+    storage: Annotated[Optional[str], typer.Option(help=READ_STORAGE_HELP)] = None,
+    study_name: Annotated[Optional[str], typer.Option(help=READ_STUDY_HELP)] = None,
 ) -> None:
     """Serve a live dashboard of a search run: Pareto fronts, architectures, curves, trial table."""
     from psc_nas.dashboard import LOOPBACK_NAMES, make_server, write_snapshot
@@ -220,9 +232,9 @@ def dashboard(
         if port not in PORTS:
             raise ValueError(f"--port must be between 0 and 65535, got {port}")
         if snapshot:
-            typer.echo(f"wrote {write_snapshot(run_dir)}")
+            typer.echo(f"wrote {write_snapshot(run_dir, storage=storage, study_name=study_name)}")
             return
-        server = make_server(run_dir, host=host, port=port)
+        server = make_server(run_dir, host=host, port=port, storage=storage, study_name=study_name)
     except (ValueError, OSError, OverflowError) as err:
         raise fail("psc-dashboard", err) from None
     if host not in LOOPBACK_NAMES:

@@ -33,6 +33,7 @@ from psc_nas.pareto import pareto_front, to_minimization
 from psc_nas.results import Run
 from psc_nas.search.front import quality_hypervolume
 from psc_nas.search.record import TrialRecord
+from psc_nas.space import SearchSpace
 
 SNAPSHOT_FILE = "dashboard.html"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -57,6 +58,35 @@ def architecture(config: ArchConfig) -> list[dict[str, Any]]:
     return blocks
 
 
+def decision_groups(space: str | None, config: ArchConfig) -> list[tuple[str, list[int]]]:
+    """The search's decisions over ``config``'s slots, as (name, slot indices): the units of the run's space
+    where it still loads for this network (``block1`` .. ``block5`` for the IBSR space), else one group per
+    backbone block (a slot name up to its first dot), so the parallel coordinates show one axis per choice."""
+    backbone = get_backbone(config.backbone)
+    names = [slot.name for slot in backbone.slots(backbone.hparams(config.hparams))]
+    if space:
+        try:
+            loaded = SearchSpace.load(space, hparams=config.hparams)
+            if [slot.name for slot in loaded.slots] == names:
+                return [(unit.label, list(unit.slots)) for unit in loaded.units]
+        except (ValueError, OSError, TypeError, KeyError):
+            pass  # a space file moved or edited since the search: group by block instead
+    groups: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        groups.setdefault(name.split(".")[0], []).append(index)
+    return list(groups.items())
+
+
+def decisions(config: ArchConfig, groups: list[tuple[str, list[int]]]) -> dict[str, str]:
+    """Per decision the op chosen, e.g. ``{"block1": "pmscn(m=2,n=2)"}``; a group whose slots chose
+    differently (a hand-made config) lists its choices joined by " + "."""
+    shown = {}
+    for name, slots in groups:
+        chosen = list(dict.fromkeys(label(config.blocks[i]) for i in slots if i < len(config.blocks)))
+        shown[name] = " + ".join(chosen)
+    return shown
+
+
 # ---------------------------------------------------------------------------------- payload
 def export_command(run: Run, number: int) -> str:
     return f"psc-export {shlex.quote(str(run.path))} --pick 'trial {number}'"
@@ -73,14 +103,19 @@ def finite(value: Any) -> Any:
     return value
 
 
-def trial_detail(run: Run, record: TrialRecord) -> dict[str, Any]:
-    """What clicking a point shows: architecture, learning curve, config, export command."""
+def trial_detail(run: Run, record: TrialRecord, groups: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What clicking a point shows: architecture, learning curve, config, export command, and the
+    scores of the search and of the retraining side by side. ``groups``: decision groups by backbone
+    and hparams, filled as trials need them (one space load per network shape)."""
     detail: dict[str, Any] = {
         "metrics": finite(record.metrics),
+        "retrained_metrics": finite(record.retrained.metrics) if record.retrained else None,
         "curve": finite(record.curve),
+        "retrained_curve": finite(record.retrained.evaluation.curve) if record.retrained else None,
         "export": export_command(run, record.number),
         "arch": None,
         "arch_error": None,
+        "decisions": None,
     }
     if record.arch is None:
         detail["arch_error"] = "the trial recorded no architecture"
@@ -89,6 +124,12 @@ def trial_detail(run: Run, record: TrialRecord) -> dict[str, Any]:
         config = record.config()
         detail["arch"] = architecture(config)
         detail["config"] = config.to_yaml()
+        key = json.dumps([config.backbone, dict(config.hparams)], sort_keys=True, default=str)
+        if groups is None:
+            groups = {}
+        if key not in groups:
+            groups[key] = decision_groups(run.record.space, config)
+        detail["decisions"] = decisions(config, groups[key])
     except ValueError as err:
         detail["arch_error"] = str(err)
         detail["config"] = json.dumps(record.arch, indent=2)
@@ -137,6 +178,23 @@ def version(run: Run) -> str:
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
+def input_shape(run: Run) -> list[int] | None:
+    """The (C, D, H, W) at which the study priced MACs, as it recorded (None in studies older than that
+    record: the task's is not looked up, since importing a task costs a reader seconds of imports)."""
+    return list(run.record.input_shape) if run.record.input_shape else None
+
+
+def search_fidelities(run: Run) -> list[dict[str, Any]]:
+    """The fidelities the search scored its feasible trials at, highest first, in words, with how many
+    trials' scores come from each: the page draws each with its own marker symbol."""
+    counts: dict[tuple[int, str], int] = {}
+    for record in run.records:
+        if record.fidelity is not None and record.feasible:
+            key = (record.fidelity.key, record.fidelity.words)
+            counts[key] = counts.get(key, 0) + 1
+    return [{"key": key, "words": words, "trials": n} for (key, words), n in sorted(counts.items(), reverse=True)]
+
+
 def payload(run: Run) -> dict[str, Any]:
     """Everything the page draws, JSON-ready, for the trials ``run`` last read. ``knee`` is best.yaml's
     trial (the retrained knee once there is one), ``search_knee`` the knee by the search's scores."""
@@ -144,8 +202,9 @@ def payload(run: Run) -> dict[str, Any]:
     knee = run.knee()
     records = {r.number: r for r in run.records}
     rows = json.loads(table.to_json(orient="records"))
+    groups: dict[str, Any] = {}
     for row in rows:
-        row.update(trial_detail(run, records[row["number"]]))
+        row.update(trial_detail(run, records[row["number"]], groups))
     return {
         "version": version(run),
         "run": {
@@ -157,6 +216,10 @@ def payload(run: Run) -> dict[str, Any]:
             "budget_macs": run.record.budget.macs,
             "objectives": [o.to_dict() for o in run.objectives],
             "quality": run.quality.name,
+            "metric_direction": "maximize" if run.quality.maximize else "minimize",
+            "input_shape": input_shape(run),
+            "fidelities": search_fidelities(run),
+            "retrained_fidelities": sorted({r.retrained.fidelity.words for r in run.records if r.retrained}),
             "states": {state: int(n) for state, n in table.state.value_counts().items()},
         },
         "trials": rows,
@@ -191,13 +254,25 @@ def render_page(data: dict[str, Any] | None = None) -> str:
     return html
 
 
-def write_snapshot(run_dir: str | Path, study: optuna.Study | None = None) -> Path:
+def write_snapshot(
+    run_dir: str | Path,
+    study: optuna.Study | None = None,
+    *,
+    storage: str | None = None,
+    study_name: str | None = None,
+) -> Path:
     """Write ``run_dir/dashboard.html``: the dashboard as of now, viewable offline with no server.
 
-    The study is read from ``run_dir/study.db`` unless given (a search on another storage).
+    The study is read from ``run_dir/study.db`` unless given, or read from ``storage`` (psc-search's
+    ``--storage``: a database URL or ``journal:PATH``) as ``study_name`` (default: the folder's name).
     """
-    run = Run(Path(run_dir), study) if study is not None else Run.open(run_dir)
+    if study is not None:
+        run = Run(Path(run_dir), study)
+    else:
+        run = Run.open(run_dir, storage=storage, study_name=study_name)
     path = run.path / SNAPSHOT_FILE
+    if storage is not None:  # a distributed study viewed from a machine without its run folder
+        path.parent.mkdir(parents=True, exist_ok=True)
     return write_text_atomic(path, render_page(payload(run)))
 
 
@@ -272,6 +347,14 @@ class DashboardHandler(BaseHTTPRequestHandler):
         """Quiet: one line per poll every few seconds would drown the terminal."""
 
 
-def make_server(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8050) -> DashboardServer:
-    """A server for ``run_dir`` bound to ``host:port`` (port 0 picks a free one); not yet serving."""
-    return DashboardServer(Run.open(run_dir), host, port)
+def make_server(
+    run_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8050,
+    storage: str | None = None,
+    study_name: str | None = None,
+) -> DashboardServer:
+    """A server for ``run_dir`` bound to ``host:port`` (port 0 picks a free one); not yet serving.
+    ``storage``/``study_name``: the study psc-search kept there (``results.Run.open``)."""
+    return DashboardServer(Run.open(run_dir, storage=storage, study_name=study_name), host, port)

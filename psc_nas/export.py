@@ -219,6 +219,8 @@ def export(
     data_dir: str | Path | None = None,
     torchscript: bool = False,
     onnx: bool = False,
+    storage: str | None = None,
+    study_name: str | None = None,
     allow_untrained: bool = False,
 ) -> Exported:
     """Write the picked trial's config, its trained weights where there are any, and on request
@@ -228,11 +230,13 @@ def export(
     those the search kept when it retrained the trial, or with ``retrain`` a new training (for
     ``epochs``, by default the run's full fidelity). TorchScript and ONNX carry those weights; without
     any they are refused unless ``allow_untrained``, and then ``Exported.warnings`` says so.
+    ``storage``/``study_name``: where psc-search's ``--storage`` keeps the study (``results.Run.open``),
+    for a search run on PostgreSQL or a journal.
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
     selection = Pick.parse(pick)
-    run = Run.open(run_dir)
+    run = Run.open(run_dir, storage=storage, study_name=study_name)
     record = select(run, selection)
     config = record.config()
     stem = Path(out_dir or run.path / "export") / f"trial-{record.number}"

@@ -19,12 +19,14 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import sqlalchemy.exc
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
 from psc_nas.arch import ArchConfig
 from psc_nas.search.front import Front, find_front
 from psc_nas.search.outputs import RETRAINED, trials_table
 from psc_nas.search.record import Objective, StudyRecord, TrialRecord, read_trials
-from psc_nas.search.storage import STUDY_FILE
+from psc_nas.search.storage import JOURNAL_PREFIX, STUDY_FILE, redact
 
 
 def _root_cause(err: BaseException) -> str:
@@ -33,6 +35,11 @@ def _root_cause(err: BaseException) -> str:
         err = err.__cause__
     err = getattr(err, "orig", None) or err
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _read_only_sqlite(db: Path) -> str:
+    """SQLite's own read-only mode (a URI filename): no schema is created, nothing is written."""
+    return f"sqlite:///file:{urllib.parse.quote(str(db.resolve()))}?mode=ro&uri=true"
 
 
 class Run:
@@ -48,32 +55,81 @@ class Run:
         self.refresh()
 
     @classmethod
-    def open(cls, run_dir: str | Path, *, writable: bool = False) -> Run:
+    def open(
+        cls,
+        run_dir: str | Path,
+        *,
+        writable: bool = False,
+        storage: str | None = None,
+        study_name: str | None = None,
+    ) -> Run:
         """Open ``run_dir/study.db``, read-only unless ``writable``: a reader never changes a study (an
         empty or damaged file is reported, not given Optuna's tables). A folder without a study, a file
-        that is no Optuna study or cannot be read raise ``ValueError`` with one line saying so."""
+        that is no Optuna study or cannot be read raise ``ValueError`` with one line saying so.
+
+        ``storage`` reads the study from where psc-search's ``--storage`` put it instead (a database URL
+        or ``journal:PATH``); ``study_name`` defaults, as psc-search's does, to the run folder's name.
+        """
         path = Path(run_dir)
+        if storage is not None:
+            return cls._open_storage(path, storage, study_name, writable=writable)
         db = path / STUDY_FILE
         if not db.is_file():
             raise ValueError(f"{path} is not a search run: no {STUDY_FILE} in it")
         if not writable and db.stat().st_size == 0:
             raise ValueError(f"{db} is empty (0 bytes): no study was written to it")
         # SQLite's own read-only mode (a URI filename): no schema is created, nothing is written.
-        url = (
-            f"sqlite:///{db.resolve()}"
-            if writable
-            else f"sqlite:///file:{urllib.parse.quote(str(db.resolve()))}?mode=ro&uri=true"
-        )
+        url = f"sqlite:///{db.resolve()}" if writable else _read_only_sqlite(db)
         try:
-            storage = optuna.storages.RDBStorage(url, skip_table_creation=not writable)
-            names = optuna.study.get_all_study_names(storage)
+            storage_ = optuna.storages.RDBStorage(url, skip_table_creation=not writable)
+            names = optuna.study.get_all_study_names(storage_)
             if not names:
                 raise ValueError(f"{db} holds no study")
+            if study_name is not None and study_name not in names:
+                raise ValueError(f"{db} holds no study {study_name!r} (it holds {', '.join(map(repr, names))})")
             # psc-search names the study after the folder unless told otherwise (--study-name).
-            name = path.resolve().name if path.resolve().name in names else names[-1]
-            return cls(path, optuna.load_study(study_name=name, storage=storage))
+            name = study_name or (path.resolve().name if path.resolve().name in names else names[-1])
+            return cls(path, optuna.load_study(study_name=name, storage=storage_))
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.OptunaError, RuntimeError) as err:
             raise ValueError(f"{db} cannot be read as an Optuna study ({_root_cause(err)})") from None
+
+    @classmethod
+    def _open_storage(cls, path: Path, url: str, study_name: str | None, *, writable: bool) -> Run:
+        """The study ``study_name`` (default: the folder's name) in psc-search's ``--storage`` ``url``."""
+        if not url.strip():
+            raise ValueError("--storage is empty; leave it out to read RUN_DIR/study.db")
+        shown = redact(url, url)
+        try:
+            if url.startswith(JOURNAL_PREFIX):
+                journal = Path(url[len(JOURNAL_PREFIX) :])
+                if not journal.is_file():  # Optuna would create an empty journal
+                    raise ValueError(f"--storage {shown}: no journal file {journal}")
+                storage: optuna.storages.BaseStorage = JournalStorage(JournalFileBackend(str(journal)))
+            elif "://" not in url:
+                raise ValueError(
+                    f"--storage must be a database URL (sqlite:///..., postgresql://...) or journal:PATH, got {shown!r}"
+                )
+            else:
+                if url.startswith("sqlite:///") and not writable:
+                    db = Path(url[len("sqlite:///") :])
+                    if not db.is_file():  # SQLite would create an empty database
+                        raise ValueError(f"--storage {shown}: no database file {db}")
+                    url = _read_only_sqlite(db)
+                storage = optuna.storages.RDBStorage(url, skip_table_creation=not writable)
+            names = optuna.study.get_all_study_names(storage)
+        except ValueError:
+            raise
+        except Exception as err:  # SQLAlchemy and the drivers raise their own types for "cannot connect"
+            raise ValueError(redact(f"cannot open storage {shown!r}: {_root_cause(err)}", url)) from None
+        name = study_name or path.resolve().name
+        if name not in names:
+            if study_name is None and len(names) == 1:
+                name = names[0]  # the only study there: no name needed
+            else:
+                held = ", ".join(map(repr, names)) if names else "no study"
+                hint = "" if study_name else " (pick one with --study-name)"
+                raise ValueError(f"storage {shown} holds no study {name!r}; it holds {held}{hint}")
+        return cls(path, optuna.load_study(study_name=name, storage=storage))
 
     def refresh(self) -> None:
         """Re-read the trials (a running search keeps adding them)."""

@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import pytest
-from _search_run import make_run
+from _search_run import FIDELITY, SPATIAL, make_run
 from optuna.trial import TrialState
+from PIL import Image, ImageChops
+from test_search_workers import postgres_url  # noqa: F401  (the throw-away PostgreSQL server fixture)
 from typer.testing import CliRunner
 
-from psc_nas.cli import dashboard_app
+import psc_nas
+from psc_nas.arch import ArchConfig
+from psc_nas.cli import dashboard_app, export_app
 from psc_nas.dashboard import architecture, make_server, payload, write_snapshot
+from psc_nas.evaluators import Evaluation, Fidelity
+from psc_nas.ops import label
+from psc_nas.presets import PRESETS
 from psc_nas.results import Run
 from psc_nas.search.budget import Budget
-from psc_nas.search.record import Objective, StudyRecord, TrialRecord
+from psc_nas.search.record import (
+    Objective,
+    Retrained,
+    StudyRecord,
+    TrialRecord,
+    save_retrained,
+    set_violations,
+    tell_evaluated,
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BROWSER_ARGS = [
@@ -32,12 +49,58 @@ BROWSER_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+TIMEOUT_MS = 120_000
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
+
+
+LOW = Fidelity(1, "1 epoch × 8 samples")
+RETRAINED = Fidelity(6, "retrained: 6 epochs × 32 samples, one-cycle, full width")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("runs"))
+
+
+def add_trial(study: optuna.Study, config: ArchConfig, dice: float, fidelity: Fidelity = FIDELITY) -> int:
+    """Tell one trial scored at ``fidelity`` as psc-search records it: priced, evaluated, within budget."""
+    price = psc_nas.cost(config, SPATIAL)
+    trial = study.ask()
+    metrics = {"dice_mean": dice, "dice_gm": dice - 0.01, "dice_wm": dice + 0.01}
+    curve = [
+        {"epoch": e, "train_loss": 1.0 / (e + 1), "dice_mean": dice * (e + 1) / fidelity.key}
+        for e in range(fidelity.key)
+    ]
+    evaluation = Evaluation("train", fidelity, metrics, curve, wall_s=2.0, evaluated_by=trial.number)
+    TrialRecord(trial.number).priced(config, price).with_evaluation(evaluation).save(trial)
+    set_violations(trial, StudyRecord.read(study).budget.violations(price))
+    tell_evaluated(study, trial, [dice, price.params])
+    return trial.number
+
+
+def retrain(run: Run, number: int, dice: float) -> None:
+    """Store a retraining of trial ``number``'s architecture, as psc-search does after the search."""
+    record = run.trial(number)
+    metrics = {"dice_mean": dice, "dice_gm": dice - 0.02, "dice_wm": dice + 0.02}
+    curve = [{"epoch": e, "train_loss": 0.5 / (e + 1), "dice_mean": dice * (e + 1) / 6} for e in range(6)]
+    evaluation = Evaluation("retrain", RETRAINED, metrics, curve, wall_s=20.0, evaluated_by=number)
+    save_retrained(run.study, Retrained(record.arch_hash, evaluation, seed=0, trial=number))
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory) -> Path:
+    """A run scored at two search fidelities whose front was partly retrained: best.yaml's trial is the
+    knee of the retrained members, which need not be the knee by search scores."""
+    run_dir = make_run(tmp_path_factory.mktemp("mixed"))
+    run = Run.open(run_dir, writable=True)
+    replace(run.record, input_shape=(1, *SPATIAL)).write(run.study)  # as psc-search records it now
+    base = run.config(run.records[0].number)
+    add_trial(run.study, base.with_blocks([PRESETS["csn_ir"]] * len(base.blocks)), 0.5, LOW)
+    run.refresh()
+    members = sorted(run.front().members, key=lambda r: r.params)
+    retrain(run, members[0].number, 0.7)
+    retrain(run, members[-1].number, 0.75)
+    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +119,7 @@ class Page:
 
     def __init__(self, browser, *, offline: bool = False) -> None:
         self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.page.set_default_timeout(TIMEOUT_MS)  # the 5 MB snapshot loads slowly on a busy machine
         self.errors: list[str] = []
         self.requests: list[str] = []
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
@@ -64,26 +128,30 @@ class Page:
         if offline:  # a snapshot must not need the network at all
             self.page.route("http*://**", lambda route: route.abort())
 
+    # The points of the traces that draw each finished trial once (not the retrained scores, the ring
+    # around the selected trial or the legend's keys).
+    COUNT_TRIALS = """plot => [...document.querySelectorAll(`#${plot} .scatterlayer .trace`)]
+        .filter(g => g.__data__ && g.__data__[0] && g.__data__[0].trace.meta === 'trials')
+        .reduce((n, g) => n + g.querySelectorAll('.point').length, 0)"""
+
     def points(self, plot: str = "front-params") -> int:
-        return self.page.locator(f"#{plot} .scatterlayer .point").count()
+        return self.page.evaluate(self.COUNT_TRIALS, plot)
 
     def wait_points(self, expected: int, plot: str = "front-params") -> None:
         self.page.wait_for_function(
-            "([plot, n]) => document.querySelectorAll(`#${plot} .scatterlayer .point`).length === n",
-            arg=[plot, expected],
-            timeout=20_000,
+            f"([plot, n]) => ({self.COUNT_TRIALS})(plot) === n", arg=[plot, expected], timeout=TIMEOUT_MS
         )
 
     def click_trial(self, number: int, plot: str = "front-params") -> None:
         """Click the marker of trial ``number`` where plotly drew it."""
         box = self.page.evaluate(
             """([plot, number]) => {
-                const gd = document.getElementById(plot);
-                const traces = gd.querySelectorAll('.scatterlayer .trace');
-                for (let i = 0; i < gd._fullData.length; i++) {
-                    const j = (gd._fullData[i].customdata || []).indexOf(number);
+                for (const g of document.querySelectorAll(`#${plot} .scatterlayer .trace`)) {
+                    const trace = g.__data__ && g.__data__[0] && g.__data__[0].trace;
+                    if (!trace || trace.meta !== 'trials') continue;
+                    const j = (trace.customdata || []).indexOf(number);
                     if (j < 0) continue;
-                    const r = traces[i].querySelectorAll('.point')[j].getBoundingClientRect();
+                    const r = g.querySelectorAll('.point')[j].getBoundingClientRect();
                     return {x: r.x + r.width / 2, y: r.y + r.height / 2};
                 }
                 return null;
@@ -129,6 +197,112 @@ def test_payload_marks_states_budget_and_fronts(run_dir):
     assert data["knee"] in data["fronts"]["params"]  # two objectives: quality and params
     hv = [h["hypervolume"] for h in data["hypervolume"]]
     assert len(hv) == len(measured) and hv == sorted(hv) and hv[-1] > 0
+
+
+def test_payload_says_how_each_score_was_measured(mixed_run):
+    run = Run.open(mixed_run)
+    data = payload(run)
+    assert data["run"]["fidelities"] == [
+        {"key": FIDELITY.key, "words": FIDELITY.words, "trials": sum(1 for r in run.records if r.feasible) - 1},
+        {"key": LOW.key, "words": LOW.words, "trials": 1},
+    ]
+    assert data["run"]["retrained_fidelities"] == [RETRAINED.words]
+    assert data["run"]["input_shape"] == [1, *SPATIAL]
+    assert data["knee"] == run.knee() and run.trial(run.knee()).retrained is not None
+    retrained = next(t for t in data["trials"] if t["number"] == data["knee"])
+    assert retrained["retrained_metrics"] == run.trial(data["knee"]).retrained.metrics
+
+
+def test_decisions_are_the_blocks_choices(run_dir):
+    """One decision per dense block (the space's groups), its value the op label every layer shares."""
+    data = payload(Run.open(run_dir))
+    for trial in data["trials"]:
+        config = Run.open(run_dir).config(trial["number"])
+        assert list(trial["decisions"]) == ["block1", "block2"]  # 4 slots, 2 blocks
+        for index, block in enumerate(trial["decisions"]):
+            layers = dict.fromkeys(label(choice) for choice in config.blocks[2 * index : 2 * index + 2])
+            assert trial["decisions"][block] == " + ".join(layers)
+
+
+def test_cli_reads_a_study_from_storage(run_dir, tmp_path):
+    """--storage names the study's database (as psc-search's does); RUN_DIR only receives the outputs."""
+    url = f"sqlite:///{run_dir / 'study.db'}"
+    before = (run_dir / "study.db").read_bytes()
+    elsewhere = tmp_path / "demo"  # the folder name is the study's name, as psc-search names it
+    result = CliRunner().invoke(dashboard_app, [str(elsewhere), "--snapshot", "--storage", url])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"wrote {elsewhere / 'dashboard.html'}\n"
+    page = (elsewhere / "dashboard.html").read_text()
+    data = json.loads(page.split('id="run-data">')[1].split("</script>")[0].replace("<\\/", "</"))
+    assert len(data["trials"]) == len(Run.open(run_dir).records) and data["knee"] == Run.open(run_dir).knee()
+
+    other = tmp_path / "any-name"  # another folder name: --study-name says which study
+    result = CliRunner().invoke(export_app, [str(other), "--storage", url, "--study-name", "demo", "--pick", "knee"])
+    assert result.exit_code == 0, result.output
+    knee = Run.open(run_dir).knee()
+    assert psc_nas.cost(other / "export" / f"trial-{knee}.yaml", SPATIAL).params == Run.open(run_dir).trial(knee).params
+    assert (run_dir / "study.db").read_bytes() == before  # readers never write the study
+
+    result = CliRunner().invoke(dashboard_app, [str(other), "--snapshot", "--storage", url, "--study-name", "nope"])
+    assert result.exit_code == 1
+    assert result.output == f"psc-dashboard: storage {url} holds no study 'nope'; it holds 'demo'\n"
+    result = CliRunner().invoke(export_app, [str(other), "--storage", f"sqlite:///{tmp_path / 'none.db'}"])
+    assert result.exit_code == 1 and not (tmp_path / "none.db").exists()
+    assert (
+        result.output
+        == f"psc-export: --storage sqlite:///{tmp_path / 'none.db'}: no database file {tmp_path / 'none.db'}\n"
+    )
+    result = CliRunner().invoke(dashboard_app, [str(other), "--storage", "study.db"])
+    assert (
+        result.exit_code == 1
+        and "must be a database URL (sqlite:///..., postgresql://...) or journal:PATH" in result.output
+    )
+
+
+def test_cli_reads_a_journal_study(run_dir, tmp_path):
+    journal = tmp_path / "study.log"
+    source = Run.open(run_dir).study
+    optuna.copy_study(
+        from_study_name="demo",
+        from_storage=source._storage,
+        to_storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))),
+    )
+    out = tmp_path / "viewer"
+    result = CliRunner().invoke(dashboard_app, [str(out), "--snapshot", "--storage", f"journal:{journal}"])
+    assert result.exit_code == 0, result.output  # one study there: no name needed
+    run = Run.open(out, storage=f"journal:{journal}")
+    assert [(r.number, r.state, r.values) for r in run.records] == [
+        (r.number, r.state, r.values) for r in Run.open(run_dir).records
+    ]
+    assert run.knee() == Run.open(run_dir).knee()
+    result = CliRunner().invoke(dashboard_app, [str(out), "--storage", f"journal:{tmp_path / 'missing.log'}"])
+    assert result.exit_code == 1 and not (tmp_path / "missing.log").exists()
+    assert (
+        result.output
+        == f"psc-dashboard: --storage journal:{tmp_path / 'missing.log'}: no journal file {tmp_path / 'missing.log'}\n"
+    )
+
+
+@pytest.mark.slow
+def test_dashboard_and_export_read_a_postgres_study(run_dir, tmp_path, postgres_url):  # noqa: F811
+    optuna.copy_study(from_study_name="demo", from_storage=Run.open(run_dir).study._storage, to_storage=postgres_url)
+    server = make_server(tmp_path / "demo", port=0, storage=postgres_url)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with urllib.request.urlopen(server.url + "api/run.json") as response:
+            data = json.load(response)
+    finally:
+        server.shutdown()
+        server.server_close()
+    expected = payload(Run.open(run_dir))
+    assert [t["number"] for t in data["trials"]] == [t["number"] for t in expected["trials"]]
+    assert data["knee"] == expected["knee"] and data["fronts"] == expected["fronts"]
+    result = CliRunner().invoke(export_app, [str(tmp_path / "demo"), "--storage", postgres_url, "--pick", "best"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo" / "export").is_dir()
+    wrong = postgres_url.replace("@127.0.0.1", ":secret@127.0.0.1").replace("/postgres", "/nodb")
+    result = CliRunner().invoke(dashboard_app, [str(tmp_path / "demo"), "--storage", wrong])
+    assert result.exit_code == 1 and "secret" not in result.output and result.output.count("\n") == 1
 
 
 def test_server_binds_localhost_and_serves_json(run_dir):
@@ -260,4 +434,179 @@ def test_page_of_a_search_that_has_not_finished_a_trial(tmp_path, browser):
     tab.page.wait_for_function("() => document.getElementById('run-facts').textContent.includes('none yet')")
     assert tab.points() == 0
     assert tab.errors == []
+    tab.close()
+
+
+def open_snapshot(browser, run_dir: Path) -> Page:
+    tab = Page(browser, offline=True)
+    tab.page.goto(write_snapshot(run_dir).as_uri())
+    tab.wait_points(len(finished(run_dir)))
+    return tab
+
+
+@pytest.fixture(scope="module")
+def mixed_tab(mixed_run, browser):
+    """The mixed run's snapshot as it opens, shared by the tests below (none of them clicks)."""
+    tab = open_snapshot(browser, mixed_run)
+    yield tab
+    assert tab.errors == []
+    tab.close()
+
+
+@pytest.mark.slow
+@needs_browser
+def test_page_opens_on_the_knee(mixed_run, mixed_tab):
+    """No click needed: best.yaml's trial is shown, ringed on the fronts, its scores side by side once each."""
+    run = Run.open(mixed_run)
+    knee = run.knee()
+    assert knee is not None and knee != run.search_knee()  # the retrained knee, not the search's
+    tab = mixed_tab
+    assert_shows_trial(tab, run, knee)
+    assert "best.yaml" in tab.page.locator("#arch-role").text_content()
+    ring = tab.page.evaluate("""() => document.getElementById('front-params').data
+        .filter(t => t.name === 'selected').map(t => ({x: t.x, y: t.y}))""")
+    record = run.trial(knee)
+    assert ring == [
+        {"x": [record.params] * 2, "y": [pytest.approx(run.quality_of(record)), record.retrained.metrics["dice_mean"]]}
+    ]
+    figures = tab.page.locator("#trial-figures tr").evaluate_all(
+        "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
+    )
+    assert figures[0] == ["", f"search ({FIDELITY.words})", RETRAINED.words]
+    assert [row[0] for row in figures].count("dice_mean") == 1
+    dice = next(row for row in figures if row[0] == "dice_mean")
+    assert dice == ["dice_mean", f"{run.quality_of(record):.4f}", f"{record.retrained.metrics['dice_mean']:.4f}"]
+
+
+@pytest.mark.slow
+@needs_browser
+def test_axis_titles_and_symbols_say_how_scores_were_measured(mixed_run, mixed_tab):
+    run = Run.open(mixed_run)
+    tab = mixed_tab
+    titles = tab.page.evaluate("""() => Object.fromEntries(['front-params', 'front-macs'].map(id => {
+        const gd = document.getElementById(id);
+        return [id, {x: gd.querySelector('.g-xtitle').textContent, y: gd.querySelector('.g-ytitle').textContent}];
+    }))""")
+    for plot in titles.values():
+        assert plot["y"].startswith("validation dice_mean")
+        for words in (FIDELITY.words, LOW.words, RETRAINED.words):
+            assert words in plot["y"]
+    assert titles["front-macs"]["x"] == "MACs of one forward pass at input 1×32×32×32"
+    # each trial's marker symbol is its fidelity's: one symbol per fidelity, the retrained scores their own
+    symbols = tab.page.evaluate("""() => {
+        const found = {};
+        for (const t of document.getElementById('front-params')._fullData) {
+            if (t.meta !== 'trials' && t.name !== 'retrained') continue;
+            t.customdata.forEach((n, i) => {
+                const symbol = Array.isArray(t.marker.symbol) ? t.marker.symbol[i] : t.marker.symbol;
+                found[t.name === 'retrained' ? `r${n}` : n] = symbol;
+            });
+        }
+        return found;
+    }""")
+    by_fidelity: dict[str, set] = {}
+    for record in run.records:
+        if record.feasible:
+            by_fidelity.setdefault(record.fidelity.words, set()).add(symbols[str(record.number)])
+        if record.retrained:
+            by_fidelity.setdefault(record.retrained.fidelity.words, set()).add(symbols[f"r{record.number}"])
+    assert set(by_fidelity) == {FIDELITY.words, LOW.words, RETRAINED.words}
+    assert all(len(shown) == 1 for shown in by_fidelity.values())  # one symbol per fidelity ...
+    assert len(set.union(*by_fidelity.values())) == 3  # ... and a different one for each
+    legend = tab.page.locator("#front-params .legend .legendtext").all_text_contents()
+    assert f"search: after {LOW.words}" in legend and RETRAINED.words in legend
+
+
+@pytest.mark.slow
+@needs_browser
+def test_titles_fit_and_the_toolbar_covers_none(mixed_tab):
+    """Every plot's title and 2D axis titles lie inside its box; the plotly toolbar, shown on hover,
+    overlaps no title (it used to cover the architecture chart's)."""
+    tab = mixed_tab
+    plots = ["front-params", "front-macs", "arch", "curve", "view3d", "hypervolume", "parcoords"]
+    for plot in plots:
+        box = tab.page.locator(f"#{plot}").bounding_box()
+        tab.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        tab.page.wait_for_timeout(300)
+        found = tab.page.evaluate(
+            """plot => {
+            const gd = document.getElementById(plot);
+            const rect = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+            const bar = gd.querySelector('.modebar');
+            const titles = [...gd.querySelectorAll('.gtitle, .g-xtitle text, .g-ytitle text')]
+                .filter(e => e.textContent.trim()).map(e => ({text: e.textContent, box: rect(e)}));
+            return {div: rect(gd), bar: bar && getComputedStyle(bar).opacity !== '0' ? rect(bar) : null, titles};
+        }""",
+            plot,
+        )
+        assert found["bar"] is not None, f"{plot}: no toolbar on hover"
+        assert found["titles"], plot
+        left, top, right, bottom = found["div"]
+        for title in found["titles"]:
+            x0, y0, x1, y1 = title["box"]
+            assert left <= x0 and x1 <= right + 0.5 and top <= y0 and y1 <= bottom + 0.5, (plot, title)
+            bx0, by0, bx1, by1 = found["bar"]
+            assert x1 <= bx0 or bx1 <= x0 or y1 <= by0 or by1 <= y0, (plot, title["text"], "under the toolbar")
+
+
+@pytest.mark.slow
+@needs_browser
+def test_3d_axis_titles_are_not_clipped(mixed_tab):
+    """WebGL draws the 3D view's axis titles, out of reach of the DOM: the pixels that change when they
+    are blanked must lie inside the scene, off its edges (at plotly's default camera "params" was cut to
+    "arams"; there the changed pixels reach the scene's bottom edge)."""
+    page = mixed_tab.page
+
+    def shot() -> Image.Image:
+        page.wait_for_timeout(500)
+        return Image.open(io.BytesIO(page.locator("#view3d").screenshot())).convert("RGB")
+
+    titled = shot()
+    titles = page.evaluate("""() => {
+        const scene = document.getElementById('view3d').layout.scene;
+        const titles = ['xaxis', 'yaxis', 'zaxis'].map(a => scene[a].title.text);
+        Plotly.relayout('view3d', Object.fromEntries(['x', 'y', 'z'].map(a => [`scene.${a}axis.title.text`, ''])));
+        return titles;
+    }""")
+    blank = shot()
+    page.evaluate(
+        "t => Plotly.relayout('view3d', {'scene.xaxis.title.text': t[0], 'scene.yaxis.title.text': t[1], "
+        "'scene.zaxis.title.text': t[2]})",
+        titles,
+    )
+    assert titles == ["params", "MACs", "validation dice_mean"]
+    changed = ImageChops.difference(titled, blank).getbbox()
+    assert changed is not None, "blanking the axis titles changed nothing: were they drawn?"
+    size = page.evaluate("() => document.getElementById('view3d')._fullLayout._size")
+    border = 1  # the element's screenshot includes its 1 px border
+    scene = (size["l"] + border, size["t"] + border, size["l"] + size["w"] + border, size["t"] + size["h"] + border)
+    margin = 3
+    assert scene[0] + margin <= changed[0] and scene[1] + margin <= changed[1], (changed, scene)
+    assert changed[2] <= scene[2] - margin and changed[3] <= scene[3] - margin, (changed, scene)
+
+
+@pytest.mark.slow
+@needs_browser
+def test_parallel_coordinates_show_only_decisions_that_vary(tmp_path, browser):
+    """block2 is conv3d in every trial: no axis for it (named in the title instead); block1 varies."""
+    run_dir = tmp_path / "fixed"
+    run_dir.mkdir()
+    study = optuna.create_study(
+        study_name="fixed", storage=f"sqlite:///{run_dir / 'study.db'}", directions=["maximize", "minimize"]
+    )
+    base = ArchConfig.from_dict(Run.open(make_run(tmp_path)).trial(0).arch)
+    StudyRecord(
+        "ibsr", "ibsr_densenet3d", Budget(params=10**9), (Objective("dice_mean", True), Objective("params", False))
+    ).write(study)
+    for i, op in enumerate(["conv3d", "p1sc1", "csn_ip"]):
+        add_trial(study, base.with_blocks([PRESETS[op]] * 2 + [PRESETS["conv3d"]] * 2), 0.6 + 0.05 * i)
+    tab = open_snapshot(browser, run_dir)
+    drawn = tab.page.evaluate("""() => {
+        const gd = document.getElementById('parcoords');
+        return {labels: gd.data[0].dimensions.map(d => d.label), title: gd.layout.title.text,
+                ticks: gd.data[0].dimensions[0].ticktext};
+    }""")
+    assert drawn["labels"] == ["block1", "params", "MACs", "dice_mean (search)"]
+    assert "1 of 2" in drawn["title"] and "block2 = conv3d" in drawn["title"]
+    assert sorted(drawn["ticks"]) == sorted(label(PRESETS[op]) for op in ["conv3d", "p1sc1", "csn_ip"])
     tab.close()

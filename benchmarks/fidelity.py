@@ -34,6 +34,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from psc_nas.files import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
 TASK = "ibsr"
@@ -134,9 +136,7 @@ def _reference_job(name: str, config_json: str, seed: int, out: str) -> str:
         "fwd_bwd_s": result.fwd_bwd_seconds,
         "width": REF_WIDTH,
     }
-    tmp = Path(out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.rename(out)
+    write_text_atomic(Path(out), json.dumps(record, indent=1))
     return (
         f"{name} seed {seed}: val {result.metrics['dice_mean']:.4f} test {result.metrics['test_dice_mean']:.4f} "
         f"({record['wall_s']:.0f} s)"
@@ -231,7 +231,7 @@ def assemble(work: Path) -> None:
         "panel": rows,
     }
     DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "fidelity-reference.json").write_text(json.dumps(data, indent=1) + "\n")
+    write_text_atomic(DOCS / "fidelity-reference.json", json.dumps(data, indent=1) + "\n")
     done = sum(len(r["runs"]) for r in rows)
     print(f"wrote {DOCS / 'fidelity-reference.json'}: {done} runs over {len(rows)} architectures")
 
@@ -283,9 +283,7 @@ def _measure_job(variant: str, name: str, config_json: str, seed: int, out: str)
     else:
         metrics = VARIANTS[variant]()(config, seed)
     record = {"variant": variant, "name": name, "seed": seed, "metrics": metrics, "wall_s": time.time() - started}
-    tmp = Path(out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    tmp.rename(out)
+    write_text_atomic(Path(out), json.dumps(record))
     return f"{variant} {name} seed {seed}: {json.dumps(metrics)[:80]} ({record['wall_s']:.1f} s)"
 
 
@@ -348,7 +346,7 @@ def _supernet_job(seed: int, options_json: str, out_dir: str) -> str:
             "prepare_s": prepare_s,
             "fidelity": level.words,
         }
-        out.write_text(json.dumps(record))
+        write_text_atomic(out, json.dumps(record))
     return f"supernet seed {seed}: prepared in {prepare_s:.0f} s, {level.words}"
 
 

@@ -15,6 +15,8 @@ import numpy as np
 from fidelity import DOCS, REF_EPOCHS, load_reference, panel
 from scipy.stats import kendalltau, spearmanr
 
+from psc_nas.files import write_text_atomic
+
 
 def icc1(scores: np.ndarray) -> float:
     """ICC(1): one-way random effects, single measurement. ``scores``: architectures × seeds (no NaN)."""
@@ -214,7 +216,7 @@ def report(work: Path) -> None:
                 + " | ".join(f"{item['val'] - ref_val[h]:+.4f}" for h in presets.values())
                 + " |"
             )
-    (DOCS / "fidelity-table.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(DOCS / "fidelity-table.md", "\n".join(lines) + "\n")
     dump = {
         "reference": {names[h]: {"hash": h, "val": ref_val[h], "test": ref_test[h]} for h in hashes},
         "extra_reference": extra,
@@ -223,5 +225,5 @@ def report(work: Path) -> None:
             for row in rows
         ],
     }
-    (DOCS / "fidelity-scores.json").write_text(json.dumps(dump, indent=1) + "\n")
+    write_text_atomic(DOCS / "fidelity-scores.json", json.dumps(dump, indent=1) + "\n")
     print("\n".join(lines))

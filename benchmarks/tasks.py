@@ -2,6 +2,7 @@
 
     python benchmarks/tasks.py --task em      --out docs/benchmarks/em.json
     python benchmarks/tasks.py --task ucf101  --out docs/benchmarks/video.json
+    python benchmarks/tasks.py --task ucf101 --temporal-check --out docs/benchmarks/video-temporal.json
 
 For each preset on the task's backbone (at ``--width``, so that 7 presets x 2 seeds fit in about 10
 CPU-minutes): exact params and MACs at the task's input, params of the full-width network (the
@@ -9,11 +10,19 @@ paper's scale), median forward latency at 1 thread (batch 1, after warm-up), and
 validation metrics after ``psc_nas.train.fit`` with the same epochs, samples, batch size, learning
 rate and seed, for every seed. Training runs on 1 torch thread. Results are written after every
 run, so an interrupted benchmark keeps what it finished.
+
+``--temporal-check`` (ucf101 only) asks whether the synthetic videos need time: it trains, at one
+budget, the ResNet3D with every slot a 3x3x3 conv (``conv3d``), every slot a 1x3x3 conv
+(``all_1x3x3``: CAKES with all channels on 1x3x3, the search space's 2D-only point; the backbone's
+fixed 3x7x7 stem still sees 3 frames) and the same with the stem made 1x7x7 (``2d_only``: no layer
+mixes frames; the strided stages only subsample them and the global average pool averages what is
+left). ``--presets`` takes these names too (ucf101), e.g. to run them in parallel processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -26,6 +35,8 @@ from pathlib import Path
 import torch
 
 from psc_nas import cost
+from psc_nas.arch import ArchConfig, BlockChoice
+from psc_nas.nets import get_backbone, resnet3d, validate
 from psc_nas.presets import PRESETS, preset_config
 from psc_nas.search.latency import forward_latency_ms
 from psc_nas.tasks import get_task
@@ -45,6 +56,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--width", type=float, default=0.25, help="backbone width multiplier")
     parser.add_argument("--latency-repeats", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: psc_nas.train's)")
+    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "onecycle"))
+    parser.add_argument("--temporal-check", action="store_true", help="ucf101: conv3d vs all-1x3x3 vs 2D-only")
     parser.add_argument("--out", default="-", help="results JSON, or - for none")
     return parser.parse_args(argv)
 
@@ -54,9 +68,43 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+TEMPORAL_VARIANTS = ("conv3d", "all_1x3x3", "2d_only")
+
+
+def spatial_config(backbone_name: str, **hparams) -> ArchConfig:
+    """Every slot a 1x3x3 conv: CAKES with all of a slot's output channels on the 1x3x3 sub-kernel."""
+    backbone = get_backbone(backbone_name)
+    merged = backbone.hparams(hparams)
+    choices = [BlockChoice("cakes", {"allocation": {"1x3x3": slot.out_channels}}) for slot in backbone.slots(merged)]
+    return validate(ArchConfig(backbone.name, merged, tuple(choices)))
+
+
+@contextlib.contextmanager
+def stem_kernel(kernel: tuple[int, int, int]):
+    """ResNet3D's fixed stem kernel replaced for the networks built and priced inside (benchmark only)."""
+    saved = resnet3d.STEM_KERNEL
+    resnet3d.STEM_KERNEL = kernel
+    try:
+        yield
+    finally:
+        resnet3d.STEM_KERNEL = saved
+
+
+def variant_config(name: str, task, **hparams) -> tuple[ArchConfig, contextlib.AbstractContextManager]:
+    """A preset, or one of the temporal check's networks, with the context it is built in."""
+    if name in ("all_1x3x3", "2d_only"):
+        stem = stem_kernel((1, 7, 7)) if name == "2d_only" else contextlib.nullcontext()
+        return spatial_config(task.backbone, **task.backbone_hparams, **hparams), stem
+    return preset_config(name, task.backbone, **task.backbone_hparams, **hparams), contextlib.nullcontext()
+
+
 def measure(name: str, seeds: list[int], args: argparse.Namespace, task) -> dict:
-    config = preset_config(name, task.backbone, **task.backbone_hparams, width=args.width)
-    full = preset_config(name, task.backbone, **task.backbone_hparams)
+    config, context = variant_config(name, task, width=args.width)
+    with context:
+        return _measure(name, config, variant_config(name, task)[0], seeds, args, task)
+
+
+def _measure(name: str, config: ArchConfig, full: ArchConfig, seeds: list[int], args: argparse.Namespace, task) -> dict:
     price = cost(config, task.input_shape[1:])
     torch.set_num_threads(1)
     latency = forward_latency_ms(config, task.input_shape, repeats=args.latency_repeats)
@@ -68,6 +116,8 @@ def measure(name: str, seeds: list[int], args: argparse.Namespace, task) -> dict
             task,
             epochs=args.epochs,
             seed=seed,
+            lr_schedule=args.lr_schedule,
+            **({} if args.lr is None else {"lr": args.lr}),
             data_options={"samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size},
         )
         runs.append(
@@ -123,9 +173,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.task is None:
         sys.exit("tasks.py: give --task em|ucf101 (or --render JSON)")
     names = [name.strip() for name in args.presets.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(PRESETS))
+    if args.temporal_check:
+        if args.task != "ucf101":
+            sys.exit("tasks.py: --temporal-check is for --task ucf101")
+        names = list(TEMPORAL_VARIANTS)
+    known = [*PRESETS, *(TEMPORAL_VARIANTS[1:] if args.task == "ucf101" else ())]
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        sys.exit(f"tasks.py: unknown preset(s) {unknown}; known: {list(PRESETS)}")
+        sys.exit(f"tasks.py: unknown preset(s) {unknown} for --task {args.task}; known: {known}")
     seeds = [int(s) for s in args.seeds.split(",")]
     task = get_task(args.task)
     record = {

@@ -79,6 +79,41 @@ def test_em_and_ucf101_state_their_problem_and_every_preset_fits(name, metric, d
     assert out.shape == ((1, 3, *shape[1:]) if name == "em" else (1, 101))
 
 
+def _benchmark_module():
+    """benchmarks/tasks.py, which is a script, not a package module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tasks.py"
+    spec = importlib.util.spec_from_file_location("benchmark_tasks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_temporal_checks_networks_mix_frames_only_where_they_say():
+    """conv3d has temporal kernels everywhere; all_1x3x3 only in the backbone's 3x7x7 stem; 2d_only
+    nowhere (its stem made 1x7x7 while it is built and priced, and restored after)."""
+    from psc_nas.nets import resnet3d
+    from psc_nas.nets.build import build_model
+
+    bench, task = _benchmark_module(), get_task("ucf101")
+    temporal: dict[str, list[int]] = {}
+    costs = {}
+    for name in bench.TEMPORAL_VARIANTS:
+        config, context = bench.variant_config(name, task, width=0.125)
+        with context:
+            net = build_model(config)
+            costs[name] = psc_nas.cost(config, task.input_shape[1:])
+        convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size != (1, 1, 1)]
+        temporal[name] = [m.kernel_size[0] for m in convs]
+        assert resnet3d.STEM_KERNEL == (3, 7, 7)
+    assert set(temporal["conv3d"]) == {3}
+    assert temporal["all_1x3x3"][0] == 3 and set(temporal["all_1x3x3"][1:]) == {1}
+    assert set(temporal["2d_only"]) == {1} and len(temporal["2d_only"]) == len(temporal["all_1x3x3"])
+    stem = costs["all_1x3x3"].params - costs["2d_only"].params  # 3 -> 1 frames in the stem's kernel only
+    assert stem == 3 * 8 * (3 - 1) * 7 * 7
+
+
 def test_affinity_loss_is_masked_and_lowest_at_the_truth():
     labels = np.repeat(np.arange(4), 8).reshape(2, 4, 4)[None].repeat(4, 0).reshape(8, 4, 4) + 1
     affinities, _ = affinities_from_labels(labels)

@@ -61,13 +61,19 @@ class Pricing:
     def presets(self) -> dict[str, Answers]:
         """The space's hand-designed networks that fit the budget, as the trial parameters that give them."""
         space = self.catalog.space
-        found = {}
+        found: dict[str, Answers] = {}
+        outside: list[str] = []
+        over: list[str] = []
         for name, config in space.presets().items():
             answers = self.catalog.answers_for(config)
             if answers is None:
-                log.info("preset %s is not in space %s; not seeded", name, space.name)
+                outside.append(name)
             elif not self.budget.fits(self.price(config)):
-                log.info("preset %s is over budget; not seeded", name)
+                over.append(name)
             else:
                 found[name] = answers
+        skipped = [f"{', '.join(over)} over budget"] if over else []
+        skipped += [f"{', '.join(outside)} not in space {space.name}"] if outside else []
+        if skipped:  # one line, not one per preset
+            log.info("presets seeded first: %s; not seeded: %s", ", ".join(found) or "none", "; ".join(skipped))
         return found

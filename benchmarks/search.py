@@ -200,7 +200,11 @@ def presets_vs_fronts(compare: dict) -> dict:
 
 
 def plot(compare: dict, presets: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # not a dependency of the package; the JSON holds every point
+        print(f"matplotlib is not installed: {path} not drawn")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -30,8 +30,7 @@ from psc_nas.presets import preset_config
 from psc_nas.results import Run
 from psc_nas.search.budget import Budget
 from psc_nas.search.outputs import write_outputs
-from psc_nas.search.profiles import PROFILES, Profile, RetrainPolicy
-from psc_nas.search.promotion import SuccessiveHalving
+from psc_nas.search.profiles import PROFILES, RetrainPolicy
 from psc_nas.search.record import Retrained, StudyRecord, read_trials, save_retrained
 from psc_nas.search.runner import SearchSettings, run_search
 from psc_nas.train import fit_into
@@ -368,21 +367,7 @@ TINY_RETRAIN = RetrainPolicy(count=2, epochs=5, samples_per_epoch=128, batch_siz
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_a_retrained_search_exports_weights_that_reproduce_the_retrained_score(tmp_path, monkeypatch):
     """A real tiny search with retraining -> psc-export -> load_model -> the task's validation again."""
-    monkeypatch.setitem(
-        PROFILES,
-        "tiny",
-        Profile(
-            name="tiny",
-            trials=4,
-            epochs=(1,),
-            policy=SuccessiveHalving(bracket=4, eta=2, epsilon=0.01),
-            population=4,
-            data_options={"samples_per_epoch": 8, "batch_size": 8},
-            timeout=None,
-            retrain=TINY_RETRAIN,
-            retrain_share=0.5,
-        ),
-    )
+    monkeypatch.setitem(PROFILES, "tiny", tiny_task.retraining_profile(TINY_RETRAIN))
     (tmp_path / "bars.yaml").write_text(tiny_task.SPACE_YAML)
     out = tmp_path / "bars"
     settings = SearchSettings(

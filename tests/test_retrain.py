@@ -32,8 +32,7 @@ from psc_nas.search.budget import Budget
 from psc_nas.search.events import Retrained as RetrainedEvent
 from psc_nas.search.events import RetrainPlanned, describe
 from psc_nas.search.front import find_front
-from psc_nas.search.profiles import PROFILES, Profile, RetrainPolicy
-from psc_nas.search.promotion import SuccessiveHalving
+from psc_nas.search.profiles import PROFILES, RetrainPolicy
 from psc_nas.search.record import Retrained, StudyRecord, read_retrained, read_trials
 from psc_nas.search.runner import SearchSettings, run_search
 
@@ -60,21 +59,7 @@ class Counting:
 # ------------------------------------------------------------------------------ end to end, real training
 @pytest.mark.slow
 def test_a_tiny_search_retrains_its_front_and_every_output_says_so(tmp_path, monkeypatch):
-    monkeypatch.setitem(
-        PROFILES,
-        "tiny",
-        Profile(
-            name="tiny",
-            trials=4,
-            epochs=(1,),
-            policy=SuccessiveHalving(bracket=4, eta=2, epsilon=0.01),
-            population=4,
-            data_options={"samples_per_epoch": 8, "batch_size": 8},
-            timeout=600.0,
-            retrain=TINY_POLICY,
-            retrain_share=0.5,
-        ),
-    )
+    monkeypatch.setitem(PROFILES, "tiny", tiny_task.retraining_profile(TINY_POLICY, timeout=600.0))
     (tmp_path / "bars.yaml").write_text(tiny_task.SPACE_YAML)
     out = tmp_path / "bars"
     settings = SearchSettings(

@@ -116,3 +116,22 @@ blocks:
     - {name: conv4, slots: "conv4.*"}
     - {name: conv5, slots: "conv5.*"}
 """
+
+
+def retraining_profile(retrain, *, timeout: float | None = None):
+    """A ``tiny`` search profile for the bar task: 4 architectures at 1 epoch, then ``retrain`` (a
+    ``RetrainPolicy``) in the last half of ``timeout``; for tests that search and retrain for real."""
+    from psc_nas.search.profiles import Profile
+    from psc_nas.search.promotion import SuccessiveHalving
+
+    return Profile(
+        name="tiny",
+        trials=4,
+        epochs=(1,),
+        policy=SuccessiveHalving(bracket=4, eta=2, epsilon=0.01),
+        population=4,
+        data_options={"samples_per_epoch": 8, "batch_size": 8},
+        timeout=timeout,
+        retrain=retrain,
+        retrain_share=0.5,
+    )

@@ -125,8 +125,10 @@ def test_config_errors_name_the_bad_field():
         get_backbone("unet3d").build(config)
     with pytest.raises(ConfigError, match="^hparams.depth: must be one of"):
         get_backbone("resnet3d").slots({"depth": 101})
-    with pytest.raises(ConfigError, match="^hparams.width: must be a positive number"):
+    with pytest.raises(ConfigError, match="^hparams.width: must be a positive finite number"):
         densenet.slots({"width": 0})
+    with pytest.raises(ConfigError, match="^hparams.width: must be a positive finite number, got inf"):
+        densenet.slots({"width": float("inf")})  # found by the psc-train config fuzz test (an OverflowError)
     with pytest.raises(ConfigError, match="^hparams.downsample"):
         get_backbone("unet3d").slots({"downsample": [[2, 2]]})
 

@@ -85,6 +85,8 @@ def test_csn_ir_is_depthwise_when_widths_match():
     [
         ("pmscn", {"m": 4}, "m must be one of [1, 2, 3]"),
         ("pmscn", {"n": 0}, "n must be one of [1, 2, 3]"),
+        ("pmscn", {"n": 1.0}, "n must be one of [1, 2, 3], got 1.0"),  # found by the psc-train config fuzz test
+        ("pmscn", {"m": 2.0}, "m must be one of [1, 2, 3], got 2.0"),
         ("pmscn", {"m": 2, "orientations": ["1x3x3"]}, "orientations must hold m=2"),
         ("pmscn", {"m": 1, "orientations": ["2x2x2"]}, "orientations must be a list of distinct values"),
         ("pmscn", {"m": 2, "orientations": ["1x3x3", "1x3x3"]}, "distinct"),

@@ -13,6 +13,7 @@ Costs price the default normalization, ``nn.BatchNorm3d``: two trainable paramet
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -105,9 +106,9 @@ class BlueprintBackbone(Backbone):
         for key, default in self.defaults.items():
             value = merged[key]
             if isinstance(default, float):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
                 if not ok:
-                    raise ConfigError(f"hparams.{key}", f"must be a positive number, got {value!r}")
+                    raise ConfigError(f"hparams.{key}", f"must be a positive finite number, got {value!r}")
             elif isinstance(default, int) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"hparams.{key}", f"must be a positive int, got {value!r}")
         self.check(merged)

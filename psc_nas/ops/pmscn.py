@@ -59,9 +59,9 @@ class PmSCnSpec(OpSpec):
 
     def validate(self) -> None:
         family = self.family
-        if self.m not in (1, 2, 3) or isinstance(self.m, bool):
+        if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m not in (1, 2, 3):  # not 1.0
             raise ValueError(f"{family}: m must be one of [1, 2, 3], got {self.m!r}")
-        if self.n not in (1, 2, 3) or isinstance(self.n, bool):
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n not in (1, 2, 3):  # not 1.0
             raise ValueError(f"{family}: n must be one of [1, 2, 3], got {self.n!r}")
         orientations = ORIENTATIONS[: self.m] if self.orientations is None else self.orientations
         if not isinstance(orientations, (list, tuple)) or not all(o in ORIENTATIONS for o in orientations):

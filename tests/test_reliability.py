@@ -65,6 +65,14 @@ def env(**extra: str) -> dict[str, str]:
     }
 
 
+def slow_search_args(space: Path) -> list[str]:
+    """psc-search's arguments for two trials of the slow bar task in ``space``, into the run folder ``s``."""
+    return [
+        *("--task", "slow_bar", "--space", str(space), "--budget", "400k", "--trials", "2"),
+        *("--out", "s", "--evaluator", "train"),
+    ]
+
+
 def run_cli(command: str, *args: str, cwd: Path, wrap: list[str] = (), **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*wrap, str(BIN / command), *args],
@@ -258,18 +266,7 @@ def test_a_search_whose_every_trial_failed_raises_with_the_first_reason(tmp_path
 def test_psc_search_whose_every_trial_failed_exits_1(tmp_path):
     result = run_cli(
         "psc-search",
-        "--task",
-        "slow_bar",
-        "--space",
-        str(slow_space(tmp_path)),
-        "--budget",
-        "400k",
-        "--trials",
-        "2",
-        "--out",
-        "s",
-        "--evaluator",
-        "train",
+        *slow_search_args(slow_space(tmp_path)),
         cwd=tmp_path,
         SLOW_BAR_FAIL="1",
     )
@@ -320,18 +317,7 @@ def interrupt_search(tmp_path: Path, space: Path, mark: Path) -> subprocess.Comp
     process = subprocess.Popen(
         [
             str(BIN / "psc-search"),
-            "--task",
-            "slow_bar",
-            "--space",
-            str(space),
-            "--budget",
-            "400k",
-            "--trials",
-            "2",
-            "--out",
-            "s",
-            "--evaluator",
-            "train",
+            *slow_search_args(space),
         ],
         cwd=tmp_path,
         env=env(SLOW_BAR_SECONDS="1", SLOW_BAR_MARK=str(mark)),
@@ -364,18 +350,7 @@ def test_ctrl_c_exits_130_says_how_to_resume_and_puts_the_trial_back_without_usi
         ]
     done = run_cli(
         "psc-search",
-        "--task",
-        "slow_bar",
-        "--space",
-        str(space),
-        "--budget",
-        "400k",
-        "--trials",
-        "2",
-        "--out",
-        "s",
-        "--evaluator",
-        "train",
+        *slow_search_args(space),
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr

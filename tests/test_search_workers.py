@@ -43,6 +43,30 @@ def evaluated(study: optuna.Study) -> list[TrialRecord]:
     return [r for r in read_trials(study) if r.state == TrialState.COMPLETE]
 
 
+_OPEN_AT = """
+import sys, time
+from psc_nas.search.storage import open_storage
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+open_storage(sys.argv[1], heartbeat_interval=60)
+"""
+
+
+def test_processes_opening_one_empty_sqlite_database_together_all_get_it(tmp_path):
+    # Two workers, or a worker and a reader (optuna.load_study), race to create Optuna's tables;
+    # SQLite's loser sees "table ... already exists" and must find the tables, not fail.
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    start = time.time() + 5  # after every interpreter has imported psc_nas.search.storage (torch too)
+    openers = [
+        subprocess.Popen([sys.executable, "-c", _OPEN_AT, url, str(start)], stderr=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    errors = [opener.communicate(timeout=120)[1] for opener in openers]
+    assert [opener.returncode for opener in openers] == [0] * 6, "\n".join(errors)
+    optuna.create_study(storage=url, study_name="after")  # the schema is whole
+
+
 @pytest.mark.slow
 def test_kill_9_then_the_same_command_resumes_without_losing_or_repeating(tmp_path):
     log = tmp_path / "trained.log"

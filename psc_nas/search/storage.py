@@ -56,16 +56,25 @@ def open_storage(url: str, *, heartbeat_interval: int) -> BaseStorage:
                     grace_period=3 * heartbeat_interval,
                     heartbeat_stale_trial_callback=retry_callback(),
                 )
-        except sqlalchemy.exc.IntegrityError:
-            # Workers started together on an empty database race to create Optuna's tables; the
-            # loser sees a duplicate-key error and finds the tables there on its next try.
-            if attempt == SCHEMA_ATTEMPTS - 1:
-                raise
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
+            # Workers started together on an empty database (or a worker and a reader such as
+            # ``optuna.load_study``) race to create Optuna's tables; the loser sees a duplicate key
+            # (PostgreSQL) or "table ... already exists" (SQLite) and finds the tables on its next try.
+            if not _schema_race(err) or attempt == SCHEMA_ATTEMPTS - 1:
+                raise ValueError(redact(f"cannot open storage {url!r}: {_first_line(err)}", url)) from None
             time.sleep(0.5 * (attempt + 1))
         except Exception as err:  # SQLAlchemy raises driver-specific types for "cannot connect"
-            reason = (str(err).strip().splitlines() or [""])[0]
-            raise ValueError(redact(f"cannot open storage {url!r}: {type(err).__name__}: {reason}", url)) from None
+            raise ValueError(redact(f"cannot open storage {url!r}: {_first_line(err)}", url)) from None
     raise AssertionError("unreachable")
+
+
+def _schema_race(err: Exception) -> bool:
+    return isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)
+
+
+def _first_line(err: Exception) -> str:
+    reason = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {reason}"
 
 
 _PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@\s]*)@")

@@ -311,6 +311,20 @@ def search(
             help="restrict (sample only what can fit) | project (shrink to fit) | reject (prune over-budget samples)."
         ),
     ] = "restrict",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="optuna (multi-trial search) | cakes (the CAKES paper's super-network search: one training, the "
+            "found sub-kernel allocations retrained)."
+        ),
+    ] = "optuna",
+    engine_option: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="KEY=VALUE for --engine cakes (repeatable): shapes=1D|2D|1D+2D|2D+3D|1D+2D+3D, "
+            "priority=performance|cost|both, width, steps, epochs, penalty."
+        ),
+    ] = None,
 ) -> None:
     """Multi-objective architecture search under a cost budget; re-run the same command to resume."""
     keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
@@ -347,6 +361,8 @@ def search(
                 evaluator_options=parse_options(evaluator_option or []),
                 retrain=retrain,
                 budget_sampling=budget_sampling,
+                engine=engine,
+                engine_options=parse_options(engine_option or [], "--engine-option"),
             )
             run_search(settings)  # reports to the display entered above
     except (ValueError, OSError) as err:
@@ -361,17 +377,17 @@ def search(
         raise typer.Exit(130) from None
 
 
-def parse_options(items: list[str]) -> tuple[tuple[str, Any], ...]:
+def parse_options(items: list[str], flag: str = "--evaluator-option") -> tuple[tuple[str, Any], ...]:
     """``KEY=VALUE`` pairs, each value read as YAML (numbers, booleans, strings)."""
     parsed = []
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--evaluator-option takes KEY=VALUE, got {item!r}")
+            raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
         try:
             parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else value))
         except yaml.YAMLError as err:
-            raise ValueError(f"--evaluator-option {key.strip()}: not a YAML value ({one_line(err)})") from None
+            raise ValueError(f"{flag} {key.strip()}: not a YAML value ({one_line(err)})") from None
     return tuple(parsed)
 
 

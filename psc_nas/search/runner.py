@@ -17,7 +17,7 @@ import re
 import shlex
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from psc_nas.space import SearchSpace
 from psc_nas.tasks import Task, get_task
 
 SAMPLERS = ("nsga2", "tpe", "random")
+ENGINES = ("optuna", "cakes")  # --engine: dispatched in run_search
 COST_OBJECTIVES = {"params": "params", "macs": "macs", "latency": "latency_ms", "latency_ms": "latency_ms"}
 LOG_FILE = "search.log"
 
@@ -69,6 +70,8 @@ class SearchSettings:
     seed_presets: bool = True
     budget_sampling: str = "restrict"  # restrict | project | reject, see psc_nas.search.pricing
     heartbeat_interval: int = 10
+    engine: str = "optuna"  # optuna (multi-trial, psc_nas.search.engine) | cakes (psc_nas.search.cakes_engine)
+    engine_options: tuple[tuple[str, Any], ...] = ()  # --engine-option KEY=VALUE, for engines other than optuna
 
     def out_dir(self) -> Path:
         if self.out is not None:
@@ -269,9 +272,23 @@ def run_search(
     goes to ``display``, else to the display the caller entered (psc-search's, on stdout), else to one made
     for ``console`` (default stderr): live in a terminal, plain lines elsewhere. Optuna's own log lines go
     to the run's search.log, never to the console."""
+    if settings.engine not in ENGINES:
+        raise ValueError(f"unknown engine {settings.engine!r}; choose from {', '.join(ENGINES)}")
+    if settings.engine == "optuna" and settings.engine_options:
+        raise ValueError("--engine-option is for --engine cakes; the optuna engine takes none")
     display = display or active_display() or make_display(console or Console(stderr=True))
     with display, _Logging(display) as logs:
         plan = plan_search(settings, evaluator, stage=display.stage)
+        cakes_options = None
+        if settings.engine == "cakes":
+            from psc_nas.search import cakes_engine
+
+            if settings.retrain is False:
+                raise ValueError("--engine cakes scores what it finds by retraining it: drop --no-retrain")
+            cakes_options = cakes_engine.parse_options(dict(settings.engine_options))
+            display.stage("checking that a CAKES allocation fits the budget")
+            cakes_engine.check_budget(plan, cakes_options)
+            plan = replace(plan, record=replace(plan.record, evaluator=cakes_engine.ENGINE))
         out_dir = plan.out_dir
         created_dir = _make_out_dir(out_dir)
         display.stage("opening the study" + (f" {out_dir / 'study.db'}" if settings.storage is None else ""))
@@ -296,18 +313,31 @@ def run_search(
             log.info(describe(event), extra={"psc_event": True})  # to search.log; the display gets the event
             display(event)
 
-        engine = Engine(plan, study, on_event=show)
-        engine.fill_queue(created)
+        if cakes_options is not None:
+            engine: Any = cakes_engine.CakesEngine(
+                plan,
+                study,
+                options=cakes_options,
+                seed=settings.seed,
+                data_dir=settings.data_dir,
+                timeout=settings.timeout or plan.profile.timeout,
+                on_event=show,
+            )
+        else:
+            engine = Engine(plan, study, on_event=show)
+            engine.fill_queue(created)
         log.info(
-            "%s study %r: task %s, space %s, %s, %d trials, profile %s, evaluator %s, sampler %s, seed %d, %s",
+            "%s study %r: engine %s, task %s, space %s, %s, %d trials, profile %s, evaluator %s, sampler %s, "
+            "seed %d, %s",
             "created" if created else "resumed",
+            settings.engine,
             study.study_name,
             plan.task.name,
             plan.space.name,
             plan.pricing.budget.describe(),
             plan.trials,
             plan.profile.name,
-            plan.evaluator.name,
+            plan.record.evaluator,
             settings.sampler,
             settings.seed,
             f"then retraining {plan.retrain.policy.count} front trials" if plan.retrain else "no retraining",

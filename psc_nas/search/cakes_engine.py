@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -362,6 +363,18 @@ def fit_allocation(
     return with_blocks(blocks), price, moved
 
 
+def decisions(config: ArchConfig) -> dict[str, str]:
+    """Per slot, its allocation as channel fractions (``block1-layer1.cakes.allocation``: ``1x3x3=5/14,...``)."""
+    slots = get_backbone(config.backbone).slots(config.hparams)
+    found = {}
+    for slot, block in zip(slots, config.blocks):
+        allocation = block.args["allocation"]
+        total = sum(allocation.values())
+        shares = ",".join(f"{shape}={Fraction(count, total)}" for shape, count in allocation.items())
+        found[f"{slot.name.replace('.', '-')}.cakes.allocation"] = shares
+    return found
+
+
 def cheapest_config(space: Any, shapes: Sequence[str]) -> tuple[ArchConfig, str]:
     """Every channel of every slot at the cheapest shape of ``shapes``: the least a search can find."""
     cheapest = min(shapes, key=lambda s: (math.prod(shape_kernel(s)), SHAPES.index(s)))
@@ -691,7 +704,9 @@ class CakesEngine:
         )
         metric = self.plan.record.objectives[0].name
         # from here to tell: no training, only writes (a Ctrl-C before leaves no trial behind)
-        trial = self.study.ask()
+        with warnings.catch_warnings():  # the storage's heartbeat is for Study.optimize; this trial is told at once
+            warnings.simplefilter("ignore", UserWarning)
+            trial = self.study.ask()
         weights = None
         if state is not None:
             weights = weights_file(trial.number)
@@ -699,6 +714,9 @@ class CakesEngine:
         evaluation = replace(evaluation, evaluated_by=trial.number)
         record = TrialRecord(trial.number).priced(found.config, found.cost).with_evaluation(evaluation)
         record.save(trial)
+        # the per-layer allocation as the search's decisions (trials.csv: <slot>.cakes.<shape> fractions), written
+        # as the budget projection writes the answers that built a network (pricing.Pricing.sample)
+        trial.set_user_attr("built_params", decisions(found.config))
         set_violations(trial, self.plan.pricing.budget.violations(found.cost))
         values = tuple(float(record.measure(o.name)) for o in self.plan.record.objectives)  # type: ignore[arg-type]
         tell_evaluated(self.study, trial, values)

@@ -37,10 +37,10 @@ from psc_nas.files import write_text_atomic  # noqa: E402
 DOCS = ROOT / "docs" / "benchmarks"
 TASK, SPACE = "ibsr", "ibsr_densenet3d"
 SHAPES = "1D+2D+3D"
-SEARCH_STEPS = 96
+SEARCH_STEPS = 64
 SEARCH_WIDTH = 0.25
 REF_WIDTH = 0.25
-EPOCHS, SAMPLES, BATCH = 4, 64, 4
+EPOCHS, SAMPLES, BATCH = 2, 64, 4
 LR, WD = 2e-3, 1e-4
 SEEDS = (0, 1)
 LATENCY_REPEATS = 10

@@ -28,9 +28,12 @@ import io
 import json
 import logging
 import math
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -43,15 +46,16 @@ from torch import nn
 
 from psc_nas.arch import ArchConfig, BlockChoice, Slot
 from psc_nas.costs import Cost, format_count
-from psc_nas.evaluators.base import Evaluation, Fidelity
+from psc_nas.evaluators.base import Evaluation, Fidelity, failure_reason
 from psc_nas.files import write_bytes_atomic
 from psc_nas.nets import cost as price_config
 from psc_nas.nets import get_backbone
 from psc_nas.nets.budget import with_width
 from psc_nas.ops import summary
 from psc_nas.ops.cakes import SHAPE_DIMS, SHAPES, largest_remainder, pad_kernel, shape_kernel, uniform_allocation
-from psc_nas.search.events import Evaluated, Listener, Preparing, Started
+from psc_nas.search.events import Evaluated, Failed, Listener, Preparing, Started
 from psc_nas.search.front import Front
+from psc_nas.search.interrupt import INTERRUPTS
 from psc_nas.search.outputs import write_outputs
 from psc_nas.search.profiles import RetrainPolicy
 from psc_nas.search.record import (
@@ -62,6 +66,7 @@ from psc_nas.search.record import (
     set_planned_trials,
     set_violations,
     tell_evaluated,
+    tell_failed,
 )
 from psc_nas.search.retrain import FinalWeights, fidelity_words, weights_file
 from psc_nas.train import TrainingFailed, fit, optimizer_and_schedule
@@ -620,15 +625,16 @@ class CakesEngine:
     def run(self) -> Front:
         wanted = priorities(self.options)
         set_planned_trials(self.study, len(wanted))
-        done = self._done()
-        todo = [p for p in wanted if p not in done]
+        finished = self._done()
+        todo = [p for p in wanted if p not in finished]
+        done = len(wanted) - len(todo)
         self.on_event(
             Started(
-                created=not done,
+                created=not finished,
                 loop_s=self.seconds_left(),
                 end_s=self.seconds_left(),
                 retrain=0,
-                done=len(wanted) - len(todo),
+                done=done,
                 planned=len(wanted),
             )
         )
@@ -636,23 +642,25 @@ class CakesEngine:
         left = self.seconds_left()
         self.search_s = None if left is None else left * self.options["train_share"] / max(len(todo), 1)
         for position, priority in enumerate(todo):
-            found, training = search_one(
-                self.plan,
-                self.options,
-                priority,
-                seed=self.seed,
-                data_dir=self.data_dir,
-                seconds=self.search_s,
-                work_dir=self.plan.out_dir,
-                stage=lambda what: self.on_event(Preparing(what)),
-            )
+            try:
+                found, training = search_one(
+                    self.plan,
+                    self.options,
+                    priority,
+                    seed=self.seed,
+                    data_dir=self.data_dir,
+                    seconds=self.search_s,
+                    work_dir=self.plan.out_dir,
+                    stage=lambda what: self.on_event(Preparing(what)),
+                )
+            except INTERRUPTS:
+                raise
+            except Exception as error:  # a super-network that diverges fails this priority only
+                self._fail(priority, f"super-network: {failure_reason(error)}", None, done=done + position)
+                continue
             self.on_event(Preparing(f"found ({priority} priority): {summary(found.config)}, {found.cost}"))
             front = self._retrain_and_tell(
-                found,
-                training,
-                remaining=len(todo) - position,
-                done=len(wanted) - len(todo) + position,
-                planned=len(wanted),
+                found, training, remaining=len(todo) - position, done=done + position, planned=len(wanted)
             )
         return front
 
@@ -679,14 +687,20 @@ class CakesEngine:
     def _retrain_and_tell(
         self, found: Found, training: SuperTraining, *, remaining: int, done: int, planned: int
     ) -> Front:
-        epochs, result, state = self._epochs(found, remaining)
-        if result is None:
-            self.on_event(
-                Preparing(f"retraining the {found.priority}-priority architecture from scratch: {epochs} epochs")
-            )
-            result, state = retrain(
-                found.config, self.plan.task, self.policy, epochs, seed=self.seed, data_dir=self.data_dir
-            )
+        try:
+            epochs, result, state = self._epochs(found, remaining)
+            if result is None:
+                self.on_event(
+                    Preparing(f"retraining the {found.priority}-priority architecture from scratch: {epochs} epochs")
+                )
+                result, state = retrain(
+                    found.config, self.plan.task, self.policy, epochs, seed=self.seed, data_dir=self.data_dir
+                )
+        except INTERRUPTS:
+            raise
+        except Exception as error:  # a diverging or crashing retraining fails this architecture only
+            self._fail(found.priority, f"retraining: {failure_reason(error)}", found, done=done)
+            return write_outputs(self.plan.out_dir, self.plan.record, read_trials(self.study))
         words = fidelity_of(
             self.options["shapes"],
             found.priority,
@@ -702,8 +716,15 @@ class CakesEngine:
             training.seconds + result.wall_seconds,
             result.fwd_bwd_seconds,
         )
+        # from here to tell: no training, only writes (a Ctrl-C before leaves no trial behind; during, it waits)
+        with _no_interrupts():
+            self._tell(found, evaluation, result, state, done=done, planned=planned)
+        return write_outputs(self.plan.out_dir, self.plan.record, read_trials(self.study))
+
+    def _tell(
+        self, found: Found, evaluation: Evaluation, result: Any, state: dict | None, *, done: int, planned: int
+    ) -> None:
         metric = self.plan.record.objectives[0].name
-        # from here to tell: no training, only writes (a Ctrl-C before leaves no trial behind)
         with warnings.catch_warnings():  # the storage's heartbeat is for Study.optimize; this trial is told at once
             warnings.simplefilter("ignore", UserWarning)
             trial = self.study.ask()
@@ -745,4 +766,38 @@ class CakesEngine:
                 arch_hash=found.config.hash,
             )
         )
-        return write_outputs(self.plan.out_dir, self.plan.record, read_trials(self.study))
+
+    def _fail(self, priority: str, reason: str, found: Found | None, *, done: int) -> None:
+        """A failed priority: a FAIL trial saying why (with its architecture where one was found)."""
+        reason = f"cakes {self.options['shapes']}, {priority} priority: {reason}"
+        with _no_interrupts():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                trial = self.study.ask()
+            record = TrialRecord(trial.number, fail_reason=reason)
+            if found is not None:
+                record = record.priced(found.config, found.cost)
+            record.save(trial)
+            tell_failed(self.study, trial)
+        self.on_event(
+            Failed(
+                number=trial.number,
+                reason=reason,
+                done=done + 1,
+                planned=len(priorities(self.options)),
+                summary=summary(found.config) if found else "",
+            )
+        )
+
+
+@contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """SIGINT held back (delivered on leaving) while a trial is written, so Ctrl-C never leaves half a trial."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -452,10 +452,11 @@ def train_supernet(
     optimizer, scheduler = schedule["optimizer"], schedule["lr_scheduler"]["scheduler"]
     loss_fn = task.loss()
     losses: list[float] = []
-    supernet.train()
+    supernet.to(_device()).train()
     done = 0
     while done < steps:
         for batch in datamodule.train_dataloader():
+            batch = _to(batch, _device())
             loss = loss_fn(supernet(batch[task.input_key]), batch)
             if supernet.priority == "cost" and penalty:
                 loss = loss + penalty * supernet.penalty()
@@ -476,9 +477,9 @@ def time_step(supernet: CakesSuperNet, task: Any, *, batch_size: int, data_dir: 
     """Seconds of one training forward + backward (median of 3, after one warm-up), no update."""
     datamodule = task.datamodule(data_dir=data_dir, seed=seed, samples_per_epoch=batch_size, batch_size=batch_size)
     datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
+    batch = _to(next(iter(datamodule.train_dataloader())), _device())
     loss_fn = task.loss()
-    supernet.train()
+    supernet.to(_device()).train()
     seconds = []
     for _ in range(4):
         start = time.perf_counter()
@@ -562,6 +563,14 @@ def search_one(
     if moved:
         log.info("cakes %s priority: %d channels moved to cheaper sub-kernels to meet the budget", priority, moved)
     return Found(priority, config, price, moved), training
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def _mean(values: Sequence[float]) -> float:

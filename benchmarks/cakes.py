@@ -280,7 +280,7 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         latency = f"{e['latency_ms']:.1f}" if e["latency_ms"] else "–"
         search = f"{e['search']['search_s']:.0f}" if "search" in e else "–"
         lines.append(
-            f"| {e['name']} | {e['type']} | {format_count(e['params'])} | {format_count(e['macs'])} | {trained} "
+            f"| {e['name']} | {e['type']} | {e['params']:,} | {format_count(e['macs'])} | {trained} "
             f"| {latency} | {mean(val)} | {mean(test)} | {len(e['runs'])} | {search} |"
         )
     return "\n".join(lines)

@@ -283,6 +283,19 @@ def markdown(entries: list[dict[str, Any]]) -> str:
             f"| {e['name']} | {e['type']} | {e['params']:,} | {format_count(e['macs'])} | {trained} "
             f"| {latency} | {mean(val)} | {mean(test)} | {len(e['runs'])} | {search} |"
         )
+    lines += ["", "| network | 1D channels | 2D channels | 3D channels | per shape |", "|---|---|---|---|---|"]
+    from psc_nas.ops.cakes import SHAPE_DIMS, SHAPES
+
+    for e in entries:
+        if e["type"] != "auto":
+            continue
+        totals = {shape: 0 for shape in SHAPES}
+        for block in e["config"]["blocks"]:
+            for shape, count in block["allocation"].items():
+                totals[shape] += count
+        dims = [sum(totals[s] for s in SHAPE_DIMS[d]) for d in ("1D", "2D", "3D")]
+        shapes = ", ".join(f"{shape} {count}" for shape, count in totals.items())
+        lines.append(f"| {e['name']} | {dims[0]} | {dims[1]} | {dims[2]} | {shapes} |")
     return "\n".join(lines)
 
 

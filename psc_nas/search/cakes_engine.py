@@ -638,11 +638,17 @@ class CakesEngine:
         todo = [p for p in wanted if p not in finished]
         done = len(wanted) - len(todo)
         self.on_event(
+            Preparing(
+                f"cakes search, {self.options['shapes']}: one super-network per priority "
+                f"({', '.join(todo) or 'none left'}), each found architecture retrained from scratch as its score"
+            )
+        )
+        self.on_event(
             Started(
                 created=not finished,
-                loop_s=self.seconds_left(),
+                loop_s=None,
                 end_s=self.seconds_left(),
-                retrain=0,
+                retrain=len(todo),
                 done=done,
                 planned=len(wanted),
             )

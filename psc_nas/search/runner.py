@@ -326,22 +326,33 @@ def run_search(
         else:
             engine = Engine(plan, study, on_event=show)
             engine.fill_queue(created)
-        log.info(
-            "%s study %r: engine %s, task %s, space %s, %s, %d trials, profile %s, evaluator %s, sampler %s, "
-            "seed %d, %s",
-            "created" if created else "resumed",
-            settings.engine,
-            study.study_name,
-            plan.task.name,
-            plan.space.name,
-            plan.pricing.budget.describe(),
-            plan.trials,
-            plan.profile.name,
-            plan.record.evaluator,
-            settings.sampler,
-            settings.seed,
-            f"then retraining {plan.retrain.policy.count} front trials" if plan.retrain else "no retraining",
-        )
+        if cakes_options is not None:
+            log.info(
+                "%s study %r: engine cakes (%s), task %s, space %s, %s, profile %s, seed %d",
+                "created" if created else "resumed",
+                study.study_name,
+                ", ".join(f"{k}={v}" for k, v in cakes_options.items()),
+                plan.task.name,
+                plan.space.name,
+                plan.pricing.budget.describe(),
+                plan.profile.name,
+                settings.seed,
+            )
+        else:
+            log.info(
+                "%s study %r: task %s, space %s, %s, %d trials, profile %s, evaluator %s, sampler %s, seed %d, %s",
+                "created" if created else "resumed",
+                study.study_name,
+                plan.task.name,
+                plan.space.name,
+                plan.pricing.budget.describe(),
+                plan.trials,
+                plan.profile.name,
+                plan.evaluator.name,
+                settings.sampler,
+                settings.seed,
+                f"then retraining {plan.retrain.policy.count} front trials" if plan.retrain else "no retraining",
+            )
         display.note(f"watch it live: psc-dashboard {shlex.quote(str(out_dir))}")
         front = engine.run()
         from psc_nas.dashboard import write_snapshot  # imports plotly; only needed once, at the end

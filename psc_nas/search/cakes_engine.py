@@ -673,7 +673,12 @@ class CakesEngine:
             except Exception as error:  # a super-network that diverges fails this priority only
                 self._fail(priority, f"super-network: {failure_reason(error)}", None, done=done + position)
                 continue
-            self.on_event(Preparing(f"found ({priority} priority): {summary(found.config)}, {found.cost}"))
+            self.on_event(
+                Preparing(
+                    f"found ({priority} priority): {format_count(found.cost.params)} params, "
+                    f"{format_count(found.cost.macs)} MACs, {found.moved} channels moved to meet the budget"
+                )
+            )
             front = self._retrain_and_tell(
                 found, training, remaining=len(todo) - position, done=done + position, planned=len(wanted)
             )

@@ -1,0 +1,414 @@
+"""A depthwise 3D conv (groups = channels) on channels_last_3d CPU tensors: psc-nas's own C++ kernel.
+
+oneDNN runs a depthwise 3x3x3 conv at 6-14 GF/s where a dense Conv3d runs at 110-120
+(docs/benchmarks/ops.md). In channels_last_3d a depthwise conv is ``prod(kernel)`` shifted
+multiply-adds vectorised over channels; the kernel below does them in one pass per output row
+(forward), per input row (input gradient, a gather, so threads never write the same row) and as
+``prod(kernel)`` channel-vector reductions (weight gradient, one accumulator per thread). Odd
+kernels with 'same' padding (``kernel // 2``), any stride, no bias, float32 or float64.
+
+The kernel is compiled once per machine by ``torch.utils.cpp_extension.load_inline`` (g++, ninja)
+into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and loaded from there by
+every later process. ``available()`` builds or loads it and says whether it can run; a machine
+without a compiler (or ``PSC_NAS_NO_EXTENSIONS=1``) gets ``False`` and the callers keep oneDNN's
+path. A build prints one line with its time to stderr, and ``load_seconds()`` reports it, so
+compile time never hides inside a timed search or benchmark.
+
+``depthwise_conv3d`` is a ``torch.library`` custom op (``psc_nas::depthwise_conv3d``) with a
+registered autograd formula and a FLOP formula, so ``FlopCounterMode`` counts its exact MACs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from math import prod
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+DISABLE_VAR = "PSC_NAS_NO_EXTENSIONS"
+NAME = "psc_nas_depthwise_v2"
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+struct Geometry {
+  int64_t N, C, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, OD, OH, OW;
+};
+
+Geometry geometry(const at::IntArrayRef in_sizes, const at::IntArrayRef kernel, const at::IntArrayRef stride) {
+  TORCH_CHECK(in_sizes.size() == 5 && kernel.size() == 3 && stride.size() == 3, "5-D input, 3 kernel and 3 stride");
+  Geometry g;
+  g.N = in_sizes[0]; g.C = in_sizes[1]; g.D = in_sizes[2]; g.H = in_sizes[3]; g.W = in_sizes[4];
+  g.KD = kernel[0]; g.KH = kernel[1]; g.KW = kernel[2];
+  g.SD = stride[0]; g.SH = stride[1]; g.SW = stride[2];
+  g.PD = g.KD / 2; g.PH = g.KH / 2; g.PW = g.KW / 2;
+  g.OD = (g.D + 2 * g.PD - g.KD) / g.SD + 1;
+  g.OH = (g.H + 2 * g.PH - g.KH) / g.SH + 1;
+  g.OW = (g.W + 2 * g.PW - g.KW) / g.SW + 1;
+  return g;
+}
+
+// Output columns ow whose input column ow * S - P + k lies in [0, W): [lo, hi).
+inline void column_range(int64_t k, const Geometry& g, int64_t& lo, int64_t& hi) {
+  const int64_t first = g.PW - k;  // need ow * SW >= first
+  lo = first <= 0 ? 0 : (first + g.SW - 1) / g.SW;
+  const int64_t last = g.W - 1 + g.PW - k;  // need ow * SW <= last
+  hi = last < 0 ? 0 : std::min(g.OW, last / g.SW + 1);
+}
+
+// With stride 1 along W a tap's contribution to a whole row is one flat loop over (column, channel):
+// y[j] += x[j + (k - PW) * C] * w_tap[j % C]. ``wide`` holds each tap's weights repeated OW times so
+// that loop is a plain vectorisable multiply-add over OW * C numbers, not OW loops of C.
+template <typename T>
+std::vector<T> widen(const T* w, const Geometry& g) {
+  const int64_t taps = g.KD * g.KH * g.KW, C = g.C;
+  std::vector<T> wide(taps * g.OW * C);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t ow = 0; ow < g.OW; ++ow) std::copy(w + t * C, w + (t + 1) * C, wide.data() + (t * g.OW + ow) * C);
+  return wide;
+}
+
+template <typename T>
+void forward_rows(const T* x, const T* w, T* y, const Geometry& g) {
+  const int64_t C = g.C, rows = g.N * g.OD * g.OH;
+  const bool flat = g.SW == 1;
+  const std::vector<T> wide = flat ? widen(w, g) : std::vector<T>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t oh = r % g.OH, od = (r / g.OH) % g.OD, n = r / (g.OH * g.OD);
+      T* yrow = y + r * g.OW * C;
+      std::fill(yrow, yrow + g.OW * C, T(0));
+      for (int64_t a = 0; a < g.KD; ++a) {
+        const int64_t id = od * g.SD - g.PD + a;
+        if (id < 0 || id >= g.D) continue;
+        for (int64_t b = 0; b < g.KH; ++b) {
+          const int64_t ih = oh * g.SH - g.PH + b;
+          if (ih < 0 || ih >= g.H) continue;
+          const T* xrow = x + ((n * g.D + id) * g.H + ih) * g.W * C;
+          for (int64_t k = 0; k < g.KW; ++k) {
+            const int64_t tap = (a * g.KH + b) * g.KW + k;
+            const T* __restrict__ wv = w + tap * C;
+            int64_t lo, hi;
+            column_range(k, g, lo, hi);
+            if (flat) {
+              const T* __restrict__ xs = xrow + (k - g.PW) * C;
+              const T* __restrict__ ws = wide.data() + tap * g.OW * C;
+              T* __restrict__ ys = yrow;
+#pragma omp simd
+              for (int64_t j = lo * C; j < hi * C; ++j) ys[j] += xs[j] * ws[j];
+              continue;
+            }
+            for (int64_t ow = lo; ow < hi; ++ow) {
+              const T* __restrict__ xv = xrow + (ow * g.SW - g.PW + k) * C;
+              T* __restrict__ yv = yrow + ow * C;
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) yv[c] += xv[c] * wv[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void input_grad_rows(const T* gy, const T* w, T* gx, const Geometry& g) {
+  const int64_t C = g.C, rows = g.N * g.D * g.H;
+  const bool flat = g.SW == 1;
+  const std::vector<T> wide = flat ? widen(w, g) : std::vector<T>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t ih = r % g.H, id = (r / g.H) % g.D, n = r / (g.H * g.D);
+      T* gxrow = gx + r * g.W * C;
+      std::fill(gxrow, gxrow + g.W * C, T(0));
+      for (int64_t a = 0; a < g.KD; ++a) {
+        const int64_t td = id + g.PD - a;  // = od * SD
+        if (td < 0 || td % g.SD) continue;
+        const int64_t od = td / g.SD;
+        if (od >= g.OD) continue;
+        for (int64_t b = 0; b < g.KH; ++b) {
+          const int64_t th = ih + g.PH - b;
+          if (th < 0 || th % g.SH) continue;
+          const int64_t oh = th / g.SH;
+          if (oh >= g.OH) continue;
+          const T* gyrow = gy + ((n * g.OD + od) * g.OH + oh) * g.OW * C;
+          for (int64_t k = 0; k < g.KW; ++k) {
+            const int64_t tap = (a * g.KH + b) * g.KW + k;
+            const T* __restrict__ wv = w + tap * C;
+            int64_t lo, hi;
+            column_range(k, g, lo, hi);
+            if (flat) {  // gx[j + (k - PW) * C] += gy[j] * w_tap[j % C]
+              const T* __restrict__ gys = gyrow;
+              const T* __restrict__ ws = wide.data() + tap * g.OW * C;
+              T* __restrict__ gxs = gxrow + (k - g.PW) * C;
+#pragma omp simd
+              for (int64_t j = lo * C; j < hi * C; ++j) gxs[j] += gys[j] * ws[j];
+              continue;
+            }
+            for (int64_t ow = lo; ow < hi; ++ow) {  // this thread owns the whole input row
+              const T* __restrict__ gyv = gyrow + ow * C;
+              T* __restrict__ gxv = gxrow + (ow * g.SW - g.PW + k) * C;
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) gxv[c] += gyv[c] * wv[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void weight_grad_rows(const T* x, const T* gy, T* partial, int64_t chunks, const Geometry& g) {
+  // partial: (chunks, taps, OW or 1, C), one accumulator per chunk of output rows, summed by the
+  // caller. With stride 1 along W each tap accumulates a whole row flat (OW * C numbers): one
+  // vectorisable loop per tap and row instead of OW loops of C.
+  const int64_t C = g.C, rows = g.N * g.OD * g.OH, taps = g.KD * g.KH * g.KW;
+  const bool flat = g.SW == 1;
+  const int64_t width = flat ? g.OW : 1;
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      T* acc = partial + chunk * taps * width * C;
+      const int64_t stop = std::min(rows, (chunk + 1) * per_chunk);
+      for (int64_t r = chunk * per_chunk; r < stop; ++r) {
+        const int64_t oh = r % g.OH, od = (r / g.OH) % g.OD, n = r / (g.OH * g.OD);
+        const T* gyrow = gy + r * g.OW * C;
+        for (int64_t a = 0; a < g.KD; ++a) {
+          const int64_t id = od * g.SD - g.PD + a;
+          if (id < 0 || id >= g.D) continue;
+          for (int64_t b = 0; b < g.KH; ++b) {
+            const int64_t ih = oh * g.SH - g.PH + b;
+            if (ih < 0 || ih >= g.H) continue;
+            const T* xrow = x + ((n * g.D + id) * g.H + ih) * g.W * C;
+            for (int64_t k = 0; k < g.KW; ++k) {
+              T* __restrict__ av = acc + ((a * g.KH + b) * g.KW + k) * width * C;
+              int64_t lo, hi;
+              column_range(k, g, lo, hi);
+              if (flat) {  // acc_tap[j] += x[j + (k - PW) * C] * gy[j]
+                const T* __restrict__ xs = xrow + (k - g.PW) * C;
+                const T* __restrict__ gys = gyrow;
+#pragma omp simd
+                for (int64_t j = lo * C; j < hi * C; ++j) av[j] += xs[j] * gys[j];
+                continue;
+              }
+              for (int64_t ow = lo; ow < hi; ++ow) {
+                const T* __restrict__ xv = xrow + (ow * g.SW - g.PW + k) * C;
+                const T* __restrict__ gyv = gyrow + ow * C;
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) av[c] += xv[c] * gyv[c];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor channels_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast3d); }
+
+}  // namespace
+
+// x: (N, C, D, H, W); taps_weight: (KD*KH*KW, C) contiguous. Returns y in channels_last_3d.
+at::Tensor dw_forward(at::Tensor x, at::Tensor taps_weight, std::vector<int64_t> kernel, std::vector<int64_t> stride) {
+  x = channels_last(x);
+  const Geometry g = geometry(x.sizes(), kernel, stride);
+  auto y = at::empty({g.N, g.C, g.OD, g.OH, g.OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast3d));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dw_forward", [&] {
+    forward_rows<scalar_t>(x.data_ptr<scalar_t>(), taps_weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g);
+  });
+  return y;
+}
+
+at::Tensor dw_input_grad(at::Tensor grad_y, at::Tensor taps_weight, std::vector<int64_t> in_sizes,
+                         std::vector<int64_t> kernel, std::vector<int64_t> stride) {
+  grad_y = channels_last(grad_y);
+  const Geometry g = geometry(in_sizes, kernel, stride);
+  TORCH_CHECK(grad_y.size(2) == g.OD && grad_y.size(3) == g.OH && grad_y.size(4) == g.OW, "grad_y shape");
+  auto gx = at::empty(in_sizes, grad_y.options().memory_format(at::MemoryFormat::ChannelsLast3d));
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "dw_input_grad", [&] {
+    input_grad_rows<scalar_t>(grad_y.data_ptr<scalar_t>(), taps_weight.data_ptr<scalar_t>(),
+                              gx.data_ptr<scalar_t>(), g);
+  });
+  return gx;
+}
+
+// Returns the weight gradient as (KD*KH*KW, C).
+at::Tensor dw_weight_grad(at::Tensor x, at::Tensor grad_y, std::vector<int64_t> kernel, std::vector<int64_t> stride) {
+  x = channels_last(x);
+  grad_y = channels_last(grad_y);
+  const Geometry g = geometry(x.sizes(), kernel, stride);
+  const int64_t rows = g.N * g.OD * g.OH;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
+  const int64_t width = g.SW == 1 ? g.OW : 1;
+  auto partial = at::zeros({chunks, g.KD * g.KH * g.KW, width, g.C},
+                           x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dw_weight_grad", [&] {
+    weight_grad_rows<scalar_t>(x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>(),
+                               chunks, g);
+  });
+  return partial.sum(at::IntArrayRef{0, 2});
+}
+"""
+FUNCTIONS = ["dw_forward", "dw_input_grad", "dw_weight_grad"]
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"module": None, "tried": False, "seconds": None, "error": None}
+
+
+def _build_flags() -> list[str]:
+    return ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+
+
+def _extension() -> Any | None:
+    """The compiled module (built or loaded on first call), or None where it cannot be."""
+    with _lock:
+        if _state["tried"]:
+            return _state["module"]
+        _state["tried"] = True
+        if os.environ.get(DISABLE_VAR, "") not in ("", "0"):
+            _state["error"] = f"disabled by {DISABLE_VAR}"
+            return None
+        if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+            _state["error"] = "no C++ compiler on PATH"
+            return None
+        from torch.utils import cpp_extension
+
+        started = time.perf_counter()
+        try:
+            module = cpp_extension.load_inline(
+                name=NAME,
+                cpp_sources=SOURCE,
+                functions=FUNCTIONS,
+                extra_cflags=_build_flags(),
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except Exception as err:  # noqa: BLE001 - any build failure means: use oneDNN's path
+            _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+            print(f"psc-nas: depthwise C++ kernel unavailable ({_state['error']}); using oneDNN", file=sys.stderr)
+            return None
+        _state["seconds"] = time.perf_counter() - started
+        if _state["seconds"] > 2.0:  # a cached load takes well under a second; this was a build
+            print(f"psc-nas: built the depthwise C++ kernel in {_state['seconds']:.1f} s (cached)", file=sys.stderr)
+        _state["module"] = module
+        return module
+
+
+def available() -> bool:
+    """Whether the kernel runs on this machine (builds or loads it on the first call)."""
+    return _extension() is not None
+
+
+def load_seconds() -> float | None:
+    """Seconds the first ``available()`` took to build or load the kernel; None before, or if unavailable."""
+    return _state["seconds"]
+
+
+def unavailable_reason() -> str | None:
+    return _state["error"]
+
+
+def supports(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padding: Sequence[int]) -> bool:
+    """Whether a conv with these arguments is one the kernel computes (before asking ``available()``)."""
+    channels, per_group, *kernel = weight.shape
+    return (
+        bias is None
+        and groups == channels
+        and per_group == 1
+        and weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.float64)
+        and all(k % 2 == 1 for k in kernel)
+        and list(padding) == [k // 2 for k in kernel]
+    )
+
+
+def taps_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C, 1, KD, KH, KW) -> (KD*KH*KW, C), the kernel's layout: one channel vector per tap."""
+    return weight.reshape(weight.shape[0], -1).t().contiguous()
+
+
+def flipped_is_gradient(stride: Sequence[int]) -> bool:
+    """With stride 1 the input gradient is the same conv of dy by the spatially flipped kernel."""
+    return all(s == 1 for s in stride)
+
+
+@torch.library.custom_op("psc_nas::depthwise_conv3d", mutates_args=(), device_types="cpu")
+def depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    """Depthwise 'same'-padded conv of ``x`` (N, C, D, H, W) by ``weight`` (C, 1, kd, kh, kw); channels_last_3d out.
+
+    Forward: oneDNN's channels_last_3d depthwise conv (its forward is fast; its backward is not).
+    Backward: input gradient by the same oneDNN forward on the flipped kernel where the stride is 1,
+    else by the C++ kernel; weight gradient always by the C++ kernel (measured in
+    docs/benchmarks/roofline.md).
+    """
+    if _extension() is None:
+        raise RuntimeError(f"the depthwise C++ kernel is unavailable: {unavailable_reason()}")
+    if x.dtype != weight.dtype:
+        raise RuntimeError(f"x is {x.dtype} but weight is {weight.dtype}")
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    padding = [k // 2 for k in weight.shape[2:]]
+    return F.conv3d(x, weight, None, list(stride), padding, 1, weight.shape[0]).contiguous(
+        memory_format=torch.channels_last_3d
+    )
+
+
+@depthwise_conv3d.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    out = [(size + 2 * (k // 2) - k) // s + 1 for size, k, s in zip(x.shape[2:], weight.shape[2:], stride)]
+    return x.new_empty((x.shape[0], x.shape[1], *out)).contiguous(memory_format=torch.channels_last_3d)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, stride = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.stride = list(stride)
+
+
+def input_grad(
+    grad_y: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int], stride: Sequence[int]
+) -> torch.Tensor:
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last_3d)
+    if flipped_is_gradient(stride):
+        padding = [k // 2 for k in weight.shape[2:]]
+        flipped = weight.flip(2, 3, 4)
+        return F.conv3d(grad_y, flipped, None, 1, padding, 1, weight.shape[0])
+    return _extension().dw_input_grad(grad_y, taps_weight(weight), list(in_shape), list(weight.shape[2:]), list(stride))
+
+
+def weight_grad(
+    x: torch.Tensor, grad_y: torch.Tensor, weight_shape: Sequence[int], stride: Sequence[int]
+) -> torch.Tensor:
+    taps = _extension().dw_weight_grad(x, grad_y, list(weight_shape[2:]), list(stride))
+    return taps.t().reshape(weight_shape)
+
+
+def _backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    x, weight = ctx.saved_tensors
+    grad_x = input_grad(grad_y, weight, x.shape, ctx.stride) if ctx.needs_input_grad[0] else None
+    grad_w = weight_grad(x, grad_y, weight.shape, ctx.stride) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+depthwise_conv3d.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.psc_nas.depthwise_conv3d)
+def _flops(
+    x_shape: Sequence[int], w_shape: Sequence[int], stride: Any, *args: Any, out_shape: Sequence[int], **kw: Any
+) -> int:
+    return 2 * prod(out_shape) * prod(w_shape[2:])  # out_shape (N, C, ...): one MAC per tap per output

@@ -15,6 +15,7 @@ from test_ops import channels, family_args, spatial, stride
 from torch.utils.flop_counter import FlopCounterMode
 
 from psc_nas.ops import ENV_VAR, EXACT_IMPLS, FastGraphConv, GraphConv, create_op, depthwise, families, make_spec
+from psc_nas.ops.cakes import taps_macs_ratio
 
 
 def forward_backward(module: torch.nn.Module, x: torch.Tensor, upstream_seed: int) -> tuple[torch.Tensor, ...]:
@@ -76,6 +77,20 @@ def test_cakes_merges_execute_more_macs_than_the_analytic_cost(impl, executed_ov
     with FlopCounterMode(display=False) as counter:
         spec.build(impl)(torch.randn(1, 7, 4, 4, 4))
     assert counter.get_total_flops() // 2 / spec.cost((4, 4, 4)).macs == pytest.approx(executed_over_analytic)
+
+
+@pytest.mark.parametrize(
+    ("cin", "allocation", "size", "batch"),
+    [(7, None, (4, 4, 4), 1), (5, {"1x3x3": 3, "3x1x1": 2}, (5, 3, 6), 2), (4, {"3x3x3": 2, "1x1x3": 1}, (3, 5, 4), 3)],
+)
+def test_cakes_taps_executes_the_macs_it_reports(cin, allocation, size, batch):
+    spec = make_spec("cakes", cin, sum(allocation.values()) if allocation else cin, allocation=allocation)
+    with FlopCounterMode(display=False) as counter:
+        spec.build("taps")(torch.randn(batch, cin, *size))
+    executed = counter.get_total_flops() // 2
+    ratio = taps_macs_ratio(spec.allocation, size, batch)
+    assert executed == pytest.approx(ratio * batch * spec.cost(size).macs)
+    assert ratio > 1  # more than the analytic count: never the auto rule's choice
 
 
 def test_reference_can_be_forced_by_argument_or_environment(monkeypatch):

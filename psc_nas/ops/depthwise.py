@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 DISABLE_VAR = "PSC_NAS_NO_EXTENSIONS"
-NAME = "psc_nas_depthwise_v2"
+NAME = "psc_nas_depthwise_v3"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -69,55 +69,69 @@ inline void column_range(int64_t k, const Geometry& g, int64_t& lo, int64_t& hi)
   hi = last < 0 ? 0 : std::min(g.OW, last / g.SW + 1);
 }
 
-// With stride 1 along W a tap's contribution to a whole row is one flat loop over (column, channel):
-// y[j] += x[j + (k - PW) * C] * w_tap[j % C]. ``wide`` holds each tap's weights repeated OW times so
-// that loop is a plain vectorisable multiply-add over OW * C numbers, not OW loops of C.
+// One block of channels: kBlock values fill one 512-bit register, so each output pixel's block is
+// a register accumulated over the taps (forward), or each tap's block a register accumulated over
+// a row's columns (weight gradient), with no load or store of the accumulator in between.
 template <typename T>
-std::vector<T> widen(const T* w, const Geometry& g) {
-  const int64_t taps = g.KD * g.KH * g.KW, C = g.C;
-  std::vector<T> wide(taps * g.OW * C);
-  for (int64_t t = 0; t < taps; ++t)
-    for (int64_t ow = 0; ow < g.OW; ++ow) std::copy(w + t * C, w + (t + 1) * C, wide.data() + (t * g.OW + ow) * C);
-  return wide;
+constexpr int64_t block() { return 64 / sizeof(T); }
+
+// Output columns ow whose input column ow * SW - PW + k lies in [0, W) for every k: [lo, hi).
+inline void interior_columns(const Geometry& g, int64_t& lo, int64_t& hi) {
+  lo = (g.PW + g.SW - 1) / g.SW;
+  const int64_t last = g.W - 1 + g.PW - (g.KW - 1);
+  hi = last < 0 ? 0 : std::max(lo, std::min(g.OW, last / g.SW + 1));
 }
 
 template <typename T>
 void forward_rows(const T* x, const T* w, T* y, const Geometry& g) {
-  const int64_t C = g.C, rows = g.N * g.OD * g.OH;
-  const bool flat = g.SW == 1;
-  const std::vector<T> wide = flat ? widen(w, g) : std::vector<T>();
+  constexpr int64_t B = block<T>();
+  const int64_t C = g.C, rows = g.N * g.OD * g.OH, full = C / B * B;
+  int64_t inner_lo, inner_hi;
+  interior_columns(g, inner_lo, inner_hi);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> xrows(g.KD * g.KH);  // the input row each (a, b) reads, or null
+    std::vector<const T*> wrows(g.KD * g.KH);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t oh = r % g.OH, od = (r / g.OH) % g.OD, n = r / (g.OH * g.OD);
-      T* yrow = y + r * g.OW * C;
-      std::fill(yrow, yrow + g.OW * C, T(0));
+      int64_t used = 0;
       for (int64_t a = 0; a < g.KD; ++a) {
         const int64_t id = od * g.SD - g.PD + a;
         if (id < 0 || id >= g.D) continue;
         for (int64_t b = 0; b < g.KH; ++b) {
           const int64_t ih = oh * g.SH - g.PH + b;
           if (ih < 0 || ih >= g.H) continue;
-          const T* xrow = x + ((n * g.D + id) * g.H + ih) * g.W * C;
-          for (int64_t k = 0; k < g.KW; ++k) {
-            const int64_t tap = (a * g.KH + b) * g.KW + k;
-            const T* __restrict__ wv = w + tap * C;
-            int64_t lo, hi;
-            column_range(k, g, lo, hi);
-            if (flat) {
-              const T* __restrict__ xs = xrow + (k - g.PW) * C;
-              const T* __restrict__ ws = wide.data() + tap * g.OW * C;
-              T* __restrict__ ys = yrow;
+          xrows[used] = x + ((n * g.D + id) * g.H + ih) * g.W * C;
+          wrows[used] = w + (a * g.KH + b) * g.KW * C;
+          ++used;
+        }
+      }
+      T* yrow = y + r * g.OW * C;
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        const bool inside = ow >= inner_lo && ow < inner_hi;
+        const int64_t base = ow * g.SW - g.PW;
+        for (int64_t c0 = 0; c0 < full; c0 += B) {
+          T acc[B] = {};
+          for (int64_t u = 0; u < used; ++u) {
+            for (int64_t k = 0; k < g.KW; ++k) {
+              const int64_t iw = base + k;
+              if (!inside && (iw < 0 || iw >= g.W)) continue;
+              const T* __restrict__ xv = xrows[u] + iw * C + c0;
+              const T* __restrict__ wv = wrows[u] + k * C + c0;
 #pragma omp simd
-              for (int64_t j = lo * C; j < hi * C; ++j) ys[j] += xs[j] * ws[j];
-              continue;
-            }
-            for (int64_t ow = lo; ow < hi; ++ow) {
-              const T* __restrict__ xv = xrow + (ow * g.SW - g.PW + k) * C;
-              T* __restrict__ yv = yrow + ow * C;
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) yv[c] += xv[c] * wv[c];
+              for (int64_t c = 0; c < B; ++c) acc[c] += xv[c] * wv[c];
             }
           }
+          std::copy(acc, acc + B, yrow + ow * C + c0);
+        }
+        if (full < C) {  // the channels past the last full block
+          T* yv = yrow + ow * C;
+          std::fill(yv + full, yv + C, T(0));
+          for (int64_t u = 0; u < used; ++u)
+            for (int64_t k = 0; k < g.KW; ++k) {
+              const int64_t iw = base + k;
+              if (iw < 0 || iw >= g.W) continue;
+              for (int64_t c = full; c < C; ++c) yv[c] += xrows[u][iw * C + c] * wrows[u][k * C + c];
+            }
         }
       }
     }
@@ -127,8 +141,6 @@ void forward_rows(const T* x, const T* w, T* y, const Geometry& g) {
 template <typename T>
 void input_grad_rows(const T* gy, const T* w, T* gx, const Geometry& g) {
   const int64_t C = g.C, rows = g.N * g.D * g.H;
-  const bool flat = g.SW == 1;
-  const std::vector<T> wide = flat ? widen(w, g) : std::vector<T>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t ih = r % g.H, id = (r / g.H) % g.D, n = r / (g.H * g.D);
@@ -146,18 +158,9 @@ void input_grad_rows(const T* gy, const T* w, T* gx, const Geometry& g) {
           if (oh >= g.OH) continue;
           const T* gyrow = gy + ((n * g.OD + od) * g.OH + oh) * g.OW * C;
           for (int64_t k = 0; k < g.KW; ++k) {
-            const int64_t tap = (a * g.KH + b) * g.KW + k;
-            const T* __restrict__ wv = w + tap * C;
+            const T* __restrict__ wv = w + ((a * g.KH + b) * g.KW + k) * C;
             int64_t lo, hi;
             column_range(k, g, lo, hi);
-            if (flat) {  // gx[j + (k - PW) * C] += gy[j] * w_tap[j % C]
-              const T* __restrict__ gys = gyrow;
-              const T* __restrict__ ws = wide.data() + tap * g.OW * C;
-              T* __restrict__ gxs = gxrow + (k - g.PW) * C;
-#pragma omp simd
-              for (int64_t j = lo * C; j < hi * C; ++j) gxs[j] += gys[j] * ws[j];
-              continue;
-            }
             for (int64_t ow = lo; ow < hi; ++ow) {  // this thread owns the whole input row
               const T* __restrict__ gyv = gyrow + ow * C;
               T* __restrict__ gxv = gxrow + (ow * g.SW - g.PW + k) * C;
@@ -173,16 +176,13 @@ void input_grad_rows(const T* gy, const T* w, T* gx, const Geometry& g) {
 
 template <typename T>
 void weight_grad_rows(const T* x, const T* gy, T* partial, int64_t chunks, const Geometry& g) {
-  // partial: (chunks, taps, OW or 1, C), one accumulator per chunk of output rows, summed by the
-  // caller. With stride 1 along W each tap accumulates a whole row flat (OW * C numbers): one
-  // vectorisable loop per tap and row instead of OW loops of C.
-  const int64_t C = g.C, rows = g.N * g.OD * g.OH, taps = g.KD * g.KH * g.KW;
-  const bool flat = g.SW == 1;
-  const int64_t width = flat ? g.OW : 1;
+  // partial: (chunks, taps, C), one accumulator per chunk of output rows, summed by the caller.
+  constexpr int64_t B = block<T>();
+  const int64_t C = g.C, rows = g.N * g.OD * g.OH, taps = g.KD * g.KH * g.KW, full = C / B * B;
   const int64_t per_chunk = (rows + chunks - 1) / chunks;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      T* acc = partial + chunk * taps * width * C;
+      T* acc_all = partial + chunk * taps * C;
       const int64_t stop = std::min(rows, (chunk + 1) * per_chunk);
       for (int64_t r = chunk * per_chunk; r < stop; ++r) {
         const int64_t oh = r % g.OH, od = (r / g.OH) % g.OD, n = r / (g.OH * g.OD);
@@ -195,22 +195,35 @@ void weight_grad_rows(const T* x, const T* gy, T* partial, int64_t chunks, const
             if (ih < 0 || ih >= g.H) continue;
             const T* xrow = x + ((n * g.D + id) * g.H + ih) * g.W * C;
             for (int64_t k = 0; k < g.KW; ++k) {
-              T* __restrict__ av = acc + ((a * g.KH + b) * g.KW + k) * width * C;
+              T* __restrict__ av = acc_all + ((a * g.KH + b) * g.KW + k) * C;
               int64_t lo, hi;
               column_range(k, g, lo, hi);
-              if (flat) {  // acc_tap[j] += x[j + (k - PW) * C] * gy[j]
-                const T* __restrict__ xs = xrow + (k - g.PW) * C;
-                const T* __restrict__ gys = gyrow;
+              const int64_t shift = k - g.PW;
+              for (int64_t c0 = 0; c0 < full; c0 += B) {
+                T acc0[B] = {}, acc1[B] = {};  // two chains hide the multiply-add latency
+                int64_t ow = lo;
+                for (; ow + 1 < hi; ow += 2) {
+                  const T* __restrict__ x0 = xrow + (ow * g.SW + shift) * C + c0;
+                  const T* __restrict__ x1 = xrow + ((ow + 1) * g.SW + shift) * C + c0;
+                  const T* __restrict__ g0 = gyrow + ow * C + c0;
+                  const T* __restrict__ g1 = g0 + C;
 #pragma omp simd
-                for (int64_t j = lo * C; j < hi * C; ++j) av[j] += xs[j] * gys[j];
-                continue;
-              }
-              for (int64_t ow = lo; ow < hi; ++ow) {
-                const T* __restrict__ xv = xrow + (ow * g.SW - g.PW + k) * C;
-                const T* __restrict__ gyv = gyrow + ow * C;
+                  for (int64_t c = 0; c < B; ++c) {
+                    acc0[c] += x0[c] * g0[c];
+                    acc1[c] += x1[c] * g1[c];
+                  }
+                }
+                if (ow < hi) {
+                  const T* __restrict__ x0 = xrow + (ow * g.SW + shift) * C + c0;
+                  const T* __restrict__ g0 = gyrow + ow * C + c0;
 #pragma omp simd
-                for (int64_t c = 0; c < C; ++c) av[c] += xv[c] * gyv[c];
+                  for (int64_t c = 0; c < B; ++c) acc0[c] += x0[c] * g0[c];
+                }
+#pragma omp simd
+                for (int64_t c = 0; c < B; ++c) av[c0 + c] += acc0[c] + acc1[c];
               }
+              for (int64_t c = full; c < C; ++c)
+                for (int64_t ow = lo; ow < hi; ++ow) av[c] += xrow[(ow * g.SW + shift) * C + c] * gyrow[ow * C + c];
             }
           }
         }
@@ -254,14 +267,13 @@ at::Tensor dw_weight_grad(at::Tensor x, at::Tensor grad_y, std::vector<int64_t> 
   const Geometry g = geometry(x.sizes(), kernel, stride);
   const int64_t rows = g.N * g.OD * g.OH;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
-  const int64_t width = g.SW == 1 ? g.OW : 1;
-  auto partial = at::zeros({chunks, g.KD * g.KH * g.KW, width, g.C},
+  auto partial = at::zeros({chunks, g.KD * g.KH * g.KW, g.C},
                            x.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dw_weight_grad", [&] {
     weight_grad_rows<scalar_t>(x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>(),
                                chunks, g);
   });
-  return partial.sum(at::IntArrayRef{0, 2});
+  return partial.sum(0);
 }
 """
 FUNCTIONS = ["dw_forward", "dw_input_grad", "dw_weight_grad"]
@@ -271,7 +283,7 @@ _state: dict[str, Any] = {"module": None, "tried": False, "seconds": None, "erro
 
 
 def _build_flags() -> list[str]:
-    return ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+    return ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=fast"]
 
 
 def _extension() -> Any | None:

@@ -4,9 +4,12 @@
     python benchmarks/roofline.py --quick --out -         # C=16 at 32³ only, to stdout
 
 Compute peak: the best GF/s of a dense float32 ``torch.mm`` (n = 2048) at 1 and 2 threads. Memory
-bandwidth: the best of copying a 256 MiB float32 tensor into another (bytes read + bytes written,
-STREAM's "copy" count). A kernel of arithmetic intensity I (flops per byte it must move) can reach at
-most ``min(peak, I · bandwidth)``; "% of roofline" is achieved GF/s over that bound.
+bandwidth: the best of copying a float32 tensor into another (bytes read + bytes written, STREAM's
+"copy" count), for 256 MiB (DRAM) and, per shape, for a tensor the size of the conv's input: this
+machine's 480 MiB L3 holds every activation measured here, so the activation-sized copy is the
+bandwidth a depthwise conv can actually get. A kernel of arithmetic intensity I (flops per byte it
+must move) can reach at most ``min(peak, I · bandwidth)``; "% of roofline" is achieved GF/s over
+that bound, with the activation-sized bandwidth.
 
 A depthwise 3x3x3 conv does 27 MACs per output element and must at least read its input and
 write its output: I = 2·27 / 8 = 6.75 flop/byte in float32 (stride 1) for the forward. Forward +
@@ -19,8 +22,10 @@ Paths (batch 2, channels C in = out, cube side S, 2 threads, best of ``--repeats
 - ``onednn channels_last``: the same on channels_last_3d (what ``csn_ir`` ran before this kernel);
 - ``unfold``: 27 shifted views of the zero-padded channels_last input times per-channel weights,
   summed (autograd does the backward);
-- ``kernel``: psc-nas's C++ kernel (``psc_nas/ops/depthwise.py``); its build/load time is
-  printed separately and never inside a timed call.
+- ``kernel``: psc-nas's C++ kernel for the forward, the input gradient and the weight gradient;
+- ``op``: ``depthwise.depthwise_conv3d``, what the ``depthwise`` implementation runs: oneDNN's
+  channels_last forward, the input gradient as that forward on the flipped kernel, the kernel's
+  weight gradient. The kernel's build/load time is printed separately, never inside a timed call.
 """
 
 from __future__ import annotations
@@ -79,6 +84,22 @@ def unfold_depthwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
+class KernelOnly(torch.autograd.Function):
+    """Forward, input and weight gradient all by the C++ kernel (stride 1)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return depthwise._extension().dw_forward(x, depthwise.taps_weight(weight), [3, 3, 3], [1, 1, 1])
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, weight = ctx.saved_tensors
+        kernel = depthwise._extension()
+        grad_x = kernel.dw_input_grad(grad_y, depthwise.taps_weight(weight), list(x.shape), [3, 3, 3], [1, 1, 1])
+        return grad_x, depthwise.weight_grad(x, grad_y, weight.shape, [1, 1, 1])
+
+
 def paths() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     found = {
         "onednn NCDHW": lambda x, w: F.conv3d(x.contiguous(), w, None, 1, 1, 1, w.shape[0]),
@@ -88,13 +109,16 @@ def paths() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         "unfold": lambda x, w: unfold_depthwise(x.contiguous(memory_format=torch.channels_last_3d), w),
     }
     if depthwise.available():
-        found["kernel"] = lambda x, w: depthwise.depthwise_conv3d(x, w, [1, 1, 1])
+        found["kernel"] = KernelOnly.apply
+        found["op"] = lambda x, w: depthwise.depthwise_conv3d(x, w, [1, 1, 1])
     return found
 
 
-def measure_shape(channels: int, size: int, repeats: int, peak: float, bandwidth: float) -> dict:
+def measure_shape(channels: int, size: int, repeats: int, peak: float) -> dict:
     torch.set_num_threads(2)
     x = torch.randn(BATCH, channels, size, size, size).contiguous(memory_format=torch.channels_last_3d)
+    copy = torch.empty_like(x)
+    bandwidth = 2 * x.numel() * 4 / best_seconds(lambda: copy.copy_(x), repeats) / 1e9
     weight = torch.randn(channels, 1, 3, 3, 3)
     elements = x.numel()
     flops_forward = 2 * TAPS * elements
@@ -120,6 +144,7 @@ def measure_shape(channels: int, size: int, repeats: int, peak: float, bandwidth
         "channels": channels,
         "size": size,
         "intensity": intensity,
+        "bandwidth": bandwidth,
         "bound": bound,
         "load": os.getloadavg()[0],
         "rows": rows,
@@ -138,17 +163,21 @@ def render(run: dict) -> str:
         f"| dense GEMM (torch.mm 2048², fp32) GF/s | {run['peak'][0]:.0f} | {run['peak'][1]:.0f} |",
         f"| copy bandwidth (256 MiB, read+write) GB/s | {run['bandwidth'][0]:.1f} | {run['bandwidth'][1]:.1f} |",
         "",
-        f"Ridge point (2 threads): {run['peak'][1] / run['bandwidth'][1]:.1f} flop/byte; a depthwise 3x3x3 conv "
-        "has 6.75, so it is memory-bound here. Kernel build/load: "
+        "Per shape below: the copy bandwidth of an activation-sized tensor (2 threads, in cache) and the "
+        "roofline bound min(peak, 6.75 flop/byte x that bandwidth) the % column divides by.",
+        "",
+        f"Ridge point (2 threads, DRAM): {run['peak'][1] / run['bandwidth'][1]:.1f} flop/byte; a depthwise "
+        "3x3x3 conv has 6.75: memory-bound from DRAM. Kernel build/load: "
         + (f"{run['kernel_load_s']:.1f} s (outside every timed call)." if run["kernel_load_s"] else "not available."),
         "",
-        "| C | S³ | mode | path | ms | GF/s | % of roofline | load |",
-        "|---:|---:|---|---|---:|---:|---:|---:|",
+        "| C | S³ | copy GB/s | bound GF/s | mode | path | ms | GF/s | % of roofline | load |",
+        "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for shape in run["shapes"]:
         for row in shape["rows"]:
             lines.append(
-                f"| {shape['channels']} | {shape['size']} | {row['mode']} | {row['path']} | {row['ms']:.2f} | "
+                f"| {shape['channels']} | {shape['size']} | {shape['bandwidth']:.0f} | {shape['bound']:.0f} | "
+                f"{row['mode']} | {row['path']} | {row['ms']:.2f} | "
                 f"{row['gflops']:.1f} | {100 * row['roofline']:.0f}% | {shape['load']:.1f} |"
             )
     return "\n".join(lines) + "\n"
@@ -178,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     for size in args.sizes:
         for channels in args.channels:
-            run["shapes"].append(measure_shape(channels, size, args.repeats, run["peak"][1], run["bandwidth"][1]))
+            run["shapes"].append(measure_shape(channels, size, args.repeats, run["peak"][1]))
             print(f"C={channels} {size}³ done after {time.perf_counter() - started:.0f} s", file=sys.stderr)
     run["load_after"] = os.getloadavg()[0]
     text = render(run)

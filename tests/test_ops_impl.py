@@ -192,3 +192,17 @@ def test_without_the_kernel_depthwise_is_folded_with_no_error(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"disabled by {depthwise.DISABLE_VAR}"
+
+
+@needs_kernel
+def test_inference_tracing_and_export_of_csn_hold_no_custom_op():
+    # A TorchScript or ONNX file of a csn network must load where psc-nas is not installed.
+    module = make_spec("csn_ir", 4, 4).build().eval()
+    x = torch.randn(1, 4, 5, 5, 5)
+    traced = torch.jit.trace(module, x)
+    assert "depthwise_conv3d" not in str(traced.inlined_graph)
+    exported = torch.export.export(module, (x,))
+    assert "depthwise_conv3d" not in str(exported.graph)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(x)
+    assert "psc_nas.depthwise_conv3d" not in {str(op) for op in counter.get_flop_counts()["Global"]}

@@ -9,8 +9,9 @@ whichever implementation ran. Implementations, by name (each executes exactly ``
 - ``folded``: channels_last, and every conv whose kernel and stride are 1 along D runs as a 2D
   conv over ``(N·D, C, H, W)``, which in channels_last_3d is a free view. oneDNN's 2D kernels
   beat its 3D ones for these shapes (1×3×3, 1×1×3, 1×3×1, 1×1×1).
-- ``depthwise``: ``folded``, and every depthwise conv (groups = channels, no bias) runs
-  ``depthwise.depthwise_conv3d``: oneDNN's forward with a backward of psc-nas's C++ kernel. The
+- ``depthwise``: ``folded``, and every depthwise conv (groups = channels, no bias) of a training
+  step runs ``depthwise.depthwise_conv3d``: oneDNN's forward with a backward of psc-nas's C++
+  kernel (inference, tracing and export run the plain conv: same forward, portable graphs). The
   kernel is built (or loaded from the cache) when such a module is built; where it cannot be,
   this implementation is exactly ``folded``.
 
@@ -56,7 +57,11 @@ class FastGraphConv(GraphConv):
     def run_conv(self, layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return layer(x)
-        if self.kernel and depthwise.supports(layer.weight, layer.bias, layer.groups, layer.padding):
+        if (
+            self.kernel
+            and training_step(x, layer.weight)
+            and depthwise.supports(layer.weight, layer.bias, layer.groups, layer.padding)
+        ):
             return depthwise.depthwise_conv3d(x, layer.weight, list(layer.stride))
         return conv(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.groups, self.fold)
 
@@ -97,3 +102,12 @@ def has_depthwise_conv(spec: Op) -> bool:
         node.conv.groups == node.conv.in_channels == node.conv.out_channels and not node.conv.bias
         for node in spec.graph().nodes
     )
+
+
+def training_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a backward may follow, outside tracing and export: only then does the depthwise op (whose
+    forward is oneDNN's anyway) run, so inference, TorchScript and ONNX graphs hold plain convolutions."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        return False
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting())

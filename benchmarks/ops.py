@@ -109,9 +109,11 @@ def timed(step: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def measure(channels: int, size: int, repeats: int, rng: random.Random) -> tuple[list[Variant], float, float]:
+def measure(
+    channels: int, size: int, repeats: int, rng: random.Random, layout: torch.memory_format = torch.contiguous_format
+) -> tuple[list[Variant], float, float]:
     """Times of every variant, the fastest conversion of x to channels_last_3d and the copy bandwidth (GB/s)."""
-    x = torch.randn(BATCH, channels, size, size, size)
+    x = torch.randn(BATCH, channels, size, size, size).contiguous(memory_format=layout)
     copy = torch.empty_like(x)
     variants = variants_for(channels, size)
     conversion: list[float] = []
@@ -231,6 +233,14 @@ def render(run: dict) -> str:
         "## Measured run",
         "",
         f"- command: `{run['command']}` ({run['repeats']} interleaved repeats after a warm-up; best and median)",
+        *(
+            [
+                "- input: channels_last_3d (as inside a network of fast ops): no NCDHW conversion of x, nor of "
+                "the input gradient autograd keeps for the leaf x, in any time below"
+            ]
+            if run.get("input") == "channels_last_3d"
+            else []
+        ),
         f"- date: {run['date']}, torch {run['torch']}, CPU: {run['cpu']}, {run['threads']} threads, "
         f"oneDNN {run['onednn']}",
         "- the machine was shared with other engineers' jobs while this ran: absolute times are noisy, "
@@ -263,6 +273,7 @@ def run_all(args: argparse.Namespace, command: str, save: Callable[[dict], None]
     run = {
         "command": command,
         "repeats": args.repeats,
+        "input": "channels_last_3d" if args.channels_last_input else "NCDHW",
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "cpu": cpu_model(),
@@ -276,7 +287,8 @@ def run_all(args: argparse.Namespace, command: str, save: Callable[[dict], None]
     for size in args.sizes:
         for channels in args.channels:
             load_before = os.getloadavg()[0]
-            variants, conversion, bandwidth = measure(channels, size, args.repeats, rng)
+            layout = torch.channels_last_3d if args.channels_last_input else torch.contiguous_format
+            variants, conversion, bandwidth = measure(channels, size, args.repeats, rng, layout)
             rows = [
                 {
                     "family": v.family,
@@ -311,6 +323,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--channels-last-input",
+        action="store_true",
+        help="feed channels_last_3d inputs, as inside a network of fast ops: no conversion of x or of its grad",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the issue's setting)")
     parser.add_argument("--families", nargs="+", help=f"only these rows (always with conv3d); of {list(FAMILIES)}")
     parser.add_argument("--quick", action="store_true", help="C=16 at 32³, 3 repeats")

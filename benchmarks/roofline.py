@@ -16,12 +16,14 @@ write its output: I = 2·27 / 8 = 6.75 flop/byte in float32 (stride 1) for the f
 backward moves six activation-sized tensors (forward: x in, y out; input gradient: dy in, dx
 out; weight gradient: x and dy in) for three times the forward's flops: the same 6.75.
 
-Paths (batch 2, channels C in = out, cube side S, 2 threads, best of ``--repeats`` interleaved):
+Paths (batch 2, channels C in = out, cube side S, ``--threads`` threads, each the best of ``--repeats``
+calls after one warm-up):
 
 - ``onednn NCDHW``: ``F.conv3d(groups=C)`` on a contiguous tensor;
 - ``onednn channels_last``: the same on channels_last_3d (what ``csn_ir`` ran before this kernel);
 - ``unfold``: 27 shifted views of the zero-padded channels_last input times per-channel weights,
-  summed (autograd does the backward);
+  summed (autograd does the backward); measured at the smallest C only (54 elementwise passes:
+  seconds per call, 50-500x the others);
 - ``kernel``: psc-nas's C++ kernel for the forward, the input gradient and the weight gradient;
 - ``op``: ``depthwise.depthwise_conv3d``, what the ``depthwise`` implementation runs: oneDNN's
   channels_last forward, the input gradient as that forward on the flipped kernel, the kernel's
@@ -100,22 +102,23 @@ class KernelOnly(torch.autograd.Function):
         return grad_x, depthwise.weight_grad(x, grad_y, weight.shape, [1, 1, 1])
 
 
-def paths() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def paths(with_unfold: bool) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     found = {
         "onednn NCDHW": lambda x, w: F.conv3d(x.contiguous(), w, None, 1, 1, 1, w.shape[0]),
         "onednn channels_last": lambda x, w: F.conv3d(
             x.contiguous(memory_format=torch.channels_last_3d), w, None, 1, 1, 1, w.shape[0]
         ),
-        "unfold": lambda x, w: unfold_depthwise(x.contiguous(memory_format=torch.channels_last_3d), w),
     }
+    if with_unfold:
+        found["unfold"] = lambda x, w: unfold_depthwise(x.contiguous(memory_format=torch.channels_last_3d), w)
     if depthwise.available():
         found["kernel"] = KernelOnly.apply
         found["op"] = lambda x, w: depthwise.depthwise_conv3d(x, w, [1, 1, 1])
     return found
 
 
-def measure_shape(channels: int, size: int, repeats: int, peak: float) -> dict:
-    torch.set_num_threads(2)
+def measure_shape(channels: int, size: int, repeats: int, peak: float, with_unfold: bool, threads: int) -> dict:
+    torch.set_num_threads(threads)
     x = torch.randn(BATCH, channels, size, size, size).contiguous(memory_format=torch.channels_last_3d)
     copy = torch.empty_like(x)
     bandwidth = 2 * x.numel() * 4 / best_seconds(lambda: copy.copy_(x), repeats) / 1e9
@@ -125,7 +128,7 @@ def measure_shape(channels: int, size: int, repeats: int, peak: float) -> dict:
     intensity = flops_forward / (2 * elements * 4)  # read x, write y
     bound = min(peak, intensity * bandwidth)
     rows = []
-    for name, run in paths().items():
+    for name, run in paths(with_unfold).items():
 
         def forward(run=run) -> None:
             with torch.no_grad():
@@ -163,8 +166,8 @@ def render(run: dict) -> str:
         f"| dense GEMM (torch.mm 2048², fp32) GF/s | {run['peak'][0]:.0f} | {run['peak'][1]:.0f} |",
         f"| copy bandwidth (256 MiB, read+write) GB/s | {run['bandwidth'][0]:.1f} | {run['bandwidth'][1]:.1f} |",
         "",
-        "Per shape below: the copy bandwidth of an activation-sized tensor (2 threads, in cache) and the "
-        "roofline bound min(peak, 6.75 flop/byte x that bandwidth) the % column divides by.",
+        f"Per shape below ({run['threads']} thread(s)): the copy bandwidth of an activation-sized tensor (in "
+        "cache) and the roofline bound min(peak, 6.75 flop/byte x that bandwidth) the % column divides by.",
         "",
         f"Ridge point (2 threads, DRAM): {run['peak'][1] / run['bandwidth'][1]:.1f} flop/byte; a depthwise "
         "3x3x3 conv has 6.75: memory-bound from DRAM. Kernel build/load: "
@@ -188,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=2, choices=[1, 2], help="threads for the depthwise paths (default 2)"
+    )
     parser.add_argument("--quick", action="store_true", help="C=16 at 32³, 3 repeats")
     parser.add_argument("--out", default="docs/benchmarks/roofline.md", help="markdown path, or - for stdout")
     args = parser.parse_args(argv)
@@ -200,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "load_before": os.getloadavg()[0],
+        "threads": args.threads,
         "kernel_load_s": depthwise.load_seconds(),
         "peak": [gemm_peak(t, args.repeats) for t in (1, 2)],
         "bandwidth": [copy_bandwidth(t, args.repeats) for t in (1, 2)],
@@ -207,7 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     for size in args.sizes:
         for channels in args.channels:
-            run["shapes"].append(measure_shape(channels, size, args.repeats, run["peak"][1]))
+            smallest = channels == min(args.channels) and size == min(args.sizes)
+            run["shapes"].append(
+                measure_shape(channels, size, args.repeats, run["peak"][args.threads - 1], smallest, args.threads)
+            )
             print(f"C={channels} {size}³ done after {time.perf_counter() - started:.0f} s", file=sys.stderr)
     run["load_after"] = os.getloadavg()[0]
     text = render(run)

@@ -34,12 +34,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 DISABLE_VAR = "PSC_NAS_NO_EXTENSIONS"
-NAME = "psc_nas_depthwise_v3"
+NAME = "psc_nas_depthwise_v4"
 
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -232,6 +233,82 @@ void weight_grad_rows(const T* x, const T* gy, T* partial, int64_t chunks, const
   });
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// Weight gradient of a 3x3x3 kernel in float32 with C a multiple of 16: per output row and block of
+// 16 channels, all 27 taps' accumulators stay in registers while the row's columns stream past, so
+// each multiply-add needs one load of x (dy is loaded once per column for all taps). Missing input
+// rows read a zero row; the first and last columns (where a W tap falls outside) go the scalar way.
+bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, int64_t chunks, const Geometry& g) {
+  if (g.KD != 3 || g.KH != 3 || g.KW != 3 || g.C % 16 != 0) return false;
+  const int64_t C = g.C, rows = g.N * g.OD * g.OH;
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  int64_t inner_lo, inner_hi;
+  interior_columns(g, inner_lo, inner_hi);
+  const std::vector<float> zero_row(g.W * C, 0.0f);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      float* acc_all = partial + chunk * 27 * C;
+      const int64_t stop = std::min(rows, (chunk + 1) * per_chunk);
+      for (int64_t r = chunk * per_chunk; r < stop; ++r) {
+        const int64_t oh = r % g.OH, od = (r / g.OH) % g.OD, n = r / (g.OH * g.OD);
+        const float* gyrow = gy + r * g.OW * C;
+        const float* xrows[9];
+        for (int64_t a = 0; a < 3; ++a)
+          for (int64_t b = 0; b < 3; ++b) {
+            const int64_t id = od * g.SD - 1 + a, ih = oh * g.SH - 1 + b;
+            const bool inside = id >= 0 && id < g.D && ih >= 0 && ih < g.H;
+            xrows[a * 3 + b] = inside ? x + ((n * g.D + id) * g.H + ih) * g.W * C : zero_row.data();
+          }
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+          __m512 acc[27];
+#pragma GCC unroll 27
+          for (int t = 0; t < 27; ++t) acc[t] = _mm512_setzero_ps();
+          for (int64_t ow = inner_lo; ow < inner_hi; ++ow) {
+            const __m512 dy = _mm512_loadu_ps(gyrow + ow * C + c0);
+            const int64_t base = (ow * g.SW - 1) * C + c0;
+#pragma GCC unroll 9
+            for (int u = 0; u < 9; ++u) {
+              const float* xv = xrows[u] + base;
+              acc[u * 3 + 0] = _mm512_fmadd_ps(_mm512_loadu_ps(xv), dy, acc[u * 3 + 0]);
+              acc[u * 3 + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xv + C), dy, acc[u * 3 + 1]);
+              acc[u * 3 + 2] = _mm512_fmadd_ps(_mm512_loadu_ps(xv + 2 * C), dy, acc[u * 3 + 2]);
+            }
+          }
+#pragma GCC unroll 27
+          for (int t = 0; t < 27; ++t) {
+            float* av = acc_all + t * C + c0;
+            _mm512_storeu_ps(av, _mm512_add_ps(_mm512_loadu_ps(av), acc[t]));
+          }
+        }
+        for (int64_t ow = 0; ow < g.OW; ++ow) {  // the edge columns
+          if (ow >= inner_lo && ow < inner_hi) continue;
+          for (int t = 0; t < 27; ++t) {
+            const int64_t iw = ow * g.SW - 1 + t % 3;
+            if (iw < 0 || iw >= g.W) continue;
+            const float* xv = xrows[t / 3] + iw * C;
+            const float* dv = gyrow + ow * C;
+            float* av = acc_all + t * C;
+            for (int64_t c = 0; c < C; ++c) av[c] += xv[c] * dv[c];
+          }
+        }
+      }
+    }
+  });
+  return true;
+}
+#endif
+
+template <typename T>
+void weight_grad(const T* x, const T* gy, T* partial, int64_t chunks, const Geometry& g) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (weight_grad_3x3x3_avx512(x, gy, partial, chunks, g)) return;
+  }
+#endif
+  weight_grad_rows<T>(x, gy, partial, chunks, g);
+}
+
 at::Tensor channels_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast3d); }
 
 }  // namespace
@@ -270,8 +347,8 @@ at::Tensor dw_weight_grad(at::Tensor x, at::Tensor grad_y, std::vector<int64_t> 
   auto partial = at::zeros({chunks, g.KD * g.KH * g.KW, g.C},
                            x.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dw_weight_grad", [&] {
-    weight_grad_rows<scalar_t>(x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>(),
-                               chunks, g);
+    weight_grad<scalar_t>(x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>(), chunks,
+                          g);
   });
   return partial.sum(0);
 }

@@ -117,6 +117,8 @@ DEPTHWISE_CASES = [  # (batch, channels, D, H, W, stride): odd sizes, strides 1 
     (3, 8, 6, 7, 5, (2, 2, 2)),
     (3, 4, 5, 8, 7, (1, 2, 2)),
     (1, 6, 4, 6, 5, (2, 1, 1)),
+    (2, 32, 5, 7, 6, (2, 2, 2)),  # float32 with C % 16 == 0: the AVX-512 weight gradient where the CPU has it
+    (1, 16, 6, 5, 9, (1, 2, 2)),
 ]
 
 

@@ -13,12 +13,13 @@ CAKES offers two merges that execute more MACs than it costs: ``masked`` (every 
 zero-padded to 3x3x3, one conv) and ``planes`` (1x1x3 into 1x3x3, 1x3x1 into 3x3x1, 3x1x1 into
 3x1x3: four convs instead of seven), 27/9 and 81/63 of the analytic MACs for a uniform allocation.
 
-``taps`` (stride 1 only; other strides run ``channels_last``) computes CAKES as one GEMM per (D, H)
-line of the cube, on shifted row ranges of the zero-padded channels_last input seen as a
-(positions, 3·C_in) matrix (each position beside its two W neighbours): a shift of the kernel is a
-constant row offset. Each line's GEMM covers only the output channels whose sub-kernel touches it,
-so it executes ``taps_macs_ratio`` of the analytic MACs (uniform: 93/63 on the taps, times the
-padded grid's 1.13 at 32³, 1.06 at 64³), against ``masked``'s 3x.
+``taps`` (stride 1 only; other strides run ``channels_last``) computes CAKES as one GEMM: the
+zero-padded channels_last input as (positions, 3·C_in) rows (each position beside its two W
+neighbours) times every (D, H) line of the cube's weights side by side, over only the output
+channels whose sub-kernel touches that line; each line's block of the product is then added to the
+output shifted by the line's row offset. It executes ``taps_macs_ratio`` of the analytic MACs
+(uniform: 1.79x at 32³, against ``masked``'s 3x) and measured slower than the seven convs
+(docs/benchmarks/ops.md), so no rule picks it.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class MergedCakesConv(FastGraphConv):
 
 
 class TapCakesConv(FastGraphConv):
-    """CAKES as one GEMM per (D, H) kernel line on shifted views of a padded channels_last input (``taps``)."""
+    """CAKES as one GEMM over every (D, H) kernel line of a padded channels_last input (``taps``)."""
 
     def __init__(self, spec: CakesSpec) -> None:
         super().__init__(spec, "channels_last")

@@ -1,11 +1,14 @@
-"""A depthwise 3D conv (groups = channels) on channels_last_3d CPU tensors: psc-nas's own C++ kernel.
+"""A depthwise 3D conv (groups = channels) on channels_last_3d CPU tensors, with psc-nas's own C++ kernel.
 
-oneDNN runs a depthwise 3x3x3 conv at 6-14 GF/s where a dense Conv3d runs at 110-120
-(docs/benchmarks/ops.md). In channels_last_3d a depthwise conv is ``prod(kernel)`` shifted
-multiply-adds vectorised over channels; the kernel below does them in one pass per output row
-(forward), per input row (input gradient, a gather, so threads never write the same row) and as
-``prod(kernel)`` channel-vector reductions (weight gradient, one accumulator per thread). Odd
-kernels with 'same' padding (``kernel // 2``), any stride, no bias, float32 or float64.
+oneDNN's channels_last depthwise 3x3x3 *forward* runs near this machine's roofline, but its
+backward takes 30-65x as long (docs/benchmarks/ops.md, roofline.md). ``depthwise_conv3d`` keeps
+oneDNN's forward, computes the stride-1 input gradient as that forward on the spatially flipped
+kernel, and the weight gradient with the C++ kernel below: per output row and 16-channel block,
+all 27 taps' accumulators in AVX-512 registers while the row's columns stream past (float32,
+3x3x3, C a multiple of 16; a generic vectorised loop otherwise). The kernel also has a forward
+(one register block per pixel over the taps) and a strided input gradient (a gather per input
+row, so threads never write the same row), used for strides other than 1 and by the benchmarks.
+Odd kernels with 'same' padding (``kernel // 2``), any stride, no bias, float32 or float64.
 
 The kernel is compiled once per machine by ``torch.utils.cpp_extension.load_inline`` (g++, ninja)
 into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and loaded from there by
@@ -15,7 +18,8 @@ path. A build prints one line with its time to stderr, and ``load_seconds()`` re
 compile time never hides inside a timed search or benchmark.
 
 ``depthwise_conv3d`` is a ``torch.library`` custom op (``psc_nas::depthwise_conv3d``) with a
-registered autograd formula and a FLOP formula, so ``FlopCounterMode`` counts its exact MACs.
+registered autograd formula and a FLOP formula, so ``FlopCounterMode`` counts its exact MACs;
+``fast.py`` calls it only in a training step, so inference, tracing and export see a plain conv.
 """
 
 from __future__ import annotations

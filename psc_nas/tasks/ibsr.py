@@ -182,17 +182,6 @@ class IBSRTask(Task):
     metric_direction = "maximize"
     metric_range = (0.0, 1.0)
     default_space = "ibsr_densenet3d"
-    # The quick search ranks candidates by the schedule that agreed best with long trainings on the
-    # fidelity panel (docs/benchmarks/fidelity.md, "train-w0.25-c16-bal-256"): a width-0.25 proxy of each
-    # candidate, the reference's one-cycle AdamW, 128 then 256 steps on 16³ patches centred on each class
-    # equally often (CSF is learned within the run); validation as always, whole volumes in 32³ windows.
-    profile_overrides = {
-        "quick": {
-            "data_options": {"samples_per_epoch": 512, "batch_size": 4, "patch_size": 16, "class_balanced": True},
-            "evaluator_options": {"width": 0.25, "lr": 2e-3, "lr_schedule": "onecycle", "weight_decay": 1e-4},
-            "trials": 24,
-        }
-    }
 
     def loss(self) -> TargetLoss:
         # Dice over the whole batch: a 32³ patch often lacks CSF, and per-patch Dice of an absent

@@ -312,7 +312,8 @@ def search(
     budget_sampling: Annotated[
         str,
         typer.Option(
-            help="restrict (sample only what can fit) | project (shrink to fit) | reject (prune over-budget samples)."
+            help="restrict (sample only what can fit) | project (shrink to fit) | reject (prune over-budget samples); "
+            "--engine nni always rejects."
         ),
     ] = "restrict",
 ) -> None:

@@ -48,6 +48,7 @@ def evaluations(log: Path) -> list[tuple[str, int]]:
     return [(line.split()[0], int(line.split()[1])) for line in log.read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["evolution", "random"])
 def test_an_nni_search_fills_the_same_run_folder_and_psc_export_reads_it(tmp_path, monkeypatch, strategy):
     log = tmp_path / "evaluations.txt"
@@ -78,8 +79,22 @@ def test_an_nni_search_fills_the_same_run_folder_and_psc_export_reads_it(tmp_pat
     assert done.record.number == pareto["knee"]
     assert done.files["config"].read_text() == (out / "best.yaml").read_text()
     assert (out / "dashboard.html").is_file() and (out / "trials.csv").read_text().count("\n") == len(study.trials) + 1
-    if strategy == "evolution":  # past its first population NNI's evolution mutates the best it has seen
+    first = min(t.number for t in study.trials if not t.user_attrs.get("preset"))
+    assert all(t.user_attrs.get("preset") for t in study.trials if t.number < first), "presets are evaluated first"
+    if strategy == "evolution":  # it starts from the presets' results and then mutates the best it has seen
+        assert f"NNI evolution starts from {len(presets)} result(s) the study has" in (out / "search.log").read_text()
         assert "Mutated" in (out / "nni.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_resumed_nni_evolution_starts_from_the_study_s_results(tmp_path):
+    out = tmp_path / "run"
+    nni_search(out, "evolution", trials=4, seed_presets=False)
+    nni_search(out, "evolution", trials=7, seed_presets=False)  # the same command with more trials resumes
+    study = optuna.load_study(study_name="run", storage=f"sqlite:///{out / 'study.db'}")
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 7
+    log = (out / "search.log").read_text()
+    assert "resumed study 'run'" in log and "NNI evolution starts from 4 result(s) the study has" in log
 
 
 def test_nni_answers_become_the_trials_parameters_and_the_same_architecture(tmp_path):
@@ -119,6 +134,7 @@ def test_an_unknown_engine_or_strategy_is_refused_before_anything_is_written(tmp
 
 
 # ------------------------------------------------------------------ NNI missing
+@pytest.mark.slow
 def test_without_nni_the_nni_engine_is_one_line_saying_how_to_install_it(tmp_path):
     hide_nni = (
         "import sys; sys.modules['nni'] = None; sys.argv = ['psc-search'] + sys.argv[1:]; "

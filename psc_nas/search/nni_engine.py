@@ -7,6 +7,7 @@ driven in this process instead, the way NNI's ``SequentialExecutionEngine`` driv
 NNI model space made from the YAML space (``SearchSpace.to_nni()``: one ``Categorical`` per decision,
 frozen by the space's own ``decide``). No server is started and no port is opened.
 
+    the presets that fit (queued first) ─► evaluated as the optuna engine does ─► evolution's first population
     NNI strategy (RegularizedEvolution | Random | TPE) ─► submit_models(model)   (StudyExecution)
         ─► a bracket of proposals ─► the optuna engine's bracket (``Engine._bracket``): claim a queue
            entry, the entry takes the proposal's answers (``ProposalSampler``), price ─┬─ over budget:
@@ -26,13 +27,15 @@ import logging
 import math
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+from numpy.random import RandomState
+from optuna.trial import TrialState
 
 with warnings.catch_warnings():  # NNI's PyTorch layer scan warns about torch classes it does not know
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -41,6 +44,7 @@ with warnings.catch_warnings():  # NNI's PyTorch layer scan warns about torch cl
     from nni.nas.execution.event import FinalMetricEvent, TrainingEndEvent
     from nni.nas.space import ExecutableModelSpace, ModelStatus
     from nni.nas.strategy import TPE, Random, RegularizedEvolution, Strategy
+    from nni.nas.strategy.evolution import Individual
 
 from psc_nas.arch import ArchConfig
 from psc_nas.search.cache import merit
@@ -48,6 +52,7 @@ from psc_nas.search.engine import Candidate, Engine, SearchPlan
 from psc_nas.search.events import Listener
 from psc_nas.search.optuna_adapter import Heartbeat, claim_waiting, fixed_params, snapshot
 from psc_nas.search.queue import StudyQueue
+from psc_nas.search.record import read_trials
 from psc_nas.space import SearchSpace
 from psc_nas.space_nni import NniArchSpace
 
@@ -154,26 +159,37 @@ class ProposalSampler(optuna.samplers.BaseSampler):
 
 
 class ProposalQueue(StudyQueue):
-    """The study's queue, claimed only while NNI has proposals waiting: each claimed entry with no
-    parameters of its own (a preset's, a dead worker's retry) takes the oldest proposal."""
+    """The study's queue, claimed only while NNI has proposals waiting (or, with ``presets_only``, while the
+    next entry is a preset's): each claimed entry with no parameters of its own (a preset's, a dead worker's
+    retry) takes the oldest proposal."""
 
-    def __init__(self, study: optuna.Study, trials: int, sampler: ProposalSampler) -> None:
+    def __init__(self, study: optuna.Study, trials: int, sampler: ProposalSampler, spare: Callable[[], Sample]) -> None:
         super().__init__(study, trials)
         self.sampler = sampler
+        self.spare = spare  # answers for an entry claimed with no proposal waiting
         self.proposals: deque[ArchModelSpace] = deque()
         self.bound: dict[int, ArchModelSpace] = {}  # trial number -> the proposal it evaluates
+        self.presets_only = False
 
     def claim(self) -> optuna.Trial | None:
-        if not self.proposals:
+        if self.presets_only:
+            waiting = read_trials(self.study, states=(TrialState.WAITING,))
+            if not waiting or waiting[0].preset is None:
+                return None
+        elif not self.proposals:
             return None
         trial = claim_waiting(self.study)
         if trial is None:
             return None
         stored = snapshot(self.study, trial)
-        if not stored.params and fixed_params(stored) is None:  # not a preset's entry, nor a retry's
+        if stored.params or fixed_params(stored) is not None:  # a preset's entry or a retry's
+            return trial
+        if self.proposals:
             model = self.proposals.popleft()
             self.bound[trial.number] = model
             self.sampler.bind(trial.number, dict(model.sample or {}))
+        else:  # another worker took the preset first: this entry gets a random architecture
+            self.sampler.bind(trial.number, self.spare())
         return trial
 
 
@@ -273,7 +289,11 @@ class NniEngine(Engine):
         # NNI proposes whole architectures: they are priced as proposed, over-budget ones never trained
         super().__init__(replace(plan, pricing=replace(plan.pricing, sampling="reject")), study, on_event)
         self.strategy = make_strategy(strategy, seed=seed, population=plan.profile.population)
-        self.queue = ProposalQueue(study, plan.trials, study.sampler)
+        self.space = ArchModelSpace.from_space(plan.space)
+        spare = RandomState(seed)
+        self.queue = ProposalQueue(
+            study, plan.trials, study.sampler, lambda: self.space.random(random_state=spare).sample or {}
+        )
         self.outcomes: dict[int, float | None] = {}  # trial number -> NNI's metric (None: failed, over budget)
 
     def _loop(self, heartbeat: Heartbeat) -> None:
@@ -284,21 +304,52 @@ class NniEngine(Engine):
             self.plan.out_dir / NNI_LOG,
         )
         with nni_logging_to(self.plan.out_dir / NNI_LOG):
-            self.strategy(ArchModelSpace.from_space(self.plan.space), execution)
+            self.queue.presets_only = True  # the presets first, as the optuna engine does
+            while self.time_left() and self._bracket(heartbeat):
+                self._publish()
+            self.queue.presets_only = False
+            self.strategy.initialize(self.space, execution)
+            self._tell_earlier_results()
+            self.strategy.run()
             execution.flush()  # random and TPE do not wait for their last proposals
+
+    def _tell_earlier_results(self) -> None:
+        """Evolution starts from the study's results so far (the presets, a resumed run's trials) as its
+        population, newest last, through NNI's own state_dict/load_state_dict; random and TPE start afresh."""
+        if not isinstance(self.strategy, RegularizedEvolution):
+            return
+        self.view.refresh()
+        individuals = []
+        for record in self.view.records:
+            score = self._merit(record.values) if record.state == TrialState.COMPLETE and record.values else None
+            sample = self._sample_of(record.decisions)
+            if score is not None and sample is not None and self.space.mutables.freeze(sample).hash == record.arch_hash:
+                individuals.append(Individual(sample, score))
+        if not individuals:
+            return
+        state = self.strategy.state_dict()
+        state["population"] = individuals[-self.strategy.population_size :]
+        state["dedup_history"] = [*state.get("dedup_history", []), *(frozenset(i.x.items()) for i in individuals)]
+        self.strategy.load_state_dict(state)
+        log.info("NNI evolution starts from %d result(s) the study has", len(state["population"]))
+
+    def _sample_of(self, decisions: Mapping[str, Any]) -> Sample | None:
+        """A full NNI sample from a trial's answers (the decisions it did not need: their first choice)."""
+        sample = {label: decisions.get(label, mutable.values[0]) for label, mutable in self.space.mutables.items()}
+        return sample if self.space.mutables.contains(sample) else None
 
     def waiting(self) -> int:
         self.view.refresh()
-        return sum(1 for r in self.view.records if r.state == optuna.trial.TrialState.WAITING)
+        return sum(1 for r in self.view.records if r.state == TrialState.WAITING)
 
     def known(self, arch_hash: str) -> tuple[float, ...] | tuple[()] | None:
         """(metric,) of an architecture the study has told, () if it was over budget or failed, None if new."""
         for record in self.view.records:
             if record.arch_hash != arch_hash:
                 continue
-            if record.over_budget or record.state == optuna.trial.TrialState.FAIL:
+            if record.over_budget or record.state == TrialState.FAIL:
                 return ()
-            if record.state == optuna.trial.TrialState.COMPLETE and record.values:
+            if record.state == TrialState.COMPLETE and record.values:
                 return (self._merit(record.values),)
         return None
 

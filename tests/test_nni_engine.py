@@ -261,6 +261,7 @@ def test_an_nni_search_opens_no_port_beyond_loopback_and_its_run_exports(tmp_pat
         time.sleep(0.2)
     stdout, stderr = search.communicate(timeout=60)
     assert search.returncode == 0, stderr.decode()
+    assert b"GPU available" not in stdout + stderr, "Lightning's per-trainer lines stay quiet under NNI too"
     assert looks >= 10, f"only {looks} looks while NNI searched"
     assert exposed == []
 

@@ -57,6 +57,10 @@ from psc_nas.space import SearchSpace
 from psc_nas.space_nni import NniArchSpace
 
 log = logging.getLogger("psc_nas.search")
+# Importing NNI imports pytorch_lightning, which points Lightning's rank-zero messages ("GPU available: False",
+# a tip per trainer) at its own logger; train.fit quiets lightning.pytorch's during training, this one stays quiet.
+for _name in ("pytorch_lightning", "lightning_fabric"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 STRATEGIES = ("evolution", "random", "tpe")
 NNI_LOG = "nni.log"  # NNI's own log lines, in the run folder

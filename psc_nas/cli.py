@@ -277,7 +277,7 @@ def search(
     ] = None,
     sampler: Annotated[str, typer.Option(help="nsga2 | tpe | random (--engine optuna).")] = "nsga2",
     engine: Annotated[
-        str, typer.Option(help="optuna | nni (NNI's strategies propose; pip install 'psc-nas[nni]').")
+        str, typer.Option(help="optuna | nni (NNI's strategies propose; pip install 'psc-nas\\[nni]').")
     ] = "optuna",
     strategy: Annotated[str, typer.Option(help="evolution | random | tpe (--engine nni).")] = "evolution",
     storage: Annotated[

@@ -275,7 +275,11 @@ def search(
             "profile's retrain share earlier (quick: 30%) and retraining fits the rest."
         ),
     ] = None,
-    sampler: Annotated[str, typer.Option(help="nsga2 | tpe | random.")] = "nsga2",
+    sampler: Annotated[str, typer.Option(help="nsga2 | tpe | random (--engine optuna).")] = "nsga2",
+    engine: Annotated[
+        str, typer.Option(help="optuna | nni (NNI's strategies propose; pip install 'psc-nas\\[nni]').")
+    ] = "optuna",
+    strategy: Annotated[str, typer.Option(help="evolution | random | tpe (--engine nni).")] = "evolution",
     storage: Annotated[
         Optional[str],
         typer.Option(help="Study storage: a database URL (postgresql://...) or journal:PATH; default OUT/study.db."),
@@ -308,7 +312,8 @@ def search(
     budget_sampling: Annotated[
         str,
         typer.Option(
-            help="restrict (sample only what can fit) | project (shrink to fit) | reject (prune over-budget samples)."
+            help="restrict (sample only what can fit) | project (shrink to fit) | reject (prune over-budget samples); "
+            "--engine nni always rejects."
         ),
     ] = "restrict",
 ) -> None:
@@ -334,6 +339,8 @@ def search(
                 trials=trials,
                 timeout=parse_duration(timeout) if timeout is not None else None,
                 sampler=sampler,
+                engine=engine,
+                strategy=strategy,
                 storage=storage,
                 study_name=study_name,
                 seed=seed,

@@ -163,7 +163,7 @@ def export(
     ] = None,
     data_dir: Annotated[Optional[str], typer.Option(help="Task data for --retrain; default the task's own.")] = None,
     torchscript: Annotated[bool, typer.Option(help="Also write a traced TorchScript module.")] = False,
-    onnx: Annotated[bool, typer.Option(help="Also write an ONNX model (needs psc-nas[onnx]).")] = False,
+    onnx: Annotated[bool, typer.Option(help="Also write an ONNX model (needs pip install 'psc-nas\\[onnx]').")] = False,
     storage: Annotated[Optional[str], typer.Option(help=READ_STORAGE_HELP)] = None,
     study_name: Annotated[Optional[str], typer.Option(help=READ_STUDY_HELP)] = None,
     allow_untrained: Annotated[

@@ -272,7 +272,7 @@ def test_psc_search_engine_cakes_writes_a_run_folder_that_psc_export_exports_and
 def test_unknown_engine_and_engine_errors_are_one_line(tmp_path):
     bars(tmp_path)
     for args, message in [
-        (["--engine", "nosuch"], "unknown engine 'nosuch'; choose from optuna, cakes"),
+        (["--engine", "nosuch"], "unknown engine 'nosuch'; choose from optuna, nni, cakes"),
         (cakes_args("--engine-option", "shapes=4D"), "--engine cakes: shapes must be one of"),
         (cakes_args("--no-retrain"), "--engine cakes scores what it finds by retraining it"),
         (cakes_args("--budget", "60k"), "--engine cakes: no allocation of 1D+2D+3D sub-kernels fits params <= 60k"),

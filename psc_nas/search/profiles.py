@@ -11,10 +11,13 @@ in the last ``retrain_share`` of the run's time budget (``psc_nas.search.retrain
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from psc_nas.search.promotion import SuccessiveHalving
+
+if TYPE_CHECKING:
+    from psc_nas.tasks.base import Task
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,9 @@ PROFILES = {
 }
 
 
-def get_profile(name: str) -> Profile:
+def get_profile(name: str, task: Task | None = None) -> Profile:
+    """The profile ``name``, with what ``task`` measured for itself in its place (``Task.profile_overrides``)."""
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
-    return PROFILES[name]
+    overrides = dict(task.profile_overrides.get(name, {})) if task is not None else {}
+    return replace(PROFILES[name], **overrides)

@@ -81,6 +81,9 @@ class Task(ABC):
     metric_range: ClassVar[tuple[float, float]]  # (low, high) the metric lives in; hypervolumes are scaled by it
     default_space: ClassVar[str | None] = None  # the search space psc-search uses without --space
     input_key: ClassVar[str] = "image"
+    # The task's own schedule per run profile, measured for this task: Profile fields replaced when a
+    # search of this task runs that profile, e.g. {"quick": {"data_options": {...}}} (search.profiles).
+    profile_overrides: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     @property
     def maximize(self) -> bool:

@@ -277,6 +277,8 @@ def test_unknown_engine_and_engine_errors_are_one_line(tmp_path):
         (cakes_args("--no-retrain"), "--engine cakes scores what it finds by retraining it"),
         (cakes_args("--budget", "60k"), "--engine cakes: no allocation of 1D+2D+3D sub-kernels fits params <= 60k"),
         (["--engine-option", "steps=3"], "--engine-option is for --engine cakes"),
+        (cakes_args("--trials", "5"), "--trials apply to --engine optuna and nni only"),
+        (cakes_args("--evaluator", "supernet"), "--evaluator apply to --engine optuna and nni only"),
     ]:
         result = run_cli("psc-search", *cakes_args()[:6], *args, "--out", "never", cwd=tmp_path)
         assert result.returncode == 1, result.stdout + result.stderr

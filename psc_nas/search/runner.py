@@ -294,6 +294,14 @@ def run_search(
     to the run's search.log, never to the console."""
     if settings.engine != "cakes" and settings.engine_options:
         raise ValueError(f"--engine-option is for --engine cakes; the {settings.engine} engine takes none")
+    if settings.engine == "cakes" and (settings.trials is not None or settings.evaluator is not None):
+        given = " and ".join(
+            o for o, v in (("--trials", settings.trials), ("--evaluator", settings.evaluator)) if v is not None
+        )
+        raise ValueError(
+            f"--engine cakes finds its networks with one super-network per priority and scores them by retraining: "
+            f"{given} apply to --engine optuna and nni only"
+        )
     display = display or active_display() or make_display(console or Console(stderr=True))
     with display, _Logging(display) as logs:
         plan = plan_search(settings, evaluator, stage=display.stage)

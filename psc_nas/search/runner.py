@@ -126,7 +126,7 @@ def plan_search(
     """Resolve and check the settings; writes nothing. ``evaluator`` replaces ``settings.evaluator``;
     ``stage`` hears what is being done, in words, before each step that can take a while."""
     task = get_task(settings.task)
-    profile = get_profile(settings.profile)
+    profile = get_profile(settings.profile, task)  # sized for the task (Task.profile_overrides)
     if settings.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {settings.sampler!r}; choose from {', '.join(SAMPLERS)}")
     if settings.budget_sampling not in SAMPLING:

@@ -81,6 +81,10 @@ class Task(ABC):
     metric_range: ClassVar[tuple[float, float]]  # (low, high) the metric lives in; hypervolumes are scaled by it
     default_space: ClassVar[str | None] = None  # the search space psc-search uses without --space
     input_key: ClassVar[str] = "image"
+    # How the search's run-size profiles (psc_nas.search.profiles) are sized for this problem: per profile
+    # name, ``Profile`` fields to replace (``data_options`` and ``evaluator_options`` merge over the
+    # profile's; ``retrain`` and ``policy`` take a mapping of their own fields). Empty: the profiles as they are.
+    profile_overrides: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     @property
     def maximize(self) -> bool:

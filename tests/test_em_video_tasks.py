@@ -336,7 +336,7 @@ def test_psc_search_and_psc_export_on_the_embedded_data(tmp_path, task, space, b
 # ---------------------------------------------------------------------- the task's own search schedule
 def test_em_and_ucf101_size_the_quick_profile_and_ibsr_keeps_it():
     assert get_profile("quick", get_task("ibsr")) is PROFILES["quick"]  # no overrides: the profile as it is
-    for name in ("em",):
+    for name in ("em", "ucf101"):
         task = get_task(name)
         quick, overrides = get_profile("quick", task), task.profile_overrides["quick"]
         assert quick.name == "quick" and quick.evaluator == "train"

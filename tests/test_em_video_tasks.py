@@ -352,6 +352,29 @@ def test_em_and_ucf101_size_the_quick_profile_and_ibsr_keeps_it():
         with_overrides(PROFILES["quick"], {"epochs": (2, 1)}, "task x")
 
 
+def test_the_benchmark_trains_as_the_tasks_quick_profile_does():
+    bench = _benchmark_module()
+    em = bench.parse_args(["--task", "em", "--quick-schedule"])
+    bench.use_quick_schedule(em, get_task("em"))
+    assert (em.epochs, em.samples_per_epoch, em.batch_size, em.width, em.lr, em.lr_schedule) == (
+        8,
+        64,
+        4,
+        0.25,
+        1e-2,
+        "constant",
+    )
+    video = bench.parse_args(["--task", "ucf101", "--quick-schedule"])
+    bench.use_quick_schedule(video, get_task("ucf101"))
+    assert (video.epochs, video.samples_per_epoch, video.width, video.lr, video.lr_schedule) == (
+        4,
+        768,
+        0.25,
+        None,
+        "onecycle",
+    )
+
+
 def test_a_tasks_profile_overrides_reach_the_trained_candidates(tmp_path, monkeypatch):
     """A real em study on tiny volumes: its one candidate was trained at the width, learning rate,
     epochs and patches the task's overrides give, and its trial says so."""

@@ -4,6 +4,7 @@ searched and exported through the real command-line tools (tiny options, CPU).""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +306,7 @@ def test_psc_search_and_psc_export_on_the_embedded_data(tmp_path, task, space, b
         "search",
         "--no-retrain",  # retraining is tested in test_retrain.py
         cwd=tmp_path,
+        plugins="quick_schedules",  # the task's quick schedule, a few steps per candidate
     )
     assert found.returncode == 0, found.stderr
     out = tmp_path / "search"
@@ -316,7 +318,8 @@ def test_psc_search_and_psc_export_on_the_embedded_data(tmp_path, task, space, b
     assert [d.name for d in study.directions] == [direction, "MINIMIZE"]
     trained = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs["fidelity"] > 0]
     assert len(trained) == 2
-    for trial in trained:
+    for trial in trained:  # the plugin's epochs and samples, the task's quarter-width proxy
+        assert re.match(r"[12] epochs? × 8 samples, width 0\.25", trial.user_attrs["fidelity_words"])
         assert trial.values[0] == trial.user_attrs["metrics"][metric]
         config = ArchConfig.from_dict(trial.user_attrs["arch"])
         assert trial.user_attrs["params"] == psc_nas.cost(config, tuple(shape[1:])).params

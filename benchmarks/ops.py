@@ -11,6 +11,14 @@ threads on an oversubscribed machine one descheduled thread stalls the other, so
 times scatter by up to 30x); the median is shown beside it. The efficiency ratio is
 (op time / Conv3d time) ÷ (op MACs / Conv3d MACs):
 1.0 means the op's MAC savings turn fully into time savings.
+
+Each round also times every variant's forward alone (``torch.no_grad``, inference), so training
+and inference ratios come from the same run. "executed/analytic" is ``FlopCounterMode``'s count
+of one forward over ``spec.cost()`` (above 1 for CAKES' ``masked``, ``planes`` and ``taps``). The
+roofline columns divide GF/s by ``min(peak, I · bandwidth)``: peak = the best dense ``torch.mm``
+(n = 2048, 2 threads), bandwidth = copying an input-sized tensor (in cache here), I = the op's
+flops over the bytes it must at least move (input and output once per pass, weights; forward:
+x and y; forward+backward: x, y, dy, dx and x, dy again), as in ``benchmarks/roofline.py``.
 """
 
 from __future__ import annotations
@@ -26,14 +34,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from psc_nas.ops import EXACT_IMPLS, families, impl_names, make_spec
 from psc_nas.ops.cakes import SHAPES
-from psc_nas.ops.fast import has_folding_conv
+from psc_nas.ops.fast import has_depthwise_conv, has_folding_conv
 from psc_nas.ops.pmscn import ORIENTATIONS
 
 BATCH = 2
@@ -58,6 +67,8 @@ class Variant:
     macs: int
     params: int
     times: list[float]
+    forward_times: list[float] = field(default_factory=list)
+    executed: float = 1.0  # executed MACs / analytic MACs
 
 
 def variants_for(channels: int, size: int) -> list[Variant]:
@@ -68,6 +79,8 @@ def variants_for(channels: int, size: int) -> list[Variant]:
         impls = list(EXACT_IMPLS) + list(type(spec).impls)
         if not has_folding_conv(spec):
             impls.remove("folded")  # nothing to fold: it would run exactly channels_last
+        if not has_depthwise_conv(spec):
+            impls.remove("depthwise")  # no depthwise conv: it would run exactly folded
         found += [Variant(family, impl, spec.build(impl), cost.macs, cost.params, []) for impl in impls]
     return found
 
@@ -79,26 +92,60 @@ def forward_backward(module: torch.nn.Module, x: torch.Tensor) -> None:
     x.grad = None
 
 
+def forward_only(module: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        module(x)
+
+
+def executed_share(variant: Variant, x: torch.Tensor) -> float:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        variant.module(x)
+    return counter.get_total_flops() / 2 / (variant.macs * x.shape[0])
+
+
 def timed(step: Callable[[], None]) -> float:
     start = time.perf_counter()
     step()
     return time.perf_counter() - start
 
 
-def measure(channels: int, size: int, repeats: int, rng: random.Random) -> tuple[list[Variant], float]:
-    """Times of every variant, and the fastest conversion of x to channels_last_3d."""
-    x = torch.randn(BATCH, channels, size, size, size)
+def measure(
+    channels: int, size: int, repeats: int, rng: random.Random, layout: torch.memory_format = torch.contiguous_format
+) -> tuple[list[Variant], float, float]:
+    """Times of every variant, the fastest conversion of x to channels_last_3d and the copy bandwidth (GB/s)."""
+    x = torch.randn(BATCH, channels, size, size, size).contiguous(memory_format=layout)
+    copy = torch.empty_like(x)
     variants = variants_for(channels, size)
     conversion: list[float] = []
+    copies: list[float] = []
     warm_up = torch.randn(BATCH, channels, 8, 8, 8)
     for variant in variants:  # first calls initialize oneDNN; a real shape's own set-up shows in one repeat only
         forward_backward(variant.module, warm_up)
+        variant.executed = executed_share(variant, x)
     for _ in range(repeats):
         rng.shuffle(variants)
         for variant in variants:
             variant.times.append(timed(lambda v=variant: forward_backward(v.module, x)))
+            variant.forward_times.append(timed(lambda v=variant: forward_only(v.module, x)))
         conversion.append(timed(lambda: x.contiguous(memory_format=torch.channels_last_3d)))
-    return variants, min(conversion)
+        copies.append(timed(lambda: copy.copy_(x)))
+    return variants, min(conversion), 2 * x.numel() * 4 / min(copies) / 1e9
+
+
+def gemm_peak(repeats: int = 3, n: int = 2048) -> float:
+    """GF/s of the best dense float32 ``torch.mm`` at the current thread count."""
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    return 2 * n**3 / min(timed(lambda: torch.mm(a, b, out=out)) for _ in range(repeats)) / 1e9
+
+
+def roofline_share(row: dict, channels: int, size: int, gflops: float, shape: dict, training: bool) -> float:
+    """Achieved GF/s over min(peak, intensity · bandwidth) (see the module docstring)."""
+    elements = BATCH * channels * size**3  # in = out here: C in = out, stride 1
+    passes = 3 if training else 1
+    moved = 4 * ((6 if training else 2) * elements + passes * row["params"])
+    intensity = passes * 2 * row["macs"] * BATCH / moved
+    return gflops / min(shape["peak"], intensity * shape["bandwidth"])
 
 
 def pricing_rate(seconds: float = 1.0) -> float:
@@ -129,17 +176,33 @@ def shape_table(shape: dict) -> list[str]:
     channels, size, rows_in = shape["channels"], shape["size"], shape["variants"]
     best = {(r["family"], r["impl"]): min(r["times"]) for r in rows_in}
     conv3d_macs = next(r["macs"] for r in rows_in if r["family"] == "conv3d")
+    forward = {(r["family"], r["impl"]): min(r.get("forward_times") or [float("nan")]) for r in rows_in}
     conv3d_reference = best[("conv3d", "reference")]
     conv3d_best = min(t for (family, _), t in best.items() if family == "conv3d")
+    forward_best = min(t for (family, _), t in forward.items() if family == "conv3d")
+    has_forward = "peak" in shape
     rows = [
         f"### C={channels}, {size}³, batch {BATCH}",
         "",
         f"Converting the NCDHW input to channels_last_3d: {shape['conversion'] * 1e3:.1f} ms "
         f"(inside every non-reference time). Load average while measuring: {shape['load']}.",
+        *(
+            [
+                "",
+                f"Roofline: GEMM peak {shape['peak']:.0f} GF/s, input-sized copy {shape['bandwidth']:.0f} GB/s.",
+            ]
+            if has_forward
+            else []
+        ),
         "",
         "| family | impl | params | MACs/sample | best ms | median ms | GF/s | ratio vs ref Conv3d "
-        "| ratio vs best Conv3d | chosen |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|",
+        "| ratio vs best Conv3d | chosen |"
+        + (
+            " executed/analytic | % roofline | fwd ms | fwd ratio vs best Conv3d | fwd % roofline |"
+            if has_forward
+            else ""
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|" + ("---:|---:|---:|---:|---:|" if has_forward else ""),
     ]
     for family, (op, args) in FAMILIES.items():
         chosen = make_spec(op, channels, channels, **args).fast_impl()
@@ -154,6 +217,14 @@ def shape_table(shape: dict) -> list[str]:
                 f"{flops / seconds / 1e9:.1f} | {seconds / conv3d_reference / mac_share:.2f} | "
                 f"{seconds / conv3d_best / mac_share:.2f} | {'✓' if r['impl'] == chosen else ''} |"
             )
+            if has_forward:
+                ahead = forward[(family, r["impl"])]
+                trained = roofline_share(r, channels, size, flops / seconds / 1e9, shape, True)
+                rows[-1] += (
+                    f" {r['executed']:.2f} | {100 * trained:.0f}%"
+                    f" | {ahead * 1e3:,.2f} | {ahead / forward_best / mac_share:.2f} | "
+                    f"{100 * roofline_share(r, channels, size, flops / 3 / ahead / 1e9, shape, False):.0f}% |"
+                )
     return [*rows, ""]
 
 
@@ -162,44 +233,84 @@ def render(run: dict) -> str:
         "## Measured run",
         "",
         f"- command: `{run['command']}` ({run['repeats']} interleaved repeats after a warm-up; best and median)",
+        *(
+            [
+                "- input: channels_last_3d (as inside a network of fast ops): no NCDHW conversion of x, nor of "
+                "the input gradient autograd keeps for the leaf x, in any time below"
+            ]
+            if run.get("input") == "channels_last_3d"
+            else []
+        ),
         f"- date: {run['date']}, torch {run['torch']}, CPU: {run['cpu']}, {run['threads']} threads, "
         f"oneDNN {run['onednn']}",
         "- the machine was shared with other engineers' jobs while this ran: absolute times are noisy, "
         "interleaving spreads that load over all variants, but a disturbed repeat can be 30x slow",
         f"- pricing: `make_spec(...).cost(...)` priced {run['priced_per_second']:,.0f} candidates per second",
         f"- whole run: {run['seconds']:.0f} s for the shapes below",
+        *(
+            [f"- depthwise C++ kernel build/load before timing: {run['kernel_load_s']:.1f} s"]
+            if run.get("kernel_load_s") is not None
+            else []
+        ),
         "",
     ]
     return "\n".join(header + [line for shape in run["shapes"] for line in shape_table(shape)])
 
 
+def kernel_load_seconds() -> float | None:
+    """Build or load the depthwise C++ kernel before anything is timed; its seconds, None if unavailable."""
+    from psc_nas.ops import depthwise
+
+    return depthwise.load_seconds() if depthwise.available() else None
+
+
 def run_all(args: argparse.Namespace, command: str, save: Callable[[dict], None]) -> dict:
     """Measure every shape, calling ``save`` after each so a cut-short run keeps what it measured."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = random.Random(0)
     started = time.perf_counter()
     run = {
         "command": command,
         "repeats": args.repeats,
+        "input": "channels_last_3d" if args.channels_last_input else "NCDHW",
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "onednn": "on" if torch.backends.mkldnn.enabled else "off",
         "priced_per_second": pricing_rate(),
+        "peak": gemm_peak(),
+        "kernel_load_s": kernel_load_seconds(),
         "shapes": [],
     }
     for size in args.sizes:
         for channels in args.channels:
             load_before = os.getloadavg()[0]
-            variants, conversion = measure(channels, size, args.repeats, rng)
+            layout = torch.channels_last_3d if args.channels_last_input else torch.contiguous_format
+            variants, conversion, bandwidth = measure(channels, size, args.repeats, rng, layout)
             rows = [
-                {"family": v.family, "impl": v.impl, "macs": v.macs, "params": v.params, "times": v.times}
+                {
+                    "family": v.family,
+                    "impl": v.impl,
+                    "macs": v.macs,
+                    "params": v.params,
+                    "executed": v.executed,
+                    "times": v.times,
+                    "forward_times": v.forward_times,
+                }
                 for v in variants
             ]
             load = "{:.1f}-{:.1f}".format(*sorted([load_before, os.getloadavg()[0]]))
-            shape = {"channels": channels, "size": size, "conversion": conversion, "load": load, "variants": rows}
+            shape = {
+                "channels": channels,
+                "size": size,
+                "conversion": conversion,
+                "load": load,
+                "peak": run["peak"],
+                "bandwidth": bandwidth,
+                "variants": rows,
+            }
             run["shapes"].append(shape)
             run["seconds"] = time.perf_counter() - started
             save(run)
@@ -212,6 +323,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--channels-last-input",
+        action="store_true",
+        help="feed channels_last_3d inputs, as inside a network of fast ops: no conversion of x or of its grad",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the issue's setting)")
+    parser.add_argument("--families", nargs="+", help=f"only these rows (always with conv3d); of {list(FAMILIES)}")
     parser.add_argument("--quick", action="store_true", help="C=16 at 32³, 3 repeats")
     parser.add_argument("--out", default="docs/benchmarks/ops.md", help="markdown path, or - for stdout")
     parser.add_argument(
@@ -220,6 +338,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.channels, args.sizes, args.repeats = [16], [32], 3
+    if args.families:
+        unknown = sorted(set(args.families) - set(FAMILIES))
+        if unknown:
+            parser.error(f"unknown --families {unknown}; choose from {list(FAMILIES)}")
+        for name in [name for name in FAMILIES if name != "conv3d" and name not in args.families]:
+            del FAMILIES[name]
     if args.out == "-":
         print(render(run_all(args, command_line(argv), save=lambda run: None)))
         return

@@ -163,7 +163,7 @@ def export(
     ] = None,
     data_dir: Annotated[Optional[str], typer.Option(help="Task data for --retrain; default the task's own.")] = None,
     torchscript: Annotated[bool, typer.Option(help="Also write a traced TorchScript module.")] = False,
-    onnx: Annotated[bool, typer.Option(help="Also write an ONNX model (needs psc-nas[onnx]).")] = False,
+    onnx: Annotated[bool, typer.Option(help="Also write an ONNX model (needs pip install 'psc-nas\\[onnx]').")] = False,
     storage: Annotated[Optional[str], typer.Option(help=READ_STORAGE_HELP)] = None,
     study_name: Annotated[Optional[str], typer.Option(help=READ_STUDY_HELP)] = None,
     allow_untrained: Annotated[
@@ -275,7 +275,11 @@ def search(
             "profile's retrain share earlier (quick: 30%) and retraining fits the rest."
         ),
     ] = None,
-    sampler: Annotated[str, typer.Option(help="nsga2 | tpe | random.")] = "nsga2",
+    sampler: Annotated[str, typer.Option(help="nsga2 | tpe | random (--engine optuna).")] = "nsga2",
+    engine: Annotated[
+        str, typer.Option(help="optuna | nni (NNI's strategies propose; pip install 'psc-nas\\[nni]').")
+    ] = "optuna",
+    strategy: Annotated[str, typer.Option(help="evolution | random | tpe (--engine nni).")] = "evolution",
     storage: Annotated[
         Optional[str],
         typer.Option(help="Study storage: a database URL (postgresql://...) or journal:PATH; default OUT/study.db."),
@@ -308,7 +312,8 @@ def search(
     budget_sampling: Annotated[
         str,
         typer.Option(
-            help="restrict (sample only what can fit) | project (shrink to fit) | reject (prune over-budget samples)."
+            help="restrict (sample only what can fit) | project (shrink to fit) | reject (prune over-budget samples); "
+            "--engine nni always rejects."
         ),
     ] = "restrict",
 ) -> None:
@@ -334,6 +339,8 @@ def search(
                 trials=trials,
                 timeout=parse_duration(timeout) if timeout is not None else None,
                 sampler=sampler,
+                engine=engine,
+                strategy=strategy,
                 storage=storage,
                 study_name=study_name,
                 seed=seed,

@@ -19,7 +19,7 @@ from psc_nas.arch import ArchConfig
 from psc_nas.evaluators import train as train_evaluator
 from psc_nas.presets import PRESETS, preset_config
 from psc_nas.search.budget import Budget
-from psc_nas.search.profiles import PROFILES, get_profile, with_overrides
+from psc_nas.search.profiles import PROFILES, get_profile
 from psc_nas.search.runner import SearchSettings, run_search
 from psc_nas.space import SearchSpace
 from psc_nas.tasks import DataError, get_task
@@ -337,22 +337,18 @@ def test_psc_search_and_psc_export_on_the_embedded_data(tmp_path, task, space, b
 
 
 # ---------------------------------------------------------------------- the task's own search schedule
-def test_em_and_ucf101_size_the_quick_profile_and_ibsr_keeps_it():
-    assert get_profile("quick", get_task("ibsr")) is PROFILES["quick"]  # no overrides: the profile as it is
+def test_em_and_ucf101_size_the_quick_profile_and_ibsr_keeps_its_own():
     for name in ("em", "ucf101"):
         task = get_task(name)
         quick, overrides = get_profile("quick", task), task.profile_overrides["quick"]
         assert quick.name == "quick" and quick.evaluator == "train"
-        assert quick.evaluator_options == overrides["evaluator_options"]  # over the profile's (none)
-        assert quick.data_options == {**PROFILES["quick"].data_options, **overrides["data_options"]}
+        assert quick.evaluator_options == overrides["evaluator_options"]
+        assert quick.evaluator_options["width"] == 0.25  # a quarter-width proxy per candidate
+        assert quick.data_options == overrides["data_options"]
         assert quick.epochs == tuple(overrides["epochs"])
         assert quick.retrain is None  # the whole time budget searches
-    retrain = with_overrides(PROFILES["quick"], {"retrain": {"lr": 1e-2}}).retrain  # one field of the policy
-    assert retrain.lr == 1e-2 and retrain.epochs == PROFILES["quick"].retrain.epochs
-    with pytest.raises(ValueError, match=r"^task x: unknown field\(s\) trails of profile quick; known: "):
-        with_overrides(PROFILES["quick"], {"trails": 3}, "task x")
-    with pytest.raises(ValueError, match=r"^task x: profile quick overrides: .*epochs must be increasing"):
-        with_overrides(PROFILES["quick"], {"epochs": (2, 1)}, "task x")
+        assert quick.timeout == PROFILES["quick"].timeout  # within the same 15 minutes
+    assert get_profile("quick", get_task("ibsr")) == PROFILES["quick"]  # none of em's or ucf101's schedule
 
 
 def test_the_benchmark_trains_as_the_tasks_quick_profile_does():

@@ -84,6 +84,29 @@ def test_patches_follow_the_seed(ibsr_dir):
     assert not torch.equal(first_batch(1), first_batch(2))
 
 
+def test_class_balanced_patches_centre_on_each_class_equally_often(tmp_path):
+    # CSF (label 1) is 8 voxels of each brain: brain-centred patches almost never see it
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2:-2, 2:-2, 2:-2] = 3
+    labels[2:-2, 2:-2, 2:5] = 2
+    labels[5:7, 5:7, 6:8] = 1
+    for number in range(1, 19):
+        write_subject(tmp_path / "ibsr", number, labels=labels)
+
+    def centre_classes(**options):  # 1-voxel patches: a patch's label is its centre's class
+        dm = get_task("ibsr").datamodule(
+            tmp_path / "ibsr", batch_size=50, samples_per_epoch=400, patch_size=1, **options
+        )
+        dm.setup()
+        found = torch.cat([b["label"].flatten() for b in dm.train_dataloader()])
+        assert next(iter(dm.val_dataloader()))["image"].shape == (1, 1, *SHAPE)  # validation stays whole volumes
+        return torch.bincount(found, minlength=4) / len(found)
+
+    balanced, default = centre_classes(class_balanced=True), centre_classes()
+    assert all(0.17 < share < 0.33 for share in balanced.tolist()), balanced
+    assert default[1] < 0.05, default
+
+
 def test_volumes_smaller_than_a_patch_are_padded(ibsr_dir):
     dm = get_task("ibsr").datamodule(ibsr_dir, batch_size=2, samples_per_epoch=2)  # 32³ patches, 12×10×14 volumes
     dm.setup()

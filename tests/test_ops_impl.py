@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +14,8 @@ from hypothesis import strategies as st
 from test_ops import channels, family_args, spatial, stride
 from torch.utils.flop_counter import FlopCounterMode
 
-from psc_nas.ops import ENV_VAR, EXACT_IMPLS, FastGraphConv, GraphConv, create_op, families, make_spec
+from psc_nas.ops import ENV_VAR, EXACT_IMPLS, FastGraphConv, GraphConv, create_op, depthwise, families, make_spec
+from psc_nas.ops.cakes import taps_macs_ratio
 
 
 def forward_backward(module: torch.nn.Module, x: torch.Tensor, upstream_seed: int) -> tuple[torch.Tensor, ...]:
@@ -73,6 +79,20 @@ def test_cakes_merges_execute_more_macs_than_the_analytic_cost(impl, executed_ov
     assert counter.get_total_flops() // 2 / spec.cost((4, 4, 4)).macs == pytest.approx(executed_over_analytic)
 
 
+@pytest.mark.parametrize(
+    ("cin", "allocation", "size", "batch"),
+    [(7, None, (4, 4, 4), 1), (5, {"1x3x3": 3, "3x1x1": 2}, (5, 3, 6), 2), (4, {"3x3x3": 2, "1x1x3": 1}, (3, 5, 4), 3)],
+)
+def test_cakes_taps_executes_the_macs_it_reports(cin, allocation, size, batch):
+    spec = make_spec("cakes", cin, sum(allocation.values()) if allocation else cin, allocation=allocation)
+    with FlopCounterMode(display=False) as counter:
+        spec.build("taps")(torch.randn(batch, cin, *size))
+    executed = counter.get_total_flops() // 2
+    ratio = taps_macs_ratio(spec.allocation, size, batch)
+    assert executed == pytest.approx(ratio * batch * spec.cost(size).macs)
+    assert ratio > 1  # more than the analytic count: never the auto rule's choice
+
+
 def test_reference_can_be_forced_by_argument_or_environment(monkeypatch):
     assert type(create_op("p3d", 4, 4, impl="reference")) is GraphConv
     monkeypatch.setenv(ENV_VAR, "reference")
@@ -86,3 +106,105 @@ def test_reference_can_be_forced_by_argument_or_environment(monkeypatch):
 def test_unknown_or_misapplied_impl_raises(op, impl, message):
     with pytest.raises(ValueError, match=message):
         create_op(op, 4, 4, impl=impl)
+
+
+# ---------------------------------------------------------------------- the depthwise C++ kernel
+needs_kernel = pytest.mark.skipif(not depthwise.available(), reason="no C++ compiler: the fallback is tested")
+DEPTHWISE_CASES = [  # (batch, channels, D, H, W, stride): odd sizes, strides 1 and 2, batch 1 and 3
+    (1, 5, 5, 7, 9, (1, 1, 1)),
+    (3, 16, 7, 5, 6, (1, 1, 1)),
+    (1, 3, 9, 9, 7, (2, 2, 2)),
+    (3, 8, 6, 7, 5, (2, 2, 2)),
+    (3, 4, 5, 8, 7, (1, 2, 2)),
+    (1, 6, 4, 6, 5, (2, 1, 1)),
+    (2, 32, 5, 7, 6, (2, 2, 2)),  # float32 with C % 16 == 0: the AVX-512 weight gradient where the CPU has it
+    (1, 16, 6, 5, 9, (1, 2, 2)),
+]
+
+
+def reference_grads(x, weight, stride, upstream):
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    y = torch.nn.functional.conv3d(x, weight, None, stride, 1, 1, weight.shape[0])
+    y.backward(upstream)
+    return y, x.grad, weight.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize(("batch", "channels", "d", "h", "w", "stride"), DEPTHWISE_CASES)
+def test_depthwise_op_matches_conv3d_forward_and_both_gradients(batch, channels, d, h, w, stride):
+    generator = torch.Generator().manual_seed(channels * d)
+    x = torch.randn(batch, channels, d, h, w, generator=generator)
+    weight = torch.randn(channels, 1, 3, 3, 3, generator=generator)
+    y = depthwise.depthwise_conv3d(x, weight, list(stride))
+    upstream = torch.randn(y.shape, generator=generator)
+    expected = reference_grads(x, weight, stride, upstream)
+    xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    got = depthwise.depthwise_conv3d(xg, wg, list(stride))
+    got.backward(upstream)
+    for name, a, b in zip(("output", "input grad", "weight grad"), (got, xg.grad, wg.grad), expected):
+        assert a.shape == b.shape, name
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), f"{name} differs by {(a - b).abs().max()}"
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("batch", "channels", "d", "h", "w", "stride"), DEPTHWISE_CASES)
+def test_every_cpp_kernel_function_matches_conv3d_in_float64(batch, channels, d, h, w, stride):
+    # The op runs oneDNN's forward (and its flipped-kernel input gradient at stride 1); the C++ forward and
+    # input gradient are benchmarked too (benchmarks/roofline.py), so each is checked here on its own.
+    generator = torch.Generator().manual_seed(channels + d)
+    x = torch.randn(batch, channels, d, h, w, generator=generator, dtype=torch.float64)
+    weight = torch.randn(channels, 1, 3, 3, 3, generator=generator, dtype=torch.float64)
+    y_ref = torch.nn.functional.conv3d(x, weight, None, stride, 1, 1, channels)
+    upstream = torch.randn(y_ref.shape, generator=generator, dtype=torch.float64)
+    _, gx_ref, gw_ref = reference_grads(x, weight, stride, upstream)
+    kernel = depthwise._extension()
+    taps = depthwise.taps_weight(weight)
+    torch.testing.assert_close(kernel.dw_forward(x, taps, [3, 3, 3], list(stride)), y_ref)
+    torch.testing.assert_close(kernel.dw_input_grad(upstream, taps, list(x.shape), [3, 3, 3], list(stride)), gx_ref)
+    gw = kernel.dw_weight_grad(x, upstream, [3, 3, 3], list(stride)).t().reshape(weight.shape)
+    torch.testing.assert_close(gw, gw_ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("op", ["csn_ip", "csn_ir"])
+def test_csn_auto_runs_the_kernel_and_counts_exact_macs(op):
+    spec = make_spec(op, 6, 6, stride=2)
+    module = spec.build()
+    assert module.impl == "depthwise" and module.kernel
+    with FlopCounterMode(display=False) as counter:
+        module(torch.randn(3, 6, 5, 7, 6))
+    assert counter.get_total_flops() // 2 == 3 * spec.cost((5, 7, 6)).macs  # batch 3, cost is per sample
+    assert "psc_nas.depthwise_conv3d" in {str(op) for op in counter.get_flop_counts()["Global"]}
+
+
+def test_without_the_kernel_depthwise_is_folded_with_no_error(tmp_path):
+    # A machine without a compiler: PSC_NAS_NO_EXTENSIONS=1 makes available() False, as a failed build does.
+    script = (
+        "import torch\n"
+        "from psc_nas.ops import depthwise, make_spec\n"
+        "spec = make_spec('csn_ir', 4, 4)\n"
+        "m = spec.build(); ref = spec.build('reference'); m.load_state_dict(ref.state_dict())\n"
+        "x = torch.randn(2, 4, 5, 5, 5)\n"
+        "assert m.impl == 'depthwise' and not m.kernel and not depthwise.available(), m.kernel\n"
+        "assert torch.allclose(m(x), ref(x), atol=1e-5)\n"
+        "print(depthwise.unavailable_reason())\n"
+    )
+    env = {**os.environ, depthwise.DISABLE_VAR: "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"disabled by {depthwise.DISABLE_VAR}"
+
+
+@needs_kernel
+def test_inference_tracing_and_export_of_csn_hold_no_custom_op():
+    # A TorchScript or ONNX file of a csn network must load where psc-nas is not installed.
+    module = make_spec("csn_ir", 4, 4).build().eval()
+    x = torch.randn(1, 4, 5, 5, 5)
+    traced = torch.jit.trace(module, x)
+    assert "depthwise_conv3d" not in str(traced.inlined_graph)
+    exported = torch.export.export(module, (x,))
+    assert "depthwise_conv3d" not in str(exported.graph)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(x)
+    assert "psc_nas.depthwise_conv3d" not in {str(op) for op in counter.get_flop_counts()["Global"]}

@@ -61,9 +61,12 @@ class TrainEvaluator(Evaluator):
         }
 
     def fidelity(self, epochs: int) -> Fidelity:
-        samples = self.setup.data_options.get("samples_per_epoch")
+        data = self.setup.data_options
+        samples, patch = data.get("samples_per_epoch"), data.get("patch_size")
         words = f"{epochs} epoch{'s' if epochs != 1 else ''}"
         words = f"{words} × {samples} samples" if samples else words
+        words = f"{words} of {patch}³" if isinstance(patch, int) else words
+        words = f"{words}, class-balanced" if data.get("class_balanced") else words
         # what differs from a plain psc-train run, so a trial says how its candidate was trained
         if self.width != 1:
             words += f", width {self.width:g}"

@@ -34,8 +34,9 @@ class CsnIpSpec(OpSpec):
         return ConvGraph.streams([[pointwise, ConvSpec(c, c, CUBE, self.stride, groups=c)]])
 
     def fast_impl(self) -> str:
-        # Folding sped up the 1x1x1 conv (1.2-1.4x over channels_last alone).
-        return "folded"
+        # Folding sped up the 1x1x1 conv (1.2-1.4x over channels_last alone); the depthwise conv's
+        # backward runs psc-nas's kernel (docs/benchmarks/roofline.md; "folded" where it cannot build).
+        return "depthwise"
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ class CsnIrSpec(OpSpec):
 
     def fast_impl(self) -> str:
         # channels_last beat NCDHW at every measured width (depthwise 1.6-2.4x; in NCDHW the
-        # depthwise backward falls back to a gemm path).
-        return "channels_last"
+        # depthwise backward falls back to a gemm path); the depthwise backward of psc-nas's kernel
+        # beat oneDNN's (docs/benchmarks/roofline.md). A grouped (in != out) conv stays oneDNN's.
+        return "depthwise"
 
 
 IP = register_family(OpFamily(spec=CsnIpSpec, domain=OpDomain, presets={"csn_ip": {}}))

@@ -9,6 +9,11 @@ whichever implementation ran. Implementations, by name (each executes exactly ``
 - ``folded``: channels_last, and every conv whose kernel and stride are 1 along D runs as a 2D
   conv over ``(N·D, C, H, W)``, which in channels_last_3d is a free view. oneDNN's 2D kernels
   beat its 3D ones for these shapes (1×3×3, 1×1×3, 1×3×1, 1×1×1).
+- ``depthwise``: ``folded``, and every depthwise conv (groups = channels, no bias) of a training
+  step runs ``depthwise.depthwise_conv3d``: oneDNN's forward with a backward of psc-nas's C++
+  kernel (inference, tracing and export run the plain conv: same forward, portable graphs). The
+  kernel is built (or loaded from the cache) when such a module is built; where it cannot be,
+  this implementation is exactly ``folded``.
 
 Which one ``build()`` runs by default is each family's measured rule (``OpSpec.fast_impl``); a family
 may offer more implementations of its own (CAKES: ``masked``, ``planes``, in ``cakes.py``).
@@ -27,13 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from psc_nas.ops import depthwise
 from psc_nas.ops.graph import GraphConv
 
 if TYPE_CHECKING:
     from psc_nas.ops.base import Op
 
 CHANNELS_LAST = torch.channels_last_3d
-EXACT_IMPLS = ("reference", "channels_last", "folded")
+EXACT_IMPLS = ("reference", "channels_last", "folded", "depthwise")
 
 
 class FastGraphConv(GraphConv):
@@ -44,11 +50,19 @@ class FastGraphConv(GraphConv):
             raise ValueError(f"impl must be one of {list(EXACT_IMPLS[1:])} here, got {impl!r}")
         super().__init__(spec)
         self.impl = impl
-        self.fold = impl == "folded"
+        self.fold = impl in ("folded", "depthwise")
+        # Build (once per machine) or load the kernel now, not inside the first timed forward.
+        self.kernel = impl == "depthwise" and has_depthwise_conv(spec) and depthwise.available()
 
     def run_conv(self, layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return layer(x)
+        if (
+            self.kernel
+            and training_step(x, layer.weight)
+            and depthwise.supports(layer.weight, layer.bias, layer.groups, layer.padding)
+        ):
+            return depthwise.depthwise_conv3d(x, layer.weight, list(layer.stride))
         return conv(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.groups, self.fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,3 +94,20 @@ def folds(kernel_depth: int, stride_depth: int) -> bool:
 
 def has_folding_conv(spec: Op) -> bool:
     return any(folds(node.conv.kernel[0], node.conv.stride[0]) for node in spec.graph().nodes)
+
+
+def has_depthwise_conv(spec: Op) -> bool:
+    """Whether some conv of ``spec`` is depthwise (groups = in = out channels, no bias)."""
+    return any(
+        node.conv.groups == node.conv.in_channels == node.conv.out_channels and not node.conv.bias
+        for node in spec.graph().nodes
+    )
+
+
+def training_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a backward may follow, outside tracing and export: only then does the depthwise op (whose
+    forward is oneDNN's anyway) run, so inference, TorchScript and ONNX graphs hold plain convolutions."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        return False
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting())

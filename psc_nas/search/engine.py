@@ -152,18 +152,9 @@ class Engine:
             retrain=self.plan.retrain.policy.count if self.plan.retrain is not None else 0,
         )
         self._live_front()  # a resumed study already has one
-        stale = failure_attrs(
-            f"its worker stopped sending heartbeats for {3 * (self.heartbeat_interval or 0)} s "
-            "(killed, crashed or cut off); queued again as a retry"
-        )
         with Heartbeat(self.study) as heartbeat:
             try:
-                while self.time_left():
-                    fail_stale(self.study, stale)
-                    if self._bracket(heartbeat):
-                        self._publish()
-                    elif not self._wait_for_others():
-                        break
+                self._loop(heartbeat)
             except INTERRUPTS:
                 self.requeued = requeue(self.study, heartbeat.held)  # Ctrl-C: back in the queue, no retry used
                 heartbeat.drop_all()
@@ -176,6 +167,24 @@ class Engine:
         if self.plan.retrain is not None:  # not after Ctrl-C: that ends the run above
             self._retrain(self.plan.retrain)
         return self.front
+
+    def _loop(self, heartbeat: Heartbeat) -> None:
+        """Brackets until the queue is empty or --timeout; another engine (``nni_engine``) replaces this."""
+        while self.time_left():
+            self._fail_stale()
+            if self._bracket(heartbeat):
+                self._publish()
+            elif not self._wait_for_others():
+                break
+
+    def _fail_stale(self) -> None:
+        fail_stale(
+            self.study,
+            failure_attrs(
+                f"its worker stopped sending heartbeats for {3 * (self.heartbeat_interval or 0)} s "
+                "(killed, crashed or cut off); queued again as a retry"
+            ),
+        )
 
     def _emit(self, make: Any, **fields: Any) -> None:
         """Send an event, with the run's progress: entries neither waiting nor claimed-but-unevaluated."""

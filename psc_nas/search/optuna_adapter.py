@@ -12,6 +12,7 @@ queue is empty) and no heartbeat for trials run outside ``Study.optimize``. What
     optuna.storages._heartbeat            BaseHeartbeat: record_heartbeat, get_heartbeat_interval
     RDBStorage._get_stale_trial_ids       trials whose worker went silent (fail_stale_trials, with reasons)
     experimental: fail_stale_trials, RetryHeartbeatStaleTrialCallback, Study.set_metric_names
+    FrozenTrial.system_attrs["fixed_params"]  the parameters enqueue_trial fixed (a preset's, a retry's)
 
 Each accessor raises :class:`OptunaInternalsMoved` naming the internal it misses, and
 tests/test_optuna_adapter.py runs every function here on a real storage, so an Optuna upgrade that
@@ -85,6 +86,11 @@ def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
 def snapshot(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
     """The trial as stored now (its user attributes, constraints and, for a retry, its origin)."""
     return storage_of(study).get_trial(trial_id(trial))
+
+
+def fixed_params(trial: FrozenTrial) -> dict[str, Any] | None:
+    """The parameters ``enqueue_trial`` fixed for this trial (a preset's, a retry's), or None."""
+    return trial.system_attrs.get("fixed_params") or None
 
 
 def claim_waiting(study: optuna.Study) -> optuna.Trial | None:

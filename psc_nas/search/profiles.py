@@ -7,16 +7,11 @@ is for a GPU: the paper's patch count and epochs per candidate.
 A profile names the evaluator that ranks candidates (``evaluator``, ``evaluator_options``) and how the
 search ends: ``retrain`` retrains the front's knee and its neighbours from scratch (``RetrainPolicy``),
 in the last ``retrain_share`` of the run's time budget (``psc_nas.search.retrain``).
-
-A task sizes a profile for its own problem with ``Task.profile_overrides`` (e.g. em and ucf101 train
-reduced-width proxies for more steps, fewer candidates): :func:`get_profile` with the task applies them,
-so the schedule lives in the task's file and a task without overrides gets the profile as it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from psc_nas.search.promotion import SuccessiveHalving
@@ -105,38 +100,8 @@ PROFILES = {
 
 
 def get_profile(name: str, task: Task | None = None) -> Profile:
-    """The profile ``name``, sized for ``task`` by its ``profile_overrides`` when a task is given."""
+    """The profile ``name``, with what ``task`` measured for itself in its place (``Task.profile_overrides``)."""
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
-    profile = PROFILES[name]
-    overrides = task.profile_overrides.get(name) if task is not None else None
-    return with_overrides(profile, overrides, f"task {task.name}") if overrides else profile
-
-
-MERGED = ("data_options", "evaluator_options")  # overrides merge over the profile's options
-
-
-def with_overrides(profile: Profile, overrides: Mapping[str, Any], owner: str = "overrides") -> Profile:
-    """``profile`` with ``overrides`` (``Profile`` fields) replaced; see ``Task.profile_overrides``."""
-    known = {f.name for f in fields(Profile)} - {"name"}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(
-            f"{owner}: unknown field(s) {', '.join(unknown)} of profile {profile.name}; known: "
-            f"{', '.join(sorted(known))}"
-        )
-    changes: dict[str, Any] = {}
-    try:
-        for key, value in overrides.items():
-            if key in MERGED:
-                value = {**getattr(profile, key), **value}
-            elif key == "retrain" and value is not None:
-                value = replace(profile.retrain or RetrainPolicy(), **value)
-            elif key == "policy":
-                value = replace(profile.policy, **value)
-            elif key == "epochs":
-                value = tuple(value)
-            changes[key] = value
-        return replace(profile, **changes)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{owner}: profile {profile.name} overrides: {err}") from None
+    overrides = dict(task.profile_overrides.get(name, {})) if task is not None else {}
+    return replace(PROFILES[name], **overrides)

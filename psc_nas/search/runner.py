@@ -43,6 +43,7 @@ from psc_nas.space import SearchSpace
 from psc_nas.tasks import Task, get_task
 
 SAMPLERS = ("nsga2", "tpe", "random")
+ENGINES = ("optuna", "nni")
 COST_OBJECTIVES = {"params": "params", "macs": "macs", "latency": "latency_ms", "latency_ms": "latency_ms"}
 LOG_FILE = "search.log"
 
@@ -55,6 +56,8 @@ class SearchSettings:
     trials: int | None = None  # the study's total of evaluated architectures; the profile's by default
     timeout: float | None = None  # seconds after which no new training starts
     sampler: str = "nsga2"
+    engine: str = "optuna"  # optuna | nni (psc_nas.search.nni_engine)
+    strategy: str = "evolution"  # NNI's strategy, for engine nni
     storage: str | None = None
     study_name: str | None = None
     seed: int = 0
@@ -126,9 +129,15 @@ def plan_search(
     """Resolve and check the settings; writes nothing. ``evaluator`` replaces ``settings.evaluator``;
     ``stage`` hears what is being done, in words, before each step that can take a while."""
     task = get_task(settings.task)
-    profile = get_profile(settings.profile, task)  # sized for the task (Task.profile_overrides)
+    profile = get_profile(settings.profile, task)
     if settings.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {settings.sampler!r}; choose from {', '.join(SAMPLERS)}")
+    if settings.engine not in ENGINES:
+        raise ValueError(f"unknown engine {settings.engine!r}; choose from {', '.join(ENGINES)}")
+    if settings.engine == "nni" and settings.strategy not in nni_engine().STRATEGIES:
+        raise ValueError(
+            f"unknown NNI strategy {settings.strategy!r}; choose from {', '.join(nni_engine().STRATEGIES)}"
+        )
     if settings.budget_sampling not in SAMPLING:
         raise ValueError(f"unknown budget sampling {settings.budget_sampling!r}; choose from {', '.join(SAMPLING)}")
     trials = settings.trials if settings.trials is not None else profile.trials
@@ -200,6 +209,19 @@ def plan_search(
         else None,
         retrain_timeout=timeout if policy is not None else None,
     )
+
+
+def nni_engine() -> Any:
+    """``psc_nas.search.nni_engine``; NNI is an optional extra: without it, one line saying how to install it."""
+    try:
+        from psc_nas.search import nni_engine as module
+    except ImportError as error:
+        if (error.name or "").partition(".")[0] == "nni":
+            raise ValueError("--engine nni needs NNI, an optional extra: pip install 'psc-nas[nni]'") from None
+        raise ValueError(
+            f"--engine nni: NNI is installed but does not import ({error}); pip install 'psc-nas[nni]'"
+        ) from None
+    return module
 
 
 def check_data(
@@ -279,9 +301,12 @@ def run_search(
             storage = open_storage(
                 storage_url(settings.storage, out_dir), heartbeat_interval=settings.heartbeat_interval
             )
-            sampler = make_sampler(settings.sampler, seed=settings.seed, population=plan.profile.population)
-            if plan.pricing.sampling == "restrict":
-                sampler = RestrictedSampler(sampler, seed=settings.seed)
+            if settings.engine == "nni":
+                sampler = nni_engine().ProposalSampler()  # NNI's strategy proposes, the study records
+            else:
+                sampler = make_sampler(settings.sampler, seed=settings.seed, population=plan.profile.population)
+                if plan.pricing.sampling == "restrict":
+                    sampler = RestrictedSampler(sampler, seed=settings.seed)
             study, created = open_study(
                 storage, settings.study_name or out_dir.resolve().name, record=plan.record, sampler=sampler
             )
@@ -296,10 +321,13 @@ def run_search(
             log.info(describe(event), extra={"psc_event": True})  # to search.log; the display gets the event
             display(event)
 
-        engine = Engine(plan, study, on_event=show)
+        if settings.engine == "nni":
+            engine = nni_engine().NniEngine(plan, study, strategy=settings.strategy, seed=settings.seed, on_event=show)
+        else:
+            engine = Engine(plan, study, on_event=show)
         engine.fill_queue(created)
         log.info(
-            "%s study %r: task %s, space %s, %s, %d trials, profile %s, evaluator %s, sampler %s, seed %d, %s",
+            "%s study %r: task %s, space %s, %s, %d trials, profile %s, evaluator %s, %s, seed %d, %s",
             "created" if created else "resumed",
             study.study_name,
             plan.task.name,
@@ -308,7 +336,7 @@ def run_search(
             plan.trials,
             plan.profile.name,
             plan.evaluator.name,
-            settings.sampler,
+            f"NNI strategy {settings.strategy}" if settings.engine == "nni" else f"sampler {settings.sampler}",
             settings.seed,
             f"then retraining {plan.retrain.policy.count} front trials" if plan.retrain else "no retraining",
         )

@@ -81,9 +81,8 @@ class Task(ABC):
     metric_range: ClassVar[tuple[float, float]]  # (low, high) the metric lives in; hypervolumes are scaled by it
     default_space: ClassVar[str | None] = None  # the search space psc-search uses without --space
     input_key: ClassVar[str] = "image"
-    # How the search's run-size profiles (psc_nas.search.profiles) are sized for this problem: per profile
-    # name, ``Profile`` fields to replace (``data_options`` and ``evaluator_options`` merge over the
-    # profile's; ``retrain`` and ``policy`` take a mapping of their own fields). Empty: the profiles as they are.
+    # The task's own schedule per run profile, measured for this task: Profile fields replaced when a
+    # search of this task runs that profile, e.g. {"quick": {"data_options": {...}}} (search.profiles).
     profile_overrides: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     @property

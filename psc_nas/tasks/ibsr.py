@@ -125,18 +125,20 @@ class IBSRDataModule(L.LightningDataModule):
         spacing: float | None = None,
         cache_dir: str | Path | None = None,
         num_workers: int = 0,
+        class_balanced: bool = False,
     ) -> None:
         super().__init__()
         if data_dir is not None and (spacing is not None or cache_dir is not None):
             raise ValueError("spacing and cache_dir apply to the embedded cohort only, not to a data_dir")
         self.data_dir = data_dir
         self.seed = seed
-        self.patch_size = tuple(patch_size)
+        self.patch_size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
         self.batch_size = batch_size
         self.samples_per_epoch = samples_per_epoch
         self.spacing = spacing
         self.cache_dir = cache_dir
         self.num_workers = num_workers
+        self.class_balanced = bool(class_balanced)
         # Check a user's layout now, so a wrong path fails before any model is built.
         self._subjects = None if data_dir is None else split_subjects(find_subjects(data_dir), data_dir)
         self.volumes: dict[str, list[Volume]] = {}
@@ -159,6 +161,7 @@ class IBSRDataModule(L.LightningDataModule):
             samples_per_epoch=self.samples_per_epoch,
             seed=self.seed,
             num_workers=self.num_workers,
+            num_classes=len(CLASS_NAMES) if self.class_balanced else None,
         )
 
     def val_dataloader(self):
@@ -194,5 +197,8 @@ class IBSRTask(Task):
         return inferer(batch[self.input_key], net)
 
     def datamodule(self, data_dir: str | Path | None = None, *, seed: int = 0, **options: Any) -> IBSRDataModule:
-        """Options: ``batch_size``, ``samples_per_epoch``, ``spacing``, ``cache_dir``, ``num_workers``."""
-        return IBSRDataModule(data_dir, seed=seed, patch_size=self.input_shape[1:], **options)
+        """Options: ``batch_size``, ``samples_per_epoch``, ``spacing``, ``cache_dir``, ``num_workers``,
+        ``patch_size`` (training patches, default the task's input size; validation windows keep it),
+        ``class_balanced`` (patches centred on each class equally often)."""
+        options.setdefault("patch_size", self.input_shape[1:])
+        return IBSRDataModule(data_dir, seed=seed, **options)

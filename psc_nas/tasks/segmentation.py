@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
 from monai.metrics import DiceMetric
-from monai.transforms import Compose, EnsureTyped, RandCropByPosNegLabeld, SpatialPadd
+from monai.transforms import Compose, EnsureTyped, RandCropByLabelClassesd, RandCropByPosNegLabeld, SpatialPadd
 
 from psc_nas.tasks.base import Batch, DataError
 
@@ -71,19 +71,21 @@ def patch_loader(
     samples_per_epoch: int,
     seed: int,
     num_workers: int = 0,
+    num_classes: int | None = None,
 ) -> DataLoader:
-    """Random patches, three of four centred in the brain (label > 0), subjects taken in turn.
+    """Random patches, subjects taken in turn: three of four centred in the brain (label > 0), or,
+    with ``num_classes``, centred on each class (background included) equally often, so that a
+    small class (IBSR's CSF) is seen from the first steps (MONAI ``RandCropByLabelClassesd``).
 
     Volumes smaller than a patch are zero-padded (background) so every patch has the same shape.
     """
     keys = ["image", "label"]
-    crop = Compose(
-        [
-            SpatialPadd(keys, spatial_size=list(patch_size)),
-            RandCropByPosNegLabeld(keys, "label", spatial_size=list(patch_size), pos=3, neg=1),
-            _as_batch,
-        ]
+    centre = (
+        RandCropByLabelClassesd(keys, "label", spatial_size=list(patch_size), num_classes=num_classes)
+        if num_classes
+        else RandCropByPosNegLabeld(keys, "label", spatial_size=list(patch_size), pos=3, neg=1)
     )
+    crop = Compose([SpatialPadd(keys, spatial_size=list(patch_size)), centre, _as_batch])
     crop.set_random_state(seed)
     items = [volumes[i % len(volumes)].as_item() for i in range(samples_per_epoch)]
     return DataLoader(

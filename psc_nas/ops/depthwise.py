@@ -1,0 +1,507 @@
+"""A depthwise 3D conv (groups = channels) on channels_last_3d CPU tensors, with psc-nas's own C++ kernel.
+
+oneDNN's channels_last depthwise 3x3x3 *forward* runs near this machine's roofline, but its
+backward takes 30-65x as long (docs/benchmarks/ops.md, roofline.md). ``depthwise_conv3d`` keeps
+oneDNN's forward, computes the stride-1 input gradient as that forward on the spatially flipped
+kernel, and the weight gradient with the C++ kernel below: per output row and 16-channel block,
+all 27 taps' accumulators in AVX-512 registers while the row's columns stream past (float32,
+3x3x3, C a multiple of 16; a generic vectorised loop otherwise). The kernel also has a forward
+(one register block per pixel over the taps) and a strided input gradient (a gather per input
+row, so threads never write the same row), used for strides other than 1 and by the benchmarks.
+Odd kernels with 'same' padding (``kernel // 2``), any stride, no bias, float32 or float64.
+
+The kernel is compiled once per machine by ``torch.utils.cpp_extension.load_inline`` (g++, ninja)
+into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and loaded from there by
+every later process. ``available()`` builds or loads it and says whether it can run; a machine
+without a compiler (or ``PSC_NAS_NO_EXTENSIONS=1``) gets ``False`` and the callers keep oneDNN's
+path. A build prints one line with its time to stderr, and ``load_seconds()`` reports it, so
+compile time never hides inside a timed search or benchmark.
+
+``depthwise_conv3d`` is a ``torch.library`` custom op (``psc_nas::depthwise_conv3d``) with a
+registered autograd formula and a FLOP formula, so ``FlopCounterMode`` counts its exact MACs;
+``fast.py`` calls it only in a training step, so inference, tracing and export see a plain conv.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from math import prod
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+DISABLE_VAR = "PSC_NAS_NO_EXTENSIONS"
+NAME = "psc_nas_depthwise_v4"
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+struct Geometry {
+  int64_t N, C, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, OD, OH, OW;
+};
+
+Geometry geometry(const at::IntArrayRef in_sizes, const at::IntArrayRef kernel, const at::IntArrayRef stride) {
+  TORCH_CHECK(in_sizes.size() == 5 && kernel.size() == 3 && stride.size() == 3, "5-D input, 3 kernel and 3 stride");
+  Geometry g;
+  g.N = in_sizes[0]; g.C = in_sizes[1]; g.D = in_sizes[2]; g.H = in_sizes[3]; g.W = in_sizes[4];
+  g.KD = kernel[0]; g.KH = kernel[1]; g.KW = kernel[2];
+  g.SD = stride[0]; g.SH = stride[1]; g.SW = stride[2];
+  g.PD = g.KD / 2; g.PH = g.KH / 2; g.PW = g.KW / 2;
+  g.OD = (g.D + 2 * g.PD - g.KD) / g.SD + 1;
+  g.OH = (g.H + 2 * g.PH - g.KH) / g.SH + 1;
+  g.OW = (g.W + 2 * g.PW - g.KW) / g.SW + 1;
+  return g;
+}
+
+// Output columns ow whose input column ow * S - P + k lies in [0, W): [lo, hi).
+inline void column_range(int64_t k, const Geometry& g, int64_t& lo, int64_t& hi) {
+  const int64_t first = g.PW - k;  // need ow * SW >= first
+  lo = first <= 0 ? 0 : (first + g.SW - 1) / g.SW;
+  const int64_t last = g.W - 1 + g.PW - k;  // need ow * SW <= last
+  hi = last < 0 ? 0 : std::min(g.OW, last / g.SW + 1);
+}
+
+// One block of channels: kBlock values fill one 512-bit register, so each output pixel's block is
+// a register accumulated over the taps (forward), or each tap's block a register accumulated over
+// a row's columns (weight gradient), with no load or store of the accumulator in between.
+template <typename T>
+constexpr int64_t block() { return 64 / sizeof(T); }
+
+// Output columns ow whose input column ow * SW - PW + k lies in [0, W) for every k: [lo, hi).
+inline void interior_columns(const Geometry& g, int64_t& lo, int64_t& hi) {
+  lo = (g.PW + g.SW - 1) / g.SW;
+  const int64_t last = g.W - 1 + g.PW - (g.KW - 1);
+  hi = last < 0 ? 0 : std::max(lo, std::min(g.OW, last / g.SW + 1));
+}
+
+template <typename T>
+void forward_rows(const T* x, const T* w, T* y, const Geometry& g) {
+  constexpr int64_t B = block<T>();
+  const int64_t C = g.C, rows = g.N * g.OD * g.OH, full = C / B * B;
+  int64_t inner_lo, inner_hi;
+  interior_columns(g, inner_lo, inner_hi);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> xrows(g.KD * g.KH);  // the input row each (a, b) reads, or null
+    std::vector<const T*> wrows(g.KD * g.KH);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t oh = r % g.OH, od = (r / g.OH) % g.OD, n = r / (g.OH * g.OD);
+      int64_t used = 0;
+      for (int64_t a = 0; a < g.KD; ++a) {
+        const int64_t id = od * g.SD - g.PD + a;
+        if (id < 0 || id >= g.D) continue;
+        for (int64_t b = 0; b < g.KH; ++b) {
+          const int64_t ih = oh * g.SH - g.PH + b;
+          if (ih < 0 || ih >= g.H) continue;
+          xrows[used] = x + ((n * g.D + id) * g.H + ih) * g.W * C;
+          wrows[used] = w + (a * g.KH + b) * g.KW * C;
+          ++used;
+        }
+      }
+      T* yrow = y + r * g.OW * C;
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        const bool inside = ow >= inner_lo && ow < inner_hi;
+        const int64_t base = ow * g.SW - g.PW;
+        for (int64_t c0 = 0; c0 < full; c0 += B) {
+          T acc[B] = {};
+          for (int64_t u = 0; u < used; ++u) {
+            for (int64_t k = 0; k < g.KW; ++k) {
+              const int64_t iw = base + k;
+              if (!inside && (iw < 0 || iw >= g.W)) continue;
+              const T* __restrict__ xv = xrows[u] + iw * C + c0;
+              const T* __restrict__ wv = wrows[u] + k * C + c0;
+#pragma omp simd
+              for (int64_t c = 0; c < B; ++c) acc[c] += xv[c] * wv[c];
+            }
+          }
+          std::copy(acc, acc + B, yrow + ow * C + c0);
+        }
+        if (full < C) {  // the channels past the last full block
+          T* yv = yrow + ow * C;
+          std::fill(yv + full, yv + C, T(0));
+          for (int64_t u = 0; u < used; ++u)
+            for (int64_t k = 0; k < g.KW; ++k) {
+              const int64_t iw = base + k;
+              if (iw < 0 || iw >= g.W) continue;
+              for (int64_t c = full; c < C; ++c) yv[c] += xrows[u][iw * C + c] * wrows[u][k * C + c];
+            }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void input_grad_rows(const T* gy, const T* w, T* gx, const Geometry& g) {
+  const int64_t C = g.C, rows = g.N * g.D * g.H;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t ih = r % g.H, id = (r / g.H) % g.D, n = r / (g.H * g.D);
+      T* gxrow = gx + r * g.W * C;
+      std::fill(gxrow, gxrow + g.W * C, T(0));
+      for (int64_t a = 0; a < g.KD; ++a) {
+        const int64_t td = id + g.PD - a;  // = od * SD
+        if (td < 0 || td % g.SD) continue;
+        const int64_t od = td / g.SD;
+        if (od >= g.OD) continue;
+        for (int64_t b = 0; b < g.KH; ++b) {
+          const int64_t th = ih + g.PH - b;
+          if (th < 0 || th % g.SH) continue;
+          const int64_t oh = th / g.SH;
+          if (oh >= g.OH) continue;
+          const T* gyrow = gy + ((n * g.OD + od) * g.OH + oh) * g.OW * C;
+          for (int64_t k = 0; k < g.KW; ++k) {
+            const T* __restrict__ wv = w + ((a * g.KH + b) * g.KW + k) * C;
+            int64_t lo, hi;
+            column_range(k, g, lo, hi);
+            for (int64_t ow = lo; ow < hi; ++ow) {  // this thread owns the whole input row
+              const T* __restrict__ gyv = gyrow + ow * C;
+              T* __restrict__ gxv = gxrow + (ow * g.SW - g.PW + k) * C;
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) gxv[c] += gyv[c] * wv[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void weight_grad_rows(const T* x, const T* gy, T* partial, int64_t chunks, const Geometry& g) {
+  // partial: (chunks, taps, C), one accumulator per chunk of output rows, summed by the caller.
+  constexpr int64_t B = block<T>();
+  const int64_t C = g.C, rows = g.N * g.OD * g.OH, taps = g.KD * g.KH * g.KW, full = C / B * B;
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      T* acc_all = partial + chunk * taps * C;
+      const int64_t stop = std::min(rows, (chunk + 1) * per_chunk);
+      for (int64_t r = chunk * per_chunk; r < stop; ++r) {
+        const int64_t oh = r % g.OH, od = (r / g.OH) % g.OD, n = r / (g.OH * g.OD);
+        const T* gyrow = gy + r * g.OW * C;
+        for (int64_t a = 0; a < g.KD; ++a) {
+          const int64_t id = od * g.SD - g.PD + a;
+          if (id < 0 || id >= g.D) continue;
+          for (int64_t b = 0; b < g.KH; ++b) {
+            const int64_t ih = oh * g.SH - g.PH + b;
+            if (ih < 0 || ih >= g.H) continue;
+            const T* xrow = x + ((n * g.D + id) * g.H + ih) * g.W * C;
+            for (int64_t k = 0; k < g.KW; ++k) {
+              T* __restrict__ av = acc_all + ((a * g.KH + b) * g.KW + k) * C;
+              int64_t lo, hi;
+              column_range(k, g, lo, hi);
+              const int64_t shift = k - g.PW;
+              for (int64_t c0 = 0; c0 < full; c0 += B) {
+                T acc0[B] = {}, acc1[B] = {};  // two chains hide the multiply-add latency
+                int64_t ow = lo;
+                for (; ow + 1 < hi; ow += 2) {
+                  const T* __restrict__ x0 = xrow + (ow * g.SW + shift) * C + c0;
+                  const T* __restrict__ x1 = xrow + ((ow + 1) * g.SW + shift) * C + c0;
+                  const T* __restrict__ g0 = gyrow + ow * C + c0;
+                  const T* __restrict__ g1 = g0 + C;
+#pragma omp simd
+                  for (int64_t c = 0; c < B; ++c) {
+                    acc0[c] += x0[c] * g0[c];
+                    acc1[c] += x1[c] * g1[c];
+                  }
+                }
+                if (ow < hi) {
+                  const T* __restrict__ x0 = xrow + (ow * g.SW + shift) * C + c0;
+                  const T* __restrict__ g0 = gyrow + ow * C + c0;
+#pragma omp simd
+                  for (int64_t c = 0; c < B; ++c) acc0[c] += x0[c] * g0[c];
+                }
+#pragma omp simd
+                for (int64_t c = 0; c < B; ++c) av[c0 + c] += acc0[c] + acc1[c];
+              }
+              for (int64_t c = full; c < C; ++c)
+                for (int64_t ow = lo; ow < hi; ++ow) av[c] += xrow[(ow * g.SW + shift) * C + c] * gyrow[ow * C + c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// Weight gradient of a 3x3x3 kernel in float32 with C a multiple of 16: per output row and block of
+// 16 channels, all 27 taps' accumulators stay in registers while the row's columns stream past, so
+// each multiply-add needs one load of x (dy is loaded once per column for all taps). Missing input
+// rows read a zero row; the first and last columns (where a W tap falls outside) go the scalar way.
+bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, int64_t chunks, const Geometry& g) {
+  if (g.KD != 3 || g.KH != 3 || g.KW != 3 || g.C % 16 != 0) return false;
+  const int64_t C = g.C, rows = g.N * g.OD * g.OH;
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  int64_t inner_lo, inner_hi;
+  interior_columns(g, inner_lo, inner_hi);
+  const std::vector<float> zero_row(g.W * C, 0.0f);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      float* acc_all = partial + chunk * 27 * C;
+      const int64_t stop = std::min(rows, (chunk + 1) * per_chunk);
+      for (int64_t r = chunk * per_chunk; r < stop; ++r) {
+        const int64_t oh = r % g.OH, od = (r / g.OH) % g.OD, n = r / (g.OH * g.OD);
+        const float* gyrow = gy + r * g.OW * C;
+        const float* xrows[9];
+        for (int64_t a = 0; a < 3; ++a)
+          for (int64_t b = 0; b < 3; ++b) {
+            const int64_t id = od * g.SD - 1 + a, ih = oh * g.SH - 1 + b;
+            const bool inside = id >= 0 && id < g.D && ih >= 0 && ih < g.H;
+            xrows[a * 3 + b] = inside ? x + ((n * g.D + id) * g.H + ih) * g.W * C : zero_row.data();
+          }
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+          __m512 acc[27];
+#pragma GCC unroll 27
+          for (int t = 0; t < 27; ++t) acc[t] = _mm512_setzero_ps();
+          for (int64_t ow = inner_lo; ow < inner_hi; ++ow) {
+            const __m512 dy = _mm512_loadu_ps(gyrow + ow * C + c0);
+            const int64_t base = (ow * g.SW - 1) * C + c0;
+#pragma GCC unroll 9
+            for (int u = 0; u < 9; ++u) {
+              const float* xv = xrows[u] + base;
+              acc[u * 3 + 0] = _mm512_fmadd_ps(_mm512_loadu_ps(xv), dy, acc[u * 3 + 0]);
+              acc[u * 3 + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xv + C), dy, acc[u * 3 + 1]);
+              acc[u * 3 + 2] = _mm512_fmadd_ps(_mm512_loadu_ps(xv + 2 * C), dy, acc[u * 3 + 2]);
+            }
+          }
+#pragma GCC unroll 27
+          for (int t = 0; t < 27; ++t) {
+            float* av = acc_all + t * C + c0;
+            _mm512_storeu_ps(av, _mm512_add_ps(_mm512_loadu_ps(av), acc[t]));
+          }
+        }
+        for (int64_t ow = 0; ow < g.OW; ++ow) {  // the edge columns
+          if (ow >= inner_lo && ow < inner_hi) continue;
+          for (int t = 0; t < 27; ++t) {
+            const int64_t iw = ow * g.SW - 1 + t % 3;
+            if (iw < 0 || iw >= g.W) continue;
+            const float* xv = xrows[t / 3] + iw * C;
+            const float* dv = gyrow + ow * C;
+            float* av = acc_all + t * C;
+            for (int64_t c = 0; c < C; ++c) av[c] += xv[c] * dv[c];
+          }
+        }
+      }
+    }
+  });
+  return true;
+}
+#endif
+
+template <typename T>
+void weight_grad(const T* x, const T* gy, T* partial, int64_t chunks, const Geometry& g) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (weight_grad_3x3x3_avx512(x, gy, partial, chunks, g)) return;
+  }
+#endif
+  weight_grad_rows<T>(x, gy, partial, chunks, g);
+}
+
+at::Tensor channels_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast3d); }
+
+}  // namespace
+
+// x: (N, C, D, H, W); taps_weight: (KD*KH*KW, C) contiguous. Returns y in channels_last_3d.
+at::Tensor dw_forward(at::Tensor x, at::Tensor taps_weight, std::vector<int64_t> kernel, std::vector<int64_t> stride) {
+  x = channels_last(x);
+  const Geometry g = geometry(x.sizes(), kernel, stride);
+  auto y = at::empty({g.N, g.C, g.OD, g.OH, g.OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast3d));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dw_forward", [&] {
+    forward_rows<scalar_t>(x.data_ptr<scalar_t>(), taps_weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g);
+  });
+  return y;
+}
+
+at::Tensor dw_input_grad(at::Tensor grad_y, at::Tensor taps_weight, std::vector<int64_t> in_sizes,
+                         std::vector<int64_t> kernel, std::vector<int64_t> stride) {
+  grad_y = channels_last(grad_y);
+  const Geometry g = geometry(in_sizes, kernel, stride);
+  TORCH_CHECK(grad_y.size(2) == g.OD && grad_y.size(3) == g.OH && grad_y.size(4) == g.OW, "grad_y shape");
+  auto gx = at::empty(in_sizes, grad_y.options().memory_format(at::MemoryFormat::ChannelsLast3d));
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "dw_input_grad", [&] {
+    input_grad_rows<scalar_t>(grad_y.data_ptr<scalar_t>(), taps_weight.data_ptr<scalar_t>(),
+                              gx.data_ptr<scalar_t>(), g);
+  });
+  return gx;
+}
+
+// Returns the weight gradient as (KD*KH*KW, C).
+at::Tensor dw_weight_grad(at::Tensor x, at::Tensor grad_y, std::vector<int64_t> kernel, std::vector<int64_t> stride) {
+  x = channels_last(x);
+  grad_y = channels_last(grad_y);
+  const Geometry g = geometry(x.sizes(), kernel, stride);
+  const int64_t rows = g.N * g.OD * g.OH;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
+  auto partial = at::zeros({chunks, g.KD * g.KH * g.KW, g.C},
+                           x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dw_weight_grad", [&] {
+    weight_grad<scalar_t>(x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>(), chunks,
+                          g);
+  });
+  return partial.sum(0);
+}
+"""
+FUNCTIONS = ["dw_forward", "dw_input_grad", "dw_weight_grad"]
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"module": None, "tried": False, "seconds": None, "error": None}
+
+
+def _build_flags() -> list[str]:
+    return ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=fast"]
+
+
+def _extension() -> Any | None:
+    """The compiled module (built or loaded on first call), or None where it cannot be."""
+    with _lock:
+        if _state["tried"]:
+            return _state["module"]
+        _state["tried"] = True
+        if os.environ.get(DISABLE_VAR, "") not in ("", "0"):
+            _state["error"] = f"disabled by {DISABLE_VAR}"
+            return None
+        if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+            _state["error"] = "no C++ compiler on PATH"
+            return None
+        from torch.utils import cpp_extension
+
+        started = time.perf_counter()
+        try:
+            module = cpp_extension.load_inline(
+                name=NAME,
+                cpp_sources=SOURCE,
+                functions=FUNCTIONS,
+                extra_cflags=_build_flags(),
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except Exception as err:  # noqa: BLE001 - any build failure means: use oneDNN's path
+            _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+            print(f"psc-nas: depthwise C++ kernel unavailable ({_state['error']}); using oneDNN", file=sys.stderr)
+            return None
+        _state["seconds"] = time.perf_counter() - started
+        if _state["seconds"] > 2.0:  # a cached load takes well under a second; this was a build
+            print(f"psc-nas: built the depthwise C++ kernel in {_state['seconds']:.1f} s (cached)", file=sys.stderr)
+        _state["module"] = module
+        return module
+
+
+def available() -> bool:
+    """Whether the kernel runs on this machine (builds or loads it on the first call)."""
+    return _extension() is not None
+
+
+def load_seconds() -> float | None:
+    """Seconds the first ``available()`` took to build or load the kernel; None before, or if unavailable."""
+    return _state["seconds"]
+
+
+def unavailable_reason() -> str | None:
+    return _state["error"]
+
+
+def supports(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padding: Sequence[int]) -> bool:
+    """Whether a conv with these arguments is one the kernel computes (before asking ``available()``)."""
+    channels, per_group, *kernel = weight.shape
+    return (
+        bias is None
+        and groups == channels
+        and per_group == 1
+        and weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.float64)
+        and all(k % 2 == 1 for k in kernel)
+        and list(padding) == [k // 2 for k in kernel]
+    )
+
+
+def taps_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C, 1, KD, KH, KW) -> (KD*KH*KW, C), the kernel's layout: one channel vector per tap."""
+    return weight.reshape(weight.shape[0], -1).t().contiguous()
+
+
+def flipped_is_gradient(stride: Sequence[int]) -> bool:
+    """With stride 1 the input gradient is the same conv of dy by the spatially flipped kernel."""
+    return all(s == 1 for s in stride)
+
+
+@torch.library.custom_op("psc_nas::depthwise_conv3d", mutates_args=(), device_types="cpu")
+def depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    """Depthwise 'same'-padded conv of ``x`` (N, C, D, H, W) by ``weight`` (C, 1, kd, kh, kw); channels_last_3d out.
+
+    Forward: oneDNN's channels_last_3d depthwise conv (its forward is fast; its backward is not).
+    Backward: input gradient by the same oneDNN forward on the flipped kernel where the stride is 1,
+    else by the C++ kernel; weight gradient always by the C++ kernel (measured in
+    docs/benchmarks/roofline.md).
+    """
+    if _extension() is None:
+        raise RuntimeError(f"the depthwise C++ kernel is unavailable: {unavailable_reason()}")
+    if x.dtype != weight.dtype:
+        raise RuntimeError(f"x is {x.dtype} but weight is {weight.dtype}")
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    padding = [k // 2 for k in weight.shape[2:]]
+    return F.conv3d(x, weight, None, list(stride), padding, 1, weight.shape[0]).contiguous(
+        memory_format=torch.channels_last_3d
+    )
+
+
+@depthwise_conv3d.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    out = [(size + 2 * (k // 2) - k) // s + 1 for size, k, s in zip(x.shape[2:], weight.shape[2:], stride)]
+    return x.new_empty((x.shape[0], x.shape[1], *out)).contiguous(memory_format=torch.channels_last_3d)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, stride = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.stride = list(stride)
+
+
+def input_grad(
+    grad_y: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int], stride: Sequence[int]
+) -> torch.Tensor:
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last_3d)
+    if flipped_is_gradient(stride):
+        padding = [k // 2 for k in weight.shape[2:]]
+        flipped = weight.flip(2, 3, 4)
+        return F.conv3d(grad_y, flipped, None, 1, padding, 1, weight.shape[0])
+    return _extension().dw_input_grad(grad_y, taps_weight(weight), list(in_shape), list(weight.shape[2:]), list(stride))
+
+
+def weight_grad(
+    x: torch.Tensor, grad_y: torch.Tensor, weight_shape: Sequence[int], stride: Sequence[int]
+) -> torch.Tensor:
+    taps = _extension().dw_weight_grad(x, grad_y, list(weight_shape[2:]), list(stride))
+    return taps.t().reshape(weight_shape)
+
+
+def _backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    x, weight = ctx.saved_tensors
+    grad_x = input_grad(grad_y, weight, x.shape, ctx.stride) if ctx.needs_input_grad[0] else None
+    grad_w = weight_grad(x, grad_y, weight.shape, ctx.stride) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+depthwise_conv3d.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.psc_nas.depthwise_conv3d)
+def _flops(
+    x_shape: Sequence[int], w_shape: Sequence[int], stride: Any, *args: Any, out_shape: Sequence[int], **kw: Any
+) -> int:
+    return 2 * prod(out_shape) * prod(w_shape[2:])  # out_shape (N, C, ...): one MAC per tap per output

@@ -39,6 +39,7 @@ from psc_nas.arch import ArchConfig, BlockChoice
 from psc_nas.nets import get_backbone, resnet3d, validate
 from psc_nas.presets import PRESETS, preset_config
 from psc_nas.search.latency import forward_latency_ms
+from psc_nas.search.profiles import get_profile
 from psc_nas.tasks import get_task
 from psc_nas.train import fit
 
@@ -59,8 +60,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: psc_nas.train's)")
     parser.add_argument("--lr-schedule", default="constant", choices=("constant", "onecycle"))
     parser.add_argument("--temporal-check", action="store_true", help="ucf101: conv3d vs all-1x3x3 vs 2D-only")
+    parser.add_argument(
+        "--quick-schedule",
+        action="store_true",
+        help="train as the task's quick search profile trains a candidate at its highest fidelity (epochs, samples, "
+        "batch, width, lr, schedule from Task.profile_overrides), instead of the options above",
+    )
     parser.add_argument("--out", default="-", help="results JSON, or - for none")
     return parser.parse_args(argv)
+
+
+def use_quick_schedule(args: argparse.Namespace, task) -> None:
+    """``args`` set to how the task's quick profile trains a candidate at its highest fidelity."""
+    profile = get_profile("quick", task)
+    options = profile.evaluator_options
+    args.epochs = profile.epochs[-1]
+    args.samples_per_epoch = profile.data_options["samples_per_epoch"]
+    args.batch_size = profile.data_options["batch_size"]
+    args.width = float(options.get("width", 1.0))
+    args.lr = options.get("lr")
+    args.lr_schedule = options.get("lr_schedule", "constant")
 
 
 def cpu_seconds() -> float:
@@ -183,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"tasks.py: unknown preset(s) {unknown} for --task {args.task}; known: {known}")
     seeds = [int(s) for s in args.seeds.split(",")]
     task = get_task(args.task)
+    if args.quick_schedule:
+        use_quick_schedule(args, task)
     record = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/tasks.py", *argv]),

@@ -4,20 +4,26 @@ searched and exported through the real command-line tools (tiny options, CPU).""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 import torch
+from rich.console import Console
 from test_tasks import assert_one_line_error, run_cli
 
 import psc_nas
 from psc_nas.arch import ArchConfig
+from psc_nas.evaluators import train as train_evaluator
 from psc_nas.presets import PRESETS, preset_config
+from psc_nas.search.budget import Budget
+from psc_nas.search.profiles import PROFILES, get_profile
+from psc_nas.search.runner import SearchSettings, run_search
 from psc_nas.space import SearchSpace
 from psc_nas.tasks import DataError, get_task
-from psc_nas.tasks.em import AffinityLoss, split_volumes
+from psc_nas.tasks.em import AffinityLoss, EMTask, split_volumes
 from psc_nas.tasks.em_embedded import synthetic_em_volume, write_cremi
 from psc_nas.tasks.em_segmentation import affinities_from_labels
 from psc_nas.tasks.video_embedded import write_video
@@ -300,6 +306,7 @@ def test_psc_search_and_psc_export_on_the_embedded_data(tmp_path, task, space, b
         "search",
         "--no-retrain",  # retraining is tested in test_retrain.py
         cwd=tmp_path,
+        plugins="quick_schedules",  # the task's quick schedule, a few steps per candidate
     )
     assert found.returncode == 0, found.stderr
     out = tmp_path / "search"
@@ -311,7 +318,8 @@ def test_psc_search_and_psc_export_on_the_embedded_data(tmp_path, task, space, b
     assert [d.name for d in study.directions] == [direction, "MINIMIZE"]
     trained = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs["fidelity"] > 0]
     assert len(trained) == 2
-    for trial in trained:
+    for trial in trained:  # the plugin's epochs and samples, the task's quarter-width proxy
+        assert re.match(r"[12] epochs? × 8 samples, width 0\.25", trial.user_attrs["fidelity_words"])
         assert trial.values[0] == trial.user_attrs["metrics"][metric]
         config = ArchConfig.from_dict(trial.user_attrs["arch"])
         assert trial.user_attrs["params"] == psc_nas.cost(config, tuple(shape[1:])).params
@@ -326,3 +334,83 @@ def test_psc_search_and_psc_export_on_the_embedded_data(tmp_path, task, space, b
     assert exported.stdout.startswith(f"trial {picked.number} (best)")
     (config_file,) = (out / "export").glob("*.yaml")
     assert psc_nas.cost(ArchConfig.load(config_file), tuple(shape[1:])).params == picked.user_attrs["params"]
+
+
+# ---------------------------------------------------------------------- the task's own search schedule
+def test_em_and_ucf101_size_the_quick_profile_and_ibsr_keeps_its_own():
+    for name in ("em", "ucf101"):
+        task = get_task(name)
+        quick, overrides = get_profile("quick", task), task.profile_overrides["quick"]
+        assert quick.name == "quick" and quick.evaluator == "train"
+        assert quick.evaluator_options == overrides["evaluator_options"]
+        assert quick.evaluator_options["width"] == 0.25  # a quarter-width proxy per candidate
+        assert quick.data_options == overrides["data_options"]
+        assert quick.epochs == tuple(overrides["epochs"])
+        assert quick.retrain is None  # the whole time budget searches
+        assert quick.timeout == PROFILES["quick"].timeout  # within the same 15 minutes
+    assert get_profile("quick", get_task("ibsr")) == PROFILES["quick"]  # none of em's or ucf101's schedule
+
+
+def test_the_benchmark_trains_as_the_tasks_quick_profile_does():
+    bench = _benchmark_module()
+    em = bench.parse_args(["--task", "em", "--quick-schedule"])
+    bench.use_quick_schedule(em, get_task("em"))
+    assert (em.epochs, em.samples_per_epoch, em.batch_size, em.width, em.lr, em.lr_schedule) == (
+        8,
+        64,
+        4,
+        0.25,
+        1e-2,
+        "constant",
+    )
+    video = bench.parse_args(["--task", "ucf101", "--quick-schedule"])
+    bench.use_quick_schedule(video, get_task("ucf101"))
+    assert (video.epochs, video.samples_per_epoch, video.width, video.lr, video.lr_schedule) == (
+        4,
+        768,
+        0.25,
+        None,
+        "onecycle",
+    )
+
+
+def test_a_tasks_profile_overrides_reach_the_trained_candidates(tmp_path, monkeypatch):
+    """A real em study on tiny volumes: its one candidate was trained at the width, learning rate,
+    epochs and patches the task's overrides give, and its trial says so."""
+    overrides = {
+        "trials": 1,
+        "epochs": (1,),
+        "data_options": {"samples_per_epoch": 2, "batch_size": 2},
+        "evaluator_options": {"width": 0.5, "lr": 0.05},
+        "retrain": None,
+    }
+    monkeypatch.setattr(EMTask, "profile_overrides", {"quick": overrides})
+    trained = []
+    real_fit = train_evaluator.fit
+
+    def fit(config, task, **options):
+        trained.append((config, options))
+        return real_fit(config, task, **options)
+
+    monkeypatch.setattr(train_evaluator, "fit", fit)
+    (tmp_path / "space.yaml").write_text(EM_SPACE)
+    settings = SearchSettings(
+        task="em",
+        space=str(tmp_path / "space.yaml"),
+        budget=Budget(params=400_000),
+        data_dir=write_em_dir(tmp_path / "data", ["a", "b"], shape=(32, 32, 32)),
+        out=tmp_path / "search",
+        seed_presets=False,
+    )
+    run_search(settings, console=Console(quiet=True))
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'search' / 'study.db'}")
+    (trial,) = [t for t in study.trials if t.state.name == "COMPLETE"]  # trials: 1, the task's
+    assert trial.user_attrs["fidelity_words"] == "1 epoch × 2 samples, width 0.5, lr 0.05"
+    assert not list((tmp_path / "search").glob("front/*.weights.pt"))  # retrain: None, the task's
+    ((config, options),) = trained
+    assert options["lr"] == 0.05 and options["epochs"] == 1
+    assert options["data_options"] == {"samples_per_epoch": 2, "batch_size": 2}
+    searched = ArchConfig.from_dict(trial.user_attrs["arch"])
+    assert config.hparams["width"] == 0.5 * searched.hparams.get("width", 1.0)
+    assert trial.user_attrs["params"] == psc_nas.cost(searched, (32, 32, 32)).params  # priced at full width
+    assert psc_nas.cost(config, (32, 32, 32)).params < trial.user_attrs["params"]

@@ -51,7 +51,7 @@ def test_train_evaluator_options_reduced_width_and_schedule():
         options={"width": 0.5, "lr_schedule": "onecycle", "lr": 2e-3},
     )
     evaluator = make_evaluator("train", setup)
-    assert evaluator.levels()[0].words.endswith("width 0.5")
+    assert evaluator.levels()[0].words.endswith(", width 0.5, lr 0.002, onecycle")  # how candidates are trained
     task = SmallPatchIBSR()
     config = preset_config("cakes_uniform", task.backbone, **task.backbone_hparams, **TINY)
     proxy = evaluator.network(config)

@@ -67,7 +67,14 @@ class TrainEvaluator(Evaluator):
         words = f"{words} × {samples} samples" if samples else words
         words = f"{words} of {patch}³" if isinstance(patch, int) else words
         words = f"{words}, class-balanced" if data.get("class_balanced") else words
-        return Fidelity(epochs, f"{words}, width {self.width:g}" if self.width != 1 else words)
+        # what differs from a plain psc-train run, so a trial says how its candidate was trained
+        if self.width != 1:
+            words += f", width {self.width:g}"
+        if self.fit_options["lr"] != DEFAULT_LR:
+            words += f", lr {self.fit_options['lr']:g}"
+        if self.fit_options["lr_schedule"] != "constant":
+            words += f", {self.fit_options['lr_schedule']}"
+        return Fidelity(epochs, words)
 
     def network(self, config: ArchConfig) -> ArchConfig:
         """What is trained for ``config``: itself, or its reduced-width proxy."""

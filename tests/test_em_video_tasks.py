@@ -336,6 +336,39 @@ def test_psc_search_and_psc_export_on_the_embedded_data(tmp_path, task, space, b
     assert psc_nas.cost(ArchConfig.load(config_file), tuple(shape[1:])).params == picked.user_attrs["params"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "how",
+    [
+        ("--evaluator", "supernet", "--evaluator-option", "steps=3", "--evaluator-option", "val_patches=2"),
+        ("--engine", "nni", "--strategy", "random"),
+        ("--engine", "cakes", "--engine-option", "steps=3", "--engine-option", "epochs=1"),
+    ],
+    ids=["supernet", "nni", "cakes"],
+)
+@pytest.mark.parametrize(("task", "space", "budget"), [("em", EM_SPACE, "400k"), ("ucf101", VIDEO_SPACE, "2M")])
+def test_every_evaluator_and_engine_searches_em_and_ucf101(tmp_path, task, space, budget, how):
+    (tmp_path / "space.yaml").write_text(space)
+    trials = [] if "cakes" in how else ["--trials", "2"]
+    retrain = ["--retrain"] if "cakes" in how else ["--no-retrain"]
+    found = run_cli(
+        "psc-search", "--task", task, "--space", "space.yaml", "--budget", budget, *trials, *retrain, *how,
+        "--timeout", "4m", "--out", "search",
+        cwd=tmp_path, plugins="quick_schedules",
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    out = tmp_path / "search"
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    scored = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs.get("fidelity", 0) > 0]
+    assert scored, [t.user_attrs.get("fail_reason") for t in study.trials]
+    metric = get_task(task).metric
+    assert all(t.values[0] == t.user_attrs["metrics"][metric] for t in scored)
+    for name in ("trials.csv", "pareto.json", "best.yaml", "dashboard.html"):
+        assert (out / name).is_file(), name
+    exported = run_cli("psc-export", "search", "--pick", "best", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+
+
 # ---------------------------------------------------------------------- the task's own search schedule
 def test_em_and_ucf101_size_the_quick_profile_and_ibsr_keeps_its_own():
     for name in ("em", "ucf101"):

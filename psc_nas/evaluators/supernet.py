@@ -58,6 +58,7 @@ from psc_nas.evaluators.base import Evaluation, EvaluationFailed, Evaluator, Eva
 from psc_nas.files import write_bytes_atomic
 from psc_nas.nets import get_backbone
 from psc_nas.nets.budget import with_width
+from psc_nas.nets.build import build_with_fill
 from psc_nas.ops import INPUT, ConvGraph, Op, realize, rescale
 from psc_nas.ops.fast import CHANNELS_LAST
 from psc_nas.ops.fast import conv as fast_conv
@@ -321,12 +322,7 @@ class SuperNet(nn.Module):
             self.switches[index] = switch
             return switch
 
-        try:
-            self.net = backbone.build(self.base, fill=fill)
-        except TypeError as err:
-            raise ValueError(
-                f"backbone {space.backbone} cannot build a super-network (no slot-fill hook): {err}"
-            ) from None
+        self.net = build_with_fill(self.base, fill)
         if any(switch is None for switch in self.switches):
             raise ValueError(f"backbone {space.backbone} did not place every slot through its fill hook")
         self.active: ArchConfig = self.base

@@ -41,6 +41,17 @@ def build_model(config: Configish) -> nn.Module:
     return get_backbone(config.backbone).build(config)
 
 
+def build_with_fill(config: ArchConfig, fill: Any) -> nn.Module:
+    """``config``'s network with every slot's module made by ``fill(index, specs, build)`` (the hook a
+    super-network's switchable slots use); one ``ValueError`` line for a backbone without the hook."""
+    try:
+        return get_backbone(config.backbone).build(config, fill=fill)
+    except TypeError as err:
+        raise ValueError(
+            f"backbone {config.backbone} cannot build a super-network (no slot-fill hook): {err}"
+        ) from None
+
+
 def cost(obj: Any, input_shape: Sequence[int]) -> Cost:
     """Exact (params, MACs) of an ArchConfig, an op spec or an op/net module, for one sample.
 

@@ -51,6 +51,7 @@ from psc_nas.files import write_bytes_atomic
 from psc_nas.nets import cost as price_config
 from psc_nas.nets import get_backbone
 from psc_nas.nets.budget import with_width
+from psc_nas.nets.build import build_with_fill
 from psc_nas.ops import summary
 from psc_nas.ops.cakes import SHAPE_DIMS, SHAPES, largest_remainder, pad_kernel, shape_kernel, uniform_allocation
 from psc_nas.search.events import Evaluated, Failed, Listener, Preparing, Started
@@ -250,12 +251,7 @@ class CakesSuperNet(nn.Module):
             self.convs.setdefault(index, []).extend(convs)
             return build([_SuperSpec(conv) for conv in convs])
 
-        try:
-            self.net = backbone.build(self.config, fill=fill)
-        except TypeError as err:
-            raise ValueError(
-                f"backbone {self.config.backbone} has no slot-fill hook for a super-network: {err}"
-            ) from None
+        self.net = build_with_fill(self.config, fill)
         missing = [self.slots[i].name for i in range(len(self.slots)) if i not in self.convs]
         if missing:
             raise ValueError(f"backbone {self.config.backbone} did not place slot(s) {missing} through its fill hook")

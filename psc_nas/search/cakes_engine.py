@@ -28,12 +28,9 @@ import io
 import json
 import logging
 import math
-import signal
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -56,7 +53,7 @@ from psc_nas.ops import summary
 from psc_nas.ops.cakes import SHAPE_DIMS, SHAPES, largest_remainder, pad_kernel, shape_kernel, uniform_allocation
 from psc_nas.search.events import Evaluated, Failed, Listener, Preparing, Started
 from psc_nas.search.front import Front
-from psc_nas.search.interrupt import INTERRUPTS
+from psc_nas.search.interrupt import INTERRUPTS, sigint_held
 from psc_nas.search.outputs import write_outputs
 from psc_nas.search.profiles import RetrainPolicy
 from psc_nas.search.record import (
@@ -733,7 +730,7 @@ class CakesEngine:
             result.fwd_bwd_seconds,
         )
         # from here to tell: no training, only writes (a Ctrl-C before leaves no trial behind; during, it waits)
-        with _no_interrupts():
+        with sigint_held():
             self._tell(found, evaluation, result, state, done=done, planned=planned)
         return write_outputs(self.plan.out_dir, self.plan.record, read_trials(self.study))
 
@@ -786,7 +783,7 @@ class CakesEngine:
     def _fail(self, priority: str, reason: str, found: Found | None, *, done: int) -> None:
         """A failed priority: a FAIL trial saying why (with its architecture where one was found)."""
         reason = f"cakes {self.options['shapes']}, {priority} priority: {reason}"
-        with _no_interrupts():
+        with sigint_held():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 trial = self.study.ask()
@@ -804,16 +801,3 @@ class CakesEngine:
                 summary=summary(found.config) if found else "",
             )
         )
-
-
-@contextmanager
-def _no_interrupts() -> Iterator[None]:
-    """SIGINT held back (delivered on leaving) while a trial is written, so Ctrl-C never leaves half a trial."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

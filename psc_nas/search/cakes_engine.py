@@ -596,6 +596,8 @@ def retrain(
 class CakesEngine:
     """Fills a study with the CAKES search's found architectures, retrained; the run folder as any engine's."""
 
+    engine_name = ENGINE  # the trial's evaluator (trials.csv)
+
     def __init__(
         self,
         plan: Any,
@@ -734,7 +736,7 @@ class CakesEngine:
             return write_outputs(self.plan.out_dir, self.plan.record, read_trials(self.study))
         words = self.words(found, training, fidelity_words(self.policy, result.epochs))
         evaluation = Evaluation(
-            ENGINE,
+            self.engine_name,
             Fidelity(result.epochs, words),
             result.metrics,
             result.curve,

@@ -582,6 +582,7 @@ class NniOneShotEngine(CakesEngine):
         super().__init__(plan, study, options=search.options, **kwargs)
         self.strategy = search.strategy_name
         self.search = search
+        self.engine_name = f"nni-{self.strategy}"
 
     def planned(self) -> int:
         return 1

@@ -303,6 +303,8 @@ def run_search(
     goes to ``display``, else to the display the caller entered (psc-search's, on stdout), else to one made
     for ``console`` (default stderr): live in a terminal, plain lines elsewhere. Optuna's own log lines go
     to the run's search.log, never to the console."""
+    if settings.engine == "nni" and settings.strategy not in nni_strategies():  # before what depends on it
+        raise ValueError(f"unknown NNI strategy {settings.strategy!r}; choose from {', '.join(nni_strategies())}")
     oneshot = is_oneshot(settings)
     if settings.engine != "cakes" and not oneshot and settings.engine_options:
         raise ValueError(

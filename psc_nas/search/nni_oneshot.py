@@ -597,7 +597,9 @@ class NniOneShotEngine(CakesEngine):
         )
 
     def decisions(self, found: Found) -> dict[str, Any]:
-        return dict(getattr(self.search, "answers", {}))
+        """NNI's choice as the space's own answers (only those ``decide`` asks: more than one choice)."""
+        asked = self.plan.space.parameters()
+        return {name: value for name, value in getattr(self.search, "answers", {}).items() if name in asked}
 
     def named(self, found: Found) -> str:
         return f"the architecture NNI's {NNI_NAMES[self.strategy]} found"

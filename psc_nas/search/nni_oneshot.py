@@ -475,13 +475,18 @@ class OneShotSearch:
         costliest = {u.label: max(range(len(u.kept)), key=lambda i, u=u: u.kept[i].params) for u in self.units}
         frozen = space.freeze(costliest) if self.strategy_name == "spos" else None
         net = frozen if frozen is not None else _all_paths(space)
-        net.train()
+        device = _device()
+        net.to(device).train()
+        batch = {k: v.to(device) for k, v in batch.items()}
         seconds = []
         for _ in range(3):
             start = time.perf_counter()
             loss_fn(net(batch[self.task.input_key]), batch).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
-        space.zero_grad(set_to_none=True)
+        net.cpu()
+        space.cpu().zero_grad(set_to_none=True)
         return sorted(seconds)[1]
 
     def _best_sample(
@@ -511,11 +516,14 @@ class OneShotSearch:
         return best[1], scored
 
     def _score(self, space: OneShotSpace, calibration: list[torch.Tensor], validation: list[dict]) -> float:
-        recalibrate(space, calibration)
+        device = next(space.parameters()).device  # where Lightning left the super-net
+        recalibrate(space, [inputs.to(device) for inputs in calibration])
         metrics = self.task.metrics()
         metrics.reset()
         with torch.no_grad():
-            predictions = [self.task.predict(space, batch).cpu() for batch in validation]
+            predictions = [
+                self.task.predict(space, {k: v.to(device) for k, v in batch.items()}).cpu() for batch in validation
+            ]
             pooled = pool_volumes(predictions, validation, self.task.input_key)
             for prediction, batch in pooled or zip(predictions, validation):
                 metrics.update(prediction, batch)
@@ -568,6 +576,10 @@ def _all_paths(space: OneShotSpace) -> nn.Module:
             parent = clone.get_submodule(name.rpartition(".")[0]) if "." in name else clone
             setattr(parent, name.rpartition(".")[2], Summed([module[i] for i in range(len(module))]))
     return clone
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _mean(values: Sequence[float]) -> float:

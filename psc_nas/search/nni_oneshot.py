@@ -460,6 +460,18 @@ class OneShotSearch:
                 warnings.simplefilter("ignore")
                 sample = dict(next(iter(strategy.list_models())).sample)
                 probs = supernet.export_probs()
+            for unit in self.units:
+                weights = probs.get(unit.label, {})
+                top = max(weights, key=lambda i, w=weights: w[i]) if weights else None
+                if top is not None:
+                    log.info(
+                        "%s %s: p=%.3f for %s (uniform %.3f)",
+                        NNI_NAMES[self.strategy_name],
+                        unit.label,
+                        float(weights[top]),
+                        unit.kept[int(top)].describe(unit.label),
+                        1 / len(unit.kept),
+                    )
             sample, moved = self._fit_budget(sample, probs)
             scored = 0
         config = config_of(self.space, self.units, sample)
@@ -508,6 +520,14 @@ class OneShotSearch:
             seen.add(key)
             score = self._score(space, calibration, validation)
             scored += 1
+            log.info(
+                "spos sample %d: %s %.4f with inherited weights, %s params; %s",
+                scored,
+                self.task.metric,
+                score,
+                format_count(self.price(sample).params),
+                "; ".join(f"{u.label}: {u.kept[sample[u.label]].describe(u.label)}" for u in self.units),
+            )
             value = score if objective.maximize else -score
             if math.isfinite(value) and (best is None or value > best[0]):
                 best = (value, sample)

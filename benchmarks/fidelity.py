@@ -107,14 +107,15 @@ def reduced(config: Any, width: float) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- reference
-def _reference_job(name: str, config_json: str, seed: int, out: str) -> str:
+def _reference_job(name: str, config_json: str, seed: int, out: str, width: float = REF_WIDTH) -> str:
     _threads(1)
     from psc_nas.arch import ArchConfig
     from psc_nas.memory import keep_freed_memory
     from psc_nas.train import fit
 
     keep_freed_memory()
-    config = reduced(ArchConfig.from_json(config_json), REF_WIDTH)
+    config = ArchConfig.from_json(config_json)
+    config = reduced(config, width) if width != 1.0 else config
     started = time.time()
     result = fit(
         config,
@@ -134,7 +135,7 @@ def _reference_job(name: str, config_json: str, seed: int, out: str) -> str:
         "curve": result.curve,
         "wall_s": time.time() - started,
         "fwd_bwd_s": result.fwd_bwd_seconds,
-        "width": REF_WIDTH,
+        "width": width,
     }
     write_text_atomic(Path(out), json.dumps(record, indent=1))
     return (
@@ -176,6 +177,27 @@ def reference_extra(work: Path, configs: list[Path], jobs: int, seeds: tuple[int
             if not out.exists():
                 todo.append((f"{path.parent.name}/{path.name}", config.to_json(), seed, str(out)))
     print(f"{len(todo)} extra reference runs to do", flush=True)
+    with ProcessPoolExecutor(jobs) as pool:
+        for future in as_completed([pool.submit(_reference_job, *job) for job in todo]):
+            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def reference_full_width(work: Path, names: list[str], jobs: int, seeds: tuple[int, ...]) -> None:
+    """The reference protocol at full width (``width`` 1, the network the search prices) for a few panel members,
+    in ``W/reference-full``: do reduced-width and full-width trainings order them alike?"""
+    out_dir = work / "reference-full"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    members = {m["name"]: m for m in panel()}
+    unknown = sorted(set(names) - set(members))
+    if unknown:
+        raise SystemExit(f"not panel members: {', '.join(unknown)}")
+    todo = []
+    for seed in seeds:
+        for name in names:
+            out = out_dir / f"{members[name]['config'].hash}-s{seed}.json"
+            if not out.exists():
+                todo.append((name, members[name]["config"].to_json(), seed, str(out), 1.0))
+    print(f"{len(todo)} full-width reference runs to do", flush=True)
     with ProcessPoolExecutor(jobs) as pool:
         for future in as_completed([pool.submit(_reference_job, *job) for job in todo]):
             print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
@@ -237,6 +259,43 @@ def assemble(work: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- evaluators
+def _soft_scores_callback() -> Any:
+    """A Lightning callback that, once training ends, scores the final network on the validation volumes with
+    continuous measures beside the task's hard Dice: soft Dice per class (softmax probabilities against the
+    one-hot label, per volume, averaged over volumes; background excluded, as the hard Dice) and the voxel-mean
+    cross-entropy. A hard Dice is a step function of the logits (a class the network does not yet predict scores
+    0 however close it is); these are not, which is what a short training's ranking may need."""
+    import torch
+    import torch.nn.functional as F
+    from lightning.pytorch.callbacks import Callback
+
+    class SoftScores(Callback):
+        def __init__(self) -> None:
+            self.scores: dict[str, float] = {}
+
+        @torch.no_grad()
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            net, task = pl_module.net, pl_module.task
+            net.eval()
+            soft, ce = [], []
+            for batch in trainer.datamodule.val_dataloader():
+                logits = task.predict(net, batch).float()
+                label = batch["label"].long()
+                ce.append(float(F.cross_entropy(logits, label[:, 0])))
+                probs = logits.softmax(1)
+                onehot = F.one_hot(label[:, 0], probs.shape[1]).movedim(-1, 1).float()
+                dims = (0, 2, 3, 4)
+                soft.append((2 * (probs * onehot).sum(dims) / (probs.sum(dims) + onehot.sum(dims)).clamp_min(1e-6))[1:])
+            per_class = torch.stack(soft).mean(0)
+            names = [n.lower() for n in task.class_names[1:]]
+            self.scores = {f"soft_dice_{n}": float(v) for n, v in zip(names, per_class)}
+            self.scores["soft_dice_mean"] = float(per_class.mean())
+            self.scores["cross_entropy"] = sum(ce) / len(ce)
+            net.train()
+
+    return SoftScores()
+
+
 def _train_variant(
     epochs: int,
     samples: int,
@@ -244,12 +303,17 @@ def _train_variant(
     lr_schedule: str = "constant",
     lr: float = 1e-3,
     batch: int = 4,
+    soft: bool = False,
     **data: Any,
 ) -> Callable[..., dict[str, float]]:
+    """``soft``: also record the continuous validation scores of ``_soft_scores_callback`` and the training
+    loss (last epoch's mean, and its sum over epochs: the training-speed estimate of Ru et al. 2021)."""
+
     def score(config: Any, seed: int) -> dict[str, float]:
         from psc_nas.train import fit
 
         cfg = reduced(config, width) if width else config
+        extra = _soft_scores_callback() if soft else None
         result = fit(
             cfg,
             TASK,
@@ -259,8 +323,12 @@ def _train_variant(
             lr_schedule=lr_schedule,
             weight_decay=1e-4 if lr_schedule == "onecycle" else 0.0,
             data_options={"samples_per_epoch": samples, "batch_size": batch, **data},
+            callbacks=[extra] if extra else (),
         )
-        return result.metrics
+        if not soft:
+            return result.metrics
+        losses = [row["train_loss"] for row in result.curve]
+        return {**result.metrics, **extra.scores, "train_loss": losses[-1], "train_loss_sum": sum(losses)}
 
     return score
 
@@ -268,6 +336,9 @@ def _train_variant(
 VARIANTS: dict[str, Callable[[], Callable[..., dict[str, float]]]] = {
     # today's quick profile, top rung: 2 epochs x 8 patches at full width, constant Adam 1e-3
     "train-today": lambda: _train_variant(2, 8, None),
+    # the same runs (same seeds reproduce train-today's hard Dice exactly), also scored by soft Dice,
+    # validation cross-entropy and training loss
+    "train-today-soft": lambda: _train_variant(2, 8, None, soft=True),
     # re-tuned: reduced-width proxy, many more steps per second, one-cycle
     "train-w0.25-32": lambda: _train_variant(2, 64, 0.25, "onecycle", 2e-3),
     "train-w0.25-96": lambda: _train_variant(3, 128, 0.25, "onecycle", 2e-3),
@@ -378,12 +449,15 @@ def measure_supernet(work: Path, variant: str, seeds: tuple[int, ...], jobs: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["panel", "reference", "reference-extra", "assemble", "measure", "report"])
+    parser.add_argument(
+        "command", choices=["panel", "reference", "reference-extra", "reference-full", "assemble", "measure", "report"]
+    )
     parser.add_argument("variant", nargs="?")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "fidelity")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--config", type=Path, nargs="+", help="reference-extra: architecture files to train")
+    parser.add_argument("--names", nargs="+", default=[], help="reference-full: panel members to train at full width")
     args = parser.parse_args()
     if args.command == "panel":
         for m in panel():
@@ -392,6 +466,8 @@ def main() -> None:
         reference(args.work, args.jobs, tuple(args.seeds or REF_SEEDS))
     elif args.command == "reference-extra":
         reference_extra(args.work, args.config or [], args.jobs, tuple(args.seeds or REF_SEEDS))
+    elif args.command == "reference-full":
+        reference_full_width(args.work, args.names, args.jobs, tuple(args.seeds or (0,)))
     elif args.command == "assemble":
         assemble(args.work)
     elif args.command == "measure" and args.variant in SUPERNET_VARIANTS:

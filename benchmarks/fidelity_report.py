@@ -39,20 +39,34 @@ def _load_scores(work: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
     return found
 
 
+# The scores a training variant records, each with its sign (+1: higher is better). The task's hard Dice is the
+# variant's own row; the others are continuous scores of the same runs (fidelity._soft_scores_callback).
+TRAINING_SCORES = {
+    "dice_mean": 1,
+    "soft_dice_mean": 1,
+    "cross_entropy": -1,
+    "train_loss": -1,
+    "train_loss_sum": -1,
+}
+
+
 def _predictors(scores: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
-    """predictor name -> {hash: [score per seed]} and seconds per architecture."""
+    """predictor name -> {hash: [score per seed]} (higher = predicted better) and seconds per architecture."""
     out: dict[str, dict[str, Any]] = {}
     for variant, by_arch in scores.items():
         keys = sorted({key for seeds in by_arch.values() for record in seeds.values() for key in record["metrics"]})
-        metric_keys = ["dice_mean"] if "dice_mean" in keys else keys
-        for key in metric_keys:
-            name = variant if key == "dice_mean" else f"{variant}: {key}"
+        signs = (
+            {k: v for k, v in TRAINING_SCORES.items() if k in keys} if "dice_mean" in keys else dict.fromkeys(keys, 1)
+        )
+        metric_keys = list(signs)
+        for key, sign in signs.items():
+            name = variant if key == "dice_mean" else f"{variant}: {key}{' (−)' if sign < 0 else ''}"
             out[name] = {
-                "values": {h: {s: r["metrics"][key] for s, r in seeds.items()} for h, seeds in by_arch.items()},
+                "values": {h: {s: sign * r["metrics"][key] for s, r in seeds.items()} for h, seeds in by_arch.items()},
                 "seconds": float(
                     np.mean(
                         [
-                            r["wall_s"] / (len(metric_keys) if key != "dice_mean" else 1)
+                            r["wall_s"] / (len(metric_keys) if variant == "zero-cost" else 1)
                             for seeds in by_arch.values()
                             for r in seeds.values()
                         ]
@@ -94,6 +108,76 @@ def _extra_reference(work: Path) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _per_seed_section(
+    work: Path, hashes: list[str], reference: dict[str, dict[int, dict[str, Any]]], ref_seeds: list[int]
+) -> list[str]:
+    """Spearman ρ of each single seed of each training predictor against each single reference seed. A predictor
+    trained at the reference's width from the same seed starts from the reference run's initial weights; if its
+    ρ is high only against the reference run of its own seed, it measures that shared initialisation, not the
+    architecture."""
+    both = [h for h in hashes if all(s in reference[h] for s in ref_seeds)]
+    if len(ref_seeds) < 2 or len(both) < 5:
+        return []
+    lines = [
+        "",
+        "## Each seed against each reference seed",
+        "",
+        f"Spearman ρ over the {len(both)} architectures with every reference seed; row: predictor seed, column: "
+        "reference seed. A high ρ on the diagonal only (same seed) is shared initialisation, not fidelity.",
+        "",
+        "| predictor | seed | " + " | ".join(f"ρ vs reference seed {s}" for s in ref_seeds) + " |",
+        "|---|---|" + "---|" * len(ref_seeds),
+    ]
+    for name, predictor in sorted(_predictors(_load_scores(work)).items()):
+        if name.startswith("zero-cost") or ":" in name:
+            continue
+        for seed in sorted({s for v in predictor["values"].values() for s in v}):
+            archs = [h for h in both if seed in predictor["values"].get(h, {})]
+            if len(archs) < len(both):
+                continue
+            scores = [predictor["values"][h][seed] for h in archs]
+            cells = [
+                spearmanr(scores, [reference[h][r]["metrics"]["dice_mean"] for h in archs]).statistic for r in ref_seeds
+            ]
+            lines.append(f"| {name} | {seed} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return lines
+
+
+def _full_width_section(work: Path, members: list[dict[str, Any]], ref_val: dict[str, float]) -> list[str]:
+    """The reference protocol at full width (``fidelity.py reference-full``) beside the reduced-width reference."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((work / "reference-full").glob("*.json")):
+        runs.setdefault(path.name.rsplit("-s", 1)[0], []).append(json.loads(path.read_text()))
+    archs = [m for m in members if m["config"].hash in runs and m["config"].hash in ref_val]
+    if not archs:
+        return []
+    lines = [
+        "",
+        "## Reduced width against full width",
+        "",
+        "The reference protocol (same steps, recipe and seeds) on the full-width network the search prices "
+        "(`python benchmarks/fidelity.py reference-full --names … --work W`).",
+        "",
+        "| architecture | params | val Dice, width 0.25 (mean of seeds) | val Dice, full width | seeds | "
+        "test Dice, full width | s / run, full width |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    full = {}
+    for m in archs:
+        found = runs[m["config"].hash]
+        full[m["config"].hash] = float(np.mean([r["metrics"]["dice_mean"] for r in found]))
+        lines.append(
+            f"| {m['name']} | {m['params']:,} | {ref_val[m['config'].hash]:.4f} | {full[m['config'].hash]:.4f} | "
+            f"{sorted(r['seed'] for r in found)} | {np.mean([r['metrics']['test_dice_mean'] for r in found]):.4f} | "
+            f"{np.mean([r['wall_s'] for r in found]):.0f} |"
+        )
+    if len(full) >= 3:
+        order = [h for h in full]
+        rho = spearmanr([ref_val[h] for h in order], [full[h] for h in order]).statistic
+        lines += ["", f"Spearman ρ(width 0.25, full width) over {len(full)} architectures: {rho:.3f}."]
+    return lines
 
 
 def report(work: Path) -> None:
@@ -193,6 +277,8 @@ def report(work: Path) -> None:
         lines.append(
             f"| {name} | {n} | {rho:.3f} | {tau:.3f} | {rho_test:.3f} | {icc:.3f} | {k or '—'} | {seconds:.1f} |"
         )
+    lines += _per_seed_section(work, hashes, reference, ref_seeds)
+    lines += _full_width_section(work, members, ref_val)
     extra = _extra_reference(work)
     presets = {m["name"]: m["config"].hash for m in members if m["name"] in PRESET_NAMES}
     presets = {name: h for name, h in presets.items() if h in ref_val}

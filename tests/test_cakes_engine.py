@@ -8,16 +8,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
+import cli_process
 import optuna
 import pytest
 import tiny_task
 import torch
 import torch.nn.functional as F
+from cli_process import BIN, cli_env
 
 import psc_nas
 from psc_nas.arch import ArchConfig, BlockChoice
@@ -29,25 +31,8 @@ from psc_nas.search.budget import Budget
 from psc_nas.search.runner import SearchSettings, plan_search
 from psc_nas.space import SearchSpace
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-BIN = Path(sys.executable).parent
-
-
-def env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
-        "PSC_NAS_PLUGINS": "tiny_task",
-        "COLUMNS": "200",
-        "OMP_NUM_THREADS": "1",
-    }
-
-
-def run_cli(command: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / command), *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=600, check=False
-    )
+env = partial(cli_env, plugins="tiny_task")
+run_cli = partial(cli_process.run_cli, plugins="tiny_task")
 
 
 def bars(tmp_path: Path) -> Path:

@@ -11,8 +11,9 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from cli_process import run_cli
 from rich.console import Console
-from test_tasks import assert_one_line_error, run_cli
+from test_tasks import assert_one_line_error
 
 import psc_nas
 from psc_nas.arch import ArchConfig

@@ -6,19 +6,19 @@ at the end. A real ``psc-search`` process on a plugin task trained by Lightning,
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
+from functools import partial
 
 import optuna
 import pytest
 import search_standin
 import slow_task
 import tiny_task
+from cli_process import BIN, cli_env
 from optuna.trial import TrialState
 from rich.console import Console
 from typer.testing import CliRunner
@@ -45,20 +45,11 @@ from psc_nas.search.front import Front
 from psc_nas.search.record import read_trials
 from psc_nas.search.runner import SearchSettings, run_search
 
-TESTS = Path(__file__).resolve().parent
-ROOT = Path(psc_nas.__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 ANSI = re.compile(r"\x1b[\[\]()]")
 STAMP = r"\[\d+:\d\d(?::\d\d)?\]"
 
 
-def env(**extra: str) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if k != "COLUMNS"},
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
-        "OMP_NUM_THREADS": "1",
-        **extra,
-    }
+env = partial(cli_env, columns=None)  # no terminal width: the progress display must find its own
 
 
 class FakeTime:

@@ -16,11 +16,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
+import cli_process
 import nibabel as nib
 import numpy as np
 import optuna
@@ -30,13 +31,13 @@ import slow_task
 import tiny_task  # registers bar_axis in this process
 import yaml
 from _search_run import make_run
+from cli_process import BIN, ROOT, cli_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
 from rich.console import Console
 from typer.testing import CliRunner
 
-import psc_nas
 from psc_nas import cli
 from psc_nas.dashboard import make_server
 from psc_nas.presets import preset_config
@@ -49,20 +50,8 @@ from psc_nas.search.record import enqueue, failure_attrs, read_trials
 from psc_nas.search.runner import SearchFailed, SearchSettings, run_search
 from psc_nas.search.storage import open_storage
 
-TESTS = Path(__file__).resolve().parent
-ROOT = Path(psc_nas.__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def env(**extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
-        "COLUMNS": "200",
-        "OMP_NUM_THREADS": "1",
-        "PSC_NAS_PLUGINS": "slow_task",
-        **extra,
-    }
+env = partial(cli_env, plugins="slow_task")
+run_cli = partial(cli_process.run_cli, plugins="slow_task")
 
 
 def slow_search_args(space: Path) -> list[str]:
@@ -71,18 +60,6 @@ def slow_search_args(space: Path) -> list[str]:
         *("--task", "slow_bar", "--space", str(space), "--budget", "400k", "--trials", "2"),
         *("--out", "s", "--evaluator", "train"),
     ]
-
-
-def run_cli(command: str, *args: str, cwd: Path, wrap: list[str] = (), **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*wrap, str(BIN / command), *args],
-        cwd=cwd,
-        env=env(**extra),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
 
 
 def one_line(

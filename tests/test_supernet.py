@@ -12,8 +12,8 @@ import optuna
 import pytest
 import tiny_task
 import torch
+from cli_process import run_cli
 from test_op_family import GHOST
-from test_tasks import run_cli
 from test_train import DICE_KEYS, SmallPatchIBSR
 
 from psc_nas.arch import BlockChoice

@@ -5,9 +5,6 @@ through the real command-line tools as a plugin, with no edit to psc_nas/."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -15,6 +12,7 @@ import pytest
 import search_standin
 import tiny_task
 import torch
+from cli_process import run_cli
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -28,30 +26,6 @@ from psc_nas.space import SearchSpace
 from psc_nas.tasks import Task, get_task, register_task, registry
 from psc_nas.tasks.ibsr import IBSRTask
 from psc_nas.train import fit
-
-TESTS = Path(__file__).resolve().parent
-ROOT = Path(psc_nas.__file__).resolve().parent.parent
-
-
-def run_cli(command: str, *args: str, cwd: Path, plugins: str = "") -> subprocess.CompletedProcess:
-    """The installed console script in a fresh process, importing this checkout and the tests folder."""
-    # One OpenMP thread: tiny steps on two threads that wait on each other run ~8x slower (tests/test_train.py).
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
-        "PSC_NAS_PLUGINS": plugins,
-        "COLUMNS": "200",
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.run(
-        [str(Path(sys.executable).parent / command), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
 
 
 def assert_one_line_error(result, command: str, message: str) -> None:

@@ -1,0 +1,42 @@
+"""The console scripts as a user runs them: a fresh process of the installed script, importing this checkout and
+the tests folder (for plugin tasks such as ``tiny_task``), one OpenMP thread (tiny steps on two threads that wait
+on each other run ~8x slower, tests/test_train.py) and a wide terminal unless a test needs none."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+BIN = Path(sys.executable).parent
+
+
+def cli_env(*, plugins: str = "", columns: str | None = "200", **extra: str) -> dict[str, str]:
+    """The environment of a console script: ``plugins`` for ``$PSC_NAS_PLUGINS``; ``columns`` None leaves the
+    terminal width unset; ``extra`` variables last, so they win."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]), PSC_NAS_PLUGINS=plugins, OMP_NUM_THREADS="1")
+    if columns is not None:
+        env["COLUMNS"] = columns
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    command: str, *args: str, cwd: Path, plugins: str = "", wrap: Sequence[str] = (), **extra: str
+) -> subprocess.CompletedProcess:
+    """Run ``command`` (psc-search, psc-export, ...) with ``args`` in ``cwd``; ``wrap`` goes before it (e.g. a
+    ``timeout`` or ``unshare`` command); the result's stdout/stderr are text; a non-zero exit is not raised."""
+    return subprocess.run(
+        [*wrap, str(BIN / command), *args],
+        cwd=cwd,
+        env=cli_env(plugins=plugins, **extra),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )

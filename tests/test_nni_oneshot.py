@@ -8,14 +8,16 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
+import cli_process
 import optuna
 import pytest
 import tiny_task
+from cli_process import BIN, cli_env
 
 import psc_nas
 from psc_nas.arch import ArchConfig
@@ -29,26 +31,9 @@ pytest.importorskip("nni")
 
 from psc_nas.search import nni_oneshot as no  # noqa: E402  (needs NNI)
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-BIN = Path(sys.executable).parent
 BUDGET = 400_000
-
-
-def env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
-        "PSC_NAS_PLUGINS": "tiny_task",
-        "COLUMNS": "200",
-        "OMP_NUM_THREADS": "1",
-    }
-
-
-def run_cli(command: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / command), *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=600, check=False
-    )
+env = partial(cli_env, plugins="tiny_task")
+run_cli = partial(cli_process.run_cli, plugins="tiny_task")
 
 
 def bars(tmp_path: Path) -> Path:

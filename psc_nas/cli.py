@@ -283,7 +283,14 @@ def search(
             "super-network search: one training per priority, the found allocations retrained; --engine-option)."
         ),
     ] = "optuna",
-    strategy: Annotated[str, typer.Option(help="evolution | random | tpe (--engine nni).")] = "evolution",
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="--engine nni: evolution | random | tpe (multi-trial), or spos | darts | proxyless (NNI's one-shot "
+            "RandomOneShot, DARTS, Proxyless on a super-net of LayerChoices: at most 3 decisions per op and unit, "
+            "evenly spaced by params; the found architecture retrained; --engine-option)."
+        ),
+    ] = "evolution",
     storage: Annotated[
         Optional[str],
         typer.Option(help="Study storage: a database URL (postgresql://...) or journal:PATH; default OUT/study.db."),
@@ -324,7 +331,8 @@ def search(
         Optional[list[str]],
         typer.Option(
             help="KEY=VALUE for --engine cakes (repeatable): shapes=1D|2D|1D+2D|2D+3D|1D+2D+3D, "
-            "priority=performance|cost|both, width, steps, epochs, penalty."
+            "priority=performance|cost|both, width, steps, epochs, penalty; for --engine nni --strategy "
+            "spos|darts|proxyless: candidates (per op and unit), width, steps, train_share, samples (spos), epochs."
         ),
     ] = None,
 ) -> None:

@@ -123,7 +123,10 @@ def test_nni_tpe_searches_too(tmp_path):
     ("changes", "message"),
     [
         ({"engine": "ray"}, "unknown engine 'ray'; choose from optuna, nni, cakes"),
-        ({"engine": "nni", "strategy": "darts"}, "unknown NNI strategy 'darts'; choose from evolution, random, tpe"),
+        (
+            {"engine": "nni", "strategy": "enas"},
+            "unknown NNI strategy 'enas'; choose from evolution, random, tpe, spos, darts, proxyless",
+        ),
     ],
 )
 def test_an_unknown_engine_or_strategy_is_refused_before_anything_is_written(tmp_path, changes, message):

@@ -593,6 +593,8 @@ def retrain(
 class CakesEngine:
     """Fills a study with the CAKES search's found architectures, retrained; the run folder as any engine's."""
 
+    engine_name = ENGINE  # the trial's evaluator (trials.csv)
+
     def __init__(
         self,
         plan: Any,
@@ -612,6 +614,23 @@ class CakesEngine:
 
     def seconds_left(self) -> float | None:
         return None if self.timeout is None else max(1.0, self.timeout - (time.monotonic() - self.started))
+
+    # the seams another one-shot engine (nni_oneshot.NniOneShotEngine) overrides: how a found architecture is
+    # described in its fidelity, its decisions (trials.csv), a failure's label, the planned trials
+    def words(self, found: Found, training: SuperTraining, retrained: str) -> str:
+        return fidelity_of(self.options["shapes"], found.priority, training.steps, self.options["width"], retrained)
+
+    def decisions(self, found: Found) -> dict[str, Any]:
+        return decisions(found.config)
+
+    def named(self, found: Found) -> str:
+        return f"the {found.priority}-priority architecture"
+
+    def _fail_label(self, priority: str) -> str:
+        return f"cakes {self.options['shapes']}, {priority} priority"
+
+    def planned(self) -> int:
+        return len(priorities(self.options))
 
     def _done(self) -> dict[str, TrialRecord]:
         """Priorities already in the study (a resume): by the words of their fidelity."""
@@ -685,7 +704,7 @@ class CakesEngine:
         left = self.seconds_left()
         if left is None:
             return self.policy.epochs, None, None
-        self.on_event(Preparing(f"timing one retraining epoch ({found.priority} priority)"))
+        self.on_event(Preparing(f"timing one retraining epoch ({self.named(found)})"))
         result, state = retrain(found.config, self.plan.task, self.policy, 1, seed=self.seed, data_dir=self.data_dir)
         wall = max(result.wall_seconds, 1e-3)
         epoch = result.curve[-1].get("epoch_s") if result.curve else None
@@ -703,9 +722,7 @@ class CakesEngine:
         try:
             epochs, result, state = self._epochs(found, remaining)
             if result is None:
-                self.on_event(
-                    Preparing(f"retraining the {found.priority}-priority architecture from scratch: {epochs} epochs")
-                )
+                self.on_event(Preparing(f"retraining {self.named(found)} from scratch: {epochs} epochs"))
                 result, state = retrain(
                     found.config, self.plan.task, self.policy, epochs, seed=self.seed, data_dir=self.data_dir
                 )
@@ -714,15 +731,9 @@ class CakesEngine:
         except Exception as error:  # a diverging or crashing retraining fails this architecture only
             self._fail(found.priority, f"retraining: {failure_reason(error)}", found, done=done)
             return write_outputs(self.plan.out_dir, self.plan.record, read_trials(self.study))
-        words = fidelity_of(
-            self.options["shapes"],
-            found.priority,
-            training.steps,
-            self.options["width"],
-            fidelity_words(self.policy, result.epochs),
-        )
+        words = self.words(found, training, fidelity_words(self.policy, result.epochs))
         evaluation = Evaluation(
-            ENGINE,
+            self.engine_name,
             Fidelity(result.epochs, words),
             result.metrics,
             result.curve,
@@ -750,7 +761,7 @@ class CakesEngine:
         record.save(trial)
         # the per-layer allocation as the search's decisions (trials.csv: <slot>.cakes.<shape> fractions), written
         # as the budget projection writes the answers that built a network (pricing.Pricing.sample)
-        trial.set_user_attr("built_params", decisions(found.config))
+        trial.set_user_attr("built_params", self.decisions(found))
         set_violations(trial, self.plan.pricing.budget.violations(found.cost))
         values = tuple(float(record.measure(o.name)) for o in self.plan.record.objectives)  # type: ignore[arg-type]
         tell_evaluated(self.study, trial, values)
@@ -782,7 +793,7 @@ class CakesEngine:
 
     def _fail(self, priority: str, reason: str, found: Found | None, *, done: int) -> None:
         """A failed priority: a FAIL trial saying why (with its architecture where one was found)."""
-        reason = f"cakes {self.options['shapes']}, {priority} priority: {reason}"
+        reason = f"{self._fail_label(priority)}: {reason}"
         with sigint_held():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
@@ -797,7 +808,7 @@ class CakesEngine:
                 number=trial.number,
                 reason=reason,
                 done=done + 1,
-                planned=len(priorities(self.options)),
+                planned=self.planned(),
                 summary=summary(found.config) if found else "",
             )
         )

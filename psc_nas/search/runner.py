@@ -135,10 +135,8 @@ def plan_search(
         raise ValueError(f"unknown sampler {settings.sampler!r}; choose from {', '.join(SAMPLERS)}")
     if settings.engine not in ENGINES:
         raise ValueError(f"unknown engine {settings.engine!r}; choose from {', '.join(ENGINES)}")
-    if settings.engine == "nni" and settings.strategy not in nni_engine().STRATEGIES:
-        raise ValueError(
-            f"unknown NNI strategy {settings.strategy!r}; choose from {', '.join(nni_engine().STRATEGIES)}"
-        )
+    if settings.engine == "nni" and settings.strategy not in nni_strategies():
+        raise ValueError(f"unknown NNI strategy {settings.strategy!r}; choose from {', '.join(nni_strategies())}")
     if settings.budget_sampling not in SAMPLING:
         raise ValueError(f"unknown budget sampling {settings.budget_sampling!r}; choose from {', '.join(SAMPLING)}")
     trials = settings.trials if settings.trials is not None else profile.trials
@@ -225,6 +223,19 @@ def nni_engine() -> Any:
     return module
 
 
+def nni_strategies() -> tuple[str, ...]:
+    """NNI's multi-trial strategies (``nni_engine``), then its one-shot ones (``nni_oneshot``)."""
+    nni_engine()  # without NNI: the one line saying how to install it
+    from psc_nas.search import nni_oneshot
+
+    return (*nni_engine().STRATEGIES, *nni_oneshot.STRATEGIES)
+
+
+def is_oneshot(settings: SearchSettings) -> bool:
+    """An NNI one-shot strategy (``--engine nni --strategy spos|darts|proxyless``)."""
+    return settings.engine == "nni" and settings.strategy in ("spos", "darts", "proxyless")
+
+
 def check_data(
     task: Task, data_dir: Path | None, *, seed: int, data_options: Mapping[str, Any]
 ) -> tuple[str | None, str | None]:
@@ -292,12 +303,23 @@ def run_search(
     goes to ``display``, else to the display the caller entered (psc-search's, on stdout), else to one made
     for ``console`` (default stderr): live in a terminal, plain lines elsewhere. Optuna's own log lines go
     to the run's search.log, never to the console."""
-    if settings.engine != "cakes" and settings.engine_options:
-        raise ValueError(f"--engine-option is for --engine cakes; the {settings.engine} engine takes none")
-    if settings.engine == "cakes" and (settings.trials is not None or settings.evaluator is not None):
+    if settings.engine == "nni" and settings.strategy not in nni_strategies():  # before what depends on it
+        raise ValueError(f"unknown NNI strategy {settings.strategy!r}; choose from {', '.join(nni_strategies())}")
+    oneshot = is_oneshot(settings)
+    if settings.engine != "cakes" and not oneshot and settings.engine_options:
+        raise ValueError(
+            f"--engine-option is for --engine cakes and NNI's one-shot strategies; the {settings.engine} engine "
+            f"{'with --strategy ' + settings.strategy + ' ' if settings.engine == 'nni' else ''}takes none"
+        )
+    if (settings.engine == "cakes" or oneshot) and (settings.trials is not None or settings.evaluator is not None):
         given = " and ".join(
             o for o, v in (("--trials", settings.trials), ("--evaluator", settings.evaluator)) if v is not None
         )
+        if oneshot:
+            raise ValueError(
+                f"--engine nni --strategy {settings.strategy} trains one super-net and scores what it finds by "
+                f"retraining: {given} apply to the multi-trial strategies (evolution, random, tpe) only"
+            )
         raise ValueError(
             f"--engine cakes finds its networks with one super-network per priority and scores them by retraining: "
             f"{given} apply to --engine optuna and nni only"
@@ -315,6 +337,21 @@ def run_search(
             display.stage("checking that a CAKES allocation fits the budget")
             cakes_engine.check_budget(plan, cakes_options)
             plan = replace(plan, record=replace(plan.record, evaluator=cakes_engine.ENGINE))
+        oneshot_search = None
+        if oneshot:
+            from psc_nas.search import nni_oneshot
+
+            if settings.retrain is False:
+                raise ValueError(
+                    f"--strategy {settings.strategy} scores what it finds by retraining it: drop --no-retrain"
+                )
+            oneshot_options = nni_oneshot.parse_options(settings.strategy, dict(settings.engine_options))
+            display.stage(f"building NNI's {settings.strategy} candidates from space {plan.space.name}")
+            oneshot_search = nni_oneshot.OneShotSearch(
+                plan, settings.strategy, oneshot_options, seed=settings.seed, data_dir=settings.data_dir
+            )
+            oneshot_search.check_budget()
+            plan = replace(plan, record=replace(plan.record, evaluator=f"nni-{settings.strategy}"))
         out_dir = plan.out_dir
         created_dir = _make_out_dir(out_dir)
         display.stage("opening the study" + (f" {out_dir / 'study.db'}" if settings.storage is None else ""))
@@ -342,8 +379,18 @@ def run_search(
             log.info(describe(event), extra={"psc_event": True})  # to search.log; the display gets the event
             display(event)
 
-        if cakes_options is not None:
-            engine: Any = cakes_engine.CakesEngine(
+        if oneshot_search is not None:
+            engine: Any = nni_oneshot.NniOneShotEngine(
+                plan,
+                study,
+                search=oneshot_search,
+                seed=settings.seed,
+                data_dir=settings.data_dir,
+                timeout=settings.timeout or plan.profile.timeout,
+                on_event=show,
+            )
+        elif cakes_options is not None:
+            engine = cakes_engine.CakesEngine(
                 plan,
                 study,
                 options=cakes_options,
@@ -356,12 +403,13 @@ def run_search(
             engine = nni_engine().NniEngine(plan, study, strategy=settings.strategy, seed=settings.seed, on_event=show)
         else:
             engine = Engine(plan, study, on_event=show)
-        if cakes_options is not None:
+        if cakes_options is not None or oneshot_search is not None:
             log.info(
-                "%s study %r: engine cakes (%s), task %s, space %s, %s, profile %s, seed %d",
+                "%s study %r: engine %s (%s), task %s, space %s, %s, profile %s, seed %d",
                 "created" if created else "resumed",
                 study.study_name,
-                ", ".join(f"{k}={v}" for k, v in cakes_options.items()),
+                "cakes" if oneshot_search is None else f"nni, one-shot strategy {settings.strategy}",
+                ", ".join(f"{k}={v}" for k, v in (cakes_options or oneshot_search.options).items()),
                 plan.task.name,
                 plan.space.name,
                 plan.pricing.budget.describe(),

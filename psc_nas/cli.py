@@ -16,6 +16,7 @@ from rich.table import Table
 
 from psc_nas.costs import format_count
 from psc_nas.memory import keep_freed_memory
+from psc_nas.threads import sleep_when_waiting
 
 if TYPE_CHECKING:  # imported where used: psc-search shows its first line before PyTorch loads (seconds)
     from psc_nas.space import SearchSpace
@@ -172,6 +173,7 @@ def export(
 ) -> None:
     """Write the architecture picked from a search run with its trained weights where the search kept any:
     psc_nas.load_model(config) rebuilds the trained network, psc_nas.build_model(config) an untrained one."""
+    sleep_when_waiting()  # before torch loads: idle OpenMP threads sleep instead of spinning on a busy machine
     keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
     from psc_nas.export import Pick
     from psc_nas.export import export as export_run
@@ -337,6 +339,7 @@ def search(
     ] = None,
 ) -> None:
     """Multi-objective architecture search under a cost budget; re-run the same command to resume."""
+    sleep_when_waiting()  # before torch loads: idle OpenMP threads sleep instead of spinning on a busy machine
     keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
     from pathlib import Path
 
@@ -427,6 +430,7 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train one architecture; write config.yaml, metrics.json, curve.csv and best.ckpt into its run folder."""
+    sleep_when_waiting()  # before torch loads: idle OpenMP threads sleep instead of spinning on a busy machine
     keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
     from pathlib import Path
 

@@ -40,3 +40,34 @@ def run_cli(
         timeout=600,
         check=False,
     )
+
+
+def ctrl_c_when(
+    marker: str, command: str, *args: str, cwd: Path, env: dict[str, str], settle: float = 2.0
+) -> subprocess.CompletedProcess:
+    """Start ``command`` in its own session, wait (at most 300 s) until its stdout shows ``marker``, let it run
+    ``settle`` seconds more, then send SIGINT to its process group as a terminal's Ctrl-C does; the finished
+    process's exit code and the rest of its output."""
+    import os
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [str(BIN / command), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    seen = ""
+    while marker not in seen:
+        line = process.stdout.readline()
+        assert line and time.monotonic() < deadline, process.communicate()
+        seen += line
+    time.sleep(settle)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, seen + stdout, stderr)

@@ -4,11 +4,7 @@ priorities give valid ArchConfigs within the budget, and the CLI run writes a ru
 from __future__ import annotations
 
 import csv
-import os
 import re
-import signal
-import subprocess
-import time
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
@@ -19,7 +15,7 @@ import pytest
 import tiny_task
 import torch
 import torch.nn.functional as F
-from cli_process import BIN, cli_env
+from cli_process import cli_env, ctrl_c_when
 
 import psc_nas
 from psc_nas.arch import ArchConfig, BlockChoice
@@ -275,25 +271,16 @@ def test_unknown_engine_and_engine_errors_are_one_line(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_during_the_super_network_training_exits_130_and_leaves_no_trial(tmp_path):
     bars(tmp_path)
-    process = subprocess.Popen(
-        [str(BIN / "psc-search"), *cakes_args("--engine-option", "steps=5000")],
+    result = ctrl_c_when(
+        "training the cakes super-network",
+        "psc-search",
+        *cakes_args("--engine-option", "steps=5000"),
         cwd=tmp_path,
         env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        settle=2,
     )
-    deadline = time.monotonic() + 300
-    seen = ""
-    while "training the cakes super-network" not in seen:
-        line = process.stdout.readline()
-        assert line and time.monotonic() < deadline, process.communicate()
-        seen += line
-    time.sleep(2)
-    os.killpg(process.pid, signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    stderr = result.stderr
+    assert result.returncode == 130, stderr
     assert stderr.startswith("psc-search: interrupted") and stderr.count("\n") == 1, stderr
     out = tmp_path / "run"
     assert not list(out.glob("cakes-supernet-*.pt")) and not list(out.glob("*.tmp*"))

@@ -5,8 +5,6 @@ fills the same run folder psc-export exports; no port opens beyond loopback; bad
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import subprocess
 import time
 from dataclasses import replace
@@ -17,7 +15,7 @@ import cli_process
 import optuna
 import pytest
 import tiny_task
-from cli_process import BIN, cli_env
+from cli_process import BIN, cli_env, ctrl_c_when
 
 import psc_nas
 from psc_nas.arch import ArchConfig
@@ -200,25 +198,11 @@ def test_ctrl_c_during_the_super_net_training_exits_130_and_leaves_no_trial(tmp_
     bars(tmp_path)
     args = oneshot_args("darts")
     args[args.index("steps=12")] = "steps=100000"
-    process = subprocess.Popen(
-        [str(BIN / "psc-search"), *args],
-        cwd=tmp_path,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    result = ctrl_c_when(
+        "training NNI's DARTS one-shot super-net", "psc-search", *args, cwd=tmp_path, env=env(), settle=3
     )
-    deadline = time.monotonic() + 300
-    seen = ""
-    while "training NNI's DARTS one-shot super-net" not in seen:
-        line = process.stdout.readline()
-        assert line and time.monotonic() < deadline, process.communicate()
-        seen += line
-    time.sleep(3)
-    os.killpg(process.pid, signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    stderr = result.stderr
+    assert result.returncode == 130, stderr
     assert stderr.startswith("psc-search: interrupted") and stderr.count("\n") == 1, stderr
     out = tmp_path / "run"
     assert not list(out.glob("*.tmp*")) and not list(out.glob("front/*"))

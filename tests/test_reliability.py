@@ -715,3 +715,52 @@ def test_the_fuzz_check_fails_on_a_traceback():
     Result.output = "psc-x: a\nb\n"
     with pytest.raises(AssertionError):
         assert_exit_0_or_one_line(Result())
+
+
+PROBE = """import os, pathlib
+pathlib.Path(os.environ["PROBE_OUT"]).write_text(os.environ.get("OMP_WAIT_POLICY", "unset"))
+"""
+
+
+@pytest.mark.parametrize("command, args", [("psc-search", ["--budget", "5M"]), ("psc-train", ["--arch", "conv3d"])])
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_training_commands_let_idle_openmp_threads_sleep_unless_the_user_chose(
+    tmp_path, command, args, given, expected
+):
+    """A plugin imported while the command looks up its task records the command's OMP_WAIT_POLICY: PASSIVE
+    (waiting threads sleep, benchmarks/threads.py) unless the user set it. threads.sleep_when_waiting sets it only
+    while torch is not loaded yet (the OpenMP runtime reads it when torch loads), so PASSIVE here means it took
+    effect."""
+    (tmp_path / "omp_probe.py").write_text(PROBE)
+    out = tmp_path / "seen.txt"
+    extra = {"PROBE_OUT": str(out), "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    if given:
+        extra["OMP_WAIT_POLICY"] = given
+    environment = cli_env(plugins="omp_probe", **extra)
+    if not given:
+        environment.pop("OMP_WAIT_POLICY", None)
+    result = subprocess.run(
+        [str(BIN / command), "--task", "no_such_task", *args, "--out", str(tmp_path / "run")],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 1 and "no_such_task" in result.stderr, result.stdout + result.stderr
+    assert out.read_text() == expected
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_wait_policy_is_left_alone_once_torch_is_loaded(monkeypatch):
+    """Too late to matter (the OpenMP runtime read its environment when torch loaded): nothing is set, and the
+    caller hears that the policy is not in effect."""
+    import torch  # noqa: F401
+
+    from psc_nas.threads import VARIABLE, sleep_when_waiting
+
+    monkeypatch.delenv(VARIABLE, raising=False)
+    assert sleep_when_waiting() is False and VARIABLE not in os.environ
+    monkeypatch.setenv(VARIABLE, "passive")
+    assert sleep_when_waiting() is True

@@ -30,6 +30,16 @@ def fail(command: str, err: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
+def prepare_process(command: str) -> None:
+    """First thing a training command does, before torch loads: on a busy machine idle OpenMP threads sleep instead
+    of spinning (``psc_nas.threads``), and freed memory stays in the process (``psc_nas.memory``)."""
+    try:
+        sleep_when_waiting()
+    except ValueError as err:  # a bad $PSC_NAS_BUSY_LOAD
+        raise fail(command, err) from None
+    keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
+
+
 def one_line(err: Exception) -> str:
     """The error as one line: an OSError as ``path: reason`` (no errno), anything else as its first line."""
     if isinstance(err, OSError) and err.strerror:
@@ -173,8 +183,7 @@ def export(
 ) -> None:
     """Write the architecture picked from a search run with its trained weights where the search kept any:
     psc_nas.load_model(config) rebuilds the trained network, psc_nas.build_model(config) an untrained one."""
-    sleep_when_waiting()  # before torch loads: idle OpenMP threads sleep instead of spinning on a busy machine
-    keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
+    prepare_process("psc-export")
     from psc_nas.export import Pick
     from psc_nas.export import export as export_run
 
@@ -339,8 +348,7 @@ def search(
     ] = None,
 ) -> None:
     """Multi-objective architecture search under a cost budget; re-run the same command to resume."""
-    sleep_when_waiting()  # before torch loads: idle OpenMP threads sleep instead of spinning on a busy machine
-    keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
+    prepare_process("psc-search")
     from pathlib import Path
 
     from psc_nas.search.budget import Budget
@@ -430,8 +438,7 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train one architecture; write config.yaml, metrics.json, curve.csv and best.ckpt into its run folder."""
-    sleep_when_waiting()  # before torch loads: idle OpenMP threads sleep instead of spinning on a busy machine
-    keep_freed_memory()  # training churns big tensors: keep freed memory, no page-fault storm
+    prepare_process("psc-train")
     from pathlib import Path
 
     from psc_nas.tasks import get_task

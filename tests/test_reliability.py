@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from functools import partial
@@ -723,17 +724,24 @@ pathlib.Path(os.environ["PROBE_OUT"]).write_text(os.environ.get("OMP_WAIT_POLICY
 
 
 @pytest.mark.parametrize("command, args", [("psc-search", ["--budget", "5M"]), ("psc-train", ["--arch", "conv3d"])])
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_training_commands_let_idle_openmp_threads_sleep_unless_the_user_chose(
-    tmp_path, command, args, given, expected
+@pytest.mark.parametrize(
+    "given, busy_from, expected",
+    [(None, "0", "PASSIVE"), (None, "1000", "unset"), ("ACTIVE", "0", "ACTIVE")],
+)
+def test_training_commands_let_idle_openmp_threads_sleep_on_a_busy_machine(
+    tmp_path, command, args, given, busy_from, expected
 ):
     """A plugin imported while the command looks up its task records the command's OMP_WAIT_POLICY: PASSIVE
-    (waiting threads sleep, benchmarks/threads.py) unless the user set it. threads.sleep_when_waiting sets it only
-    while torch is not loaded yet (the OpenMP runtime reads it when torch loads), so PASSIVE here means it took
-    effect."""
+    (waiting threads sleep, benchmarks/threads.py) when the load average reaches $PSC_NAS_BUSY_LOAD (0 here: always;
+    1000: never), the user's own value whatever the load. threads.sleep_when_waiting sets it only while torch is
+    not loaded yet (the OpenMP runtime reads it when torch loads), so PASSIVE here means it took effect."""
     (tmp_path / "omp_probe.py").write_text(PROBE)
     out = tmp_path / "seen.txt"
-    extra = {"PROBE_OUT": str(out), "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    extra = {
+        "PROBE_OUT": str(out),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]),
+        "PSC_NAS_BUSY_LOAD": busy_from,
+    }
     if given:
         extra["OMP_WAIT_POLICY"] = given
     environment = cli_env(plugins="omp_probe", **extra)
@@ -753,14 +761,42 @@ def test_training_commands_let_idle_openmp_threads_sleep_unless_the_user_chose(
     assert not (tmp_path / "run").exists()
 
 
-def test_the_wait_policy_is_left_alone_once_torch_is_loaded(monkeypatch):
+def test_the_wait_policy_follows_the_load_and_is_left_alone_once_torch_is_loaded(monkeypatch):
     """Too late to matter (the OpenMP runtime read its environment when torch loaded): nothing is set, and the
-    caller hears that the policy is not in effect."""
+    caller hears that the policy is not in effect; the load decides only before torch loads (sys.modules without
+    torch stands in for a fresh process)."""
     import torch  # noqa: F401
 
-    from psc_nas.threads import VARIABLE, sleep_when_waiting
+    from psc_nas import threads
 
-    monkeypatch.delenv(VARIABLE, raising=False)
-    assert sleep_when_waiting() is False and VARIABLE not in os.environ
-    monkeypatch.setenv(VARIABLE, "passive")
-    assert sleep_when_waiting() is True
+    monkeypatch.delenv(threads.VARIABLE, raising=False)
+    monkeypatch.delenv(threads.BUSY_VARIABLE, raising=False)
+    assert threads.sleep_when_waiting(load=5.0) is False and threads.VARIABLE not in os.environ
+    monkeypatch.delitem(sys.modules, "torch")
+    assert threads.sleep_when_waiting(load=0.1) is False and threads.VARIABLE not in os.environ
+    assert threads.sleep_when_waiting(load=threads.BUSY_LOAD) is True and os.environ[threads.VARIABLE] == "PASSIVE"
+    monkeypatch.setenv(threads.VARIABLE, "active")
+    assert threads.sleep_when_waiting(load=5.0) is False
+    monkeypatch.delenv(threads.VARIABLE)
+    monkeypatch.setenv(threads.BUSY_VARIABLE, "lots")
+    with pytest.raises(ValueError, match="PSC_NAS_BUSY_LOAD must be a number"):
+        threads.sleep_when_waiting(load=5.0)
+
+
+@pytest.mark.parametrize("command", ["psc-search", "psc-train"])
+def test_a_bad_busy_load_is_one_line(tmp_path, command):
+    args = ["--budget", "5M"] if command == "psc-search" else ["--arch", "conv3d"]
+    environment = cli_env(PSC_NAS_BUSY_LOAD="x")
+    environment.pop("OMP_WAIT_POLICY", None)
+    result = subprocess.run(
+        [str(BIN / command), "--task", "ibsr", *args, "--out", str(tmp_path / "run")],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr == f"{command}: $PSC_NAS_BUSY_LOAD must be a number (a load average), got 'x'\n"
+    assert not (tmp_path / "run").exists()

@@ -15,19 +15,21 @@ ROOT = TESTS.parent
 BIN = Path(sys.executable).parent
 
 
-def cli_env(*, plugins: str = "", columns: str | None = "200", **extra: str) -> dict[str, str]:
+def cli_env(*, plugins: str = "", columns: str | None = "200", **extra: str | None) -> dict[str, str]:
     """The environment of a console script: ``plugins`` for ``$PSC_NAS_PLUGINS``; ``columns`` None leaves the
-    terminal width unset; ``extra`` variables last, so they win."""
+    terminal width unset; ``extra`` variables last, so they win (None: the variable is unset)."""
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]), PSC_NAS_PLUGINS=plugins, OMP_NUM_THREADS="1")
     if columns is not None:
         env["COLUMNS"] = columns
-    env.update(extra)
+    env.update({k: v for k, v in extra.items() if v is not None})
+    for name in [k for k, v in extra.items() if v is None]:
+        env.pop(name, None)
     return env
 
 
 def run_cli(
-    command: str, *args: str, cwd: Path, plugins: str = "", wrap: Sequence[str] = (), **extra: str
+    command: str, *args: str, cwd: Path, plugins: str = "", wrap: Sequence[str] = (), **extra: str | None
 ) -> subprocess.CompletedProcess:
     """Run ``command`` (psc-search, psc-export, ...) with ``args`` in ``cwd``; ``wrap`` goes before it (e.g. a
     ``timeout`` or ``unshare`` command); the result's stdout/stderr are text; a non-zero exit is not raised."""

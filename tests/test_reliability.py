@@ -737,24 +737,15 @@ def test_training_commands_let_idle_openmp_threads_sleep_on_a_busy_machine(
     not loaded yet (the OpenMP runtime reads it when torch loads), so PASSIVE here means it took effect."""
     (tmp_path / "omp_probe.py").write_text(PROBE)
     out = tmp_path / "seen.txt"
-    extra = {
-        "PROBE_OUT": str(out),
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]),
-        "PSC_NAS_BUSY_LOAD": busy_from,
-    }
-    if given:
-        extra["OMP_WAIT_POLICY"] = given
-    environment = cli_env(plugins="omp_probe", **extra)
-    if not given:
-        environment.pop("OMP_WAIT_POLICY", None)
-    result = subprocess.run(
-        [str(BIN / command), "--task", "no_such_task", *args, "--out", str(tmp_path / "run")],
+    result = cli_process.run_cli(
+        command,
+        *("--task", "no_such_task", *args, "--out", str(tmp_path / "run")),
         cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        plugins="omp_probe",
+        PROBE_OUT=str(out),
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]),
+        PSC_NAS_BUSY_LOAD=busy_from,
+        OMP_WAIT_POLICY=given,
     )
     assert result.returncode == 1 and "no_such_task" in result.stderr, result.stdout + result.stderr
     assert out.read_text() == expected
@@ -786,16 +777,12 @@ def test_the_wait_policy_follows_the_load_and_is_left_alone_once_torch_is_loaded
 @pytest.mark.parametrize("command", ["psc-search", "psc-train"])
 def test_a_bad_busy_load_is_one_line(tmp_path, command):
     args = ["--budget", "5M"] if command == "psc-search" else ["--arch", "conv3d"]
-    environment = cli_env(PSC_NAS_BUSY_LOAD="x")
-    environment.pop("OMP_WAIT_POLICY", None)
-    result = subprocess.run(
-        [str(BIN / command), "--task", "ibsr", *args, "--out", str(tmp_path / "run")],
+    result = cli_process.run_cli(
+        command,
+        *("--task", "ibsr", *args, "--out", str(tmp_path / "run")),
         cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        PSC_NAS_BUSY_LOAD="x",
+        OMP_WAIT_POLICY=None,
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr == f"{command}: $PSC_NAS_BUSY_LOAD must be a number (a load average), got 'x'\n"

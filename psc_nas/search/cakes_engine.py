@@ -51,6 +51,7 @@ from psc_nas.nets.budget import with_width
 from psc_nas.nets.build import build_with_fill
 from psc_nas.ops import summary
 from psc_nas.ops.cakes import SHAPE_DIMS, SHAPES, largest_remainder, pad_kernel, shape_kernel, uniform_allocation
+from psc_nas.search.engine_options import check_numbers, check_positive_ints
 from psc_nas.search.events import Evaluated, Failed, Listener, Preparing, Started
 from psc_nas.search.front import Front
 from psc_nas.search.interrupt import INTERRUPTS, sigint_held
@@ -103,6 +104,9 @@ DEFAULTS: dict[str, Any] = {
 
 
 # ---------------------------------------------------------------------- options
+ZERO_OK = ("train_share", "weight_decay", "penalty")  # options that may be 0 (width and lr may not)
+
+
 def parse_options(given: Mapping[str, Any]) -> dict[str, Any]:
     """The engine's options over ``DEFAULTS``, checked; a bad one raises a one-line ``ValueError``."""
     unknown = sorted(set(given) - set(DEFAULTS))
@@ -116,21 +120,12 @@ def parse_options(given: Mapping[str, Any]) -> dict[str, Any]:
     options["shapes"] = canonical
     if options["priority"] not in (*PRIORITIES, "both"):
         raise ValueError(f"--engine cakes: priority must be performance, cost or both, got {options['priority']!r}")
-    for key in ("width", "train_share", "lr", "weight_decay", "penalty"):
-        try:
-            options[key] = float(options[key])
-        except (TypeError, ValueError):
-            raise ValueError(f"--engine cakes: option {key} must be a number, got {options[key]!r}") from None
-        if not math.isfinite(options[key]) or options[key] < 0 or (key in ("width", "lr") and options[key] == 0):
-            raise ValueError(f"--engine cakes: option {key} must be positive, got {options[key]!r}")
+    where = "--engine cakes"
+    check_numbers(options, ("width", "train_share", "lr", "weight_decay", "penalty"), where, zero_ok=ZERO_OK)
     if options["train_share"] >= 1:
         raise ValueError(f"--engine cakes: option train_share must be below 1, got {options['train_share']!r}")
-    for key in ("steps", "default_steps", "min_steps", "max_steps", "batch_size", "epochs"):
-        value = options[key]
-        if value is None or (key == "steps" and value == "auto"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"--engine cakes: option {key} must be a positive int, got {value!r}")
+    ints = ("steps", "default_steps", "min_steps", "max_steps", "batch_size", "epochs")
+    check_positive_ints(options, ints, where, optional=ints)
     return options
 
 

@@ -59,6 +59,7 @@ from psc_nas.nets.budget import with_width
 from psc_nas.nets.build import build_with_fill
 from psc_nas.ops import realize, rescale
 from psc_nas.search.cakes_engine import CakesEngine, Found, SuperTraining
+from psc_nas.search.engine_options import check_numbers, check_positive_ints
 from psc_nas.search.events import Preparing, Started
 from psc_nas.search.front import Front
 from psc_nas.search.interrupt import INTERRUPTS
@@ -99,25 +100,16 @@ def parse_options(strategy: str, given: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{where}: unknown --engine-option {unknown[0]!r}; known: {', '.join(DEFAULTS)}")
     options = {**DEFAULTS, **given}
-    for key in ("width", "train_share", "lr", "weight_decay", "arc_lr"):
-        try:
-            options[key] = float(options[key])
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: option {key} must be a number, got {options[key]!r}") from None
-        if not math.isfinite(options[key]) or options[key] <= 0 and key != "weight_decay" or options[key] < 0:
-            raise ValueError(f"{where}: option {key} must be positive, got {options[key]!r}")
+    check_numbers(options, ("width", "train_share", "lr", "weight_decay", "arc_lr"), where, zero_ok=("weight_decay",))
     if options["train_share"] >= 1:
         raise ValueError(f"{where}: option train_share must be below 1, got {options['train_share']!r}")
-    for key in ("candidates", "steps", "default_steps", "min_steps", "max_steps", "batch_size", "samples"):
-        value = options[key]
-        if value is None and key == "batch_size" or key == "steps" and value == "auto":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}: option {key} must be a positive int, got {value!r}")
-    for key in ("calib_patches", "val_patches", "epochs"):
-        value = options[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{where}: option {key} must be a positive int, got {value!r}")
+    check_positive_ints(
+        options,
+        ("candidates", "steps", "default_steps", "min_steps", "max_steps", "batch_size", "samples")
+        + ("calib_patches", "val_patches", "epochs"),
+        where,
+        optional=("batch_size", "calib_patches", "val_patches", "epochs"),
+    )
     return options
 
 

@@ -5,8 +5,10 @@ on each other run ~8x slower, tests/test_train.py) and a wide terminal unless a 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,10 +52,6 @@ def ctrl_c_when(
     """Start ``command`` in its own session, wait (at most 300 s) until its stdout shows ``marker``, let it run
     ``settle`` seconds more, then send SIGINT to its process group as a terminal's Ctrl-C does; the finished
     process's exit code and the rest of its output."""
-    import os
-    import signal
-    import time
-
     process = subprocess.Popen(
         [str(BIN / command), *args],
         cwd=cwd,

@@ -106,6 +106,14 @@ def reduced(config: Any, width: float) -> Any:
     return with_width(config, width * float(config.hparams.get("width", 1.0)))
 
 
+def run_jobs(job: Callable[..., str], todo: list[tuple], jobs: int) -> None:
+    """``job(*args)`` for each ``args`` in ``todo``, ``jobs`` processes at a time; each result line printed as it
+    finishes, with the time and the load average."""
+    with ProcessPoolExecutor(jobs) as pool:
+        for future in as_completed([pool.submit(job, *args) for args in todo]):
+            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 # ----------------------------------------------------------------------------------------------- reference
 def _reference_job(name: str, config_json: str, seed: int, out: str, width: float = REF_WIDTH) -> str:
     _threads(1)
@@ -155,10 +163,7 @@ def reference(work: Path, jobs: int, seeds: tuple[int, ...]) -> None:
             if not out.exists():
                 todo.append((member["name"], member["config"].to_json(), seed, str(out)))
     print(f"{len(todo)} reference runs to do", flush=True)
-    with ProcessPoolExecutor(jobs) as pool:
-        futures = [pool.submit(_reference_job, *job) for job in todo]
-        for future in as_completed(futures):
-            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+    run_jobs(_reference_job, todo, jobs)
 
 
 def reference_extra(work: Path, configs: list[Path], jobs: int, seeds: tuple[int, ...]) -> None:
@@ -177,9 +182,7 @@ def reference_extra(work: Path, configs: list[Path], jobs: int, seeds: tuple[int
             if not out.exists():
                 todo.append((f"{path.parent.name}/{path.name}", config.to_json(), seed, str(out)))
     print(f"{len(todo)} extra reference runs to do", flush=True)
-    with ProcessPoolExecutor(jobs) as pool:
-        for future in as_completed([pool.submit(_reference_job, *job) for job in todo]):
-            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+    run_jobs(_reference_job, todo, jobs)
 
 
 def reference_full_width(work: Path, names: list[str], jobs: int, seeds: tuple[int, ...]) -> None:
@@ -198,9 +201,7 @@ def reference_full_width(work: Path, names: list[str], jobs: int, seeds: tuple[i
             if not out.exists():
                 todo.append((name, members[name]["config"].to_json(), seed, str(out), 1.0))
     print(f"{len(todo)} full-width reference runs to do", flush=True)
-    with ProcessPoolExecutor(jobs) as pool:
-        for future in as_completed([pool.submit(_reference_job, *job) for job in todo]):
-            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+    run_jobs(_reference_job, todo, jobs)
 
 
 def load_reference(work: Path) -> dict[str, dict[int, dict[str, Any]]]:
@@ -379,9 +380,7 @@ def measure(work: Path, variant: str, seeds: tuple[int, ...], jobs: int) -> None
             if not out.exists():
                 todo.append((variant, member["name"], member["config"].to_json(), seed, str(out)))
     print(f"{variant}: {len(todo)} scores to compute", flush=True)
-    with ProcessPoolExecutor(jobs) as pool:
-        for future in as_completed([pool.submit(_measure_job, *job) for job in todo]):
-            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+    run_jobs(_measure_job, todo, jobs)
 
 
 def _supernet_job(seed: int, options_json: str, out_dir: str) -> str:
@@ -442,9 +441,7 @@ def measure_supernet(work: Path, variant: str, seeds: tuple[int, ...], jobs: int
     out_dir = work / "scores" / variant
     out_dir.mkdir(parents=True, exist_ok=True)
     options = json.dumps(SUPERNET_VARIANTS[variant])
-    with ProcessPoolExecutor(jobs) as pool:
-        for future in as_completed([pool.submit(_supernet_job, seed, options, str(out_dir)) for seed in seeds]):
-            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+    run_jobs(_supernet_job, [(seed, options, str(out_dir)) for seed in seeds], jobs)
 
 
 def main() -> None:

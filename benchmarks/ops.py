@@ -19,6 +19,10 @@ roofline columns divide GF/s by ``min(peak, I · bandwidth)``: peak = the best d
 (n = 2048, 2 threads), bandwidth = copying an input-sized tensor (in cache here), I = the op's
 flops over the bytes it must at least move (input and output once per pass, weights; forward:
 x and y; forward+backward: x, y, dy, dx and x, dy again), as in ``benchmarks/roofline.py``.
+
+Freed memory stays in the process (``psc_nas.memory.keep_freed_memory``), as in psc-search and psc-train:
+with glibc's defaults every output buffer above its mmap threshold is mapped afresh and page-faulted in at
+every call, which at 64³ took longer than the op itself (``--fresh-memory`` measures that way).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from psc_nas.memory import keep_freed_memory
 from psc_nas.ops import EXACT_IMPLS, families, impl_names, make_spec
 from psc_nas.ops.cakes import SHAPES
 from psc_nas.ops.fast import has_depthwise_conv, has_folding_conv
@@ -243,8 +248,19 @@ def render(run: dict) -> str:
         ),
         f"- date: {run['date']}, torch {run['torch']}, CPU: {run['cpu']}, {run['threads']} threads, "
         f"oneDNN {run['onednn']}",
-        "- the machine was shared with other engineers' jobs while this ran: absolute times are noisy, "
-        "interleaving spreads that load over all variants, but a disturbed repeat can be 30x slow",
+        "- the load average while each shape ran is given with it: on a shared machine absolute times are noisy; "
+        "interleaving spreads other jobs' load over all variants, but a disturbed repeat can be 30x slow",
+        *(
+            [
+                "- memory: freed blocks stay in the process (`psc_nas.memory.keep_freed_memory`, as in psc-search "
+                "and psc-train): no time below includes page-faulting a fresh output buffer in"
+            ]
+            if run.get("keep_freed_memory")
+            else [
+                "- memory: glibc's defaults (`--fresh-memory`, or a run before that option existed): buffers above "
+                "its mmap threshold are mapped and page-faulted in at every call, inside the times below"
+            ]
+        ),
         f"- pricing: `make_spec(...).cost(...)` priced {run['priced_per_second']:,.0f} candidates per second",
         f"- whole run: {run['seconds']:.0f} s for the shapes below",
         *(
@@ -267,6 +283,7 @@ def kernel_load_seconds() -> float | None:
 def run_all(args: argparse.Namespace, command: str, save: Callable[[dict], None]) -> dict:
     """Measure every shape, calling ``save`` after each so a cut-short run keeps what it measured."""
     torch.set_num_threads(args.threads)
+    kept = False if args.fresh_memory else keep_freed_memory()
     torch.manual_seed(0)
     rng = random.Random(0)
     started = time.perf_counter()
@@ -279,6 +296,7 @@ def run_all(args: argparse.Namespace, command: str, save: Callable[[dict], None]
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "onednn": "on" if torch.backends.mkldnn.enabled else "off",
+        "keep_freed_memory": kept,
         "priced_per_second": pricing_rate(),
         "peak": gemm_peak(),
         "kernel_load_s": kernel_load_seconds(),
@@ -331,6 +349,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the issue's setting)")
     parser.add_argument("--families", nargs="+", help=f"only these rows (always with conv3d); of {list(FAMILIES)}")
     parser.add_argument("--quick", action="store_true", help="C=16 at 32³, 3 repeats")
+    parser.add_argument(
+        "--fresh-memory",
+        action="store_true",
+        help="leave glibc's malloc defaults (large buffers page-faulted in at every call) instead of keeping freed "
+        "memory as psc-search and psc-train do",
+    )
     parser.add_argument("--out", default="docs/benchmarks/ops.md", help="markdown path, or - for stdout")
     parser.add_argument(
         "--render", action="store_true", help="re-render the markdown from the raw times saved next to it"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -23,6 +24,7 @@ from psc_nas.evaluators.supernet import SuperNet
 from psc_nas.nets import from_module
 from psc_nas.nets.budget import with_width
 from psc_nas.nets.torch_module import ENV_VAR, SlotConv
+from psc_nas.ops import implementation
 from psc_nas.search.budget import Budget
 from psc_nas.search.record import read_trials
 from psc_nas.search.runner import SearchSettings, run_search
@@ -40,6 +42,14 @@ UNET = {
     "num_res_units": 1,
 }
 NETS = {"basicunet": (BasicUNet, BASIC, (32, 32, 32)), "unet": (UNet, UNET, (16, 16, 16))}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def mac_exact_ops() -> Iterator[None]:
+    """Networks built here run the MAC-exact convs: these tests hold FlopCounterMode to the analytic cost, and
+    the default rule may run CAKES as a merge that executes more (tests/test_ops_impl.py checks that count)."""
+    with implementation("reference"):
+        yield
 
 
 def measured(model: nn.Module, x: torch.Tensor) -> tuple[Cost, torch.Tensor]:

@@ -14,7 +14,17 @@ from hypothesis import strategies as st
 from test_ops import channels, family_args, spatial, stride
 from torch.utils.flop_counter import FlopCounterMode
 
-from psc_nas.ops import ENV_VAR, EXACT_IMPLS, FastGraphConv, GraphConv, create_op, depthwise, families, make_spec
+from psc_nas.ops import (
+    ENV_VAR,
+    EXACT_IMPLS,
+    FastGraphConv,
+    GraphConv,
+    create_op,
+    depthwise,
+    families,
+    implementation,
+    make_spec,
+)
 from psc_nas.ops.cakes import taps_macs_ratio
 
 
@@ -60,15 +70,40 @@ def test_fast_impls_return_channels_last_3d():
 
 
 @pytest.mark.parametrize("op", sorted(families()))
-def test_auto_runs_exactly_the_analytic_macs(op):
+def test_auto_runs_the_analytic_macs_or_the_merge_it_declares(op):
     spec = make_spec(op, 8, 8)
     module = spec.build()
     assert module.impl == spec.fast_impl()
-    assert type(module) is (GraphConv if module.impl == "reference" else FastGraphConv)
+    assert type(module) is GraphConv if module.impl == "reference" else isinstance(module, FastGraphConv)
     with FlopCounterMode(display=False) as counter:
         module(torch.randn(1, 8, 5, 5, 5))
-    assert counter.get_total_flops() // 2 == spec.cost((5, 5, 5)).macs
+    executed = spec.executed_ratio(module.impl) if module.impl in ("masked", "planes") else 1.0
+    assert counter.get_total_flops() // 2 == pytest.approx(executed * spec.cost((5, 5, 5)).macs)
     assert sum(p.numel() for p in module.parameters()) == spec.cost((5, 5, 5)).params
+    with implementation("reference"):  # what FlopCounterMode must count as the analytic cost, whatever the rule
+        exact = spec.build()
+    with FlopCounterMode(display=False) as counter:
+        exact(torch.randn(1, 8, 5, 5, 5))
+    assert counter.get_total_flops() // 2 == spec.cost((5, 5, 5)).macs
+
+
+@pytest.mark.parametrize(
+    ("cout", "allocation", "impl"),
+    [
+        (16, None, "masked"),  # uniform, 3.3x the MACs, below 64 channels
+        (64, None, "planes"),  # uniform from 64 channels: 1.3x
+        (64, {"3x3x3": 60, "1x3x1": 4}, "masked"),  # nearly a full cube: 1.06x at any width
+        (32, {"1x1x3": 16, "1x3x1": 16}, "masked"),  # one 1x3x3 conv: 3x
+        (32, {"1x1x3": 10, "1x3x1": 11, "3x1x1": 11}, "planes"),  # 1D on every axis: masked 9x; planes is exact
+        (64, {"1x1x3": 32, "3x1x1": 32}, "planes"),
+    ],
+)
+def test_cakes_rule_picks_a_merge_only_within_its_measured_executed_mac_ratio(cout, allocation, impl):
+    spec = make_spec("cakes", 16, cout, **({"allocation": allocation} if allocation else {}))
+    assert spec.fast_impl() == impl
+    with FlopCounterMode(display=False) as counter:
+        spec.build()(torch.randn(1, 16, 4, 4, 4))
+    assert counter.get_total_flops() // 2 / spec.cost((4, 4, 4)).macs == pytest.approx(spec.executed_ratio(impl))
 
 
 @pytest.mark.parametrize(("impl", "executed_over_analytic"), [("masked", 27 / 9), ("planes", 81 / 63)])
@@ -77,6 +112,7 @@ def test_cakes_merges_execute_more_macs_than_the_analytic_cost(impl, executed_ov
     with FlopCounterMode(display=False) as counter:
         spec.build(impl)(torch.randn(1, 7, 4, 4, 4))
     assert counter.get_total_flops() // 2 / spec.cost((4, 4, 4)).macs == pytest.approx(executed_over_analytic)
+    assert spec.executed_ratio(impl) == pytest.approx(executed_over_analytic)
 
 
 @pytest.mark.parametrize(

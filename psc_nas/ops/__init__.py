@@ -11,7 +11,7 @@ record (``registry.py``) without a hand-kept list; third-party families register
 import pkgutil
 from importlib import import_module
 
-from psc_nas.ops.base import ENV_VAR, Op, OpSpec, PlainConv, create_op, impl_names, make_spec
+from psc_nas.ops.base import ENV_VAR, Op, OpSpec, PlainConv, create_op, impl_names, implementation, make_spec
 from psc_nas.ops.blocks import label, realize, rescale, summary
 from psc_nas.ops.domain import Choice, OpDomain, Pick, parse_domain
 from psc_nas.ops.fast import EXACT_IMPLS, FastGraphConv
@@ -40,6 +40,7 @@ __all__ = [
     "families",
     "get_family",
     "impl_names",
+    "implementation",
     "label",
     "make_spec",
     "parse_domain",

@@ -10,13 +10,21 @@ with any module, as long as its cost stays exact. Two kinds of ops:
 
 ``op.build(impl=)`` picks only the forward's compute path, never the parameters: ``"auto"`` (the
 op's measured ``fast_impl()``), ``"reference"``, ``"channels_last"``, ``"folded"`` (``fast.py``) or
-an implementation the family offers itself (``impls``); default ``$PSC_NAS_OP_IMPL`` or ``"auto"``.
+an implementation the family offers itself (``impls``); default: the innermost ``implementation(...)``
+block, else ``$PSC_NAS_OP_IMPL``, else ``"auto"``.
+
+The rule may pick a path that executes more MACs than the op costs where that is faster (CAKES'
+``masked`` and ``planes`` merges); the analytic cost stays what a search prices. ``FlopCounterMode``
+counts the analytic cost on a network built under ``implementation("reference")`` (or on the meta
+device, where every op runs its reference forward).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -30,6 +38,20 @@ from psc_nas.ops.graph import ConvGraph, GraphConv
 from psc_nas.ops.registry import families, get_family
 
 ENV_VAR = "PSC_NAS_OP_IMPL"
+_IMPL: ContextVar[str | None] = ContextVar("psc_nas_op_impl", default=None)
+
+
+@contextmanager
+def implementation(impl: str) -> Iterator[None]:
+    """Build every op inside the block with ``impl``; ``"reference"`` gives the MAC-exact convs, whose
+    ``FlopCounterMode`` count is the analytic cost. Only the compute path changes, never the parameters."""
+    if impl not in impl_names():
+        raise ValueError(f"impl must be one of {list(impl_names())}, got {impl!r}")
+    token = _IMPL.set(impl)
+    try:
+        yield
+    finally:
+        _IMPL.reset(token)
 
 
 def check_int(family: str, name: str, value: Any, allowed: str, *, minimum: int = 1) -> None:
@@ -71,7 +93,7 @@ class Op:
 
     def build(self, impl: str | None = None) -> nn.Module:
         """The module; ``impl`` changes only how its forward computes, never its parameters."""
-        impl = impl or os.environ.get(ENV_VAR) or "auto"
+        impl = impl or _IMPL.get() or os.environ.get(ENV_VAR) or "auto"
         if impl == "auto":
             impl = self.fast_impl()
         if impl in self.impls:

@@ -45,6 +45,11 @@ from psc_nas.ops.registry import OpFamily, register_family
 
 SHAPES = ("1x1x3", "1x3x1", "3x1x1", "1x3x3", "3x1x3", "3x3x1", "3x3x3")
 SHAPE_DIMS = {"1D": SHAPES[:3], "2D": SHAPES[3:6], "3D": SHAPES[6:]}
+# The implementation rule's bounds (``CakesSpec.fast_impl``): the executed/analytic MAC ratio up to which a
+# merge is picked, and the output width from which `planes` replaces `masked`.
+MASKED_MAX_RATIO = 3.5
+PLANES_MAX_RATIO = 1.5
+MERGE_WIDE_FROM = 64
 MAX_CAKES_QUANTA = 8  # 1/8 steps give C(14, 6) = 3003 allocations per decision; finer ones explode
 
 
@@ -306,8 +311,31 @@ class CakesSpec(OpSpec):
         convs = [ConvSpec(cin, count, shape_kernel(shape), stride) for shape, count in self.allocation.items()]
         return ConvGraph.streams([[conv] for conv in convs])
 
+    def executed_ratio(self, impl: str) -> float:
+        """MACs a merge (``masked``, ``planes``) executes over the analytic cost: each shape runs its group's
+        bounding kernel (over the shapes present), e.g. 27/9 = 3.0 for ``masked`` on a uniform allocation."""
+        taps = {shape: prod(shape_kernel(shape)) for shape in self.allocation}
+        executed = 0
+        for group in MergedCakesConv.GROUPS[impl]:
+            present = [shape for shape in group if shape in self.allocation]
+            if present:
+                bound = prod(bounding_kernel([shape_kernel(shape) for shape in present]))
+                executed += bound * sum(self.allocation[shape] for shape in present)
+        return executed / sum(count * taps[shape] for shape, count in self.allocation.items())
+
     def fast_impl(self) -> str:
-        # channels_last beat NCDHW at every measured width (1.3-1.6x); folding slowed the thin sub-kernels.
+        # Seven (or fewer) thin convs of C/7 output channels each run far below oneDNN's speed, so a merge
+        # that executes more MACs as fewer, wider convs is faster (docs/benchmarks/ops.md, uniform allocation,
+        # fwd+bwd vs the tuned Conv3d, both CPUs measured): below 64 output channels `masked` (3.0x the
+        # MACs) beat the seven convs 1.2-1.9x on the Intel Xeon and 2.0-2.5x on the AMD EPYC; from 64,
+        # `planes` (1.29x) beat them 1.7x on the EPYC and lost 1.2x to them on the Xeon, so `planes` has the
+        # smaller worst case. An allocation whose merge executes more than the measured regime's share
+        # (small kernels: 1D-heavy) keeps the exact convs; one close to a full cube runs `masked` at any width.
+        masked, planes = self.executed_ratio("masked"), self.executed_ratio("planes")
+        if masked <= MASKED_MAX_RATIO and (self.out_channels < MERGE_WIDE_FROM or masked <= PLANES_MAX_RATIO):
+            return "masked"
+        if planes <= PLANES_MAX_RATIO:
+            return "planes"
         return "channels_last"
 
 

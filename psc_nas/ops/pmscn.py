@@ -33,9 +33,11 @@ from psc_nas.ops.registry import OpFamily, register_family
 
 ORIENTATIONS = ("1x3x3", "3x1x3", "3x3x1")
 KERNEL = 3
-# Folding the D-flat convs into 2D convs paid only from 64 channels (C=64: 8-11% faster than
-# channels_last alone; C=16/32: between 26% slower and 9% faster, i.e. no reliable gain).
-FOLD_FROM_CHANNELS = 64
+# channels_last, never "folded" (D-flat convs as 2D convs): on the AMD EPYC of earlier runs folding paid
+# only from 64 channels and only at 64³ (8-20% faster fwd+bwd; tied or slower at 32³, the tasks' patch), but
+# on the Intel Xeon (AVX-512) measured idle on 2026-12-03 the folded 1x3x3 conv's backward made p3d 1.5-2.5x
+# slower at every width and PmSCn 5-25% slower, folding winning nowhere by more than 3%
+# (docs/benchmarks/ops-idle-cl-kept.md). One rule for both: the one whose worst case is 20%, not 2.5x.
 
 
 def subspace_width(in_channels: int, out_channels: int, d: int = KERNEL) -> int:
@@ -96,7 +98,7 @@ class PmSCnSpec(OpSpec):
         return ConvGraph.streams(streams, relu_between=True)
 
     def fast_impl(self) -> str:
-        return "folded" if self.in_channels >= FOLD_FROM_CHANNELS else "channels_last"
+        return "channels_last"
 
 
 def _stream(cin: int, width: int, cout: int, orientation: str, n: int, stride: tuple[int, int, int]) -> list[ConvSpec]:

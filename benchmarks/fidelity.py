@@ -5,6 +5,9 @@
     python benchmarks/fidelity.py assemble --work W           # -> docs/benchmarks/fidelity-reference.json
     python benchmarks/fidelity.py measure VARIANT --seeds 0 1 2 --work W   # one evaluator on the panel
     python benchmarks/fidelity.py report --work W             # -> docs/benchmarks/fidelity-table.md
+    python benchmarks/fidelity.py reference-full --names csn_ip cheapest --seeds 0 1 --jobs 1 --work W
+    python benchmarks/fidelity.py full-width-report --work W  # -> docs/benchmarks/fidelity-full-width.md
+    python benchmarks/fidelity.py restore --work W            # a fresh machine: W from the committed JSON
 
 Panel: architectures of ``ibsr_densenet3d`` under the 5M-parameter budget (at the task's 32³ input): the
 hand-designed presets that fit, the cheapest and the largest of a seeded pool of uniform samples, and
@@ -204,6 +207,55 @@ def reference_full_width(work: Path, names: list[str], jobs: int, seeds: tuple[i
     run_jobs(_reference_job, todo, jobs)
 
 
+FULL_WIDTH_JSON = DOCS / "fidelity-full-width.json"
+
+
+def archive_full_width(work: Path) -> None:
+    """Every full-width reference run, in ``docs/benchmarks/fidelity-full-width.json``: the runs of ``W``
+    merged over those already archived (a run is its architecture and seed), so that a fresh machine's cache
+    (``restore``) and the report never depend on one session's ``W``."""
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    if FULL_WIDTH_JSON.exists():
+        for record in json.loads(FULL_WIDTH_JSON.read_text())["runs"]:
+            runs[(record["hash"], record["seed"])] = record
+    for path in sorted((work / "reference-full").glob("*-s*.json")):
+        record = json.loads(path.read_text())
+        record["hash"] = path.name.rsplit("-s", 1)[0]
+        runs[(record["hash"], record["seed"])] = record
+    if not runs:
+        return
+    data = {
+        "command": "python benchmarks/fidelity.py reference-full --names NAME ... --seeds S ... --jobs 1 --work W && "
+        "python benchmarks/fidelity.py assemble --work W",
+        "protocol": "the reference protocol of fidelity-reference.json at width 1 (the network the search prices)",
+        "runs": [runs[key] for key in sorted(runs)],
+    }
+    write_text_atomic(FULL_WIDTH_JSON, json.dumps(data, indent=1) + "\n")
+    print(f"wrote {FULL_WIDTH_JSON}: {len(runs)} full-width runs")
+
+
+def restore(work: Path) -> None:
+    """Rebuild ``W/reference`` and ``W/reference-full`` from the committed JSON files, for a machine whose cache
+    is gone: runs already in ``W`` are kept. The evaluators' per-seed scores (``W/scores``) were not committed
+    before 2026-12-03 and cannot be restored; measure them again."""
+    restored = 0
+    for row in json.loads((DOCS / "fidelity-reference.json").read_text())["panel"]:
+        for run in row["runs"]:
+            out = work / "reference" / f"{row['hash']}-s{run['seed']}.json"
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(out, json.dumps({"name": row["name"], **run}, indent=1))
+                restored += 1
+    if FULL_WIDTH_JSON.exists():
+        for record in json.loads(FULL_WIDTH_JSON.read_text())["runs"]:
+            out = work / "reference-full" / f"{record['hash']}-s{record['seed']}.json"
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(out, json.dumps(record, indent=1))
+                restored += 1
+    print(f"restored {restored} runs into {work}")
+
+
 def load_reference(work: Path) -> dict[str, dict[int, dict[str, Any]]]:
     found: dict[str, dict[int, dict[str, Any]]] = {}
     for member in panel():
@@ -257,6 +309,7 @@ def assemble(work: Path) -> None:
     write_text_atomic(DOCS / "fidelity-reference.json", json.dumps(data, indent=1) + "\n")
     done = sum(len(r["runs"]) for r in rows)
     print(f"wrote {DOCS / 'fidelity-reference.json'}: {done} runs over {len(rows)} architectures")
+    archive_full_width(work)
 
 
 # ----------------------------------------------------------------------------------------------- evaluators
@@ -447,7 +500,18 @@ def measure_supernet(work: Path, variant: str, seeds: tuple[int, ...], jobs: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "command", choices=["panel", "reference", "reference-extra", "reference-full", "assemble", "measure", "report"]
+        "command",
+        choices=[
+            "panel",
+            "reference",
+            "reference-extra",
+            "reference-full",
+            "assemble",
+            "restore",
+            "measure",
+            "report",
+            "full-width-report",
+        ],
     )
     parser.add_argument("variant", nargs="?")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "fidelity")
@@ -475,6 +539,12 @@ def main() -> None:
         from fidelity_report import report  # benchmarks/fidelity_report.py
 
         report(args.work)
+    elif args.command == "restore":
+        restore(args.work)
+    elif args.command == "full-width-report":
+        from fidelity_report import full_width_report
+
+        full_width_report(args.work)
 
 
 if __name__ == "__main__":

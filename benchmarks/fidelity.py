@@ -235,9 +235,9 @@ def archive_full_width(work: Path) -> None:
 
 
 def restore(work: Path) -> None:
-    """Rebuild ``W/reference`` and ``W/reference-full`` from the committed JSON files, for a machine whose cache
-    is gone: runs already in ``W`` are kept. The evaluators' per-seed scores (``W/scores``) were not committed
-    before 2026-12-03 and cannot be restored; measure them again."""
+    """Rebuild ``W/reference``, ``W/reference-full`` and ``W/scores`` from the committed JSON files, for a machine
+    whose cache is gone: runs already in ``W`` are kept. The evaluators' per-seed scores were first committed
+    (``raw_scores`` of fidelity-scores.json) on 2026-12-03; those measured before are gone with their machine."""
     restored = 0
     for row in json.loads((DOCS / "fidelity-reference.json").read_text())["panel"]:
         for run in row["runs"]:
@@ -253,6 +253,15 @@ def restore(work: Path) -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(out, json.dumps(record, indent=1))
                 restored += 1
+    raw = json.loads((DOCS / "fidelity-scores.json").read_text()).get("raw_scores", {})
+    for variant, by_hash in raw.items():
+        for h, by_seed in by_hash.items():
+            for seed, record in by_seed.items():
+                out = work / "scores" / variant / f"{h}-s{seed}.json"
+                if not out.exists():
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    write_text_atomic(out, json.dumps(record))
+                    restored += 1
     print(f"restored {restored} runs into {work}")
 
 

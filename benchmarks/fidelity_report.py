@@ -1,8 +1,9 @@
 """The fidelity table: each evaluator's rank agreement with the reference, its seed stability and its cost.
 
 Used by ``python benchmarks/fidelity.py report --work W``; writes docs/benchmarks/fidelity-table.md and
-docs/benchmarks/fidelity-scores.json (each predictor's ρ, τ and ICC; the per-seed scores live in ``W/scores``
-only); ``full-width-report`` writes docs/benchmarks/fidelity-full-width.md.
+docs/benchmarks/fidelity-scores.json (each predictor's ρ, τ and ICC, and since 2026-12-03 every run of ``W/scores``
+under ``raw_scores``, which ``fidelity.py restore`` writes back); ``full-width-report`` writes
+docs/benchmarks/fidelity-full-width.md.
 """
 
 from __future__ import annotations
@@ -346,6 +347,11 @@ def report(work: Path) -> None:
     dump = {
         "reference": {names[h]: {"hash": h, "val": ref_val[h], "test": ref_test[h]} for h in hashes},
         "extra_reference": extra,
+        # every evaluator run of W/scores, so a machine without W can restore it (fidelity.py restore)
+        "raw_scores": {
+            variant: {h: {str(seed): record for seed, record in sorted(by_seed.items())} for h, by_seed in by.items()}
+            for variant, by in _load_scores(work).items()
+        },
         "predictors": [
             dict(zip(("name", "archs", "rho_val", "tau_val", "rho_test", "rho_gmwm", "icc1", "seeds", "seconds"), row))
             for row in rows
@@ -410,10 +416,22 @@ def full_width_report(work: Path) -> None:
             between = float(matrix.mean(axis=1).std(ddof=1))
             rho = spearmanr(matrix[:, 0], matrix[:, 1]).statistic
             lines.append(f"| {key} | {icc1(matrix):.3f} | {within:.4f} | {between:.4f} | {rho:.3f} |")
-    both = [m["config"].hash for m in members if m["config"].hash in reduced]
+    both = [m for m in members if m["config"].hash in reduced]
     if len(both) >= 3:
-        full = [float(np.mean([r["metrics"]["dice_mean"] for r in runs[h].values()])) for h in both]
-        rho = spearmanr([reduced[h] for h in both], full).statistic
-        lines += ["", f"Spearman ρ(width 0.25, full width), validation Dice, {len(both)} architectures: {rho:.3f}."]
+        full = [float(np.mean([r["metrics"]["dice_mean"] for r in runs[m["config"].hash].values()])) for m in both]
+        lines += [
+            "",
+            f"Against the full-width validation Dice (mean of the seeds run), {len(both)} architectures:",
+            "",
+            "| predictor | Spearman ρ | Kendall τ |",
+            "|---|---|---|",
+        ]
+        for name, values in (
+            ("width-0.25 reference (mean of 2 seeds)", [reduced[m["config"].hash] for m in both]),
+            ("parameter count", [m["params"] for m in both]),
+            ("MACs", [m["macs"] for m in both]),
+        ):
+            rho, tau = spearmanr(values, full).statistic, kendalltau(values, full).statistic
+            lines.append(f"| {name} | {rho:.3f} | {tau:.3f} |")
     write_text_atomic(DOCS / "fidelity-full-width.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

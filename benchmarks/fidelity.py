@@ -432,12 +432,19 @@ def _measure_job(variant: str, name: str, config_json: str, seed: int, out: str)
     return f"{variant} {name} seed {seed}: {json.dumps(metrics)[:80]} ({record['wall_s']:.1f} s)"
 
 
-def measure(work: Path, variant: str, seeds: tuple[int, ...], jobs: int) -> None:
+def measure(work: Path, variant: str, seeds: tuple[int, ...], jobs: int, names: list[str] | None = None) -> None:
+    """Score the panel (or only the members in ``names``) with one evaluator variant, one record per seed."""
     out_dir = work / "scores" / variant
     out_dir.mkdir(parents=True, exist_ok=True)
+    members = panel()
+    unknown = sorted(set(names or ()) - {m["name"] for m in members})
+    if unknown:
+        raise SystemExit(f"not panel members: {', '.join(unknown)}")
     todo = []
     for seed in seeds:
-        for member in panel():
+        for member in members:
+            if names and member["name"] not in names:
+                continue
             out = out_dir / f"{member['config'].hash}-s{seed}.json"
             if not out.exists():
                 todo.append((variant, member["name"], member["config"].to_json(), seed, str(out)))
@@ -527,7 +534,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--config", type=Path, nargs="+", help="reference-extra: architecture files to train")
-    parser.add_argument("--names", nargs="+", default=[], help="reference-full: panel members to train at full width")
+    parser.add_argument("--names", nargs="+", default=[], help="reference-full, measure: only these panel members")
     args = parser.parse_args()
     if args.command == "panel":
         for m in panel():
@@ -543,7 +550,7 @@ def main() -> None:
     elif args.command == "measure" and args.variant in SUPERNET_VARIANTS:
         measure_supernet(args.work, args.variant, tuple(args.seeds or (0, 1, 2)), args.jobs)
     elif args.command == "measure":
-        measure(args.work, args.variant, tuple(args.seeds or (0, 1, 2)), args.jobs)
+        measure(args.work, args.variant, tuple(args.seeds or (0, 1, 2)), args.jobs, args.names)
     elif args.command == "report":
         from fidelity_report import report  # benchmarks/fidelity_report.py
 

@@ -426,12 +426,22 @@ def full_width_report(work: Path) -> None:
             "| predictor | Spearman ρ | Kendall τ |",
             "|---|---|---|",
         ]
-        for name, values in (
-            ("width-0.25 reference (mean of 2 seeds)", [reduced[m["config"].hash] for m in both]),
-            ("parameter count", [m["params"] for m in both]),
-            ("MACs", [m["macs"] for m in both]),
-        ):
-            rho, tau = spearmanr(values, full).statistic, kendalltau(values, full).statistic
+        rows: list[tuple[str, list[float], list[float]]] = [
+            ("width-0.25 reference (mean of 2 seeds)", [reduced[m["config"].hash] for m in both], full),
+            ("parameter count", [m["params"] for m in both], full),
+            ("MACs", [m["macs"] for m in both], full),
+        ]
+        # every evaluator measured in W/scores (mean over its seeds), on the architectures it scored
+        for name, predictor in sorted(_predictors(_load_scores(work)).items()):
+            scored = [(m, f) for m, f in zip(both, full, strict=True) if m["config"].hash in predictor["values"]]
+            if len(scored) < 3:
+                continue
+            seeds_run = sorted({s for m, _ in scored for s in predictor["values"][m["config"].hash]})
+            means = [float(np.mean(list(predictor["values"][m["config"].hash].values()))) for m, _ in scored]
+            label = f"{name} (mean of seeds {seeds_run}, {len(scored)} architectures)"
+            rows.append((label, means, [f for _, f in scored]))
+        for name, values, target in rows:
+            rho, tau = spearmanr(values, target).statistic, kendalltau(values, target).statistic
             lines.append(f"| {name} | {rho:.3f} | {tau:.3f} |")
     write_text_atomic(DOCS / "fidelity-full-width.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

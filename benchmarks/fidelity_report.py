@@ -204,7 +204,7 @@ def _full_width_section(work: Path, members: list[dict[str, Any]], ref_val: dict
         lines.append(
             f"| {m['name']} | {m['params']:,} | {ref_val[m['config'].hash]:.4f} | {full[m['config'].hash]:.4f} | "
             f"{sorted(r['seed'] for r in found)} | {np.mean([r['metrics']['test_dice_mean'] for r in found]):.4f} | "
-            f"{np.mean([r['wall_s'] for r in found]):.0f} |"
+            f"{np.mean([r['wall_s'] for r in found if r.get('wall_s')] or [np.nan]):.0f} |"
         )
     if len(full) >= 3:
         order = [h for h in full]
@@ -390,14 +390,22 @@ def full_width_report(work: Path) -> None:
         "val Dice at width 0.25 (mean of seeds) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(value: float | None, digits: int = 4) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
+
     for m in members:
         for seed, r in sorted(runs[m["config"].hash].items()):
             x = r["metrics"]
             lines.append(
-                f"| {m['name']} | {m['params']:,} | {m['macs'] / 1e9:.2f}G | {seed} | {x['dice_mean']:.4f} | "
-                f"{x['dice_csf']:.4f} | {x['dice_gm']:.4f} | {x['dice_wm']:.4f} | {x['test_dice_mean']:.4f} | "
-                f"{r['wall_s']:.0f} | {reduced.get(m['config'].hash, float('nan')):.4f} |"
+                f"| {m['name']}{'¹' if r.get('source') else ''} | {m['params']:,} | {m['macs'] / 1e9:.2f}G | {seed} | "
+                f"{x['dice_mean']:.4f} | {cell(x.get('dice_csf'))} | {cell(x.get('dice_gm'))} | "
+                f"{cell(x.get('dice_wm'))} | {x['test_dice_mean']:.4f} | {cell(r.get('wall_s'), 0)} | "
+                f"{reduced.get(m['config'].hash, float('nan')):.4f} |"
             )
+    sources = sorted({r["source"] for h in runs for r in runs[h].values() if r.get("source")})
+    if sources:
+        lines += ["", "¹ no run file; the scores come from " + "; ".join(sources) + "."]
     seeds = sorted({s for h in runs for s in runs[h]})
     complete = [m for m in members if len(runs[m["config"].hash]) == len(seeds) and len(seeds) >= 2]
     if len(complete) >= 3:
@@ -408,14 +416,20 @@ def full_width_report(work: Path) -> None:
             "| score | ICC(1) | seed-to-seed SD | SD of the architecture means | ρ(seed 0, seed 1) |",
             "|---|---|---|---|---|",
         ]
-        for key in REFERENCE_SCORES:
+        for key in REFERENCE_SCORES:  # per class only over the architectures whose every run kept its classes
+            have = [m for m in complete if all("dice_gm" in r["metrics"] for r in runs[m["config"].hash].values())]
+            rows = complete if key in ("dice_mean", "test_dice_mean") else have
+            if len(rows) < 3:
+                continue
             matrix = np.array(
-                [[_reference_score(runs[m["config"].hash][s]["metrics"], key) for s in seeds] for m in complete]
+                [[_reference_score(runs[m["config"].hash][s]["metrics"], key) for s in seeds] for m in rows]
             )
             within = float(np.sqrt(matrix.var(axis=1, ddof=1).mean()))
             between = float(matrix.mean(axis=1).std(ddof=1))
             rho = spearmanr(matrix[:, 0], matrix[:, 1]).statistic
-            lines.append(f"| {key} | {icc1(matrix):.3f} | {within:.4f} | {between:.4f} | {rho:.3f} |")
+            lines.append(
+                f"| {key} ({len(rows)} archs) | {icc1(matrix):.3f} | {within:.4f} | {between:.4f} | {rho:.3f} |"
+            )
     both = [m for m in members if m["config"].hash in reduced]
     if len(both) >= 3:
         full = [float(np.mean([r["metrics"]["dice_mean"] for r in runs[m["config"].hash].values()])) for m in both]

@@ -386,13 +386,18 @@ def full_width_report(work: Path) -> None:
         "Raw runs with their curves: [fidelity-full-width.json](fidelity-full-width.json). "
         f"Load average at report time: {os.getloadavg()[0]:.1f}.",
         "",
-        "| architecture | params | MACs | seed | val Dice | CSF | GM | WM | test Dice | s / run | "
-        "val Dice at width 0.25 (mean of seeds) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| architecture | params | MACs | seed | val Dice | CSF | GM | WM | test Dice | "
+        f"Δ val Dice, last {REF_EPOCHS // 4} epochs | s / run | val Dice at width 0.25 (mean of seeds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def cell(value: float | None, digits: int = 4) -> str:
-        return "—" if value is None else f"{value:.{digits}f}"
+    def cell(value: float | None, form: str = ".4f") -> str:
+        return "—" if value is None else format(value, form)
+
+    def drift(record: dict[str, Any]) -> float | None:
+        """How much the validation Dice still moved over the last quarter of the epochs (flat curve: ~0)."""
+        curve = record.get("curve")
+        return curve[-1]["dice_mean"] - curve[-1 - REF_EPOCHS // 4]["dice_mean"] if curve else None
 
     for m in members:
         for seed, r in sorted(runs[m["config"].hash].items()):
@@ -400,7 +405,8 @@ def full_width_report(work: Path) -> None:
             lines.append(
                 f"| {m['name']}{'¹' if r.get('source') else ''} | {m['params']:,} | {m['macs'] / 1e9:.2f}G | {seed} | "
                 f"{x['dice_mean']:.4f} | {cell(x.get('dice_csf'))} | {cell(x.get('dice_gm'))} | "
-                f"{cell(x.get('dice_wm'))} | {x['test_dice_mean']:.4f} | {cell(r.get('wall_s'), 0)} | "
+                f"{cell(x.get('dice_wm'))} | {x['test_dice_mean']:.4f} | "
+                f"{cell(drift(r), '+.4f')} | {cell(r.get('wall_s'), '.0f')} | "
                 f"{reduced.get(m['config'].hash, float('nan')):.4f} |"
             )
     sources = sorted({r["source"] for h in runs for r in runs[h].values() if r.get("source")})

@@ -123,12 +123,17 @@ def _reference_score(metrics: dict[str, float], key: str) -> float:
     return metrics[key]
 
 
+def rho_ceiling(icc: float, k: int) -> float:
+    """A perfect predictor's expected correlation with the mean of ``k`` reference seeds whose single-seed
+    reliability is ``icc``: sqrt(k·ICC / (1 + (k − 1)·ICC)) (Spearman–Brown)."""
+    return float(np.sqrt(max(0.0, k * icc / (1 + (k - 1) * icc)))) if icc > -1 / (k - 1) else float("nan")
+
+
 def _reliability_lines(
     reference: dict[str, dict[int, dict[str, Any]]], complete: list[str], ref_seeds: list[int]
 ) -> list[str]:
     """How well the reference repeats itself over seeds, per score: which part of it a predictor can hope to rank.
-    The ceiling: a perfect predictor's expected correlation with the mean of k reference seeds is at most
-    sqrt(k·ICC / (1 + (k − 1)·ICC)) (Spearman–Brown)."""
+    The ceiling: ``rho_ceiling``."""
     k = len(ref_seeds)
     lines = [
         f"| reference score | ρ(seed 0, seed 1) | ICC(1) | ceiling of a predictor's ρ against the mean of {k} seeds |",
@@ -137,7 +142,7 @@ def _reliability_lines(
     for key in REFERENCE_SCORES:
         matrix = np.array([[_reference_score(reference[h][s]["metrics"], key) for s in ref_seeds] for h in complete])
         icc = icc1(matrix)
-        ceiling = np.sqrt(max(0.0, k * icc / (1 + (k - 1) * icc))) if icc > -1 / (k - 1) else float("nan")
+        ceiling = rho_ceiling(icc, k)
         rho = spearmanr(matrix[:, 0], matrix[:, 1]).statistic
         lines.append(f"| {key} | {rho:.3f} | {icc:.3f} | {ceiling:.2f} |")
     return [*lines, ""]
@@ -419,8 +424,9 @@ def full_width_report(work: Path) -> None:
             "",
             f"**Does it repeat itself?** {len(complete)} architectures with every seed {seeds}:",
             "",
-            "| score | ICC(1) | seed-to-seed SD | SD of the architecture means | ρ(seed 0, seed 1) |",
-            "|---|---|---|---|---|",
+            f"| score | ICC(1) | seed-to-seed SD | SD of the architecture means | ρ(seed 0, seed 1) | "
+            f"ceiling of a predictor's ρ against the mean of {len(seeds)} seeds |",
+            "|---|---|---|---|---|---|",
         ]
         for key in REFERENCE_SCORES:  # per class only over the architectures whose every run kept its classes
             have = [m for m in complete if all("dice_gm" in r["metrics"] for r in runs[m["config"].hash].values())]
@@ -433,8 +439,10 @@ def full_width_report(work: Path) -> None:
             within = float(np.sqrt(matrix.var(axis=1, ddof=1).mean()))
             between = float(matrix.mean(axis=1).std(ddof=1))
             rho = spearmanr(matrix[:, 0], matrix[:, 1]).statistic
+            icc = icc1(matrix)
+            ceiling = rho_ceiling(icc, len(seeds))
             lines.append(
-                f"| {key} ({len(rows)} archs) | {icc1(matrix):.3f} | {within:.4f} | {between:.4f} | {rho:.3f} |"
+                f"| {key} ({len(rows)} archs) | {icc:.3f} | {within:.4f} | {between:.4f} | {rho:.3f} | {ceiling:.2f} |"
             )
     both = [m for m in members if m["config"].hash in reduced]
     if len(both) >= 3:

@@ -1,9 +1,9 @@
 """The fidelity table: each evaluator's rank agreement with the reference, its seed stability and its cost.
 
 Used by ``python benchmarks/fidelity.py report --work W``; writes docs/benchmarks/fidelity-table.md and
-docs/benchmarks/fidelity-scores.json (each predictor's ρ, τ and ICC, and since 2026-12-03 every run of ``W/scores``
-under ``raw_scores``, which ``fidelity.py restore`` writes back); ``full-width-report`` writes
-docs/benchmarks/fidelity-full-width.md.
+docs/benchmarks/fidelity-scores.json (each predictor's ρ, τ and ICC; since 2026-12-03 also every evaluator run,
+merged under ``raw_scores``, which ``fidelity.py restore`` writes back). ``full-width-report`` writes
+docs/benchmarks/fidelity-full-width.md and merges ``W/scores`` into ``raw_scores`` without touching the tables.
 """
 
 from __future__ import annotations
@@ -39,6 +39,32 @@ def _load_scores(work: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
             record = json.loads(path.read_text())
             found.setdefault(folder.name, {}).setdefault(path.name.rsplit("-s", 1)[0], {})[record["seed"]] = record
     return found
+
+
+def merged_raw_scores(work: Path) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """Every evaluator run: those archived under ``raw_scores`` of fidelity-scores.json, with ``W/scores`` over
+    them (a run is its variant, architecture and seed), so that no session's subset replaces the archive."""
+    path = DOCS / "fidelity-scores.json"
+    merged: dict[str, dict[str, dict[str, dict[str, Any]]]] = (
+        json.loads(path.read_text()).get("raw_scores", {}) if path.exists() else {}
+    )
+    for variant, by_hash in _load_scores(work).items():
+        for h, by_seed in by_hash.items():
+            for seed, record in by_seed.items():
+                merged.setdefault(variant, {}).setdefault(h, {})[str(seed)] = record
+    return {v: {h: dict(sorted(by.items())) for h, by in sorted(hs.items())} for v, hs in sorted(merged.items())}
+
+
+def archive_scores(work: Path) -> None:
+    """Merge ``W/scores`` into ``raw_scores`` of fidelity-scores.json, leaving its tables as they are."""
+    path = DOCS / "fidelity-scores.json"
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    data["raw_scores"] = merged_raw_scores(work)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+    runs = sum(len(by) for hs in data["raw_scores"].values() for by in hs.values())
+    print(f"wrote {path}: {runs} evaluator runs archived under raw_scores")
 
 
 # The scores a training variant records, each with its sign (+1: higher is better). The task's hard Dice is the
@@ -353,10 +379,7 @@ def report(work: Path) -> None:
         "reference": {names[h]: {"hash": h, "val": ref_val[h], "test": ref_test[h]} for h in hashes},
         "extra_reference": extra,
         # every evaluator run of W/scores, so a machine without W can restore it (fidelity.py restore)
-        "raw_scores": {
-            variant: {h: {str(seed): record for seed, record in sorted(by_seed.items())} for h, by_seed in by.items()}
-            for variant, by in _load_scores(work).items()
-        },
+        "raw_scores": merged_raw_scores(work),
         "predictors": [
             dict(zip(("name", "archs", "rho_val", "tau_val", "rho_test", "rho_gmwm", "icc1", "seeds", "seconds"), row))
             for row in rows
@@ -374,6 +397,7 @@ def full_width_report(work: Path) -> None:
     from fidelity import FULL_WIDTH_JSON, archive_full_width
 
     archive_full_width(work)
+    archive_scores(work)
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for record in json.loads(FULL_WIDTH_JSON.read_text())["runs"] if FULL_WIDTH_JSON.exists() else []:
         runs.setdefault(record["hash"], {})[record["seed"]] = record

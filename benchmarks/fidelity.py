@@ -188,26 +188,33 @@ def reference_extra(work: Path, configs: list[Path], jobs: int, seeds: tuple[int
     run_jobs(_reference_job, todo, jobs)
 
 
+def panel_members(names: list[str] | None) -> list[dict[str, Any]]:
+    """The panel members called ``names``, in that order (the whole panel when none); an unknown name stops."""
+    members = {m["name"]: m for m in panel()}
+    unknown = sorted(set(names or ()) - set(members))
+    if unknown:
+        raise SystemExit(f"not panel members: {', '.join(unknown)}")
+    return [members[name] for name in names] if names else list(members.values())
+
+
 def reference_full_width(work: Path, names: list[str], jobs: int, seeds: tuple[int, ...]) -> None:
     """The reference protocol at full width (``width`` 1, the network the search prices) for a few panel members,
     in ``W/reference-full``: do reduced-width and full-width trainings order them alike?"""
     out_dir = work / "reference-full"
     out_dir.mkdir(parents=True, exist_ok=True)
-    members = {m["name"]: m for m in panel()}
-    unknown = sorted(set(names) - set(members))
-    if unknown:
-        raise SystemExit(f"not panel members: {', '.join(unknown)}")
+    members = panel_members(names)
     todo = []
     for seed in seeds:
-        for name in names:
-            out = out_dir / f"{members[name]['config'].hash}-s{seed}.json"
+        for member in members:
+            out = out_dir / f"{member['config'].hash}-s{seed}.json"
             if not out.exists():
-                todo.append((name, members[name]["config"].to_json(), seed, str(out), 1.0))
+                todo.append((member["name"], member["config"].to_json(), seed, str(out), 1.0))
     print(f"{len(todo)} full-width reference runs to do", flush=True)
     run_jobs(_reference_job, todo, jobs)
 
 
 FULL_WIDTH_JSON = DOCS / "fidelity-full-width.json"
+SCORES_JSON = DOCS / "fidelity-scores.json"  # the predictors' table and every evaluator run (fidelity_report.py)
 
 
 def archive_full_width(work: Path) -> None:
@@ -253,7 +260,7 @@ def restore(work: Path) -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(out, json.dumps(record, indent=1))
                 restored += 1
-    raw = json.loads((DOCS / "fidelity-scores.json").read_text()).get("raw_scores", {})
+    raw = json.loads(SCORES_JSON.read_text()).get("raw_scores", {})
     for variant, by_hash in raw.items():
         for h, by_seed in by_hash.items():
             for seed, record in by_seed.items():
@@ -436,15 +443,9 @@ def measure(work: Path, variant: str, seeds: tuple[int, ...], jobs: int, names: 
     """Score the panel (or only the members in ``names``) with one evaluator variant, one record per seed."""
     out_dir = work / "scores" / variant
     out_dir.mkdir(parents=True, exist_ok=True)
-    members = panel()
-    unknown = sorted(set(names or ()) - {m["name"] for m in members})
-    if unknown:
-        raise SystemExit(f"not panel members: {', '.join(unknown)}")
     todo = []
     for seed in seeds:
-        for member in members:
-            if names and member["name"] not in names:
-                continue
+        for member in panel_members(names):
             out = out_dir / f"{member['config'].hash}-s{seed}.json"
             if not out.exists():
                 todo.append((variant, member["name"], member["config"].to_json(), seed, str(out)))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fidelity import DOCS, REF_EPOCHS, load_reference, panel
+from fidelity import DOCS, REF_EPOCHS, SCORES_JSON, load_reference, panel
 from scipy.stats import kendalltau, spearmanr
 
 from psc_nas.files import write_text_atomic
@@ -41,13 +41,10 @@ def _load_scores(work: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
     return found
 
 
-def merged_raw_scores(work: Path) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
-    """Every evaluator run: those archived under ``raw_scores`` of fidelity-scores.json, with ``W/scores`` over
+def merged_raw_scores(work: Path, archived: dict[str, Any]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """Every evaluator run: those ``archived`` (``raw_scores`` of fidelity-scores.json), with ``W/scores`` over
     them (a run is its variant, architecture and seed), so that no session's subset replaces the archive."""
-    path = DOCS / "fidelity-scores.json"
-    merged: dict[str, dict[str, dict[str, dict[str, Any]]]] = (
-        json.loads(path.read_text()).get("raw_scores", {}) if path.exists() else {}
-    )
+    merged: dict[str, dict[str, dict[str, dict[str, Any]]]] = archived
     for variant, by_hash in _load_scores(work).items():
         for h, by_seed in by_hash.items():
             for seed, record in by_seed.items():
@@ -57,14 +54,13 @@ def merged_raw_scores(work: Path) -> dict[str, dict[str, dict[str, dict[str, Any
 
 def archive_scores(work: Path) -> None:
     """Merge ``W/scores`` into ``raw_scores`` of fidelity-scores.json, leaving its tables as they are."""
-    path = DOCS / "fidelity-scores.json"
-    if not path.exists():
+    if not SCORES_JSON.exists():
         return
-    data = json.loads(path.read_text())
-    data["raw_scores"] = merged_raw_scores(work)
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+    data = json.loads(SCORES_JSON.read_text())
+    data["raw_scores"] = merged_raw_scores(work, data.get("raw_scores", {}))
+    write_text_atomic(SCORES_JSON, json.dumps(data, indent=1) + "\n")
     runs = sum(len(by) for hs in data["raw_scores"].values() for by in hs.values())
-    print(f"wrote {path}: {runs} evaluator runs archived under raw_scores")
+    print(f"wrote {SCORES_JSON}: {runs} evaluator runs archived under raw_scores")
 
 
 # The scores a training variant records, each with its sign (+1: higher is better). The task's hard Dice is the
@@ -147,6 +143,13 @@ def _reference_score(metrics: dict[str, float], key: str) -> float:
         prefix = "test_" if key.startswith("test") else ""
         return (metrics[f"{prefix}dice_gm"] + metrics[f"{prefix}dice_wm"]) / 2
     return metrics[key]
+
+
+def curve_drift(run: dict[str, Any]) -> float | None:
+    """How much a reference run's validation Dice still moved over its last quarter of epochs (flat curve: ~0);
+    None for a run kept without its curve."""
+    curve = run.get("curve")
+    return curve[-1]["dice_mean"] - curve[-1 - REF_EPOCHS // 4]["dice_mean"] if curve else None
 
 
 def rho_ceiling(icc: float, k: int) -> float:
@@ -285,7 +288,7 @@ def report(work: Path) -> None:
             continue
         runs = list(reference[h].values())
         per_class = [np.mean([r["metrics"][f"dice_{c}"] for r in runs]) for c in ("csf", "gm", "wm")]
-        drift = np.mean([r["curve"][-1]["dice_mean"] - r["curve"][-1 - REF_EPOCHS // 4]["dice_mean"] for r in runs])
+        drift = np.mean([curve_drift(r) for r in runs])
         each = ", ".join(f"{r['metrics']['dice_mean']:.4f}" for r in runs)
         lines.append(
             f"| {m['name']} | {m['params']:,} | {m['macs'] / 1e9:.2f} | {ref_val[h]:.4f} "
@@ -379,13 +382,15 @@ def report(work: Path) -> None:
         "reference": {names[h]: {"hash": h, "val": ref_val[h], "test": ref_test[h]} for h in hashes},
         "extra_reference": extra,
         # every evaluator run of W/scores, so a machine without W can restore it (fidelity.py restore)
-        "raw_scores": merged_raw_scores(work),
+        "raw_scores": merged_raw_scores(
+            work, json.loads(SCORES_JSON.read_text()).get("raw_scores", {}) if SCORES_JSON.exists() else {}
+        ),
         "predictors": [
             dict(zip(("name", "archs", "rho_val", "tau_val", "rho_test", "rho_gmwm", "icc1", "seeds", "seconds"), row))
             for row in rows
         ],
     }
-    write_text_atomic(DOCS / "fidelity-scores.json", json.dumps(dump, indent=1) + "\n")
+    write_text_atomic(SCORES_JSON, json.dumps(dump, indent=1) + "\n")
     print("\n".join(lines))
 
 
@@ -423,11 +428,6 @@ def full_width_report(work: Path) -> None:
     def cell(value: float | None, form: str = ".4f") -> str:
         return "—" if value is None else format(value, form)
 
-    def drift(record: dict[str, Any]) -> float | None:
-        """How much the validation Dice still moved over the last quarter of the epochs (flat curve: ~0)."""
-        curve = record.get("curve")
-        return curve[-1]["dice_mean"] - curve[-1 - REF_EPOCHS // 4]["dice_mean"] if curve else None
-
     for m in members:
         for seed, r in sorted(runs[m["config"].hash].items()):
             x = r["metrics"]
@@ -435,7 +435,7 @@ def full_width_report(work: Path) -> None:
                 f"| {m['name']}{'¹' if r.get('source') else ''} | {m['params']:,} | {m['macs'] / 1e9:.2f}G | {seed} | "
                 f"{x['dice_mean']:.4f} | {cell(x.get('dice_csf'))} | {cell(x.get('dice_gm'))} | "
                 f"{cell(x.get('dice_wm'))} | {x['test_dice_mean']:.4f} | "
-                f"{cell(drift(r), '+.4f')} | {cell(r.get('wall_s'), '.0f')} | "
+                f"{cell(curve_drift(r), '+.4f')} | {cell(r.get('wall_s'), '.0f')} | "
                 f"{reduced.get(m['config'].hash, float('nan')):.4f} |"
             )
     sources = sorted({r["source"] for h in runs for r in runs[h].values() if r.get("source")})
@@ -452,8 +452,9 @@ def full_width_report(work: Path) -> None:
             f"ceiling of a predictor's ρ against the mean of {len(seeds)} seeds |",
             "|---|---|---|---|---|---|",
         ]
-        for key in REFERENCE_SCORES:  # per class only over the architectures whose every run kept its classes
-            have = [m for m in complete if all("dice_gm" in r["metrics"] for r in runs[m["config"].hash].values())]
+        # per class only over the architectures whose every run kept its classes
+        have = [m for m in complete if all("dice_gm" in r["metrics"] for r in runs[m["config"].hash].values())]
+        for key in REFERENCE_SCORES:
             rows = complete if key in ("dice_mean", "test_dice_mean") else have
             if len(rows) < 3:
                 continue

@@ -212,39 +212,14 @@ def _per_seed_section(
     return lines
 
 
-def _full_width_section(work: Path, members: list[dict[str, Any]], ref_val: dict[str, float]) -> list[str]:
-    """The reference protocol at full width (``fidelity.py reference-full``) beside the reduced-width reference."""
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted((work / "reference-full").glob("*.json")):
-        runs.setdefault(path.name.rsplit("-s", 1)[0], []).append(json.loads(path.read_text()))
-    archs = [m for m in members if m["config"].hash in runs and m["config"].hash in ref_val]
-    if not archs:
-        return []
-    lines = [
-        "",
-        "## Reduced width against full width",
-        "",
-        "The reference protocol (same steps, recipe and seeds) on the full-width network the search prices "
-        "(`python benchmarks/fidelity.py reference-full --names … --work W`).",
-        "",
-        "| architecture | params | val Dice, width 0.25 (mean of seeds) | val Dice, full width | seeds | "
-        "test Dice, full width | s / run, full width |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    full = {}
-    for m in archs:
-        found = runs[m["config"].hash]
-        full[m["config"].hash] = float(np.mean([r["metrics"]["dice_mean"] for r in found]))
-        lines.append(
-            f"| {m['name']} | {m['params']:,} | {ref_val[m['config'].hash]:.4f} | {full[m['config'].hash]:.4f} | "
-            f"{sorted(r['seed'] for r in found)} | {np.mean([r['metrics']['test_dice_mean'] for r in found]):.4f} | "
-            f"{np.mean([r['wall_s'] for r in found if r.get('wall_s')] or [np.nan]):.0f} |"
-        )
-    if len(full) >= 3:
-        order = [h for h in full]
-        rho = spearmanr([ref_val[h] for h in order], [full[h] for h in order]).statistic
-        lines += ["", f"Spearman ρ(width 0.25, full width) over {len(full)} architectures: {rho:.3f}."]
-    return lines
+# what ``report`` says of the full width: one pointer, the runs and their ranking live in full_width_report
+FULL_WIDTH_POINTER = [
+    "",
+    "## Reduced width against full width",
+    "",
+    "Every full-width run, its seed agreement and every predictor ranked against it: "
+    "[fidelity-full-width.md](fidelity-full-width.md) (`python benchmarks/fidelity.py full-width-report --work W`).",
+]
 
 
 def report(work: Path) -> None:
@@ -353,7 +328,7 @@ def report(work: Path) -> None:
             f"| {seconds:.1f} |"
         )
     lines += _per_seed_section(work, hashes, reference, ref_seeds)
-    lines += _full_width_section(work, members, ref_val)
+    lines += FULL_WIDTH_POINTER
     extra = _extra_reference(work)
     presets = {m["name"]: m["config"].hash for m in members if m["name"] in PRESET_NAMES}
     presets = {name: h for name, h in presets.items() if h in ref_val}
@@ -469,32 +444,89 @@ def full_width_report(work: Path) -> None:
             lines.append(
                 f"| {key} ({len(rows)} archs) | {icc:.3f} | {within:.4f} | {between:.4f} | {rho:.3f} | {ceiling:.2f} |"
             )
-    both = [m for m in members if m["config"].hash in reduced]
-    if len(both) >= 3:
-        full = [float(np.mean([r["metrics"]["dice_mean"] for r in runs[m["config"].hash].values()])) for m in both]
-        lines += [
-            "",
-            f"Against the full-width validation Dice (mean of the seeds run), {len(both)} architectures:",
-            "",
-            "| predictor | Spearman ρ | Kendall τ |",
-            "|---|---|---|",
-        ]
-        rows: list[tuple[str, list[float], list[float]]] = [
-            ("width-0.25 reference (mean of 2 seeds)", [reduced[m["config"].hash] for m in both], full),
-            ("parameter count", [m["params"] for m in both], full),
-            ("MACs", [m["macs"] for m in both], full),
-        ]
-        # every evaluator measured in W/scores (mean over its seeds), on the architectures it scored
-        for name, predictor in sorted(_predictors(_load_scores(work)).items()):
-            scored = [(m, f) for m, f in zip(both, full, strict=True) if m["config"].hash in predictor["values"]]
-            if len(scored) < 3:
-                continue
-            seeds_run = sorted({s for m, _ in scored for s in predictor["values"][m["config"].hash]})
-            means = [float(np.mean(list(predictor["values"][m["config"].hash].values()))) for m, _ in scored]
-            label = f"{name} (mean of seeds {seeds_run}, {len(scored)} architectures)"
-            rows.append((label, means, [f for _, f in scored]))
-        for name, values, target in rows:
-            rho, tau = spearmanr(values, target).statistic, kendalltau(values, target).statistic
-            lines.append(f"| {name} | {rho:.3f} | {tau:.3f} |")
+    lines += _full_width_ranking(members, runs, reduced)
     write_text_atomic(DOCS / "fidelity-full-width.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+BOOTSTRAP = 2000  # resamples of the architectures for the intervals of the full-width ranking
+
+
+def partial_rho(x: list[float], y: list[float], z: list[float]) -> float:
+    """Spearman ρ of ``x`` and ``y`` with ``z`` held fixed (the partial rank correlation): what ``x`` knows of
+    ``y`` beyond what ``z`` (the parameter count) already says."""
+    r_xy, r_xz, r_yz = (spearmanr(a, b).statistic for a, b in ((x, y), (x, z), (y, z)))
+    denominator = np.sqrt((1 - r_xz**2) * (1 - r_yz**2))
+    return float((r_xy - r_xz * r_yz) / denominator) if denominator > 1e-12 else float("nan")
+
+
+def _bootstrap(values: list[float], target: list[float], params: list[float], seed: int = 0) -> tuple[float, ...]:
+    """Over ``BOOTSTRAP`` resamples of the architectures: the 5% and 95% quantiles of ρ(values, target), and the
+    share of resamples in which ``values`` ranks ``target`` better than the parameter count does."""
+    rng = np.random.default_rng(seed)
+    v, t, p = (np.asarray(a, dtype=float) for a in (values, target, params))
+    rhos, wins = [], []
+    for _ in range(BOOTSTRAP):
+        pick = rng.integers(0, len(v), len(v))
+        if len(set(t[pick])) < 3:
+            continue
+        rho = spearmanr(v[pick], t[pick]).statistic
+        rho_params = spearmanr(p[pick], t[pick]).statistic
+        if np.isfinite(rho) and np.isfinite(rho_params):
+            rhos.append(rho)
+            wins.append(rho > rho_params)
+    return float(np.quantile(rhos, 0.05)), float(np.quantile(rhos, 0.95)), float(np.mean(wins))
+
+
+def _full_width_ranking(
+    members: list[dict[str, Any]], runs: dict[str, dict[int, dict[str, Any]]], reduced: dict[str, float]
+) -> list[str]:
+    """Every predictor against the full-width validation Dice (mean of the seeds run): ρ with a bootstrap
+    interval, τ, ρ with the parameter count held fixed, and how often it beats the parameter count. Evaluator
+    scores come from the archive (``raw_scores``, merged with ``W/scores`` by ``archive_scores``)."""
+    if len(members) < 3:
+        return []
+    full = {
+        m["config"].hash: float(np.mean([r["metrics"]["dice_mean"] for r in runs[m["config"].hash].values()]))
+        for m in members
+    }
+    seeds_per_arch = sorted({len(runs[h]) for h in full})
+    rows: list[tuple[str, list[dict[str, Any]], list[float]]] = [
+        ("parameter count", members, [m["params"] for m in members]),
+        ("MACs", members, [m["macs"] for m in members]),
+    ]
+    with_reduced = [m for m in members if m["config"].hash in reduced]
+    rows.append(
+        ("width-0.25 reference (mean of 2 seeds)", with_reduced, [reduced[m["config"].hash] for m in with_reduced])
+    )
+    archived = json.loads(SCORES_JSON.read_text()).get("raw_scores", {}) if SCORES_JSON.exists() else {}
+    for name, predictor in sorted(_predictors(archived).items()):
+        scored = [m for m in members if m["config"].hash in predictor["values"]]
+        seeds_run = sorted({int(s) for m in scored for s in predictor["values"][m["config"].hash]})
+        means = [float(np.mean(list(predictor["values"][m["config"].hash].values()))) for m in scored]
+        rows.append((f"{name} (mean of seeds {seeds_run})", scored, means))
+    lines = [
+        "",
+        f"**Against the full-width validation Dice** (the mean of the seeds run: "
+        f"{' or '.join(str(k) for k in seeds_per_arch)} per architecture), {len(members)} architectures. "
+        f"Interval: 5–95% of ρ over {BOOTSTRAP:,} bootstrap resamples of the architectures. Partial ρ: with "
+        "the parameter count held fixed, what the predictor knows beyond the network's size (0: nothing). "
+        "P(> params): the share of resamples in which it ranks better than the parameter count. Evaluators: "
+        "every run archived in fidelity-scores.json (`raw_scores`).",
+        "",
+        "| predictor | archs | Spearman ρ | 90% interval | Kendall τ | partial ρ given params | P(> params) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, scored, values in rows:
+        if len(scored) < 3:
+            continue
+        target = [full[m["config"].hash] for m in scored]
+        params = [m["params"] for m in scored]
+        rho, tau = spearmanr(values, target).statistic, kendalltau(values, target).statistic
+        low, high, wins = _bootstrap(values, target, params)
+        partial = "—" if name == "parameter count" else f"{partial_rho(values, target, params):.3f}"
+        beats = "—" if name == "parameter count" else f"{wins:.2f}"
+        lines.append(
+            f"| {name} | {len(scored)} | {rho:.3f} | {low:.2f} … {high:.2f} | {tau:.3f} | {partial} | {beats} |"
+        )
+    return lines

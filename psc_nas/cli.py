@@ -338,6 +338,22 @@ def search(
             "--engine nni always rejects."
         ),
     ] = "restrict",
+    prescreen: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Before any training, score --prescreen-size architectures within the budget by this zero-cost "
+            "proxy at initialisation (grad_norm | snip | synflow | naswot | zico) and queue the best of them "
+            "(non-dominated in proxy and cost) for training instead of the sampler's first picks; prescreen.csv "
+            "lists every one. --engine optuna only; the screen's time counts against --timeout."
+        ),
+    ] = None,
+    prescreen_size: Annotated[
+        int,
+        typer.Option(
+            help="Architectures the pre-screen scores; each costs one forward and backward pass of a batch of 4 "
+            "at the task's input (seconds on a CPU)."
+        ),
+    ] = 100,
     engine_option: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -385,6 +401,8 @@ def search(
                 retrain=retrain,
                 budget_sampling=budget_sampling,
                 engine_options=parse_options(engine_option or [], "--engine-option"),
+                prescreen=prescreen,
+                prescreen_size=prescreen_size,
             )
             run_search(settings)  # reports to the display entered above
     except (ValueError, OSError) as err:

@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 from psc_nas.arch import ArchConfig
 from psc_nas.evaluators.base import Evaluator, Fidelity, failure_reason
 from psc_nas.ops import summary
+from psc_nas.search import prescreen as prescreening
 from psc_nas.search import retrain as retraining
 from psc_nas.search.cache import StudyView, costs, merit
 from psc_nas.search.events import (
@@ -54,6 +55,7 @@ from psc_nas.search.interrupt import INTERRUPTS
 from psc_nas.search.latency import forward_latency_ms
 from psc_nas.search.optuna_adapter import Heartbeat, fail_stale, heartbeat_interval, release, requeue, snapshot
 from psc_nas.search.outputs import write_outputs
+from psc_nas.search.prescreen import Prescreen
 from psc_nas.search.pricing import Pricing
 from psc_nas.search.profiles import Profile
 from psc_nas.search.promotion import Scored
@@ -95,6 +97,7 @@ class SearchPlan:
     seed_presets: bool
     retrain: RetrainJob | None = None  # retrain the front after the loop (None: don't)
     retrain_timeout: float | None = None  # seconds after the start by which retraining ends (None: no limit)
+    prescreen: Prescreen | None = None  # rank many architectures by a zero-cost proxy before the queue fills
 
 
 @dataclass
@@ -122,7 +125,41 @@ class Engine:
 
     def fill_queue(self, created: bool) -> None:
         self.created = created
-        self.queue.fill(self.plan.pricing.presets() if created and self.plan.seed_presets else {})
+        presets = self.plan.pricing.presets() if created and self.plan.seed_presets else {}
+        screened = self._prescreen(presets) if created and self.plan.prescreen is not None else []
+        self.queue.fill(presets, screened)
+
+    def _prescreen(self, presets: dict[str, Any]) -> list[tuple[Any, str]]:
+        """Rank ``plan.prescreen.size`` architectures by its proxy; the best go to the queue's free entries."""
+        ask = self.plan.prescreen
+        assert ask is not None
+        pricing = self.plan.pricing
+        avoid = {config.hash for name, config in pricing.catalog.space.presets().items() if name in presets}
+        self.on_event(Preparing(f"pre-screen: scoring {ask.size} architectures by {ask.proxy} at initialisation"))
+
+        def progress(done: int, total: int) -> None:
+            self.study.set_user_attr(prescreening.PROGRESS_ATTR, done)  # workers that join wait while it moves
+            if done % 10 == 0 or done == total:
+                self.on_event(Preparing(f"pre-screen: {done}/{total} architectures scored by {ask.proxy}"))
+
+        costs = [o.name for o in self.objectives[1:] if o.name in prescreening.SCREEN_COSTS] or ["params"]
+        rows, seconds = prescreening.screen(
+            ask,
+            pricing,
+            self.plan.task,
+            keep=max(0, self.plan.trials - len(presets)),
+            avoid=avoid,
+            costs=costs,
+            progress=progress,
+        )
+        data = prescreening.record(self.study, ask, rows, seconds)
+        prescreening.write_csv(self.plan.out_dir, data)
+        self.on_event(Preparing(prescreening.describe(data)))
+        ranked = sorted((r for r in rows if r.queued), key=lambda r: -r.score)
+        return [
+            (r.answers, f"{ask.proxy} {r.score:.6g}, {i + 1} of the {len(ranked)} queued, {len(rows)} scored")
+            for i, r in enumerate(ranked)
+        ]
 
     # ------------------------------------------------------------------ loop
     def time_left(self) -> bool:
@@ -196,7 +233,12 @@ class Engine:
 
     def _publish(self) -> None:
         self.view.refresh()
-        self.front = write_outputs(self.plan.out_dir, self.plan.record, self.view.records)
+        self.front = write_outputs(
+            self.plan.out_dir,
+            self.plan.record,
+            self.view.records,
+            prescreening.summary(prescreening.recorded(self.study)),
+        )
         self._show_front(self.front)
 
     def _show_front(self, front: Front) -> None:

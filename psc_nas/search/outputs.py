@@ -11,6 +11,8 @@
     front/<n>.yaml   the config of every front trial n (ArchConfig.save)
     best.yaml        the retrained knee, or the search's knee before any retraining (``Front.best``)
     best.weights.pt  best.yaml's trained weights, when it was retrained (psc_nas.load_model(run folder))
+    prescreen.csv    with ``--prescreen``: every architecture the zero-cost pre-screen scored, and which it queued
+                     (written once, by psc_nas.search.prescreen; pareto.json's "prescreen" section sums it up)
 
 Written from the study's records alone, whichever engine filled the study; rewritten after every
 bracket, each file atomically, so a killed search leaves readable files.
@@ -178,7 +180,11 @@ def _decision_order(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(seen, key=key)
 
 
-def write_outputs(out_dir: Path, study: StudyRecord, records: Sequence[TrialRecord]) -> Front:
+def write_outputs(
+    out_dir: Path, study: StudyRecord, records: Sequence[TrialRecord], prescreen: Mapping[str, Any] | None = None
+) -> Front:
+    """Every file above from the study's records; ``prescreen``: pareto.json's account of a pre-screen
+    (``psc_nas.search.prescreen.summary``)."""
     front = find_front(records, study)
     write_text_atomic(out_dir / "trials.csv", trials_table(records, study.objectives).to_csv(index=False))
     front_dir = out_dir / "front"
@@ -226,6 +232,7 @@ def write_outputs(out_dir: Path, study: StudyRecord, records: Sequence[TrialReco
         "best": front.best.number if front.best else None,  # best.yaml: the retrained knee when there is one
         "front": entries,
         "retrained": retrained_summary(front, study),
+        "prescreen": prescreen,  # null: the search ranked only what it trained
     }
     write_text_atomic(out_dir / "pareto.json", json.dumps(summary, indent=2) + "\n")
     return front

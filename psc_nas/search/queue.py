@@ -11,7 +11,7 @@ so ``--trials`` counts evaluated architectures.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import optuna
 
@@ -30,12 +30,17 @@ class StudyQueue:
         self.trials = trials
         self.planned = trials  # the study's total, once filled: more when an earlier run planned more
 
-    def fill(self, presets: Mapping[str, Answers]) -> None:
-        """Enqueue ``presets`` (only when creating the study), then blank entries up to ``trials``."""
+    def fill(self, presets: Mapping[str, Answers], screened: Sequence[tuple[Answers, str]] = ()) -> None:
+        """Enqueue ``presets`` and a pre-screen's picks (``screened``: answers and how each ranked), only when
+        creating the study, then blank entries up to ``trials``."""
         planned = StudyRecord.read(self.study).planned_trials or 0
         for name, answers in presets.items():
             if planned < self.trials:
                 enqueue(self.study, answers, preset=name)
+                planned += 1
+        for answers, why in screened:
+            if planned < self.trials:
+                enqueue(self.study, answers, why=why)
                 planned += 1
         for _ in range(self.trials - planned):
             enqueue(self.study, {})

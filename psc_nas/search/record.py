@@ -304,9 +304,13 @@ def read_retrained(study: optuna.Study) -> dict[str, Retrained]:
     }
 
 
-def enqueue(study: optuna.Study, answers: Mapping[str, Any], *, preset: str | None = None) -> None:
-    """Queue one architecture to evaluate: fixed trial parameters (a preset's), or none (the sampler's)."""
-    study.enqueue_trial(dict(answers), user_attrs={"preset": preset} if preset else None)
+def enqueue(
+    study: optuna.Study, answers: Mapping[str, Any], *, preset: str | None = None, why: str | None = None
+) -> None:
+    """Queue one architecture to evaluate: fixed trial parameters (a preset's, or one a pre-screen chose: ``why``
+    says how it ranked), or none (the sampler's)."""
+    attrs = {**({"preset": preset} if preset else {}), **({"prescreen": why} if why else {})}
+    study.enqueue_trial(dict(answers), user_attrs=attrs or None)
 
 
 def set_violations(trial: optuna.Trial, violations: Mapping[str, float]) -> None:
@@ -408,8 +412,11 @@ def set_planned_trials(study: optuna.Study, count: int) -> None:
 
 def wait_until_set_up(study: optuna.Study, *, timeout: float = 120.0) -> None:
     """Wait until the worker that created the study has queued its trials (it sets ``planned_trials`` last)."""
-    deadline = time.monotonic() + timeout
+    deadline, progress = time.monotonic() + timeout, None
     while StudyRecord.read(study).planned_trials is None:
+        now = study.user_attrs.get("setup_progress")  # a creator that screens architectures first advances it
+        if now != progress:
+            deadline, progress = time.monotonic() + timeout, now
         if time.monotonic() > deadline:
             raise ValueError(f"study {study.study_name!r} exists but was never set up; use another --study-name")
         time.sleep(0.5)

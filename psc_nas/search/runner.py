@@ -34,6 +34,8 @@ from psc_nas.search.engine import Engine, SearchPlan
 from psc_nas.search.events import Event, describe
 from psc_nas.search.feasible import RestrictedSampler
 from psc_nas.search.front import Front
+from psc_nas.search.prescreen import DEFAULT_SIZE as DEFAULT_PRESCREEN_SIZE
+from psc_nas.search.prescreen import Prescreen
 from psc_nas.search.pricing import SAMPLING, Pricing
 from psc_nas.search.profiles import Profile, RetrainPolicy, get_profile
 from psc_nas.search.record import Objective, StudyRecord, read_trials
@@ -73,6 +75,10 @@ class SearchSettings:
     budget_sampling: str = "restrict"  # restrict | project | reject, see psc_nas.search.pricing
     heartbeat_interval: int = 10
     engine_options: tuple[tuple[str, Any], ...] = ()  # --engine-option KEY=VALUE, for engines other than optuna
+    prescreen: str | None = (
+        None  # a zero-cost proxy ranking prescreen_size architectures first (psc_nas.search.prescreen)
+    )
+    prescreen_size: int = DEFAULT_PRESCREEN_SIZE
 
     def out_dir(self) -> Path:
         if self.out is not None:
@@ -180,6 +186,13 @@ def plan_search(
     )
     fidelities = evaluator.levels()
     timeout = settings.timeout or profile.timeout
+    prescreen = None
+    if settings.prescreen is not None:
+        if settings.engine != "optuna":
+            raise ValueError(f"--prescreen fills the queue of --engine optuna; --engine {settings.engine} has none")
+        prescreen = Prescreen(
+            settings.prescreen, settings.prescreen_size, seed=settings.seed, data_dir=settings.data_dir
+        )
     policy = retrain_policy(settings, profile)
     return SearchPlan(
         task=task,
@@ -207,6 +220,7 @@ def plan_search(
         if policy
         else None,
         retrain_timeout=timeout if policy is not None else None,
+        prescreen=prescreen,
     )
 
 
@@ -417,7 +431,14 @@ def run_search(
                 settings.seed,
             )
         else:
-            engine.fill_queue(created)
+            try:
+                engine.fill_queue(created)
+            except BaseException:  # e.g. Ctrl-C during a pre-screen: no study that was never set up stays behind
+                if created:
+                    optuna.delete_study(study_name=study.study_name, storage=storage)
+                    if created_dir:
+                        shutil.rmtree(out_dir, ignore_errors=True)
+                raise
             log.info(
                 "%s study %r: task %s, space %s, %s, %d trials, profile %s, evaluator %s, %s, seed %d, %s",
                 "created" if created else "resumed",

@@ -1,0 +1,197 @@
+"""A zero-cost pre-screen: many architectures ranked at initialisation before any is trained.
+
+``psc-search --prescreen grad_norm --prescreen-size 100``: when the study is created, ``size`` distinct
+architectures are drawn within the budget (each decision uniform among the answers that can still fit, as the
+restricted sampler asks them), each is scored by one proxy of ``psc_nas.evaluators.zero_cost`` (the network the
+search prices, at initialisation from the run's seed, on one batch of the task's training data), and the queue's
+free entries (those the presets leave) get the best of them instead of the sampler's picks: successive
+non-dominated fronts of (proxy, cost), so that the cheap end of the cost range is screened as well as the large
+end, the last front thinned by NSGA-II's crowding distance. Those are trained like any other candidate; the
+proxy never enters the front, which stays in the task's metric.
+
+What the screen saw is kept in the study (user attribute ``prescreen``: every row) and written to the run
+folder as prescreen.csv. Whether a proxy ranks architectures better than their parameter count is measured,
+not assumed: docs/benchmarks/fidelity.md.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from psc_nas.arch import ArchConfig
+from psc_nas.evaluators.zero_cost import PROXIES, proxy_score, training_batch
+from psc_nas.files import write_text_atomic
+from psc_nas.pareto import crowding_distances, non_dominated_ranks
+from psc_nas.search.catalog import Answers
+from psc_nas.search.pricing import Pricing
+
+ATTR = "prescreen"  # the study's user attribute holding the screen
+PROGRESS_ATTR = "setup_progress"  # advanced while the creator screens, so joining workers keep waiting
+DEFAULT_SIZE = 100
+SCREEN_COSTS = ("params", "macs")  # the costs a screen trades its proxy against, as the front's cost objectives
+
+
+@dataclass(frozen=True)
+class Prescreen:
+    """What ``--prescreen`` asks: score ``size`` architectures by ``proxy`` before any training (the run's seed
+    initialises the networks and picks the batch; ``data_dir`` is the run's data)."""
+
+    proxy: str
+    size: int = DEFAULT_SIZE
+    seed: int = 0
+    data_dir: Any = None
+
+    def __post_init__(self) -> None:
+        if self.proxy not in PROXIES:
+            raise ValueError(f"unknown --prescreen proxy {self.proxy!r}; choose from {', '.join(PROXIES)}")
+        if self.size < 1:
+            raise ValueError(f"--prescreen-size must be at least 1, got {self.size}")
+
+
+@dataclass(frozen=True)
+class Screened:
+    """One architecture the screen scored."""
+
+    arch_hash: str
+    params: int
+    macs: int
+    score: float  # the proxy, larger = predicted better; -inf where it was not finite
+    answers: Answers
+    queued: bool = False
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "arch_hash": self.arch_hash,
+            "params": self.params,
+            "macs": self.macs,
+            "score": self.score if math.isfinite(self.score) else None,
+            "queued": self.queued,
+        }
+
+
+def draw(pricing: Pricing, count: int, *, seed: int, avoid: set[str]) -> list[ArchConfig]:
+    """Up to ``count`` distinct architectures within the budget, none of ``avoid`` (hashes): fewer only where the
+    space under the budget holds fewer."""
+    rng = random.Random(seed)
+    found: dict[str, ArchConfig] = {}
+    misses = 0
+    while len(found) < count and misses < 20 * count:
+        config, _ = pricing.feasibility.decide(lambda name, choices, admissible: rng.choice(admissible))
+        if config.hash in found or config.hash in avoid or not pricing.fits(config):
+            misses += 1
+            continue
+        found[config.hash] = config
+    return list(found.values())
+
+
+def choose(rows: Sequence[Screened], keep: int, costs: Sequence[str] = ("params",)) -> list[int]:
+    """Indices of the ``keep`` rows to train: whole non-dominated fronts of (score ↑, ``costs`` ↓) in turn, the
+    front that does not fit whole thinned by crowding distance (its extremes first). Rows whose score is not
+    finite come last."""
+    finite = [i for i, r in enumerate(rows) if math.isfinite(r.score)]
+    points = [(-rows[i].score, *(float(getattr(rows[i], c)) for c in costs)) for i in finite]
+    ranks = non_dominated_ranks(points) if points else []
+    chosen: list[int] = []
+    for rank in sorted(set(ranks)):
+        room = keep - len(chosen)
+        if room <= 0:
+            break
+        front = [j for j, r in enumerate(ranks) if r == rank]
+        if len(front) > room:
+            distance = crowding_distances([points[j] for j in front])
+            front = [front[k] for k in sorted(range(len(front)), key=lambda k: (-distance[k], k))[:room]]
+        chosen += sorted(finite[j] for j in front)
+    rest = sorted((i for i, r in enumerate(rows) if not math.isfinite(r.score)), key=lambda i: rows[i].params)
+    chosen += rest[: max(0, keep - len(chosen))]
+    return chosen
+
+
+def screen(
+    prescreen: Prescreen,
+    pricing: Pricing,
+    task: Any,
+    *,
+    keep: int,
+    avoid: set[str] | None = None,
+    costs: Sequence[str] = ("params",),
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> tuple[list[Screened], float]:
+    """Draw, score and choose: every row scored (``queued`` marks the ``keep`` chosen) and the seconds it took.
+    ``progress(done, total)`` hears of every architecture scored."""
+    started = time.monotonic()
+    configs = draw(pricing, prescreen.size, seed=prescreen.seed, avoid=avoid or set())
+    batch = training_batch(task, seed=prescreen.seed, data_dir=prescreen.data_dir)
+    rows: list[Screened] = []
+    for config in configs:
+        score = proxy_score(prescreen.proxy, config, task, seed=prescreen.seed, batch=batch)
+        price = pricing.price(config)
+        answers = pricing.catalog.answers_for(config)
+        assert answers is not None  # drawn from the catalog's own space
+        rows.append(
+            Screened(config.hash, price.params, price.macs, score if math.isfinite(score) else -math.inf, answers)
+        )
+        progress(len(rows), len(configs))
+    queued = set(choose(rows, keep, costs))
+    rows = [replace(r, queued=i in queued) for i, r in enumerate(rows)]
+    return rows, time.monotonic() - started
+
+
+def record(study: optuna.Study, prescreen: Prescreen, rows: Sequence[Screened], seconds: float) -> dict[str, Any]:
+    """Keep the screen in the study (what the outputs read back); returns what it kept."""
+    data = {
+        "proxy": prescreen.proxy,
+        "size": prescreen.size,
+        "seed": prescreen.seed,
+        "scored": len(rows),
+        "queued": sum(r.queued for r in rows),
+        "seconds": round(seconds, 1),
+        "rows": [r.row() for r in rows],
+    }
+    study.set_user_attr(ATTR, data)
+    return data
+
+
+def recorded(study: optuna.Study) -> dict[str, Any] | None:
+    """The study's screen, or None when it had none."""
+    value = study.user_attrs.get(ATTR)
+    return value if isinstance(value, dict) else None
+
+
+def describe(data: dict[str, Any]) -> str:
+    """One line for the log and the display."""
+    return (
+        f"pre-screen: ranked {data['scored']} architectures by {data['proxy']} at initialisation in "
+        f"{data['seconds']:.0f} s; queued the best {data['queued']} for training"
+    )
+
+
+CSV = "prescreen.csv"
+
+
+def write_csv(out_dir: Path, data: dict[str, Any]) -> None:
+    """The run folder's prescreen.csv: every architecture scored, best first, ``queued`` marking those trained."""
+    table = pd.DataFrame(data["rows"], columns=["arch_hash", "params", "macs", "score", "queued"])
+    table = table.rename(columns={"score": data["proxy"]}).sort_values(data["proxy"], ascending=False)
+    write_text_atomic(out_dir / CSV, table.to_csv(index=False))
+
+
+def summary(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """pareto.json's "prescreen" section: the screen without its rows (those are in prescreen.csv)."""
+    if data is None:
+        return None
+    return {
+        **{k: v for k, v in data.items() if k != "rows"},
+        "file": CSV,
+        "what": f"{data['scored']} architectures drawn within the budget were scored by the zero-cost proxy "
+        f"{data['proxy']} at initialisation (no training) before the search; the {data['queued']} non-dominated in "
+        "(proxy, cost) were queued for training after the presets. The proxy ranks; it is never a trial's value.",
+    }

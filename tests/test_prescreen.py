@@ -1,0 +1,125 @@
+"""The zero-cost pre-screen (``psc-search --prescreen``): real proxies on the IBSR networks the search prices, a
+real SQLite study, the real CLI and a real Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import pandas as pd
+import pytest
+import search_standin
+from cli_process import cli_env, ctrl_c_when, run_cli
+from rich.console import Console
+
+from psc_nas.evaluators.zero_cost import proxy_score, training_batch
+from psc_nas.search.budget import Budget
+from psc_nas.search.prescreen import Prescreen, Screened, choose, draw
+from psc_nas.search.record import read_trials
+from psc_nas.search.runner import SearchSettings, plan_search, run_search
+from psc_nas.tasks import get_task
+
+
+def rows(points: list[tuple[float, int]]) -> list[Screened]:
+    return [Screened(f"h{i}", params, 0, score, {}) for i, (score, params) in enumerate(points)]
+
+
+def test_choose_takes_whole_fronts_in_turn_and_thins_the_last_by_spread():
+    # front 0: (9, 100), (8, 50), (5, 10), (3, 5); front 1: (7, 60), (4, 20); the rest dominated further
+    screened = rows([(9, 100), (8, 50), (7, 60), (5, 10), (4, 20), (3, 5), (1, 200), (-math.inf, 1)])
+    assert choose(screened, 4) == [0, 1, 3, 5]  # exactly the first front
+    assert choose(screened, 6) == [0, 1, 3, 5, 2, 4]  # then the whole second one, front by front
+    assert set(choose(screened, 2)) == {0, 5}  # a front cut short keeps its extremes: both ends of the cost range
+    assert choose(screened, 8)[-1] == 7  # a score that is not finite comes last
+    assert choose(screened, 0) == []
+
+
+def test_prescreen_refuses_an_unknown_proxy_or_an_empty_screen():
+    with pytest.raises(ValueError, match="unknown --prescreen proxy 'nope'; choose from grad_norm"):
+        Prescreen("nope")
+    with pytest.raises(ValueError, match="--prescreen-size must be at least 1"):
+        Prescreen("grad_norm", 0)
+
+
+@pytest.mark.slow
+def test_a_prescreened_search_trains_the_screen_s_best_after_the_presets_and_keeps_every_score(tmp_path):
+    settings = SearchSettings(
+        task="ibsr",
+        budget=Budget(params=5_000_000),
+        trials=5,
+        out=tmp_path / "run",
+        retrain=False,
+        prescreen="grad_norm",
+        prescreen_size=6,
+    )
+    run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
+    study = optuna.load_study(study_name="run", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    screen = study.user_attrs["prescreen"]
+    assert (screen["proxy"], screen["scored"], len(screen["rows"])) == ("grad_norm", 6, 6)
+    records = read_trials(study)
+    presets = [r for r in records if r.preset]
+    assert {r.preset for r in presets} == {"csn_ip", "csn_ir"}  # the space's presets under 5M come first
+    queued = {row["arch_hash"] for row in screen["rows"] if row["queued"]}
+    assert len(queued) == screen["queued"] == 5 - len(presets)
+    screened_trials = [r for r in records if not r.preset]
+    assert {r.arch_hash for r in screened_trials} == queued  # the screen's picks are what was trained
+    assert all(r.state == optuna.trial.TrialState.COMPLETE for r in records)
+    assert not queued & {r.arch_hash for r in presets}
+    # the queued ones are non-dominated in (grad_norm, params) among the six
+    by_hash = {row["arch_hash"]: row for row in screen["rows"]}
+    for h in queued:
+        assert not any(
+            o["score"] >= by_hash[h]["score"] and o["params"] <= by_hash[h]["params"] and o is not by_hash[h]
+            for o in screen["rows"]
+            if (o["score"], o["params"]) != (by_hash[h]["score"], by_hash[h]["params"])
+        )
+    # every recorded score is the proxy itself: recomputed for one architecture from its trial
+    trial = screened_trials[0]
+    task = get_task("ibsr")
+    again = proxy_score("grad_norm", trial.config(), task, seed=0, batch=training_batch(task, seed=0))
+    assert by_hash[trial.arch_hash]["score"] == pytest.approx(again, rel=1e-4)
+    assert study.trials[trial.number].user_attrs["prescreen"].startswith("grad_norm ")
+    table = pd.read_csv(tmp_path / "run" / "prescreen.csv")
+    assert list(table.columns) == ["arch_hash", "params", "macs", "grad_norm", "queued"]
+    assert len(table) == 6 and table["grad_norm"].is_monotonic_decreasing and table["queued"].sum() == 3
+    pareto = json.loads((tmp_path / "run" / "pareto.json").read_text())
+    assert pareto["prescreen"]["scored"] == 6 and pareto["prescreen"]["file"] == "prescreen.csv"
+    assert "rows" not in pareto["prescreen"]
+
+
+@pytest.mark.slow
+def test_psc_search_with_a_bad_prescreen_is_one_line_and_writes_nothing(tmp_path):
+    for args, message in (
+        (("--prescreen", "nope"), "unknown --prescreen proxy 'nope'"),
+        (("--prescreen", "grad_norm", "--prescreen-size", "0"), "--prescreen-size must be at least 1"),
+    ):
+        result = run_cli("psc-search", "--task", "ibsr", "--budget", "5M", "--out", "run", *args, cwd=tmp_path)
+        assert result.returncode != 0 and result.returncode != 130, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], result.stderr
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_prescreen_exits_130_and_leaves_no_run_behind(tmp_path):
+    result = ctrl_c_when(
+        "pre-screen: scoring",
+        "psc-search",
+        *("--task", "ibsr", "--budget", "5M", "--out", "run", "--trials", "4", "--no-retrain"),
+        *("--prescreen", "grad_norm", "--prescreen-size", "200"),
+        cwd=tmp_path,
+        env=cli_env(),
+        settle=1.0,
+    )
+    assert result.returncode == 130, (result.stdout, result.stderr)
+    assert "interrupted" in result.stderr
+    assert not (tmp_path / "run").exists()  # the study was never set up: nothing to resume, nothing half-written
+
+
+def test_draw_gives_distinct_architectures_within_the_budget():
+    plan = plan_search(SearchSettings(task="ibsr", budget=Budget(params=2_000_000), out=None))
+    configs = draw(plan.pricing, 30, seed=1, avoid=set())
+    assert len({c.hash for c in configs}) == 30
+    assert all(plan.pricing.price(c).params <= 2_000_000 for c in configs)
+    assert [c.hash for c in draw(plan.pricing, 30, seed=1, avoid=set())] == [c.hash for c in configs]  # seeded

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 
 import optuna
 import pandas as pd
@@ -16,7 +18,7 @@ from rich.console import Console
 from psc_nas.evaluators.zero_cost import proxy_score, training_batch
 from psc_nas.search.budget import Budget
 from psc_nas.search.prescreen import Prescreen, Screened, choose, draw
-from psc_nas.search.record import read_trials
+from psc_nas.search.record import SETUP_PROGRESS, read_trials, set_planned_trials, wait_until_set_up
 from psc_nas.search.runner import SearchSettings, plan_search, run_search
 from psc_nas.tasks import get_task
 
@@ -83,6 +85,8 @@ def test_a_prescreened_search_trains_the_screen_s_best_after_the_presets_and_kee
     table = pd.read_csv(tmp_path / "run" / "prescreen.csv")
     assert list(table.columns) == ["arch_hash", "params", "macs", "grad_norm", "queued"]
     assert len(table) == 6 and table["grad_norm"].is_monotonic_decreasing and table["queued"].sum() == 3
+    trials = pd.read_csv(tmp_path / "run" / "trials.csv")
+    assert trials["prescreen"].notna().sum() == 3 and trials.loc[trials["preset"].notna(), "prescreen"].isna().all()
     pareto = json.loads((tmp_path / "run" / "pareto.json").read_text())
     assert pareto["prescreen"]["scored"] == 6 and pareto["prescreen"]["file"] == "prescreen.csv"
     assert "rows" not in pareto["prescreen"]
@@ -123,3 +127,38 @@ def test_draw_gives_distinct_architectures_within_the_budget():
     assert len({c.hash for c in configs}) == 30
     assert all(plan.pricing.price(c).params <= 2_000_000 for c in configs)
     assert [c.hash for c in draw(plan.pricing, 30, seed=1, avoid=set())] == [c.hash for c in configs]  # seeded
+
+
+def test_a_prescreen_asked_on_a_resume_says_it_is_ignored(tmp_path, caplog):
+    settings = SearchSettings(
+        task="ibsr", budget=Budget(params=5_000_000), trials=2, out=tmp_path / "run", retrain=False
+    )
+    run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
+    resumed = SearchSettings(**{**settings.__dict__, "prescreen": "grad_norm", "prescreen_size": 3})
+    run_search(resumed, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
+    assert "--prescreen ignored: study 'run' exists" in caplog.text
+    study = optuna.load_study(study_name="run", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert "prescreen" not in study.user_attrs and not (tmp_path / "run" / "prescreen.csv").exists()
+
+
+def test_a_joining_worker_waits_while_the_creator_s_screen_progresses_and_not_longer(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    creator = optuna.create_study(storage=storage, study_name="s")
+    joiner = optuna.load_study(storage=storage, study_name="s")
+
+    def screen_then_set_up() -> None:
+        for done in range(1, 8):  # 7 × 0.3 s of screening: past the joiner's 0.8 s patience, which it resets
+            time.sleep(0.3)
+            creator.set_user_attr(SETUP_PROGRESS, done)
+        set_planned_trials(creator, 4)
+
+    worker = threading.Thread(target=screen_then_set_up)
+    worker.start()
+    started = time.monotonic()
+    wait_until_set_up(joiner, timeout=0.8)
+    worker.join()
+    assert time.monotonic() - started > 2.0
+    stalled = optuna.create_study(storage=storage, study_name="stalled")
+    stalled.set_user_attr(SETUP_PROGRESS, 3)  # a creator that stopped screening: the joiner gives up
+    with pytest.raises(ValueError, match="exists but was never set up"):
+        wait_until_set_up(optuna.load_study(storage=storage, study_name="stalled"), timeout=0.8)

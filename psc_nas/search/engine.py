@@ -61,6 +61,7 @@ from psc_nas.search.profiles import Profile
 from psc_nas.search.promotion import Scored
 from psc_nas.search.queue import StudyQueue
 from psc_nas.search.record import (
+    SETUP_PROGRESS,
     Retrained,
     StudyRecord,
     TrialRecord,
@@ -127,6 +128,11 @@ class Engine:
         self.created = created
         presets = self.plan.pricing.presets() if created and self.plan.seed_presets else {}
         screened = self._prescreen(presets) if created and self.plan.prescreen is not None else []
+        if not created and self.plan.prescreen is not None and prescreening.recorded(self.study) is None:
+            log.warning(
+                "--prescreen ignored: study %r exists; a pre-screen runs only when a study is created",
+                self.study.study_name,
+            )
         self.queue.fill(presets, screened)
 
     def _prescreen(self, presets: dict[str, Any]) -> list[tuple[Any, str]]:
@@ -138,7 +144,7 @@ class Engine:
         self.on_event(Preparing(f"pre-screen: scoring {ask.size} architectures by {ask.proxy} at initialisation"))
 
         def progress(done: int, total: int) -> None:
-            self.study.set_user_attr(prescreening.PROGRESS_ATTR, done)  # workers that join wait while it moves
+            self.study.set_user_attr(SETUP_PROGRESS, done)  # workers that join wait while it moves
             if done % 10 == 0 or done == total:
                 self.on_event(Preparing(f"pre-screen: {done}/{total} architectures scored by {ask.proxy}"))
 

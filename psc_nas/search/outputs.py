@@ -1,9 +1,10 @@
 """What a search leaves in runs/<name>/ besides the study: a table, the front, the knee config.
 
     trials.csv       one row per trial (pandas), every state: its decisions (one column per search
-                     decision of the space), its search score and per-class metrics with their fidelity
-                     in words, the retrained score beside it, its cost, times and why it failed;
-                     NaN wherever nothing was trained (over budget, failed, not finished)
+                     decision of the space), why it was queued (``preset``, ``prescreen``), its search
+                     score and per-class metrics with their fidelity in words, the retrained score beside
+                     it, its cost, times and why it failed; NaN wherever nothing was trained (over budget,
+                     failed, not finished)
     pareto.json      the feasible front: objectives, the hypervolume with its reference point and
                      normalisation, knee, one entry per point (values, params, MACs, latency, fidelity),
                      what its fields mean, and a "retrained" section: the members trained again after
@@ -79,6 +80,7 @@ def trials_table(records: Sequence[TrialRecord], objectives: Sequence[Objective]
             "feasible": record.feasible,
             "over_budget": record.over_budget,
             "preset": record.preset,
+            "prescreen": record.prescreen,  # why a pre-screen queued it (--prescreen), else empty
             "evaluator": record.result.evaluator if scored and record.result else None,
             "search_fidelity": record.fidelity.words if scored and record.fidelity else None,
         }

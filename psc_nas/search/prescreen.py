@@ -35,7 +35,6 @@ from psc_nas.search.catalog import Answers
 from psc_nas.search.pricing import Pricing
 
 ATTR = "prescreen"  # the study's user attribute holding the screen
-PROGRESS_ATTR = "setup_progress"  # advanced while the creator screens, so joining workers keep waiting
 DEFAULT_SIZE = 100
 SCREEN_COSTS = ("params", "macs")  # the costs a screen trades its proxy against, as the front's cost objectives
 

@@ -110,6 +110,7 @@ class TrialRecord:
     params: int | None = None
     macs: int | None = None  # at the task's input size
     preset: str | None = None  # a hand-designed network the search seeded
+    prescreen: str | None = None  # why a pre-screen queued it: its proxy score and rank (psc_nas.search.prescreen)
     evaluations: tuple[Evaluation, ...] = ()  # every fidelity's result, cheap to expensive
     latency_ms: float | None = None
     fail_reason: str | None = None
@@ -135,6 +136,7 @@ class TrialRecord:
             params=attrs.get("params"),
             macs=attrs.get("macs"),
             preset=attrs.get("preset"),
+            prescreen=attrs.get("prescreen"),
             evaluations=tuple(_evaluation_from_json(e) for e in attrs.get("evaluations", [])),
             latency_ms=attrs.get("latency_ms"),
             fail_reason=attrs.get("fail_reason"),
@@ -152,6 +154,7 @@ class TrialRecord:
             "params": self.params,
             "macs": self.macs,
             "preset": self.preset,
+            "prescreen": self.prescreen,
             "evaluator": result and result.evaluator,
             "fidelity": result and result.fidelity.key,
             "fidelity_words": result and result.fidelity.words,
@@ -406,6 +409,9 @@ class StudyRecord:
         return {key: (mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]}
 
 
+SETUP_PROGRESS = "setup_progress"  # a study attribute its creator advances while it sets up (a pre-screen)
+
+
 def set_planned_trials(study: optuna.Study, count: int) -> None:
     study.set_user_attr("planned_trials", count)
 
@@ -414,7 +420,7 @@ def wait_until_set_up(study: optuna.Study, *, timeout: float = 120.0) -> None:
     """Wait until the worker that created the study has queued its trials (it sets ``planned_trials`` last)."""
     deadline, progress = time.monotonic() + timeout, None
     while StudyRecord.read(study).planned_trials is None:
-        now = study.user_attrs.get("setup_progress")  # a creator that screens architectures first advances it
+        now = study.user_attrs.get(SETUP_PROGRESS)  # a creator that screens architectures first advances it
         if now != progress:
             deadline, progress = time.monotonic() + timeout, now
         if time.monotonic() > deadline:

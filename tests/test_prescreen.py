@@ -162,3 +162,10 @@ def test_a_joining_worker_waits_while_the_creator_s_screen_progresses_and_not_lo
     stalled.set_user_attr(SETUP_PROGRESS, 3)  # a creator that stopped screening: the joiner gives up
     with pytest.raises(ValueError, match="exists but was never set up"):
         wait_until_set_up(optuna.load_study(storage=storage, study_name="stalled"), timeout=0.8)
+
+
+def test_draw_near_the_space_s_minimum_returns_what_fits_and_stops():
+    plan = plan_search(SearchSettings(task="ibsr", budget=Budget(params=740_000), out=None))  # the cheapest: 724k
+    configs = draw(plan.pricing, 50, seed=0, avoid=set())
+    assert 0 < len(configs) < 50 and len({c.hash for c in configs}) == len(configs)
+    assert all(plan.pricing.price(c).params <= 740_000 for c in configs)

@@ -306,6 +306,36 @@
     }, PLOT_CONFIG);
   }
 
+  // psc-search --prescreen: every architecture the zero-cost proxy scored before any training, against its
+  // parameter count; those it queued for training are filled and click through to their trial.
+  function drawPrescreen() {
+    const screen = data.prescreen;
+    $("prescreen-section").hidden = !screen;
+    if (!screen) return;
+    const trialOf = new Map(data.trials.filter((t) => t.arch_hash && t.state === "COMPLETE")
+      .map((t) => [t.arch_hash, t.number]));
+    const trace = (queued) => {
+      const rows = screen.rows.filter((r) => r.queued === queued && r.score != null);
+      return {
+        type: "scatter", mode: "markers", name: queued ? "queued for training" : "screened only",
+        meta: queued ? "prescreen-queued" : "prescreen-screened",
+        x: rows.map((r) => r.params), y: rows.map((r) => r.score),
+        customdata: rows.map((r) => (trialOf.has(r.arch_hash) ? trialOf.get(r.arch_hash) : null)),
+        text: rows.map((r) => `${r.arch_hash}<br>${count(r.params)} params, ${count(r.macs)} MACs` +
+          (trialOf.has(r.arch_hash) ? `<br>trial ${trialOf.get(r.arch_hash)}` : "")),
+        hovertemplate: `%{text}<br>${screen.proxy} %{y:.4g}<extra></extra>`,
+        marker: queued ? { size: 10, color: "#d62728" } : { size: 7, color: "#7f7f7f", symbol: "circle-open" },
+      };
+    };
+    Plotly.react($("prescreen"), [trace(false), trace(true)], {
+      title: title(`Pre-screen: ${screen.scored} architectures ranked by ${screen.proxy} at initialisation ` +
+        `(no training, ${Math.round(screen.seconds)} s); ${screen.queued} queued for training`),
+      xaxis: { title: { text: "params" } }, yaxis: { title: { text: `${screen.proxy} (larger = predicted better)` } },
+      uirevision: "keep", margin: { t: TOP, r: 20 },
+    }, PLOT_CONFIG);
+    bindClick($("prescreen"));
+  }
+
   // One axis per search decision (a block's op) whose answer differs between trials; the others are
   // named in the title. Trials of another network shape (other decisions) are left out.
   function drawParcoords() {
@@ -495,7 +525,8 @@
     const budgets = [run.budget_params && `params ≤ ${count(run.budget_params)}`, run.budget_macs && `MACs ≤ ${count(run.budget_macs)}`]
       .filter(Boolean).join(", ");
     $("run-facts").textContent = [run.task && `task ${run.task}`, run.space && `space ${run.space}`,
-      budgets && `budget ${budgets}`, `trials: ${states || "none yet"}`].filter(Boolean).join(" · ");
+      budgets && `budget ${budgets}`, `trials: ${states || "none yet"}`,
+      data.prescreen && `pre-screened ${data.prescreen.scored} by ${data.prescreen.proxy}`].filter(Boolean).join(" · ");
     $("status").textContent = mode;
   }
 
@@ -508,6 +539,7 @@
     draw3d();
     drawHypervolume();
     drawParcoords();
+    drawPrescreen();
     drawTable();
     // The page opens on the answer: best.yaml's trial (the knee) is selected until the user picks another.
     if (selected == null || !byNumber.has(selected)) selected = byNumber.has(data.knee) ? data.knee : null;

@@ -31,6 +31,7 @@ from psc_nas.nets import get_backbone, validate
 from psc_nas.ops import label, realize
 from psc_nas.pareto import pareto_front, to_minimization
 from psc_nas.results import Run
+from psc_nas.search import prescreen
 from psc_nas.search.front import quality_hypervolume
 from psc_nas.search.record import TrialRecord
 from psc_nas.space import SearchSpace
@@ -227,6 +228,7 @@ def payload(run: Run) -> dict[str, Any]:
         "knee": knee,
         "search_knee": run.search_knee(),
         "hypervolume": hypervolume_history(run),
+        "prescreen": prescreen.recorded(run.study),  # psc-search --prescreen: every architecture it scored
     }
 
 

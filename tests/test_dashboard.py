@@ -27,7 +27,9 @@ from psc_nas.evaluators import Evaluation, Fidelity
 from psc_nas.ops import label
 from psc_nas.presets import PRESETS
 from psc_nas.results import Run
+from psc_nas.search import prescreen
 from psc_nas.search.budget import Budget
+from psc_nas.search.prescreen import Screened
 from psc_nas.search.record import (
     Objective,
     Retrained,
@@ -610,3 +612,63 @@ def test_parallel_coordinates_show_only_decisions_that_vary(tmp_path, browser):
     assert "1 of 2" in drawn["title"] and "block2 = conv3d" in drawn["title"]
     assert sorted(drawn["ticks"]) == sorted(label(PRESETS[op]) for op in ["conv3d", "p1sc1", "csn_ip"])
     tab.close()
+
+
+def prescreened(tmp_path: Path) -> Path:
+    """make_run's study with the record a pre-screen leaves: its finished trials queued, 4 more screened only."""
+    run_dir = make_run(tmp_path)
+    run = Run.open(run_dir, writable=True)
+    trained = [r for r in run.records if r.arch_hash and r.params]
+    rows = [Screened(r.arch_hash, r.params, r.macs or 0, 40.0 + i, {}, queued=True) for i, r in enumerate(trained)]
+    rows += [Screened(f"other{i}", 10**6 * (i + 1), 10**9, 30.0 + i, {}) for i in range(4)]
+    prescreen.record(run.study, prescreen.Prescreen("grad_norm", len(rows)), rows, 12.3)
+    return run_dir
+
+
+def test_payload_carries_the_prescreen_or_none(run_dir, tmp_path):
+    assert payload(Run.open(run_dir))["prescreen"] is None
+    screen = payload(Run.open(prescreened(tmp_path)))["prescreen"]
+    assert screen["proxy"] == "grad_norm" and len(screen["rows"]) == screen["scored"] == screen["queued"] + 4
+
+
+@pytest.mark.slow
+@needs_browser
+def test_the_page_plots_the_prescreen_and_a_queued_point_opens_its_trial(tmp_path, browser):
+    run_dir = prescreened(tmp_path)
+    run = Run.open(run_dir)
+    tab = open_snapshot(browser, run_dir)
+    assert tab.page.locator("#prescreen-section").is_visible()
+    drawn = tab.page.evaluate("""() => {
+        const gd = document.getElementById('prescreen');
+        return {title: gd.layout.title.text, points: gd.data.map(t => [t.meta, t.x.length])};
+    }""")
+    screen = run.study.user_attrs["prescreen"]
+    assert f"{screen['scored']} architectures ranked by grad_norm" in drawn["title"]
+    assert dict(drawn["points"]) == {"prescreen-screened": 4, "prescreen-queued": screen["queued"]}
+    assert "pre-screened" in tab.page.locator("#run-facts").text_content()
+    other = next(r for r in run.records if r.state == TrialState.COMPLETE and r.number != run.knee())
+    tab.page.locator("#prescreen").scroll_into_view_if_needed()  # a click lands only inside the viewport
+    box = tab.page.evaluate(
+        """hash => {
+            const gd = document.getElementById('prescreen');
+            const trace = gd.data.findIndex(t => t.meta === 'prescreen-queued');
+            const j = gd.data[trace].text.findIndex(t => t.startsWith(hash));
+            const g = document.querySelectorAll('#prescreen .scatterlayer .trace')[trace];
+            const r = g.querySelectorAll('.point')[j].getBoundingClientRect();
+            return {x: r.x + r.width / 2, y: r.y + r.height / 2};
+        }""",
+        other.arch_hash,
+    )
+    tab.page.mouse.move(box["x"], box["y"])  # plotly clicks the point it hovers
+    tab.page.mouse.click(box["x"], box["y"])
+    shown = f"{other.summary()}"  # the trial of that architecture (a run may have trained it twice)
+    tab.page.wait_for_function(
+        "s => { const t = document.getElementById('arch-title').textContent; return t.endsWith(s) && "
+        f"!t.startsWith('Trial {run.knee()}:'); }}",
+        arg=shown,
+    )
+    assert tab.errors == []
+    tab.close()
+    plain = open_snapshot(browser, make_run(tmp_path / "plain"))
+    assert not plain.page.locator("#prescreen-section").is_visible()
+    plain.close()

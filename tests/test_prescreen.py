@@ -169,3 +169,34 @@ def test_draw_near_the_space_s_minimum_returns_what_fits_and_stops():
     configs = draw(plan.pricing, 50, seed=0, avoid=set())
     assert 0 < len(configs) < 50 and len({c.hash for c in configs}) == len(configs)
     assert all(plan.pricing.price(c).params <= 740_000 for c in configs)
+
+
+def test_an_architecture_whose_proxy_fails_is_ranked_last_and_the_screen_goes_on(monkeypatch, caplog):
+    from psc_nas.search import prescreen as module
+
+    plan = plan_search(SearchSettings(task="ibsr", budget=Budget(params=5_000_000), out=None))
+    victim = draw(plan.pricing, 4, seed=0, avoid=set())[1].hash
+
+    def proxy(name, config, task, **kwargs):
+        if config.hash == victim:
+            raise RuntimeError("out of memory")
+        return float(cost_of(config))
+
+    def cost_of(config):
+        return plan.pricing.price(config).params / 1e6
+
+    monkeypatch.setattr(module, "proxy_score", proxy)
+    rows, _ = module.screen(Prescreen("grad_norm", 4), plan.pricing, plan.task, keep=3)
+    assert [r.arch_hash for r in rows if not math.isfinite(r.score)] == [victim]
+    assert [r.queued for r in rows if r.arch_hash == victim] == [False]  # 3 finite rows fill the 3 places
+    assert "pre-screen: grad_norm of" in caplog.text and "out of memory" in caplog.text
+
+
+def test_a_prescreen_with_no_free_place_in_the_queue_is_skipped_saying_so(tmp_path, caplog):
+    settings = SearchSettings(
+        task="ibsr", budget=Budget(params=5_000_000), trials=2, out=tmp_path / "run", retrain=False, prescreen="snip"
+    )
+    run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
+    assert "--prescreen skipped: the 2 presets fill all 2 trials" in caplog.text
+    study = optuna.load_study(study_name="run", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert "prescreen" not in study.user_attrs

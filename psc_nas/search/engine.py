@@ -127,7 +127,12 @@ class Engine:
     def fill_queue(self, created: bool) -> None:
         self.created = created
         presets = self.plan.pricing.presets() if created and self.plan.seed_presets else {}
-        screened = self._prescreen(presets) if created and self.plan.prescreen is not None else []
+        screened = []
+        if created and self.plan.prescreen is not None:
+            if self.plan.trials > len(presets):
+                screened = self._prescreen(presets)
+            else:
+                log.warning("--prescreen skipped: the %d presets fill all %d trials", len(presets), self.plan.trials)
         if not created and self.plan.prescreen is not None and prescreening.recorded(self.study) is None:
             log.warning(
                 "--prescreen ignored: study %r exists; a pre-screen runs only when a study is created",
@@ -153,7 +158,7 @@ class Engine:
             ask,
             pricing,
             self.plan.task,
-            keep=max(0, self.plan.trials - len(presets)),
+            keep=self.plan.trials - len(presets),
             avoid=avoid,
             costs=costs,
             progress=progress,

@@ -16,6 +16,7 @@ not assumed: docs/benchmarks/fidelity.md.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -33,6 +34,8 @@ from psc_nas.files import write_text_atomic
 from psc_nas.pareto import crowding_distances, non_dominated_ranks
 from psc_nas.search.catalog import Answers
 from psc_nas.search.pricing import Pricing
+
+log = logging.getLogger("psc_nas.search")
 
 ATTR = "prescreen"  # the study's user attribute holding the screen
 DEFAULT_SIZE = 100
@@ -131,7 +134,11 @@ def screen(
     batch = training_batch(task, seed=prescreen.seed, data_dir=prescreen.data_dir)
     rows: list[Screened] = []
     for config in configs:
-        score = proxy_score(prescreen.proxy, config, task, seed=prescreen.seed, batch=batch)
+        try:
+            score = proxy_score(prescreen.proxy, config, task, seed=prescreen.seed, batch=batch)
+        except Exception as error:  # one network's failure (out of memory, a NaN) ranks it last, no more
+            log.warning("pre-screen: %s of %s failed (%s); ranked last", prescreen.proxy, config.hash[:8], error)
+            score = -math.inf
         price = pricing.price(config)
         answers = pricing.catalog.answers_for(config)
         assert answers is not None  # drawn from the catalog's own space

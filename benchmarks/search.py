@@ -47,7 +47,9 @@ METHODS = {
     "ours (NSGA-II + multi-fidelity + presets)": [],
     "random (Optuna RandomSampler)": ["--sampler", "random", "--no-multi-fidelity", "--no-seed-presets"],
     "NSGA-II without multi-fidelity": ["--no-multi-fidelity", "--no-seed-presets"],
+    "ours + grad_norm pre-screen of 100": ["--prescreen", "grad_norm", "--prescreen-size", "100"],
 }
+DEFAULT_METHODS = (0, 1, 2)  # --methods: indices into METHODS; the first is what the others are divided by
 
 
 def psc_search(out: Path, *extra: str) -> float:
@@ -131,15 +133,24 @@ def _summary(out: Path, wall: float, seed: int) -> dict:
     }
 
 
-def comparison(root: Path, minutes: float, seeds: tuple[int, ...] = (0,), parallel: bool = False) -> dict:
-    """Each method for ``minutes`` of wall time per seed (retraining included, as the profile ends);
-    with ``parallel`` the three methods of one seed run at the same time, one torch thread each, so
-    that they share the machine's load alike."""
-    runs: dict[str, list[dict]] = {name: [] for name in METHODS}
+def comparison(
+    root: Path,
+    minutes: float,
+    seeds: tuple[int, ...] = (0,),
+    parallel: bool = False,
+    methods: tuple[int, ...] = DEFAULT_METHODS,
+) -> dict:
+    """Each of ``methods`` (indices into METHODS) for ``minutes`` of wall time per seed (retraining included, as
+    the profile ends); with ``parallel`` the methods of one seed run at the same time, one torch thread each, so
+    that they share the machine's load alike. Ratios divide by the first method."""
+    chosen = {name: flags for index, (name, flags) in enumerate(METHODS.items()) if index in methods}
+    runs: dict[str, list[dict]] = {name: [] for name in chosen}
     for seed in seeds:
         started = time.perf_counter()
         jobs = []
         for index, (name, flags) in enumerate(METHODS.items()):
+            if name not in chosen:
+                continue
             out = root / f"compare-{index}-s{seed}"
             jobs.append((name, out, _one_run(out, minutes, seed, flags, 1 if parallel else None)))
             if not parallel:
@@ -150,7 +161,7 @@ def comparison(root: Path, minutes: float, seeds: tuple[int, ...] = (0,), parall
             runs[name].append(_summary(out, time.perf_counter() - started, seed))
             print(name, json.dumps({k: v for k, v in runs[name][-1].items() if "points" not in k}), flush=True)
     results = {}
-    ours = runs[next(iter(METHODS))]
+    ours = runs[next(iter(chosen))]
     for name, per_seed in runs.items():
         hv = [r["retrained_hypervolume"] for r in per_seed]
         ratios = [
@@ -237,7 +248,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-search"))
     parser.add_argument("--compare-minutes", type=float, default=5.0)
     parser.add_argument("--compare-seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--parallel", action="store_true", help="the three methods of a seed at once, 1 thread each")
+    parser.add_argument("--parallel", action="store_true", help="the methods of a seed at once, 1 thread each")
+    parser.add_argument(
+        "--methods",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="indices into METHODS: " + "; ".join(f"{i}: {name}" for i, name in enumerate(METHODS)),
+    )
     parser.add_argument("--skip-default", action="store_true")
     parser.add_argument("--skip-presets", action="store_true")
     args = parser.parse_args()
@@ -248,7 +266,9 @@ def main() -> None:
         print(json.dumps(report["default"], indent=2), flush=True)
     report["compare_minutes"] = args.compare_minutes
     report["compare_seeds"] = args.compare_seeds
-    report["compare"] = comparison(args.out, args.compare_minutes, tuple(args.compare_seeds), args.parallel)
+    report["compare"] = comparison(
+        args.out, args.compare_minutes, tuple(args.compare_seeds), args.parallel, tuple(args.methods)
+    )
     print(
         json.dumps(
             {

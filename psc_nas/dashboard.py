@@ -31,9 +31,8 @@ from psc_nas.nets import get_backbone, validate
 from psc_nas.ops import label, realize
 from psc_nas.pareto import pareto_front, to_minimization
 from psc_nas.results import Run
-from psc_nas.search import prescreen
 from psc_nas.search.front import quality_hypervolume
-from psc_nas.search.record import TrialRecord
+from psc_nas.search.record import TrialRecord, read_prescreen
 from psc_nas.space import SearchSpace
 
 SNAPSHOT_FILE = "dashboard.html"
@@ -228,7 +227,7 @@ def payload(run: Run) -> dict[str, Any]:
         "knee": knee,
         "search_knee": run.search_knee(),
         "hypervolume": hypervolume_history(run),
-        "prescreen": prescreen.recorded(run.study),  # psc-search --prescreen: every architecture it scored
+        "prescreen": read_prescreen(run.study),  # psc-search --prescreen: every architecture it scored
     }
 
 

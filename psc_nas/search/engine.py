@@ -66,6 +66,7 @@ from psc_nas.search.record import (
     StudyRecord,
     TrialRecord,
     failure_attrs,
+    read_prescreen,
     save_retrained,
     set_violations,
     tell_evaluated,
@@ -133,7 +134,7 @@ class Engine:
                 screened = self._prescreen(presets)
             else:
                 log.warning("--prescreen skipped: the %d presets fill all %d trials", len(presets), self.plan.trials)
-        if not created and self.plan.prescreen is not None and prescreening.recorded(self.study) is None:
+        if not created and self.plan.prescreen is not None and read_prescreen(self.study) is None:
             log.warning(
                 "--prescreen ignored: study %r exists; a pre-screen runs only when a study is created",
                 self.study.study_name,
@@ -248,7 +249,7 @@ class Engine:
             self.plan.out_dir,
             self.plan.record,
             self.view.records,
-            prescreening.summary(prescreening.recorded(self.study)),
+            prescreening.summary(read_prescreen(self.study)),
         )
         self._show_front(self.front)
 

@@ -34,10 +34,10 @@ from psc_nas.files import write_text_atomic
 from psc_nas.pareto import crowding_distances, non_dominated_ranks
 from psc_nas.search.catalog import Answers
 from psc_nas.search.pricing import Pricing
+from psc_nas.search.record import PRESCREEN
 
 log = logging.getLogger("psc_nas.search")
 
-ATTR = "prescreen"  # the study's user attribute holding the screen
 DEFAULT_SIZE = 100
 SCREEN_COSTS = ("params", "macs")  # the costs a screen trades its proxy against, as the front's cost objectives
 
@@ -162,14 +162,8 @@ def record(study: optuna.Study, prescreen: Prescreen, rows: Sequence[Screened], 
         "seconds": round(seconds, 1),
         "rows": [r.row() for r in rows],
     }
-    study.set_user_attr(ATTR, data)
+    study.set_user_attr(PRESCREEN, data)
     return data
-
-
-def recorded(study: optuna.Study) -> dict[str, Any] | None:
-    """The study's screen, or None when it had none."""
-    value = study.user_attrs.get(ATTR)
-    return value if isinstance(value, dict) else None
 
 
 def describe(data: dict[str, Any]) -> str:

@@ -409,6 +409,15 @@ class StudyRecord:
         return {key: (mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]}
 
 
+PRESCREEN = "prescreen"  # the study attribute holding a pre-screen (psc_nas.search.prescreen.record writes it)
+
+
+def read_prescreen(study: optuna.Study) -> dict[str, Any] | None:
+    """The study's pre-screen (every architecture scored, ``psc_nas.search.prescreen``), or None when it had none."""
+    value = study.user_attrs.get(PRESCREEN)
+    return value if isinstance(value, dict) else None
+
+
 SETUP_PROGRESS = "setup_progress"  # a study attribute its creator advances while it sets up (a pre-screen)
 
 

@@ -7,6 +7,7 @@ saying how to resume (docs/reliability.md lists every case).
 
 from __future__ import annotations
 
+import signal
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -255,6 +256,8 @@ def dashboard(
             "there is no password",
             err=True,
         )
+    # SIGINT stops the server even where the shell started it ignoring SIGINT (a background job of a script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:  # from here on Ctrl-C is how the server stops: exit 0
         typer.echo(f"serving {run_dir} at {server.url} (Ctrl-C to stop)")
         server.serve_forever()

@@ -11,15 +11,14 @@ import time
 import optuna
 import pandas as pd
 import pytest
-import search_standin
 from cli_process import cli_env, ctrl_c_when, run_cli
-from rich.console import Console
+from test_search import search
 
 from psc_nas.evaluators.zero_cost import proxy_score, training_batch
 from psc_nas.search.budget import Budget
 from psc_nas.search.prescreen import Prescreen, Screened, choose, draw
 from psc_nas.search.record import SETUP_PROGRESS, read_trials, set_planned_trials, wait_until_set_up
-from psc_nas.search.runner import SearchSettings, plan_search, run_search
+from psc_nas.search.runner import SearchSettings, plan_search
 from psc_nas.tasks import get_task
 
 
@@ -46,17 +45,7 @@ def test_prescreen_refuses_an_unknown_proxy_or_an_empty_screen():
 
 @pytest.mark.slow
 def test_a_prescreened_search_trains_the_screen_s_best_after_the_presets_and_keeps_every_score(tmp_path):
-    settings = SearchSettings(
-        task="ibsr",
-        budget=Budget(params=5_000_000),
-        trials=5,
-        out=tmp_path / "run",
-        retrain=False,
-        prescreen="grad_norm",
-        prescreen_size=6,
-    )
-    run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
-    study = optuna.load_study(study_name="run", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    study, _ = search(tmp_path, trials=5, prescreen="grad_norm", prescreen_size=6)
     screen = study.user_attrs["prescreen"]
     assert (screen["proxy"], screen["scored"], len(screen["rows"])) == ("grad_norm", 6, 6)
     records = read_trials(study)
@@ -130,14 +119,9 @@ def test_draw_gives_distinct_architectures_within_the_budget():
 
 
 def test_a_prescreen_asked_on_a_resume_says_it_is_ignored(tmp_path, caplog):
-    settings = SearchSettings(
-        task="ibsr", budget=Budget(params=5_000_000), trials=2, out=tmp_path / "run", retrain=False
-    )
-    run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
-    resumed = SearchSettings(**{**settings.__dict__, "prescreen": "grad_norm", "prescreen_size": 3})
-    run_search(resumed, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
+    search(tmp_path, trials=2)
+    study, _ = search(tmp_path, trials=2, prescreen="grad_norm", prescreen_size=3)  # the same run, resumed
     assert "--prescreen ignored: study 'run' exists" in caplog.text
-    study = optuna.load_study(study_name="run", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert "prescreen" not in study.user_attrs and not (tmp_path / "run" / "prescreen.csv").exists()
 
 
@@ -193,10 +177,6 @@ def test_an_architecture_whose_proxy_fails_is_ranked_last_and_the_screen_goes_on
 
 
 def test_a_prescreen_with_no_free_place_in_the_queue_is_skipped_saying_so(tmp_path, caplog):
-    settings = SearchSettings(
-        task="ibsr", budget=Budget(params=5_000_000), trials=2, out=tmp_path / "run", retrain=False, prescreen="snip"
-    )
-    run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
+    study, _ = search(tmp_path, trials=2, prescreen="snip")
     assert "--prescreen skipped: the 2 presets fill all 2 trials" in caplog.text
-    study = optuna.load_study(study_name="run", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert "prescreen" not in study.user_attrs

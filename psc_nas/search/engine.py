@@ -124,6 +124,7 @@ class Engine:
         self.members: dict[int, Candidate] = {}  # this worker's bracket, not told yet
         self.requeued: list[int] = []  # trials an interrupt put back in the queue
         self.created = True  # a new study (``fill_queue`` says)
+        self.screen: dict[str, Any] | None = None  # pareto.json's account of the study's pre-screen, if any
 
     def fill_queue(self, created: bool) -> None:
         self.created = created
@@ -140,6 +141,7 @@ class Engine:
                 self.study.study_name,
             )
         self.queue.fill(presets, screened)
+        self.screen = prescreening.summary(read_prescreen(self.study))  # fixed once the queue is filled
 
     def _prescreen(self, presets: dict[str, Any]) -> list[tuple[Any, str]]:
         """Rank ``plan.prescreen.size`` architectures by its proxy; the best go to the queue's free entries."""
@@ -249,7 +251,7 @@ class Engine:
             self.plan.out_dir,
             self.plan.record,
             self.view.records,
-            prescreening.summary(read_prescreen(self.study)),
+            self.screen,
         )
         self._show_front(self.front)
 

@@ -53,18 +53,22 @@ open_storage(sys.argv[1], heartbeat_interval=60)
 """
 
 
-def test_processes_opening_one_empty_sqlite_database_together_all_get_it(tmp_path):
-    # Two workers, or a worker and a reader (optuna.load_study), race to create Optuna's tables;
-    # SQLite's loser sees "table ... already exists" and must find the tables, not fail.
-    url = f"sqlite:///{tmp_path / 'study.db'}"
+def open_together(url: str, processes: int = 6) -> None:
+    """``processes`` interpreters open the empty database at ``url`` in the same instant; all must get it."""
     start = time.time() + 5  # after every interpreter has imported psc_nas.search.storage (torch too)
     openers = [
         subprocess.Popen([sys.executable, "-c", _OPEN_AT, url, str(start)], stderr=subprocess.PIPE, text=True)
-        for _ in range(6)
+        for _ in range(processes)
     ]
     errors = [opener.communicate(timeout=120)[1] for opener in openers]
-    assert [opener.returncode for opener in openers] == [0] * 6, "\n".join(errors)
+    assert [opener.returncode for opener in openers] == [0] * processes, "\n".join(errors)
     optuna.create_study(storage=url, study_name="after")  # the schema is whole
+
+
+def test_processes_opening_one_empty_sqlite_database_together_all_get_it(tmp_path):
+    # Two workers, or a worker and a reader (optuna.load_study), race to create Optuna's tables;
+    # SQLite's loser sees "table ... already exists" and must find the tables, not fail.
+    open_together(f"sqlite:///{tmp_path / 'study.db'}")
 
 
 @pytest.mark.slow
@@ -164,6 +168,12 @@ def postgres_url():
     finally:
         run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_processes_opening_one_empty_postgres_database_together_all_get_it(postgres_url):
+    # PostgreSQL's loser of the same race sees a duplicate key in pg_type (IntegrityError) or
+    # 'relation "studies" already exists' (ProgrammingError, DuplicateTable); both must be retried.
+    open_together(postgres_url, processes=12)
 
 
 @pytest.mark.slow

@@ -56,10 +56,12 @@ def open_storage(url: str, *, heartbeat_interval: int) -> BaseStorage:
                     grace_period=3 * heartbeat_interval,
                     heartbeat_stale_trial_callback=retry_callback(),
                 )
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
+        except sqlalchemy.exc.DatabaseError as err:
             # Workers started together on an empty database (or a worker and a reader such as
-            # ``optuna.load_study``) race to create Optuna's tables; the loser sees a duplicate key
-            # (PostgreSQL) or "table ... already exists" (SQLite) and finds the tables on its next try.
+            # ``optuna.load_study``) race to create Optuna's tables; the loser sees a duplicate key in
+            # pg_type (IntegrityError), 'relation/type ... already exists' (PostgreSQL's DuplicateTable
+            # and DuplicateObject are ProgrammingErrors) or "table ... already exists" (SQLite's
+            # OperationalError), and finds the tables on its next try.
             if not _schema_race(err) or attempt == SCHEMA_ATTEMPTS - 1:
                 raise ValueError(redact(f"cannot open storage {url!r}: {_first_line(err)}", url)) from None
             time.sleep(0.5 * (attempt + 1))

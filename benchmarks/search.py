@@ -113,7 +113,12 @@ def _one_run(out: Path, minutes: float, seed: int, flags: list[str], threads: in
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
 
 
-def _summary(out: Path, wall: float, seed: int) -> dict:
+def _finish(process: subprocess.Popen, out: Path) -> None:
+    if process.wait() != 0:
+        raise SystemExit(f"{out}: psc-search exited {process.returncode}")
+
+
+def _summary(out: Path, wall: float, seed: int, load_before: float) -> dict:
     records = load(out)
     trials = [r for r in records if r.feasible]
     pareto = json.loads((out / "pareto.json").read_text())
@@ -123,6 +128,7 @@ def _summary(out: Path, wall: float, seed: int) -> dict:
         "seed": seed,
         "out": str(out),
         "wall_s": wall,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # at the start, at the end
         "architectures_trained": len(trials),
         "hypervolume": quality_hypervolume(trials, COMPARED),  # the search's own scores
         "retrained": len(retrained.get("members", [])),
@@ -145,21 +151,27 @@ def comparison(
     that they share the machine's load alike. Ratios divide by the first method."""
     chosen = {name: flags for index, (name, flags) in enumerate(METHODS.items()) if index in methods}
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
+
+    def record(name: str, out: Path, seed: int, started: float, load_before: float) -> None:
+        runs[name].append(_summary(out, time.perf_counter() - started, seed, load_before))
+        print(name, json.dumps({k: v for k, v in runs[name][-1].items() if "points" not in k}), flush=True)
+        # after every run, so that an interrupted benchmark keeps what it measured
+        (root / "compare-progress.json").write_text(json.dumps(runs, indent=2) + "\n")
+
     for seed in seeds:
-        started = time.perf_counter()
-        jobs = []
-        for index, (name, flags) in enumerate(METHODS.items()):
-            if name not in chosen:
-                continue
-            out = root / f"compare-{index}-s{seed}"
-            jobs.append((name, out, _one_run(out, minutes, seed, flags, 1 if parallel else None)))
-            if not parallel:
-                jobs[-1][2].wait()
-        for name, out, process in jobs:
-            if process.wait() != 0:
-                raise SystemExit(f"{out}: psc-search exited {process.returncode}")
-            runs[name].append(_summary(out, time.perf_counter() - started, seed))
-            print(name, json.dumps({k: v for k, v in runs[name][-1].items() if "points" not in k}), flush=True)
+        outs = {name: root / f"compare-{index}-s{seed}" for index, name in enumerate(METHODS) if name in chosen}
+        if parallel:
+            started, load_before = time.perf_counter(), os.getloadavg()[0]
+            processes = {name: _one_run(outs[name], minutes, seed, chosen[name], 1) for name in chosen}
+            for name, process in processes.items():
+                _finish(process, outs[name])
+            for name in chosen:
+                record(name, outs[name], seed, started, load_before)
+            continue
+        for name in chosen:  # one after the other, each with the machine's threads
+            started, load_before = time.perf_counter(), os.getloadavg()[0]
+            _finish(_one_run(outs[name], minutes, seed, chosen[name], None), outs[name])
+            record(name, outs[name], seed, started, load_before)
     results = {}
     ours = runs[next(iter(chosen))]
     for name, per_seed in runs.items():

@@ -449,6 +449,7 @@ def full_width_report(work: Path) -> None:
     print("\n".join(lines))
 
 
+DEFAULT_RUNG = "train-today"  # the predictor that is the default search's own score (fidelity.EVALUATORS)
 BOOTSTRAP = 2000  # resamples of the architectures for the intervals of the full-width ranking
 
 
@@ -460,22 +461,27 @@ def partial_rho(x: list[float], y: list[float], z: list[float]) -> float:
     return float((r_xy - r_xz * r_yz) / denominator) if denominator > 1e-12 else float("nan")
 
 
-def _bootstrap(values: list[float], target: list[float], params: list[float], seed: int = 0) -> tuple[float, ...]:
-    """Over ``BOOTSTRAP`` resamples of the architectures: the 5% and 95% quantiles of ρ(values, target), and the
-    share of resamples in which ``values`` ranks ``target`` better than the parameter count does."""
+def _bootstrap(
+    values: list[float], target: list[float], rivals: list[list[float]], seed: int = 0
+) -> tuple[float, float, list[float]]:
+    """Over ``BOOTSTRAP`` resamples of the architectures: the 5% and 95% quantiles of ρ(values, target), and for
+    each of ``rivals`` (other predictors' values on the same architectures) the share of resamples in which
+    ``values`` ranks ``target`` better than that rival does."""
     rng = np.random.default_rng(seed)
-    v, t, p = (np.asarray(a, dtype=float) for a in (values, target, params))
+    v, t = np.asarray(values, dtype=float), np.asarray(target, dtype=float)
+    others = [np.asarray(r, dtype=float) for r in rivals]
     rhos, wins = [], []
     for _ in range(BOOTSTRAP):
         pick = rng.integers(0, len(v), len(v))
         if len(set(t[pick])) < 3:
             continue
         rho = spearmanr(v[pick], t[pick]).statistic
-        rho_params = spearmanr(p[pick], t[pick]).statistic
-        if np.isfinite(rho) and np.isfinite(rho_params):
+        rival_rhos = [spearmanr(r[pick], t[pick]).statistic for r in others]
+        if np.isfinite(rho) and all(np.isfinite(rival_rhos)):
             rhos.append(rho)
-            wins.append(rho > rho_params)
-    return float(np.quantile(rhos, 0.05)), float(np.quantile(rhos, 0.95)), float(np.mean(wins))
+            wins.append([rho > r for r in rival_rhos])
+    shares = np.mean(wins, axis=0) if others else np.empty(0)
+    return float(np.quantile(rhos, 0.05)), float(np.quantile(rhos, 0.95)), [float(w) for w in shares]
 
 
 def _full_width_ranking(
@@ -500,22 +506,27 @@ def _full_width_ranking(
         ("width-0.25 reference (mean of 2 seeds)", with_reduced, [reduced[m["config"].hash] for m in with_reduced])
     )
     archived = json.loads(SCORES_JSON.read_text()).get("raw_scores", {}) if SCORES_JSON.exists() else {}
+    rung: dict[str, float] = {}  # the default search's own score, the rival every other predictor must beat
     for name, predictor in sorted(_predictors(archived).items()):
         scored = [m for m in members if m["config"].hash in predictor["values"]]
         seeds_run = sorted({int(s) for m in scored for s in predictor["values"][m["config"].hash]})
         means = [float(np.mean(list(predictor["values"][m["config"].hash].values()))) for m in scored]
         rows.append((f"{name} (mean of seeds {seeds_run})", scored, means))
+        if name == DEFAULT_RUNG:
+            rung = {m["config"].hash: mean for m, mean in zip(scored, means)}
     lines = [
         "",
         f"**Against the full-width validation Dice** (the mean of the seeds run: "
         f"{' or '.join(str(k) for k in seeds_per_arch)} per architecture), {len(members)} architectures. "
         f"Interval: 5–95% of ρ over {BOOTSTRAP:,} bootstrap resamples of the architectures. Partial ρ: with "
         "the parameter count held fixed, what the predictor knows beyond the network's size (0: nothing). "
-        "P(> params): the share of resamples in which it ranks better than the parameter count. Evaluators: "
-        "every run archived in fidelity-scores.json (`raw_scores`).",
+        "P(> params), P(> rung): the share of resamples in which it ranks better than the parameter count, than "
+        f"the default search's own score ({DEFAULT_RUNG}). Evaluators: every run archived in fidelity-scores.json "
+        "(`raw_scores`).",
         "",
-        "| predictor | archs | Spearman ρ | 90% interval | Kendall τ | partial ρ given params | P(> params) |",
-        "|---|---|---|---|---|---|---|",
+        "| predictor | archs | Spearman ρ | 90% interval | Kendall τ | partial ρ given params | P(> params) "
+        "| P(> rung) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, scored, values in rows:
         if len(scored) < 3:
@@ -523,10 +534,14 @@ def _full_width_ranking(
         target = [full[m["config"].hash] for m in scored]
         params = [m["params"] for m in scored]
         rho, tau = spearmanr(values, target).statistic, kendalltau(values, target).statistic
-        low, high, wins = _bootstrap(values, target, params)
+        rival_rung = [rung.get(m["config"].hash) for m in scored]
+        against_rung = not name.startswith(DEFAULT_RUNG) and None not in rival_rung
+        low, high, wins = _bootstrap(values, target, [params, rival_rung] if against_rung else [params])
         partial = "—" if name == "parameter count" else f"{partial_rho(values, target, params):.3f}"
-        beats = "—" if name == "parameter count" else f"{wins:.2f}"
+        beats = "—" if name == "parameter count" else f"{wins[0]:.2f}"
+        beats_rung = f"{wins[1]:.2f}" if against_rung else "—"
         lines.append(
-            f"| {name} | {len(scored)} | {rho:.3f} | {low:.2f} … {high:.2f} | {tau:.3f} | {partial} | {beats} |"
+            f"| {name} | {len(scored)} | {rho:.3f} | {low:.2f} … {high:.2f} | {tau:.3f} | {partial} | {beats} "
+            f"| {beats_rung} |"
         )
     return lines

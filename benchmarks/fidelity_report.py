@@ -480,8 +480,7 @@ def _bootstrap(
         if np.isfinite(rho) and all(np.isfinite(rival_rhos)):
             rhos.append(rho)
             wins.append([rho > r for r in rival_rhos])
-    shares = np.mean(wins, axis=0) if others else np.empty(0)
-    return float(np.quantile(rhos, 0.05)), float(np.quantile(rhos, 0.95)), [float(w) for w in shares]
+    return float(np.quantile(rhos, 0.05)), float(np.quantile(rhos, 0.95)), np.mean(wins, axis=0).tolist()
 
 
 def _full_width_ranking(

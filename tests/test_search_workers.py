@@ -172,7 +172,8 @@ def postgres_url():
 
 def test_processes_opening_one_empty_postgres_database_together_all_get_it(postgres_url):
     # PostgreSQL's loser of the same race sees a duplicate key in pg_type (IntegrityError) or
-    # 'relation "studies" already exists' (ProgrammingError, DuplicateTable); both must be retried.
+    # 'relation "studies"' / 'type "studydirection" already exists' (ProgrammingErrors: DuplicateTable,
+    # DuplicateObject); each must be retried.
     open_together(postgres_url, processes=12)
 
 

@@ -10,6 +10,9 @@
    ours (NSGA-II + Pareto-aware successive halving + preset seeding), Optuna's RandomSampler and
    plain NSGA-II (both one fidelity, no presets). Hypervolume of (Dice, params) normalized to
    Dice in [0, 1] and params in [0, budget], of the search scores and of the retrained front.
+   ``--methods`` picks others from METHODS (pre-screen variants; the default run's split, 12
+   architectures trained and the rest of the time retraining, for ours and both baselines); runs
+   that ``<out>/compare-progress.json`` already records are reused.
 3. The papers' presets at the quick profile's top fidelity (taken from our study when a preset got
    there, trained otherwise); which point of each search dominates each preset.
 
@@ -48,8 +51,14 @@ METHODS = {
     "random (Optuna RandomSampler)": ["--sampler", "random", "--no-multi-fidelity", "--no-seed-presets"],
     "NSGA-II without multi-fidelity": ["--no-multi-fidelity", "--no-seed-presets"],
     "ours + grad_norm pre-screen of 100": ["--prescreen", "grad_norm", "--prescreen-size", "100"],
+    "ours + zico pre-screen of 100": ["--prescreen", "zico", "--prescreen-size", "100"],
+    # the default run's split of the time: 12 architectures trained (the quick profile's trials), the rest of the
+    # time retraining the front (up to 20 epochs); the baselines with the same split
+    "ours, 12 trained (the default run)": ["--trials", "12"],
+    "random, 12 trained": ["--sampler", "random", "--no-multi-fidelity", "--no-seed-presets", "--trials", "12"],
+    "NSGA-II without multi-fidelity, 12 trained": ["--no-multi-fidelity", "--no-seed-presets", "--trials", "12"],
 }
-DEFAULT_METHODS = (0, 1, 2)  # --methods: indices into METHODS; the first is what the others are divided by
+DEFAULT_METHODS = (0, 1, 2)  # --methods: indices into METHODS, in order; the first is the one divided by the others
 
 
 def psc_search(out: Path, *extra: str) -> float:
@@ -107,8 +116,11 @@ def default_run(out: Path) -> dict:
 
 
 def _one_run(out: Path, minutes: float, seed: int, flags: list[str], threads: int | None) -> subprocess.Popen:
+    if out.exists():  # psc-search would resume that study, under this run's time limit
+        raise SystemExit(f"{out} exists and compare-progress.json does not record it as this run: remove it first")
     command = [str(Path(sys.executable).with_name("psc-search")), "--task", "ibsr", "--budget", BUDGET]
-    command += ["--out", str(out), "--timeout", f"{minutes}m", "--trials", "200", "--seed", str(seed), *flags]
+    trials = [] if "--trials" in flags else ["--trials", "200"]  # by default time, not a trial count, ends a run
+    command += ["--out", str(out), "--timeout", f"{minutes}m", *trials, "--seed", str(seed), *flags]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
 
@@ -148,19 +160,46 @@ def comparison(
 ) -> dict:
     """Each of ``methods`` (indices into METHODS) for ``minutes`` of wall time per seed (retraining included, as
     the profile ends); with ``parallel`` the methods of one seed run at the same time, one torch thread each, so
-    that they share the machine's load alike. Ratios divide by the first method."""
-    chosen = {name: flags for index, (name, flags) in enumerate(METHODS.items()) if index in methods}
+    that they share the machine's load alike. Ratios divide the first method given by each.
+
+    A run that ``root/compare-progress.json`` already records (same method, seed, minutes and mode, its folder
+    still there) is reused, not run again: an interrupted benchmark resumes, and a method added later is
+    compared with runs measured before it (the load averages recorded with each run say whether the machine
+    was as idle)."""
+    names = list(METHODS)
+    chosen = {names[index]: METHODS[names[index]] for index in methods}
+    progress = root / "compare-progress.json"
+    mode = "parallel" if parallel else "sequential"
+    earlier = json.loads(progress.read_text()) if progress.exists() else {}
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
 
+    def reused(name: str, seed: int) -> bool:
+        for run in earlier.get(name, []):
+            same = (run["seed"], run.get("minutes"), run.get("mode")) == (seed, minutes, mode)
+            if same and (Path(run["out"]) / "pareto.json").exists():
+                runs[name].append(run)
+                print(name, f"seed {seed}: reusing {run['out']}", flush=True)
+                return True
+        return False
+
+    def save() -> None:  # after every run, so that an interrupted benchmark keeps what it measured
+        kept = {name: [r for r in earlier.get(name, []) if name not in runs or r not in runs[name]] for name in earlier}
+        merged = {name: kept.get(name, []) + runs.get(name, []) for name in {**earlier, **runs}}
+        progress.write_text(json.dumps(merged, indent=2) + "\n")
+
     def record(name: str, out: Path, seed: int, started: float, load_before: float) -> None:
-        runs[name].append(_summary(out, time.perf_counter() - started, seed, load_before))
+        summary = _summary(out, time.perf_counter() - started, seed, load_before)
+        runs[name].append({**summary, "minutes": minutes, "mode": mode})
         print(name, json.dumps({k: v for k, v in runs[name][-1].items() if "points" not in k}), flush=True)
-        # after every run, so that an interrupted benchmark keeps what it measured
-        (root / "compare-progress.json").write_text(json.dumps(runs, indent=2) + "\n")
+        save()
 
     for seed in seeds:
-        outs = {name: root / f"compare-{index}-s{seed}" for index, name in enumerate(METHODS) if name in chosen}
+        outs = {name: root / f"compare-{names.index(name)}-s{seed}" for name in chosen}
         if parallel:
+            if all([reused(name, seed) for name in chosen]):  # every one, not the first found
+                continue
+            for name in chosen:  # a seed's methods share the machine: all run again together
+                runs[name] = [r for r in runs[name] if r["seed"] != seed]
             started, load_before = time.perf_counter(), os.getloadavg()[0]
             processes = {name: _one_run(outs[name], minutes, seed, chosen[name], 1) for name in chosen}
             for name, process in processes.items():
@@ -169,6 +208,8 @@ def comparison(
                 record(name, outs[name], seed, started, load_before)
             continue
         for name in chosen:  # one after the other, each with the machine's threads
+            if reused(name, seed):
+                continue
             started, load_before = time.perf_counter(), os.getloadavg()[0]
             _finish(_one_run(outs[name], minutes, seed, chosen[name], None), outs[name])
             record(name, outs[name], seed, started, load_before)

@@ -10,7 +10,8 @@ The proxies of the zero-cost NAS literature, adapted to any task (the task's los
 
 Each is a ranking signal, larger = predicted better. Whether it ranks architectures of a space better than
 their parameter count does is measured, not assumed: benchmarks/fidelity.py (docs/benchmarks/fidelity.md).
-The weights are initialised from ``seed``; the batch comes from the task's training data with that seed.
+The weights are initialised from ``seed``; the batch comes from the task's training data with that seed. The
+network and batch go where the search trains (``psc_nas.device.compute_device``: a GPU when there is one).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from psc_nas.arch import ArchConfig
+from psc_nas.device import compute_device, to_device
 from psc_nas.nets import build_model
 from psc_nas.tasks import Batch, Task, get_task
 
@@ -75,7 +77,7 @@ def synflow(net: nn.Module, task: Task, batch: Batch) -> float:
     _signs_to_abs(net)
     inputs = batch[task.input_key]
     net.zero_grad(set_to_none=True)
-    net(torch.ones((1, *inputs.shape[1:]), dtype=torch.float64)).sum().backward()
+    net(torch.ones((1, *inputs.shape[1:]), dtype=torch.float64, device=inputs.device)).sum().backward()
     total = sum(float((w.detach() * w.grad).sum()) for w in _weights(net) if w.grad is not None)
     return math.log(total) if total > 0 else float("-inf")
 
@@ -84,7 +86,7 @@ def synflow(net: nn.Module, task: Task, batch: Batch) -> float:
 def naswot(net: nn.Module, task: Task, batch: Batch) -> float:
     inputs = batch[task.input_key]
     n = inputs.shape[0]
-    kernel = torch.zeros((n, n), dtype=torch.float64)
+    kernel = torch.zeros((n, n), dtype=torch.float64, device=inputs.device)
 
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
         codes = (output.reshape(n, -1) > 0).to(torch.float64)
@@ -143,10 +145,12 @@ def proxy_scores(
     task = get_task(task) if isinstance(task, str) else task
     if batch is None:
         batch = training_batch(task, seed=seed, data_dir=data_dir)
+    device = compute_device()
+    batch = to_device(batch, device)
     scores = {}
     if "grad_norm" in proxies and "snip" in proxies:  # one backward pass serves both
         torch.manual_seed(seed)
-        net = build_model(config).train()
+        net = build_model(config).to(device).train()
         grads = _loss_grads(net, task, batch)
         scores["grad_norm"] = float(sum(g.norm() for g in grads))
         scores["snip"] = float(sum((w.detach() * g).abs().sum() for w, g in zip(_weights(net), grads)))
@@ -165,6 +169,7 @@ def proxy_score(
     task = get_task(task) if isinstance(task, str) else task
     if batch is None:
         batch = training_batch(task, seed=seed, data_dir=data_dir)
-    torch.manual_seed(seed)
-    net = build_model(config).train()
-    return SCORERS[proxy](net, task, batch)
+    torch.manual_seed(seed)  # the same initial weights on every device: built on the CPU, then moved
+    device = compute_device()
+    net = build_model(config).to(device).train()
+    return SCORERS[proxy](net, task, to_device(batch, device))

@@ -43,6 +43,7 @@ from torch import nn
 
 from psc_nas.arch import ArchConfig, BlockChoice, Slot
 from psc_nas.costs import Cost, format_count
+from psc_nas.device import compute_device, to_device
 from psc_nas.evaluators.base import Evaluation, Fidelity, failure_reason
 from psc_nas.files import write_bytes_atomic
 from psc_nas.nets import cost as price_config
@@ -440,11 +441,11 @@ def train_supernet(
     optimizer, scheduler = schedule["optimizer"], schedule["lr_scheduler"]["scheduler"]
     loss_fn = task.loss()
     losses: list[float] = []
-    supernet.to(_device()).train()
+    supernet.to(compute_device()).train()
     done = 0
     while done < steps:
         for batch in datamodule.train_dataloader():
-            batch = _to(batch, _device())
+            batch = to_device(batch, compute_device())
             loss = loss_fn(supernet(batch[task.input_key]), batch)
             if supernet.priority == "cost" and penalty:
                 loss = loss + penalty * supernet.penalty()
@@ -465,9 +466,9 @@ def time_step(supernet: CakesSuperNet, task: Any, *, batch_size: int, data_dir: 
     """Seconds of one training forward + backward (median of 3, after one warm-up), no update."""
     datamodule = task.datamodule(data_dir=data_dir, seed=seed, samples_per_epoch=batch_size, batch_size=batch_size)
     datamodule.setup("fit")
-    batch = _to(next(iter(datamodule.train_dataloader())), _device())
+    batch = to_device(next(iter(datamodule.train_dataloader())), compute_device())
     loss_fn = task.loss()
-    supernet.to(_device()).train()
+    supernet.to(compute_device()).train()
     seconds = []
     for _ in range(4):
         start = time.perf_counter()
@@ -551,14 +552,6 @@ def search_one(
     if moved:
         log.info("cakes %s priority: %d channels moved to cheaper sub-kernels to meet the budget", priority, moved)
     return Found(priority, config, price, moved), training
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def _mean(values: Sequence[float]) -> float:

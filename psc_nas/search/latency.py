@@ -9,16 +9,13 @@ from collections.abc import Sequence
 import torch
 
 from psc_nas.arch import ArchConfig
+from psc_nas.device import compute_device
 from psc_nas.nets import build_model
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def forward_latency_ms(config: ArchConfig, input_shape: Sequence[int], *, repeats: int, warmup: int = 2) -> float:
     """Median wall time of one inference forward pass of one sample on the current device."""
-    current = device()
+    current = compute_device()
     model = build_model(config).to(current).eval()
     sample = torch.randn(1, *input_shape, device=current)
     timings = []

@@ -51,6 +51,7 @@ with warnings.catch_warnings():
 
 from psc_nas.arch import ArchConfig
 from psc_nas.costs import Cost, format_count
+from psc_nas.device import compute_device, to_device
 from psc_nas.evaluators.base import failure_reason
 from psc_nas.evaluators.supernet import crop_patches, pool_volumes, recalibrate, stack
 from psc_nas.nets import cost as price_config
@@ -479,9 +480,9 @@ class OneShotSearch:
         costliest = {u.label: max(range(len(u.kept)), key=lambda i, u=u: u.kept[i].params) for u in self.units}
         frozen = space.freeze(costliest) if self.strategy_name == "spos" else None
         net = frozen if frozen is not None else _all_paths(space)
-        device = _device()
+        device = compute_device()
         net.to(device).train()
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         seconds = []
         for _ in range(3):
             start = time.perf_counter()
@@ -588,10 +589,6 @@ def _all_paths(space: OneShotSpace) -> nn.Module:
             parent = clone.get_submodule(name.rpartition(".")[0]) if "." in name else clone
             setattr(parent, name.rpartition(".")[2], Summed([module[i] for i in range(len(module))]))
     return clone
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _mean(values: Sequence[float]) -> float:

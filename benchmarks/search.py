@@ -183,8 +183,9 @@ def comparison(
         return False
 
     def save() -> None:  # after every run, so that an interrupted benchmark keeps what it measured
-        kept = {name: [r for r in earlier.get(name, []) if name not in runs or r not in runs[name]] for name in earlier}
-        merged = {name: kept.get(name, []) + runs.get(name, []) for name in {**earlier, **runs}}
+        merged = dict(earlier)  # methods not chosen this time keep their records
+        for name, done in runs.items():  # the earlier records not reused, then this benchmark's
+            merged[name] = [r for r in earlier.get(name, []) if r not in done] + done
         progress.write_text(json.dumps(merged, indent=2) + "\n")
 
     def record(name: str, out: Path, seed: int, started: float, load_before: float) -> None:

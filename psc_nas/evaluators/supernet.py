@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from psc_nas.arch import ArchConfig, BlockChoice, Slot
+from psc_nas.device import to_device
 from psc_nas.evaluators.base import Evaluation, EvaluationFailed, Evaluator, EvaluatorSetup, Fidelity
 from psc_nas.files import write_bytes_atomic
 from psc_nas.nets import get_backbone
@@ -773,8 +774,7 @@ class SupernetEvaluator(Evaluator):
         metrics.reset()
         with torch.no_grad():
             predictions = [
-                self.task.predict(self.supernet, {k: v.to(device) for k, v in batch.items()}).cpu()
-                for batch in self._validation
+                self.task.predict(self.supernet, to_device(batch, device)).cpu() for batch in self._validation
             ]
             pooled = pool_volumes(predictions, self._validation, self.task.input_key)
             for prediction, batch in pooled or zip(predictions, self._validation):

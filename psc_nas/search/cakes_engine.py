@@ -441,11 +441,12 @@ def train_supernet(
     optimizer, scheduler = schedule["optimizer"], schedule["lr_scheduler"]["scheduler"]
     loss_fn = task.loss()
     losses: list[float] = []
-    supernet.to(compute_device()).train()
+    device = compute_device()
+    supernet.to(device).train()
     done = 0
     while done < steps:
         for batch in datamodule.train_dataloader():
-            batch = to_device(batch, compute_device())
+            batch = to_device(batch, device)
             loss = loss_fn(supernet(batch[task.input_key]), batch)
             if supernet.priority == "cost" and penalty:
                 loss = loss + penalty * supernet.penalty()

@@ -534,9 +534,7 @@ class OneShotSearch:
         metrics = self.task.metrics()
         metrics.reset()
         with torch.no_grad():
-            predictions = [
-                self.task.predict(space, {k: v.to(device) for k, v in batch.items()}).cpu() for batch in validation
-            ]
+            predictions = [self.task.predict(space, to_device(batch, device)).cpu() for batch in validation]
             pooled = pool_volumes(predictions, validation, self.task.input_key)
             for prediction, batch in pooled or zip(predictions, validation):
                 metrics.update(prediction, batch)

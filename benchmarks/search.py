@@ -57,6 +57,17 @@ METHODS = {
     "ours, 12 trained (the default run)": ["--trials", "12"],
     "random, 12 trained": ["--sampler", "random", "--no-multi-fidelity", "--no-seed-presets", "--trials", "12"],
     "NSGA-II without multi-fidelity, 12 trained": ["--no-multi-fidelity", "--no-seed-presets", "--trials", "12"],
+    # the default run's split with the pre-screen choosing the 10 architectures after the presets (IBSR scores them
+    # on 16³ patches, about 1 s each on 2 cores)
+    "ours + zico+macs pre-screen of 100, 12 trained": [
+        "--prescreen",
+        "zico+macs",
+        "--prescreen-size",
+        "100",
+        "--trials",
+        "12",
+    ],
+    "ours + zico pre-screen of 100, 12 trained": ["--prescreen", "zico", "--prescreen-size", "100", "--trials", "12"],
 }
 DEFAULT_METHODS = (0, 1, 2)  # --methods: indices into METHODS, in order; the first is the one divided by the others
 

@@ -345,18 +345,19 @@ def search(
         Optional[str],
         typer.Option(
             help="Before any training, score --prescreen-size architectures within the budget by this zero-cost "
-            "proxy at initialisation (grad_norm | snip | synflow | naswot | zico) and queue the best of them "
-            "(non-dominated in proxy and cost) for training instead of the sampler's first picks; prescreen.csv "
-            "lists every one. --engine optuna only; the screen's time counts against --timeout."
+            "proxy at initialisation (grad_norm | snip | synflow | naswot | zico; PROXY+macs ranks by the proxy's "
+            "rank plus the MAC count's, e.g. zico+macs) and queue the best of them (non-dominated in score and "
+            "cost) for training instead of the sampler's first picks; prescreen.csv lists every one. --engine "
+            "optuna only; the screen's time counts against --timeout."
         ),
     ] = None,
     prescreen_size: Annotated[
         int,
         typer.Option(
             help="Architectures the pre-screen scores; each costs one forward and backward pass of a batch of 4 "
-            "at the task's input (seconds on a CPU)."
+            "(IBSR: 16³ patches; about a second on 2 CPU cores)."
         ),
-    ] = 100,
+    ] = 100,  # psc_nas.search.prescreen.DEFAULT_SIZE (not imported here: the CLI loads torch lazily)
     engine_option: Annotated[
         Optional[list[str]],
         typer.Option(

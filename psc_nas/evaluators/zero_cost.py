@@ -32,9 +32,12 @@ PROXIES = ("grad_norm", "snip", "synflow", "naswot", "zico")
 BATCH = 4  # samples in the scoring batch (two halves of 2 for zico)
 
 
-def training_batch(task: Task, *, seed: int, batch_size: int = BATCH, data_dir: Any = None) -> Batch:
-    """One batch of the task's training data, fixed by ``seed``."""
-    datamodule = task.datamodule(data_dir=data_dir, seed=seed, samples_per_epoch=batch_size, batch_size=batch_size)
+def training_batch(task: Task, *, seed: int, batch_size: int = BATCH, data_dir: Any = None, **options: Any) -> Batch:
+    """One batch of the task's training data, fixed by ``seed``; ``options`` are more of the task's data options
+    (e.g. IBSR's ``patch_size``)."""
+    datamodule = task.datamodule(
+        data_dir=data_dir, seed=seed, samples_per_epoch=batch_size, batch_size=batch_size, **options
+    )
     datamodule.setup("fit")
     return next(iter(datamodule.train_dataloader()))
 

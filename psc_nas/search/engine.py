@@ -157,7 +157,7 @@ class Engine:
                 self.on_event(Preparing(f"pre-screen: {done}/{total} architectures scored by {ask.proxy}"))
 
         costs = [o.name for o in self.objectives[1:] if o.name in prescreening.SCREEN_COSTS] or ["params"]
-        rows, seconds = prescreening.screen(
+        rows, seconds, batch = prescreening.screen(
             ask,
             pricing,
             self.plan.task,
@@ -166,7 +166,7 @@ class Engine:
             costs=costs,
             progress=progress,
         )
-        data = prescreening.record(self.study, ask, rows, seconds)
+        data = prescreening.record(self.study, ask, rows, seconds, batch)
         prescreening.write_csv(self.plan.out_dir, data)
         self.on_event(Preparing(prescreening.describe(data)))
         ranked = sorted((r for r in rows if r.queued), key=lambda r: -r.score)

@@ -1,9 +1,12 @@
 """A zero-cost pre-screen: many architectures ranked at initialisation before any is trained.
 
-``psc-search --prescreen grad_norm --prescreen-size 100``: when the study is created, ``size`` distinct
+``psc-search --prescreen zico+macs --prescreen-size 100``: when the study is created, ``size`` distinct
 architectures are drawn within the budget (each decision uniform among the answers that can still fit, as the
 restricted sampler asks them), each is scored by one proxy of ``psc_nas.evaluators.zero_cost`` (the network the
-search prices, at initialisation from the run's seed, on one batch of the task's training data), and the queue's
+search prices, at initialisation from the run's seed, on one batch of the task's training data, with the task's
+``screen_data_options``) — or, for ``<proxy>+macs``, by the proxy's rank plus the MAC count's rank among the
+architectures screened (two predictors that each rank the fidelity panel and agree with each other only partly,
+equally weighted; docs/benchmarks/fidelity.md) — and the queue's
 free entries (those the presets leave) get the best of them instead of the sampler's picks: successive
 non-dominated fronts of (proxy, cost), so that the cheap end of the cost range is screened as well as the large
 end, the last front thinned by NSGA-II's crowding distance. Those are trained like any other candidate; the
@@ -39,6 +42,8 @@ from psc_nas.search.record import PRESCREEN
 log = logging.getLogger("psc_nas.search")
 
 DEFAULT_SIZE = 100
+WITH_MACS = "+macs"  # "<proxy>+macs": the proxy's rank plus the MAC count's rank among the screened
+CHOICES = (*PROXIES, *(p + WITH_MACS for p in PROXIES))
 SCREEN_COSTS = ("params", "macs")  # the costs a screen trades its proxy against, as the front's cost objectives
 
 
@@ -53,10 +58,19 @@ class Prescreen:
     data_dir: Any = None
 
     def __post_init__(self) -> None:
-        if self.proxy not in PROXIES:
-            raise ValueError(f"unknown --prescreen proxy {self.proxy!r}; choose from {', '.join(PROXIES)}")
+        if self.proxy not in CHOICES:
+            raise ValueError(f"unknown --prescreen proxy {self.proxy!r}; choose from {', '.join(CHOICES)}")
         if self.size < 1:
             raise ValueError(f"--prescreen-size must be at least 1, got {self.size}")
+
+    @property
+    def zero_cost(self) -> str:
+        """The zero-cost proxy computed per network (``zico`` of ``zico+macs``)."""
+        return self.proxy.removesuffix(WITH_MACS)
+
+    @property
+    def with_macs(self) -> bool:
+        return self.proxy.endswith(WITH_MACS)
 
 
 @dataclass(frozen=True)
@@ -66,9 +80,10 @@ class Screened:
     arch_hash: str
     params: int
     macs: int
-    score: float  # the proxy, larger = predicted better; -inf where it was not finite
+    score: float  # what ranks: the proxy (or its rank + the MACs' rank), larger = predicted better; -inf: failed
     answers: Answers
     queued: bool = False
+    proxy_value: float | None = None  # the zero-cost proxy itself, where ``score`` combines it with the MACs
 
     def row(self) -> dict[str, Any]:
         return {
@@ -76,8 +91,27 @@ class Screened:
             "params": self.params,
             "macs": self.macs,
             "score": self.score if math.isfinite(self.score) else None,
+            **({"proxy_value": _finite(self.proxy_value)} if self.proxy_value is not None else {}),
             "queued": self.queued,
         }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def ranks_with_macs(values: Sequence[float], macs: Sequence[int]) -> list[float]:
+    """Each finite value's rank (1 = lowest, ties averaged) plus its MAC count's rank among the same rows; a value
+    that is not finite stays -inf."""
+    finite = [i for i, v in enumerate(values) if math.isfinite(v)]
+    total = (
+        pd.Series([values[i] for i in finite], dtype=float).rank()
+        + pd.Series([macs[i] for i in finite], dtype=float).rank()
+    )
+    scores = [-math.inf] * len(values)
+    for i, score in zip(finite, total.tolist()):
+        scores[i] = score
+    return scores
 
 
 def draw(pricing: Pricing, count: int, *, seed: int, avoid: set[str]) -> list[ArchConfig]:
@@ -126,18 +160,19 @@ def screen(
     avoid: set[str] | None = None,
     costs: Sequence[str] = ("params",),
     progress: Callable[[int, int], None] = lambda done, total: None,
-) -> tuple[list[Screened], float]:
-    """Draw, score and choose: every row scored (``queued`` marks the ``keep`` chosen) and the seconds it took.
-    ``progress(done, total)`` hears of every architecture scored."""
+) -> tuple[list[Screened], float, str]:
+    """Draw, score and choose: every row scored (``queued`` marks the ``keep`` chosen), the seconds it took and
+    the batch scored on, in words. ``progress(done, total)`` hears of every architecture scored."""
     started = time.monotonic()
     configs = draw(pricing, prescreen.size, seed=prescreen.seed, avoid=avoid or set())
-    batch = training_batch(task, seed=prescreen.seed, data_dir=prescreen.data_dir)
+    batch = screening_batch(prescreen, task)
+    proxy = prescreen.zero_cost
     rows: list[Screened] = []
     for config in configs:
         try:
-            score = proxy_score(prescreen.proxy, config, task, seed=prescreen.seed, batch=batch)
+            score = proxy_score(proxy, config, task, seed=prescreen.seed, batch=batch)
         except Exception as error:  # one network's failure (out of memory, a NaN) ranks it last, no more
-            log.warning("pre-screen: %s of %s failed (%s); ranked last", prescreen.proxy, config.hash[:8], error)
+            log.warning("pre-screen: %s of %s failed (%s); ranked last", proxy, config.hash[:8], error)
             score = -math.inf
         price = pricing.price(config)
         answers = pricing.catalog.answers_for(config)
@@ -146,17 +181,36 @@ def screen(
             Screened(config.hash, price.params, price.macs, score if math.isfinite(score) else -math.inf, answers)
         )
         progress(len(rows), len(configs))
+    if prescreen.with_macs:
+        combined = ranks_with_macs([r.score for r in rows], [r.macs for r in rows])
+        rows = [replace(r, score=c, proxy_value=r.score) for r, c in zip(rows, combined)]
     queued = set(choose(rows, keep, costs))
     rows = [replace(r, queued=i in queued) for i, r in enumerate(rows)]
-    return rows, time.monotonic() - started
+    return rows, time.monotonic() - started, describe_batch(batch, task)
 
 
-def record(study: optuna.Study, prescreen: Prescreen, rows: Sequence[Screened], seconds: float) -> dict[str, Any]:
-    """Keep the screen in the study (what the outputs read back); returns what it kept."""
+def screening_batch(prescreen: Prescreen, task: Any) -> Any:
+    """The one batch every architecture is scored on: the task's training data with its ``screen_data_options``,
+    fixed by the run's seed."""
+    return training_batch(task, seed=prescreen.seed, data_dir=prescreen.data_dir, **task.screen_data_options)
+
+
+def describe_batch(batch: Any, task: Any) -> str:
+    """``4 samples of 1x16x16x16``: what the proxy saw."""
+    shape = tuple(batch[task.input_key].shape)
+    return f"{shape[0]} samples of {'x'.join(map(str, shape[1:]))}"
+
+
+def record(
+    study: optuna.Study, prescreen: Prescreen, rows: Sequence[Screened], seconds: float, batch: str = ""
+) -> dict[str, Any]:
+    """Keep the screen in the study (what the outputs read back); returns what it kept. ``batch``: what the proxy
+    was computed on, in words (``describe_batch``)."""
     data = {
         "proxy": prescreen.proxy,
         "size": prescreen.size,
         "seed": prescreen.seed,
+        "batch": batch,
         "scored": len(rows),
         "queued": sum(r.queued for r in rows),
         "seconds": round(seconds, 1),
@@ -168,8 +222,9 @@ def record(study: optuna.Study, prescreen: Prescreen, rows: Sequence[Screened], 
 
 def describe(data: dict[str, Any]) -> str:
     """One line for the log and the display."""
+    on = f" on {data['batch']}" if data.get("batch") else ""
     return (
-        f"pre-screen: ranked {data['scored']} architectures by {data['proxy']} at initialisation in "
+        f"pre-screen: ranked {data['scored']} architectures by {data['proxy']} at initialisation{on} in "
         f"{data['seconds']:.0f} s; queued the best {data['queued']} for training"
     )
 
@@ -179,8 +234,11 @@ CSV = "prescreen.csv"
 
 def write_csv(out_dir: Path, data: dict[str, Any]) -> None:
     """The run folder's prescreen.csv: every architecture scored, best first, ``queued`` marking those trained."""
-    table = pd.DataFrame(data["rows"], columns=["arch_hash", "params", "macs", "score", "queued"])
-    table = table.rename(columns={"score": data["proxy"]}).sort_values(data["proxy"], ascending=False)
+    combined = data["proxy"].endswith(WITH_MACS)
+    columns = ["arch_hash", "params", "macs", *(["proxy_value"] if combined else []), "score", "queued"]
+    table = pd.DataFrame(data["rows"], columns=columns)
+    names = {"score": data["proxy"], "proxy_value": data["proxy"].removesuffix(WITH_MACS)}
+    table = table.rename(columns=names).sort_values(data["proxy"], ascending=False)
     write_text_atomic(out_dir / CSV, table.to_csv(index=False))
 
 
@@ -191,7 +249,14 @@ def summary(data: dict[str, Any] | None) -> dict[str, Any] | None:
     return {
         **{k: v for k, v in data.items() if k != "rows"},
         "file": CSV,
-        "what": f"{data['scored']} architectures drawn within the budget were scored by the zero-cost proxy "
-        f"{data['proxy']} at initialisation (no training) before the search; the {data['queued']} non-dominated in "
-        "(proxy, cost) were queued for training after the presets. The proxy ranks; it is never a trial's value.",
+        "what": f"{data['scored']} architectures drawn within the budget were scored by {_words(data['proxy'])} "
+        f"at initialisation (no training){' on ' + data['batch'] if data.get('batch') else ''} before the search; "
+        f"the {data['queued']} non-dominated in (score, cost) were queued for training after the presets. The score "
+        "ranks; it is never a trial's value.",
     }
+
+
+def _words(proxy: str) -> str:
+    if proxy.endswith(WITH_MACS):
+        return f"the zero-cost proxy {proxy.removesuffix(WITH_MACS)}'s rank plus the MAC count's rank"
+    return f"the zero-cost proxy {proxy}"

@@ -84,6 +84,9 @@ class Task(ABC):
     # The task's own schedule per run profile, measured for this task: Profile fields replaced when a
     # search of this task runs that profile, e.g. {"quick": {"data_options": {...}}} (search.profiles).
     profile_overrides: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    # Data options of the batch a zero-cost pre-screen scores every architecture on (psc_nas.search.prescreen),
+    # e.g. smaller patches where the task measured that they rank as the full input does; {}: the training input.
+    screen_data_options: ClassVar[Mapping[str, Any]] = {}
 
     @property
     def maximize(self) -> bool:

@@ -8,6 +8,7 @@
     python benchmarks/fidelity.py reference-full --names csn_ip cheapest --seeds 0 1 --jobs 1 --work W
     python benchmarks/fidelity.py full-width-report --work W  # -> docs/benchmarks/fidelity-full-width.md
     python benchmarks/fidelity.py restore --work W            # a fresh machine: W from the committed JSON
+    python benchmarks/fidelity.py screen                      # the pre-screen's proxies on 32³ and 16³ patches
 
 Panel: architectures of ``ibsr_densenet3d`` under the 5M-parameter budget (at the task's 32³ input): the
 hand-designed presets that fit, the cheapest and the largest of a seeded pool of uniform samples, and
@@ -528,6 +529,7 @@ def main() -> None:
             "measure",
             "report",
             "full-width-report",
+            "screen",
         ],
     )
     parser.add_argument("variant", nargs="?")
@@ -562,6 +564,10 @@ def main() -> None:
         from fidelity_report import full_width_report
 
         full_width_report(args.work)
+    elif args.command == "screen":
+        from fidelity_report import screen_check
+
+        screen_check(tuple(args.seeds or (0, 1, 2)))
 
 
 if __name__ == "__main__":

@@ -347,8 +347,9 @@ def search(
             help="Before any training, score --prescreen-size architectures within the budget by this zero-cost "
             "proxy at initialisation (grad_norm | snip | synflow | naswot | zico; PROXY+macs ranks by the proxy's "
             "rank plus the MAC count's, e.g. zico+macs) and queue the best of them (non-dominated in score and "
-            "cost) for training instead of the sampler's first picks; prescreen.csv lists every one. --engine "
-            "optuna only; the screen's time counts against --timeout."
+            "cost) for training instead of the sampler's first picks; prescreen.csv lists every one. Default: the "
+            "profile's (IBSR's quick profile: zico+macs; none elsewhere); none: no screen. --engine optuna only; the "
+            "screen's time counts against --timeout."
         ),
     ] = None,
     prescreen_size: Annotated[

@@ -70,6 +70,7 @@ def main() -> None:
     raw["budget"] = Budget(**raw.get("budget", {}))
     raw["out"] = Path(raw["out"])
     raw.setdefault("retrain", False)  # retraining trains for real; the worker tests count stand-in evaluations
+    raw.setdefault("prescreen", "none")  # so does IBSR's quick-profile pre-screen (100 real networks)
     settings = SearchSettings(**raw)
     run_search(settings, evaluator=StandinEvaluator(), console=Console(stderr=True, quiet=True))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -382,7 +383,8 @@ def test_em_and_ucf101_size_the_quick_profile_and_ibsr_keeps_its_own():
         assert quick.epochs == tuple(overrides["epochs"])
         assert quick.retrain is None  # the whole time budget searches
         assert quick.timeout == PROFILES["quick"].timeout  # within the same 15 minutes
-    assert get_profile("quick", get_task("ibsr")) == PROFILES["quick"]  # none of em's or ucf101's schedule
+    # none of em's or ucf101's schedule; only its own pre-screen
+    assert get_profile("quick", get_task("ibsr")) == replace(PROFILES["quick"], prescreen="zico+macs")
 
 
 def test_the_benchmark_trains_as_the_tasks_quick_profile_does():

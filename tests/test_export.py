@@ -174,7 +174,9 @@ def test_a_real_search_run_exports_its_best_yaml_and_the_dashboard_agrees(tmp_pa
     """psc-search (with the search tests' stand-in evaluator) writes the run; we read it back."""
     out = tmp_path / "ibsr-2M"
     run_search(
-        SearchSettings(task="ibsr", budget=Budget(params=2_000_000), trials=6, out=out, retrain=False),
+        SearchSettings(
+            task="ibsr", budget=Budget(params=2_000_000), trials=6, out=out, retrain=False, prescreen="none"
+        ),
         evaluator=search_standin.StandinEvaluator(),
         console=Console(quiet=True),
     )

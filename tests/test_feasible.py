@@ -156,7 +156,9 @@ def test_projection_shrinks_an_over_budget_candidate_until_it_fits(ibsr):
 @pytest.mark.parametrize("budget", [Budget(params=1_000_000), Budget(macs=2_000_000_000)], ids=["1M", "2G-MACs"])
 def test_search_near_the_space_minimum_evaluates_every_trial(tmp_path, budget):
     """psc-search at 1M params or 2G MACs: 4 distinct architectures, none over budget, a hypervolume > 0."""
-    settings = SearchSettings(task="ibsr", budget=budget, trials=4, out=tmp_path / "run", retrain=False)
+    settings = SearchSettings(
+        task="ibsr", budget=budget, trials=4, out=tmp_path / "run", retrain=False, prescreen="none"
+    )
     front = run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     study = optuna.load_study(study_name="run", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     records = read_trials(study)

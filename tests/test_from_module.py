@@ -306,7 +306,7 @@ def test_a_search_over_a_monai_network_records_exact_costs_and_exports_a_rebuild
     space = write_space(tmp_path, {"module": "monai.networks.nets.BasicUNet", "args": BASIC})
     out = tmp_path / "run"
     settings = SearchSettings(
-        task="ibsr", budget=Budget(params=40_000), trials=4, out=out, retrain=False, space=str(space)
+        task="ibsr", budget=Budget(params=40_000), trials=4, out=out, retrain=False, space=str(space), prescreen="none"
     )
     run_search(settings, evaluator=search_standin.StandinEvaluator(), console=Console(quiet=True))
     study = optuna.load_study(study_name="run", storage=f"sqlite:///{out / 'study.db'}")

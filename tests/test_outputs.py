@@ -55,6 +55,7 @@ def run(tmp_path_factory):
         sampler="random",
         budget_sampling="reject",
         seed=3,
+        prescreen="none",
     )
     run_search(settings, evaluator=PerClassEvaluator(), console=Console(quiet=True))
     study = optuna.load_study(study_name="run", storage=f"sqlite:///{out / 'study.db'}")

@@ -4,6 +4,7 @@ real SQLite study, the real CLI and a real Ctrl-C."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -16,7 +17,7 @@ from test_search import search
 
 from psc_nas.evaluators.zero_cost import proxy_score, training_batch
 from psc_nas.search.budget import Budget
-from psc_nas.search.prescreen import Prescreen, Screened, choose, draw
+from psc_nas.search.prescreen import Prescreen, Screened, choose, draw, ranks_with_macs, screening_batch, write_csv
 from psc_nas.search.record import SETUP_PROGRESS, read_trials, set_planned_trials, wait_until_set_up
 from psc_nas.search.runner import SearchSettings, plan_search
 from psc_nas.tasks import get_task
@@ -39,6 +40,12 @@ def test_choose_takes_whole_fronts_in_turn_and_thins_the_last_by_spread():
 def test_prescreen_refuses_an_unknown_proxy_or_an_empty_screen():
     with pytest.raises(ValueError, match="unknown --prescreen proxy 'nope'; choose from grad_norm"):
         Prescreen("nope")
+    with pytest.raises(ValueError, match="unknown --prescreen proxy 'nope\\+macs'.*zico\\+macs"):
+        Prescreen("nope+macs")
+    with pytest.raises(ValueError, match="unknown --prescreen proxy 'zico\\+params'"):
+        Prescreen("zico+params")
+    assert (Prescreen("zico+macs").zero_cost, Prescreen("zico+macs").with_macs) == ("zico", True)
+    assert (Prescreen("zico").zero_cost, Prescreen("zico").with_macs) == ("zico", False)
     with pytest.raises(ValueError, match="--prescreen-size must be at least 1"):
         Prescreen("grad_norm", 0)
 
@@ -57,18 +64,21 @@ def test_a_prescreened_search_trains_the_screen_s_best_after_the_presets_and_kee
     assert {r.arch_hash for r in screened_trials} == queued  # the screen's picks are what was trained
     assert all(r.state == optuna.trial.TrialState.COMPLETE for r in records)
     assert not queued & {r.arch_hash for r in presets}
-    # the queued ones are non-dominated in (grad_norm, params) among the six
+    # whole non-dominated fronts of (grad_norm, params) in turn: whatever dominates a queued row is queued too
     by_hash = {row["arch_hash"]: row for row in screen["rows"]}
     for h in queued:
-        assert not any(
-            o["score"] >= by_hash[h]["score"] and o["params"] <= by_hash[h]["params"] and o is not by_hash[h]
+        mine = (by_hash[h]["score"], by_hash[h]["params"])
+        dominating = [
+            o["arch_hash"]
             for o in screen["rows"]
-            if (o["score"], o["params"]) != (by_hash[h]["score"], by_hash[h]["params"])
-        )
+            if o["score"] >= mine[0] and o["params"] <= mine[1] and (o["score"], o["params"]) != mine
+        ]
+        assert set(dominating) <= queued
     # every recorded score is the proxy itself: recomputed for one architecture from its trial
     trial = screened_trials[0]
     task = get_task("ibsr")
-    again = proxy_score("grad_norm", trial.config(), task, seed=0, batch=training_batch(task, seed=0))
+    batch = training_batch(task, seed=0, patch_size=(16, 16, 16))  # IBSR's screen_data_options
+    again = proxy_score("grad_norm", trial.config(), task, seed=0, batch=batch)
     assert by_hash[trial.arch_hash]["score"] == pytest.approx(again, rel=1e-4)
     assert study.trials[trial.number].user_attrs["prescreen"].startswith("grad_norm ")
     table = pd.read_csv(tmp_path / "run" / "prescreen.csv")
@@ -79,6 +89,50 @@ def test_a_prescreened_search_trains_the_screen_s_best_after_the_presets_and_kee
     pareto = json.loads((tmp_path / "run" / "pareto.json").read_text())
     assert pareto["prescreen"]["scored"] == 6 and pareto["prescreen"]["file"] == "prescreen.csv"
     assert "rows" not in pareto["prescreen"]
+
+
+def test_ranks_with_macs_adds_the_two_ranks_ties_averaged_and_keeps_failures_last():
+    values = [0.5, 3.0, -math.inf, 2.0, 2.0]
+    macs = [40, 10, 1, 30, 20]
+    # finite values ranked 1, 4, -, 2.5, 2.5; their MACs among the same rows 4, 1, -, 3, 2
+    assert ranks_with_macs(values, macs) == [5.0, 5.0, -math.inf, 5.5, 4.5]
+    assert ranks_with_macs([], []) == []
+
+
+def test_the_screen_csv_names_the_proxy_and_for_a_combined_screen_both_columns(tmp_path):
+    rows = [
+        {"arch_hash": "a", "params": 10, "macs": 5, "score": 1.0, "queued": False},
+        {"arch_hash": "b", "params": 20, "macs": 6, "score": 2.0, "queued": True},
+    ]
+    write_csv(tmp_path, {"proxy": "zico", "rows": rows})
+    table = pd.read_csv(tmp_path / "prescreen.csv")
+    assert list(table.columns) == ["arch_hash", "params", "macs", "zico", "queued"]
+    assert list(table["arch_hash"]) == ["b", "a"]  # best first
+    combined = [{**row, "proxy_value": 100.0 - row["score"]} for row in rows]
+    write_csv(tmp_path, {"proxy": "zico+macs", "rows": combined})
+    table = pd.read_csv(tmp_path / "prescreen.csv")
+    assert list(table.columns) == ["arch_hash", "params", "macs", "zico", "zico+macs", "queued"]
+    assert list(table["zico"]) == [98.0, 99.0] and list(table["zico+macs"]) == [2.0, 1.0]
+
+
+@pytest.mark.slow
+def test_a_combined_screen_ranks_by_the_proxy_s_rank_plus_the_macs_rank_on_the_task_s_screening_batch(tmp_path):
+    study, out = search(tmp_path, trials=4, prescreen="grad_norm+macs", prescreen_size=6)
+    screen = study.user_attrs["prescreen"]
+    assert screen["proxy"] == "grad_norm+macs" and screen["batch"] == "4 samples of 1x16x16x16"  # IBSR: 16³
+    rows = screen["rows"]
+    assert [r["score"] for r in rows] == ranks_with_macs([r["proxy_value"] for r in rows], [r["macs"] for r in rows])
+    # the raw proxy is grad_norm on the screening batch: recomputed for one architecture
+    trial = next(r for r in read_trials(study) if r.prescreen)
+    task = get_task("ibsr")
+    batch = screening_batch(Prescreen("grad_norm+macs"), task)
+    again = proxy_score("grad_norm", trial.config(), task, seed=0, batch=batch)
+    assert next(r for r in rows if r["arch_hash"] == trial.arch_hash)["proxy_value"] == pytest.approx(again, rel=1e-4)
+    assert trial.prescreen.startswith("grad_norm+macs ")
+    table = pd.read_csv(out / "prescreen.csv")
+    assert list(table.columns) == ["arch_hash", "params", "macs", "grad_norm", "grad_norm+macs", "queued"]
+    pareto = json.loads((out / "pareto.json").read_text())["prescreen"]
+    assert "rank plus the MAC count's rank" in pareto["what"] and "1x16x16x16" in pareto["what"]
 
 
 @pytest.mark.slow
@@ -170,7 +224,7 @@ def test_an_architecture_whose_proxy_fails_is_ranked_last_and_the_screen_goes_on
         return plan.pricing.price(config).params / 1e6
 
     monkeypatch.setattr(module, "proxy_score", proxy)
-    rows, _ = module.screen(Prescreen("grad_norm", 4), plan.pricing, plan.task, keep=3)
+    rows, _, _ = module.screen(Prescreen("grad_norm", 4), plan.pricing, plan.task, keep=3)
     assert [r.arch_hash for r in rows if not math.isfinite(r.score)] == [victim]
     assert [r.queued for r in rows if r.arch_hash == victim] == [False]  # 3 finite rows fill the 3 places
     assert "pre-screen: grad_norm of" in caplog.text and "out of memory" in caplog.text
@@ -180,3 +234,24 @@ def test_a_prescreen_with_no_free_place_in_the_queue_is_skipped_saying_so(tmp_pa
     study, _ = search(tmp_path, trials=2, prescreen="snip")
     assert "--prescreen skipped: the 2 presets fill all 2 trials" in caplog.text
     assert "prescreen" not in study.user_attrs
+
+
+def test_ibsr_s_quick_profile_screens_by_zico_plus_macs_unless_told_otherwise():
+    def planned(**settings):
+        return plan_search(SearchSettings(**{"task": "ibsr", "budget": Budget(params=5_000_000), **settings})).prescreen
+
+    assert planned() == Prescreen("zico+macs", 100, asked=False)  # psc-search --task ibsr's default
+    assert planned(prescreen="none") is None
+    assert planned(prescreen="snip", prescreen_size=7, seed=3) == Prescreen("snip", 7, seed=3)
+    assert planned(profile="paper") is None  # a profile without a screen
+    assert planned(engine="nni") is None  # the profile's screen fills Optuna's queue; NNI has none to fill
+    with pytest.raises(ValueError, match="--prescreen fills the queue of --engine optuna; --engine nni has none"):
+        planned(engine="nni", prescreen="zico")
+
+
+def test_the_profile_s_screen_skipped_or_ignored_is_no_warning(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="psc_nas.search")
+    search(tmp_path, trials=2, prescreen=None)  # the presets fill both trials: no room for the profile's screen
+    search(tmp_path, trials=2, prescreen=None)  # resumed
+    assert "--prescreen skipped" in caplog.text and "--prescreen ignored" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "--prescreen" in r.getMessage()]

@@ -258,7 +258,7 @@ def test_the_front_is_sent_as_results_come_not_only_when_a_bracket_is_told(tmp_p
             super().__call__(event)
 
     settings = SearchSettings(
-        task="ibsr", budget=Budget(params=5_000_000), trials=3, out=tmp_path / "run", retrain=False
+        task="ibsr", budget=Budget(params=5_000_000), trials=3, out=tmp_path / "run", retrain=False, prescreen="none"
     )
     out = io.StringIO()
     run_search(settings, evaluator=search_standin.StandinEvaluator(), display=Recording(console_for(out)))

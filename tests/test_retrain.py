@@ -179,7 +179,9 @@ def searched(tmp_path_factory):
     """A stand-in search without retraining: a real study and front to retrain."""
     out = tmp_path_factory.mktemp("searched") / "run"
     run_search(
-        SearchSettings(task="ibsr", budget=Budget(params=5_000_000), trials=10, out=out, retrain=False),
+        SearchSettings(
+            task="ibsr", budget=Budget(params=5_000_000), trials=10, out=out, retrain=False, prescreen="none"
+        ),
         evaluator=search_standin.StandinEvaluator(),
         console=Console(quiet=True),
     )
@@ -349,7 +351,7 @@ class Interrupting(search_standin.StandinEvaluator):
 def test_a_search_stopped_by_ctrl_c_skips_retraining(tmp_path, monkeypatch):
     counting = Counting(monkeypatch, train=lambda *a, **k: pytest.fail("retrained after Ctrl-C"))
     settings = SearchSettings(
-        task="ibsr", budget=Budget(params=5_000_000), trials=8, out=tmp_path / "run", retrain=True
+        task="ibsr", budget=Budget(params=5_000_000), trials=8, out=tmp_path / "run", retrain=True, prescreen="none"
     )
     with pytest.raises(KeyboardInterrupt):
         run_search(settings, evaluator=Interrupting(), console=Console(quiet=True))

@@ -35,6 +35,7 @@ def search(tmp_path: Path, name: str = "run", *, evaluator=None, **overrides) ->
             "trials": 8,
             "out": tmp_path / name,
             "retrain": False,
+            "prescreen": "none",  # IBSR's quick profile screens 100 real networks first; tested in test_prescreen
             **overrides,
         }
     )
@@ -211,6 +212,7 @@ def test_journal_storage_is_a_file_based_alternative(tmp_path):
         trials=3,
         out=tmp_path / "run",
         retrain=False,
+        prescreen="none",
         storage=f"journal:{journal}",
         study_name="j",
     )
@@ -230,6 +232,7 @@ def test_events_report_every_evaluation_and_over_budget_sample(tmp_path):
         trials=5,
         out=tmp_path / "run",
         retrain=False,
+        prescreen="none",
         sampler="random",
         budget_sampling="reject",
     )

@@ -62,3 +62,13 @@ def test_more_weights_more_synflow(task, batch):
 def test_unknown_proxy(task, batch):
     with pytest.raises(ValueError, match="unknown zero-cost proxy 'jacob'; known: grad_norm"):
         proxy_score("jacob", config(task, "conv3d"), task, batch=batch)
+
+
+def test_the_random_control_is_fixed_by_architecture_and_seed_and_knows_nothing_else(task, batch):
+    conv, csn = config(task, "conv3d"), config(task, "csn_ir")
+    score = proxy_score("random", conv, task, seed=0, batch=batch)
+    assert 0.0 <= score < 1.0 and proxy_score("random", conv, task, seed=0, batch=batch) == score
+    assert proxy_score("random", conv, task, seed=1, batch=batch) != score
+    assert proxy_score("random", csn, task, seed=0, batch=batch) != score
+    scores = [proxy_score("random", conv, task, seed=s, batch=batch) for s in range(200)]
+    assert 0.4 < sum(scores) / len(scores) < 0.6 and len(set(scores)) == 200  # uniform-looking, no repeats

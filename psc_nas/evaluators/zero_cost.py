@@ -8,6 +8,10 @@ The proxies of the zero-cost NAS literature, adapted to any task (the task's los
     naswot     log|K_H|, K_H the Hamming-agreement kernel of the ReLU on/off codes of a batch (Mellor et al. 2021)
     zico       Σ_layers log(Σ_w mean|g_w| / std g_w) over per-batch gradients of two batches (Li et al. 2023)
 
+and one control that is no proxy: ``random``, a number in [0, 1) fixed by the architecture's hash and the seed and
+unrelated to its quality, computed without building the network: what a proxy, or a pre-screen built on one, must
+beat.
+
 Each is a ranking signal, larger = predicted better. Whether it ranks architectures of a space better than
 their parameter count does is measured, not assumed: benchmarks/fidelity.py (docs/benchmarks/fidelity.md).
 The weights are initialised from ``seed``; the batch comes from the task's training data with that seed. The
@@ -17,6 +21,7 @@ network and batch go where the search trains (``psc_nas.device.compute_device``:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +34,7 @@ from psc_nas.nets import build_model
 from psc_nas.tasks import Batch, Task, get_task
 
 PROXIES = ("grad_norm", "snip", "synflow", "naswot", "zico")
+CONTROLS = ("random",)  # scored like a proxy, knowing nothing
 BATCH = 4  # samples in the scoring batch (two halves of 2 for zico)
 
 
@@ -135,6 +141,11 @@ SCORERS: dict[str, Callable[[nn.Module, Task, Batch], float]] = {
 }
 
 
+def random_control(config: ArchConfig, seed: int) -> float:
+    """The ``random`` control: a number in [0, 1) fixed by the architecture and the seed."""
+    return random.Random(f"{config.hash}:{seed}").random()
+
+
 def proxy_scores(
     config: ArchConfig,
     task: Task | str,
@@ -167,8 +178,10 @@ def proxy_score(
     proxy: str, config: ArchConfig, task: Task | str, *, seed: int = 0, batch: Batch | None = None, data_dir: Any = None
 ) -> float:
     """``proxy`` of ``config`` initialised from ``seed`` on a batch of ``task``'s training data."""
-    if proxy not in SCORERS:
-        raise ValueError(f"unknown zero-cost proxy {proxy!r}; known: {', '.join(PROXIES)}")
+    if proxy not in SCORERS and proxy not in CONTROLS:
+        raise ValueError(f"unknown zero-cost proxy {proxy!r}; known: {', '.join((*PROXIES, *CONTROLS))}")
+    if proxy in CONTROLS:
+        return random_control(config, seed)
     task = get_task(task) if isinstance(task, str) else task
     if batch is None:
         batch = training_batch(task, seed=seed, data_dir=data_dir)

@@ -10,9 +10,11 @@ all 27 taps' accumulators in AVX-512 registers while the row's columns stream pa
 row, so threads never write the same row), used for strides other than 1 and by the benchmarks.
 Odd kernels with 'same' padding (``kernel // 2``), any stride, no bias, float32 or float64.
 
-The kernel is compiled once per machine by ``torch.utils.cpp_extension.load_inline`` (g++, ninja)
-into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and loaded from there by
-every later process. ``available()`` builds or loads it and says whether it can run; a machine
+The kernel is compiled once per machine and torch installation by ``torch.utils.cpp_extension.load_inline``
+(g++, ninja) into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and loaded from there by
+every later process. The build folder's name carries a digest of torch's install path: its headers' path is
+part of the compile command, so two virtual environments sharing one folder would rebuild it in turn.
+``available()`` builds or loads it and says whether it can run; a machine
 without a compiler (or ``PSC_NAS_NO_EXTENSIONS=1``) gets ``False`` and the callers keep oneDNN's
 path. A build prints one line with its time to stderr, and ``load_seconds()`` reports it, so
 compile time never hides inside a timed search or benchmark.
@@ -24,6 +26,7 @@ registered autograd formula and a FLOP formula, so ``FlopCounterMode`` counts it
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 DISABLE_VAR = "PSC_NAS_NO_EXTENSIONS"
-NAME = "psc_nas_depthwise_v4"
+NAME = "psc_nas_depthwise_v4_" + hashlib.sha1(os.path.dirname(torch.__file__).encode()).hexdigest()[:8]
 
 SOURCE = r"""
 #include <torch/extension.h>

@@ -134,9 +134,11 @@ class Engine:
             if self.plan.trials > len(presets):
                 screened = self._prescreen(presets)
             else:
-                log.warning("--prescreen skipped: the %d presets fill all %d trials", len(presets), self.plan.trials)
+                tell = log.warning if self.plan.prescreen.asked else log.info
+                tell("--prescreen skipped: the %d presets fill all %d trials", len(presets), self.plan.trials)
         if not created and self.plan.prescreen is not None and read_prescreen(self.study) is None:
-            log.warning(
+            tell = log.warning if self.plan.prescreen.asked else log.info
+            tell(
                 "--prescreen ignored: study %r exists; a pre-screen runs only when a study is created",
                 self.study.study_name,
             )

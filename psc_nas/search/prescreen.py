@@ -32,7 +32,7 @@ import optuna
 import pandas as pd
 
 from psc_nas.arch import ArchConfig
-from psc_nas.evaluators.zero_cost import PROXIES, proxy_score, training_batch
+from psc_nas.evaluators.zero_cost import CONTROLS, PROXIES, proxy_score, training_batch
 from psc_nas.files import write_text_atomic
 from psc_nas.pareto import crowding_distances, non_dominated_ranks
 from psc_nas.search.catalog import Answers
@@ -43,7 +43,7 @@ log = logging.getLogger("psc_nas.search")
 
 DEFAULT_SIZE = 100
 WITH_MACS = "+macs"  # "<proxy>+macs": the proxy's rank plus the MAC count's rank among the screened
-CHOICES = (*PROXIES, *(p + WITH_MACS for p in PROXIES))
+CHOICES = tuple(p + suffix for suffix in ("", WITH_MACS) for p in (*PROXIES, *CONTROLS))
 SCREEN_COSTS = ("params", "macs")  # the costs a screen trades its proxy against, as the front's cost objectives
 
 
@@ -56,6 +56,7 @@ class Prescreen:
     size: int = DEFAULT_SIZE
     seed: int = 0
     data_dir: Any = None
+    asked: bool = True  # --prescreen asked for it; False: the profile's default (skipping it is no news)
 
     def __post_init__(self) -> None:
         if self.proxy not in CHOICES:

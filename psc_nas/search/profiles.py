@@ -60,6 +60,9 @@ class Profile:
     evaluator_options: dict[str, Any] = field(default_factory=dict)  # for ``evaluator`` only
     retrain: RetrainPolicy | None = None  # retrain the front after the search (None: never); --no-retrain skips
     retrain_share: float = 0.0  # of the time budget, kept for retraining: the search loop stops earlier by this much
+    # A zero-cost pre-screen choosing what the Optuna engine trains after the presets (psc_nas.search.prescreen):
+    # its proxy, e.g. "zico+macs"; None: none. --prescreen overrides (--prescreen none: off); other engines skip it.
+    prescreen: str | None = None
 
     def __post_init__(self) -> None:
         if not self.epochs or list(self.epochs) != sorted(set(self.epochs)) or self.epochs[0] < 1:

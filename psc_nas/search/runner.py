@@ -75,9 +75,9 @@ class SearchSettings:
     budget_sampling: str = "restrict"  # restrict | project | reject, see psc_nas.search.pricing
     heartbeat_interval: int = 10
     engine_options: tuple[tuple[str, Any], ...] = ()  # --engine-option KEY=VALUE, for engines other than optuna
-    prescreen: str | None = (
-        None  # a zero-cost proxy ranking prescreen_size architectures first (psc_nas.search.prescreen)
-    )
+    # a zero-cost proxy ranking prescreen_size architectures first (psc_nas.search.prescreen); None: the profile's
+    # (IBSR's quick profile: zico+macs), "none": no pre-screen
+    prescreen: str | None = None
     prescreen_size: int = DEFAULT_PRESCREEN_SIZE
 
     def out_dir(self) -> Path:
@@ -186,13 +186,7 @@ def plan_search(
     )
     fidelities = evaluator.levels()
     timeout = settings.timeout or profile.timeout
-    prescreen = None
-    if settings.prescreen is not None:
-        if settings.engine != "optuna":
-            raise ValueError(f"--prescreen fills the queue of --engine optuna; --engine {settings.engine} has none")
-        prescreen = Prescreen(
-            settings.prescreen, settings.prescreen_size, seed=settings.seed, data_dir=settings.data_dir
-        )
+    prescreen = plan_prescreen(settings, profile)
     policy = retrain_policy(settings, profile)
     return SearchPlan(
         task=task,
@@ -222,6 +216,23 @@ def plan_search(
         retrain_timeout=timeout if policy is not None else None,
         prescreen=prescreen,
     )
+
+
+NO_PRESCREEN = "none"
+
+
+def plan_prescreen(settings: SearchSettings, profile: Profile) -> Prescreen | None:
+    """The pre-screen ``--prescreen`` asks for, else the profile's; none for ``--prescreen none``, and the profile's
+    is skipped by engines other than Optuna's (they have no queue to fill)."""
+    asked = settings.prescreen is not None
+    proxy = settings.prescreen if asked else profile.prescreen
+    if proxy is None or proxy == NO_PRESCREEN:
+        return None
+    if settings.engine != "optuna":
+        if asked:
+            raise ValueError(f"--prescreen fills the queue of --engine optuna; --engine {settings.engine} has none")
+        return None
+    return Prescreen(proxy, settings.prescreen_size, seed=settings.seed, data_dir=settings.data_dir, asked=asked)
 
 
 def nni_engine() -> Any:

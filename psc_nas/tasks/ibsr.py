@@ -186,6 +186,10 @@ class IBSRTask(Task):
     # reference as well (zico: Spearman 0.535 vs 0.547, 3 seeds) at a third of the time (0.9 vs 2.9 s per
     # network on 2 cores): `python benchmarks/fidelity.py screen`, docs/benchmarks/fidelity.md.
     screen_data_options = {"patch_size": (16, 16, 16)}
+    # The quick profile's ten non-preset candidates come from a pre-screen of 100 by zico's rank + the MAC count's:
+    # retrained-front hypervolume 0.536 ± 0.029 against 0.500 ± 0.092 without it, 0.383 random, 0.425 NSGA-II
+    # (equal 12.5 minutes, 3 seeds, docs/benchmarks/search.md §2e).
+    profile_overrides = {"quick": {"prescreen": "zico+macs"}}
 
     def loss(self) -> TargetLoss:
         # Dice over the whole batch: a 32³ patch often lacks CSF, and per-patch Dice of an absent

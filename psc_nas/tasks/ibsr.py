@@ -188,7 +188,8 @@ class IBSRTask(Task):
     screen_data_options = {"patch_size": (16, 16, 16)}
     # The quick profile's ten non-preset candidates come from a pre-screen of 100 by zico's rank + the MAC count's:
     # retrained-front hypervolume 0.536 ± 0.029 against 0.500 ± 0.092 without it, 0.383 random, 0.425 NSGA-II
-    # (equal 12.5 minutes, 3 seeds, docs/benchmarks/search.md §2e).
+    # (equal 12.5 minutes, 3 seeds, docs/benchmarks/search.md §2e); a random number in zico's place did as well
+    # (0.542 ± 0.017): the screen's spread and MAC rank do the work, zico's share is not resolved.
     profile_overrides = {"quick": {"prescreen": "zico+macs"}}
 
     def loss(self) -> TargetLoss:

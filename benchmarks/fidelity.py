@@ -218,6 +218,14 @@ FULL_WIDTH_JSON = DOCS / "fidelity-full-width.json"
 SCORES_JSON = DOCS / "fidelity-scores.json"  # the predictors' table and every evaluator run (fidelity_report.py)
 
 
+def full_width_runs() -> dict[str, dict[int, dict[str, Any]]]:
+    """The archived full-width reference runs (fidelity-full-width.json) by architecture hash, then seed."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for record in json.loads(FULL_WIDTH_JSON.read_text())["runs"] if FULL_WIDTH_JSON.exists() else []:
+        runs.setdefault(record["hash"], {})[record["seed"]] = record
+    return runs
+
+
 def archive_full_width(work: Path) -> None:
     """Every full-width reference run, in ``docs/benchmarks/fidelity-full-width.json``: the runs of ``W``
     merged over those already archived (a run is its architecture and seed), so that a fresh machine's cache

@@ -374,13 +374,11 @@ def full_width_report(work: Path) -> None:
     the archive ``fidelity-full-width.json``), per class, beside the width-0.25 reference; whether the full-width
     protocol repeats itself over seeds (ICC(1), seed SD against the SD between architectures) and whether the
     two widths order the architectures alike."""
-    from fidelity import FULL_WIDTH_JSON, archive_full_width
+    from fidelity import archive_full_width, full_width_runs
 
     archive_full_width(work)
     archive_scores(work)
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for record in json.loads(FULL_WIDTH_JSON.read_text())["runs"] if FULL_WIDTH_JSON.exists() else []:
-        runs.setdefault(record["hash"], {})[record["seed"]] = record
+    runs = full_width_runs()
     reduced = {
         row["hash"]: float(np.mean([r["metrics"]["dice_mean"] for r in row["runs"]]))
         for row in json.loads((DOCS / "fidelity-reference.json").read_text())["panel"]
@@ -559,7 +557,7 @@ def screen_check(seeds: tuple[int, ...], threads: int = 2) -> None:
     import time
 
     import torch
-    from fidelity import FULL_WIDTH_JSON, TASK
+    from fidelity import TASK, full_width_runs
 
     from psc_nas.evaluators.zero_cost import proxy_score, training_batch
     from psc_nas.memory import keep_freed_memory
@@ -570,11 +568,9 @@ def screen_check(seeds: tuple[int, ...], threads: int = 2) -> None:
     torch.set_num_threads(threads)
     task = get_task(TASK)
     members = panel()
-    dice: dict[str, list[float]] = {}
-    for record in json.loads(FULL_WIDTH_JSON.read_text())["runs"]:
-        dice.setdefault(record["hash"], []).append(record["metrics"]["dice_mean"])
+    runs = full_width_runs()
     hashes = [m["config"].hash for m in members]
-    target = [float(np.mean(dice[h])) for h in hashes]
+    target = [float(np.mean([r["metrics"]["dice_mean"] for r in runs[h].values()])) for h in hashes]
     macs = [m["macs"] for m in members]
     params = [m["params"] for m in members]
     started_load = os.getloadavg()[0]

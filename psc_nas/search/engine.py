@@ -130,14 +130,14 @@ class Engine:
         self.created = created
         presets = self.plan.pricing.presets() if created and self.plan.seed_presets else {}
         screened = []
-        if created and self.plan.prescreen is not None:
+        ask = self.plan.prescreen
+        tell = log.warning if ask is not None and ask.asked else log.info  # the profile's screen is no news
+        if created and ask is not None:
             if self.plan.trials > len(presets):
                 screened = self._prescreen(presets)
             else:
-                tell = log.warning if self.plan.prescreen.asked else log.info
                 tell("--prescreen skipped: the %d presets fill all %d trials", len(presets), self.plan.trials)
-        if not created and self.plan.prescreen is not None and read_prescreen(self.study) is None:
-            tell = log.warning if self.plan.prescreen.asked else log.info
+        if not created and ask is not None and read_prescreen(self.study) is None:
             tell(
                 "--prescreen ignored: study %r exists; a pre-screen runs only when a study is created",
                 self.study.study_name,

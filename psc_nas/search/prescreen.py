@@ -91,7 +91,7 @@ class Screened:
             "arch_hash": self.arch_hash,
             "params": self.params,
             "macs": self.macs,
-            "score": self.score if math.isfinite(self.score) else None,
+            "score": _finite(self.score),
             **({"proxy_value": _finite(self.proxy_value)} if self.proxy_value is not None else {}),
             "queued": self.queued,
         }

@@ -183,7 +183,7 @@ class IBSRTask(Task):
     metric_range = (0.0, 1.0)
     default_space = "ibsr_densenet3d"
     # The pre-screen's batch: 4 patches of 16³ instead of 32³ rank the fidelity panel against the full-width
-    # reference as well (zico: Spearman 0.535 vs 0.547, 3 seeds) at a third of the time (0.9 vs 2.9 s per
+    # reference as well (zico: Spearman 0.535 vs 0.547, 3 seeds) at 38% of the time (0.94 vs 2.50 s per
     # network on 2 cores): `python benchmarks/fidelity.py screen`, docs/benchmarks/fidelity.md.
     screen_data_options = {"patch_size": (16, 16, 16)}
     # The quick profile's ten non-preset candidates come from a pre-screen of 100 by zico's rank + the MAC count's:

@@ -89,6 +89,11 @@ METHODS = {
     "ours + random+macs pre-screen of 100, 12 trained (637 s)": [
         *("--prescreen", "random+macs", "--prescreen-size", "100", "--trials", "12", "--timeout", "637s")
     ],
+    # zico computed in one pass (its torch.std of the stacked pair was 60% of a screen): 300 architectures now
+    # take about what 100 took for methods 8-9 (116 s against 113 s on 16³), leaving the retraining as much time
+    "ours + zico+macs pre-screen of 300, 12 trained": [
+        *("--prescreen", "zico+macs", "--prescreen-size", "300", "--trials", "12")
+    ],
 }
 DEFAULT_METHODS = (0, 1, 2)  # --methods: indices into METHODS, in order; the first is the one divided by the others
 

@@ -72,3 +72,26 @@ def test_the_random_control_is_fixed_by_architecture_and_seed_and_knows_nothing_
     assert proxy_score("random", csn, task, seed=0, batch=batch) != score
     scores = [proxy_score("random", conv, task, seed=s, batch=batch) for s in range(200)]
     assert 0.4 < sum(scores) / len(scores) < 0.6 and len(set(scores)) == 200  # uniform-looking, no repeats
+
+
+def test_zico_is_its_definition_over_the_two_half_batches(task, batch):
+    """zico's one-pass form equals Σ_layers log Σ_w mean|g_w| / std g_w (torch.std, Bessel) of the two
+    half-batches' gradients, on a real network and batch."""
+    from psc_nas.evaluators.zero_cost import _loss_grads, zico
+    from psc_nas.nets import build_model
+
+    arch = config(task, "csn_ip")
+    halves = [
+        {k: v[s] if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for s in (slice(0, 2), slice(2, 4))
+    ]
+    torch.manual_seed(0)
+    net = build_model(arch).train()
+    grads = [_loss_grads(net, task, half) for half in halves]
+    expected = 0.0
+    for pair in zip(*grads):
+        stacked = torch.stack([g.flatten() for g in pair]).double()
+        std, mean_abs = stacked.std(dim=0), stacked.abs().mean(dim=0)
+        value = float((mean_abs[std > 0] / std[std > 0]).sum())
+        expected += math.log(value) if value > 0 else 0.0
+    torch.manual_seed(0)
+    assert zico(build_model(arch).train(), task, batch) == pytest.approx(expected, rel=1e-6)

@@ -74,7 +74,7 @@ METHODS = {
         *NO_SCREEN,
     ],
     # the default run's split with the pre-screen choosing the 10 architectures after the presets (IBSR scores them
-    # on 16³ patches, about 1 s each on 2 cores): IBSR's quick profile, i.e. the default run
+    # on 16³ patches, about 1 s each on 2 cores, before zico ran in one pass; method 12 is the default run now)
     "ours + zico+macs pre-screen of 100, 12 trained": [
         "--prescreen",
         "zico+macs",

@@ -183,13 +183,15 @@ class IBSRTask(Task):
     metric_range = (0.0, 1.0)
     default_space = "ibsr_densenet3d"
     # The pre-screen's batch: 4 patches of 16³ instead of 32³ rank the fidelity panel against the full-width
-    # reference as well (zico: Spearman 0.535 vs 0.547, 3 seeds) at 38% of the time (0.94 vs 2.50 s per
+    # reference as well (zico: Spearman 0.535 vs 0.547, 3 seeds) at a fifth of the time (0.40 vs 1.90 s per
     # network on 2 cores): `python benchmarks/fidelity.py screen`, docs/benchmarks/fidelity.md.
     screen_data_options = {"patch_size": (16, 16, 16)}
     # The quick profile's ten non-preset candidates come from a pre-screen of 100 by zico's rank + the MAC count's:
     # retrained-front hypervolume 0.536 ± 0.029 against 0.500 ± 0.092 without it, 0.383 random, 0.425 NSGA-II
     # (equal 12.5 minutes, 3 seeds, docs/benchmarks/search.md §2e); a random number in zico's place did as well
-    # (0.542 ± 0.017): the screen's spread and MAC rank do the work, zico's share is not resolved.
+    # (0.542 ± 0.017): the screen's spread and MAC rank do the work, zico's share is not resolved. With zico in one
+    # pass the screen takes 41-54 s and the retraining gets the rest: 0.599 ± 0.028 (§2f); a screen of 300 at the
+    # old screen's cost retrained worse (0.502 ± 0.031), so the screen stays at 100.
     profile_overrides = {"quick": {"prescreen": "zico+macs"}}
 
     def loss(self) -> TargetLoss:

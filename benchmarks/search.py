@@ -47,6 +47,13 @@ COMPARED = StudyRecord(
     "ibsr", "ibsr_densenet3d", Budget(params=BUDGET_PARAMS), (Objective("dice_mean", True), Objective("params", False))
 )
 NO_SCREEN = ["--prescreen", "none"]  # IBSR's quick profile screens 100 architectures unless told not to
+
+
+def screened_split(proxy: str, size: int, *extra: str) -> list[str]:
+    """The default run's split (12 trained, the rest retraining) with a pre-screen of ``size`` by ``proxy``."""
+    return ["--prescreen", proxy, "--prescreen-size", str(size), "--trials", "12", *extra]
+
+
 METHODS = {
     "ours (NSGA-II + multi-fidelity + presets)": [*NO_SCREEN],
     "random (Optuna RandomSampler)": ["--sampler", "random", "--no-multi-fidelity", "--no-seed-presets", *NO_SCREEN],
@@ -75,34 +82,19 @@ METHODS = {
     ],
     # the default run's split with the pre-screen choosing the 10 architectures after the presets (IBSR scores them
     # on 16³ patches, about 1 s each on 2 cores, before zico ran in one pass; method 12 is the default run now)
-    "ours + zico+macs pre-screen of 100, 12 trained": [
-        "--prescreen",
-        "zico+macs",
-        "--prescreen-size",
-        "100",
-        "--trials",
-        "12",
-    ],
-    "ours + zico pre-screen of 100, 12 trained": ["--prescreen", "zico", "--prescreen-size", "100", "--trials", "12"],
+    "ours + zico+macs pre-screen of 100, 12 trained": screened_split("zico+macs", 100),
+    "ours + zico pre-screen of 100, 12 trained": screened_split("zico", 100),
     # the control: the same screen with a random number in zico's place (what the proxy's ranking adds); it costs
     # no time, so it gets the 12.5 minutes less the zico screen's measured 113 s, leaving its retraining as much time
-    "ours + random+macs pre-screen of 100, 12 trained (637 s)": [
-        *("--prescreen", "random+macs", "--prescreen-size", "100", "--trials", "12", "--timeout", "637s")
-    ],
+    "ours + random+macs pre-screen of 100, 12 trained (637 s)": screened_split("random+macs", 100, "--timeout", "637s"),
     # zico computed in one pass (its torch.std of the stacked pair was 60% of a screen): 300 architectures now
     # take about what 100 took for methods 8-9 (116 s against 113 s on 16³), leaving the retraining as much time
-    "ours + zico+macs pre-screen of 300, 12 trained": [
-        *("--prescreen", "zico+macs", "--prescreen-size", "300", "--trials", "12")
-    ],
+    "ours + zico+macs pre-screen of 300, 12 trained": screened_split("zico+macs", 300),
     # method 8's command with zico in one pass: the default run since then (its screen of 100 takes ~40-50 s, not
     # 113 s; the time saved goes to the retraining)
-    "ours + zico+macs pre-screen of 100 in one pass, 12 trained": [
-        *("--prescreen", "zico+macs", "--prescreen-size", "100", "--trials", "12")
-    ],
+    "ours + zico+macs pre-screen of 100 in one pass, 12 trained": screened_split("zico+macs", 100),
     # method 10's control at method 12's split: 12.5 minutes less the one-pass zico screen's 48 s (41-54 s measured)
-    "ours + random+macs pre-screen of 100, 12 trained (702 s)": [
-        *("--prescreen", "random+macs", "--prescreen-size", "100", "--trials", "12", "--timeout", "702s")
-    ],
+    "ours + random+macs pre-screen of 100, 12 trained (702 s)": screened_split("random+macs", 100, "--timeout", "702s"),
 }
 DEFAULT_METHODS = (0, 1, 2)  # --methods: indices into METHODS, in order; the first is the one divided by the others
 

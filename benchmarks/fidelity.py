@@ -170,12 +170,22 @@ def reference(work: Path, jobs: int, seeds: tuple[int, ...]) -> None:
     run_jobs(_reference_job, todo, jobs)
 
 
-def reference_extra(work: Path, configs: list[Path], jobs: int, seeds: tuple[int, ...]) -> None:
+def extra_dir(work: Path, width: float) -> Path:
+    """Where ``reference-extra`` keeps its runs: ``W/reference-extra`` at the reference's width 0.25,
+    ``W/reference-extra-full`` at width 1 (the network the search prices)."""
+    return work / ("reference-extra-full" if width == 1.0 else "reference-extra")
+
+
+def reference_extra(
+    work: Path, configs: list[Path], jobs: int, seeds: tuple[int, ...], width: float = REF_WIDTH
+) -> None:
     """Reference trainings of architectures outside the panel (a search's knee and its neighbours), same protocol,
-    kept apart in ``W/reference-extra`` so the panel's statistics never include them."""
+    kept apart in ``W/reference-extra`` (``-full`` at width 1) so the panel's statistics never include them."""
     from psc_nas.arch import ArchConfig
 
-    out_dir = work / "reference-extra"
+    if width not in (REF_WIDTH, 1.0):
+        raise SystemExit(f"--width: the reference's {REF_WIDTH} or 1 (full width), not {width}")
+    out_dir = extra_dir(work, width)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = []
     for seed in seeds:
@@ -184,8 +194,8 @@ def reference_extra(work: Path, configs: list[Path], jobs: int, seeds: tuple[int
             config.save(out_dir / f"{config.hash}.yaml")  # the report prices it from here
             out = out_dir / f"{config.hash}-s{seed}.json"
             if not out.exists():
-                todo.append((f"{path.parent.name}/{path.name}", config.to_json(), seed, str(out)))
-    print(f"{len(todo)} extra reference runs to do", flush=True)
+                todo.append((f"{path.parent.name}/{path.name}", config.to_json(), seed, str(out), width))
+    print(f"{len(todo)} extra reference runs to do (width {width:g})", flush=True)
     run_jobs(_reference_job, todo, jobs)
 
 
@@ -251,9 +261,12 @@ def archive_full_width(work: Path) -> None:
 
 
 def restore(work: Path) -> None:
-    """Rebuild ``W/reference``, ``W/reference-full`` and ``W/scores`` from the committed JSON files, for a machine
-    whose cache is gone: runs already in ``W`` are kept. The evaluators' per-seed scores were first committed
-    (``raw_scores`` of fidelity-scores.json) on 2026-12-03; those measured before are gone with their machine."""
+    """Rebuild ``W/reference``, ``W/reference-full``, ``W/reference-extra-full`` and ``W/scores`` from the committed
+    JSON files, for a machine whose cache is gone: runs already in ``W`` are kept. The evaluators' per-seed scores
+    were first committed (``raw_scores`` of fidelity-scores.json) on 2026-12-03; those measured before are gone with
+    their machine."""
+    from psc_nas.arch import ArchConfig
+
     restored = 0
     for row in json.loads((DOCS / "fidelity-reference.json").read_text())["panel"]:
         for run in row["runs"]:
@@ -269,6 +282,15 @@ def restore(work: Path) -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(out, json.dumps(record, indent=1))
                 restored += 1
+    knee = DOCS / "fidelity-knee.json"  # the full-width reference-extra runs (fidelity_report.archive_knee)
+    for record in json.loads(knee.read_text())["runs"] if knee.exists() else []:
+        folder = extra_dir(work, 1.0)
+        out = folder / f"{record['hash']}-s{record['seed']}.json"
+        if not out.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            ArchConfig.from_json(record["config"]).save(folder / f"{record['hash']}.yaml")
+            write_text_atomic(out, json.dumps({k: v for k, v in record.items() if k != "config"}, indent=1))
+            restored += 1
     raw = json.loads(SCORES_JSON.read_text()).get("raw_scores", {})
     for variant, by_hash in raw.items():
         for h, by_seed in by_hash.items():
@@ -537,6 +559,7 @@ def main() -> None:
             "measure",
             "report",
             "full-width-report",
+            "knee-report",
             "screen",
         ],
     )
@@ -546,6 +569,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--config", type=Path, nargs="+", help="reference-extra: architecture files to train")
     parser.add_argument("--names", nargs="+", default=[], help="reference-full, measure: only these panel members")
+    parser.add_argument(
+        "--width", type=float, default=REF_WIDTH, help=f"reference-extra: {REF_WIDTH} (the reference) or 1 (full width)"
+    )
     args = parser.parse_args()
     if args.command == "panel":
         for m in panel():
@@ -553,7 +579,7 @@ def main() -> None:
     elif args.command == "reference":
         reference(args.work, args.jobs, tuple(args.seeds or REF_SEEDS))
     elif args.command == "reference-extra":
-        reference_extra(args.work, args.config or [], args.jobs, tuple(args.seeds or REF_SEEDS))
+        reference_extra(args.work, args.config or [], args.jobs, tuple(args.seeds or REF_SEEDS), args.width)
     elif args.command == "reference-full":
         reference_full_width(args.work, args.names, args.jobs, tuple(args.seeds or (0,)))
     elif args.command == "assemble":
@@ -572,6 +598,10 @@ def main() -> None:
         from fidelity_report import full_width_report
 
         full_width_report(args.work)
+    elif args.command == "knee-report":
+        from fidelity_report import knee_report
+
+        knee_report(args.work)
     elif args.command == "screen":
         from fidelity_report import screen_check
 

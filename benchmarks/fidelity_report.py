@@ -104,9 +104,9 @@ def _predictors(scores: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> dict
 PRESET_NAMES = ("cakes_uniform", "csn_ip", "csn_ir", "p1sc1", "p2sc2", "p2sc3", "conv3d")
 
 
-def _extra_reference(work: Path) -> list[dict[str, Any]]:
+def _extra_reference(work: Path, width: float = 0.25) -> list[dict[str, Any]]:
     """The reference-protocol runs of architectures outside the panel, one entry per architecture."""
-    from fidelity import TASK
+    from fidelity import TASK, extra_dir
 
     from psc_nas import cost
     from psc_nas.arch import ArchConfig
@@ -114,11 +114,12 @@ def _extra_reference(work: Path) -> list[dict[str, Any]]:
 
     spatial = tuple(get_task(TASK).input_shape[1:])
     by_hash: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted((work / "reference-extra").glob("*.json")):
+    folder = extra_dir(work, width)
+    for path in sorted(folder.glob("*.json")):
         by_hash.setdefault(path.name.rsplit("-s", 1)[0], []).append(json.loads(path.read_text()))
     out = []
     for h, runs in by_hash.items():
-        price = cost(ArchConfig.load(work / "reference-extra" / f"{h}.yaml"), spatial)  # full width, as the panel
+        price = cost(ArchConfig.load(folder / f"{h}.yaml"), spatial)  # full width, as the panel
         out.append(
             {
                 "name": runs[0]["name"],
@@ -631,4 +632,108 @@ def screen_check(seeds: tuple[int, ...], threads: int = 2) -> None:
             )
     write_text_atomic(SCREEN_JSON, json.dumps({"seeds": list(seeds), "threads": threads, "results": results}) + "\n")
     write_text_atomic(DOCS / "fidelity-screen.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+KNEE_JSON = DOCS / "fidelity-knee.json"  # the full-width runs of reference-extra, with their architectures
+
+
+def archive_knee(work: Path) -> list[dict[str, Any]]:
+    """The full-width ``reference-extra`` runs (``W/reference-extra-full``) merged into ``fidelity-knee.json``
+    (a run is its architecture and seed), each with its architecture, so ``fidelity.py restore`` can rebuild
+    ``W`` on a fresh machine and the report never depends on one session's ``W``."""
+    from fidelity import extra_dir
+
+    from psc_nas.arch import ArchConfig
+
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    if KNEE_JSON.exists():
+        for record in json.loads(KNEE_JSON.read_text())["runs"]:
+            runs[(record["hash"], record["seed"])] = record
+    folder = extra_dir(work, 1.0)
+    for path in sorted(folder.glob("*-s*.json")):
+        record = json.loads(path.read_text())
+        record["hash"] = path.name.rsplit("-s", 1)[0]
+        record["config"] = ArchConfig.load(folder / f"{record['hash']}.yaml").to_json()
+        runs[(record["hash"], record["seed"])] = record
+    if runs:
+        data = {
+            "command": "python benchmarks/fidelity.py reference-extra --width 1 --config RUN/best.yaml ... "
+            "--seeds 0 1 --jobs 2 --work W && python benchmarks/fidelity.py knee-report --work W",
+            "protocol": "the reference protocol of fidelity-reference.json at width 1 (the network the search prices)",
+            "runs": [runs[key] for key in sorted(runs)],
+        }
+        write_text_atomic(KNEE_JSON, json.dumps(data, indent=1) + "\n")
+    return list(runs.values())
+
+
+def knee_report(work: Path) -> None:
+    """docs/benchmarks/fidelity-knee.md: architectures a search handed the user (its best.yaml, the retrained
+    front), trained on the reference protocol at full width, against the hand-designed presets that fit the budget
+    (the panel's full-width runs): does the search's answer beat every preset, and by how much not?"""
+    from fidelity import TASK, full_width_runs
+
+    from psc_nas import cost
+    from psc_nas.arch import ArchConfig
+    from psc_nas.tasks import get_task
+
+    spatial = tuple(get_task(TASK).input_shape[1:])
+    extra = archive_knee(work)
+    fw = full_width_runs()
+    rows: list[dict[str, Any]] = []
+    for m in panel():
+        if m["name"] in PRESET_NAMES and m["config"].hash in fw:
+            rows.append({"name": m["name"], "params": m["params"], "macs": m["macs"], "runs": fw[m["config"].hash]})
+    presets = list(rows)
+    by_hash: dict[str, dict[int, dict[str, Any]]] = {}
+    for record in extra:
+        by_hash.setdefault(record["hash"], {})[record["seed"]] = record
+    for h, runs in by_hash.items():
+        price = cost(ArchConfig.from_json(next(iter(runs.values()))["config"]), spatial)
+        name = next(iter(runs.values()))["name"]
+        rows.append({"name": name, "params": price.params, "macs": price.macs, "runs": runs, "hash": h})
+    for row in rows:
+        vals = [r["metrics"]["dice_mean"] for r in row["runs"].values()]
+        row["val"] = float(np.mean(vals))
+        row["test"] = float(np.mean([r["metrics"]["test_dice_mean"] for r in row["runs"].values()]))
+        row["per_seed"] = " / ".join(f"{row['runs'][s]['metrics']['dice_mean']:.4f}" for s in sorted(row["runs"]))
+    seed_sd = float(
+        np.sqrt(
+            np.mean(
+                [
+                    np.var([r["metrics"]["dice_mean"] for r in runs.values()], ddof=1)
+                    for runs in list(fw.values()) + list(by_hash.values())
+                    if len(runs) >= 2
+                ]
+            )
+        )
+    )
+    lines = [
+        "# A search's answer against the presets, at full width (generated by "
+        "`python benchmarks/fidelity.py knee-report`)",
+        "",
+        "Each architecture trained on fidelity.md's reference protocol at width 1 (8 epochs × 128 random 32³ "
+        "patches, batch 4, AdamW 2·10⁻³, one-cycle, one torch thread), validation Dice on the 2 validation volumes "
+        "(mean of CSF/GM/WM), test Dice on the 5 test volumes; val Dice per seed, then the mean. The presets' runs "
+        "are the panel's ([fidelity-full-width.md](fidelity-full-width.md)); the others' are in "
+        f"[fidelity-knee.json](fidelity-knee.json). Seed-to-seed SD of the val Dice, pooled over every architecture "
+        f"with two seeds here: **{seed_sd:.4f}**, which is also the SD of a difference between two 2-seed means "
+        "(a Δ below about twice it is within the seeds' noise).",
+        "",
+        "| architecture | params | MACs | val Dice per seed | val Dice (mean) | test Dice (mean) | "
+        + " | ".join(f"Δ val vs {p['name']}" for p in presets)
+        + " | dominated by a preset (fewer params, higher val)? |",
+        "|---|---|---|---|---|---|" + "---|" * len(presets) + "---|",
+    ]
+    for row in rows:
+        dominators = [
+            p["name"] for p in presets if p is not row and p["params"] <= row["params"] and p["val"] > row["val"]
+        ]
+        lines.append(
+            f"| {row['name']} | {row['params']:,} | {row['macs'] / 1e9:.2f}G | {row['per_seed']} | {row['val']:.4f} "
+            f"| {row['test']:.4f} | "
+            + " | ".join("—" if p is row else f"{row['val'] - p['val']:+.4f}" for p in presets)
+            + f" | {', '.join(dominators) or 'no'} |"
+        )
+    write_text_atomic(DOCS / "fidelity-knee.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -225,6 +225,7 @@ def reference_full_width(work: Path, names: list[str], jobs: int, seeds: tuple[i
 
 
 FULL_WIDTH_JSON = DOCS / "fidelity-full-width.json"
+KNEE_JSON = DOCS / "fidelity-knee.json"  # reference-extra's full-width runs, with their architectures (knee-report)
 SCORES_JSON = DOCS / "fidelity-scores.json"  # the predictors' table and every evaluator run (fidelity_report.py)
 
 
@@ -236,28 +237,42 @@ def full_width_runs() -> dict[str, dict[int, dict[str, Any]]]:
     return runs
 
 
-def archive_full_width(work: Path) -> None:
-    """Every full-width reference run, in ``docs/benchmarks/fidelity-full-width.json``: the runs of ``W``
-    merged over those already archived (a run is its architecture and seed), so that a fresh machine's cache
-    (``restore``) and the report never depend on one session's ``W``."""
+def archive_runs(archive: Path, folder: Path, command: str, with_config: bool = False) -> list[dict[str, Any]]:
+    """The run files ``folder/<hash>-s<seed>.json`` merged over those already in ``archive`` (a run is its
+    architecture and seed) and written back there, so that a fresh machine's cache (``restore``) and the reports
+    never depend on one session's ``W``. ``with_config``: each run also carries its architecture (read from
+    ``folder/<hash>.yaml``), for runs outside the panel. Returns every archived run."""
+    from psc_nas.arch import ArchConfig
+
     runs: dict[tuple[str, int], dict[str, Any]] = {}
-    if FULL_WIDTH_JSON.exists():
-        for record in json.loads(FULL_WIDTH_JSON.read_text())["runs"]:
+    if archive.exists():
+        for record in json.loads(archive.read_text())["runs"]:
             runs[(record["hash"], record["seed"])] = record
-    for path in sorted((work / "reference-full").glob("*-s*.json")):
+    for path in sorted(folder.glob("*-s*.json")):
         record = json.loads(path.read_text())
         record["hash"] = path.name.rsplit("-s", 1)[0]
+        if with_config:
+            record["config"] = ArchConfig.load(folder / f"{record['hash']}.yaml").to_json()
         runs[(record["hash"], record["seed"])] = record
-    if not runs:
-        return
-    data = {
-        "command": "python benchmarks/fidelity.py reference-full --names NAME ... --seeds S ... --jobs 1 --work W && "
+    if runs:
+        data = {
+            "command": command,
+            "protocol": "the reference protocol of fidelity-reference.json at width 1 (the network the search prices)",
+            "runs": [runs[key] for key in sorted(runs)],
+        }
+        write_text_atomic(archive, json.dumps(data, indent=1) + "\n")
+        print(f"wrote {archive}: {len(runs)} runs")
+    return list(runs.values())
+
+
+def archive_full_width(work: Path) -> None:
+    """Every full-width reference run of the panel, in ``docs/benchmarks/fidelity-full-width.json``."""
+    archive_runs(
+        FULL_WIDTH_JSON,
+        work / "reference-full",
+        "python benchmarks/fidelity.py reference-full --names NAME ... --seeds S ... --jobs 1 --work W && "
         "python benchmarks/fidelity.py assemble --work W",
-        "protocol": "the reference protocol of fidelity-reference.json at width 1 (the network the search prices)",
-        "runs": [runs[key] for key in sorted(runs)],
-    }
-    write_text_atomic(FULL_WIDTH_JSON, json.dumps(data, indent=1) + "\n")
-    print(f"wrote {FULL_WIDTH_JSON}: {len(runs)} full-width runs")
+    )
 
 
 def restore(work: Path) -> None:
@@ -282,8 +297,7 @@ def restore(work: Path) -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(out, json.dumps(record, indent=1))
                 restored += 1
-    knee = DOCS / "fidelity-knee.json"  # the full-width reference-extra runs (fidelity_report.archive_knee)
-    for record in json.loads(knee.read_text())["runs"] if knee.exists() else []:
+    for record in json.loads(KNEE_JSON.read_text())["runs"] if KNEE_JSON.exists() else []:
         folder = extra_dir(work, 1.0)
         out = folder / f"{record['hash']}-s{record['seed']}.json"
         if not out.exists():

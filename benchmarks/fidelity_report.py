@@ -635,50 +635,25 @@ def screen_check(seeds: tuple[int, ...], threads: int = 2) -> None:
     print("\n".join(lines))
 
 
-KNEE_JSON = DOCS / "fidelity-knee.json"  # the full-width runs of reference-extra, with their architectures
-
-
-def archive_knee(work: Path) -> list[dict[str, Any]]:
-    """The full-width ``reference-extra`` runs (``W/reference-extra-full``) merged into ``fidelity-knee.json``
-    (a run is its architecture and seed), each with its architecture, so ``fidelity.py restore`` can rebuild
-    ``W`` on a fresh machine and the report never depends on one session's ``W``."""
-    from fidelity import extra_dir
-
-    from psc_nas.arch import ArchConfig
-
-    runs: dict[tuple[str, int], dict[str, Any]] = {}
-    if KNEE_JSON.exists():
-        for record in json.loads(KNEE_JSON.read_text())["runs"]:
-            runs[(record["hash"], record["seed"])] = record
-    folder = extra_dir(work, 1.0)
-    for path in sorted(folder.glob("*-s*.json")):
-        record = json.loads(path.read_text())
-        record["hash"] = path.name.rsplit("-s", 1)[0]
-        record["config"] = ArchConfig.load(folder / f"{record['hash']}.yaml").to_json()
-        runs[(record["hash"], record["seed"])] = record
-    if runs:
-        data = {
-            "command": "python benchmarks/fidelity.py reference-extra --width 1 --config RUN/best.yaml ... "
-            "--seeds 0 1 --jobs 2 --work W && python benchmarks/fidelity.py knee-report --work W",
-            "protocol": "the reference protocol of fidelity-reference.json at width 1 (the network the search prices)",
-            "runs": [runs[key] for key in sorted(runs)],
-        }
-        write_text_atomic(KNEE_JSON, json.dumps(data, indent=1) + "\n")
-    return list(runs.values())
-
-
 def knee_report(work: Path) -> None:
     """docs/benchmarks/fidelity-knee.md: architectures a search handed the user (its best.yaml, the retrained
     front), trained on the reference protocol at full width, against the hand-designed presets that fit the budget
     (the panel's full-width runs): does the search's answer beat every preset, and by how much not?"""
-    from fidelity import TASK, full_width_runs
+    from fidelity import KNEE_JSON, TASK, archive_runs, extra_dir, full_width_runs
 
     from psc_nas import cost
     from psc_nas.arch import ArchConfig
     from psc_nas.tasks import get_task
 
     spatial = tuple(get_task(TASK).input_shape[1:])
-    extra = archive_knee(work)
+    # the full-width reference-extra runs, archived with their architectures (fidelity.py restore rebuilds W)
+    extra = archive_runs(
+        KNEE_JSON,
+        extra_dir(work, 1.0),
+        "python benchmarks/fidelity.py reference-extra --width 1 --config RUN/best.yaml ... --seeds 0 1 --jobs 2 "
+        "--work W && python benchmarks/fidelity.py knee-report --work W",
+        with_config=True,
+    )
     fw = full_width_runs()
     rows: list[dict[str, Any]] = []
     for m in panel():

@@ -21,22 +21,15 @@ differ only in deformation, contrast, bias and noise: no deformation is shared, 
 new anatomy. Scores on this cohort rank architectures; they are not comparable with scores on IBSR.
 
 The cohort is built once (about a few seconds at 3 mm) into ``$PSC_NAS_CACHE/ibsr-embedded/<params>``
-(default ``~/.cache/psc-nas``). A manifest records the builder version, the parameters and a
-checksum of every file; a cache whose manifest is missing, stale or does not match its files is
-rebuilt. Builds go to a temporary directory renamed into place, so an interrupted build leaves
-nothing that looks complete.
+(default ``~/.cache/psc-nas``) by ``build_cache.cached_build``, as the other embedded data sets: a
+manifest of the builder version, the parameters and every file's checksum; a stale or corrupt cache
+is rebuilt; an interrupted build leaves nothing that looks complete.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.util
-import json
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -45,6 +38,7 @@ from monai.transforms import Rand3DElasticd, RandAdjustContrast, RandBiasField, 
 from scipy import ndimage
 
 from psc_nas.tasks.base import DataError
+from psc_nas.tasks.build_cache import cache_root, cached_build
 
 BUILDER_VERSION = 1
 SUBJECTS = 18
@@ -54,72 +48,23 @@ _BOX_LOW = np.array([-74.0, -110.0, -72.0])
 _BOX_HIGH = np.array([74.0, 76.0, 84.0])
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("PSC_NAS_CACHE") or Path.home() / ".cache" / "psc-nas")
-
-
 def embedded_cohort(cache_dir: str | Path | None = None, *, spacing: float = DEFAULT_SPACING, seed: int = 0) -> Path:
     """Directory, in IBSR V2.0 layout, of the embedded cohort; built if absent, stale or corrupt."""
     if spacing <= 0:
         raise ValueError(f"spacing must be positive (mm), got {spacing!r}")
     params = {"spacing": float(spacing), "seed": int(seed), "subjects": SUBJECTS}
     parent = Path(cache_dir) if cache_dir is not None else cache_root() / "ibsr-embedded"
-    target = parent / f"{spacing:g}mm-seed{seed}"
-    if _valid(target, params):
-        return target
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_builds(parent)
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=parent))
-    try:
-        _write_cohort(staging, params)
-        _replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if not _valid(target, params):  # another process replaced it with something else meanwhile
-        raise DataError(target, "embedded IBSR cache changed while it was being built; run again")
-    return target
-
-
-def _valid(directory: Path, params: dict) -> bool:
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-        return (
-            manifest["version"] == BUILDER_VERSION
-            and manifest["params"] == params
-            and all(_sha256(directory / name) == digest for name, digest in manifest["files"].items())
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _remove_abandoned_builds(parent: Path, *, older_than_s: float = 3600.0) -> None:
-    """Delete temporary directories a killed build left; recent ones may belong to a running build."""
-    now = time.time()
-    for leftover in [*parent.glob(".build-*"), *parent.glob(".stale-*")]:
-        if now - leftover.stat().st_mtime > older_than_s:
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _replace(staging: Path, target: Path) -> None:
-    """Move a finished build into place; a stale cache is moved aside first, then deleted."""
-    if target.exists():
-        stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=target.parent))
-        os.replace(target, stale / "old")
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.replace(staging, target)
-    except OSError:  # a concurrent build got there first; _valid() decides whether that one is usable
-        pass
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return cached_build(
+        parent / f"{spacing:g}mm-seed{seed}",
+        version=BUILDER_VERSION,
+        params=params,
+        write=lambda directory: _write_cohort(directory, params),
+    )
 
 
 def _write_cohort(directory: Path, params: dict) -> None:
     grid_affine, grid_shape = _grid(params["spacing"])
     sources = _sources(grid_affine, grid_shape)
-    files = {}
     for index in range(params["subjects"]):
         source = sources[index % len(sources)]
         image, label = _subject(*source, spacing=params["spacing"], seed=params["seed"] * 1000 + index)
@@ -128,9 +73,6 @@ def _write_cohort(directory: Path, params: dict) -> None:
         for suffix, array in (("ana_strip", image), ("segTRI_ana", label)):
             relative = f"{name}/{name}_{suffix}.nii.gz"
             nib.save(nib.Nifti1Image(array, grid_affine), directory / relative)
-            files[relative] = _sha256(directory / relative)
-    manifest = {"version": BUILDER_VERSION, "params": params, "files": files}
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def _grid(spacing: float) -> tuple[np.ndarray, tuple[int, int, int]]:

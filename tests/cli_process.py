@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -71,3 +72,21 @@ def ctrl_c_when(
     os.killpg(process.pid, signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(process.args, process.returncode, seen + stdout, stderr)
+
+
+def one_line(result: Any, command: str, *parts: str, code: int = 1, after_progress: bool = False) -> str:
+    """The error line of a finished command (a process's ``CompletedProcess`` or a typer ``CliRunner`` result):
+    exit ``code``, exactly one line on stderr starting with the command and containing every one of ``parts``, no
+    traceback; the line. ``after_progress``: a search that ran first showed its progress (stderr), the error is
+    the last line."""
+    returncode = result.returncode if hasattr(result, "returncode") else result.exit_code
+    assert returncode == code, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("[I ")]  # Optuna's own INFO lines
+    if after_progress:
+        assert sum(line.startswith(f"{command}: ") for line in lines) == 1, result.stderr
+        lines = lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith(f"{command}: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for part in parts:
+        assert part in lines[0], lines[0]
+    return lines[0]

@@ -15,7 +15,7 @@ import pytest
 import tiny_task
 import torch
 import torch.nn.functional as F
-from cli_process import cli_env, ctrl_c_when
+from cli_process import cli_env, ctrl_c_when, one_line
 
 import psc_nas
 from psc_nas.arch import ArchConfig, BlockChoice
@@ -262,9 +262,7 @@ def test_unknown_engine_and_engine_errors_are_one_line(tmp_path):
         (cakes_args("--evaluator", "supernet"), "--evaluator apply to --engine optuna and nni only"),
     ]:
         result = run_cli("psc-search", *cakes_args()[:6], *args, "--out", "never", cwd=tmp_path)
-        assert result.returncode == 1, result.stdout + result.stderr
-        assert result.stderr.startswith("psc-search: ") and result.stderr.count("\n") == 1, result.stderr
-        assert message in result.stderr
+        one_line(result, "psc-search", message)
         assert not (tmp_path / "never").exists()
 
 

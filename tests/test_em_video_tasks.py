@@ -12,9 +12,8 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from cli_process import run_cli
+from cli_process import one_line, run_cli
 from rich.console import Console
-from test_tasks import assert_one_line_error
 
 import psc_nas
 from psc_nas.arch import ArchConfig
@@ -215,7 +214,7 @@ def test_psc_train_em_on_a_data_folder_writes_vi_metrics(tmp_path):
         "--no-progress",
         cwd=tmp_path,
     )
-    assert_one_line_error(bad, "psc-train", "data/b.hdf: no dataset 'volumes/labels/neuron_ids'")
+    one_line(bad, "psc-train", "data/b.hdf: no dataset 'volumes/labels/neuron_ids'")
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
 
 
@@ -283,7 +282,7 @@ def test_psc_train_ucf101_on_a_data_folder_writes_clip_and_video_accuracy(tmp_pa
         "--no-progress",
         cwd=tmp_path,
     )
-    assert_one_line_error(bad, "psc-train", "v_Surfing_g08_c01.avi: not a readable video")
+    one_line(bad, "psc-train", "v_Surfing_g08_c01.avi: not a readable video")
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
 
 

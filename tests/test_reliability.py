@@ -32,7 +32,7 @@ import slow_task
 import tiny_task  # registers bar_axis in this process
 import yaml
 from _search_run import make_run
-from cli_process import BIN, ROOT, cli_env
+from cli_process import BIN, ROOT, cli_env, one_line
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
@@ -61,23 +61,6 @@ def slow_search_args(space: Path) -> list[str]:
         *("--task", "slow_bar", "--space", str(space), "--budget", "400k", "--trials", "2"),
         *("--out", "s", "--evaluator", "train"),
     ]
-
-
-def one_line(
-    result: subprocess.CompletedProcess, command: str, *parts: str, code: int = 1, after_progress: bool = False
-) -> str:
-    """The error line: exit ``code``, exactly one line on stderr starting with the command, no traceback.
-    ``after_progress``: a search that ran first showed its progress (stderr), the error is the last line."""
-    assert result.returncode == code, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("[I ")]  # Optuna's own INFO lines
-    if after_progress:
-        assert sum(line.startswith(f"{command}: ") for line in lines) == 1, result.stderr
-        lines = lines[-1:]
-    assert len(lines) == 1 and lines[0].startswith(f"{command}: "), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 def slow_space(folder: Path) -> Path:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from cli_process import one_line
 from lightning.pytorch.callbacks import Callback
 from typer.testing import CliRunner
 
@@ -150,9 +151,7 @@ def test_psc_train_user_errors_are_one_line(args, message, tmp_path, monkeypatch
     (tmp_path / "bad.yaml").write_text("backbone: densenet3d\nblocks: [{op: pmscn, m: 7}]\n")
     preset_config("conv3d", "unet3d", in_channels=1, num_classes=4).save(tmp_path / "unet.yaml")
     result = invoke(*args, "--no-progress")
-    assert result.exit_code == 1
-    assert result.stderr.startswith("psc-train: ") and result.stderr.count("\n") == 1
-    assert message in result.stderr
+    one_line(result, "psc-train", message)
     assert not (tmp_path / "runs").exists()
 
 

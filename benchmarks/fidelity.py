@@ -419,10 +419,12 @@ def _train_variant(
     lr: float = 1e-3,
     batch: int = 4,
     soft: bool = False,
+    weight_decay: float | None = None,
     **data: Any,
 ) -> Callable[..., dict[str, float]]:
-    """``soft``: also record the continuous validation scores of ``_soft_scores_callback`` and the training
-    loss (last epoch's mean, and its sum over epochs: the training-speed estimate of Ru et al. 2021)."""
+    """``weight_decay``: default 10⁻⁴ with the one-cycle schedule, else 0. ``soft``: also record the continuous
+    validation scores of ``_soft_scores_callback`` and the training loss (last epoch's mean, and its sum over
+    epochs: the training-speed estimate of Ru et al. 2021)."""
 
     def score(config: Any, seed: int) -> dict[str, float]:
         from psc_nas.train import fit
@@ -436,7 +438,7 @@ def _train_variant(
             seed=seed,
             lr=lr,
             lr_schedule=lr_schedule,
-            weight_decay=1e-4 if lr_schedule == "onecycle" else 0.0,
+            weight_decay=(1e-4 if lr_schedule == "onecycle" else 0.0) if weight_decay is None else weight_decay,
             data_options={"samples_per_epoch": samples, "batch_size": batch, **data},
             callbacks=[extra] if extra else (),
         )
@@ -448,12 +450,31 @@ def _train_variant(
     return score
 
 
+def _retrain_variant(epochs: int) -> Callable[..., dict[str, float]]:
+    """The quick profile's retraining (its RetrainPolicy: full width, one-cycle, ``samples_per_epoch`` patches per
+    epoch) for ``epochs``: the score that orders the retrained front and picks best.yaml."""
+    from psc_nas.search.profiles import PROFILES
+
+    policy = PROFILES["quick"].retrain
+    return _train_variant(
+        epochs,
+        policy.samples_per_epoch,
+        None,
+        policy.lr_schedule,
+        policy.lr,
+        policy.batch_size,
+        weight_decay=policy.weight_decay,
+    )
+
+
 VARIANTS: dict[str, Callable[[], Callable[..., dict[str, float]]]] = {
     # today's quick profile, top rung: 2 epochs x 8 patches at full width, constant Adam 1e-3
     "train-today": lambda: _train_variant(2, 8, None),
     # the same runs (same seeds reproduce train-today's hard Dice exactly), also scored by soft Dice,
     # validation cross-entropy and training loss
     "train-today-soft": lambda: _train_variant(2, 8, None, soft=True),
+    # the default run's retraining: 9 epochs (its retrained members got 8-10 in search.md §2f) x 32 patches
+    "retrain-quick-9": lambda: _retrain_variant(9),
     # re-tuned: reduced-width proxy, many more steps per second, one-cycle
     "train-w0.25-32": lambda: _train_variant(2, 64, 0.25, "onecycle", 2e-3),
     "train-w0.25-96": lambda: _train_variant(3, 128, 0.25, "onecycle", 2e-3),

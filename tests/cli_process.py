@@ -74,14 +74,19 @@ def ctrl_c_when(
     return subprocess.CompletedProcess(process.args, process.returncode, seen + stdout, stderr)
 
 
-def one_line(result: Any, command: str, *parts: str, code: int = 1, after_progress: bool = False) -> str:
+def one_line(
+    result: Any, command: str, *parts: str, code: int = 1, after_progress: bool = False, optuna_lines: bool = True
+) -> str:
     """The error line of a finished command (a process's ``CompletedProcess`` or a typer ``CliRunner`` result):
     exit ``code``, exactly one line on stderr starting with the command and containing every one of ``parts``, no
     traceback; the line. ``after_progress``: a search that ran first showed its progress (stderr), the error is
-    the last line."""
+    the last line. ``optuna_lines``: Optuna's own INFO lines (``[I ...``) on stderr are not counted; False: stderr
+    is the one newline-terminated line and nothing else."""
     returncode = result.returncode if hasattr(result, "returncode") else result.exit_code
     assert returncode == code, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("[I ")]  # Optuna's own INFO lines
+    if not optuna_lines:
+        assert result.stderr.endswith("\n"), result.stderr
+    lines = [line for line in result.stderr.splitlines() if not (optuna_lines and line.startswith("[I "))]
     if after_progress:
         assert sum(line.startswith(f"{command}: ") for line in lines) == 1, result.stderr
         lines = lines[-1:]

@@ -153,10 +153,15 @@ def test_resuming_a_study_priced_at_another_input_shape_is_refused(tmp_path, mon
 @pytest.mark.slow
 def test_psc_search_with_a_space_of_another_task_is_one_line_and_writes_nothing(tmp_path):
     result = run_cli("psc-search", "--task", "ibsr", "--space", "em_unet3d", cwd=tmp_path)
-    one_line(result, "psc-search", "search_spaces/em_unet3d.yaml: task: space 'em_unet3d' is for task em, not ibsr")
+    one_line(
+        result,
+        "psc-search",
+        "search_spaces/em_unet3d.yaml: task: space 'em_unet3d' is for task em, not ibsr",
+        optuna_lines=False,
+    )
     assert list(tmp_path.iterdir()) == []
     missing = run_cli("psc-search", "--task", "ibsr", cwd=tmp_path, plugins="no_such_plugin")
-    one_line(missing, "psc-search", "$PSC_NAS_PLUGINS: cannot import plugin 'no_such_plugin'")
+    one_line(missing, "psc-search", "$PSC_NAS_PLUGINS: cannot import plugin 'no_such_plugin'", optuna_lines=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -151,7 +151,7 @@ def test_psc_train_user_errors_are_one_line(args, message, tmp_path, monkeypatch
     (tmp_path / "bad.yaml").write_text("backbone: densenet3d\nblocks: [{op: pmscn, m: 7}]\n")
     preset_config("conv3d", "unet3d", in_channels=1, num_classes=4).save(tmp_path / "unet.yaml")
     result = invoke(*args, "--no-progress")
-    one_line(result, "psc-train", message)
+    one_line(result, "psc-train", message, optuna_lines=False)
     assert not (tmp_path / "runs").exists()
 
 

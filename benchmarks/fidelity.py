@@ -6,6 +6,7 @@
     python benchmarks/fidelity.py measure VARIANT --seeds 0 1 2 --work W   # one evaluator on the panel
     python benchmarks/fidelity.py report --work W             # -> docs/benchmarks/fidelity-table.md
     python benchmarks/fidelity.py reference-full --names csn_ip cheapest --seeds 0 1 --jobs 1 --work W
+    python benchmarks/fidelity.py reference-seeds --seeds 2 3 4 --jobs 14 --deadline 400 --work W  # a lent GPU
     python benchmarks/fidelity.py full-width-report --work W  # -> docs/benchmarks/fidelity-full-width.md
     python benchmarks/fidelity.py restore --work W            # a fresh machine: W from the committed JSON
     python benchmarks/fidelity.py screen                      # the pre-screen's proxies on 32³ and 16³ patches
@@ -29,12 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,22 @@ def _threads(n: int = 1) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+def _strict_fp32_device(gpu_fast: bool = False) -> str:
+    """The device a training here runs on, in words ("cpu" or the GPU's name). On a GPU, TF32 is switched off
+    (PyTorch allows it for convolutions by default) so that GPU and CPU runs of the reference compute in the same
+    float32 and their seeds can be pooled. ``gpu_fast``: cuDNN may also pick its fastest, nondeterministic
+    algorithms (autotuned); still float32, but a seed no longer reproduces a run bit for bit."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.benchmark = gpu_fast
+    return torch.cuda.get_device_name() + (" (cuDNN autotuned, nondeterministic)" if gpu_fast else "")
 
 
 # ----------------------------------------------------------------------------------------------- panel
@@ -110,35 +128,72 @@ def reduced(config: Any, width: float) -> Any:
     return with_width(config, width * float(config.hparams.get("width", 1.0)))
 
 
-def run_jobs(job: Callable[..., str], todo: list[tuple], jobs: int) -> None:
+def run_jobs(job: Callable[..., str], todo: list[tuple], jobs: int, deadline_s: float | None = None) -> None:
     """``job(*args)`` for each ``args`` in ``todo``, ``jobs`` processes at a time; each result line printed as it
-    finishes, with the time and the load average."""
-    with ProcessPoolExecutor(jobs) as pool:
-        for future in as_completed([pool.submit(job, *args) for args in todo]):
-            print(time.strftime("%H:%M:%S"), future.result(), f"load {os.getloadavg()[0]:.1f}", flush=True)
+    finishes, with the time and the load average. Workers are spawned, not forked, so a parent that touched CUDA
+    cannot break them. ``deadline_s``: no job starts after that many seconds (those running finish), for a
+    machine lent for a fixed time. A failed job is reported and the others go on; the call then exits non-zero."""
+    started = time.time()
+    pending = iter(todo)
+    failed = skipped = 0
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+
+        def submit_next() -> Future | None:
+            args = next(pending, None)
+            return None if args is None else pool.submit(job, *args)
+
+        running = {f for f in (submit_next() for _ in range(jobs)) if f is not None}
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    line = future.result()
+                except Exception as error:  # noqa: BLE001 - one failed run must not lose the others
+                    failed += 1
+                    line = f"FAILED: {type(error).__name__}: {error}"
+                print(time.strftime("%H:%M:%S"), line, f"load {os.getloadavg()[0]:.1f}", flush=True)
+                if deadline_s is None or time.time() - started < deadline_s:
+                    following = submit_next()
+                    if following is not None:
+                        running.add(following)
+        skipped = sum(1 for _ in pending)
+    if skipped:
+        print(f"deadline of {deadline_s:g} s reached: {skipped} runs not started", flush=True)
+    if failed:
+        raise SystemExit(f"{failed} of {len(todo)} runs failed")
 
 
 # ----------------------------------------------------------------------------------------------- reference
-def _reference_job(name: str, config_json: str, seed: int, out: str, width: float = REF_WIDTH) -> str:
+def _reference_job(
+    name: str,
+    config_json: str,
+    seed: int,
+    out: str,
+    width: float = REF_WIDTH,
+    smoke: bool = False,
+    gpu_fast: bool = False,
+) -> str:
     _threads(1)
     from psc_nas.arch import ArchConfig
     from psc_nas.memory import keep_freed_memory
     from psc_nas.train import fit
 
     keep_freed_memory()
+    device = _strict_fp32_device(gpu_fast)
     config = ArchConfig.from_json(config_json)
     config = reduced(config, width) if width != 1.0 else config
     started = time.time()
     result = fit(
         config,
         TASK,
-        epochs=REF_EPOCHS,
+        epochs=1 if smoke else REF_EPOCHS,
         seed=seed,
         lr=REF_LR,
         weight_decay=REF_WD,
         lr_schedule="onecycle",
         evaluate_test=True,
-        data_options={"samples_per_epoch": REF_SAMPLES, "batch_size": REF_BATCH},
+        data_options={"samples_per_epoch": 8 if smoke else REF_SAMPLES, "batch_size": REF_BATCH},
+        deterministic="warn" if device == "cpu" or not gpu_fast else False,
     )
     record = {
         "name": name,
@@ -148,6 +203,7 @@ def _reference_job(name: str, config_json: str, seed: int, out: str, width: floa
         "wall_s": time.time() - started,
         "fwd_bwd_s": result.fwd_bwd_seconds,
         "width": width,
+        "device": device,
     }
     write_text_atomic(Path(out), json.dumps(record, indent=1))
     return (
@@ -224,16 +280,50 @@ def reference_full_width(work: Path, names: list[str], jobs: int, seeds: tuple[i
     run_jobs(_reference_job, todo, jobs)
 
 
+def reference_many_seeds(
+    work: Path, jobs: int, seeds: tuple[int, ...], deadline_s: float | None, smoke: bool = False, gpu_fast: bool = False
+) -> None:
+    """The full-width reference protocol, many seeds: every panel member (into ``W/reference-full``) and every
+    architecture of fidelity-knee.json (the default run's knee and neighbour, into ``W/reference-extra-full``),
+    seed after seed, so that a deadline leaves every architecture with the same number of seeds, give or take
+    one. Written for a lent GPU (``--deadline``), where many processes share the card; on the CPU it is
+    ``reference-full`` plus ``reference-extra --width 1`` in one queue. ``smoke``: 1 epoch of 8 patches per run,
+    into ``W/smoke`` (a check of the machinery, never a score). ``gpu_fast``: see ``_strict_fp32_device``."""
+    from psc_nas.arch import ArchConfig
+
+    work = work / "smoke" if smoke else work
+
+    members = [(m["name"], m["config"], work / "reference-full") for m in panel()]
+    knee_runs = json.loads(KNEE_JSON.read_text())["runs"]
+    knee = {r["hash"]: (r["name"], ArchConfig.from_json(r["config"])) for r in knee_runs}
+    members += [(name, config, extra_dir(work, 1.0)) for name, config in knee.values()]
+    todo = []
+    for seed in seeds:
+        for name, config, folder in members:
+            folder.mkdir(parents=True, exist_ok=True)
+            if folder != work / "reference-full":
+                config.save(folder / f"{config.hash}.yaml")
+            out = folder / f"{config.hash}-s{seed}.json"
+            if not out.exists():
+                todo.append((name, config.to_json(), seed, str(out), 1.0, smoke, gpu_fast))
+    print(f"{len(todo)} full-width reference runs to do over {len(members)} architectures", flush=True)
+    run_jobs(_reference_job, todo, jobs, deadline_s)
+
+
 FULL_WIDTH_JSON = DOCS / "fidelity-full-width.json"
 KNEE_JSON = DOCS / "fidelity-knee.json"  # reference-extra's full-width runs, with their architectures (knee-report)
 SCORES_JSON = DOCS / "fidelity-scores.json"  # the predictors' table and every evaluator run (fidelity_report.py)
 
 
-def full_width_runs() -> dict[str, dict[int, dict[str, Any]]]:
-    """The archived full-width reference runs (fidelity-full-width.json) by architecture hash, then seed."""
+def full_width_runs(include_gpu: bool = False) -> dict[str, dict[int, dict[str, Any]]]:
+    """The archived full-width reference runs (fidelity-full-width.json) by architecture hash, then seed: the
+    reference is the CPU runs. Runs trained on a GPU (``device`` other than "cpu") come only with ``include_gpu``:
+    the 11 of 2026-12-04 scored 0.003 ± 0.001 Dice above the CPU runs (fidelity-full-width.md), as much as the
+    architectures differ, so they are not pooled with them."""
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for record in json.loads(FULL_WIDTH_JSON.read_text())["runs"] if FULL_WIDTH_JSON.exists() else []:
-        runs.setdefault(record["hash"], {})[record["seed"]] = record
+        if include_gpu or record.get("device", "cpu") == "cpu":
+            runs.setdefault(record["hash"], {})[record["seed"]] = record
     return runs
 
 
@@ -270,8 +360,9 @@ def archive_full_width(work: Path) -> None:
     archive_runs(
         FULL_WIDTH_JSON,
         work / "reference-full",
-        "python benchmarks/fidelity.py reference-full --names NAME ... --seeds S ... --jobs 1 --work W && "
-        "python benchmarks/fidelity.py assemble --work W",
+        "python benchmarks/fidelity.py reference-full --names NAME ... --seeds S ... --jobs 1 --work W (2-core CPU) "
+        "or python benchmarks/fidelity.py reference-seeds --seeds S ... --jobs N --deadline T [--gpu-fast] --work W "
+        "(a lent GPU; each run's device says where it trained) && python benchmarks/fidelity.py assemble --work W",
     )
 
 
@@ -589,6 +680,7 @@ def main() -> None:
             "reference",
             "reference-extra",
             "reference-full",
+            "reference-seeds",
             "assemble",
             "restore",
             "measure",
@@ -602,6 +694,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "fidelity")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument(
+        "--deadline", type=float, help="reference-seeds: start no run after this many seconds (a lent machine)"
+    )
+    parser.add_argument(
+        "--gpu-fast", action="store_true", help="reference-seeds: nondeterministic autotuned cuDNN (float32 still)"
+    )
+    parser.add_argument("--smoke", action="store_true", help="reference-seeds: 1 epoch of 8 patches, into W/smoke")
     parser.add_argument("--config", type=Path, nargs="+", help="reference-extra: architecture files to train")
     parser.add_argument("--names", nargs="+", default=[], help="reference-full, measure: only these panel members")
     parser.add_argument(
@@ -617,6 +716,10 @@ def main() -> None:
         reference_extra(args.work, args.config or [], args.jobs, tuple(args.seeds or REF_SEEDS), args.width)
     elif args.command == "reference-full":
         reference_full_width(args.work, args.names, args.jobs, tuple(args.seeds or (0,)))
+    elif args.command == "reference-seeds":
+        reference_many_seeds(
+            args.work, args.jobs, tuple(args.seeds or (0, 1)), args.deadline, args.smoke, args.gpu_fast
+        )
     elif args.command == "assemble":
         assemble(args.work)
     elif args.command == "measure" and args.variant in SUPERNET_VARIANTS:

@@ -379,6 +379,7 @@ def full_width_report(work: Path) -> None:
 
     archive_full_width(work)
     archive_scores(work)
+    every_run = full_width_runs(include_gpu=True)
     runs = full_width_runs()
     reduced = {
         row["hash"]: float(np.mean([r["metrics"]["dice_mean"] for r in row["runs"]]))
@@ -395,37 +396,63 @@ def full_width_report(work: Path) -> None:
         f"Load average at report time: {os.getloadavg()[0]:.1f}.",
         "",
         "| architecture | params | MACs | seed | val Dice | CSF | GM | WM | test Dice | "
-        f"Δ val Dice, last {REF_EPOCHS // 4} epochs | s / run | val Dice at width 0.25 (mean of seeds) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Δ val Dice, last {REF_EPOCHS // 4} epochs | s / run | ran on | val Dice at width 0.25 (mean of seeds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(value: float | None, form: str = ".4f") -> str:
         return "—" if value is None else format(value, form)
 
     for m in members:
-        for seed, r in sorted(runs[m["config"].hash].items()):
+        for seed, r in sorted(every_run[m["config"].hash].items()):
             x = r["metrics"]
             lines.append(
                 f"| {m['name']}{'¹' if r.get('source') else ''} | {m['params']:,} | {m['macs'] / 1e9:.2f}G | {seed} | "
                 f"{x['dice_mean']:.4f} | {cell(x.get('dice_csf'))} | {cell(x.get('dice_gm'))} | "
                 f"{cell(x.get('dice_wm'))} | {x['test_dice_mean']:.4f} | "
-                f"{cell(curve_drift(r), '+.4f')} | {cell(r.get('wall_s'), '.0f')} | "
+                f"{cell(curve_drift(r), '+.4f')} | {cell(r.get('wall_s'), '.0f')} | {ran_on(r)} | "
                 f"{reduced.get(m['config'].hash, float('nan')):.4f} |"
             )
     sources = sorted({r["source"] for h in runs for r in runs[h].values() if r.get("source")})
     if sources:
         lines += ["", "¹ no run file; the scores come from " + "; ".join(sources) + "."]
-    seeds = sorted({s for h in runs for s in runs[h]})
-    complete = [m for m in members if len(runs[m["config"].hash]) == len(seeds) and len(seeds) >= 2]
-    if len(complete) >= 3:
-        lines += [
-            "",
-            f"**Does it repeat itself?** {len(complete)} architectures with every seed {seeds}:",
-            "",
-            f"| score | ICC(1) | seed-to-seed SD | SD of the architecture means | ρ(seed 0, seed 1) | "
-            f"ceiling of a predictor's ρ against the mean of {len(seeds)} seeds |",
-            "|---|---|---|---|---|---|",
-        ]
+    lines += _repeatability(members, runs)
+    lines += _gpu_check(members, every_run)
+    lines += _full_width_ranking(members, runs, reduced)
+    write_text_atomic(DOCS / "fidelity-full-width.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def ran_on(run: dict[str, Any]) -> str:
+    """Where a reference run trained, in words: runs archived before the field existed ran on this project's
+    2-core CPU machines."""
+    return "CPU (2 cores)" if ran_on_cpu(run) else run["device"]
+
+
+def _repeatability(members: list[dict[str, Any]], runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """ICC(1), the two SDs and the ceiling they put on any predictor's ρ: over the seeds every architecture has,
+    and, where some have more, over all seeds for the architectures that have every one."""
+    by_hash = {m["config"].hash: set(runs[m["config"].hash]) for m in members}
+    common = sorted(set.intersection(*by_hash.values())) if by_hash else []
+    every = sorted(set.union(*by_hash.values())) if by_hash else []
+    groups = []
+    for seeds in (common, every) if every != common else (common,):
+        rows = [m for m in members if set(seeds) <= by_hash[m["config"].hash]]
+        if len(seeds) >= 2 and len(rows) >= 3:
+            groups.append((seeds, rows))
+    if not groups:
+        return []
+    lines = [
+        "",
+        "**Does it repeat itself?** Over the seeds every architecture has"
+        + (", and over every seed for the architectures that have them all" if len(groups) > 1 else "")
+        + ":",
+        "",
+        "| score | seeds | ICC(1) | seed-to-seed SD | SD of the architecture means | ρ(first two seeds) | "
+        "ceiling of a predictor's ρ against the mean of those seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for seeds, complete in groups:
         # per class only over the architectures whose every run kept its classes
         have = [m for m in complete if all("dice_gm" in r["metrics"] for r in runs[m["config"].hash].values())]
         for key in REFERENCE_SCORES:
@@ -439,13 +466,58 @@ def full_width_report(work: Path) -> None:
             between = float(matrix.mean(axis=1).std(ddof=1))
             rho = spearmanr(matrix[:, 0], matrix[:, 1]).statistic
             icc = icc1(matrix)
-            ceiling = rho_ceiling(icc, len(seeds))
             lines.append(
-                f"| {key} ({len(rows)} archs) | {icc:.3f} | {within:.4f} | {between:.4f} | {rho:.3f} | {ceiling:.2f} |"
+                f"| {key} ({len(rows)} archs) | {seeds} | {icc:.3f} | {within:.4f} | {between:.4f} | {rho:.3f} | "
+                f"{rho_ceiling(icc, len(seeds)):.2f} |"
             )
-    lines += _full_width_ranking(members, runs, reduced)
-    write_text_atomic(DOCS / "fidelity-full-width.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
+
+
+def _gpu_check(members: list[dict[str, Any]], runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """Do the runs trained on a GPU score like the CPU runs? Each GPU run against what its architecture's CPU runs
+    predict for a new seed: their mean shrunk towards the mean of every CPU run by the reliability of a mean of
+    that many seeds (an architecture whose two CPU seeds were unlucky is expected to score higher on a third);
+    averaged, with its standard error. The reference pools them only if that is noise."""
+    cpu = {
+        m["config"].hash: [r["metrics"]["dice_mean"] for r in runs[m["config"].hash].values() if ran_on_cpu(r)]
+        for m in members
+    }
+    complete = [scores for scores in cpu.values() if len(scores) >= 2]
+    if len(complete) < 3:
+        return []
+    k = min(len(scores) for scores in complete)
+    icc = icc1(np.array([scores[:k] for scores in complete]))
+    reliability = k * icc / (1 + (k - 1) * icc)
+    grand = float(np.mean([np.mean(scores) for scores in complete]))
+    residuals, names = [], set()
+    for m in members:
+        h = m["config"].hash
+        for r in runs[h].values():
+            if not ran_on_cpu(r) and len(cpu[h]) >= 2:
+                expected = grand + reliability * (float(np.mean(cpu[h])) - grand)
+                residuals.append(r["metrics"]["dice_mean"] - expected)
+                names.add(m["name"])
+    if len(residuals) < 2:
+        return []
+    mean, se = float(np.mean(residuals)), float(np.std(residuals, ddof=1) / np.sqrt(len(residuals)))
+    return [
+        "",
+        f"**GPU runs against the CPU runs.** {len(residuals)} runs of {len(names)} architectures trained on a GPU "
+        "(float32, TF32 off), each minus what its architecture's CPU runs predict for a new seed (their mean, "
+        f"shrunk towards the mean of all CPU runs, {grand:.4f}, by the reliability {reliability:.2f} of a mean of "
+        f"{k} seeds at ICC {icc:.2f}): mean {mean:+.4f} Dice, standard error {se:.4f} "
+        f"({abs(mean) / se if se else float('inf'):.1f} standard errors from 0). "
+        + (
+            "Not noise at this size, and as large as the differences between architectures: the GPU runs are "
+            "shown above but left out of the repeatability and the ranking below, which use the CPU runs alone."
+            if abs(mean) > 2 * se
+            else "Within noise; the repeatability and the ranking below still use the CPU runs alone."
+        ),
+    ]
+
+
+def ran_on_cpu(run: dict[str, Any]) -> bool:
+    return run.get("device", "cpu") == "cpu"
 
 
 DEFAULT_RUNG = "train-today"  # the predictor that is the default search's own score (fidelity.EVALUATORS)

@@ -254,6 +254,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     accelerator: str = "auto",
     progress: bool = False,
+    deterministic: bool | str = "warn",
 ) -> TrainResult:
     """Train ``config`` on ``task`` for ``epochs`` and validate after each epoch.
 
@@ -264,6 +265,8 @@ def fit(
     too: ``test_<metric>`` keys in ``metrics`` (never used to choose anything).
     Nothing is written unless ``out_dir`` is given; then it receives ``config.yaml``,
     ``metrics.json``, ``curve.csv`` and the best epoch's checkpoint ``best.ckpt``.
+    ``deterministic`` goes to Lightning's Trainer: the default "warn" makes a seed reproduce a run; False lets
+    cuDNN pick its fastest (nondeterministic) algorithms on a GPU, where the deterministic ones can be far slower.
     Raises ``TrainingFailed`` when the loss stops being finite, ``ValueError`` for a config that
     does not fit the task (``Task.check_config``) or data the task cannot use.
     """
@@ -298,7 +301,7 @@ def fit(
             num_sanity_val_steps=0,
             # "warn", not True: some CUDA kernels (trilinear upsampling backward) have no deterministic
             # version; on CPU every op used here is deterministic, so a seed reproduces a run exactly.
-            deterministic="warn",
+            deterministic=deterministic,
             logger=False,
             enable_checkpointing=checkpoint is not None,
             enable_progress_bar=progress,

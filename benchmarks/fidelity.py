@@ -6,7 +6,7 @@
     python benchmarks/fidelity.py measure VARIANT --seeds 0 1 2 --work W   # one evaluator on the panel
     python benchmarks/fidelity.py report --work W             # -> docs/benchmarks/fidelity-table.md
     python benchmarks/fidelity.py reference-full --names csn_ip cheapest --seeds 0 1 --jobs 1 --work W
-    python benchmarks/fidelity.py reference-seeds --seeds 2 3 4 --jobs 14 --deadline 400 --work W  # a lent GPU
+    python benchmarks/fidelity.py reference-seeds --seeds 2 3 4 --jobs 6 --deadline 400 --gpu-fast --work W  # a GPU
     python benchmarks/fidelity.py full-width-report --work W  # -> docs/benchmarks/fidelity-full-width.md
     python benchmarks/fidelity.py restore --work W            # a fresh machine: W from the committed JSON
     python benchmarks/fidelity.py screen                      # the pre-screen's proxies on 32³ and 16³ patches
@@ -69,8 +69,9 @@ def _threads(n: int = 1) -> None:
 def _strict_fp32_device(gpu_fast: bool = False) -> str:
     """The device a training here runs on, in words ("cpu" or the GPU's name). On a GPU, TF32 is switched off
     (PyTorch allows it for convolutions by default) so that GPU and CPU runs of the reference compute in the same
-    float32 and their seeds can be pooled. ``gpu_fast``: cuDNN may also pick its fastest, nondeterministic
-    algorithms (autotuned); still float32, but a seed no longer reproduces a run bit for bit."""
+    float32 (whether their seeds can be pooled is still measured: ``full_width_runs``). ``gpu_fast``: cuDNN may
+    also pick its fastest, nondeterministic algorithms (autotuned); still float32, but a seed no longer reproduces
+    a run bit for bit."""
     import torch
 
     if not torch.cuda.is_available():
@@ -193,7 +194,7 @@ def _reference_job(
         lr_schedule="onecycle",
         evaluate_test=True,
         data_options={"samples_per_epoch": 8 if smoke else REF_SAMPLES, "batch_size": REF_BATCH},
-        deterministic="warn" if device == "cpu" or not gpu_fast else False,
+        deterministic=False if gpu_fast and device != "cpu" else "warn",
     )
     record = {
         "name": name,
@@ -286,7 +287,8 @@ def reference_many_seeds(
     """The full-width reference protocol, many seeds: every panel member (into ``W/reference-full``) and every
     architecture of fidelity-knee.json (the default run's knee and neighbour, into ``W/reference-extra-full``),
     seed after seed, so that a deadline leaves every architecture with the same number of seeds, give or take
-    one. Written for a lent GPU (``--deadline``), where many processes share the card; on the CPU it is
+    one. Written for a lent GPU (``--deadline``), where many processes share the card (taking turns on it unless
+    CUDA MPS runs: fidelity.md, "A lent GPU for the reference"); on the CPU it is
     ``reference-full`` plus ``reference-extra --width 1`` in one queue. ``smoke``: 1 epoch of 8 patches per run,
     into ``W/smoke`` (a check of the machinery, never a score). ``gpu_fast``: see ``_strict_fp32_device``."""
     from psc_nas.arch import ArchConfig

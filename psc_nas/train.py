@@ -266,7 +266,7 @@ def fit(
     Nothing is written unless ``out_dir`` is given; then it receives ``config.yaml``,
     ``metrics.json``, ``curve.csv`` and the best epoch's checkpoint ``best.ckpt``.
     ``deterministic`` goes to Lightning's Trainer: the default "warn" makes a seed reproduce a run; False lets
-    cuDNN pick its fastest (nondeterministic) algorithms on a GPU, where the deterministic ones can be far slower.
+    cuDNN pick its fastest (nondeterministic) algorithms on a GPU, where the deterministic ones can be slower.
     Raises ``TrainingFailed`` when the loss stops being finite, ``ValueError`` for a config that
     does not fit the task (``Task.check_config``) or data the task cannot use.
     """

@@ -577,11 +577,16 @@ def _full_width_ranking(
     )
     archived = json.loads(SCORES_JSON.read_text()).get("raw_scores", {}) if SCORES_JSON.exists() else {}
     rung: dict[str, float] = {}  # the default search's own score, the rival every other predictor must beat
+    iccs: dict[str, str] = {}  # a predictor's own seed agreement, where every architecture has the same ≥ 2 seeds
     for name, predictor in sorted(_predictors(archived).items()):
         scored = [m for m in members if m["config"].hash in predictor["values"]]
         seeds_run = sorted({int(s) for m in scored for s in predictor["values"][m["config"].hash]})
         means = [float(np.mean(list(predictor["values"][m["config"].hash].values()))) for m in scored]
-        rows.append((f"{name} (mean of seeds {seeds_run})", scored, means))
+        label = f"{name} (mean of seeds {seeds_run})"
+        rows.append((label, scored, means))
+        per_seed = [predictor["values"][m["config"].hash] for m in scored]
+        if len(seeds_run) >= 2 and all(len(v) == len(seeds_run) for v in per_seed):
+            iccs[label] = f"{icc1(np.array([[v[s] for s in sorted(v)] for v in per_seed])):.2f}"
         if name == DEFAULT_RUNG:
             rung = {m["config"].hash: mean for m, mean in zip(scored, means)}
     lines = [
@@ -595,8 +600,8 @@ def _full_width_ranking(
         "(`raw_scores`).",
         "",
         "| predictor | archs | Spearman ρ | 90% interval | Kendall τ | partial ρ given params | P(> params) "
-        "| P(> rung) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| P(> rung) | ICC(1) over its seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, scored, values in rows:
         if len(scored) < 3:
@@ -612,7 +617,7 @@ def _full_width_ranking(
         beats_rung = f"{wins[1]:.2f}" if against_rung else "—"
         lines.append(
             f"| {name} | {len(scored)} | {rho:.3f} | {low:.2f} … {high:.2f} | {tau:.3f} | {partial} | {beats} "
-            f"| {beats_rung} |"
+            f"| {beats_rung} | {iccs.get(name, '—')} |"
         )
     return lines
 

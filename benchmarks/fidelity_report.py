@@ -392,7 +392,8 @@ def full_width_report(work: Path) -> None:
         "",
         "Each run: the architecture at width 1 (the network the search prices), trained with the reference protocol "
         "of fidelity.md (8 epochs × 128 random 32³ patches, batch 4, AdamW 2·10⁻³, one-cycle), one torch thread. "
-        "Raw runs with their curves: [fidelity-full-width.json](fidelity-full-width.json). "
+        "Raw runs with their curves: [fidelity-full-width.json](fidelity-full-width.json). A GPU run's s / run is "
+        'with the other runs of its call sharing the card (fidelity.md, "A lent GPU for the reference"). '
         f"Load average at report time: {os.getloadavg()[0]:.1f}.",
         "",
         "| architecture | params | MACs | seed | val Dice | CSF | GM | WM | test Dice | "

@@ -136,7 +136,7 @@ def run_jobs(job: Callable[..., str], todo: list[tuple], jobs: int, deadline_s: 
     machine lent for a fixed time. A failed job is reported and the others go on; the call then exits non-zero."""
     started = time.time()
     pending = iter(todo)
-    failed = skipped = 0
+    failed = 0
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
 
         def submit_next() -> Future | None:
@@ -299,12 +299,13 @@ def reference_many_seeds(
     knee_runs = json.loads(KNEE_JSON.read_text())["runs"]
     knee = {r["hash"]: (r["name"], ArchConfig.from_json(r["config"])) for r in knee_runs}
     members += [(name, config, extra_dir(work, 1.0)) for name, config in knee.values()]
+    for _, config, folder in members:
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder != work / "reference-full":  # outside the panel: the reports price it from its file
+            config.save(folder / f"{config.hash}.yaml")
     todo = []
     for seed in seeds:
         for name, config, folder in members:
-            folder.mkdir(parents=True, exist_ok=True)
-            if folder != work / "reference-full":
-                config.save(folder / f"{config.hash}.yaml")
             out = folder / f"{config.hash}-s{seed}.json"
             if not out.exists():
                 todo.append((name, config.to_json(), seed, str(out), 1.0, smoke, gpu_fast))
@@ -317,6 +318,11 @@ KNEE_JSON = DOCS / "fidelity-knee.json"  # reference-extra's full-width runs, wi
 SCORES_JSON = DOCS / "fidelity-scores.json"  # the predictors' table and every evaluator run (fidelity_report.py)
 
 
+def ran_on_cpu(run: dict[str, Any]) -> bool:
+    """Whether a reference run trained on the CPU: runs archived before ``device`` was recorded all did."""
+    return run.get("device", "cpu") == "cpu"
+
+
 def full_width_runs(include_gpu: bool = False) -> dict[str, dict[int, dict[str, Any]]]:
     """The archived full-width reference runs (fidelity-full-width.json) by architecture hash, then seed: the
     reference is the CPU runs. Runs trained on a GPU (``device`` other than "cpu") come only with ``include_gpu``:
@@ -324,7 +330,7 @@ def full_width_runs(include_gpu: bool = False) -> dict[str, dict[int, dict[str, 
     architectures differ, so they are not pooled with them."""
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for record in json.loads(FULL_WIDTH_JSON.read_text())["runs"] if FULL_WIDTH_JSON.exists() else []:
-        if include_gpu or record.get("device", "cpu") == "cpu":
+        if include_gpu or ran_on_cpu(record):
             runs.setdefault(record["hash"], {})[record["seed"]] = record
     return runs
 

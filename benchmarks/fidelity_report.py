@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fidelity import DOCS, REF_EPOCHS, SCORES_JSON, load_reference, panel
+from fidelity import DOCS, REF_EPOCHS, SCORES_JSON, load_reference, panel, ran_on_cpu
 from scipy.stats import kendalltau, spearmanr
 
 from psc_nas.files import write_text_atomic
@@ -153,10 +153,15 @@ def curve_drift(run: dict[str, Any]) -> float | None:
     return curve[-1]["dice_mean"] - curve[-1 - REF_EPOCHS // 4]["dice_mean"] if curve else None
 
 
+def spearman_brown(icc: float, k: int) -> float:
+    """The reliability of a mean of ``k`` seeds whose single-seed reliability is ``icc``: k·ICC / (1 + (k − 1)·ICC)."""
+    return k * icc / (1 + (k - 1) * icc)
+
+
 def rho_ceiling(icc: float, k: int) -> float:
     """A perfect predictor's expected correlation with the mean of ``k`` reference seeds whose single-seed
-    reliability is ``icc``: sqrt(k·ICC / (1 + (k − 1)·ICC)) (Spearman–Brown)."""
-    return float(np.sqrt(max(0.0, k * icc / (1 + (k - 1) * icc)))) if icc > -1 / (k - 1) else float("nan")
+    reliability is ``icc``: the square root of ``spearman_brown``."""
+    return float(np.sqrt(max(0.0, spearman_brown(icc, k)))) if icc > -1 / (k - 1) else float("nan")
 
 
 def _reliability_lines(
@@ -488,7 +493,7 @@ def _gpu_check(members: list[dict[str, Any]], runs: dict[str, dict[int, dict[str
         return []
     k = min(len(scores) for scores in complete)
     icc = icc1(np.array([scores[:k] for scores in complete]))
-    reliability = k * icc / (1 + (k - 1) * icc)
+    reliability = spearman_brown(icc, k)
     grand = float(np.mean([np.mean(scores) for scores in complete]))
     residuals, names = [], set()
     for m in members:
@@ -515,10 +520,6 @@ def _gpu_check(members: list[dict[str, Any]], runs: dict[str, dict[int, dict[str
             else "Within noise; the repeatability and the ranking below still use the CPU runs alone."
         ),
     ]
-
-
-def ran_on_cpu(run: dict[str, Any]) -> bool:
-    return run.get("device", "cpu") == "cpu"
 
 
 DEFAULT_RUNG = "train-today"  # the predictor that is the default search's own score (fidelity.EVALUATORS)

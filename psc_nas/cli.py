@@ -353,12 +353,22 @@ def search(
         ),
     ] = None,
     prescreen_size: Annotated[
-        int,
+        Optional[int],
         typer.Option(
             help="Architectures the pre-screen scores; each costs one forward and backward pass of a batch of 4 "
-            "(IBSR: 16³ patches; about a second on 2 CPU cores)."
+            "(IBSR: 16³ patches). Default: the profile's (IBSR's quick profile: 300), else 100.",
+            show_default=False,
         ),
-    ] = 100,  # psc_nas.search.prescreen.DEFAULT_SIZE (not imported here: the CLI loads torch lazily)
+    ] = None,
+    prescreen_width: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Score each screened architecture's copy at this width multiplier (the same choices, width² of the "
+            "compute; its costs stay the full network's). Default: the profile's (IBSR's quick profile: 0.25), "
+            "else 1.",
+            show_default=False,
+        ),
+    ] = None,
     engine_option: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -408,6 +418,7 @@ def search(
                 engine_options=parse_options(engine_option or [], "--engine-option"),
                 prescreen=prescreen,
                 prescreen_size=prescreen_size,
+                prescreen_width=prescreen_width,
             )
             run_search(settings)  # reports to the display entered above
     except (ValueError, OSError) as err:

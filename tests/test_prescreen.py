@@ -16,6 +16,7 @@ from cli_process import cli_env, ctrl_c_when, run_cli
 from test_search import search
 
 from psc_nas.evaluators.zero_cost import proxy_score, training_batch
+from psc_nas.nets.budget import with_width
 from psc_nas.search.budget import Budget
 from psc_nas.search.prescreen import Prescreen, Screened, choose, draw, ranks_with_macs, screening_batch, write_csv
 from psc_nas.search.record import SETUP_PROGRESS, read_trials, set_planned_trials, wait_until_set_up
@@ -48,11 +49,14 @@ def test_prescreen_refuses_an_unknown_proxy_or_an_empty_screen():
     assert (Prescreen("zico").zero_cost, Prescreen("zico").with_macs) == ("zico", False)
     with pytest.raises(ValueError, match="--prescreen-size must be at least 1"):
         Prescreen("grad_norm", 0)
+    for width in (0.0, -0.5, 1.5, math.nan):
+        with pytest.raises(ValueError, match="--prescreen-width must be in \\(0, 1\\]"):
+            Prescreen("zico", width=width)
 
 
 @pytest.mark.slow
 def test_a_prescreened_search_trains_the_screen_s_best_after_the_presets_and_keeps_every_score(tmp_path):
-    study, _ = search(tmp_path, trials=5, prescreen="grad_norm", prescreen_size=6)
+    study, _ = search(tmp_path, trials=5, prescreen="grad_norm", prescreen_size=6, prescreen_width=1.0)
     screen = study.user_attrs["prescreen"]
     assert (screen["proxy"], screen["scored"], len(screen["rows"])) == ("grad_norm", 6, 6)
     records = read_trials(study)
@@ -74,7 +78,7 @@ def test_a_prescreened_search_trains_the_screen_s_best_after_the_presets_and_kee
             if o["score"] >= mine[0] and o["params"] <= mine[1] and (o["score"], o["params"]) != mine
         ]
         assert set(dominating) <= queued
-    # every recorded score is the proxy itself: recomputed for one architecture from its trial
+    # every recorded score is the proxy of the full network (--prescreen-width 1): recomputed for one architecture
     trial = screened_trials[0]
     task = get_task("ibsr")
     batch = training_batch(task, seed=0, patch_size=(16, 16, 16))  # IBSR's screen_data_options
@@ -120,19 +124,25 @@ def test_a_combined_screen_ranks_by_the_proxy_s_rank_plus_the_macs_rank_on_the_t
     study, out = search(tmp_path, trials=4, prescreen="grad_norm+macs", prescreen_size=6)
     screen = study.user_attrs["prescreen"]
     assert screen["proxy"] == "grad_norm+macs" and screen["batch"] == "4 samples of 1x16x16x16"  # IBSR: 16³
+    assert screen["width"] == 0.25  # IBSR's quick profile scores each network's copy at width 0.25
     rows = screen["rows"]
     assert [r["score"] for r in rows] == ranks_with_macs([r["proxy_value"] for r in rows], [r["macs"] for r in rows])
-    # the raw proxy is grad_norm on the screening batch: recomputed for one architecture
+    # the raw proxy is grad_norm of the network's width-0.25 copy on the screening batch: recomputed for one
+    # architecture; its costs are the full network's, as the search prices it
     trial = next(r for r in read_trials(study) if r.prescreen)
     task = get_task("ibsr")
     batch = screening_batch(Prescreen("grad_norm+macs"), task)
-    again = proxy_score("grad_norm", trial.config(), task, seed=0, batch=batch)
-    assert next(r for r in rows if r["arch_hash"] == trial.arch_hash)["proxy_value"] == pytest.approx(again, rel=1e-4)
+    again = proxy_score("grad_norm", with_width(trial.config(), 0.25), task, seed=0, batch=batch)
+    full = proxy_score("grad_norm", trial.config(), task, seed=0, batch=batch)
+    row = next(r for r in rows if r["arch_hash"] == trial.arch_hash)
+    assert row["proxy_value"] == pytest.approx(again, rel=1e-4) and row["proxy_value"] != pytest.approx(full, rel=1e-2)
+    assert (row["params"], row["macs"]) == (trial.params, trial.macs)
     assert trial.prescreen.startswith("grad_norm+macs ")
     table = pd.read_csv(out / "prescreen.csv")
     assert list(table.columns) == ["arch_hash", "params", "macs", "grad_norm", "grad_norm+macs", "queued"]
     pareto = json.loads((out / "pareto.json").read_text())["prescreen"]
     assert "rank plus the MAC count's rank" in pareto["what"] and "1x16x16x16" in pareto["what"]
+    assert "copy at width 0.25 (its costs the full network's)" in pareto["what"]
 
 
 @pytest.mark.slow
@@ -140,6 +150,7 @@ def test_psc_search_with_a_bad_prescreen_is_one_line_and_writes_nothing(tmp_path
     for args, message in (
         (("--prescreen", "nope"), "unknown --prescreen proxy 'nope'"),
         (("--prescreen", "grad_norm", "--prescreen-size", "0"), "--prescreen-size must be at least 1"),
+        (("--prescreen-width", "0"), "--prescreen-width must be in (0, 1], got 0"),
     ):
         result = run_cli("psc-search", "--task", "ibsr", "--budget", "5M", "--out", "run", *args, cwd=tmp_path)
         assert result.returncode != 0 and result.returncode != 130, result.stderr
@@ -240,10 +251,13 @@ def test_ibsr_s_quick_profile_screens_by_zico_plus_macs_unless_told_otherwise():
     def planned(**settings):
         return plan_search(SearchSettings(**{"task": "ibsr", "budget": Budget(params=5_000_000), **settings})).prescreen
 
-    assert planned() == Prescreen("zico+macs", 100, asked=False)  # psc-search --task ibsr's default
+    # psc-search --task ibsr's default: 300 screened, each scored at width 0.25
+    assert planned() == Prescreen("zico+macs", 300, asked=False, width=0.25)
     assert planned(prescreen="none") is None
-    assert planned(prescreen="snip", prescreen_size=7, seed=3) == Prescreen("snip", 7, seed=3)
+    assert planned(prescreen="snip", prescreen_size=7, seed=3) == Prescreen("snip", 7, seed=3, width=0.25)
+    assert planned(prescreen_width=1.0, prescreen_size=50) == Prescreen("zico+macs", 50, asked=False, width=1.0)
     assert planned(profile="paper") is None  # a profile without a screen
+    assert planned(profile="paper", prescreen="zico") == Prescreen("zico", 100, width=1.0)  # the screen's defaults
     assert planned(engine="nni") is None  # the profile's screen fills Optuna's queue; NNI has none to fill
     with pytest.raises(ValueError, match="--prescreen fills the queue of --engine optuna; --engine nni has none"):
         planned(engine="nni", prescreen="zico")

@@ -3,10 +3,11 @@
 ``psc-search --prescreen zico+macs --prescreen-size 100``: when the study is created, ``size`` distinct
 architectures are drawn within the budget (each decision uniform among the answers that can still fit, as the
 restricted sampler asks them), each is scored by one proxy of ``psc_nas.evaluators.zero_cost`` (the network the
-search prices, at initialisation from the run's seed, on one batch of the task's training data, with the task's
-``screen_data_options``) — or, for ``<proxy>+macs``, by the proxy's rank plus the MAC count's rank among the
-architectures screened (two predictors that each rank the fidelity panel and agree with each other only partly,
-equally weighted; docs/benchmarks/fidelity.md) — and the queue's
+search prices — or, with ``--prescreen-width W`` below 1, its copy at width multiplier W: the same choices,
+``nets.budget.with_width``, W² of the compute — at initialisation from the run's seed, on one batch of the task's
+training data, with the task's ``screen_data_options``) — or, for ``<proxy>+macs``, by the proxy's rank plus the
+full network's MAC count's rank among the architectures screened (two predictors that each rank the fidelity
+panel and agree with each other only partly, equally weighted; docs/benchmarks/fidelity.md) — and the queue's
 free entries (those the presets leave) get the best of them instead of the sampler's picks: successive
 non-dominated fronts of (proxy, cost), so that the cheap end of the cost range is screened as well as the large
 end, the last front thinned by NSGA-II's crowding distance. Those are trained like any other candidate; the
@@ -34,6 +35,7 @@ import pandas as pd
 from psc_nas.arch import ArchConfig
 from psc_nas.evaluators.zero_cost import CONTROLS, PROXIES, proxy_score, training_batch
 from psc_nas.files import write_text_atomic
+from psc_nas.nets.budget import with_width
 from psc_nas.pareto import crowding_distances, non_dominated_ranks
 from psc_nas.search.catalog import Answers
 from psc_nas.search.pricing import Pricing
@@ -42,6 +44,7 @@ from psc_nas.search.record import PRESCREEN
 log = logging.getLogger("psc_nas.search")
 
 DEFAULT_SIZE = 100
+DEFAULT_WIDTH = 1.0  # the network the search prices; IBSR's quick profile scores width 0.25 (fidelity.md)
 WITH_MACS = "+macs"  # "<proxy>+macs": the proxy's rank plus the MAC count's rank among the screened
 CHOICES = tuple(p + suffix for suffix in ("", WITH_MACS) for p in (*PROXIES, *CONTROLS))
 SCREEN_COSTS = ("params", "macs")  # the costs a screen trades its proxy against, as the front's cost objectives
@@ -50,19 +53,27 @@ SCREEN_COSTS = ("params", "macs")  # the costs a screen trades its proxy against
 @dataclass(frozen=True)
 class Prescreen:
     """What ``--prescreen`` asks: score ``size`` architectures by ``proxy`` before any training (the run's seed
-    initialises the networks and picks the batch; ``data_dir`` is the run's data)."""
+    initialises the networks and picks the batch; ``data_dir`` is the run's data), each network at width
+    multiplier ``width`` (its costs stay the full network's)."""
 
     proxy: str
     size: int = DEFAULT_SIZE
     seed: int = 0
     data_dir: Any = None
     asked: bool = True  # --prescreen asked for it; False: the profile's default (skipping it is no news)
+    width: float = DEFAULT_WIDTH
 
     def __post_init__(self) -> None:
         if self.proxy not in CHOICES:
             raise ValueError(f"unknown --prescreen proxy {self.proxy!r}; choose from {', '.join(CHOICES)}")
         if self.size < 1:
             raise ValueError(f"--prescreen-size must be at least 1, got {self.size}")
+        if not 0.0 < self.width <= 1.0:
+            raise ValueError(f"--prescreen-width must be in (0, 1], got {self.width:g}")
+
+    def scored(self, config: ArchConfig) -> ArchConfig:
+        """The network the proxy scores for ``config``: itself, or its copy at ``width``."""
+        return config if self.width == 1.0 else with_width(config, self.width)
 
     @property
     def zero_cost(self) -> str:
@@ -171,7 +182,7 @@ def screen(
     rows: list[Screened] = []
     for config in configs:
         try:
-            score = proxy_score(proxy, config, task, seed=prescreen.seed, batch=batch)
+            score = proxy_score(proxy, prescreen.scored(config), task, seed=prescreen.seed, batch=batch)
         except Exception as error:  # one network's failure (out of memory, a NaN) ranks it last, no more
             log.warning("pre-screen: %s of %s failed (%s); ranked last", proxy, config.hash[:8], error)
             score = -math.inf
@@ -212,6 +223,7 @@ def record(
         "size": prescreen.size,
         "seed": prescreen.seed,
         "batch": batch,
+        "width": prescreen.width,
         "scored": len(rows),
         "queued": sum(r.queued for r in rows),
         "seconds": round(seconds, 1),
@@ -223,7 +235,7 @@ def record(
 
 def describe(data: dict[str, Any]) -> str:
     """One line for the log and the display."""
-    on = f" on {data['batch']}" if data.get("batch") else ""
+    on = f"{_at_width(data)} on {data['batch']}" if data.get("batch") else _at_width(data)
     return (
         f"pre-screen: ranked {data['scored']} architectures by {data['proxy']} at initialisation{on} in "
         f"{data['seconds']:.0f} s; queued the best {data['queued']} for training"
@@ -251,10 +263,17 @@ def summary(data: dict[str, Any] | None) -> dict[str, Any] | None:
         **{k: v for k, v in data.items() if k != "rows"},
         "file": CSV,
         "what": f"{data['scored']} architectures drawn within the budget were scored by {_words(data['proxy'])} "
-        f"at initialisation (no training){' on ' + data['batch'] if data.get('batch') else ''} before the search; "
+        f"at initialisation (no training){_at_width(data)}{' on ' + data['batch'] if data.get('batch') else ''} "
+        "before the search; "
         f"the {data['queued']} non-dominated in (score, cost) were queued for training after the presets. The score "
         "ranks; it is never a trial's value.",
     }
+
+
+def _at_width(data: dict[str, Any]) -> str:
+    """`` of each network's copy at width 0.25`` where the screen scored reduced copies (older studies: none)."""
+    width = data.get("width", DEFAULT_WIDTH)
+    return "" if width == 1.0 else f" of each network's copy at width {width:g} (its costs the full network's)"
 
 
 def _words(proxy: str) -> str:

@@ -63,6 +63,8 @@ class Profile:
     # A zero-cost pre-screen choosing what the Optuna engine trains after the presets (psc_nas.search.prescreen):
     # its proxy, e.g. "zico+macs"; None: none. --prescreen overrides (--prescreen none: off); other engines skip it.
     prescreen: str | None = None
+    prescreen_size: int | None = None  # architectures screened; None: the screen's default (prescreen.DEFAULT_SIZE)
+    prescreen_width: float | None = None  # the width each is scored at; None: the screen's default (full width)
 
     def __post_init__(self) -> None:
         if not self.epochs or list(self.epochs) != sorted(set(self.epochs)) or self.epochs[0] < 1:

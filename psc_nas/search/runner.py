@@ -35,6 +35,7 @@ from psc_nas.search.events import Event, describe
 from psc_nas.search.feasible import RestrictedSampler
 from psc_nas.search.front import Front
 from psc_nas.search.prescreen import DEFAULT_SIZE as DEFAULT_PRESCREEN_SIZE
+from psc_nas.search.prescreen import DEFAULT_WIDTH as DEFAULT_PRESCREEN_WIDTH
 from psc_nas.search.prescreen import Prescreen
 from psc_nas.search.pricing import SAMPLING, Pricing
 from psc_nas.search.profiles import Profile, RetrainPolicy, get_profile
@@ -78,7 +79,8 @@ class SearchSettings:
     # a zero-cost proxy ranking prescreen_size architectures first (psc_nas.search.prescreen); None: the profile's
     # (IBSR's quick profile: zico+macs), "none": no pre-screen
     prescreen: str | None = None
-    prescreen_size: int = DEFAULT_PRESCREEN_SIZE
+    prescreen_size: int | None = None  # None: the profile's, else DEFAULT_PRESCREEN_SIZE
+    prescreen_width: float | None = None  # the width each screened network is scored at; None: the profile's, else 1
 
     def out_dir(self) -> Path:
         if self.out is not None:
@@ -232,7 +234,14 @@ def plan_prescreen(settings: SearchSettings, profile: Profile) -> Prescreen | No
         if asked:
             raise ValueError(f"--prescreen fills the queue of --engine optuna; --engine {settings.engine} has none")
         return None
-    return Prescreen(proxy, settings.prescreen_size, seed=settings.seed, data_dir=settings.data_dir, asked=asked)
+    size = _first_given(settings.prescreen_size, profile.prescreen_size, DEFAULT_PRESCREEN_SIZE)
+    width = _first_given(settings.prescreen_width, profile.prescreen_width, DEFAULT_PRESCREEN_WIDTH)
+    return Prescreen(proxy, size, seed=settings.seed, data_dir=settings.data_dir, asked=asked, width=width)
+
+
+def _first_given(*values: Any) -> Any:
+    """The first that is not None: the command line's, else the profile's, else the default."""
+    return next(v for v in values if v is not None)
 
 
 def nni_engine() -> Any:

@@ -191,8 +191,10 @@ class IBSRTask(Task):
     # (equal 12.5 minutes, 3 seeds, docs/benchmarks/search.md §2e); a random number in zico's place did as well
     # (0.542 ± 0.017): the screen's spread and MAC rank do the work, zico's share is not resolved. With zico in one
     # pass the screen takes 41-54 s and the retraining gets the rest: 0.599 ± 0.028 (§2f); a screen of 300 at the
-    # old screen's cost retrained worse (0.502 ± 0.031), so the screen stays at 100.
-    profile_overrides = {"quick": {"prescreen": "zico+macs"}}
+    # old screen's cost retrained worse (0.502 ± 0.031). Scoring each network's copy at width 0.25 (1/16 of the
+    # MACs) ranks the panel as well (zico+macs per seed 0.69 / 0.65 / 0.69 against 0.65 / 0.69 / 0.68 at width 1)
+    # at 0.37 of the time, so the screen ranks 300 in about the time 100 took: fidelity.md, search.md §2g.
+    profile_overrides = {"quick": {"prescreen": "zico+macs", "prescreen_size": 300, "prescreen_width": 0.25}}
 
     def loss(self) -> TargetLoss:
         # Dice over the whole batch: a 32³ patch often lacks CSF, and per-patch Dice of an absent

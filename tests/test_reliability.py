@@ -146,7 +146,7 @@ def standin_search(tmp_path: Path, name: str, **overrides) -> Path:
             "trials": 2,
             "retrain": False,
             "out": tmp_path / name,
-            "prescreen": "none",  # IBSR's quick profile screens 100 real networks first; tested in test_prescreen
+            "prescreen": "none",  # IBSR's quick profile screens 300 real networks first; tested in test_prescreen
             **overrides,
         }
     )

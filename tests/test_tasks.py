@@ -48,7 +48,7 @@ def search(tmp_path: Path, name: str = "run", **overrides) -> Path:
             "trials": 2,
             "out": tmp_path / name,
             "retrain": False,
-            "prescreen": "none",  # IBSR's quick profile screens 100 real networks first; tested in test_prescreen
+            "prescreen": "none",  # IBSR's quick profile screens 300 real networks first; tested in test_prescreen
             **overrides,
         }
     )

@@ -193,7 +193,8 @@ class IBSRTask(Task):
     # pass the screen takes 41-54 s and the retraining gets the rest: 0.599 ± 0.028 (§2f); a screen of 300 at the
     # old screen's cost retrained worse (0.502 ± 0.031). Scoring each network's copy at width 0.25 (1/16 of the
     # MACs) ranks the panel as well (zico+macs per seed 0.69 / 0.65 / 0.69 against 0.65 / 0.69 / 0.68 at width 1)
-    # at 0.37 of the time, so the screen ranks 300 in about the time 100 took: fidelity.md, search.md §2g.
+    # at 0.40 of the time, so the screen ranks 300 in 71-83 s where 100 at full width took 58-64 s, the retrained
+    # front unchanged at equal time (0.459 ± 0.024 against 0.461 ± 0.033): fidelity.md, search.md §2g.
     profile_overrides = {"quick": {"prescreen": "zico+macs", "prescreen_size": 300, "prescreen_width": 0.25}}
 
     def loss(self) -> TargetLoss:

@@ -649,8 +649,7 @@ def screen_check(seeds: tuple[int, ...], threads: int = 2) -> None:
 
     from psc_nas.evaluators.zero_cost import proxy_score, training_batch
     from psc_nas.memory import keep_freed_memory
-    from psc_nas.nets.budget import with_width
-    from psc_nas.search.prescreen import ranks_with_macs
+    from psc_nas.search.prescreen import Prescreen, ranks_with_macs
     from psc_nas.tasks import get_task
 
     keep_freed_memory()
@@ -671,7 +670,7 @@ def screen_check(seeds: tuple[int, ...], threads: int = 2) -> None:
             for j, seed in enumerate(seeds):
                 batch = training_batch(task, seed=seed, patch_size=(side,) * 3)
                 for i, m in enumerate(members):
-                    config = m["config"] if width == 1 else with_width(m["config"], width)
+                    config = Prescreen(proxy, width=width).scored(m["config"])  # the screen's own width rule
                     scores[i, j] = proxy_score(proxy, config, task, seed=seed, batch=batch)
             seconds = (time.perf_counter() - clock) / scores.size
             mean = scores.mean(axis=1).tolist()

@@ -665,13 +665,13 @@ def screen_check(seeds: tuple[int, ...], threads: int = 2) -> None:
     results: dict[str, Any] = {}
     for side, width, words in SCREEN_SETTINGS:
         for proxy in SCREEN_PROXIES:
+            scored = Prescreen(proxy, width=width).scored  # the screen's own width rule
             scores = np.zeros((len(members), len(seeds)))
             clock = time.perf_counter()
             for j, seed in enumerate(seeds):
                 batch = training_batch(task, seed=seed, patch_size=(side,) * 3)
                 for i, m in enumerate(members):
-                    config = Prescreen(proxy, width=width).scored(m["config"])  # the screen's own width rule
-                    scores[i, j] = proxy_score(proxy, config, task, seed=seed, batch=batch)
+                    scores[i, j] = proxy_score(proxy, scored(m["config"]), task, seed=seed, batch=batch)
             seconds = (time.perf_counter() - clock) / scores.size
             mean = scores.mean(axis=1).tolist()
             full = results.get(f"{proxy}@{side}")

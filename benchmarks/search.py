@@ -46,7 +46,7 @@ BUDGET_PARAMS = 5_000_000
 COMPARED = StudyRecord(
     "ibsr", "ibsr_densenet3d", Budget(params=BUDGET_PARAMS), (Objective("dice_mean", True), Objective("params", False))
 )
-NO_SCREEN = ["--prescreen", "none"]  # IBSR's quick profile screens 100 architectures unless told not to
+NO_SCREEN = ["--prescreen", "none"]  # IBSR's quick profile screens 300 architectures unless told not to
 
 
 def screened_split(proxy: str, size: int, *extra: str, width: float = 1.0) -> list[str]:
@@ -106,8 +106,8 @@ METHODS = {
     "ours + zico+macs pre-screen of 100 in one pass, 12 trained": screened_split("zico+macs", 100),
     # method 10's control at method 12's split: 12.5 minutes less the one-pass zico screen's 48 s (41-54 s measured)
     "ours + random+macs pre-screen of 100, 12 trained (702 s)": screened_split("random+macs", 100, "--timeout", "702s"),
-    # each screened network scored at width 0.25 (0.37 of the time per network, the panel ranked as well:
-    # fidelity.md), so 300 are screened in about the time method 12 screens 100: the default run since §2g
+    # each screened network scored at width 0.25 (0.40 of the time per network, the panel ranked as well:
+    # fidelity.md), so 300 are screened in 1.2x the time method 12 screens 100: the default run since §2g
     "ours + zico+macs pre-screen of 300 at width 0.25, 12 trained": screened_split("zico+macs", 300, width=0.25),
 }
 DEFAULT_METHODS = (0, 1, 2)  # --methods: indices into METHODS, in order; the first is the one divided by the others

@@ -147,7 +147,7 @@ def plan_search(
         raise ValueError(f"unknown NNI strategy {settings.strategy!r}; choose from {', '.join(nni_strategies())}")
     if settings.budget_sampling not in SAMPLING:
         raise ValueError(f"unknown budget sampling {settings.budget_sampling!r}; choose from {', '.join(SAMPLING)}")
-    trials = settings.trials if settings.trials is not None else profile.trials
+    trials = _first_given(settings.trials, profile.trials)
     if trials < 1:
         raise ValueError(f"--trials must be at least 1, got {trials}")
     if settings.timeout is not None and settings.timeout <= 0:

@@ -68,7 +68,7 @@ from psc_nas.search.record import (
     tell_evaluated,
     tell_failed,
 )
-from psc_nas.search.retrain import FinalWeights, fidelity_words, weights_file
+from psc_nas.search.retrain import FinalWeights, epochs_that_fit, fidelity_words, probe_timing, weights_file
 from psc_nas.train import TrainingFailed, fit, optimizer_and_schedule
 from psc_nas.weights import save_weights
 
@@ -695,12 +695,10 @@ class CakesEngine:
             return self.policy.epochs, None, None
         self.on_event(Preparing(f"timing one retraining epoch ({self.named(found)})"))
         result, state = retrain(found.config, self.plan.task, self.policy, 1, seed=self.seed, data_dir=self.data_dir)
-        wall = max(result.wall_seconds, 1e-3)
-        epoch = result.curve[-1].get("epoch_s") if result.curve else None
-        epoch_s, setup_s = (epoch, wall - epoch) if epoch and 0 < epoch <= wall else (wall, 0.0)
+        epoch_s, setup_s = probe_timing(result.wall_seconds, result.curve)
         # this one's share of the time left, after the super-networks still to train
         share = ((self.seconds_left() or 0.0) - (self.search_s or 0.0) * (remaining - 1)) / remaining
-        epochs = min(self.policy.epochs, math.floor((share - setup_s) / epoch_s))
+        epochs = epochs_that_fit(share, epoch_s, setup_s, self.policy.epochs)
         if epochs <= 1:
             return 1, result, state
         return epochs, None, None

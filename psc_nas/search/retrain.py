@@ -152,17 +152,22 @@ class Plan:
         return self.setup_s + (self.probe_s or 0.0) * self.epochs
 
 
-def probe_timing(probe: Retrained) -> tuple[float, float]:
-    """(seconds of one epoch, seconds of everything else) of a one-epoch probe. The epoch's own time
-    comes from the learning curve (``epoch_s``, training + validation); the set-up (data, model, the
-    first calls' warm-up) is paid once per member, not per epoch, so an epoch count from the whole
-    wall time would under-use the time left. Without a timed curve, the whole wall time is an epoch."""
-    wall = max(probe.evaluation.wall_s, 1e-3)
-    curve = probe.evaluation.curve
+def probe_timing(wall_s: float, curve: Sequence[dict[str, float]] | None) -> tuple[float, float]:
+    """(seconds of one epoch, seconds of everything else) of a one-epoch probe, from its wall time and its
+    learning curve. The epoch's own time comes from the curve (``epoch_s``, training + validation); the set-up
+    (data, model, the first calls' warm-up) is paid once per training, not per epoch, so an epoch count from the
+    whole wall time would under-use the time left. Without a timed curve, the whole wall time is an epoch."""
+    wall = max(wall_s, 1e-3)
     epoch = curve[-1].get("epoch_s") if curve else None
     if not epoch or epoch <= 0 or epoch > wall:
         return wall, 0.0
     return epoch, wall - epoch
+
+
+def epochs_that_fit(seconds: float, epoch_s: float, setup_s: float, most: int) -> int:
+    """The most epochs, up to ``most``, of one training (its set-up, then epochs of ``epoch_s``) within
+    ``seconds``; 0 or less when not even one fits. Both engines' retraining schedules are sized by it."""
+    return min(most, math.floor((seconds - setup_s) / epoch_s))
 
 
 def retrain_front(
@@ -195,9 +200,9 @@ def retrain_front(
         probe = _attempt(train, job, costliest, 1, None)
         if probe is None:
             return []
-        epoch_s, setup_s = probe_timing(probe)
+        epoch_s, setup_s = probe_timing(probe.evaluation.wall_s, probe.evaluation.curve)
         share = (seconds_left() or 0.0) / len(members)
-        epochs = min(job.policy.epochs, math.floor((share - setup_s) / epoch_s))
+        epochs = epochs_that_fit(share, epoch_s, setup_s, job.policy.epochs)
         if epochs > 1:
             _discard_weights(job, probe)
             probe = None  # a timing only: every member trains the longer schedule from scratch

@@ -382,9 +382,10 @@ def test_em_and_ucf101_size_the_quick_profile_and_ibsr_keeps_its_own():
         assert quick.epochs == tuple(overrides["epochs"])
         assert quick.retrain is None  # the whole time budget searches
         assert quick.timeout == PROFILES["quick"].timeout  # within the same 15 minutes
-    # none of em's or ucf101's schedule; only its own pre-screen: 300 architectures, each scored at width 0.25
+    # none of em's or ucf101's schedule; only its own pre-screen (300 architectures, each scored at width 0.25)
+    # and 5 trained (the two presets that fit, then the screen's first 3), the rest of the time retraining
     assert get_profile("quick", get_task("ibsr")) == replace(
-        PROFILES["quick"], prescreen="zico+macs", prescreen_size=300, prescreen_width=0.25
+        PROFILES["quick"], prescreen="zico+macs", prescreen_size=300, prescreen_width=0.25, trials=5
     )
 
 

@@ -310,6 +310,19 @@ def test_the_schedule_is_the_longest_that_fits_the_time_left(searched):
     assert clock[0] == 0.0
 
 
+def test_a_probe_splits_its_wall_time_into_one_epoch_and_a_set_up_paid_once():
+    # the curve's epoch time is the epoch; the rest of the wall time is the set-up
+    assert retrain.probe_timing(30.0, [{"epoch": 0, "epoch_s": 24.0}]) == (24.0, 6.0)
+    # without a timed curve, or with an epoch time the wall time cannot hold, the whole wall time is an epoch
+    for curve in (None, [], [{"epoch": 0}], [{"epoch_s": 0.0}], [{"epoch_s": -1.0}], [{"epoch_s": 31.0}]):
+        assert retrain.probe_timing(30.0, curve) == (30.0, 0.0)
+    assert retrain.probe_timing(0.0, None) == (1e-3, 0.0)  # never a zero epoch to divide by
+    # the schedule: set-up once, then whole epochs, capped by the policy's longest
+    assert retrain.epochs_that_fit(100.0, 10.0, 6.0, 50) == 9
+    assert retrain.epochs_that_fit(100.0, 10.0, 6.0, 5) == 5
+    assert retrain.epochs_that_fit(15.0, 10.0, 6.0, 50) == 0  # not even one epoch after the set-up
+
+
 def test_retraining_events_read_as_one_line_each(searched):
     _, front = searched
     knee = front.knee

@@ -107,11 +107,11 @@ METHODS = {
     # method 10's control at method 12's split: 12.5 minutes less the one-pass zico screen's 48 s (41-54 s measured)
     "ours + random+macs pre-screen of 100, 12 trained (702 s)": screened_split("random+macs", 100, "--timeout", "702s"),
     # each screened network scored at width 0.25 (0.40 of the time per network, the panel ranked as well:
-    # fidelity.md), so 300 are screened in 1.2x the time method 12 screens 100: the default run since §2g
+    # fidelity.md), so 300 are screened in 1.2x the time method 12 screens 100: the default run in §2g-2h
     "ours + zico+macs pre-screen of 300 at width 0.25, 12 trained": screened_split("zico+macs", 300, width=0.25),
     # method 14 with 5 trained (the two presets that fit, then the screen's first 3) instead of 12: the short
     # training that orders them ranks the fidelity panel at chance (rung ρ 0.14, fidelity.md), so its ~190 s go to
-    # the retraining instead (about one more epoch for each retrained member)
+    # the retraining instead (8-15 epochs instead of method 14's 4-5, §2i): the default run since §2i
     "ours + zico+macs pre-screen of 300 at width 0.25, 5 trained": screened_split(
         "zico+macs", 300, width=0.25, trials=5
     ),

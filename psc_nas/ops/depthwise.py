@@ -3,9 +3,10 @@
 oneDNN's channels_last depthwise 3x3x3 *forward* runs near this machine's roofline, but its
 backward takes 30-65x as long (docs/benchmarks/ops.md, roofline.md). ``depthwise_conv3d`` keeps
 oneDNN's forward, computes the stride-1 input gradient as that forward on the spatially flipped
-kernel, and the weight gradient with the C++ kernel below: per output row and 16-channel block,
-all 27 taps' accumulators in AVX-512 registers while the row's columns stream past (float32,
-3x3x3, C a multiple of 16; a generic vectorised loop otherwise). The kernel also has a forward
+kernel, and the weight gradient with the C++ kernel below: per output row, 16-channel block and
+kernel plane, 9 taps' accumulators in AVX-512 registers while the row's columns stream past (float32,
+3x3x3, C a multiple of 16; a generic vectorised loop otherwise; 9 rather than all 27 at once since
+2026-12-05, 1.12-1.35x faster at 32³, docs/benchmarks/ops.md). The kernel also has a forward
 (one register block per pixel over the taps) and a strided input gradient (a gather per input
 row, so threads never write the same row), used for strides other than 1 and by the benchmarks.
 Odd kernels with 'same' padding (``kernel // 2``), any stride, no bias, float32 or float64.
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 DISABLE_VAR = "PSC_NAS_NO_EXTENSIONS"
-NAME = "psc_nas_depthwise_v4_" + hashlib.sha1(os.path.dirname(torch.__file__).encode()).hexdigest()[:8]
+NAME = "psc_nas_depthwise_v6_" + hashlib.sha1(os.path.dirname(torch.__file__).encode()).hexdigest()[:8]
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -242,10 +243,11 @@ void weight_grad_rows(const T* x, const T* gy, T* partial, int64_t chunks, const
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-// Weight gradient of a 3x3x3 kernel in float32 with C a multiple of 16: per output row and block of
-// 16 channels, all 27 taps' accumulators stay in registers while the row's columns stream past, so
-// each multiply-add needs one load of x (dy is loaded once per column for all taps). Missing input
-// rows read a zero row; the first and last columns (where a W tap falls outside) go the scalar way.
+// Weight gradient of a 3x3x3 kernel in float32 with C a multiple of 16: per output row, block of 16
+// channels and D offset of the kernel, the 9 taps' accumulators stay in registers while the row's
+// columns stream past, so each multiply-add needs one load of x (dy is loaded once per column for 9
+// taps). Missing input rows read a zero row; in the first and last columns the taps that fall outside
+// are skipped, in the same vector code.
 bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, int64_t chunks, const Geometry& g) {
   if (g.KD != 3 || g.KH != 3 || g.KW != 3 || g.C % 16 != 0) return false;
   const int64_t C = g.C, rows = g.N * g.OD * g.OH;
@@ -267,36 +269,38 @@ bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, i
             const bool inside = id >= 0 && id < g.D && ih >= 0 && ih < g.H;
             xrows[a * 3 + b] = inside ? x + ((n * g.D + id) * g.H + ih) * g.W * C : zero_row.data();
           }
+        // One plane of taps (a fixed D offset: 3 input rows) at a time, so a column reads 3 rows, not 9: with C = 32
+        // or 64 a row is 4 or 8 KiB long and 9 rows at one column map to a single L1 set, more lines than its ways.
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
-          __m512 acc[27];
-#pragma GCC unroll 27
-          for (int t = 0; t < 27; ++t) acc[t] = _mm512_setzero_ps();
-          for (int64_t ow = inner_lo; ow < inner_hi; ++ow) {
-            const __m512 dy = _mm512_loadu_ps(gyrow + ow * C + c0);
-            const int64_t base = (ow * g.SW - 1) * C + c0;
+          for (int a = 0; a < 3; ++a) {
+            __m512 acc[9];
 #pragma GCC unroll 9
-            for (int u = 0; u < 9; ++u) {
-              const float* xv = xrows[u] + base;
-              acc[u * 3 + 0] = _mm512_fmadd_ps(_mm512_loadu_ps(xv), dy, acc[u * 3 + 0]);
-              acc[u * 3 + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xv + C), dy, acc[u * 3 + 1]);
-              acc[u * 3 + 2] = _mm512_fmadd_ps(_mm512_loadu_ps(xv + 2 * C), dy, acc[u * 3 + 2]);
+            for (int t = 0; t < 9; ++t) acc[t] = _mm512_setzero_ps();
+            const float* const* rows3 = xrows + 3 * a;
+            // One column: dy once, each tap's x from its row; a tap whose column falls outside is skipped. The
+            // checks are false inside [inner_lo, inner_hi), so that loop is the same code without them.
+            auto column = [&](int64_t ow, bool first, bool last) __attribute__((always_inline)) {
+              const __m512 dy = _mm512_loadu_ps(gyrow + ow * C + c0);
+              const int64_t iw = ow * g.SW - 1;
+              const bool left = first && iw < 0, right = last && iw + 2 >= g.W;
+              const int64_t base = iw * C + c0;
+#pragma GCC unroll 3
+              for (int b = 0; b < 3; ++b) {
+                const float* xv = rows3[b] + base;
+                if (!left) acc[b * 3 + 0] = _mm512_fmadd_ps(_mm512_loadu_ps(xv), dy, acc[b * 3 + 0]);
+                acc[b * 3 + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xv + C), dy, acc[b * 3 + 1]);
+                if (!right) acc[b * 3 + 2] = _mm512_fmadd_ps(_mm512_loadu_ps(xv + 2 * C), dy, acc[b * 3 + 2]);
+              }
+            };
+            for (int64_t ow = 0; ow < std::min(inner_lo, g.OW); ++ow) column(ow, true, true);
+            int64_t ow = inner_lo;
+            for (; ow < inner_hi; ++ow) column(ow, false, false);
+            for (int64_t ow = std::max(inner_lo, inner_hi); ow < g.OW; ++ow) column(ow, true, true);
+#pragma GCC unroll 9
+            for (int t = 0; t < 9; ++t) {
+              float* av = acc_all + (a * 9 + t) * C + c0;
+              _mm512_storeu_ps(av, _mm512_add_ps(_mm512_loadu_ps(av), acc[t]));
             }
-          }
-#pragma GCC unroll 27
-          for (int t = 0; t < 27; ++t) {
-            float* av = acc_all + t * C + c0;
-            _mm512_storeu_ps(av, _mm512_add_ps(_mm512_loadu_ps(av), acc[t]));
-          }
-        }
-        for (int64_t ow = 0; ow < g.OW; ++ow) {  // the edge columns
-          if (ow >= inner_lo && ow < inner_hi) continue;
-          for (int t = 0; t < 27; ++t) {
-            const int64_t iw = ow * g.SW - 1 + t % 3;
-            if (iw < 0 || iw >= g.W) continue;
-            const float* xv = xrows[t / 3] + iw * C;
-            const float* dv = gyrow + ow * C;
-            float* av = acc_all + t * C;
-            for (int64_t c = 0; c < C; ++c) av[c] += xv[c] * dv[c];
           }
         }
       }

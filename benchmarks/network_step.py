@@ -3,8 +3,9 @@
     python benchmarks/network_step.py                          # every preset on densenet3d (IBSR), 32³, batch 4
     python benchmarks/network_step.py --presets cakes_uniform conv3d --threads 2 --repeats 5
 
-Each preset's network is built with the default implementation rule (``impl="auto"``, what psc-search and
-psc-train run), warmed up by two steps, then timed ``--repeats`` times; best and median are printed with the
+Each preset's network is built with the default implementation rule (``impl="auto"``) and placed on the CPU as
+psc-search and psc-train place it (``psc_nas.device.place``: weights in channels_last_3d), warmed up by two
+steps, then timed ``--repeats`` times; best and median are printed with the
 load average. Freed memory stays in the process as in psc-train. To compare two versions of the rule, run
 this file from each checkout (``git worktree add``) on the same machine, one after the other.
 """
@@ -18,6 +19,7 @@ import time
 
 import torch
 
+from psc_nas.device import place
 from psc_nas.memory import keep_freed_memory
 
 
@@ -42,7 +44,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in args.presets or sorted(presets()):
         config = preset_config(name, args.backbone)
-        model = psc_nas.build_model(config).train()
+        model = place(psc_nas.build_model(config), torch.device("cpu")).train()
         x = torch.randn(args.batch, config.hparams["in_channels"], *(args.size,) * 3)
 
         def step() -> None:

@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from psc_nas.arch import ArchConfig, as_config
+from psc_nas.device import place
 from psc_nas.nets import build_model, validated
 from psc_nas.tasks import Batch, Task, get_task
 
@@ -99,6 +100,16 @@ class TaskModule(L.LightningModule):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.net(inputs)
+
+    # Lightning has put the module on its device by now; on the CPU the network's weights go channels_last_3d.
+    def on_fit_start(self) -> None:
+        place(self.net, self.device)
+
+    def on_validation_start(self) -> None:
+        place(self.net, self.device)
+
+    def on_test_start(self) -> None:
+        place(self.net, self.device)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         inputs = batch[self.task.input_key]

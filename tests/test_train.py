@@ -189,3 +189,22 @@ def test_onecycle_warms_up_decays_and_the_test_split_is_scored(task, tiny_config
 def test_unknown_lr_schedule_is_refused(task, tiny_config):
     with pytest.raises(ValueError, match="unknown lr_schedule 'cosine'"):
         fit(tiny_config, task, epochs=1, lr_schedule="cosine", data_options=TINY_DATA)
+
+
+class Layouts(Callback):
+    """Whether every 5-D weight of the network was channels_last_3d at each training step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        weights = [p for p in pl_module.net.parameters() if p.dim() == 5]
+        layout = [torch.empty(p.shape, memory_format=torch.channels_last_3d).stride() for p in weights]
+        self.seen.append(bool(weights) and [p.stride() for p in weights] == layout)
+
+
+def test_fit_on_the_cpu_trains_in_channels_last_3d(task, tiny_config):
+    # device.place: oneDNN's fast layout for the whole network (docs/benchmarks/ops.md), not only inside the ops
+    layouts = Layouts()
+    fit(tiny_config, task, epochs=1, seed=0, data_options=TINY_DATA, callbacks=[layouts], accelerator="cpu")
+    assert layouts.seen and all(layouts.seen)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from psc_nas.arch import ArchConfig, BlockChoice, Slot
-from psc_nas.device import to_device
+from psc_nas.device import place, to_device
 from psc_nas.evaluators.base import Evaluation, EvaluationFailed, Evaluator, EvaluatorSetup, Fidelity
 from psc_nas.files import write_bytes_atomic
 from psc_nas.nets import get_backbone
@@ -501,6 +501,9 @@ class SposModule(L.LightningModule):
         self.crop = crop
         self.generator = torch.Generator().manual_seed(seed)
         self.losses: list[float] = []
+
+    def on_fit_start(self) -> None:  # on its device now; on the CPU, weights in channels_last_3d (device.place)
+        place(self.supernet, self.device)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.crop:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from psc_nas.arch import ArchConfig
-from psc_nas.device import compute_device, to_device
+from psc_nas.device import compute_device, place, to_device
 from psc_nas.nets import build_model
 from psc_nas.tasks import Batch, Task, get_task
 
@@ -169,7 +169,7 @@ def proxy_scores(
     scores = {}
     if "grad_norm" in proxies and "snip" in proxies:  # one backward pass serves both
         torch.manual_seed(seed)
-        net = build_model(config).to(device).train()
+        net = place(build_model(config), device).train()
         grads = _loss_grads(net, task, batch)
         scores["grad_norm"] = float(sum(g.norm() for g in grads))
         scores["snip"] = float(sum((w.detach() * g).abs().sum() for w, g in zip(_weights(net), grads)))
@@ -192,5 +192,5 @@ def proxy_score(
         batch = training_batch(task, seed=seed, data_dir=data_dir)
     torch.manual_seed(seed)  # the same initial weights on every device: built on the CPU, then moved
     device = compute_device()
-    net = build_model(config).to(device).train()
+    net = place(build_model(config), device).train()
     return SCORERS[proxy](net, task, to_device(batch, device))

@@ -43,7 +43,7 @@ from torch import nn
 
 from psc_nas.arch import ArchConfig, BlockChoice, Slot
 from psc_nas.costs import Cost, format_count
-from psc_nas.device import compute_device, to_device
+from psc_nas.device import compute_device, place, to_device
 from psc_nas.evaluators.base import Evaluation, Fidelity, failure_reason
 from psc_nas.files import write_bytes_atomic
 from psc_nas.nets import cost as price_config
@@ -442,7 +442,7 @@ def train_supernet(
     loss_fn = task.loss()
     losses: list[float] = []
     device = compute_device()
-    supernet.to(device).train()
+    place(supernet, device).train()
     done = 0
     while done < steps:
         for batch in datamodule.train_dataloader():
@@ -469,7 +469,7 @@ def time_step(supernet: CakesSuperNet, task: Any, *, batch_size: int, data_dir: 
     datamodule.setup("fit")
     batch = to_device(next(iter(datamodule.train_dataloader())), compute_device())
     loss_fn = task.loss()
-    supernet.to(compute_device()).train()
+    place(supernet, compute_device()).train()
     seconds = []
     for _ in range(4):
         start = time.perf_counter()

@@ -9,14 +9,14 @@ from collections.abc import Sequence
 import torch
 
 from psc_nas.arch import ArchConfig
-from psc_nas.device import compute_device
+from psc_nas.device import compute_device, place
 from psc_nas.nets import build_model
 
 
 def forward_latency_ms(config: ArchConfig, input_shape: Sequence[int], *, repeats: int, warmup: int = 2) -> float:
     """Median wall time of one inference forward pass of one sample on the current device."""
     current = compute_device()
-    model = build_model(config).to(current).eval()
+    model = place(build_model(config), current).eval()
     sample = torch.randn(1, *input_shape, device=current)
     timings = []
     with torch.inference_mode():

@@ -51,7 +51,7 @@ with warnings.catch_warnings():
 
 from psc_nas.arch import ArchConfig
 from psc_nas.costs import Cost, format_count
-from psc_nas.device import compute_device, to_device
+from psc_nas.device import compute_device, place, to_device
 from psc_nas.evaluators.base import failure_reason
 from psc_nas.evaluators.supernet import crop_patches, pool_volumes, recalibrate, stack
 from psc_nas.nets import cost as price_config
@@ -481,7 +481,7 @@ class OneShotSearch:
         frozen = space.freeze(costliest) if self.strategy_name == "spos" else None
         net = frozen if frozen is not None else _all_paths(space)
         device = compute_device()
-        net.to(device).train()
+        place(net, device).train()
         batch = to_device(batch, device)
         seconds = []
         for _ in range(3):

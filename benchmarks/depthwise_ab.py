@@ -66,7 +66,8 @@ def main() -> None:
         tag, _, ref = version.partition("=")
         kernels[tag] = build(tag, kernel_source(ref))
     tags = list(kernels)
-    print(f"{args.threads} threads, best / median of {args.repeats} interleaved repeats, ms; load {os.getloadavg()[0]:.2f}")
+    load = os.getloadavg()[0]
+    print(f"{args.threads} threads, best / median of {args.repeats} interleaved repeats, ms; load {load:.2f}")
     print(f"| shape | part | {' | '.join(tags)} | {tags[0]} / {tags[-1]} | load |")
     print(f"|---|---|{'---:|' * len(tags)}---:|---:|")
     for size in (32, 64):

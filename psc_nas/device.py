@@ -6,7 +6,7 @@ trains. ``to_device`` moves a task's batch (a mapping whose tensors move, other 
 network, and on the CPU stores its 5-D weights in channels_last_3d, the layout oneDNN's fast convolutions use: every
 conv then returns channels_last_3d activations and the norms, activations, concatenations and pools after it keep
 that layout, where NCDHW weights had layers convert activations back and forth in both passes (a DenseNet3D
-training step 1.13-1.41x faster on the EPYC, docs/benchmarks/ops.md). Values are unchanged; a state_dict loads into
+training step 1.09-1.44x faster on the EPYC, docs/benchmarks/ops.md). Values are unchanged; a state_dict loads into
 either layout.
 """
 
@@ -35,7 +35,7 @@ def place(module: nn.Module, device: torch.device) -> nn.Module:
     module.to(device)
     if device.type == "cpu":
         # .to, not .contiguous: a 1x1x1 kernel's NCDHW strides already pass is_contiguous(channels_last_3d), so
-        # .contiguous keeps them and oneDNN reads that weight as NCDHW, its output too (the 1x1x1 convs were the
-        # ones that turned activations back); .to restrides it.
+        # .contiguous keeps them, PyTorch's layout choice reads that weight as NCDHW and the conv's output follows
+        # (the 1x1x1 convs were the ones that turned activations back); .to restrides it.
         module._apply(lambda t: t.to(memory_format=CPU_LAYOUT) if t.dim() == 5 else t)
     return module

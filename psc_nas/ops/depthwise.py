@@ -6,7 +6,7 @@ oneDNN's forward, computes the stride-1 input gradient as that forward on the sp
 kernel, and the weight gradient with the C++ kernel below: per output row, 16-channel block and
 kernel plane, 9 taps' accumulators in AVX-512 registers while the row's columns stream past (float32,
 3x3x3, C a multiple of 16; a generic vectorised loop otherwise; 9 rather than all 27 at once since
-2026-12-05, 1.12-1.35x faster at 32³, docs/benchmarks/ops.md). The kernel also has a forward
+2026-12-05, 1.15-1.34x faster at 32³, docs/benchmarks/ops.md). The kernel also has a forward
 (one register block per pixel over the taps) and a strided input gradient (a gather per input
 row, so threads never write the same row), used for strides other than 1 and by the benchmarks.
 Odd kernels with 'same' padding (``kernel // 2``), any stride, no bias, float32 or float64.

@@ -54,14 +54,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from psc_nas.arch import ArchConfig, BlockChoice, Slot
-from psc_nas.device import place, to_device
+from psc_nas.device import CPU_LAYOUT, place, to_device
 from psc_nas.evaluators.base import Evaluation, EvaluationFailed, Evaluator, EvaluatorSetup, Fidelity
 from psc_nas.files import write_bytes_atomic
 from psc_nas.nets import get_backbone
 from psc_nas.nets.budget import with_width
 from psc_nas.nets.build import build_with_fill
 from psc_nas.ops import INPUT, ConvGraph, Op, realize, rescale
-from psc_nas.ops.fast import CHANNELS_LAST
 from psc_nas.ops.fast import conv as fast_conv
 from psc_nas.space import SearchSpace, replay_all
 from psc_nas.tasks import Batch, Task
@@ -167,7 +166,7 @@ class SharedOp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cpu = x.device.type == "cpu"
         if cpu:
-            x = x.contiguous(memory_format=CHANNELS_LAST)
+            x = x.contiguous(memory_format=CPU_LAYOUT)
         if self.merged:
             first = self.plan[0]
             bank = self._owner[0].banks[first.bank]

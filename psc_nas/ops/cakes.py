@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from psc_nas.arch import BlockChoice, ConfigError, Slot
+from psc_nas.device import CPU_LAYOUT
 from psc_nas.ops._conv import ConvSpec
 from psc_nas.ops.base import OpSpec
 from psc_nas.ops.domain import Choice, OpDomain, Pick, as_list, check_keys
-from psc_nas.ops.fast import CHANNELS_LAST, FastGraphConv, conv
+from psc_nas.ops.fast import FastGraphConv, conv
 from psc_nas.ops.graph import ConvGraph
 from psc_nas.ops.registry import OpFamily, register_family
 
@@ -81,7 +82,7 @@ class MergedCakesConv(FastGraphConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return super().forward(x)
-        x = x.contiguous(memory_format=CHANNELS_LAST)
+        x = x.contiguous(memory_format=CPU_LAYOUT)
         layers = dict(zip(self.spec.allocation, self.convs))
         pieces: dict[str, torch.Tensor] = {}
         for group in self.shape_groups:
@@ -189,7 +190,7 @@ def _interior(rows: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """The inverse of ``_padded_rows``: (N, C, D, H, W) channels_last_3d from padded-grid rows."""
     n, _, depth, height, width = shape
     grid = rows.view(n, depth + 2, height + 2, width + 2, -1)[:, 1:-1, 1:-1, 1:-1]
-    return grid.permute(0, 4, 1, 2, 3).contiguous(memory_format=CHANNELS_LAST)
+    return grid.permute(0, 4, 1, 2, 3).contiguous(memory_format=CPU_LAYOUT)
 
 
 class LineGemm(torch.autograd.Function):

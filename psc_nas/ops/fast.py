@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from psc_nas.device import CPU_LAYOUT
 from psc_nas.ops import depthwise
 from psc_nas.ops.graph import GraphConv
 
 if TYPE_CHECKING:
     from psc_nas.ops.base import Op
 
-CHANNELS_LAST = torch.channels_last_3d
 EXACT_IMPLS = ("reference", "channels_last", "folded", "depthwise")
 
 
@@ -66,7 +66,7 @@ class FastGraphConv(GraphConv):
         return conv(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.groups, self.fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.contiguous(memory_format=CHANNELS_LAST) if x.device.type == "cpu" else x)
+        return super().forward(x.contiguous(memory_format=CPU_LAYOUT) if x.device.type == "cpu" else x)
 
 
 def conv(

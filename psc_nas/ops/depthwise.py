@@ -6,7 +6,7 @@ oneDNN's forward, computes the stride-1 input gradient as that forward on the sp
 kernel, and the weight gradient with the C++ kernel below: per output row, 16-channel block and
 kernel plane, 9 taps' accumulators in AVX-512 registers while the row's columns stream past (float32,
 3x3x3, C a multiple of 16; a generic vectorised loop otherwise; 9 rather than all 27 at once since
-2026-12-05, 1.15-1.34x faster at 32³, docs/benchmarks/ops.md). The kernel also has a forward
+2026-12-05: 1.09-1.34x faster at 32³, 0.83-1.16x at 64³, docs/benchmarks/ops.md). The kernel also has a forward
 (one register block per pixel over the taps) and a strided input gradient (a gather per input
 row, so threads never write the same row), used for strides other than 1 and by the benchmarks.
 Odd kernels with 'same' padding (``kernel // 2``), any stride, no bias, float32 or float64.
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 DISABLE_VAR = "PSC_NAS_NO_EXTENSIONS"
-NAME = "psc_nas_depthwise_v6_" + hashlib.sha1(os.path.dirname(torch.__file__).encode()).hexdigest()[:8]
+NAME = "psc_nas_depthwise_v7_" + hashlib.sha1(os.path.dirname(torch.__file__).encode()).hexdigest()[:8]
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -279,10 +279,10 @@ bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, i
             const float* const* rows3 = xrows + 3 * a;
             // One column: dy once, each tap's x from its row; a tap whose column falls outside is skipped. The
             // checks are false inside [inner_lo, inner_hi), so that loop is the same code without them.
-            auto column = [&](int64_t ow, bool first, bool last) __attribute__((always_inline)) {
+            auto column = [&](int64_t ow, bool edge) __attribute__((always_inline)) {
               const __m512 dy = _mm512_loadu_ps(gyrow + ow * C + c0);
               const int64_t iw = ow * g.SW - 1;
-              const bool left = first && iw < 0, right = last && iw + 2 >= g.W;
+              const bool left = edge && iw < 0, right = edge && iw + 2 >= g.W;
               const int64_t base = iw * C + c0;
 #pragma GCC unroll 3
               for (int b = 0; b < 3; ++b) {
@@ -292,10 +292,9 @@ bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, i
                 if (!right) acc[b * 3 + 2] = _mm512_fmadd_ps(_mm512_loadu_ps(xv + 2 * C), dy, acc[b * 3 + 2]);
               }
             };
-            for (int64_t ow = 0; ow < std::min(inner_lo, g.OW); ++ow) column(ow, true, true);
-            int64_t ow = inner_lo;
-            for (; ow < inner_hi; ++ow) column(ow, false, false);
-            for (int64_t ow = std::max(inner_lo, inner_hi); ow < g.OW; ++ow) column(ow, true, true);
+            for (int64_t ow = 0; ow < std::min(inner_lo, g.OW); ++ow) column(ow, true);
+            for (int64_t ow = inner_lo; ow < inner_hi; ++ow) column(ow, false);
+            for (int64_t ow = std::max(inner_lo, inner_hi); ow < g.OW; ++ow) column(ow, true);
 #pragma GCC unroll 9
             for (int t = 0; t < 9; ++t) {
               float* av = acc_all + (a * 9 + t) * C + c0;

@@ -193,3 +193,46 @@ def test_highest_averages_keeps_the_sum_and_never_shrinks_a_share_as_seats_grow(
         assert sum(shares.values()) == seats and shares["d"] == 0
         assert all(shares[k] >= previous[k] for k in weights)
         previous = shares
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 8, 6, 4), (1, 3, 7, 5, 9), (1, 2, 2, 3, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_densenet_pooling_keeps_channels_last_and_equals_avg_pool3d(shape, dtype):
+    from psc_nas.nets._layers import AvgPool2
+
+    pool = AvgPool2()
+    x = torch.randn(shape, dtype=dtype)
+    weights = torch.randn(pool(x).shape, dtype=dtype)  # a backward that tells windows apart
+    expected, expected_grad = [], []
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        ref_in = x.clone().requires_grad_()
+        reference = torch.nn.functional.avg_pool3d(ref_in, 2)
+        (reference * weights).sum().backward()
+        expected.append(reference.detach())
+        expected_grad.append(ref_in.grad)
+        got_in = x.clone(memory_format=layout).requires_grad_()
+        got = pool(got_in)
+        (got * weights).sum().backward()
+        torch.testing.assert_close(got, reference)
+        torch.testing.assert_close(got_in.grad, ref_in.grad)
+        if layout == torch.channels_last_3d:
+            assert got.is_contiguous(memory_format=layout)
+            assert got_in.grad.is_contiguous(memory_format=layout)
+    # An NCDHW input takes avg_pool3d itself: the same values, bit for bit.
+    assert torch.equal(pool(x), torch.nn.functional.avg_pool3d(x, 2))
+
+
+def test_a_placed_densenet_keeps_channels_last_through_its_transitions():
+    from psc_nas.device import place
+
+    backbone = get_backbone("densenet3d")
+    hparams = backbone.hparams({"width": 0.1, "num_blocks": 3, "layers_per_block": 1})
+    config = ArchConfig("densenet3d", hparams, tuple(CONV3D for _ in backbone.slots(hparams)))
+    model = place(backbone.build(config), torch.device("cpu"))
+    layouts = []
+    for transition in model.transitions:
+        transition.register_forward_hook(
+            lambda module, inputs, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last_3d))
+        )
+    model(torch.randn(2, 1, 8, 8, 8)).sum().backward()
+    assert layouts == [True, True]

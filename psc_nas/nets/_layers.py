@@ -17,10 +17,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from psc_nas.arch import ArchConfig, ConfigError, Triple
 from psc_nas.costs import Cost, Spatial
+from psc_nas.device import CPU_LAYOUT
 from psc_nas.nets.base import Backbone
 from psc_nas.ops import Op, OpSpec, PlainConv, realize
 
@@ -48,6 +50,33 @@ def scaled(channels: int, width: float) -> int:
 def fixed_conv(in_channels: int, out_channels: int, *, kernel: int | Triple = 1, stride: int | Triple = 1) -> Op:
     """A layer that is not searchable (stem, shortcut, transition): a plain bias-free conv."""
     return PlainConv(in_channels, out_channels, kernel, stride)  # type: ignore[arg-type]
+
+
+class AvgPool2(nn.AvgPool3d):
+    """``nn.AvgPool3d(2)`` (2x2x2 windows, stride 2, floor) that keeps a channels_last_3d CPU input in that layout.
+
+    PyTorch's CPU ``avg_pool3d`` has no channels_last_3d kernel: it converts its input to NCDHW and returns NCDHW, so
+    the conv after it and the backward into the conv before it convert again, a strided transpose each (a DenseNet3D
+    transition at 152 channels, 32³, batch 4: 60 ms forward, 103 ms backward, plus the conversions around it). Here
+    such an input is summed in pairs along D, H and W as views of (N, D, H, W, C) and scaled by 1/8: plain tensor ops
+    (13 ms forward, 33 ms backward there; docs/benchmarks/ops.md), so autograd, tracing and export see ordinary ops.
+    Equal to ``avg_pool3d`` up to float rounding (the sums run in another order); other inputs take ``avg_pool3d``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cpu_layout = x.dim() == 5 and x.device.type == "cpu" and x.is_contiguous(memory_format=CPU_LAYOUT)
+        if not cpu_layout or min(x.shape[2:]) < 2:
+            return super().forward(x)
+        n, c, depth, height, width = x.shape
+        d, h, w = depth // 2, height // 2, width // 2
+        y = x.permute(0, 2, 3, 4, 1)[:, : 2 * d, : 2 * h, : 2 * w]  # (N, D, H, W, C), a view; floor like avg_pool3d
+        y = y.reshape(n, d, 2, 2 * h, 2 * w, c).sum(2)
+        y = y.reshape(n, d, h, 2, 2 * w, c).sum(3)
+        y = y.reshape(n, d, h, w, 2 * c)  # the two columns of a pair side by side
+        return ((y[..., :c] + y[..., c:]) * 0.125).permute(0, 4, 1, 2, 3)
 
 
 def norm_cost(channels: int) -> Cost:

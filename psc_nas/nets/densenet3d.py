@@ -36,6 +36,7 @@ from psc_nas.arch import ArchConfig, Slot
 from psc_nas.costs import Cost, Spatial
 from psc_nas.nets._layers import (
     Activation,
+    AvgPool2,
     BlueprintBackbone,
     Norm,
     SlotFill,
@@ -143,7 +144,7 @@ class DenseNetBlueprint:
                 DenseBlock([slot(start + j, spec) for j, spec in enumerate(specs)])
                 for start, specs in zip(starts, self.blocks)
             ],
-            transitions=[nn.Sequential(*layer(spec), nn.AvgPool3d(2)) for spec in self.transitions],
+            transitions=[nn.Sequential(*layer(spec), AvgPool2()) for spec in self.transitions],
             sides=[layer(spec) for spec in self.sides],
             head=layer(self.head),
         )

@@ -236,3 +236,20 @@ def test_a_placed_densenet_keeps_channels_last_through_its_transitions():
         )
     model(torch.randn(2, 1, 8, 8, 8)).sum().backward()
     assert layouts == [True, True]
+
+
+def test_densenet_transition_pools_before_its_conv_and_keeps_the_paper_orders_keys():
+    from psc_nas.nets.densenet3d import Transition
+
+    backbone = get_backbone("densenet3d")
+    hparams = backbone.hparams({"width": 0.2, "num_blocks": 2, "layers_per_block": 1})
+    config = ArchConfig("densenet3d", hparams, tuple(CONV3D for _ in backbone.slots(hparams)))
+    model = backbone.build(config).eval()
+    (transition,) = model.transitions
+    assert isinstance(transition, Transition)
+    assert [name for name, _ in transition.named_parameters()] == ["0.weight", "0.bias", "2.convs.0.weight"]
+    norm, activation, conv, pool = transition
+    x = torch.randn(2, norm.num_features, 6, 7, 4, dtype=torch.float64)
+    transition.double()
+    # The paper's order, conv then pool: the same function (the two linear maps commute).
+    torch.testing.assert_close(transition(x), pool(conv(activation(norm(x)))))

@@ -72,7 +72,9 @@ class AvgPool2(nn.AvgPool3d):
             return super().forward(x)
         n, c, depth, height, width = x.shape
         d, h, w = depth // 2, height // 2, width // 2
-        y = x.permute(0, 2, 3, 4, 1)[:, : 2 * d, : 2 * h, : 2 * w]  # (N, D, H, W, C), a view; floor like avg_pool3d
+        y = x.permute(0, 2, 3, 4, 1)  # (N, D, H, W, C), a view
+        if (depth, height, width) != (2 * d, 2 * h, 2 * w):
+            y = y[:, : 2 * d, : 2 * h, : 2 * w]  # floor, like avg_pool3d (sliced only here: its backward copies)
         y = y.reshape(n, d, 2, 2 * h, 2 * w, c).sum(2)
         y = y.reshape(n, d, h, 2, 2 * w, c).sum(3)
         y = y.reshape(n, d, h, w, 2 * c)  # the two columns of a pair side by side

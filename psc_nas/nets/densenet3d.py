@@ -9,7 +9,7 @@ resolution and the scales are fused by a 1x1x1 classifier:
                                             │                          │                   │
        block:  h ─┬─ BN─ReLU─slot(C→g) ─ concat ─┬─ ... (4 layers, C += g each)             │
                   └──────────────────────────────┘                                         │
-       transition:  BN ─ ReLU ─ conv 1x1x1 (C→C) ─ avgpool 2x2x2                           │
+       transition:  BN ─ ReLU ─ conv 1x1x1 (C→C) ─ avgpool 2x2x2   (run as pool, then conv) │
        side (per block):  BN ─ ReLU ─ conv 1x1x1 (C_b→s) ─ trilinear upsample to input size ┘
     concat(sides: blocks·s) ─ BN ─ ReLU ─ conv 1x1x1 + bias (→ num_classes) ─► logits
 
@@ -18,8 +18,14 @@ transposed conv: it adds no parameters, cannot checkerboard, and runs after the 
 conv stays at the coarse resolution. Interpolating to the input's exact size lets any patch with
 every side >= 2**(blocks-1) through, divisible by the pooling factors or not.
 
+A transition's 1x1x1 conv and its average pooling are both linear, so they commute: pooling first computes the same
+function (up to float rounding) on an eighth of the voxels, and that is what runs and what the cost prices. At 32³ the
+transitions' convs were 1.13 of the csn_ip preset's 1.86 GMACs, and the first one's training pass a quarter of that
+preset's step time (docs/benchmarks/ops.md). The parameters and their names are the paper order's.
+
 Defaults (c0=40, g=28, s=24, width 1) give the all-conv3d network 5,164,524 parameters, the
-paper's "5.2M" (its exact layer widths are not published); 99.4 GMACs on a 64³ patch.
+paper's "5.2M" (its exact layer widths are not published); 91.5 GMACs on a 64³ patch (99.4 with the transitions'
+convs at full resolution).
 """
 
 from __future__ import annotations
@@ -71,6 +77,15 @@ class DenseBlock(nn.Module):
         return x
 
 
+class Transition(nn.Sequential):
+    """BN ─ ReLU ─ conv 1x1x1 ─ avgpool 2x2x2, computed with the pooling before the conv (they commute; the conv then
+    runs on an eighth of the voxels). The modules keep the paper order's indices, so state_dicts keep their keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm, activation, conv, pool = self
+        return conv(pool(activation(norm(x))))
+
+
 class DenseNet3d(nn.Module):
     def __init__(
         self,
@@ -120,9 +135,8 @@ class DenseNetBlueprint:
         total, shape = self.stem.cost_and_shape(check_size(spatial, 2 ** len(self.transitions)))
         for index, (layers, side) in enumerate(zip(self.blocks, self.sides)):
             if index:
-                transition, shape = preact_cost(self.transitions[index - 1], shape)
-                total += transition
                 shape = tuple(s // 2 for s in shape)  # type: ignore[assignment]
+                total += preact_cost(self.transitions[index - 1], shape)[0]  # pooled before its conv (Transition)
             for spec in layers:
                 total += preact_cost(spec, shape)[0]
             total += preact_cost(side, shape)[0]
@@ -144,7 +158,7 @@ class DenseNetBlueprint:
                 DenseBlock([slot(start + j, spec) for j, spec in enumerate(specs)])
                 for start, specs in zip(starts, self.blocks)
             ],
-            transitions=[nn.Sequential(*layer(spec), AvgPool2()) for spec in self.transitions],
+            transitions=[Transition(*layer(spec), AvgPool2()) for spec in self.transitions],
             sides=[layer(spec) for spec in self.sides],
             head=layer(self.head),
         )

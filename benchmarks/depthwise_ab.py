@@ -3,13 +3,15 @@ training pass of ``depthwise.depthwise_conv3d`` (oneDNN forward, flipped-kernel 
 
     python benchmarks/depthwise_ab.py before=HEAD after=psc_nas/ops/depthwise.py
     python benchmarks/depthwise_ab.py old=c92c92c new=HEAD --repeats 31
+    python benchmarks/depthwise_ab.py before=HEAD after=psc_nas/ops/depthwise.py --channels 28 --sizes 32 16 --batch 4
 
 Each ``TAG=SOURCE`` names a version: a git revision (its ``psc_nas/ops/depthwise.py``) or a path to such a file. Its
 ``SOURCE`` string is built under its own extension name (cached like the real one). Separate processes, or
 separate runs of ``benchmarks/ops.py``, differed by up to 15-20% on the same code (docs/benchmarks/ops.md), more than
 a kernel change moves a whole op; here every repeat times each version once, in turn, on the same tensors, so the
-machine's state is shared and the ratio compares like with like. Batch 2, C = 16/32/64, 32³ and 64³, stride 1,
-channels_last_3d float32; outputs of every version are checked against the first. Best and median in ms.
+machine's state is shared and the ratio compares like with like. Default batch 2, C = 16/32/64, 32³ and 64³
+(DenseNet3D's CSN layers: C = 28, 32³ down to 2³, batch 4), stride 1, channels_last_3d float32; outputs of every
+version are checked against the first. Best and median in ms.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def main() -> None:
     parser.add_argument("versions", nargs="+", metavar="TAG=SOURCE")
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="cube sides")
+    parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
     keep_freed_memory()
     torch.set_num_threads(args.threads)
@@ -70,9 +75,9 @@ def main() -> None:
     print(f"{args.threads} threads, best / median of {args.repeats} interleaved repeats, ms; load {load:.2f}")
     print(f"| shape | part | {' | '.join(tags)} | {tags[0]} / {tags[-1]} | load |")
     print(f"|---|---|{'---:|' * len(tags)}---:|---:|")
-    for size in (32, 64):
-        for channels in (16, 32, 64):
-            x = torch.randn(2, channels, size, size, size).contiguous(memory_format=torch.channels_last_3d)
+    for size in args.sizes:
+        for channels in args.channels:
+            x = torch.randn(args.batch, channels, size, size, size).contiguous(memory_format=torch.channels_last_3d)
             weight = torch.randn(channels, 1, 3, 3, 3)
             flipped = weight.flip(2, 3, 4)
             dy = torch.randn_like(x)

@@ -153,9 +153,13 @@ DEPTHWISE_CASES = [  # (batch, channels, D, H, W, stride): odd sizes, strides 1 
     (3, 8, 6, 7, 5, (2, 2, 2)),
     (3, 4, 5, 8, 7, (1, 2, 2)),
     (1, 6, 4, 6, 5, (2, 1, 1)),
-    (2, 32, 5, 7, 6, (2, 2, 2)),  # float32 with C % 16 == 0: the AVX-512 weight gradient where the CPU has it
+    (2, 32, 5, 7, 6, (2, 2, 2)),
     (1, 16, 6, 5, 9, (1, 2, 2)),
+    (2, 28, 6, 5, 7, (1, 1, 1)),  # DenseNet3D's growth: a full block of 16 channels and a masked one of 12
+    (1, 20, 5, 6, 4, (2, 2, 2)),
 ]
+# In float32 every case runs the AVX-512 weight gradient where the CPU has it (masked below 16 channels); in float64
+# the generic loop.
 
 
 def reference_grads(x, weight, stride, upstream):

@@ -5,10 +5,11 @@ backward takes 30-65x as long (docs/benchmarks/ops.md, roofline.md). ``depthwise
 oneDNN's forward, computes the stride-1 input gradient as that forward on the spatially flipped
 kernel, and the weight gradient with the C++ kernel below: per output row, 16-channel block and
 kernel plane, 9 taps' accumulators in AVX-512 registers while the row's columns stream past (float32,
-3x3x3, C a multiple of 16; a generic vectorised loop otherwise; 9 rather than all 27 at once since
-2026-12-05: 1.09-1.34x faster at 32³, 0.83-1.16x at 64³, docs/benchmarks/ops.md). The kernel also has a forward
-(one register block per pixel over the taps) and a strided input gradient (a gather per input
-row, so threads never write the same row), used for strides other than 1 and by the benchmarks.
+3x3x3, any C: a last block of C % 16 channels has masked loads, since 2026-12-05 5.0-6.4x faster for DenseNet3D's
+C = 28 than the generic vectorised loop that ran it before; float64 and other kernels take that loop; 9 rather than
+all 27 taps at once since 2026-12-05: 1.09-1.34x faster at 32³, 0.83-1.16x at 64³, docs/benchmarks/ops.md). The
+kernel also has a forward (one register block per pixel over the taps) and a strided input gradient (a gather per
+input row, so threads never write the same row), used for strides other than 1 and by the benchmarks.
 Odd kernels with 'same' padding (``kernel // 2``), any stride, no bias, float32 or float64.
 
 The kernel is compiled once per machine and torch installation by ``torch.utils.cpp_extension.load_inline``
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 DISABLE_VAR = "PSC_NAS_NO_EXTENSIONS"
-NAME = "psc_nas_depthwise_v7_" + hashlib.sha1(os.path.dirname(torch.__file__).encode()).hexdigest()[:8]
+NAME = "psc_nas_depthwise_v9_" + hashlib.sha1(os.path.dirname(torch.__file__).encode()).hexdigest()[:8]
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -243,13 +244,14 @@ void weight_grad_rows(const T* x, const T* gy, T* partial, int64_t chunks, const
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-// Weight gradient of a 3x3x3 kernel in float32 with C a multiple of 16: per output row, block of 16
-// channels and D offset of the kernel, the 9 taps' accumulators stay in registers while the row's
-// columns stream past, so each multiply-add needs one load of x (dy is loaded once per column for 9
-// taps). Missing input rows read a zero row; in the first and last columns the taps that fall outside
-// are skipped, in the same vector code.
+// Weight gradient of a 3x3x3 kernel in float32: per output row, block of 16 channels and D offset of
+// the kernel, the 9 taps' accumulators stay in registers while the row's columns stream past, so each
+// multiply-add needs one load of x (dy is loaded once per column for 9 taps). Missing input rows read
+// a zero row; in the first and last columns the taps that fall outside are skipped, in the same vector
+// code. Any C: the last block's loads and stores are masked to the channels it has (DenseNet3D's
+// growth of 28 channels is one full block and one of 12), where a masked load costs a plain one.
 bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, int64_t chunks, const Geometry& g) {
-  if (g.KD != 3 || g.KH != 3 || g.KW != 3 || g.C % 16 != 0) return false;
+  if (g.KD != 3 || g.KH != 3 || g.KW != 3) return false;
   const int64_t C = g.C, rows = g.N * g.OD * g.OH;
   const int64_t per_chunk = (rows + chunks - 1) / chunks;
   int64_t inner_lo, inner_hi;
@@ -271,7 +273,14 @@ bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, i
           }
         // One plane of taps (a fixed D offset: 3 input rows) at a time, so a column reads 3 rows, not 9: with C = 32
         // or 64 a row is 4 or 8 KiB long and 9 rows at one column map to a single L1 set, more lines than its ways.
-        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        // One block of 16 channels from c0; Masked: the last, partial one (its loads and stores masked to m). The
+        // full blocks keep plain loads: masked ones measured 9-15% slower there (docs/benchmarks/ops.md).
+        auto channel_block = [&](auto masked, int64_t c0, __mmask16 m) __attribute__((always_inline)) {
+          constexpr bool Masked = decltype(masked)::value;
+          auto load = [&](const float* p) __attribute__((always_inline)) {
+            if constexpr (Masked) return _mm512_maskz_loadu_ps(m, p);
+            else return _mm512_loadu_ps(p);
+          };
           for (int a = 0; a < 3; ++a) {
             __m512 acc[9];
 #pragma GCC unroll 9
@@ -280,16 +289,16 @@ bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, i
             // One column: dy once, each tap's x from its row; a tap whose column falls outside is skipped. The
             // checks are false inside [inner_lo, inner_hi), so that loop is the same code without them.
             auto column = [&](int64_t ow, bool edge) __attribute__((always_inline)) {
-              const __m512 dy = _mm512_loadu_ps(gyrow + ow * C + c0);
+              const __m512 dy = load(gyrow + ow * C + c0);
               const int64_t iw = ow * g.SW - 1;
               const bool left = edge && iw < 0, right = edge && iw + 2 >= g.W;
               const int64_t base = iw * C + c0;
 #pragma GCC unroll 3
               for (int b = 0; b < 3; ++b) {
                 const float* xv = rows3[b] + base;
-                if (!left) acc[b * 3 + 0] = _mm512_fmadd_ps(_mm512_loadu_ps(xv), dy, acc[b * 3 + 0]);
-                acc[b * 3 + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xv + C), dy, acc[b * 3 + 1]);
-                if (!right) acc[b * 3 + 2] = _mm512_fmadd_ps(_mm512_loadu_ps(xv + 2 * C), dy, acc[b * 3 + 2]);
+                if (!left) acc[b * 3 + 0] = _mm512_fmadd_ps(load(xv), dy, acc[b * 3 + 0]);
+                acc[b * 3 + 1] = _mm512_fmadd_ps(load(xv + C), dy, acc[b * 3 + 1]);
+                if (!right) acc[b * 3 + 2] = _mm512_fmadd_ps(load(xv + 2 * C), dy, acc[b * 3 + 2]);
               }
             };
             for (int64_t ow = 0; ow < std::min(inner_lo, g.OW); ++ow) column(ow, true);
@@ -298,10 +307,15 @@ bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, i
 #pragma GCC unroll 9
             for (int t = 0; t < 9; ++t) {
               float* av = acc_all + (a * 9 + t) * C + c0;
-              _mm512_storeu_ps(av, _mm512_add_ps(_mm512_loadu_ps(av), acc[t]));
+              const __m512 sum = _mm512_add_ps(load(av), acc[t]);
+              if constexpr (Masked) _mm512_mask_storeu_ps(av, m, sum);
+              else _mm512_storeu_ps(av, sum);
             }
           }
-        }
+        };
+        int64_t c0 = 0;
+        for (; c0 + 16 <= C; c0 += 16) channel_block(std::false_type{}, c0, __mmask16(0xFFFF));
+        if (c0 < C) channel_block(std::true_type{}, c0, __mmask16((1u << (C - c0)) - 1u));
       }
     }
   });

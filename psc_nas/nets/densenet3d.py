@@ -20,7 +20,7 @@ every side >= 2**(blocks-1) through, divisible by the pooling factors or not.
 
 A transition's 1x1x1 conv and its average pooling are both linear, so they commute: pooling first computes the same
 function (up to float rounding) on an eighth of the voxels, and that is what runs and what the cost prices. At 32³ the
-transitions' convs were 1.13 of the csn_ip preset's 1.86 GMACs, and the first one's training pass a quarter of that
+transitions' convs were 1.13 GMACs of the csn_ip preset's 1.86, and the first one's training pass a quarter of that
 preset's step time (docs/benchmarks/ops.md). The parameters and their names are the paper order's.
 
 Defaults (c0=40, g=28, s=24, width 1) give the all-conv3d network 5,164,524 parameters, the

@@ -249,7 +249,7 @@ void weight_grad_rows(const T* x, const T* gy, T* partial, int64_t chunks, const
 // multiply-add needs one load of x (dy is loaded once per column for 9 taps). Missing input rows read
 // a zero row; in the first and last columns the taps that fall outside are skipped, in the same vector
 // code. Any C: the last block's loads and stores are masked to the channels it has (DenseNet3D's
-// growth of 28 channels is one full block and one of 12), where a masked load costs a plain one.
+// growth of 28 channels is one full block and one of 12); the full blocks keep plain loads.
 bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, int64_t chunks, const Geometry& g) {
   if (g.KD != 3 || g.KH != 3 || g.KW != 3) return false;
   const int64_t C = g.C, rows = g.N * g.OD * g.OH;
@@ -274,7 +274,7 @@ bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, i
         // One plane of taps (a fixed D offset: 3 input rows) at a time, so a column reads 3 rows, not 9: with C = 32
         // or 64 a row is 4 or 8 KiB long and 9 rows at one column map to a single L1 set, more lines than its ways.
         // One block of 16 channels from c0; Masked: the last, partial one (its loads and stores masked to m). The
-        // full blocks keep plain loads: masked ones measured 9-15% slower there (docs/benchmarks/ops.md).
+        // full blocks keep plain loads: masked ones there ran at 0.85-0.91x their speed (docs/benchmarks/ops.md).
         auto channel_block = [&](auto masked, int64_t c0, __mmask16 m) __attribute__((always_inline)) {
           constexpr bool Masked = decltype(masked)::value;
           auto load = [&](const float* p) __attribute__((always_inline)) {

@@ -31,8 +31,8 @@ from torch.utils import cpp_extension
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from psc_nas import native  # noqa: E402
 from psc_nas.memory import keep_freed_memory  # noqa: E402
-from psc_nas.ops import depthwise  # noqa: E402
 
 
 def kernel_source(ref: str) -> str:
@@ -50,7 +50,7 @@ def build(tag: str, source: str):
         name=f"psc_nas_depthwise_ab_{tag}",
         cpp_sources=source,
         functions=["dw_weight_grad"],
-        extra_cflags=depthwise._build_flags(),
+        extra_cflags=native.build_flags(),
         extra_ldflags=["-fopenmp"],
     )
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from test_ops import channels, family_args, spatial, stride
 from torch.utils.flop_counter import FlopCounterMode
 
+from psc_nas import native
 from psc_nas.ops import (
     ENV_VAR,
     EXACT_IMPLS,
@@ -230,10 +231,10 @@ def test_without_the_kernel_depthwise_is_folded_with_no_error(tmp_path):
         "assert torch.allclose(m(x), ref(x), atol=1e-5)\n"
         "print(depthwise.unavailable_reason())\n"
     )
-    env = {**os.environ, depthwise.DISABLE_VAR: "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, native.DISABLE_VAR: "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"disabled by {depthwise.DISABLE_VAR}"
+    assert done.stdout.strip() == f"disabled by {native.DISABLE_VAR}"
 
 
 @needs_kernel

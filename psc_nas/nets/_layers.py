@@ -25,6 +25,8 @@ from psc_nas.costs import Cost, Spatial
 from psc_nas.device import CPU_LAYOUT
 from psc_nas.nets.base import Backbone
 from psc_nas.ops import Op, OpSpec, PlainConv, realize
+from psc_nas.ops import norm_act as fused
+from psc_nas.ops.base import requested_impl
 
 Norm = Callable[[int], nn.Module]
 Activation = Callable[[], nn.Module]
@@ -81,6 +83,34 @@ class AvgPool2(nn.AvgPool3d):
         return ((y[..., :c] + y[..., c:]) * 0.125).permute(0, 4, 1, 2, 3)
 
 
+class NormActSequential(nn.Sequential):
+    """``nn.Sequential`` whose ``BatchNorm3d`` ─ ``ReLU`` pairs run as one fused kernel where it applies
+    (``ops.norm_act``: 1.3-2.2x faster than the two ops at DenseNet3D's 32³ shapes, docs/benchmarks/ops.md). The
+    modules, their names and their state are the plain Sequential's; ``with implementation("reference")`` (or
+    ``PSC_NAS_OP_IMPL=reference``) at build time keeps PyTorch's ops, as it does for the slots' convs."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        super().__init__(*modules)
+        pairs = any(isinstance(a, nn.BatchNorm3d) and isinstance(b, nn.ReLU) for a, b in zip(modules, modules[1:]))
+        # Build (once per machine) or load the kernel now, not inside the first timed forward.
+        self.fuse = pairs and requested_impl() != "reference" and fused.KERNEL.available()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fuse:
+            return super().forward(x)
+        modules = list(self)
+        index = 0
+        while index < len(modules):
+            module = modules[index]
+            if index + 1 < len(modules) and fused.fusable(module, modules[index + 1], x):
+                x = fused.batch_norm_relu(x, module)  # type: ignore[arg-type]
+                index += 2
+            else:
+                x = module(x)
+                index += 1
+        return x
+
+
 def norm_cost(channels: int) -> Cost:
     return Cost(params=2 * channels)
 
@@ -110,7 +140,7 @@ def conv_norm_act(
         layers += [build_op(index, spec) if build_op else spec.build(), norm(spec.out_channels)]
         if last_activation or index < len(specs) - 1:
             layers.append(activation())
-    return nn.Sequential(*layers)
+    return NormActSequential(*layers)
 
 
 class Blueprint(Protocol):

@@ -45,6 +45,7 @@ from psc_nas.nets._layers import (
     AvgPool2,
     BlueprintBackbone,
     Norm,
+    NormActSequential,
     SlotFill,
     default_fill,
     fixed_conv,
@@ -53,12 +54,16 @@ from psc_nas.nets._layers import (
 )
 from psc_nas.nets.registry import register_backbone
 from psc_nas.ops import Op
+from psc_nas.ops import norm_act as fused
 from psc_nas.ops._conv import ConvSpec
 
 
-def preact(spec: Op | ConvSpec, *, norm: Norm, activation: Activation, op: nn.Module | None = None) -> nn.Sequential:
-    """BN ─ ReLU ─ conv, the DenseNet layer order (``op``: the conv's module, default ``spec.build()``)."""
-    return nn.Sequential(norm(spec.in_channels), activation(), op if op is not None else spec.build())
+def preact(
+    spec: Op | ConvSpec, *, norm: Norm, activation: Activation, op: nn.Module | None = None
+) -> NormActSequential:
+    """BN ─ ReLU ─ conv, the DenseNet layer order (``op``: the conv's module, default ``spec.build()``); BN ─ ReLU
+    as one fused kernel where it applies."""
+    return NormActSequential(norm(spec.in_channels), activation(), op if op is not None else spec.build())
 
 
 def preact_cost(spec: Op, spatial: Spatial) -> tuple[Cost, Spatial]:
@@ -77,13 +82,13 @@ class DenseBlock(nn.Module):
         return x
 
 
-class Transition(nn.Sequential):
+class Transition(NormActSequential):
     """BN ─ ReLU ─ conv 1x1x1 ─ avgpool 2x2x2, computed with the pooling before the conv (they commute; the conv then
     runs on an eighth of the voxels). The modules keep the paper order's indices, so state_dicts keep their keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, activation, conv, pool = self
-        return conv(pool(activation(norm(x))))
+        return conv(pool(fused.norm_act(norm, activation, x) if self.fuse else activation(norm(x))))
 
 
 class DenseNet3d(nn.Module):

@@ -41,6 +41,11 @@ ENV_VAR = "PSC_NAS_OP_IMPL"
 _IMPL: ContextVar[str | None] = ContextVar("psc_nas_op_impl", default=None)
 
 
+def requested_impl() -> str | None:
+    """The implementation ``with implementation(...)`` (this thread) or ``PSC_NAS_OP_IMPL`` (the process) asks for."""
+    return _IMPL.get() or os.environ.get(ENV_VAR)
+
+
 @contextmanager
 def implementation(impl: str) -> Iterator[None]:
     """Build every op inside the block with ``impl``; ``"reference"`` gives the MAC-exact convs, whose
@@ -93,7 +98,7 @@ class Op:
 
     def build(self, impl: str | None = None) -> nn.Module:
         """The module; ``impl`` changes only how its forward computes, never its parameters."""
-        impl = impl or _IMPL.get() or os.environ.get(ENV_VAR) or "auto"
+        impl = impl or requested_impl() or "auto"
         if impl == "auto":
             impl = self.fast_impl()
         if impl in self.impls:

@@ -12,14 +12,10 @@ kernel also has a forward (one register block per pixel over the taps) and a str
 input row, so threads never write the same row), used for strides other than 1 and by the benchmarks.
 Odd kernels with 'same' padding (``kernel // 2``), any stride, no bias, float32 or float64.
 
-The kernel is compiled once per machine and torch installation by ``torch.utils.cpp_extension.load_inline``
-(g++, ninja) into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and loaded from there by
-every later process. The build folder's name carries a digest of torch's install path: its headers' path is
-part of the compile command, so two virtual environments sharing one folder would rebuild it in turn.
-``available()`` builds or loads it and says whether it can run; a machine
-without a compiler (or ``PSC_NAS_NO_EXTENSIONS=1``) gets ``False`` and the callers keep oneDNN's
-path. A build prints one line with its time to stderr, and ``load_seconds()`` reports it, so
-compile time never hides inside a timed search or benchmark.
+The kernel is a ``psc_nas.native.Extension``: compiled once per machine and torch installation, loaded by every
+later process; ``available()`` builds or loads it and says whether it can run; a machine without a compiler (or
+``PSC_NAS_NO_EXTENSIONS=1``) gets ``False`` and the callers keep oneDNN's path; ``load_seconds()`` reports a
+build's time, so compile time never hides inside a timed search or benchmark.
 
 ``depthwise_conv3d`` is a ``torch.library`` custom op (``psc_nas::depthwise_conv3d``) with a
 registered autograd formula and a FLOP formula, so ``FlopCounterMode`` counts its exact MACs;
@@ -28,12 +24,6 @@ registered autograd formula and a FLOP formula, so ``FlopCounterMode`` counts it
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import sys
-import threading
-import time
 from collections.abc import Sequence
 from math import prod
 from typing import Any
@@ -42,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-DISABLE_VAR = "PSC_NAS_NO_EXTENSIONS"
-NAME = "psc_nas_depthwise_v9_" + hashlib.sha1(os.path.dirname(torch.__file__).encode()).hexdigest()[:8]
+from psc_nas import native
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -378,62 +367,26 @@ at::Tensor dw_weight_grad(at::Tensor x, at::Tensor grad_y, std::vector<int64_t> 
 }
 """
 FUNCTIONS = ["dw_forward", "dw_input_grad", "dw_weight_grad"]
-
-_lock = threading.Lock()
-_state: dict[str, Any] = {"module": None, "tried": False, "seconds": None, "error": None}
-
-
-def _build_flags() -> list[str]:
-    return ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=fast"]
+KERNEL = native.Extension("depthwise", 9, SOURCE, FUNCTIONS, "the depthwise C++ kernel")
 
 
 def _extension() -> Any | None:
     """The compiled module (built or loaded on first call), or None where it cannot be."""
-    with _lock:
-        if _state["tried"]:
-            return _state["module"]
-        _state["tried"] = True
-        if os.environ.get(DISABLE_VAR, "") not in ("", "0"):
-            _state["error"] = f"disabled by {DISABLE_VAR}"
-            return None
-        if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
-            _state["error"] = "no C++ compiler on PATH"
-            return None
-        from torch.utils import cpp_extension
-
-        started = time.perf_counter()
-        try:
-            module = cpp_extension.load_inline(
-                name=NAME,
-                cpp_sources=SOURCE,
-                functions=FUNCTIONS,
-                extra_cflags=_build_flags(),
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as err:  # noqa: BLE001 - any build failure means: use oneDNN's path
-            _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-            print(f"psc-nas: depthwise C++ kernel unavailable ({_state['error']}); using oneDNN", file=sys.stderr)
-            return None
-        _state["seconds"] = time.perf_counter() - started
-        if _state["seconds"] > 2.0:  # a cached load takes well under a second; this was a build
-            print(f"psc-nas: built the depthwise C++ kernel in {_state['seconds']:.1f} s (cached)", file=sys.stderr)
-        _state["module"] = module
-        return module
+    return KERNEL.module()
 
 
 def available() -> bool:
     """Whether the kernel runs on this machine (builds or loads it on the first call)."""
-    return _extension() is not None
+    return KERNEL.available()
 
 
 def load_seconds() -> float | None:
     """Seconds the first ``available()`` took to build or load the kernel; None before, or if unavailable."""
-    return _state["seconds"]
+    return KERNEL.load_seconds()
 
 
 def unavailable_reason() -> str | None:
-    return _state["error"]
+    return KERNEL.unavailable_reason()
 
 
 def supports(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padding: Sequence[int]) -> bool:

@@ -109,5 +109,11 @@ def training_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
     forward is oneDNN's anyway) run, so inference, TorchScript and ONNX graphs hold plain convolutions."""
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         return False
+    return not tracing()
+
+
+def tracing() -> bool:
+    """Whether TorchScript tracing, ``torch.compile`` or ``torch.export`` is recording the forward: those graphs
+    hold only PyTorch's own ops, so psc-nas's C++ kernels stay out of them."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting())
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()

@@ -1,0 +1,203 @@
+"""The fused BatchNorm ─ ReLU kernel: values and gradients against float64 PyTorch, running statistics as
+nn.BatchNorm3d keeps them, where it must not run, and whole networks with and without it."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from psc_nas import native
+from psc_nas.arch import ArchConfig, BlockChoice
+from psc_nas.device import place
+from psc_nas.evaluators import zero_cost
+from psc_nas.nets import get_backbone
+from psc_nas.nets._layers import NormActSequential
+from psc_nas.ops import implementation, norm_act
+
+needs_kernel = pytest.mark.skipif(not norm_act.KERNEL.available(), reason="no C++ compiler: the fallback is tested")
+CL = torch.channels_last_3d
+
+
+def inputs(channels: int, shape=(3, 5, 6, 7), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, nn.BatchNorm3d]:
+    generator = torch.Generator().manual_seed(seed + channels)
+    n, d, h, w = shape
+    x = (torch.randn(n, channels, d, h, w, generator=generator) * 3 + 2).to(memory_format=CL)  # mean far from 0
+    upstream = torch.randn(n, channels, d, h, w, generator=generator).to(memory_format=CL)
+    norm = nn.BatchNorm3d(channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=generator)
+        norm.bias.uniform_(-0.5, 0.5, generator=generator)
+    return x, upstream, norm
+
+
+def float64_reference(x, upstream, norm, mask):
+    """PyTorch's BN in float64, the ReLU taken as ``mask`` (the fused forward's own: where a pre-activation is
+    within float32 rounding of 0 two correct implementations may differ), and its gradients."""
+    x64 = x.detach().double().requires_grad_()
+    weight = norm.weight.detach().double().requires_grad_()
+    bias = norm.bias.detach().double().requires_grad_()
+    pre = F.batch_norm(x64, None, None, weight, bias, True, 0.0, norm.eps)
+    y = pre.clamp_min(0)
+    (pre * mask * upstream.double()).sum().backward()
+    return y, x64.grad, weight.grad, bias.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels", [1, 5, 16, 28, 67])  # 28: DenseNet3D's growth; 67: no vector multiple
+def test_fused_forward_and_gradients_equal_float64_batch_norm_relu(channels):
+    x, upstream, norm = inputs(channels)
+    x.requires_grad_()
+    y = norm_act.batch_norm_relu(x, norm)
+    assert y.is_contiguous(memory_format=CL)
+    y.backward(upstream)
+    y_ref, gx, gw, gb = float64_reference(x, upstream, norm, (y > 0).double())
+    torch.testing.assert_close(y.double(), y_ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), gx, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(norm.weight.grad.double(), gw, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(norm.bias.grad.double(), gb, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_follow_batch_norm3d(momentum):
+    x, _, norm = inputs(12)
+    norm.momentum = momentum
+    reference = copy.deepcopy(norm)
+    for step in range(3):
+        batch = x * (step + 1) - step
+        norm_act.batch_norm_relu(batch.contiguous(memory_format=CL), norm)
+        reference(batch)
+    torch.testing.assert_close(norm.running_mean, reference.running_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(norm.running_var, reference.running_var, atol=1e-4, rtol=1e-5)
+    assert norm.num_batches_tracked.item() == reference.num_batches_tracked.item() == 3
+
+
+@needs_kernel
+def test_eval_mode_uses_the_running_statistics():
+    x, _, norm = inputs(20)
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    norm.eval()
+    act = nn.ReLU()
+    with torch.no_grad():
+        assert norm_act.fusable(norm, act, x)
+        torch.testing.assert_close(norm_act.norm_act(norm, act, x), act(norm(x)), atol=2e-6, rtol=1e-5)
+    x.requires_grad_()
+    assert not norm_act.fusable(norm, act, x)  # eval with gradients: PyTorch's ops (not a path worth a kernel)
+
+
+@needs_kernel
+def test_what_the_kernel_must_not_run():
+    x, _, norm = inputs(8)
+    act = nn.ReLU()
+    assert norm_act.fusable(norm, act, x)
+    assert not norm_act.fusable(norm, nn.LeakyReLU(), x)
+    assert not norm_act.fusable(nn.InstanceNorm3d(8, affine=True), act, x)
+    assert not norm_act.fusable(nn.BatchNorm3d(8, affine=False), act, x)
+    assert not norm_act.fusable(norm, act, x.contiguous())  # NCDHW
+    assert not norm_act.fusable(norm, act, x.double())
+    assert not norm_act.fusable(norm, act, x[:1, :, :1, :1, :1])  # one value per channel: PyTorch raises for it
+    handle = act.register_forward_hook(lambda *args: None)  # NASWOT observes the ReLUs
+    assert not norm_act.fusable(norm, act, x)
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    assert not norm_act.fusable(norm, act, x)
+    handle.remove()
+    assert norm_act.fusable(norm, act, x)
+
+
+def densenet(**hparams) -> nn.Module:
+    backbone = get_backbone("densenet3d")
+    hparams = backbone.hparams({"width": 0.25, "num_blocks": 3, "layers_per_block": 2, **hparams})
+    slots = backbone.slots(hparams)
+    choices = [BlockChoice("csn_ip"), BlockChoice("csn_ir"), BlockChoice("conv3d")]
+    config = ArchConfig("densenet3d", hparams, tuple(choices[i % 3] for i in range(len(slots))))
+    torch.manual_seed(0)
+    return place(backbone.build(config), torch.device("cpu"))
+
+
+def unfused(model: nn.Module) -> nn.Module:
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if isinstance(module, NormActSequential):
+            module.fuse = False
+    return plain
+
+
+@needs_kernel
+def test_a_densenet_trains_the_same_with_the_kernel_and_keeps_its_keys():
+    model = densenet()
+    assert all(m.fuse for m in model.modules() if isinstance(m, NormActSequential))
+    plain = unfused(model)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 1, 12, 12, 12).to(memory_format=CL)
+    results = []
+    for net in (model, plain):
+        net.train()
+        y = net(x)
+        y.square().mean().backward()
+        results.append((y.detach(), {k: p.grad for k, p in net.named_parameters()}, dict(net.named_buffers())))
+    (y1, g1, b1), (y0, g0, b0) = results
+    torch.testing.assert_close(y1, y0, atol=1e-4, rtol=1e-4)
+    for name in g0:  # float32 over a deep net, and ReLU masks that may flip at 0: compare whole tensors
+        assert (g1[name] - g0[name]).norm() <= 1e-3 * g0[name].norm() + 1e-7, name
+    for name in b0:
+        torch.testing.assert_close(b1[name], b0[name], atol=1e-5, rtol=1e-5)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+def test_naswot_still_sees_every_relu_and_the_reference_impl_keeps_pytorchs_ops():
+    model = densenet().train()
+    task, batch = SimpleNamespace(input_key="image"), {"image": torch.randn(4, 1, 8, 8, 8).to(memory_format=CL)}
+    relus = sum(isinstance(m, nn.ReLU) for m in model.modules())
+    seen = []
+    handles = [m.register_forward_hook(lambda *args: seen.append(1)) for m in model.modules() if type(m) is nn.ReLU]
+    model(batch["image"])
+    assert len(seen) == relus  # hooked modules run as modules
+    for handle in handles:
+        handle.remove()
+    assert zero_cost.naswot(model, task, batch) == pytest.approx(zero_cost.naswot(unfused(model), task, batch))
+    with implementation("reference"):
+        reference = densenet()
+    assert not any(m.fuse for m in reference.modules() if isinstance(m, NormActSequential))
+
+
+@needs_kernel
+def test_tracing_records_pytorchs_own_ops():
+    model = densenet().eval()
+    x = torch.randn(1, 1, 8, 8, 8).to(memory_format=CL)
+    traced = torch.jit.trace(model, x, check_trace=False)
+    graph = str(traced.inlined_graph)
+    assert "aten::batch_norm" in graph and "psc_nas::" not in graph and "PythonOp" not in graph
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_without_the_kernel_networks_run_pytorchs_ops():
+    script = (
+        "import torch\n"
+        "from psc_nas.nets._layers import NormActSequential\n"
+        "from psc_nas.ops import norm_act\n"
+        "seq = NormActSequential(torch.nn.BatchNorm3d(3), torch.nn.ReLU())\n"
+        "assert not seq.fuse and not norm_act.KERNEL.available()\n"
+        "x = torch.randn(2, 3, 4, 4, 4).to(memory_format=torch.channels_last_3d)\n"
+        "assert torch.equal(seq(x), torch.relu(seq[0](x)))\n"
+        "print(norm_act.KERNEL.unavailable_reason())\n"
+    )
+    env = {**os.environ, native.DISABLE_VAR: "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"disabled by {native.DISABLE_VAR}"

@@ -250,3 +250,28 @@ def test_densenet_transition_pools_before_its_conv_and_keeps_the_paper_orders_ke
     transition.double()
     # The paper's order, conv then pool: the same function (the two linear maps commute).
     torch.testing.assert_close(transition(x), pool(conv(activation(norm(x)))))
+
+
+@pytest.mark.parametrize(
+    ("size_in", "size_out"),
+    [((2, 2, 2), (32, 32, 32)), ((4, 3, 5), (16, 12, 7)), ((5, 7, 1), (11, 7, 3)), ((6, 6, 6), (6, 6, 6))],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_densenet_upsampling_equals_trilinear_interpolate(size_in, size_out, dtype):
+    from psc_nas.nets._layers import interpolation_matrix, upsample_trilinear
+
+    x = torch.randn(2, 3, *size_in, dtype=dtype)
+    weights = torch.randn(2, 3, *size_out, dtype=dtype)  # a backward that tells outputs apart
+    ref_in = x.clone().requires_grad_()
+    reference = torch.nn.functional.interpolate(ref_in, size=size_out, mode="trilinear", align_corners=False)
+    (reference * weights).sum().backward()
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {}  # grads sum up to 4096 terms
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        got_in = x.clone(memory_format=layout).requires_grad_()
+        got = upsample_trilinear(got_in, size_out)
+        (got * weights).sum().backward()
+        torch.testing.assert_close(got, reference, **tolerance)
+        torch.testing.assert_close(got_in.grad, ref_in.grad, **tolerance)
+        assert got.is_contiguous(memory_format=torch.channels_last_3d) == (layout == torch.channels_last_3d)
+    for size in (*size_in, *size_out):
+        assert torch.allclose(interpolation_matrix(size, 9, torch.float64).sum(1), torch.ones(9, dtype=torch.float64))

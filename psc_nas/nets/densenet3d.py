@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from psc_nas.arch import ArchConfig, Slot
@@ -51,6 +50,7 @@ from psc_nas.nets._layers import (
     fixed_conv,
     norm_cost,
     scaled,
+    upsample_trilinear,
 )
 from psc_nas.nets.registry import register_backbone
 from psc_nas.ops import Op
@@ -116,7 +116,7 @@ class DenseNet3d(nn.Module):
         for transition, block, side in zip(self.transitions, self.blocks[1:], self.sides[1:]):
             h = block(transition(h))
             sides.append(side(h))
-        upsampled = [F.interpolate(s, size=size, mode="trilinear", align_corners=False) for s in sides]
+        upsampled = [upsample_trilinear(s, size) for s in sides]
         return self.head(torch.cat(upsampled, dim=1))
 
 

@@ -72,8 +72,8 @@ METHODS = {
     "ours + grad_norm pre-screen of 100": ["--prescreen", "grad_norm", "--prescreen-size", "100"],
     "ours + zico pre-screen of 100": ["--prescreen", "zico", "--prescreen-size", "100"],
     # the default run's split of the time: 12 architectures trained (the quick profile's trials), the rest of the
-    # time retraining the front (up to 20 epochs); the baselines with the same split. "The default run" was the
-    # default until IBSR's quick profile gained its pre-screen (method 8 is the default run now)
+    # time retraining the front (up to the profile's cap, 20 epochs then); the baselines with the same split. "The
+    # default run" was the default until IBSR's quick profile gained its pre-screen (method 8 is the default run now)
     "ours, 12 trained (the default run)": ["--trials", "12", *NO_SCREEN],
     "random, 12 trained": [
         "--sampler",

@@ -277,7 +277,7 @@ def kernel_load_seconds() -> float | None:
     """Build or load the depthwise C++ kernel before anything is timed; its seconds, None if unavailable."""
     from psc_nas.ops import depthwise
 
-    return depthwise.load_seconds() if depthwise.available() else None
+    return depthwise.KERNEL.load_seconds() if depthwise.KERNEL.available() else None
 
 
 def run_all(args: argparse.Namespace, command: str, save: Callable[[dict], None]) -> dict:

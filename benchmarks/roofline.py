@@ -92,12 +92,12 @@ class KernelOnly(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return depthwise._extension().dw_forward(x, depthwise.taps_weight(weight), [3, 3, 3], [1, 1, 1])
+        return depthwise.KERNEL.module().dw_forward(x, depthwise.taps_weight(weight), [3, 3, 3], [1, 1, 1])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, weight = ctx.saved_tensors
-        kernel = depthwise._extension()
+        kernel = depthwise.KERNEL.module()
         grad_x = kernel.dw_input_grad(grad_y, depthwise.taps_weight(weight), list(x.shape), [3, 3, 3], [1, 1, 1])
         return grad_x, depthwise.weight_grad(x, grad_y, weight.shape, [1, 1, 1])
 
@@ -111,7 +111,7 @@ def paths(with_unfold: bool) -> dict[str, Callable[[torch.Tensor, torch.Tensor],
     }
     if with_unfold:
         found["unfold"] = lambda x, w: unfold_depthwise(x.contiguous(memory_format=torch.channels_last_3d), w)
-    if depthwise.available():
+    if depthwise.KERNEL.available():
         found["kernel"] = KernelOnly.apply
         found["op"] = lambda x, w: depthwise.depthwise_conv3d(x, w, [1, 1, 1])
     return found
@@ -200,14 +200,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.channels, args.sizes, args.repeats = [16], [32], 3
     started = time.perf_counter()
-    depthwise.available()
+    depthwise.KERNEL.available()
     run = {
         "command": " ".join(["python benchmarks/roofline.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "load_before": os.getloadavg()[0],
         "threads": args.threads,
-        "kernel_load_s": depthwise.load_seconds(),
+        "kernel_load_s": depthwise.KERNEL.load_seconds(),
         "peak": [gemm_peak(t, args.repeats) for t in (1, 2)],
         "bandwidth": [copy_bandwidth(t, args.repeats) for t in (1, 2)],
         "shapes": [],

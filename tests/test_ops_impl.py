@@ -146,7 +146,7 @@ def test_unknown_or_misapplied_impl_raises(op, impl, message):
 
 
 # ---------------------------------------------------------------------- the depthwise C++ kernel
-needs_kernel = pytest.mark.skipif(not depthwise.available(), reason="no C++ compiler: the fallback is tested")
+needs_kernel = pytest.mark.skipif(not depthwise.KERNEL.available(), reason="no C++ compiler: the fallback is tested")
 DEPTHWISE_CASES = [  # (batch, channels, D, H, W, stride): odd sizes, strides 1 and 2, batch 1 and 3
     (1, 5, 5, 7, 9, (1, 1, 1)),
     (3, 16, 7, 5, 6, (1, 1, 1)),
@@ -199,7 +199,7 @@ def test_every_cpp_kernel_function_matches_conv3d_in_float64(batch, channels, d,
     y_ref = torch.nn.functional.conv3d(x, weight, None, stride, 1, 1, channels)
     upstream = torch.randn(y_ref.shape, generator=generator, dtype=torch.float64)
     _, gx_ref, gw_ref = reference_grads(x, weight, stride, upstream)
-    kernel = depthwise._extension()
+    kernel = depthwise.KERNEL.module()
     taps = depthwise.taps_weight(weight)
     torch.testing.assert_close(kernel.dw_forward(x, taps, [3, 3, 3], list(stride)), y_ref)
     torch.testing.assert_close(kernel.dw_input_grad(upstream, taps, list(x.shape), [3, 3, 3], list(stride)), gx_ref)
@@ -227,9 +227,9 @@ def test_without_the_kernel_depthwise_is_folded_with_no_error(tmp_path):
         "spec = make_spec('csn_ir', 4, 4)\n"
         "m = spec.build(); ref = spec.build('reference'); m.load_state_dict(ref.state_dict())\n"
         "x = torch.randn(2, 4, 5, 5, 5)\n"
-        "assert m.impl == 'depthwise' and not m.kernel and not depthwise.available(), m.kernel\n"
+        "assert m.impl == 'depthwise' and not m.kernel and not depthwise.KERNEL.available(), m.kernel\n"
         "assert torch.allclose(m(x), ref(x), atol=1e-5)\n"
-        "print(depthwise.unavailable_reason())\n"
+        "print(depthwise.KERNEL.unavailable_reason())\n"
     )
     env = {**os.environ, native.DISABLE_VAR: "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)

@@ -13,9 +13,9 @@ input row, so threads never write the same row), used for strides other than 1 a
 Odd kernels with 'same' padding (``kernel // 2``), any stride, no bias, float32 or float64.
 
 The kernel is a ``psc_nas.native.Extension``: compiled once per machine and torch installation, loaded by every
-later process; ``available()`` builds or loads it and says whether it can run; a machine without a compiler (or
-``PSC_NAS_NO_EXTENSIONS=1``) gets ``False`` and the callers keep oneDNN's path; ``load_seconds()`` reports a
-build's time, so compile time never hides inside a timed search or benchmark.
+later process; ``KERNEL.available()`` builds or loads it and says whether it can run; a machine without a compiler
+(or ``PSC_NAS_NO_EXTENSIONS=1``) gets ``False`` and the callers keep oneDNN's path; ``KERNEL.load_seconds()`` reports
+a build's time, so compile time never hides inside a timed search or benchmark.
 
 ``depthwise_conv3d`` is a ``torch.library`` custom op (``psc_nas::depthwise_conv3d``) with a
 registered autograd formula and a FLOP formula, so ``FlopCounterMode`` counts its exact MACs;
@@ -370,27 +370,8 @@ FUNCTIONS = ["dw_forward", "dw_input_grad", "dw_weight_grad"]
 KERNEL = native.Extension("depthwise", 9, SOURCE, FUNCTIONS, "the depthwise C++ kernel")
 
 
-def _extension() -> Any | None:
-    """The compiled module (built or loaded on first call), or None where it cannot be."""
-    return KERNEL.module()
-
-
-def available() -> bool:
-    """Whether the kernel runs on this machine (builds or loads it on the first call)."""
-    return KERNEL.available()
-
-
-def load_seconds() -> float | None:
-    """Seconds the first ``available()`` took to build or load the kernel; None before, or if unavailable."""
-    return KERNEL.load_seconds()
-
-
-def unavailable_reason() -> str | None:
-    return KERNEL.unavailable_reason()
-
-
 def supports(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padding: Sequence[int]) -> bool:
-    """Whether a conv with these arguments is one the kernel computes (before asking ``available()``)."""
+    """Whether a conv with these arguments is one the kernel computes (before asking ``KERNEL.available()``)."""
     channels, per_group, *kernel = weight.shape
     return (
         bias is None
@@ -422,8 +403,8 @@ def depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int
     else by the C++ kernel; weight gradient always by the C++ kernel (measured in
     docs/benchmarks/roofline.md).
     """
-    if _extension() is None:
-        raise RuntimeError(f"the depthwise C++ kernel is unavailable: {unavailable_reason()}")
+    if KERNEL.module() is None:
+        raise RuntimeError(f"the depthwise C++ kernel is unavailable: {KERNEL.unavailable_reason()}")
     if x.dtype != weight.dtype:
         raise RuntimeError(f"x is {x.dtype} but weight is {weight.dtype}")
     x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -453,13 +434,15 @@ def input_grad(
         padding = [k // 2 for k in weight.shape[2:]]
         flipped = weight.flip(2, 3, 4)
         return F.conv3d(grad_y, flipped, None, 1, padding, 1, weight.shape[0])
-    return _extension().dw_input_grad(grad_y, taps_weight(weight), list(in_shape), list(weight.shape[2:]), list(stride))
+    return KERNEL.module().dw_input_grad(
+        grad_y, taps_weight(weight), list(in_shape), list(weight.shape[2:]), list(stride)
+    )
 
 
 def weight_grad(
     x: torch.Tensor, grad_y: torch.Tensor, weight_shape: Sequence[int], stride: Sequence[int]
 ) -> torch.Tensor:
-    taps = _extension().dw_weight_grad(x, grad_y, list(weight_shape[2:]), list(stride))
+    taps = KERNEL.module().dw_weight_grad(x, grad_y, list(weight_shape[2:]), list(stride))
     return taps.t().reshape(weight_shape)
 
 

@@ -52,7 +52,7 @@ class FastGraphConv(GraphConv):
         self.impl = impl
         self.fold = impl in ("folded", "depthwise")
         # Build (once per machine) or load the kernel now, not inside the first timed forward.
-        self.kernel = impl == "depthwise" and has_depthwise_conv(spec) and depthwise.available()
+        self.kernel = impl == "depthwise" and has_depthwise_conv(spec) and depthwise.KERNEL.available()
 
     def run_conv(self, layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":

@@ -43,27 +43,35 @@ namespace {
 
 constexpr int64_t BLOCK_ROWS = 128;  // rows summed in float before a flush into double
 
-// Per-chunk sums over rows [r0, r1) of a rows x C float matrix: s1 += sum(x - shift), s2 += sum((x - shift)^2).
-void stats_rows(const float* x, const float* shift, int64_t r0, int64_t r1, int64_t C, double* s1, double* s2,
-                float* b1, float* b2) {
-  for (int64_t start = r0; start < r1; start += BLOCK_ROWS) {
-    const int64_t end = std::min(r1, start + BLOCK_ROWS);
-    std::fill(b1, b1 + C, 0.f);
-    std::fill(b2, b2 + C, 0.f);
-    for (int64_t r = start; r < end; ++r) {
-      const float* row = x + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float d = row[c] - shift[c];
-        b1[c] += d;
-        b2[c] += d * d;
+// Two per-channel sums over the rows of a (rows, C) matrix, float64, (sum1, sum2): ``add(r, b1, b2)`` adds row r's
+// terms into float accumulators b1, b2 of C values, which are flushed into float64 every BLOCK_ROWS rows. The rows
+// are cut into a fixed number of chunks (a function of the thread count only), summed in parallel, then added.
+template <typename AddRow>
+std::vector<torch::Tensor> channel_sums(int64_t rows, int64_t C, const torch::TensorOptions& options, AddRow add) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows / BLOCK_ROWS + 1, 4 * at::get_num_threads()));
+  auto sum1 = at::zeros({chunks, C}, options.dtype(at::kDouble));
+  auto sum2 = at::zeros({chunks, C}, options.dtype(at::kDouble));
+  double* s1 = sum1.data_ptr<double>();
+  double* s2 = sum2.data_ptr<double>();
+  const int64_t per = (rows + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> b1(C), b2(C);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t last = std::min(rows, (k + 1) * per);
+      for (int64_t start = k * per; start < last; start += BLOCK_ROWS) {
+        std::fill(b1.begin(), b1.end(), 0.f);
+        std::fill(b2.begin(), b2.end(), 0.f);
+        for (int64_t r = start; r < std::min(last, start + BLOCK_ROWS); ++r) {
+          add(r, b1.data(), b2.data());
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          s1[k * C + c] += b1[c];
+          s2[k * C + c] += b2[c];
+        }
       }
     }
-    for (int64_t c = 0; c < C; ++c) {
-      s1[c] += b1[c];
-      s2[c] += b2[c];
-    }
-  }
+  });
+  return {sum1.sum(0), sum2.sum(0)};
 }
 
 // y = max(x * a + b, 0) over rows [r0, r1).
@@ -74,30 +82,6 @@ void apply_rows(const float* x, const float* a, const float* b, float* y, int64_
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       out[c] = std::max(in[c] * a[c] + b[c], 0.f);
-    }
-  }
-}
-
-// Backward sums over rows: g masked where x * a + b > 0; t1 += sum(gm), t2 += sum(gm * (x - mean)).
-void grad_sums_rows(const float* g, const float* x, const float* a, const float* b, const float* mean, int64_t r0,
-                    int64_t r1, int64_t C, double* t1, double* t2, float* b1, float* b2) {
-  for (int64_t start = r0; start < r1; start += BLOCK_ROWS) {
-    const int64_t end = std::min(r1, start + BLOCK_ROWS);
-    std::fill(b1, b1 + C, 0.f);
-    std::fill(b2, b2 + C, 0.f);
-    for (int64_t r = start; r < end; ++r) {
-      const float* gr = g + r * C;
-      const float* xr = x + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float gm = xr[c] * a[c] + b[c] > 0.f ? gr[c] : 0.f;
-        b1[c] += gm;
-        b2[c] += gm * (xr[c] - mean[c]);
-      }
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      t1[c] += b1[c];
-      t2[c] += b2[c];
     }
   }
 }
@@ -115,10 +99,6 @@ void grad_input_rows(const float* g, const float* x, const float* a, const float
       out[c] = gm + xr[c] * k1[c] + k0[c];
     }
   }
-}
-
-int64_t chunk_count(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows / BLOCK_ROWS + 1, 4 * at::get_num_threads()));
 }
 
 // A 5-D float32 CPU tensor in channels_last_3d: a (rows, C) matrix in memory.
@@ -140,21 +120,18 @@ std::vector<torch::Tensor> bnr_stats(torch::Tensor x) {
   check_rows(x, "x");
   const int64_t C = x.size(1), rows = x.numel() / C;
   auto shift = x.permute({0, 2, 3, 4, 1}).reshape({rows, C})[0].contiguous();
-  const int64_t chunks = chunk_count(rows);
-  auto opts = x.options().dtype(at::kDouble);
-  auto s1 = at::zeros({chunks, C}, opts), s2 = at::zeros({chunks, C}, opts);
   const float* xp = x.data_ptr<float>();
   const float* sp = shift.data_ptr<float>();
-  double* p1 = s1.data_ptr<double>();
-  double* p2 = s2.data_ptr<double>();
-  const int64_t per = (rows + chunks - 1) / chunks;
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<float> b1(C), b2(C);
-    for (int64_t k = k0; k < k1; ++k) {
-      stats_rows(xp, sp, k * per, std::min(rows, (k + 1) * per), C, p1 + k * C, p2 + k * C, b1.data(), b2.data());
+  auto sums = channel_sums(rows, C, x.options(), [&](int64_t r, float* b1, float* b2) {
+    const float* row = xp + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = row[c] - sp[c];
+      b1[c] += d;
+      b2[c] += d * d;
     }
   });
-  return {shift, s1.sum(0), s2.sum(0)};
+  return {shift, sums[0], sums[1]};
 }
 
 // max(x * a + b, 0), channels_last_3d.
@@ -180,22 +157,18 @@ std::vector<torch::Tensor> bnr_grad_sums(torch::Tensor g, torch::Tensor x, torch
   check_channels(a, C, "a");
   check_channels(b, C, "b");
   check_channels(mean, C, "mean");
-  const int64_t chunks = chunk_count(rows);
-  auto opts = x.options().dtype(at::kDouble);
-  auto t1 = at::zeros({chunks, C}, opts), t2 = at::zeros({chunks, C}, opts);
   const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>(), *ap = a.data_ptr<float>(),
               *bp = b.data_ptr<float>(), *mp = mean.data_ptr<float>();
-  double* p1 = t1.data_ptr<double>();
-  double* p2 = t2.data_ptr<double>();
-  const int64_t per = (rows + chunks - 1) / chunks;
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<float> b1(C), b2(C);
-    for (int64_t k = k0; k < k1; ++k) {
-      grad_sums_rows(gp, xp, ap, bp, mp, k * per, std::min(rows, (k + 1) * per), C, p1 + k * C, p2 + k * C,
-                     b1.data(), b2.data());
+  return channel_sums(rows, C, x.options(), [&](int64_t r, float* b1, float* b2) {
+    const float* gr = gp + r * C;
+    const float* xr = xp + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float gm = xr[c] * ap[c] + bp[c] > 0.f ? gr[c] : 0.f;
+      b1[c] += gm;
+      b2[c] += gm * (xr[c] - mp[c]);
     }
   });
-  return {t1.sum(0), t2.sum(0)};
 }
 
 // (x * a + b > 0 ? g * a : 0) + x * k1 + k0, channels_last_3d.
@@ -218,7 +191,7 @@ torch::Tensor bnr_grad_input(torch::Tensor g, torch::Tensor x, torch::Tensor a, 
 }
 """
 FUNCTIONS = ["bnr_stats", "bnr_apply", "bnr_grad_sums", "bnr_grad_input"]
-KERNEL = native.Extension("norm_act", 1, SOURCE, FUNCTIONS, "the BatchNorm-ReLU C++ kernel")
+KERNEL = native.Extension("norm_act", 2, SOURCE, FUNCTIONS, "the BatchNorm-ReLU C++ kernel")
 
 
 def fusable(norm: nn.Module, act: nn.Module, x: torch.Tensor) -> bool:

@@ -25,8 +25,9 @@ from psc_nas.ops import (
     families,
     implementation,
     make_spec,
+    tapconv,
 )
-from psc_nas.ops.cakes import taps_macs_ratio
+from psc_nas.ops.cakes import shape_mask
 
 
 def forward_backward(module: torch.nn.Module, x: torch.Tensor, upstream_seed: int) -> tuple[torch.Tensor, ...]:
@@ -89,22 +90,32 @@ def test_auto_runs_the_analytic_macs_or_the_merge_it_declares(op):
 
 
 @pytest.mark.parametrize(
-    ("cout", "allocation", "impl"),
+    ("cout", "allocation", "stride", "auto", "merged"),
     [
-        (16, None, "masked"),  # uniform, 3.3x the MACs, below 64 channels
-        (64, None, "planes"),  # uniform from 64 channels: 1.3x
-        (64, {"3x3x3": 60, "1x3x1": 4}, "masked"),  # nearly a full cube: 1.06x at any width
-        (32, {"1x1x3": 16, "1x3x1": 16}, "masked"),  # one 1x3x3 conv: 3x
-        (32, {"1x1x3": 10, "1x3x1": 11, "3x1x1": 11}, "planes"),  # 1D on every axis: masked 9x; planes is exact
-        (64, {"1x1x3": 32, "3x1x1": 32}, "planes"),
+        (16, None, 1, "taps", "masked"),  # uniform: thin groups, masked 3.3x the MACs
+        (28, None, 1, "taps", "masked"),  # a DenseNet3D slot
+        (64, None, 1, "taps", "planes"),  # uniform from 64 channels: planes 1.3x
+        (64, None, 2, "planes", "planes"),  # the kernel is stride 1
+        (28, {"3x3x3": 28}, 1, "masked", "masked"),  # a full cube: oneDNN's dense conv
+        (28, {"3x3x3": 24, "1x3x1": 4}, 1, "masked", "masked"),  # masked 1.15x: not worth the kernel
+        (64, {"3x3x3": 60, "1x3x1": 4}, 1, "masked", "masked"),  # nearly a full cube: 1.06x at any width
+        (32, {"1x1x3": 16, "1x3x1": 16}, 1, "masked", "masked"),  # 16-channel groups: one 1x3x3 conv, 3x
+        (32, {"1x1x3": 10, "1x3x1": 11, "3x1x1": 11}, 1, "taps", "planes"),  # 1D on every axis: planes is exact
+        (64, {"1x1x3": 32, "3x1x1": 32}, 1, "planes", "planes"),
     ],
 )
-def test_cakes_rule_picks_a_merge_only_within_its_measured_executed_mac_ratio(cout, allocation, impl):
-    spec = make_spec("cakes", 16, cout, **({"allocation": allocation} if allocation else {}))
-    assert spec.fast_impl() == impl
+def test_cakes_rule_picks_the_kernel_for_thin_groups_and_a_merge_within_its_measured_ratio(
+    cout, allocation, stride, auto, merged
+):
+    spec = make_spec("cakes", 16, cout, stride=stride, **({"allocation": allocation} if allocation else {}))
+    assert (spec.fast_impl(), spec.merged_impl()) == (auto, merged)
+    module = spec.build()
+    runs = "taps" if module.impl == "taps" else merged  # where the kernel cannot build, the merge runs
+    assert module.impl == (auto if tapconv.KERNEL.available() or auto != "taps" else merged)
     with FlopCounterMode(display=False) as counter:
-        spec.build()(torch.randn(1, 16, 4, 4, 4))
-    assert counter.get_total_flops() // 2 / spec.cost((4, 4, 4)).macs == pytest.approx(spec.executed_ratio(impl))
+        module(torch.randn(1, 16, 4, 4, 4))
+    executed = 1.0 if runs == "taps" else spec.executed_ratio(runs)
+    assert counter.get_total_flops() // 2 / spec.cost((4, 4, 4)).macs == pytest.approx(executed)
 
 
 @pytest.mark.parametrize(("impl", "executed_over_analytic"), [("masked", 27 / 9), ("planes", 81 / 63)])
@@ -116,18 +127,62 @@ def test_cakes_merges_execute_more_macs_than_the_analytic_cost(impl, executed_ov
     assert spec.executed_ratio(impl) == pytest.approx(executed_over_analytic)
 
 
-@pytest.mark.parametrize(
-    ("cin", "allocation", "size", "batch"),
-    [(7, None, (4, 4, 4), 1), (5, {"1x3x3": 3, "3x1x1": 2}, (5, 3, 6), 2), (4, {"3x3x3": 2, "1x1x3": 1}, (3, 5, 4), 3)],
-)
-def test_cakes_taps_executes_the_macs_it_reports(cin, allocation, size, batch):
-    spec = make_spec("cakes", cin, sum(allocation.values()) if allocation else cin, allocation=allocation)
+TAP_CASES = [
+    # (C_in, allocation, size, batch): chunks of 1-4 channels, every shape, planes narrower than a 64-position
+    # block and wider than several, a W of 2 (a tail that ends inside the next plane's padding), batch > 1
+    (5, {"1x1x3": 1, "3x3x3": 2, "1x3x3": 3}, (4, 5, 6), 2),
+    (9, {"1x1x3": 2, "1x3x1": 2, "3x1x1": 2, "1x3x3": 2, "3x1x3": 1, "3x3x1": 1, "3x3x3": 1}, (2, 3, 2), 3),
+    (3, {"3x1x1": 9, "1x3x3": 5}, (7, 9, 19), 1),
+    (17, {"3x3x1": 4, "3x3x3": 7}, (3, 2, 40), 2),
+]
+
+
+def cakes_weight(allocation, cin, generator):
+    weight = torch.randn(sum(allocation.values()), cin, 3, 3, 3, generator=generator, dtype=torch.float64)
+    mask = torch.cat(
+        [torch.tensor([shape_mask(s) >> t & 1 for t in range(27)]).repeat(n, 1) for s, n in allocation.items()]
+    )
+    return weight * mask.view(-1, 1, 3, 3, 3), mask.view(-1, 1, 3, 3, 3).double()
+
+
+@pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")
+@pytest.mark.parametrize(("cin", "allocation", "size", "batch"), TAP_CASES)
+def test_tap_conv_matches_a_float64_conv3d_of_the_masked_weight(cin, allocation, size, batch):
+    generator = torch.Generator().manual_seed(cin)
+    weight, mask = cakes_weight(allocation, cin, generator)
+    x = torch.randn(batch, cin, *size, generator=generator, dtype=torch.float64)
+    y_ref = torch.nn.functional.conv3d(x.requires_grad_(), weight.requires_grad_(), padding=1)
+    upstream = torch.randn(y_ref.shape, generator=generator, dtype=torch.float64)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, weight), upstream)
+    # the kernel's weight: the masked taps hold noise, which it must neither read nor give a gradient
+    noisy = (weight + (1 - mask) * 7).float().detach().requires_grad_()
+    x32 = x.detach().float().requires_grad_()
+    masks = [shape_mask(shape) for shape in allocation]
+    y = tapconv.tap_conv3d(x32, noisy, list(allocation.values()), masks)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    gx, gw = torch.autograd.grad(y, (x32, noisy), upstream.float())
+    for name, got, want in (("output", y, y_ref), ("input grad", gx, gx_ref), ("weight grad", gw, gw_ref * mask)):
+        scale = want.abs().max().item()
+        assert (got.double() - want).abs().max().item() <= 2e-6 * scale, name
+
+
+@pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")
+def test_cakes_taps_counts_exactly_the_analytic_macs_and_traces_as_plain_convs():
+    spec = make_spec("cakes", 7, 11)
+    module = spec.build("taps")
     with FlopCounterMode(display=False) as counter:
-        spec.build("taps")(torch.randn(batch, cin, *size))
-    executed = counter.get_total_flops() // 2
-    ratio = taps_macs_ratio(spec.allocation, size, batch)
-    assert executed == pytest.approx(ratio * batch * spec.cost(size).macs)
-    assert ratio > 1  # more than the analytic count: never the auto rule's choice
+        module(torch.randn(2, 7, 4, 5, 6))
+    assert counter.get_total_flops() // 2 == 2 * spec.cost((4, 5, 6)).macs
+    assert "psc_nas.tap_conv3d" in {str(op) for op in counter.get_flop_counts()["Global"]}
+    module.eval()
+    x = torch.randn(1, 7, 4, 4, 4)
+    traced = torch.jit.trace(module, x)  # a TorchScript file must load where psc-nas is not installed
+    assert "tap_conv3d" not in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x), module(x), rtol=1e-4, atol=1e-5)
+    strided = make_spec("cakes", 7, 11, stride=2).build("taps")  # the kernel is stride 1: exact convs instead
+    with FlopCounterMode(display=False) as counter:
+        strided(torch.randn(1, 7, 4, 4, 4))
+    assert "psc_nas.tap_conv3d" not in {str(op) for op in counter.get_flop_counts()["Global"]}
 
 
 def test_reference_can_be_forced_by_argument_or_environment(monkeypatch):
@@ -219,7 +274,7 @@ def test_csn_auto_runs_the_kernel_and_counts_exact_macs(op):
     assert "psc_nas.depthwise_conv3d" in {str(op) for op in counter.get_flop_counts()["Global"]}
 
 
-def test_without_the_kernel_depthwise_is_folded_with_no_error(tmp_path):
+def test_without_the_kernels_depthwise_is_folded_and_cakes_merged_with_no_error(tmp_path):
     # A machine without a compiler: PSC_NAS_NO_EXTENSIONS=1 makes available() False, as a failed build does.
     script = (
         "import torch\n"
@@ -229,6 +284,9 @@ def test_without_the_kernel_depthwise_is_folded_with_no_error(tmp_path):
         "x = torch.randn(2, 4, 5, 5, 5)\n"
         "assert m.impl == 'depthwise' and not m.kernel and not depthwise.KERNEL.available(), m.kernel\n"
         "assert torch.allclose(m(x), ref(x), atol=1e-5)\n"
+        "c = make_spec('cakes', 4, 8); mc = c.build(); rc = c.build('reference'); mc.load_state_dict(rc.state_dict())\n"
+        "assert c.fast_impl() == 'taps' and mc.impl == c.merged_impl() == 'masked', mc.impl\n"
+        "assert torch.allclose(mc(x), rc(x), atol=1e-5)\n"
         "print(depthwise.KERNEL.unavailable_reason())\n"
     )
     env = {**os.environ, native.DISABLE_VAR: "1", "PYTHONPATH": str(Path(__file__).parents[1])}

@@ -13,13 +13,12 @@ CAKES offers two merges that execute more MACs than it costs: ``masked`` (every 
 zero-padded to 3x3x3, one conv) and ``planes`` (1x1x3 into 1x3x3, 1x3x1 into 3x3x1, 3x1x1 into
 3x1x3: four convs instead of seven), 27/9 and 81/63 of the analytic MACs for a uniform allocation.
 
-``taps`` (stride 1 only; other strides run ``channels_last``) computes CAKES as one GEMM: the
-zero-padded channels_last input as (positions, 3·C_in) rows (each position beside its two W
-neighbours) times every (D, H) line of the cube's weights side by side, over only the output
-channels whose sub-kernel touches that line; each line's block of the product is then added to the
-output shifted by the line's row offset. It executes ``taps_macs_ratio`` of the analytic MACs
-(uniform: 1.79x at 32³, against ``masked``'s 3x) and measured slower than the seven convs
-(docs/benchmarks/ops.md), so no rule picks it.
+``taps`` runs psc-nas's tap-conv kernel (``tapconv.py``): one pass over the input executing exactly the analytic
+MACs, vectorised over positions, so thin groups cost what their MACs cost. The rule (``CakesSpec.fast_impl``) picks
+it at stride 1 where the groups are thin (fewer than 16 channels a shape on average: DenseNet3D's 28-channel slots)
+and a merge would execute at least 1.2x the MACs; otherwise, and where the kernel cannot build, ``merged_impl``'s
+pick runs. (Until 2026-12-05 ``taps`` was one GEMM over the cube's (D, H) lines, 1.79x the MACs and slower than
+the seven convs; the kernel replaced it.)
 """
 
 from __future__ import annotations
@@ -37,10 +36,11 @@ import torch.nn.functional as F
 
 from psc_nas.arch import BlockChoice, ConfigError, Slot
 from psc_nas.device import CPU_LAYOUT
+from psc_nas.ops import tapconv
 from psc_nas.ops._conv import ConvSpec
 from psc_nas.ops.base import OpSpec
 from psc_nas.ops.domain import Choice, OpDomain, Pick, as_list, check_keys
-from psc_nas.ops.fast import FastGraphConv, conv
+from psc_nas.ops.fast import FastGraphConv, conv, tracing
 from psc_nas.ops.graph import ConvGraph
 from psc_nas.ops.registry import OpFamily, register_family
 
@@ -51,6 +51,10 @@ SHAPE_DIMS = {"1D": SHAPES[:3], "2D": SHAPES[3:6], "3D": SHAPES[6:]}
 MASKED_MAX_RATIO = 3.5
 PLANES_MAX_RATIO = 1.5
 MERGE_WIDE_FROM = 64
+# Where the tap-conv kernel runs (``CakesSpec.fast_impl``): stride 1, groups narrower than this on average, and a
+# `masked` merge that would execute at least this many times the analytic MACs.
+TAPS_MAX_WIDTH = 16
+TAPS_MIN_RATIO = 1.2
 MAX_CAKES_QUANTA = 8  # 1/8 steps give C(14, 6) = 3003 allocations per decision; finer ones explode
 
 
@@ -100,164 +104,45 @@ class MergedCakesConv(FastGraphConv):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
-class TapCakesConv(FastGraphConv):
-    """CAKES as one GEMM over every (D, H) kernel line of a padded channels_last input (``taps``)."""
+class TapCakesConv(MergedCakesConv):
+    """CAKES on psc-nas's tap-conv kernel (``taps``, ``tapconv.py``): one pass over the input that executes
+    exactly the analytic MACs, each output channel over its own sub-kernel's taps. Stride 1, float32 on the CPU,
+    outside tracing and export, where the kernel builds; anything else runs what the rule would pick without it
+    (``CakesSpec.merged_impl``: ``masked``, ``planes`` or the exact per-shape convs), and where the kernel cannot
+    build at all the module says so: its ``impl`` is that fallback's name."""
 
     def __init__(self, spec: CakesSpec) -> None:
-        super().__init__(spec, "channels_last")
-        self.impl = "taps"
-        self.plan = line_plan(spec.allocation)
+        fallback = spec.merged_impl()
+        super().__init__(spec, fallback if fallback in self.GROUPS else "masked")
+        if fallback not in self.GROUPS:  # the exact convs: every shape its own group
+            self.impl, self.shape_groups = fallback, tuple((shape,) for shape in SHAPES)
+        self.kernel = tapconv.KERNEL.available()
+        if self.kernel:
+            self.impl = "taps"
+        self.counts = list(spec.allocation.values())
+        self.masks = [shape_mask(shape) for shape in spec.allocation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or self.spec.stride != (1, 1, 1) or x.dtype not in (torch.float32, torch.float64):
+        weight = self.convs[0].weight
+        if not self.kernel or self.spec.stride != (1, 1, 1) or not tapconv.supports(x, weight) or tracing():
             return super().forward(x)
         weight = torch.cat([pad_kernel(layer.weight, (3, 3, 3)) for layer in self.convs])
-        y = LineGemm.apply(x, weight, self.plan)
+        y = tapconv.tap_conv3d(x, weight, self.counts, self.masks)
         if self.convs[0].bias is not None:
             y = y + torch.cat([layer.bias for layer in self.convs]).view(1, -1, 1, 1, 1)
         return y
 
 
-@dataclass(frozen=True)
-class LinePlan:
-    """Per (D, H) line of the cube that some sub-kernel touches: its ``kd``, ``kh`` and the runs
-    ``(first, stop)`` of output channels (canonical order) whose sub-kernel touches it."""
-
-    lines: tuple[tuple[int, int, tuple[tuple[int, int], ...]], ...]
-
-    @property
-    def width(self) -> int:
-        """Columns of the one GEMM: every line's output channels side by side."""
-        return sum(stop - first for _, _, runs in self.lines for first, stop in runs)
-
-
-def line_plan(allocation: Mapping[str, int]) -> LinePlan:
-    bounds, start = [], 0
-    for shape, count in allocation.items():
-        bounds.append((shape, start, start + count))
-        start += count
-    lines = []
-    for kd in range(3):
-        for kh in range(3):
-            runs: list[list[int]] = []
-            for shape, first, stop in bounds:
-                if _covers(shape, kd, kh):
-                    if runs and runs[-1][1] == first:
-                        runs[-1][1] = stop
-                    else:
-                        runs.append([first, stop])
-            if runs:
-                lines.append((kd, kh, tuple((first, stop) for first, stop in runs)))
-    return LinePlan(tuple(lines))
-
-
-def _covers(shape: str, kd: int, kh: int) -> bool:
-    depth, height, _ = shape_kernel(shape)
-    return abs(kd - 1) <= depth // 2 and abs(kh - 1) <= height // 2
-
-
-def line_rows(shape: Sequence[int]) -> tuple[int, int, int, int]:
-    """For an (N, C, D, H, W) input: the padded-grid rows ``[first, stop)`` of the output, and the
-    row offsets of one step along D and along H in the padded (N·(D+2)·(H+2)·(W+2), C) matrix."""
-    n, _, depth, height, width = shape
-    row = width + 2
-    plane = (height + 2) * row
-    first = plane + row + 1  # padded position (n=0, 1, 1, 1)
-    stop = ((n - 1) * (depth + 2) + depth) * plane + height * row + width + 1  # (n-1, D, H, W) + 1
-    return first, stop, plane, row
-
-
-def taps_macs_ratio(allocation: Mapping[str, int], spatial: Sequence[int], batch: int = 1) -> float:
-    """MACs ``taps`` executes over the analytic MACs: its GEMM runs on the padded grid's rows from the first
-    interior position less one D and one H step to the last plus one, and on all three W taps of
-    every (D, H) line a sub-kernel touches."""
-    first, stop, plane, row = line_rows((batch, 1, *spatial))
-    rows = (stop - first + 2 * (plane + row)) / (batch * spatial[0] * spatial[1] * spatial[2])
-    executed = 3 * line_plan(allocation).width
-    analytic = sum(count * prod(shape_kernel(s)) for s, count in allocation.items())
-    return rows * executed / analytic
-
-
-def _padded_rows(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, D, H, W) -> zero-padded channels_last matrix (N·(D+2)·(H+2)·(W+2), C), contiguous."""
-    n, c, depth, height, width = x.shape
-    padded = x.new_zeros((n, depth + 2, height + 2, width + 2, c))
-    padded[:, 1:-1, 1:-1, 1:-1] = x.permute(0, 2, 3, 4, 1)
-    return padded.view(-1, c)
-
-
-def _interior(rows: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """The inverse of ``_padded_rows``: (N, C, D, H, W) channels_last_3d from padded-grid rows."""
-    n, _, depth, height, width = shape
-    grid = rows.view(n, depth + 2, height + 2, width + 2, -1)[:, 1:-1, 1:-1, 1:-1]
-    return grid.permute(0, 4, 1, 2, 3).contiguous(memory_format=CPU_LAYOUT)
-
-
-class LineGemm(torch.autograd.Function):
-    """y = CAKES conv of x by a zero-padded 3x3x3 ``weight`` (C_out, C_in, 3, 3, 3).
-
-    x becomes padded rows (positions × C_in), then ``wide`` rows (positions × 3·C_in: each row beside
-    its two W neighbours, one copy). One GEMM multiplies ``wide`` by every touched (D, H) line's
-    (3·C_in × its output channels) weights side by side, giving Z; the output adds, per line and run,
-    Z's block shifted by the line's row offset. Gradients: the same GEMM transposed, on a gradient
-    of Z that is those blocks of the output gradient put back at their offsets."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, plan: LinePlan) -> torch.Tensor:
-        first, stop, plane, row = line_rows(x.shape)
-        xrows = _padded_rows(x)
-        lo, hi = first - plane - row, stop + plane + row  # the rows any line reads
-        wide = torch.cat([xrows[lo - 1 : hi - 1], xrows[lo:hi], xrows[lo + 1 : hi + 1]], dim=1)
-        taps = weight.permute(2, 3, 4, 1, 0)  # (kd, kh, kw, C_in, C_out)
-        blocks = [taps[kd, kh, :, :, a:b].flatten(0, 1) for kd, kh, runs in plan.lines for a, b in runs]
-        z = torch.mm(wide, torch.cat(blocks, dim=1))
-        yrows = xrows.new_zeros((xrows.shape[0], weight.shape[0]))
-        out, column = yrows[first:stop], 0
-        for kd, kh, runs in plan.lines:
-            shift = first + (kd - 1) * plane + (kh - 1) * row - lo
-            for a, b in runs:
-                out[:, a:b] += z[shift : shift + stop - first, column : column + b - a]
-                column += b - a
-        ctx.save_for_backward(wide, weight)
-        ctx.plan, ctx.shape = plan, x.shape
-        return _interior(yrows, x.shape)
-
-    @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        wide, weight = ctx.saved_tensors
-        plan = ctx.plan
-        first, stop, plane, row = line_rows(ctx.shape)
-        lo = first - plane - row
-        grad_rows = _padded_rows(grad_y)[first:stop]  # zero on the padding: no gradient there
-        grad_z = wide.new_zeros((wide.shape[0], plan.width))
-        column = 0
-        for kd, kh, runs in plan.lines:
-            shift = first + (kd - 1) * plane + (kh - 1) * row - lo
-            for a, b in runs:
-                grad_z[shift : shift + stop - first, column : column + b - a] = grad_rows[:, a:b]
-                column += b - a
-        taps = weight.permute(2, 3, 4, 1, 0)
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            blocks = [taps[kd, kh, :, :, a:b].flatten(0, 1) for kd, kh, runs in plan.lines for a, b in runs]
-            grad_wide = torch.mm(grad_z, torch.cat(blocks, dim=1).t())
-            c_in = weight.shape[1]
-            n, _, depth, height, width = ctx.shape
-            grad_xrows = wide.new_zeros((n * (depth + 2) * (height + 2) * (width + 2), c_in))
-            span = grad_wide.shape[0]
-            for kw in range(3):  # wide row r holds x rows lo + r - 1 + kw
-                grad_xrows[lo - 1 + kw : lo - 1 + kw + span] += grad_wide[:, kw * c_in : (kw + 1) * c_in]
-            grad_x = _interior(grad_xrows, ctx.shape)
-        if ctx.needs_input_grad[1]:
-            grad_blocks = torch.mm(wide.t(), grad_z)  # (3·C_in, width)
-            grad_taps = weight.new_zeros(taps.shape)
-            column = 0
-            for kd, kh, runs in plan.lines:
-                for a, b in runs:
-                    grad_taps[kd, kh, :, :, a:b] = grad_blocks[:, column : column + b - a].view(3, -1, b - a)
-                    column += b - a
-            grad_weight = grad_taps.permute(4, 3, 0, 1, 2)
-        return grad_x, grad_weight, None
+def shape_mask(shape: str) -> int:
+    """The taps of a sub-kernel centred in the 3x3x3 cube, as bits ``a·9 + b·3 + c``."""
+    depth, height, width = shape_kernel(shape)
+    return sum(
+        1 << (a * 9 + b * 3 + c)
+        for a in range(3)
+        for b in range(3)
+        for c in range(3)
+        if abs(a - 1) <= depth // 2 and abs(b - 1) <= height // 2 and abs(c - 1) <= width // 2
+    )
 
 
 def bounding_kernel(kernels: Sequence[Sequence[int]]) -> tuple[int, int, int]:
@@ -325,6 +210,22 @@ class CakesSpec(OpSpec):
         return executed / sum(count * taps[shape] for shape, count in self.allocation.items())
 
     def fast_impl(self) -> str:
+        # psc-nas's tap-conv kernel executes the analytic MACs at 120-200 GF/s here, about oneDNN's dense rate,
+        # whatever the groups' widths; oneDNN runs thin groups far below it. Measured (docs/benchmarks/ops.md,
+        # 2026-12-05, AMD EPYC, training pass): uniform allocations (C/7 channels a shape) 1.2-2.3x faster than the
+        # best merge at C = 16-124, 8³-64³; three 2D shapes of 9-10 channels 1.2x faster than `planes`; but with
+        # groups of 16 channels or more the per-shape convs or a merge were as fast or faster (a full cube: `masked`
+        # 1.15x), so the kernel runs where the groups are thin and a merge would execute more than 1.2x the MACs.
+        if (
+            self.stride == (1, 1, 1)
+            and self.executed_ratio("masked") >= TAPS_MIN_RATIO
+            and self.out_channels / len(self.allocation) < TAPS_MAX_WIDTH
+        ):
+            return "taps"
+        return self.merged_impl()
+
+    def merged_impl(self) -> str:
+        """The rule without the tap-conv kernel (other strides, wide groups, a machine where it cannot build)."""
         # Seven (or fewer) thin convs of C/7 output channels each run far below oneDNN's speed, so a merge
         # that executes more MACs as fewer, wider convs is faster (docs/benchmarks/ops.md, uniform allocation,
         # fwd+bwd vs the tuned Conv3d, both CPUs measured): below 64 output channels `masked` (3.0x the

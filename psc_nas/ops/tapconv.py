@@ -1,0 +1,447 @@
+"""A 3x3x3-support conv whose output channels each use their own subset of the 27 taps, in exactly those MACs.
+
+CAKES gives every output channel a sub-kernel of the 3x3x3 cube (1x1x3 ... 3x3x3). oneDNN runs a conv fast only as
+one dense kernel, so the merged paths (``masked``, ``planes`` in cakes.py) execute up to 3x the MACs CAKES costs, and
+seven thin convs (4 output channels each in a DenseNet3D slot) run far below the machine's peak. This kernel executes
+the analytic MACs and nothing more, vectorised over positions instead of channels:
+
+- the input is packed once into zero-padded, channel-major volumes: (N, C, (D+2)·(H+2)·(W+2) + slack), so every tap
+  is a fixed offset ``(a-1)·plane + (b-1)·row + (c-1)`` along one flat axis;
+- an output *chunk* is up to 4 output channels that use the same taps; for each block of 64 consecutive padded
+  positions of one D plane it keeps 4 × 4 vector accumulators in registers and adds, for every input channel and
+  every tap the chunk uses, 4 vector loads (shifted) times 4 broadcast weights; positions in the padding are computed
+  and dropped (``(H+2)·(W+2) / (H·W)``-ish extra, 1.06x in a plane at 32³); results are stored straight into the
+  channels_last_3d output;
+- the input gradient is the same kernel on the packed output gradient with the roles swapped (chunks of 4 input
+  channels, each output channel a source with its taps mirrored);
+- the weight gradient: per D plane, per chunk, input channel and up to 6 of its taps, 6 × 4 vector accumulators over
+  the plane's positions, reduced into a per-thread copy of the packed weights.
+
+Stride 1, 'same' padding, float32, CPU. A ``TapPlan`` (cached per allocation, input channels and spatial size) holds
+the chunks, sources, tap offsets and the index maps between a (C_out, C_in, 3, 3, 3) weight and its packed form. The
+kernel is a ``psc_nas.native.Extension``: built once per machine; where it cannot build, callers keep their
+oneDNN paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from math import prod
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from psc_nas import native
+from psc_nas.device import CPU_LAYOUT
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kVectors = 4;                  // position vectors per output block
+constexpr int64_t kBlock = kLanes * kVectors;    // positions per output block
+constexpr int64_t kTapTile = 6;                  // taps per weight-gradient tile
+
+// The padded grid of one channel: row = W + 2, plane = (H + 2) * row; the interior of D plane d (1..D) is the run of
+// ``len`` positions from d * plane + row + 1 ((h, w) = (1, 1)) to (H, W); ``volume`` is a channel's stride.
+struct Grid {
+  int64_t N, D, H, W, row, plane, len, volume;
+  Grid(int64_t n, int64_t d, int64_t h, int64_t w, int64_t volume_)
+      : N(n), D(d), H(h), W(w), row(w + 2), plane((h + 2) * (w + 2)), len((h - 1) * (w + 2) + w), volume(volume_) {}
+  int64_t start(int64_t d) const { return d * plane + row + 1; }
+};
+
+// Chunks: (first output channel, K, first source, end source); sources: (channel, first tap, end tap, weight offset).
+struct Plan {
+  const int64_t* chunks;
+  const int64_t* sources;
+  const int64_t* offsets;
+};
+
+// y[c0 + k] at positions [p, p + kBlock) of one plane = sum over sources and their taps; stored into channels_last.
+template <int K>
+void block(const float* in, const float* w, const Plan& plan, const int64_t* chunk, const Grid& g, int64_t n,
+           int64_t d, int64_t i0, float* y, int64_t out_channels) {
+  v16 acc[K][kVectors];
+  for (int k = 0; k < K; ++k)
+    for (int v = 0; v < kVectors; ++v) acc[k][v] = v16{};
+  const int64_t p = g.start(d) + i0;
+  for (int64_t s = chunk[2]; s < chunk[3]; ++s) {
+    const int64_t* src = plan.sources + 4 * s;
+    const float* x = in + src[0] * g.volume + p;
+    const float* ws = w + src[3];
+    for (int64_t t = src[1]; t < src[2]; ++t, ws += K) {
+      const float* xt = x + plan.offsets[t];
+      v16 xv[kVectors];
+      for (int v = 0; v < kVectors; ++v) xv[v] = load(xt + kLanes * v);
+      for (int k = 0; k < K; ++k) {
+        const v16 wk = v16{} + ws[k];
+        for (int v = 0; v < kVectors; ++v) acc[k][v] += xv[v] * wk;
+      }
+    }
+  }
+  alignas(64) float out[K][kBlock];
+  for (int k = 0; k < K; ++k)
+    for (int v = 0; v < kVectors; ++v) store(&out[k][kLanes * v], acc[k][v]);
+  const int64_t stop = std::min(kBlock, g.len - i0);
+  float* base = y + (n * g.D + d - 1) * g.H * g.W * out_channels + chunk[0];
+  for (int64_t j = 0; j < stop; ++j) {
+    const int64_t i = i0 + j, h = i / g.row, c = i - h * g.row;
+    if (c >= g.W) continue;  // a padding column
+    float* o = base + (h * g.W + c) * out_channels;
+    for (int k = 0; k < K; ++k) o[k] = out[k][j];
+  }
+}
+
+}  // namespace
+
+// Zero-padded channel-major volumes (N, C, volume) of a channels_last_3d (N, C, D, H, W) tensor.
+torch::Tensor pack(torch::Tensor x, int64_t volume) {
+  TORCH_CHECK(x.dim() == 5 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast3d),
+              "pack: a float32 channels_last_3d 5-D tensor");
+  const int64_t N = x.size(0), C = x.size(1), D = x.size(2), H = x.size(3), W = x.size(4);
+  const Grid g(N, D, H, W, volume);
+  TORCH_CHECK(volume >= (D + 2) * g.plane, "pack: volume too small");
+  auto out = at::empty({N, C, volume}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, N * (D + 2), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / (D + 2), dd = task % (D + 2);
+      for (int64_t c = 0; c < C; ++c) {
+        float* o = dst + (n * C + c) * volume + dd * g.plane;
+        if (dd == 0 || dd == D + 1) {
+          std::memset(o, 0, sizeof(float) * (dd == 0 ? g.plane : volume - (D + 1) * g.plane));
+          continue;
+        }
+        std::memset(o, 0, sizeof(float) * (g.row + 1));
+        for (int64_t h = 1; h < H; ++h) o[h * g.row + W + 1] = o[h * g.row + W + 2] = 0.f;
+        std::memset(o + H * g.row + W + 1, 0, sizeof(float) * (g.row + 1));
+      }
+      if (dd == 0 || dd == D + 1) continue;
+      // 16 channels at a time over the whole plane (its input, H·W·C floats, stays in L2): each w reads one vector
+      // of channels and writes it to 16 channel rows, so only 16 output streams are open at once
+      const float* plane = src + (n * D + dd - 1) * H * W * C;
+      float* o = dst + n * C * volume + dd * g.plane + g.row + 1;
+      for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+        const int64_t lanes = std::min(kLanes, C - c0);
+        for (int64_t h = 0; h < H; ++h) {
+          const float* row = plane + h * W * C + c0;
+          float* oc = o + c0 * volume + h * g.row;
+          if (lanes == kLanes) {
+            for (int64_t w = 0; w < W; ++w) {
+              const v16 v = load(row + w * C);
+              for (int64_t j = 0; j < kLanes; ++j) oc[j * volume + w] = v[j];
+            }
+          } else {
+            for (int64_t w = 0; w < W; ++w)
+              for (int64_t j = 0; j < lanes; ++j) oc[j * volume + w] = row[w * C + j];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// y (channels_last_3d, out_channels) = the chunks' sums over packed ``in`` (N, S, volume).
+void conv(torch::Tensor in, torch::Tensor weights, torch::Tensor chunks, torch::Tensor sources, torch::Tensor offsets,
+          torch::Tensor y) {
+  const int64_t N = y.size(0), Co = y.size(1), D = y.size(2), H = y.size(3), W = y.size(4);
+  TORCH_CHECK(y.is_contiguous(at::MemoryFormat::ChannelsLast3d) && in.is_contiguous() && in.size(0) == N,
+              "conv: packed input and a channels_last_3d output");
+  const Grid g(N, D, H, W, in.size(2));
+  const Plan plan{chunks.data_ptr<int64_t>(), sources.data_ptr<int64_t>(), offsets.data_ptr<int64_t>()};
+  const int64_t nchunks = chunks.size(0), S = in.size(1);
+  const float* ip = in.data_ptr<float>();
+  const float* wp = weights.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // One task per D plane: each block of positions runs every chunk while its input rows are in L1/L2.
+  at::parallel_for(0, N * D, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t d = task % D + 1, n = task / D;
+      const float* x = ip + n * S * g.volume;
+      for (int64_t i0 = 0; i0 < g.len; i0 += kBlock) {
+        for (int64_t c = 0; c < nchunks; ++c) {
+          const int64_t* chunk = plan.chunks + 4 * c;
+          switch (chunk[1]) {
+            case 1: block<1>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
+            case 2: block<2>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
+            case 3: block<3>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
+            case 4: block<4>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
+            default: TORCH_CHECK(false, "conv: chunks of 1 to 4 channels");
+          }
+        }
+      }
+    }
+  });
+}
+
+namespace {
+
+// grad[w offset + t * K + k] += sum over the plane's positions of dy[c0 + k] * x[source][p + offset t], taps [t0, t1).
+template <int K>
+void weight_tile(const float* x, const float* dy, const int64_t* offsets, int64_t t0, int64_t t1, const Grid& g,
+                 int64_t p0, int64_t len, float* grad) {
+  v16 acc[kTapTile][K];
+  for (int t = 0; t < kTapTile; ++t)
+    for (int k = 0; k < K; ++k) acc[t][k] = v16{};
+  const int64_t taps = t1 - t0;
+  for (int64_t i = 0; i < len; i += kLanes) {
+    v16 mask = v16{} + 1.f;
+    if (i + kLanes > len)
+      for (int64_t l = len - i; l < kLanes; ++l) mask[l] = 0.f;
+    v16 dv[K];
+    for (int k = 0; k < K; ++k) dv[k] = load(dy + k * g.volume + p0 + i) * mask;
+    for (int t = 0; t < kTapTile; ++t) {
+      if (t >= taps) break;
+      const v16 xv = load(x + p0 + i + offsets[t0 + t]);
+      for (int k = 0; k < K; ++k) acc[t][k] += dv[k] * xv;
+    }
+  }
+  for (int t = 0; t < taps; ++t)
+    for (int k = 0; k < K; ++k) {
+      float sum = 0.f;
+      for (int l = 0; l < kLanes; ++l) sum += acc[t][k][l];
+      grad[t * K + k] += sum;
+    }
+}
+
+}  // namespace
+
+// The packed weights' gradient: sum over every plane of the chunks' products of packed dy and packed x.
+torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunks, torch::Tensor sources,
+                          torch::Tensor offsets, int64_t size, int64_t D, int64_t H, int64_t W) {
+  TORCH_CHECK(x.is_contiguous() && dy.is_contiguous() && x.size(2) == dy.size(2), "weight_grad: packed x and dy");
+  const int64_t N = x.size(0), S = x.size(1), Co = dy.size(1), nchunks = chunks.size(0);
+  const Grid g(N, D, H, W, x.size(2));
+  const int64_t* ch = chunks.data_ptr<int64_t>();
+  const int64_t* src = sources.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t threads = at::get_num_threads();
+  auto partial = at::zeros({threads, size}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* dp = dy.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  // A task is a run of `planes` consecutive D planes of one sample: from the first one's interior to the last one's,
+  // with the padding rows between them (zero in dy, so they add nothing), long enough that the tiles' final
+  // reductions cost little next to their sums in small planes.
+  const int64_t planes = std::max<int64_t>(1, std::min(D, 2048 / g.plane)), runs = (D + planes - 1) / planes;
+  at::parallel_for(0, N * runs, 1, [&](int64_t begin, int64_t end) {
+    float* grad = pp + at::get_thread_num() * size;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / runs, d0 = task % runs * planes + 1, d1 = std::min(D, d0 + planes - 1);
+      const int64_t p0 = g.start(d0), len = (d1 - d0) * g.plane + g.len;
+      for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t* chunk = ch + 4 * c;
+        const float* dyc = dp + (n * Co + chunk[0]) * g.volume;
+        for (int64_t s = chunk[2]; s < chunk[3]; ++s) {
+          const int64_t* sv = src + 4 * s;
+          const float* xs = xp + (n * S + sv[0]) * g.volume;
+          for (int64_t t0 = sv[1]; t0 < sv[2]; t0 += kTapTile) {
+            const int64_t t1 = std::min(t0 + kTapTile, sv[2]);
+            float* gt = grad + sv[3] + (t0 - sv[1]) * chunk[1];
+            switch (chunk[1]) {
+              case 1: weight_tile<1>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              case 2: weight_tile<2>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              case 3: weight_tile<3>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              case 4: weight_tile<4>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              default: TORCH_CHECK(false, "weight_grad: chunks of 1 to 4 channels");
+            }
+          }
+        }
+      }
+    }
+  });
+  return partial.sum(0);
+}
+"""
+
+KERNEL = native.Extension(
+    "psc_nas_tapconv", 3, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel"
+)
+CHUNK = 4  # output channels per chunk (the kernel's register tile)
+LANES_BLOCK = 64  # positions per output block: the slack a packed volume needs past its last plane
+
+
+@dataclass(frozen=True)
+class TapPlan:
+    """How one conv's channels and taps map onto the kernel, for one input size.
+
+    ``forward``/``backward``: (chunks, sources, offsets) of y from x and of dx from dy; ``forward_index`` /
+    ``backward_index``: for each packed weight, its position in the flat (C_out, C_in, 27) weight."""
+
+    volume: int
+    forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    forward_index: torch.Tensor
+    backward: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    backward_index: torch.Tensor
+
+
+def tap_offsets(taps: Sequence[int], spatial: Sequence[int], sign: int = 1) -> list[int]:
+    """Flat offsets in the padded grid of the cube's taps (index ``a·9 + b·3 + c``)."""
+    _, height, width = spatial
+    row, plane = width + 2, (height + 2) * (width + 2)
+    return [sign * ((t // 9 - 1) * plane + (t // 3 % 3 - 1) * row + (t % 3 - 1)) for t in taps]
+
+
+def packed_volume(spatial: Sequence[int]) -> int:
+    """A packed channel's length: the padded grid plus the slack a block may read past it, a multiple of 16."""
+    depth, height, width = spatial
+    plane = (height + 2) * (width + 2)
+    need = (depth + 2) * plane + 2 * LANES_BLOCK + (height + 2) + (width + 2)
+    return -(-need // 16) * 16
+
+
+@lru_cache(maxsize=256)
+def tap_plan(
+    groups: tuple[tuple[int, tuple[int, ...]], ...], in_channels: int, spatial: tuple[int, int, int]
+) -> TapPlan:
+    """``groups``: (output channels, taps) per run of output channels in order (a CAKES allocation's shapes)."""
+    offsets: list[int] = []
+    chunks: list[list[int]] = []
+    sources: list[list[int]] = []
+    index: list[int] = []
+    first = 0
+    for count, taps in groups:
+        t0 = len(offsets)
+        offsets += tap_offsets(taps, spatial)
+        for c0 in range(first, first + count, CHUNK):
+            k = min(CHUNK, first + count - c0)
+            s0 = len(sources)
+            for ci in range(in_channels):
+                sources.append([ci, t0, t0 + len(taps), len(index)])
+                index += [((c0 + j) * in_channels + ci) * 27 + t for t in taps for j in range(k)]
+            chunks.append([c0, k, s0, len(sources)])
+        first += count
+    forward = (_longs(chunks), _longs(sources), _longs(offsets))
+    # dx[ci] = sum over co of w[co, ci, t] dy[co] at the mirrored offset: chunks of input channels, output channels
+    # as sources, each with its own group's taps.
+    mirrored: list[int] = []
+    runs: list[tuple[int, int, int]] = []  # (first output channel, count, first mirrored tap), per group
+    first = 0
+    for count, taps in groups:
+        runs.append((first, count, len(mirrored)))
+        mirrored += tap_offsets(taps, spatial, sign=-1)
+        first += count
+    bchunks: list[list[int]] = []
+    bsources: list[list[int]] = []
+    bindex: list[int] = []
+    for c0 in range(0, in_channels, CHUNK):
+        k = min(CHUNK, in_channels - c0)
+        s0 = len(bsources)
+        for (first, count, t0), (_, taps) in zip(runs, groups):
+            for co in range(first, first + count):
+                bsources.append([co, t0, t0 + len(taps), len(bindex)])
+                bindex += [(co * in_channels + c0 + j) * 27 + t for t in taps for j in range(k)]
+        bchunks.append([c0, k, s0, len(bsources)])
+    backward = (_longs(bchunks), _longs(bsources), _longs(mirrored))
+    return TapPlan(packed_volume(spatial), forward, _longs(index), backward, _longs(bindex))
+
+
+def _longs(rows: Sequence[Any]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def tap_groups(counts: Sequence[int], masks: Sequence[int]) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """(output channels, taps) per group from counts and 27-bit tap masks (bit ``a·9 + b·3 + c``)."""
+    return tuple((count, tuple(t for t in range(27) if mask >> t & 1)) for count, mask in zip(counts, masks))
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel computes a conv of ``x`` by ``weight`` (any kernel within the 3x3x3 cube, zero-padded
+    to it by the caller): both float32 on the CPU, and the kernel built."""
+    return (
+        x.device.type == weight.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.dim() == 5
+        and KERNEL.available()
+    )
+
+
+def tap_conv3d(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], masks: Sequence[int]) -> torch.Tensor:
+    """Stride-1 'same' conv of ``x`` (N, C_in, D, H, W) by ``weight`` (C_out, C_in, 3, 3, 3) in which the
+    ``counts[i]`` output channels of group i sum only the taps of ``masks[i]`` (27-bit, bit ``a·9 + b·3 + c``);
+    channels_last_3d out. The weight's other taps are neither read nor given a gradient."""
+    return _tap_conv3d(x, weight, counts, masks)[0]
+
+
+@torch.library.custom_op("psc_nas::tap_conv3d", mutates_args=(), device_types="cpu")
+def _tap_conv3d(
+    x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], masks: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, packed x): the packed input is an output so that the backward reuses it instead of packing x again."""
+    module = KERNEL.module()
+    if module is None:
+        raise RuntimeError(f"the tap-conv C++ kernel is unavailable: {KERNEL.unavailable_reason()}")
+    x = x.contiguous(memory_format=CPU_LAYOUT)
+    plan = tap_plan(tap_groups(counts, masks), x.shape[1], tuple(x.shape[2:]))
+    y = torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, memory_format=CPU_LAYOUT)
+    packed = module.pack(x, plan.volume)
+    module.conv(packed, weight.reshape(-1)[plan.forward_index].contiguous(), *plan.forward, y)
+    return y, packed
+
+
+@_tap_conv3d.register_fake
+def _(
+    x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], masks: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y = x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(memory_format=CPU_LAYOUT)
+    return y, x.new_empty((x.shape[0], x.shape[1], packed_volume(tuple(x.shape[2:]))))
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, weight, counts, masks = inputs
+    ctx.save_for_backward(output[1], weight)
+    ctx.groups, ctx.shape = tap_groups(counts, masks), tuple(x.shape)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(
+    ctx: Any, grad_y: torch.Tensor, _grad_packed: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+    module = KERNEL.module()
+    packed_x, weight = ctx.saved_tensors
+    shape = ctx.shape
+    plan = tap_plan(ctx.groups, shape[1], shape[2:])
+    packed_dy = module.pack(grad_y.contiguous(memory_format=CPU_LAYOUT), plan.volume)
+    grad_x = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.empty(shape, dtype=grad_y.dtype, memory_format=CPU_LAYOUT)
+        module.conv(packed_dy, weight.reshape(-1)[plan.backward_index].contiguous(), *plan.backward, grad_x)
+    if ctx.needs_input_grad[1]:
+        size = plan.forward_index.numel()
+        packed = module.weight_grad(packed_x, packed_dy, *plan.forward, size, *shape[2:])
+        grad_weight = weight.new_zeros(weight.numel()).index_put_((plan.forward_index,), packed).view_as(weight)
+    return grad_x, grad_weight, None, None
+
+
+_tap_conv3d.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.psc_nas.tap_conv3d)
+def _flops(
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    counts: Sequence[int],
+    masks: Sequence[int],
+    *args: Any,
+    out_shape: Sequence[Sequence[int]],
+    **kw: Any,
+) -> int:
+    taps = sum(count * bin(mask).count("1") for count, mask in zip(counts, masks))
+    return 2 * prod(x_shape[2:]) * x_shape[0] * x_shape[1] * taps  # one MAC per input channel, tap and position

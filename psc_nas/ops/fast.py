@@ -16,7 +16,7 @@ whichever implementation ran. Implementations, by name (each executes exactly ``
   this implementation is exactly ``folded``.
 
 Which one ``build()`` runs by default is each family's measured rule (``OpSpec.fast_impl``); a family
-may offer more implementations of its own (CAKES: ``masked``, ``planes``, in ``cakes.py``).
+may offer more implementations of its own (CAKES: ``masked``, ``planes`` and ``taps``, in ``cakes.py``).
 
 Fast implementations return channels_last_3d tensors: converting back would cost a copy per op,
 and every torch op downstream accepts either layout with identical values. The paths were

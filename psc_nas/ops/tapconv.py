@@ -54,7 +54,9 @@ inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
 constexpr int64_t kLanes = 16;
 constexpr int64_t kVectors = 4;                  // position vectors per output block
 constexpr int64_t kBlock = kLanes * kVectors;    // positions per output block
-constexpr int64_t kTapTile = 6;                  // taps per weight-gradient tile
+// taps per weight-gradient tile: tile x K accumulators, K dy vectors and one x vector fit 32 registers
+template <int K>
+constexpr int64_t tap_tile() { return K <= 4 ? 6 : 4; }
 
 // The padded grid of one channel: row = W + 2, plane = (H + 2) * row; the interior of D plane d (1..D) is the run of
 // ``len`` positions from d * plane + row + 1 ((h, w) = (1, 1)) to (H, W); ``volume`` is a channel's stride.
@@ -183,7 +185,9 @@ void conv(torch::Tensor in, torch::Tensor weights, torch::Tensor chunks, torch::
             case 2: block<2>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
             case 3: block<3>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
             case 4: block<4>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
-            default: TORCH_CHECK(false, "conv: chunks of 1 to 4 channels");
+            case 5: block<5>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
+            case 6: block<6>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
+            default: TORCH_CHECK(false, "conv: chunks of 1 to 6 channels");
           }
         }
       }
@@ -197,8 +201,9 @@ namespace {
 template <int K>
 void weight_tile(const float* x, const float* dy, const int64_t* offsets, int64_t t0, int64_t t1, const Grid& g,
                  int64_t p0, int64_t len, float* grad) {
-  v16 acc[kTapTile][K];
-  for (int t = 0; t < kTapTile; ++t)
+  constexpr int64_t kTile = tap_tile<K>();
+  v16 acc[kTile][K];
+  for (int t = 0; t < kTile; ++t)
     for (int k = 0; k < K; ++k) acc[t][k] = v16{};
   const int64_t taps = t1 - t0;
   for (int64_t i = 0; i < len; i += kLanes) {
@@ -207,7 +212,7 @@ void weight_tile(const float* x, const float* dy, const int64_t* offsets, int64_
       for (int64_t l = len - i; l < kLanes; ++l) mask[l] = 0.f;
     v16 dv[K];
     for (int k = 0; k < K; ++k) dv[k] = load(dy + k * g.volume + p0 + i) * mask;
-    for (int t = 0; t < kTapTile; ++t) {
+    for (int t = 0; t < kTile; ++t) {
       if (t >= taps) break;
       const v16 xv = load(x + p0 + i + offsets[t0 + t]);
       for (int k = 0; k < K; ++k) acc[t][k] += dv[k] * xv;
@@ -252,15 +257,18 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
         for (int64_t s = chunk[2]; s < chunk[3]; ++s) {
           const int64_t* sv = src + 4 * s;
           const float* xs = xp + (n * S + sv[0]) * g.volume;
-          for (int64_t t0 = sv[1]; t0 < sv[2]; t0 += kTapTile) {
-            const int64_t t1 = std::min(t0 + kTapTile, sv[2]);
+          const int64_t tile = chunk[1] <= 4 ? 6 : 4;  // tap_tile<K>()
+          for (int64_t t0 = sv[1]; t0 < sv[2]; t0 += tile) {
+            const int64_t t1 = std::min(t0 + tile, sv[2]);
             float* gt = grad + sv[3] + (t0 - sv[1]) * chunk[1];
             switch (chunk[1]) {
               case 1: weight_tile<1>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
               case 2: weight_tile<2>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
               case 3: weight_tile<3>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
               case 4: weight_tile<4>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
-              default: TORCH_CHECK(false, "weight_grad: chunks of 1 to 4 channels");
+              case 5: weight_tile<5>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              case 6: weight_tile<6>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              default: TORCH_CHECK(false, "weight_grad: chunks of 1 to 6 channels");
             }
           }
         }
@@ -272,9 +280,9 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
 """
 
 KERNEL = native.Extension(
-    "psc_nas_tapconv", 3, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel"
+    "psc_nas_tapconv", 7, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel"
 )
-CHUNK = 4  # output channels per chunk (the kernel's register tile)
+CHUNK = 6  # the most output channels in a chunk (the kernel's register tile: 6 x 4 vectors)
 LANES_BLOCK = 64  # positions per output block: the slack a packed volume needs past its last plane
 
 
@@ -320,8 +328,7 @@ def tap_plan(
     for count, taps in groups:
         t0 = len(offsets)
         offsets += tap_offsets(taps, spatial)
-        for c0 in range(first, first + count, CHUNK):
-            k = min(CHUNK, first + count - c0)
+        for c0, k in chunked(first, count):
             s0 = len(sources)
             for ci in range(in_channels):
                 sources.append([ci, t0, t0 + len(taps), len(index)])
@@ -341,8 +348,7 @@ def tap_plan(
     bchunks: list[list[int]] = []
     bsources: list[list[int]] = []
     bindex: list[int] = []
-    for c0 in range(0, in_channels, CHUNK):
-        k = min(CHUNK, in_channels - c0)
+    for c0, k in chunked(0, in_channels):
         s0 = len(bsources)
         for (first, count, t0), (_, taps) in zip(runs, groups):
             for co in range(first, first + count):
@@ -351,6 +357,15 @@ def tap_plan(
         bchunks.append([c0, k, s0, len(bsources)])
     backward = (_longs(bchunks), _longs(bsources), _longs(mirrored))
     return TapPlan(packed_volume(spatial), forward, _longs(index), backward, _longs(bindex))
+
+
+def chunked(first: int, count: int) -> list[tuple[int, int]]:
+    """``count`` channels from ``first`` as (first, size) chunks of at most ``CHUNK``, as even as possible (9 as 5 + 4,
+    not 6 + 3 or 4 + 4 + 1: a thin chunk runs its loads for fewer multiply-adds)."""
+    pieces = -(-count // CHUNK)
+    base, extra = divmod(count, pieces)
+    sizes = [base + (1 if i < extra else 0) for i in range(pieces)]
+    return [(first + sum(sizes[:i]), size) for i, size in enumerate(sizes)]
 
 
 def _longs(rows: Sequence[Any]) -> torch.Tensor:

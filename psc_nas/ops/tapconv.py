@@ -206,12 +206,14 @@ void weight_tile(const float* x, const float* dy, const int64_t* offsets, int64_
   for (int t = 0; t < kTile; ++t)
     for (int k = 0; k < K; ++k) acc[t][k] = v16{};
   const int64_t taps = t1 - t0;
+  const int64_t full = len / kLanes * kLanes;
   for (int64_t i = 0; i < len; i += kLanes) {
-    v16 mask = v16{} + 1.f;
-    if (i + kLanes > len)
-      for (int64_t l = len - i; l < kLanes; ++l) mask[l] = 0.f;
     v16 dv[K];
-    for (int k = 0; k < K; ++k) dv[k] = load(dy + k * g.volume + p0 + i) * mask;
+    for (int k = 0; k < K; ++k) dv[k] = load(dy + k * g.volume + p0 + i);
+    if (i >= full) {  // the last, partial vector: lanes past the run count nothing
+      for (int64_t l = len - i; l < kLanes; ++l)
+        for (int k = 0; k < K; ++k) dv[k][l] = 0.f;
+    }
     for (int t = 0; t < kTile; ++t) {
       if (t >= taps) break;
       const v16 xv = load(x + p0 + i + offsets[t0 + t]);
@@ -280,7 +282,7 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
 """
 
 KERNEL = native.Extension(
-    "psc_nas_tapconv", 7, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel"
+    "psc_nas_tapconv", 8, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel"
 )
 CHUNK = 6  # the most output channels in a chunk (the kernel's register tile: 6 x 4 vectors)
 LANES_BLOCK = 64  # positions per output block: the slack a packed volume needs past its last plane

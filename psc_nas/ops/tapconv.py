@@ -7,15 +7,16 @@ the analytic MACs and nothing more, vectorised over positions instead of channel
 
 - the input is packed once into zero-padded, channel-major volumes: (N, C, (D+2)·(H+2)·(W+2) + slack), so every tap
   is a fixed offset ``(a-1)·plane + (b-1)·row + (c-1)`` along one flat axis;
-- an output *chunk* is up to 4 output channels that use the same taps; for each block of 64 consecutive padded
-  positions of one D plane it keeps 4 × 4 vector accumulators in registers and adds, for every input channel and
-  every tap the chunk uses, 4 vector loads (shifted) times 4 broadcast weights; positions in the padding are computed
-  and dropped (``(H+2)·(W+2) / (H·W)``-ish extra, 1.06x in a plane at 32³); results are stored straight into the
-  channels_last_3d output;
-- the input gradient is the same kernel on the packed output gradient with the roles swapped (chunks of 4 input
+- an output *chunk* is up to 6 output channels that use the same taps (a group split as evenly as possible); for
+  each block of 64 consecutive padded positions of one D plane it keeps 6 × 4 vector accumulators in registers and
+  adds, for every input channel and every tap the chunk uses, 4 vector loads (shifted) times the broadcast weights;
+  positions in the padding columns are computed and dropped (1.06x in a plane at 32³); results are stored straight
+  into the channels_last_3d output;
+- the input gradient is the same kernel on the packed output gradient with the roles swapped (chunks of input
   channels, each output channel a source with its taps mirrored);
-- the weight gradient: per D plane, per chunk, input channel and up to 6 of its taps, 6 × 4 vector accumulators over
-  the plane's positions, reduced into a per-thread copy of the packed weights.
+- the weight gradient: per run of D planes (one at 32³, more in small planes), chunk, input channel and tile of 4-6
+  of its taps, tile × chunk vector accumulators over the run's positions, reduced into a per-thread copy of the
+  packed weights.
 
 Stride 1, 'same' padding, float32, CPU. A ``TapPlan`` (cached per allocation, input channels and spatial size) holds
 the chunks, sources, tap offsets and the index maps between a (C_out, C_in, 3, 3, 3) weight and its packed form. The

@@ -128,42 +128,63 @@ def test_cakes_merges_execute_more_macs_than_the_analytic_cost(impl, executed_ov
 
 
 TAP_CASES = [
-    # (C_in, allocation, size, batch): chunks of 1-4 channels, every shape, planes narrower than a 64-position
-    # block and wider than several, a W of 2 (a tail that ends inside the next plane's padding), batch > 1
-    (5, {"1x1x3": 1, "3x3x3": 2, "1x3x3": 3}, (4, 5, 6), 2),
-    (9, {"1x1x3": 2, "1x3x1": 2, "3x1x1": 2, "1x3x3": 2, "3x1x3": 1, "3x3x1": 1, "3x3x3": 1}, (2, 3, 2), 3),
-    (3, {"3x1x1": 9, "1x3x3": 5}, (7, 9, 19), 1),
-    (17, {"3x3x1": 4, "3x3x3": 7}, (3, 2, 40), 2),
+    # (C_in, allocation, size, batch, groups): chunks of 1-6 channels, every shape, planes narrower than a 64-position
+    # block and wider than several, a W of 2 (a tail that ends inside the next plane's padding), batch > 1, grouped
+    # convs (csn_ir's C_in != C_out; a run of taps across conv groups)
+    (5, {"1x1x3": 1, "3x3x3": 2, "1x3x3": 3}, (4, 5, 6), 2, 1),
+    (9, {"1x1x3": 2, "1x3x1": 2, "3x1x1": 2, "1x3x3": 2, "3x1x3": 1, "3x3x1": 1, "3x3x3": 1}, (2, 3, 2), 3, 1),
+    (3, {"3x1x1": 9, "1x3x3": 5}, (7, 9, 19), 1, 1),
+    (17, {"3x3x1": 4, "3x3x3": 7}, (3, 2, 40), 2, 1),
+    (12, {"3x3x3": 8}, (5, 4, 6), 2, 4),
+    (6, {"1x3x3": 3, "3x3x3": 6}, (3, 5, 2), 1, 3),
 ]
 
 
 def cakes_weight(allocation, cin, generator):
     weight = torch.randn(sum(allocation.values()), cin, 3, 3, 3, generator=generator, dtype=torch.float64)
-    mask = torch.cat(
-        [torch.tensor([shape_mask(s) >> t & 1 for t in range(27)]).repeat(n, 1) for s, n in allocation.items()]
-    )
+    rows = [
+        torch.tensor([shape_mask(shape) >> t & 1 for t in range(27)]).repeat(n, 1) for shape, n in allocation.items()
+    ]
+    mask = torch.cat(rows)
     return weight * mask.view(-1, 1, 3, 3, 3), mask.view(-1, 1, 3, 3, 3).double()
 
 
 @pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")
-@pytest.mark.parametrize(("cin", "allocation", "size", "batch"), TAP_CASES)
-def test_tap_conv_matches_a_float64_conv3d_of_the_masked_weight(cin, allocation, size, batch):
+@pytest.mark.parametrize(("cin", "allocation", "size", "batch", "groups"), TAP_CASES)
+def test_tap_conv_matches_a_float64_conv3d_of_the_masked_weight(cin, allocation, size, batch, groups):
     generator = torch.Generator().manual_seed(cin)
-    weight, mask = cakes_weight(allocation, cin, generator)
+    weight, mask = cakes_weight(allocation, cin // groups, generator)
     x = torch.randn(batch, cin, *size, generator=generator, dtype=torch.float64)
-    y_ref = torch.nn.functional.conv3d(x.requires_grad_(), weight.requires_grad_(), padding=1)
+    y_ref = torch.nn.functional.conv3d(x.requires_grad_(), weight.requires_grad_(), padding=1, groups=groups)
     upstream = torch.randn(y_ref.shape, generator=generator, dtype=torch.float64)
     gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, weight), upstream)
     # the kernel's weight: the masked taps hold noise, which it must neither read nor give a gradient
     noisy = (weight + (1 - mask) * 7).float().detach().requires_grad_()
     x32 = x.detach().float().requires_grad_()
     masks = [shape_mask(shape) for shape in allocation]
-    y = tapconv.tap_conv3d(x32, noisy, list(allocation.values()), masks)
+    y = tapconv.tap_conv3d(x32, noisy, list(allocation.values()), masks, groups)
     assert y.is_contiguous(memory_format=torch.channels_last_3d)
     gx, gw = torch.autograd.grad(y, (x32, noisy), upstream.float())
     for name, got, want in (("output", y, y_ref), ("input grad", gx, gx_ref), ("weight grad", gw, gw_ref * mask)):
         scale = want.abs().max().item()
         assert (got.double() - want).abs().max().item() <= 2e-6 * scale, name
+
+
+@pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")
+def test_thin_grouped_csn_runs_the_tap_kernel_from_16_cubed_with_exact_macs_and_traces_plain():
+    spec = make_spec("csn_ir", 12, 8)  # groups = gcd = 4: 2 output channels a group
+    module = spec.build()
+    assert module.impl == "depthwise" and module.taps and not module.kernel
+    for size, runs in (((16, 16, 16), True), ((8, 8, 8), False)):
+        with FlopCounterMode(display=False) as counter:
+            module(torch.randn(2, 12, *size))
+        assert counter.get_total_flops() // 2 == 2 * spec.cost(size).macs
+        assert ("psc_nas.tap_conv3d" in {str(op) for op in counter.get_flop_counts()["Global"]}) == runs
+    module.eval()
+    x = torch.randn(1, 12, 16, 16, 16)
+    traced = torch.jit.trace(module, x)
+    assert "tap_conv3d" not in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x), module(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")
@@ -287,6 +308,7 @@ def test_without_the_kernels_depthwise_is_folded_and_cakes_merged_with_no_error(
         "c = make_spec('cakes', 4, 8); mc = c.build(); rc = c.build('reference'); mc.load_state_dict(rc.state_dict())\n"
         "assert c.fast_impl() == 'taps' and mc.impl == c.merged_impl() == 'masked', mc.impl\n"
         "assert torch.allclose(mc(x), rc(x), atol=1e-5)\n"
+        "assert not make_spec('csn_ir', 12, 8).build().taps\n"
         "print(depthwise.KERNEL.unavailable_reason())\n"
     )
     env = {**os.environ, native.DISABLE_VAR: "1", "PYTHONPATH": str(Path(__file__).parents[1])}

@@ -11,9 +11,12 @@ whichever implementation ran. Implementations, by name (each executes exactly ``
   beat its 3D ones for these shapes (1×3×3, 1×1×3, 1×3×1, 1×1×1).
 - ``depthwise``: ``folded``, and every depthwise conv (groups = channels, no bias) of a training
   step runs ``depthwise.depthwise_conv3d``: oneDNN's forward with a backward of psc-nas's C++
-  kernel (inference, tracing and export run the plain conv: same forward, portable graphs). The
-  kernel is built (or loaded from the cache) when such a module is built; where it cannot be,
-  this implementation is exactly ``folded``.
+  kernel (inference, tracing and export run the plain conv: same forward, portable graphs); every
+  thin grouped 3x3x3 conv (stride 1, no bias, fewer than 16 output channels a group: csn_ir where
+  C_in ≠ C_out, e.g. DenseNet3D's C → 28 layers in 4 groups) on an input of at least 16³ runs
+  ``tapconv.tap_conv3d``, forward and backward, in training and inference (not tracing or export). The
+  kernels are built (or loaded from the cache) when such a module is built; where they cannot be, this
+  implementation is exactly ``folded``.
 
 Which one ``build()`` runs by default is each family's measured rule (``OpSpec.fast_impl``); a family
 may offer more implementations of its own (CAKES: ``masked``, ``planes`` and ``taps``, in ``cakes.py``).
@@ -33,13 +36,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from psc_nas.device import CPU_LAYOUT
-from psc_nas.ops import depthwise
+from psc_nas.ops import depthwise, tapconv
 from psc_nas.ops.graph import GraphConv
 
 if TYPE_CHECKING:
     from psc_nas.ops.base import Op
 
 EXACT_IMPLS = ("reference", "channels_last", "folded", "depthwise")
+# Output channels a group below which a grouped conv runs the tap-conv kernel (docs/benchmarks/ops.md: DenseNet3D's
+# csn_ir convs, 7 outputs a group, 1.1-1.5x faster per training pass, 1.4-2.2x forward than oneDNN's grouped conv).
+THIN_GROUP = 16
+# ... and only on inputs of at least 16³ positions: at 8³ (C = 208 → 28) oneDNN's was 1.3-1.5x faster.
+TAPS_MIN_POSITIONS = 16**3
 
 
 class FastGraphConv(GraphConv):
@@ -51,8 +59,9 @@ class FastGraphConv(GraphConv):
         super().__init__(spec)
         self.impl = impl
         self.fold = impl in ("folded", "depthwise")
-        # Build (once per machine) or load the kernel now, not inside the first timed forward.
+        # Build (once per machine) or load the kernels now, not inside the first timed forward.
         self.kernel = impl == "depthwise" and has_depthwise_conv(spec) and depthwise.KERNEL.available()
+        self.taps = impl == "depthwise" and has_thin_grouped_conv(spec) and tapconv.KERNEL.available()
 
     def run_conv(self, layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -63,6 +72,14 @@ class FastGraphConv(GraphConv):
             and depthwise.supports(layer.weight, layer.bias, layer.groups, layer.padding)
         ):
             return depthwise.depthwise_conv3d(x, layer.weight, list(layer.stride))
+        if (
+            self.taps
+            and x[0, 0].numel() >= TAPS_MIN_POSITIONS
+            and thin_grouped(layer)
+            and tapconv.supports(x, layer.weight)
+            and not tracing()
+        ):
+            return tapconv.tap_conv3d(x, layer.weight, [layer.out_channels], [tapconv.CUBE], layer.groups)
         return conv(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.groups, self.fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +118,33 @@ def has_depthwise_conv(spec: Op) -> bool:
     return any(
         node.conv.groups == node.conv.in_channels == node.conv.out_channels and not node.conv.bias
         for node in spec.graph().nodes
+    )
+
+
+def has_thin_grouped_conv(spec: Op) -> bool:
+    """Whether some conv of ``spec`` is a grouped (not depthwise) 3x3x3 conv the tap-conv kernel runs."""
+    return any(
+        1 < c.groups
+        and not c.groups == c.in_channels == c.out_channels
+        and c.out_channels // c.groups < THIN_GROUP
+        and c.kernel == (3, 3, 3)
+        and c.stride == (1, 1, 1)
+        and not c.bias
+        for c in (node.conv for node in spec.graph().nodes)
+    )
+
+
+def thin_grouped(layer: nn.Conv3d) -> bool:
+    """The module-level test of ``has_thin_grouped_conv`` (a conv of a graph op, 'same' padding)."""
+    groups = layer.groups
+    return (
+        1 < groups
+        and not groups == layer.in_channels == layer.out_channels
+        and layer.out_channels // groups < THIN_GROUP
+        and tuple(layer.kernel_size) == (3, 3, 3)
+        and tuple(layer.stride) == (1, 1, 1)
+        and tuple(layer.padding) == (1, 1, 1)
+        and layer.bias is None
     )
 
 

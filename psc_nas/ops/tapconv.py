@@ -285,6 +285,7 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
 KERNEL = native.Extension(
     "psc_nas_tapconv", 8, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel"
 )
+CUBE = (1 << 27) - 1  # every tap of the 3x3x3 cube
 CHUNK = 6  # the most output channels in a chunk (the kernel's register tile: 6 x 4 vectors)
 LANES_BLOCK = 64  # positions per output block: the slack a packed volume needs past its last plane
 
@@ -320,44 +321,53 @@ def packed_volume(spatial: Sequence[int]) -> int:
 
 @lru_cache(maxsize=256)
 def tap_plan(
-    groups: tuple[tuple[int, tuple[int, ...]], ...], in_channels: int, spatial: tuple[int, int, int]
+    groups: tuple[tuple[int, tuple[int, ...]], ...],
+    in_channels: int,
+    spatial: tuple[int, int, int],
+    conv_groups: int = 1,
 ) -> TapPlan:
-    """``groups``: (output channels, taps) per run of output channels in order (a CAKES allocation's shapes)."""
+    """``groups``: (output channels, taps) per run of output channels in order (a CAKES allocation's shapes);
+    ``conv_groups``: the conv's ``groups`` (output channel co reads only the input channels of its group)."""
+    out_channels = sum(count for count, _ in groups)
+    per_in, per_out = in_channels // conv_groups, out_channels // conv_groups
     offsets: list[int] = []
+    mirrored: list[int] = []
+    taps_of: list[tuple[int, tuple[int, ...]]] = []  # per output channel: (first offset, its taps)
+    for count, taps in groups:
+        taps_of += [(len(offsets), taps)] * count
+        offsets += tap_offsets(taps, spatial)
+        mirrored += tap_offsets(taps, spatial, sign=-1)
     chunks: list[list[int]] = []
     sources: list[list[int]] = []
     index: list[int] = []
-    first = 0
-    for count, taps in groups:
-        t0 = len(offsets)
-        offsets += tap_offsets(taps, spatial)
-        for c0, k in chunked(first, count):
-            s0 = len(sources)
-            for ci in range(in_channels):
-                sources.append([ci, t0, t0 + len(taps), len(index)])
-                index += [((c0 + j) * in_channels + ci) * 27 + t for t in taps for j in range(k)]
-            chunks.append([c0, k, s0, len(sources)])
-        first += count
-    forward = (_longs(chunks), _longs(sources), _longs(offsets))
-    # dx[ci] = sum over co of w[co, ci, t] dy[co] at the mirrored offset: chunks of input channels, output channels
-    # as sources, each with its own group's taps.
-    mirrored: list[int] = []
-    runs: list[tuple[int, int, int]] = []  # (first output channel, count, first mirrored tap), per group
-    first = 0
-    for count, taps in groups:
-        runs.append((first, count, len(mirrored)))
-        mirrored += tap_offsets(taps, spatial, sign=-1)
-        first += count
     bchunks: list[list[int]] = []
     bsources: list[list[int]] = []
     bindex: list[int] = []
-    for c0, k in chunked(0, in_channels):
-        s0 = len(bsources)
-        for (first, count, t0), (_, taps) in zip(runs, groups):
-            for co in range(first, first + count):
+    for group in range(conv_groups):
+        outs, ins = range(group * per_out, (group + 1) * per_out), range(group * per_in, (group + 1) * per_in)
+        first = outs.start  # y: chunks of output channels that share their taps, the group's inputs as sources
+        while first < outs.stop:
+            stop = first
+            while stop < outs.stop and taps_of[stop] == taps_of[first]:
+                stop += 1
+            t0, taps = taps_of[first]
+            for c0, k in chunked(first, stop - first):
+                s0 = len(sources)
+                for ci in ins:
+                    sources.append([ci, t0, t0 + len(taps), len(index)])
+                    index += [((c0 + j) * per_in + ci - ins.start) * 27 + t for t in taps for j in range(k)]
+                chunks.append([c0, k, s0, len(sources)])
+            first = stop
+        # dx[ci] = sum over the group's co of w[co, ci, t] dy[co] at the mirrored offset: chunks of input
+        # channels, output channels as sources, each with its own taps
+        for c0, k in chunked(ins.start, len(ins)):
+            s0 = len(bsources)
+            for co in outs:
+                t0, taps = taps_of[co]
                 bsources.append([co, t0, t0 + len(taps), len(bindex)])
-                bindex += [(co * in_channels + c0 + j) * 27 + t for t in taps for j in range(k)]
-        bchunks.append([c0, k, s0, len(bsources)])
+                bindex += [(co * per_in + c0 - ins.start + j) * 27 + t for t in taps for j in range(k)]
+            bchunks.append([c0, k, s0, len(bsources)])
+    forward = (_longs(chunks), _longs(sources), _longs(offsets))
     backward = (_longs(bchunks), _longs(bsources), _longs(mirrored))
     return TapPlan(packed_volume(spatial), forward, _longs(index), backward, _longs(bindex))
 
@@ -391,23 +401,26 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def tap_conv3d(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], masks: Sequence[int]) -> torch.Tensor:
-    """Stride-1 'same' conv of ``x`` (N, C_in, D, H, W) by ``weight`` (C_out, C_in, 3, 3, 3) in which the
-    ``counts[i]`` output channels of group i sum only the taps of ``masks[i]`` (27-bit, bit ``a·9 + b·3 + c``);
-    channels_last_3d out. The weight's other taps are neither read nor given a gradient."""
-    return _tap_conv3d(x, weight, counts, masks)[0]
+def tap_conv3d(
+    x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], masks: Sequence[int], groups: int = 1
+) -> torch.Tensor:
+    """Stride-1 'same' conv of ``x`` (N, C_in, D, H, W) by ``weight`` (C_out, C_in / groups, 3, 3, 3) in which the
+    ``counts[i]`` output channels of run i sum only the taps of ``masks[i]`` (27-bit, bit ``a·9 + b·3 + c``), each
+    over its conv group's input channels (``groups`` as in ``F.conv3d``); channels_last_3d out. The weight's other
+    taps are neither read nor given a gradient."""
+    return _tap_conv3d(x, weight, counts, masks, groups)[0]
 
 
 @torch.library.custom_op("psc_nas::tap_conv3d", mutates_args=(), device_types="cpu")
 def _tap_conv3d(
-    x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], masks: Sequence[int]
+    x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], masks: Sequence[int], groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, packed x): the packed input is an output so that the backward reuses it instead of packing x again."""
     module = KERNEL.module()
     if module is None:
         raise RuntimeError(f"the tap-conv C++ kernel is unavailable: {KERNEL.unavailable_reason()}")
     x = x.contiguous(memory_format=CPU_LAYOUT)
-    plan = tap_plan(tap_groups(counts, masks), x.shape[1], tuple(x.shape[2:]))
+    plan = tap_plan(tap_groups(counts, masks), x.shape[1], tuple(x.shape[2:]), groups)
     y = torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, memory_format=CPU_LAYOUT)
     packed = module.pack(x, plan.volume)
     module.conv(packed, weight.reshape(-1)[plan.forward_index].contiguous(), *plan.forward, y)
@@ -416,26 +429,26 @@ def _tap_conv3d(
 
 @_tap_conv3d.register_fake
 def _(
-    x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], masks: Sequence[int]
+    x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], masks: Sequence[int], groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y = x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(memory_format=CPU_LAYOUT)
     return y, x.new_empty((x.shape[0], x.shape[1], packed_volume(tuple(x.shape[2:]))))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    x, weight, counts, masks = inputs
+    x, weight, counts, masks, groups = inputs
     ctx.save_for_backward(output[1], weight)
-    ctx.groups, ctx.shape = tap_groups(counts, masks), tuple(x.shape)
+    ctx.runs, ctx.groups, ctx.shape = tap_groups(counts, masks), groups, tuple(x.shape)
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(
     ctx: Any, grad_y: torch.Tensor, _grad_packed: torch.Tensor | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
     module = KERNEL.module()
     packed_x, weight = ctx.saved_tensors
     shape = ctx.shape
-    plan = tap_plan(ctx.groups, shape[1], shape[2:])
+    plan = tap_plan(ctx.runs, shape[1], shape[2:], ctx.groups)
     packed_dy = module.pack(grad_y.contiguous(memory_format=CPU_LAYOUT), plan.volume)
     grad_x = grad_weight = None
     if ctx.needs_input_grad[0]:
@@ -445,7 +458,7 @@ def _backward(
         size = plan.forward_index.numel()
         packed = module.weight_grad(packed_x, packed_dy, *plan.forward, size, *shape[2:])
         grad_weight = weight.new_zeros(weight.numel()).index_put_((plan.forward_index,), packed).view_as(weight)
-    return grad_x, grad_weight, None, None
+    return grad_x, grad_weight, None, None, None
 
 
 _tap_conv3d.register_autograd(_backward, setup_context=_setup_context)
@@ -457,9 +470,10 @@ def _flops(
     w_shape: Sequence[int],
     counts: Sequence[int],
     masks: Sequence[int],
+    groups: int,
     *args: Any,
     out_shape: Sequence[Sequence[int]],
     **kw: Any,
 ) -> int:
     taps = sum(count * bin(mask).count("1") for count, mask in zip(counts, masks))
-    return 2 * prod(x_shape[2:]) * x_shape[0] * x_shape[1] * taps  # one MAC per input channel, tap and position
+    return 2 * prod(x_shape[2:]) * x_shape[0] * x_shape[1] // groups * taps  # a MAC per group input, tap, position

@@ -78,10 +78,10 @@ class MergedCakesConv(FastGraphConv):
         "planes": (("1x1x3", "1x3x3"), ("1x3x1", "3x3x1"), ("3x1x1", "3x1x3"), ("3x3x3",)),
     }
 
-    def __init__(self, spec: CakesSpec, impl: str) -> None:
+    def __init__(self, spec: CakesSpec, impl: str, shape_groups: tuple[tuple[str, ...], ...] | None = None) -> None:
         super().__init__(spec, "folded")
         self.impl = impl
-        self.shape_groups = self.GROUPS[impl]
+        self.shape_groups = self.GROUPS[impl] if shape_groups is None else shape_groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -112,10 +112,8 @@ class TapCakesConv(MergedCakesConv):
     build at all the module says so: its ``impl`` is that fallback's name."""
 
     def __init__(self, spec: CakesSpec) -> None:
-        fallback = spec.merged_impl()
-        super().__init__(spec, fallback if fallback in self.GROUPS else "masked")
-        if fallback not in self.GROUPS:  # the exact convs: every shape its own group
-            self.impl, self.shape_groups = fallback, tuple((shape,) for shape in SHAPES)
+        fallback = spec.merged_impl()  # a merge, or the exact convs: every shape its own group
+        super().__init__(spec, fallback, self.GROUPS.get(fallback, tuple((shape,) for shape in SHAPES)))
         self.kernel = tapconv.KERNEL.available()
         if self.kernel:
             self.impl = "taps"

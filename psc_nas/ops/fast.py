@@ -61,7 +61,7 @@ class FastGraphConv(GraphConv):
         self.fold = impl in ("folded", "depthwise")
         # Build (once per machine) or load the kernels now, not inside the first timed forward.
         self.kernel = impl == "depthwise" and has_depthwise_conv(spec) and depthwise.KERNEL.available()
-        self.taps = impl == "depthwise" and has_thin_grouped_conv(spec) and tapconv.KERNEL.available()
+        self.taps = impl == "depthwise" and any(map(thin_grouped, self.convs)) and tapconv.KERNEL.available()
 
     def run_conv(self, layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -74,7 +74,7 @@ class FastGraphConv(GraphConv):
             return depthwise.depthwise_conv3d(x, layer.weight, list(layer.stride))
         if (
             self.taps
-            and x[0, 0].numel() >= TAPS_MIN_POSITIONS
+            and x.shape[2:].numel() >= TAPS_MIN_POSITIONS
             and thin_grouped(layer)
             and tapconv.supports(x, layer.weight)
             and not tracing()
@@ -121,21 +121,9 @@ def has_depthwise_conv(spec: Op) -> bool:
     )
 
 
-def has_thin_grouped_conv(spec: Op) -> bool:
-    """Whether some conv of ``spec`` is a grouped (not depthwise) 3x3x3 conv the tap-conv kernel runs."""
-    return any(
-        1 < c.groups
-        and not c.groups == c.in_channels == c.out_channels
-        and c.out_channels // c.groups < THIN_GROUP
-        and c.kernel == (3, 3, 3)
-        and c.stride == (1, 1, 1)
-        and not c.bias
-        for c in (node.conv for node in spec.graph().nodes)
-    )
-
-
 def thin_grouped(layer: nn.Conv3d) -> bool:
-    """The module-level test of ``has_thin_grouped_conv`` (a conv of a graph op, 'same' padding)."""
+    """Whether ``layer`` is a grouped (not depthwise) 3x3x3 conv the tap-conv kernel runs: stride 1, 'same'
+    padding, no bias, fewer than ``THIN_GROUP`` output channels a group."""
     groups = layer.groups
     return (
         1 < groups

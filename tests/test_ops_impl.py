@@ -137,6 +137,9 @@ TAP_CASES = [
     (17, {"3x3x1": 4, "3x3x3": 7}, (3, 2, 40), 2, 1),
     (12, {"3x3x3": 8}, (5, 4, 6), 2, 4),
     (6, {"1x3x3": 3, "3x3x3": 6}, (3, 5, 2), 1, 3),
+    # 16 input channels (one whole transposed block in the pack), W = 33 (two blocks and one position), D = 7 in
+    # weight-gradient runs of 3 planes (3 + 3 + 1)
+    (16, {"3x3x3": 3, "1x3x3": 3, "1x1x3": 2}, (7, 6, 33), 2, 1),
 ]
 
 
@@ -168,6 +171,18 @@ def test_tap_conv_matches_a_float64_conv3d_of_the_masked_weight(cin, allocation,
     for name, got, want in (("output", y, y_ref), ("input grad", gx, gx_ref), ("weight grad", gw, gw_ref * mask)):
         scale = want.abs().max().item()
         assert (got.double() - want).abs().max().item() <= 2e-6 * scale, name
+
+
+@pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")
+@pytest.mark.parametrize(("channels", "size"), [(33, (3, 4, 35)), (16, (2, 17, 16)), (5, (2, 3, 18))])
+def test_pack_is_the_zero_padded_channel_major_volume(channels, size):
+    # channels: two transposed blocks of 16 and one left over, one block, none; W: whole blocks of 16 and a rest
+    x = torch.randn(2, channels, *size).contiguous(memory_format=torch.channels_last_3d)
+    volume = tapconv.packed_volume(size)
+    packed = tapconv.KERNEL.module().pack(x, volume)
+    padded = torch.nn.functional.pad(x.contiguous(), (1, 1, 1, 1, 1, 1)).flatten(2)
+    assert torch.equal(packed[..., : padded.shape[2]], padded)
+    assert not packed[..., padded.shape[2] :].any()
 
 
 @pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")

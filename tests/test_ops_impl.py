@@ -92,19 +92,25 @@ def test_auto_runs_the_analytic_macs_or_the_merge_it_declares(op):
 @pytest.mark.parametrize(
     ("cout", "allocation", "stride", "auto", "merged"),
     [
-        (16, None, 1, "taps", "masked"),  # uniform: thin groups, masked 3.3x the MACs
+        (16, None, 1, "taps", "masked"),  # uniform: thin groups (oneDNN pads 2-3 channels to 16), masked 3.3x
         (28, None, 1, "taps", "masked"),  # a DenseNet3D slot
         (64, None, 1, "taps", "planes"),  # uniform from 64 channels: planes 1.3x
         (64, None, 2, "planes", "planes"),  # the kernel is stride 1
         (28, {"3x3x3": 28}, 1, "masked", "masked"),  # a full cube: oneDNN's dense conv
         (28, {"3x3x3": 24, "1x3x1": 4}, 1, "masked", "masked"),  # masked 1.15x: not worth the kernel
         (64, {"3x3x3": 60, "1x3x1": 4}, 1, "masked", "masked"),  # nearly a full cube: 1.06x at any width
-        (32, {"1x1x3": 16, "1x3x1": 16}, 1, "masked", "masked"),  # 16-channel groups: one 1x3x3 conv, 3x
         (32, {"1x1x3": 10, "1x3x1": 11, "3x1x1": 11}, 1, "taps", "planes"),  # 1D on every axis: planes is exact
-        (64, {"1x1x3": 32, "3x1x1": 32}, 1, "planes", "planes"),
+        # groups of whole blocks of 16 channels (oneDNN pads by at most 1.2x): the per-shape convs, at any stride
+        (32, {"1x1x3": 16, "1x3x1": 16}, 1, "channels_last", "channels_last"),
+        (64, {"1x1x3": 32, "3x1x1": 32}, 1, "channels_last", "channels_last"),
+        (32, {"1x3x3": 16, "3x3x1": 16}, 2, "channels_last", "channels_last"),
+        (28, {"3x3x3": 14, "1x3x3": 14}, 1, "channels_last", "channels_last"),  # 16/14: padded 1.14x
+        (64, {"3x3x3": 48, "1x1x3": 16}, 1, "channels_last", "channels_last"),
+        (48, {"3x3x3": 24, "1x3x3": 24}, 1, "taps", "masked"),  # 24 channels run as 32: padded 1.33x
+        (64, {"1x3x3": 22, "3x1x3": 21, "3x3x1": 21}, 1, "taps", "planes"),  # wide but ragged: 1.5x
     ],
 )
-def test_cakes_rule_picks_the_kernel_for_thin_groups_and_a_merge_within_its_measured_ratio(
+def test_cakes_rule_picks_the_kernel_the_exact_convs_or_a_merge_by_padding_and_executed_macs(
     cout, allocation, stride, auto, merged
 ):
     spec = make_spec("cakes", 16, cout, stride=stride, **({"allocation": allocation} if allocation else {}))
@@ -114,7 +120,7 @@ def test_cakes_rule_picks_the_kernel_for_thin_groups_and_a_merge_within_its_meas
     assert module.impl == (auto if tapconv.KERNEL.available() or auto != "taps" else merged)
     with FlopCounterMode(display=False) as counter:
         module(torch.randn(1, 16, 4, 4, 4))
-    executed = 1.0 if runs == "taps" else spec.executed_ratio(runs)
+    executed = 1.0 if runs in ("taps", "channels_last") else spec.executed_ratio(runs)
     assert counter.get_total_flops() // 2 / spec.cost((4, 4, 4)).macs == pytest.approx(executed)
 
 
@@ -200,6 +206,28 @@ def test_thin_grouped_csn_runs_the_tap_kernel_from_16_cubed_with_exact_macs_and_
     traced = torch.jit.trace(module, x)
     assert "tap_conv3d" not in str(traced.inlined_graph)
     torch.testing.assert_close(traced(x), module(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")
+@pytest.mark.parametrize(
+    ("allocation", "size", "runs"),
+    [
+        ({"3x3x3": 21, "1x1x3": 7}, (8, 8, 8), False),  # groups of 7-21 below 16³: the exact per-shape convs
+        ({"3x3x3": 21, "1x1x3": 7}, (16, 16, 16), True),
+        (None, (8, 8, 8), True),  # uniform 28: groups of 4, the kernel at any size
+    ],
+)
+def test_cakes_taps_runs_the_exact_convs_below_16_cubed_unless_the_groups_are_thin(allocation, size, runs):
+    spec = make_spec("cakes", 12, 28, **({"allocation": allocation} if allocation else {}))
+    module, reference = spec.build(), spec.build("reference")
+    assert module.impl == "taps"
+    module.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 12, *size)
+    with FlopCounterMode(display=False) as counter:
+        y = module(x)
+    assert counter.get_total_flops() // 2 == 2 * spec.cost(size).macs
+    assert ("psc_nas.tap_conv3d" in {str(op) for op in counter.get_flop_counts()["Global"]}) == runs
+    torch.testing.assert_close(y, reference(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")

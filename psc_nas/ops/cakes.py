@@ -15,10 +15,11 @@ zero-padded to 3x3x3, one conv) and ``planes`` (1x1x3 into 1x3x3, 1x3x1 into 3x3
 
 ``taps`` runs psc-nas's tap-conv kernel (``tapconv.py``): one pass over the input executing exactly the analytic
 MACs, vectorised over positions, so thin groups cost what their MACs cost. The rule (``CakesSpec.fast_impl``) picks
-it at stride 1 where the groups are thin (fewer than 16 channels a shape on average: DenseNet3D's 28-channel slots)
-and a merge would execute at least 1.2x the MACs; otherwise, and where the kernel cannot build, ``merged_impl``'s
-pick runs. (Until 2026-12-05 ``taps`` was one GEMM over the cube's (D, H) lines, 1.79x the MACs and slower than
-the seven convs; the kernel replaced it.)
+it at stride 1 where oneDNN would pad the groups' convs by more than 1.2x (it computes output channels 16 at a time:
+DenseNet3D's 4-channel groups run as 16) and a merge would execute at least 1.2x the MACs; groups of (nearly) whole
+blocks of 16 run as the exact per-shape convs (``channels_last``); otherwise, and where the kernel cannot build,
+``merged_impl``'s pick runs. (Until 2026-12-05 ``taps`` was one GEMM over the cube's (D, H) lines, 1.79x the MACs
+and slower than the seven convs; the kernel replaced it.)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from psc_nas.ops import tapconv
 from psc_nas.ops._conv import ConvSpec
 from psc_nas.ops.base import OpSpec
 from psc_nas.ops.domain import Choice, OpDomain, Pick, as_list, check_keys
-from psc_nas.ops.fast import FastGraphConv, conv, tracing
+from psc_nas.ops.fast import TAPS_MIN_POSITIONS, FastGraphConv, conv, tracing
 from psc_nas.ops.graph import ConvGraph
 from psc_nas.ops.registry import OpFamily, register_family
 
@@ -51,10 +52,16 @@ SHAPE_DIMS = {"1D": SHAPES[:3], "2D": SHAPES[3:6], "3D": SHAPES[6:]}
 MASKED_MAX_RATIO = 3.5
 PLANES_MAX_RATIO = 1.5
 MERGE_WIDE_FROM = 64
-# Where the tap-conv kernel runs (``CakesSpec.fast_impl``): stride 1, groups narrower than this on average, and a
-# `masked` merge that would execute at least this many times the analytic MACs.
-TAPS_MAX_WIDTH = 16
-TAPS_MIN_RATIO = 1.2
+# Below this executed/analytic ratio `masked` is nearly the allocation's own conv (a full cube, or one with a few 1D
+# or 2D channels) and runs; from it the tap-conv kernel (stride 1) or the per-shape convs may (``CakesSpec.fast_impl``).
+MASKED_NEAR_RATIO = 1.2
+# oneDNN's convs compute output channels in blocks of 16 (AVX-512's floats): a group of 4 costs what 16 do. Where the
+# per-shape convs' padded MACs are at most 1.2x the analytic ones, they run at oneDNN's full rate and are the
+# fastest path (the kernel runs at ~0.85 of it).
+ONEDNN_BLOCK = 16
+EXACT_MAX_PADDING = 1.2
+# ... and below 16³ input positions only for groups oneDNN would pad at least this much (groups of at most 5)
+SMALL_TAPS_MIN_PADDING = 3.0
 MAX_CAKES_QUANTA = 8  # 1/8 steps give C(14, 6) = 3003 allocations per decision; finer ones explode
 
 
@@ -114,16 +121,24 @@ class TapCakesConv(MergedCakesConv):
     def __init__(self, spec: CakesSpec) -> None:
         fallback = spec.merged_impl()  # a merge, or the exact convs: every shape its own group
         super().__init__(spec, fallback, self.GROUPS.get(fallback, tuple((shape,) for shape in SHAPES)))
+        self.fold = fallback != "channels_last"  # the exact convs as the `channels_last` impl runs them
         self.kernel = tapconv.KERNEL.available()
         if self.kernel:
             self.impl = "taps"
         self.counts = list(spec.allocation.values())
         self.masks = [shape_mask(shape) for shape in spec.allocation]
+        # Below 16³ positions (8³: DenseNet3D's deepest stage) the kernel's 64-position blocks are half padding:
+        # there it ran 1.17-1.64x slower than the exact per-shape convs for groups of 7-21 channels (padded ratio
+        # 1.35-2.29), and 1.6x faster only for thin ones (a uniform 28: 4.0). docs/benchmarks/ops-cakes-rule.md.
+        self.small_exact = spec.padded_ratio() < SMALL_TAPS_MIN_PADDING
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.convs[0].weight
         if not self.kernel or self.spec.stride != (1, 1, 1) or not tapconv.supports(x, weight) or tracing():
             return super().forward(x)
+        if self.small_exact and x.shape[2:].numel() < TAPS_MIN_POSITIONS:
+            x = x.contiguous(memory_format=CPU_LAYOUT)
+            return torch.cat([conv(x, c.weight, c.bias, c.stride, c.padding, 1, False) for c in self.convs], dim=1)
         weight = torch.cat([pad_kernel(layer.weight, (3, 3, 3)) for layer in self.convs])
         y = tapconv.tap_conv3d(x, weight, self.counts, self.masks)
         if self.convs[0].bias is not None:
@@ -207,23 +222,40 @@ class CakesSpec(OpSpec):
                 executed += bound * sum(self.allocation[shape] for shape in present)
         return executed / sum(count * taps[shape] for shape, count in self.allocation.items())
 
+    def padded_ratio(self) -> float:
+        """MACs oneDNN's per-shape convs execute over the analytic cost: each group's output channels rounded up to
+        whole blocks of ``ONEDNN_BLOCK`` (a uniform allocation of 28: 16/4 = 4.0; groups of 32 and 16: 1.0)."""
+        analytic = padded = 0
+        for shape, count in self.allocation.items():
+            taps = prod(shape_kernel(shape))
+            analytic += taps * count
+            padded += taps * -(-count // ONEDNN_BLOCK) * ONEDNN_BLOCK
+        return padded / analytic
+
     def fast_impl(self) -> str:
-        # psc-nas's tap-conv kernel executes the analytic MACs at 120-200 GF/s here, about oneDNN's dense rate,
-        # whatever the groups' widths; oneDNN runs thin groups far below it. Measured (docs/benchmarks/ops.md,
-        # 2026-12-05, AMD EPYC, training pass): uniform allocations (C/7 channels a shape) 1.2-2.3x faster than the
-        # best merge at C = 16-124, 8³-64³; three 2D shapes of 9-10 channels 1.2x faster than `planes`; but with
-        # groups of 16 channels or more the per-shape convs or a merge were as fast or faster (a full cube: `masked`
-        # 1.15x), so the kernel runs where the groups are thin and a merge would execute more than 1.2x the MACs.
+        # psc-nas's tap-conv kernel executes the analytic MACs at 120-200 GF/s here, about 0.85 of oneDNN's dense
+        # rate, whatever the groups' widths; oneDNN pads thin groups to blocks of 16 channels. Measured
+        # (docs/benchmarks/ops.md, 2026-12-05, AMD EPYC, training pass): uniform allocations (C/7 channels a shape)
+        # 1.2-2.3x faster than the best merge at C = 16-124, 8³-64³; three 2D shapes of 21-22 channels 1.26x faster
+        # than the per-shape convs; groups of 24 + 24 or 40 + 24 1.03-1.06x; but where the groups are whole blocks
+        # (16 + 16, 32 + 32, 48 + 16, four of 16, seven of 16) or 14 + 14 channels the per-shape convs were as fast
+        # or up to 1.14x faster than the kernel (merged_impl), and a nearly full cube runs `masked`.
         if (
             self.stride == (1, 1, 1)
-            and self.executed_ratio("masked") >= TAPS_MIN_RATIO
-            and self.out_channels / len(self.allocation) < TAPS_MAX_WIDTH
+            and self.executed_ratio("masked") >= MASKED_NEAR_RATIO
+            and self.padded_ratio() > EXACT_MAX_PADDING
         ):
             return "taps"
         return self.merged_impl()
 
     def merged_impl(self) -> str:
-        """The rule without the tap-conv kernel (other strides, wide groups, a machine where it cannot build)."""
+        """The rule without the tap-conv kernel (other strides, groups of whole blocks, a machine where it cannot
+        build)."""
+        # Groups of (nearly) whole blocks of 16 channels: the per-shape convs at oneDNN's full rate, 1.2-2.1x faster
+        # than the old rule's `masked` / `planes` at stride 1 and 2 (32 = 16 + 16 and 64 = 32 + 32 in 2D, 1D and
+        # mixed shapes, ops.md 2026-12-05); unless `masked` executes under 1.2x (a nearly full cube: one conv).
+        if self.executed_ratio("masked") >= MASKED_NEAR_RATIO and self.padded_ratio() <= EXACT_MAX_PADDING:
+            return "channels_last"
         # Seven (or fewer) thin convs of C/7 output channels each run far below oneDNN's speed, so a merge
         # that executes more MACs as fewer, wider convs is faster (docs/benchmarks/ops.md, uniform allocation,
         # fwd+bwd vs the tuned Conv3d, both CPUs measured): below 64 output channels `masked` (3.0x the

@@ -35,12 +35,13 @@ from psc_nas import native  # noqa: E402
 from psc_nas.memory import keep_freed_memory  # noqa: E402
 
 
-def kernel_source(ref: str) -> str:
+def kernel_source(ref: str, module: str = "psc_nas/ops/depthwise.py") -> str:
+    """The ``SOURCE`` string of a kernel's module: the file ``ref``, or ``module`` at the git revision ``ref``."""
     path = Path(ref)
     if path.suffix == ".py" and path.exists():
         text = path.read_text()
     else:
-        text = subprocess.check_output(["git", "-C", str(ROOT), "show", f"{ref}:psc_nas/ops/depthwise.py"], text=True)
+        text = subprocess.check_output(["git", "-C", str(ROOT), "show", f"{ref}:{module}"], text=True)
     start = text.index('SOURCE = r"""') + len('SOURCE = r"""')
     return text[start : text.index('"""', start)]
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from depthwise_ab import kernel_source  # noqa: E402  (benchmarks/depthwise_ab.py: a kernel's SOURCE at a revision)
+
 from psc_nas import native  # noqa: E402
 from psc_nas.memory import keep_freed_memory  # noqa: E402
 from psc_nas.ops import tapconv  # noqa: E402
@@ -37,16 +38,6 @@ from psc_nas.ops.cakes import shape_mask, uniform_allocation  # noqa: E402
 
 DEFAULT_CASES = ["16:16:32:2", "32:32:32:2", "64:64:32:2", "16:16:64:2", "32:32:64:2", "64:64:64:2"]
 DEFAULT_CASES += ["40:28:32:4", "124:28:32:4", "124:28:32:4:4"]
-
-
-def kernel_source(ref: str) -> str:
-    path = Path(ref)
-    if path.suffix == ".py" and path.exists():
-        text = path.read_text()
-    else:
-        text = subprocess.check_output(["git", "-C", str(ROOT), "show", f"{ref}:psc_nas/ops/tapconv.py"], text=True)
-    start = text.index('SOURCE = r"""') + len('SOURCE = r"""')
-    return text[start : text.index('"""', start)]
 
 
 def best_ms(fn, repeats: int = 1) -> float:
@@ -71,7 +62,9 @@ def main() -> None:
     for version in args.versions:
         tag, _, ref = version.partition("=")
         functions = ["pack", "conv", "weight_grad"]
-        kernels[tag] = native.Extension(f"tapconv_ab_{tag}", 1, kernel_source(ref), functions, tag)
+        kernels[tag] = native.Extension(
+            f"tapconv_ab_{tag}", 1, kernel_source(ref, "psc_nas/ops/tapconv.py"), functions, tag
+        )
         if kernels[tag].module() is None:
             raise SystemExit(f"{tag}: {kernels[tag].unavailable_reason()}")
     tags = list(kernels)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 DISABLE_VAR = "PSC_NAS_NO_EXTENSIONS"
+EXTENSIONS: dict[str, Extension] = {}  # every kernel by stem, as its module defines it (``psc_nas.ops`` imports all)
 
 
 def build_flags() -> list[str]:
@@ -49,6 +50,7 @@ class Extension:
         self._module: Any | None = None
         self._seconds: float | None = None
         self._error: str | None = None
+        EXTENSIONS[stem] = self
 
     @property
     def name(self) -> str:

@@ -324,9 +324,7 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
 }
 """
 
-KERNEL = native.Extension(
-    "psc_nas_tapconv", 9, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel"
-)
+KERNEL = native.Extension("tapconv", 9, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
 CUBE = (1 << 27) - 1  # every tap of the 3x3x3 cube
 CHUNK = 6  # the most output channels in a chunk (the kernel's register tile: 6 x 4 vectors)
 LANES_BLOCK = 64  # positions per output block: the slack a packed volume needs past its last plane

@@ -1,0 +1,62 @@
+"""Build psc-nas's C++ kernels now rather than on first use: ``python -m psc_nas.kernels``.
+
+Each kernel (``psc_nas.native.Extension``: ``depthwise.py``, ``norm_act.py``, ``tapconv.py``) otherwise builds the
+first time a process needs it, inside whatever that process is timing: on a fresh machine the three builds took 77 s
+of a default search's pre-screen (2026-12-05), time its retraining then lacked. ``./dev`` runs this module when it
+sets up ``.venv``, so a first search finds them built. Every kernel builds in its own process, as many at once as
+there are CPUs; each prints its build line, and a machine without a compiler (or ``PSC_NAS_NO_EXTENSIONS=1``) prints
+why a kernel is unavailable and still exits 0: PyTorch's own ops run there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from psc_nas import native
+
+# run in a child process: build (or load) one kernel by its stem; exit 0 either way, printing why it is unavailable
+CHILD = (
+    "import sys, psc_nas.ops\n"
+    "from psc_nas import native\n"
+    "kernel = native.EXTENSIONS[sys.argv[1]]\n"
+    "print('ready' if kernel.available() else f'unavailable: {kernel.unavailable_reason()}')\n"
+)
+
+
+def build_all(jobs: int | None = None) -> dict[str, str]:
+    """Build every kernel ``psc_nas.ops`` defines, ``jobs`` at a time (default: the CPU count), each in its own
+    process; returns each kernel's stem with ``ready`` or ``unavailable: <why>``."""
+    import psc_nas.ops  # noqa: F401 - its modules define (and so register) every kernel
+
+    stems = list(native.EXTENSIONS)
+
+    def one(stem: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, stem], stdout=subprocess.PIPE, text=True, check=False, env=os.environ
+        )
+        if done.returncode != 0:
+            return f"unavailable: the build process exited with {done.returncode}"
+        return done.stdout.strip().splitlines()[-1]
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(stems), jobs or os.cpu_count() or 1))) as pool:
+        return dict(zip(stems, pool.map(one, stems)))
+
+
+def main() -> int:
+    started = time.perf_counter()
+    results = build_all()
+    ready = sum(state == "ready" for state in results.values())
+    seconds = time.perf_counter() - started
+    print(f"psc-nas: {ready} of {len(results)} C++ kernels ready ({seconds:.0f} s)", file=sys.stderr)
+    for stem, state in results.items():
+        if state != "ready":
+            print(f"psc-nas: {stem}: {state}; PyTorch's own path runs instead", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -128,7 +128,7 @@ class TapCakesConv(MergedCakesConv):
         self.counts = list(spec.allocation.values())
         self.masks = [shape_mask(shape) for shape in spec.allocation]
         # Below 16³ positions (8³: DenseNet3D's deepest stage) the kernel's 64-position blocks are half padding:
-        # there it ran 1.17-1.64x slower than the exact per-shape convs for groups of 7-21 channels (padded ratio
+        # there it ran 1.11-1.64x slower than the fastest other path for groups of 7-21 channels (padded ratio
         # 1.35-2.29), and 1.6x faster only for thin ones (a uniform 28: 4.0). docs/benchmarks/ops-cakes-rule.md.
         self.small_exact = spec.padded_ratio() < SMALL_TAPS_MIN_PADDING
 

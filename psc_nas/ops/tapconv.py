@@ -14,9 +14,9 @@ the analytic MACs and nothing more, vectorised over positions instead of channel
   into the channels_last_3d output;
 - the input gradient is the same kernel on the packed output gradient with the roles swapped (chunks of input
   channels, each output channel a source with its taps mirrored);
-- the weight gradient: per run of D planes (one at 32³, more in small planes), chunk, input channel and tile of 4-6
-  of its taps, tile × chunk vector accumulators over the run's positions, reduced into a per-thread copy of the
-  packed weights.
+- the weight gradient: per run of D planes (up to 16,384 positions: 14 planes at 32³), chunk, input channel and
+  tile of 4-6 of its taps, tile × chunk vector accumulators over the run's positions, reduced into a per-thread copy
+  of the packed weights.
 
 Stride 1, 'same' padding, float32, CPU. A ``TapPlan`` (cached per allocation, input channels and spatial size) holds
 the chunks, sources, tap offsets and the index maps between a (C_out, C_in, 3, 3, 3) weight and its packed form. The
@@ -85,8 +85,7 @@ constexpr int64_t kLanes = 16;
 constexpr int64_t kVectors = 4;                  // position vectors per output block
 constexpr int64_t kBlock = kLanes * kVectors;    // positions per output block
 // taps per weight-gradient tile: tile x K accumulators, K dy vectors and one x vector fit 32 registers
-template <int K>
-constexpr int64_t tap_tile() { return K <= 4 ? 6 : 4; }
+constexpr int64_t tap_tile(int64_t k) { return k <= 4 ? 6 : 4; }
 
 // The padded grid of one channel: row = W + 2, plane = (H + 2) * row; the interior of D plane d (1..D) is the run of
 // ``len`` positions from d * plane + row + 1 ((h, w) = (1, 1)) to (H, W); ``volume`` is a channel's stride.
@@ -240,7 +239,7 @@ namespace {
 template <int K>
 void weight_tile(const float* x, const float* dy, const int64_t* offsets, int64_t t0, int64_t t1, const Grid& g,
                  int64_t p0, int64_t len, float* grad) {
-  constexpr int64_t kTile = tap_tile<K>();
+  constexpr int64_t kTile = tap_tile(K);
   v16 acc[kTile][K];
   for (int t = 0; t < kTile; ++t)
     for (int k = 0; k < K; ++k) acc[t][k] = v16{};
@@ -302,7 +301,7 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
         for (int64_t s = chunk[2]; s < chunk[3]; ++s) {
           const int64_t* sv = src + 4 * s;
           const float* xs = xp + (n * S + sv[0]) * g.volume;
-          const int64_t tile = chunk[1] <= 4 ? 6 : 4;  // tap_tile<K>()
+          const int64_t tile = tap_tile(chunk[1]);
           for (int64_t t0 = sv[1]; t0 < sv[2]; t0 += tile) {
             const int64_t t1 = std::min(t0 + tile, sv[2]);
             float* gt = grad + sv[3] + (t0 - sv[1]) * chunk[1];

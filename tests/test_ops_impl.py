@@ -189,6 +189,35 @@ def test_pack_is_the_zero_padded_channel_major_volume(channels, size):
     padded = torch.nn.functional.pad(x.contiguous(), (1, 1, 1, 1, 1, 1)).flatten(2)
     assert torch.equal(packed[..., : padded.shape[2]], padded)
     assert not packed[..., padded.shape[2] :].any()
+    # a channel slice of a wider channels_last tensor (a DenseNet layer's share of a concatenation's gradient) packs
+    # in place: its positions are 3 + channels + 2 floats apart
+    wider = torch.cat([torch.randn(2, 3, *size), x, torch.randn(2, 2, *size)], 1)
+    view = wider.contiguous(memory_format=torch.channels_last_3d)[:, 3 : 3 + channels]
+    assert view.stride(1) == 1 and view.stride(4) == channels + 5
+    assert torch.equal(tapconv.KERNEL.module().pack(view, volume), packed)
+
+
+@pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")
+def test_tap_conv_backward_of_a_channel_slice_of_a_concatenation():
+    # y joins a concatenation, as in a DenseNet: its gradient reaches the backward as a strided channel slice
+    cin, allocation, size, batch, groups = TAP_CASES[-1]
+    generator = torch.Generator().manual_seed(7)
+    weight, mask = cakes_weight(allocation, cin // groups, generator)
+    x = torch.randn(batch, cin, *size, generator=generator)
+    before = torch.randn(batch, 5, *size, generator=generator)
+    masks = [shape_mask(shape) for shape in allocation]
+    grads = []
+    for run in ("kernel", "reference"):
+        xg, wg = x.clone().requires_grad_(), weight.float().clone().requires_grad_()
+        if run == "kernel":
+            y = tapconv.tap_conv3d(xg, wg, list(allocation.values()), masks, groups)
+        else:
+            y = torch.nn.functional.conv3d(xg, wg, padding=1, groups=groups)
+        joined = torch.cat([before, y], 1).contiguous(memory_format=torch.channels_last_3d)
+        (joined * torch.arange(joined.shape[1]).view(1, -1, 1, 1, 1)).square().mean().backward()
+        grads.append((xg.grad, wg.grad * mask.float()))  # the kernel gives the masked taps no gradient
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")

@@ -140,11 +140,13 @@ void block(const float* in, const float* w, const Plan& plan, const int64_t* chu
 
 }  // namespace
 
-// Zero-padded channel-major volumes (N, C, volume) of a channels_last_3d (N, C, D, H, W) tensor.
+// Zero-padded channel-major volumes (N, C, volume) of a (N, C, D, H, W) tensor whose channels are contiguous (a
+// channels_last_3d tensor, or a channel slice of one, such as a DenseNet's share of a concatenation's gradient).
 torch::Tensor pack(torch::Tensor x, int64_t volume) {
-  TORCH_CHECK(x.dim() == 5 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast3d),
-              "pack: a float32 channels_last_3d 5-D tensor");
+  TORCH_CHECK(x.dim() == 5 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
+              "pack: a float32 5-D tensor with contiguous channels");
   const int64_t N = x.size(0), C = x.size(1), D = x.size(2), H = x.size(3), W = x.size(4);
+  const int64_t sN = x.stride(0), sD = x.stride(2), sH = x.stride(3), sW = x.stride(4);  // sW >= C: the pitch
   const Grid g(N, D, H, W, volume);
   TORCH_CHECK(volume >= (D + 2) * g.plane, "pack: volume too small");
   auto out = at::empty({N, C, volume}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -168,28 +170,28 @@ torch::Tensor pack(torch::Tensor x, int64_t volume) {
       // are open at once: 16 positions' vectors of 16 channels are transposed in registers into 16 channel rows'
       // vectors (2.9x at C = 16, 1.1-1.5x at C = 28-64: a vector's lanes were 16 scalar stores), the last W % 16
       // positions a vector at a time
-      const float* plane = src + (n * D + dd - 1) * H * W * C;
+      const float* plane = src + n * sN + (dd - 1) * sD;
       float* o = dst + n * C * volume + dd * g.plane + g.row + 1;
       for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
         const int64_t lanes = std::min(kLanes, C - c0);
         for (int64_t h = 0; h < H; ++h) {
-          const float* row = plane + h * W * C + c0;
+          const float* row = plane + h * sH + c0;
           float* oc = o + c0 * volume + h * g.row;
           if (lanes == kLanes) {
             int64_t w = 0;
             for (; w + kLanes <= W; w += kLanes) {  // 16 positions x 16 channels, transposed in registers
               v16 r[kLanes];
-              for (int64_t i = 0; i < kLanes; ++i) r[i] = load(row + (w + i) * C);
+              for (int64_t i = 0; i < kLanes; ++i) r[i] = load(row + (w + i) * sW);
               transpose16(r);
               for (int64_t j = 0; j < kLanes; ++j) store(oc + j * volume + w, r[j]);
             }
             for (; w < W; ++w) {
-              const v16 v = load(row + w * C);
+              const v16 v = load(row + w * sW);
               for (int64_t j = 0; j < kLanes; ++j) oc[j * volume + w] = v[j];
             }
           } else {
             for (int64_t w = 0; w < W; ++w)
-              for (int64_t j = 0; j < lanes; ++j) oc[j * volume + w] = row[w * C + j];
+              for (int64_t j = 0; j < lanes; ++j) oc[j * volume + w] = row[w * sW + j];
           }
         }
       }
@@ -323,7 +325,7 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
 }
 """
 
-KERNEL = native.Extension("tapconv", 9, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
+KERNEL = native.Extension("tapconv", 10, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
 CUBE = (1 << 27) - 1  # every tap of the 3x3x3 cube
 CHUNK = 6  # the most output channels in a chunk (the kernel's register tile: 6 x 4 vectors)
 LANES_BLOCK = 64  # positions per output block: the slack a packed volume needs past its last plane
@@ -488,7 +490,9 @@ def _backward(
     packed_x, weight = ctx.saved_tensors
     shape = ctx.shape
     plan = tap_plan(ctx.runs, shape[1], shape[2:], ctx.groups)
-    packed_dy = module.pack(grad_y.contiguous(memory_format=CPU_LAYOUT), plan.volume)
+    packed_dy = module.pack(
+        grad_y if grad_y.stride(1) == 1 else grad_y.contiguous(memory_format=CPU_LAYOUT), plan.volume
+    )
     grad_x = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_x = torch.empty(shape, dtype=grad_y.dtype, memory_format=CPU_LAYOUT)

@@ -5,7 +5,8 @@ first time a process needs it, inside whatever that process is timing: on a fres
 of a default search's pre-screen (2026-12-05), time its retraining then lacked. ``./dev`` runs this module when it
 sets up ``.venv``, so a first search finds them built. Every kernel builds in its own process, as many at once as
 there are CPUs; each prints its build line, and a machine without a compiler (or ``PSC_NAS_NO_EXTENSIONS=1``) prints
-why a kernel is unavailable and still exits 0: PyTorch's own ops run there.
+why a kernel is unavailable, once (a failed build's own message is not repeated), and still exits 0: PyTorch's own
+ops run there.
 """
 
 from __future__ import annotations
@@ -29,18 +30,27 @@ CHILD = (
 
 def build_all(jobs: int | None = None) -> dict[str, str]:
     """Build every kernel ``psc_nas.ops`` defines, ``jobs`` at a time (default: the CPU count), each in its own
-    process; returns each kernel's stem with ``ready`` or ``unavailable: <why>``."""
+    process whose messages are passed on to stderr; returns each kernel's stem with ``ready`` or
+    ``unavailable: <why>``, and says why for each kernel whose process did not already say so."""
     import psc_nas.ops  # noqa: F401 - its modules define (and so register) every kernel
 
     stems = list(native.EXTENSIONS)
 
     def one(stem: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-c", CHILD, stem], stdout=subprocess.PIPE, text=True, check=False, env=os.environ
+            [sys.executable, "-c", CHILD, stem], capture_output=True, text=True, check=False, env=os.environ
         )
-        if done.returncode != 0:
-            return f"unavailable: the build process exited with {done.returncode}"
-        return done.stdout.strip().splitlines()[-1]
+        sys.stderr.write(done.stderr)
+        lines = done.stdout.strip().splitlines()
+        state = (
+            lines[-1]
+            if done.returncode == 0 and lines
+            else f"unavailable: its build process exited with {done.returncode}"
+        )
+        reason = state.removeprefix("unavailable: ")
+        if state != "ready" and reason not in done.stderr:  # a failed build has printed it; a disabled one has not
+            print(f"psc-nas: {stem}: {state}; PyTorch's own path runs instead", file=sys.stderr)
+        return state
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(stems), jobs or os.cpu_count() or 1))) as pool:
         return dict(zip(stems, pool.map(one, stems)))
@@ -52,9 +62,6 @@ def main() -> int:
     ready = sum(state == "ready" for state in results.values())
     seconds = time.perf_counter() - started
     print(f"psc-nas: {ready} of {len(results)} C++ kernels ready ({seconds:.0f} s)", file=sys.stderr)
-    for stem, state in results.items():
-        if state != "ready":
-            print(f"psc-nas: {stem}: {state}; PyTorch's own path runs instead", file=sys.stderr)
     return 0
 
 

@@ -39,3 +39,13 @@ def test_without_extensions_every_kernel_says_why_and_the_command_still_succeeds
     assert f"psc-nas: 0 of {len(native.EXTENSIONS)} C++ kernels ready" in done.stderr
     for stem in native.EXTENSIONS:
         assert f"psc-nas: {stem}: unavailable: disabled by {native.DISABLE_VAR}; PyTorch's own path runs" in done.stderr
+
+
+def test_a_failed_build_is_reported_once_and_the_command_still_succeeds(tmp_path):
+    # a compiler that fails: each kernel's build says why itself, and the command does not say it again
+    done = run_kernels(CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert f"psc-nas: 0 of {len(native.EXTENSIONS)} C++ kernels ready" in done.stderr
+    for kernel in native.EXTENSIONS.values():
+        assert done.stderr.count(f"psc-nas: {kernel.what} is unavailable (") == 1, done.stderr
+    assert done.stderr.count("is unavailable") + done.stderr.count(": unavailable:") == len(native.EXTENSIONS)

@@ -141,12 +141,13 @@ void block(const float* in, const float* w, const Plan& plan, const int64_t* chu
 }  // namespace
 
 // Zero-padded channel-major volumes (N, C, volume) of a (N, C, D, H, W) tensor whose channels are contiguous (a
-// channels_last_3d tensor, or a channel slice of one, such as a DenseNet's share of a concatenation's gradient).
+// channels_last_3d tensor, or a channel slice of one, such as a DenseNet's share of a concatenation's gradient), or
+// of a single channel, whatever its stride (PyTorch leaves (N, 1, D, H, W) its NCDHW strides in either layout).
 torch::Tensor pack(torch::Tensor x, int64_t volume) {
-  TORCH_CHECK(x.dim() == 5 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
+  TORCH_CHECK(x.dim() == 5 && x.scalar_type() == at::kFloat && (x.size(1) == 1 || x.stride(1) == 1),
               "pack: a float32 5-D tensor with contiguous channels");
   const int64_t N = x.size(0), C = x.size(1), D = x.size(2), H = x.size(3), W = x.size(4);
-  const int64_t sN = x.stride(0), sD = x.stride(2), sH = x.stride(3), sW = x.stride(4);  // sW >= C: the pitch
+  const int64_t sN = x.stride(0), sD = x.stride(2), sH = x.stride(3), sW = x.stride(4);  // sW: the positions' pitch
   const Grid g(N, D, H, W, volume);
   TORCH_CHECK(volume >= (D + 2) * g.plane, "pack: volume too small");
   auto out = at::empty({N, C, volume}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -325,7 +326,7 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
 }
 """
 
-KERNEL = native.Extension("tapconv", 10, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
+KERNEL = native.Extension("tapconv", 11, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
 CUBE = (1 << 27) - 1  # every tap of the 3x3x3 cube
 CHUNK = 6  # the most output channels in a chunk (the kernel's register tile: 6 x 4 vectors)
 LANES_BLOCK = 64  # positions per output block: the slack a packed volume needs past its last plane
@@ -442,6 +443,12 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def channels_contiguous(t: torch.Tensor) -> bool:
+    """Whether the kernel's pack reads ``t`` in place: its channels adjacent (a channels_last_3d tensor or a channel
+    slice of one), or a single channel, whose stride PyTorch leaves NCDHW's in either layout."""
+    return t.shape[1] == 1 or t.stride(1) == 1
+
+
 def tap_conv3d(
     x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], masks: Sequence[int], groups: int = 1
 ) -> torch.Tensor:
@@ -491,7 +498,7 @@ def _backward(
     shape = ctx.shape
     plan = tap_plan(ctx.runs, shape[1], shape[2:], ctx.groups)
     packed_dy = module.pack(
-        grad_y if grad_y.stride(1) == 1 else grad_y.contiguous(memory_format=CPU_LAYOUT), plan.volume
+        grad_y if channels_contiguous(grad_y) else grad_y.contiguous(memory_format=CPU_LAYOUT), plan.volume
     )
     grad_x = grad_weight = None
     if ctx.needs_input_grad[0]:

@@ -156,31 +156,6 @@ G geom(const at::Tensor& t) { return G{t.size(0), t.size(1), t.size(2), t.size(3
 at::Tensor cl(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast3d); }
 }  // namespace
 
-// taps: (27, C) float32. y = conv of x (stride 1, padding 1).
-at::Tensor strip_forward(at::Tensor x, at::Tensor taps) {
-  x = cl(x);
-  const G g = geom(x);
-  auto y = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast3d));
-  const float* xp = x.data_ptr<float>(); const float* tp = taps.data_ptr<float>(); float* yp = y.data_ptr<float>();
-  const std::vector<float> zero(g.W * g.C, 0.f);
-  const int64_t rows = g.N * g.D * g.H;
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    const float* nb[9];
-    for (int64_t r = begin; r < end; ++r) {
-      neighbours(xp, r, g, zero.data(), nb);
-      float* out = yp + r * g.W * g.C;
-      for_strips(g.W, [&](auto edge, int64_t w0, int64_t count) {
-        for_blocks(g.C, [&](auto B, int64_t c0) {
-          const float* rows9[9];
-          for (int t = 0; t < 9; ++t) rows9[t] = nb[t] + c0;
-          conv_strip<decltype(B)::Masked_, decltype(edge)::value>(B, rows9, tp + c0, out + c0, w0, count, g.W, g.C);
-        });
-      });
-    }
-  });
-  return y;
-}
-
 // Input and weight gradients in one pass: gx = conv of gy by the flipped taps, gw = sum of x (shifted) * gy.
 std::vector<at::Tensor> fused_backward(at::Tensor x, at::Tensor gy, at::Tensor taps) {
   x = cl(x); gy = cl(gy);
@@ -405,6 +380,8 @@ std::vector<at::Tensor> packed_backward(at::Tensor x, at::Tensor gy, at::Tensor 
   return {gx, gw};
 }
 
+// taps: (27, C) float32. y = conv of x (stride 1, padding 1); with dist > 0 the input rows of output row r + dist
+// are prefetched while row r computes.
 at::Tensor strip_forward_pf(at::Tensor x, at::Tensor taps, int64_t dist) {
   x = cl(x);
   const G g = geom(x);
@@ -416,7 +393,7 @@ at::Tensor strip_forward_pf(at::Tensor x, at::Tensor taps, int64_t dist) {
     const float* nb[9]; const float* ahead[9];
     for (int64_t r = begin; r < end; ++r) {
       neighbours(xp, r, g, zero.data(), nb);
-      const bool pf = r + dist < end;
+      const bool pf = dist > 0 && r + dist < end;
       if (pf) neighbours(xp, r + dist, g, zero.data(), ahead);
       float* out = yp + r * g.W * g.C;
       for_strips(g.W, [&](auto edge, int64_t w0, int64_t count) {
@@ -437,6 +414,8 @@ at::Tensor strip_forward_pf(at::Tensor x, at::Tensor taps, int64_t dist) {
   });
   return y;
 }
+
+at::Tensor strip_forward(at::Tensor x, at::Tensor taps) { return strip_forward_pf(x, taps, 0); }
 """
 FUNCTIONS = ["strip_forward", "strip_forward_pf", "fused_backward", "packed_forward", "packed_backward"]
 CHECK_SHAPES = [
@@ -451,7 +430,7 @@ CHECK_SHAPES = [
 
 def build():
     return cpp_extension.load_inline(
-        name="psc_nas_depthwise_variants_v1",
+        name="psc_nas_depthwise_variants_v2",
         cpp_sources=SOURCE,
         functions=FUNCTIONS,
         extra_cflags=native.build_flags(),

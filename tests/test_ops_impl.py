@@ -222,6 +222,11 @@ def test_tap_conv_backward_of_a_channel_slice_of_a_concatenation():
         grads.append((xg.grad, wg.grad * mask.float()))  # the kernel gives the masked taps no gradient
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # and an input that is itself a channel slice is read in place, with the same result as its copy
+    view = torch.cat([before, x], 1).contiguous(memory_format=torch.channels_last_3d)[:, 5:]
+    assert view.stride(1) == 1 and not view.is_contiguous(memory_format=torch.channels_last_3d)
+    args = (weight.float(), list(allocation.values()), masks, groups)
+    torch.testing.assert_close(tapconv.tap_conv3d(view, *args), tapconv.tap_conv3d(view.contiguous(), *args))
 
 
 @pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")

@@ -443,10 +443,11 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def channels_contiguous(t: torch.Tensor) -> bool:
-    """Whether the kernel's pack reads ``t`` in place: its channels adjacent (a channels_last_3d tensor or a channel
-    slice of one), or a single channel, whose stride PyTorch leaves NCDHW's in either layout."""
-    return t.shape[1] == 1 or t.stride(1) == 1
+def packable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the kernel's pack reads it: itself where its channels are adjacent (a channels_last_3d tensor or a
+    channel slice of one, such as a DenseNet layer's share of a concatenation's gradient) or it has one channel
+    (whose stride PyTorch leaves NCDHW's in either layout); else its channels_last_3d copy."""
+    return t if t.shape[1] == 1 or t.stride(1) == 1 else t.contiguous(memory_format=CPU_LAYOUT)
 
 
 def tap_conv3d(
@@ -467,7 +468,7 @@ def _tap_conv3d(
     module = KERNEL.module()
     if module is None:
         raise RuntimeError(f"the tap-conv C++ kernel is unavailable: {KERNEL.unavailable_reason()}")
-    x = x.contiguous(memory_format=CPU_LAYOUT)
+    x = packable(x)
     plan = tap_plan(tap_groups(counts, masks), x.shape[1], tuple(x.shape[2:]), groups)
     y = torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, memory_format=CPU_LAYOUT)
     packed = module.pack(x, plan.volume)
@@ -497,9 +498,7 @@ def _backward(
     packed_x, weight = ctx.saved_tensors
     shape = ctx.shape
     plan = tap_plan(ctx.runs, shape[1], shape[2:], ctx.groups)
-    packed_dy = module.pack(
-        grad_y if channels_contiguous(grad_y) else grad_y.contiguous(memory_format=CPU_LAYOUT), plan.volume
-    )
+    packed_dy = module.pack(packable(grad_y), plan.volume)
     grad_x = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_x = torch.empty(shape, dtype=grad_y.dtype, memory_format=CPU_LAYOUT)

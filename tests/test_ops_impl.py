@@ -143,8 +143,9 @@ TAP_CASES = [
     (17, {"3x3x1": 4, "3x3x3": 7}, (3, 2, 40), 2, 1),
     (12, {"3x3x3": 8}, (5, 4, 6), 2, 4),
     (6, {"1x3x3": 3, "3x3x3": 6}, (3, 5, 2), 1, 3),
-    # 16 input channels (one whole transposed block in the pack), W = 33 (two blocks and one position), D = 7 in
-    # weight-gradient runs of 3 planes (3 + 3 + 1)
+    # 16 input channels (one whole transposed block in the pack), W = 33 (two blocks and one position), D = 7: two
+    # weight-gradient runs (the kernel's kRun = 1,024 positions and 864); (7, 9, 19) above: 1,024 and 549, the last
+    # vector partial
     (16, {"3x3x3": 3, "1x3x3": 3, "1x1x3": 2}, (7, 6, 33), 2, 1),
     # one input channel (EM's stem) and one output channel: PyTorch gives (N, 1, D, H, W) NCDHW strides even as
     # channels_last_3d, which the pack reads in place

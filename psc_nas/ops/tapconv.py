@@ -14,9 +14,9 @@ the analytic MACs and nothing more, vectorised over positions instead of channel
   into the channels_last_3d output;
 - the input gradient is the same kernel on the packed output gradient with the roles swapped (chunks of input
   channels, each output channel a source with its taps mirrored);
-- the weight gradient: per run of D planes (up to 16,384 positions: 14 planes at 32³), chunk, input channel and
-  tile of 4-6 of its taps, tile × chunk vector accumulators over the run's positions, reduced into a per-thread copy
-  of the packed weights.
+- the weight gradient: per run of 1,024 positions, chunk, input channel and tile of 4-6 of its taps, tile × chunk
+  vector accumulators over the run's positions, added into a per-thread copy of the packed weights' vectors (one
+  16-lane vector per weight, summed over lanes at the end).
 
 Stride 1, 'same' padding, float32, CPU. A ``TapPlan`` (cached per allocation, input channels and spatial size) holds
 the chunks, sources, tap offsets and the index maps between a (C_out, C_in, 3, 3, 3) weight and its packed form. The
@@ -51,6 +51,12 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+// A scalar in every lane, broadcast straight from memory (a load-port instruction). ``v16{} + s`` compiled to a scalar
+// add of +0.0 (kept: it is not an identity for -0.0) and a register broadcast, two more uops on the FMA ports a tap.
+inline v16 splat(const float* s) {
+  const float v = *s;
+  return v16{v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v};
+}
 #if defined(__clang__)
 #define PSC_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
@@ -84,6 +90,7 @@ inline void transpose16(v16* r) {
 constexpr int64_t kLanes = 16;
 constexpr int64_t kVectors = 4;                  // position vectors per output block
 constexpr int64_t kBlock = kLanes * kVectors;    // positions per output block
+constexpr int64_t kRun = 1024;  // positions per weight-gradient task
 // taps per weight-gradient tile: tile x K accumulators, K dy vectors and one x vector fit 32 registers
 constexpr int64_t tap_tile(int64_t k) { return k <= 4 ? 6 : 4; }
 
@@ -120,7 +127,7 @@ void block(const float* in, const float* w, const Plan& plan, const int64_t* chu
       v16 xv[kVectors];
       for (int v = 0; v < kVectors; ++v) xv[v] = load(xt + kLanes * v);
       for (int k = 0; k < K; ++k) {
-        const v16 wk = v16{} + ws[k];
+        const v16 wk = splat(ws + k);
         for (int v = 0; v < kVectors; ++v) acc[k][v] += xv[v] * wk;
       }
     }
@@ -238,35 +245,53 @@ void conv(torch::Tensor in, torch::Tensor weights, torch::Tensor chunks, torch::
 
 namespace {
 
-// grad[w offset + t * K + k] += sum over the plane's positions of dy[c0 + k] * x[source][p + offset t], taps [t0, t1).
-template <int K>
-void weight_tile(const float* x, const float* dy, const int64_t* offsets, int64_t t0, int64_t t1, const Grid& g,
-                 int64_t p0, int64_t len, float* grad) {
-  constexpr int64_t kTile = tap_tile(K);
-  v16 acc[kTile][K];
-  for (int t = 0; t < kTile; ++t)
+// grad[t * K + k] += sum over the run's positions of dy[c0 + k] * x[source][p + offset of tap t0 + t], T taps. The
+// taps' pointers are set before the loop and the last, partial vector is peeled off it, so the loop body is T + K
+// vector loads and T * K multiply-adds: with the tap count a run-time bound and the partial vector's lanes zeroed in
+// place, GCC kept dy's vectors on the stack and reloaded each tap's offset, ~2 loads per multiply-add.
+template <int K, int T>
+void weight_tile(const float* x, const float* dy, const int64_t* offsets, int64_t t0, const Grid& g, int64_t p0,
+                 int64_t len, float* grad) {
+  v16 acc[T][K];
+  for (int t = 0; t < T; ++t)
     for (int k = 0; k < K; ++k) acc[t][k] = v16{};
-  const int64_t taps = t1 - t0;
+  const float* xt[T];
+  for (int t = 0; t < T; ++t) xt[t] = x + p0 + offsets[t0 + t];
+  const float* dk[K];
+  for (int k = 0; k < K; ++k) dk[k] = dy + k * g.volume + p0;
   const int64_t full = len / kLanes * kLanes;
-  for (int64_t i = 0; i < len; i += kLanes) {
+  for (int64_t i = 0; i < full; i += kLanes) {
     v16 dv[K];
-    for (int k = 0; k < K; ++k) dv[k] = load(dy + k * g.volume + p0 + i);
-    if (i >= full) {  // the last, partial vector: lanes past the run count nothing
-      for (int64_t l = len - i; l < kLanes; ++l)
-        for (int k = 0; k < K; ++k) dv[k][l] = 0.f;
-    }
-    for (int t = 0; t < kTile; ++t) {
-      if (t >= taps) break;
-      const v16 xv = load(x + p0 + i + offsets[t0 + t]);
+    for (int k = 0; k < K; ++k) dv[k] = load(dk[k] + i);
+    for (int t = 0; t < T; ++t) {
+      const v16 xv = load(xt[t] + i);
       for (int k = 0; k < K; ++k) acc[t][k] += dv[k] * xv;
     }
   }
-  for (int t = 0; t < taps; ++t)
-    for (int k = 0; k < K; ++k) {
-      float sum = 0.f;
-      for (int l = 0; l < kLanes; ++l) sum += acc[t][k][l];
-      grad[t * K + k] += sum;
+  if (full < len) {  // the last, partial vector: lanes past the run count nothing
+    alignas(64) float tail[K][kLanes] = {};
+    for (int k = 0; k < K; ++k)
+      for (int64_t l = 0; l < len - full; ++l) tail[k][l] = dk[k][full + l];
+    for (int t = 0; t < T; ++t) {
+      const v16 xv = load(xt[t] + full);
+      for (int k = 0; k < K; ++k) acc[t][k] += load(tail[k]) * xv;
     }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int k = 0; k < K; ++k) {
+      float* gv = grad + (t * K + k) * kLanes;
+      store(gv, load(gv) + acc[t][k]);
+    }
+}
+
+// weight_tile<K, T> for the T = t1 - t0 taps of a tile (at most tap_tile(K)).
+template <int K, int T = tap_tile(K)>
+void weight_tiles(const float* x, const float* dy, const int64_t* offsets, int64_t t0, int64_t t1, const Grid& g,
+                  int64_t p0, int64_t len, float* grad) {
+  if constexpr (T > 0) {
+    if (t1 - t0 == T) return weight_tile<K, T>(x, dy, offsets, t0, g, p0, len, grad);
+    weight_tiles<K, T - 1>(x, dy, offsets, t0, t1, g, p0, len, grad);
+  }
 }
 
 }  // namespace
@@ -281,23 +306,22 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
   const int64_t* src = sources.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t threads = at::get_num_threads();
-  auto partial = at::zeros({threads, size}, x.options());
+  auto partial = at::zeros({threads, size, kLanes}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* dp = dy.data_ptr<float>();
   float* pp = partial.data_ptr<float>();
-  // A task is a run of `planes` consecutive D planes of one sample: from the first one's interior to the last one's,
-  // with the padding rows between them (zero in dy, so they add nothing). Runs of up to 16384 positions (a
-  // channel's run 64 KB, so a source and a chunk's dy stay in L2) keep the tiles' final 16-lane reductions small
-  // next to their sums (at 32^3, 14 planes: 1.13-1.27x the one-plane runs of before); at least two tasks a thread
-  // where D allows.
-  const int64_t runs_wanted = (2 * threads + N - 1) / N;  // per sample
-  const int64_t planes = std::max<int64_t>(1, std::min({D, 16384 / g.plane, D / std::min(D, runs_wanted)}));
-  const int64_t runs = (D + planes - 1) / planes;
+  // A task is a run of up to kRun consecutive positions of one sample's padded volume, between the first D plane's
+  // first interior position and the last one's last: the padding rows and columns it crosses are zero in dy, so they
+  // add nothing. Runs of 1,024 positions keep a chunk's dy (16 KB at 4 channels) and the source's rows around it in
+  // L1 while the source's tiles pass over them; the tiles add their accumulators into per-thread vector partials,
+  // summed over lanes once at the end, so a short run costs no horizontal sums (2026-12-05 night, Xeon: 1.04-1.17x
+  // the previous runs of up to 16,384 positions, whole D planes with 16-lane sums per tile; docs/benchmarks/ops.md).
+  const int64_t span = (D - 1) * g.plane + g.len, runs = (span + kRun - 1) / kRun;
   at::parallel_for(0, N * runs, 1, [&](int64_t begin, int64_t end) {
-    float* grad = pp + at::get_thread_num() * size;
+    float* grad = pp + at::get_thread_num() * size * kLanes;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / runs, d0 = task % runs * planes + 1, d1 = std::min(D, d0 + planes - 1);
-      const int64_t p0 = g.start(d0), len = (d1 - d0) * g.plane + g.len;
+      const int64_t n = task / runs, q = task % runs * kRun;
+      const int64_t p0 = g.start(1) + q, len = std::min(kRun, span - q);
       for (int64_t c = 0; c < nchunks; ++c) {
         const int64_t* chunk = ch + 4 * c;
         const float* dyc = dp + (n * Co + chunk[0]) * g.volume;
@@ -307,14 +331,14 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
           const int64_t tile = tap_tile(chunk[1]);
           for (int64_t t0 = sv[1]; t0 < sv[2]; t0 += tile) {
             const int64_t t1 = std::min(t0 + tile, sv[2]);
-            float* gt = grad + sv[3] + (t0 - sv[1]) * chunk[1];
+            float* gt = grad + (sv[3] + (t0 - sv[1]) * chunk[1]) * kLanes;
             switch (chunk[1]) {
-              case 1: weight_tile<1>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
-              case 2: weight_tile<2>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
-              case 3: weight_tile<3>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
-              case 4: weight_tile<4>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
-              case 5: weight_tile<5>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
-              case 6: weight_tile<6>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              case 1: weight_tiles<1>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              case 2: weight_tiles<2>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              case 3: weight_tiles<3>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              case 4: weight_tiles<4>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              case 5: weight_tiles<5>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              case 6: weight_tiles<6>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
               default: TORCH_CHECK(false, "weight_grad: chunks of 1 to 6 channels");
             }
           }
@@ -322,11 +346,11 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
       }
     }
   });
-  return partial.sum(0);
+  return partial.sum(at::IntArrayRef{0, 2});
 }
 """
 
-KERNEL = native.Extension("tapconv", 11, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
+KERNEL = native.Extension("tapconv", 12, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
 CUBE = (1 << 27) - 1  # every tap of the 3x3x3 cube
 CHUNK = 6  # the most output channels in a chunk (the kernel's register tile: 6 x 4 vectors)
 LANES_BLOCK = 64  # positions per output block: the slack a packed volume needs past its last plane

@@ -137,11 +137,15 @@ void block(const float* in, const float* w, const Plan& plan, const int64_t* chu
     for (int v = 0; v < kVectors; ++v) store(&out[k][kLanes * v], acc[k][v]);
   const int64_t stop = std::min(kBlock, g.len - i0);
   float* base = y + (n * g.D + d - 1) * g.H * g.W * out_channels + chunk[0];
+  // The position's row and column, stepped: a division per position made the forward 1.29x slower at 16 channels,
+  // 32³ (tapconv_ab, Xeon), where a block's chunk has only 2-3 channels' multiply-adds to hide it.
+  int64_t h = i0 / g.row, c = i0 - h * g.row;
   for (int64_t j = 0; j < stop; ++j) {
-    const int64_t i = i0 + j, h = i / g.row, c = i - h * g.row;
-    if (c >= g.W) continue;  // a padding column
-    float* o = base + (h * g.W + c) * out_channels;
-    for (int k = 0; k < K; ++k) o[k] = out[k][j];
+    if (c < g.W) {  // not a padding column
+      float* o = base + (h * g.W + c) * out_channels;
+      for (int k = 0; k < K; ++k) o[k] = out[k][j];
+    }
+    if (++c == g.row) c = 0, ++h;
   }
 }
 
@@ -350,7 +354,7 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
 }
 """
 
-KERNEL = native.Extension("tapconv", 12, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
+KERNEL = native.Extension("tapconv", 13, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
 CUBE = (1 << 27) - 1  # every tap of the 3x3x3 cube
 CHUNK = 6  # the most output channels in a chunk (the kernel's register tile: 6 x 4 vectors)
 LANES_BLOCK = 64  # positions per output block: the slack a packed volume needs past its last plane

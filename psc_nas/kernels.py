@@ -19,12 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from psc_nas import native
 
-# run in a child process: build (or load) one kernel by its stem; exit 0 either way, printing why it is unavailable
+# run in a child process: build (or load) one kernel by its stem; exit 0 either way. Its last line: ``ready``, or
+# ``unavailable: <why>`` where it has not printed why, or ``said: <why>`` where it has (a failed build's message)
 CHILD = (
     "import sys, psc_nas.ops\n"
     "from psc_nas import native\n"
     "kernel = native.EXTENSIONS[sys.argv[1]]\n"
-    "print('ready' if kernel.available() else f'unavailable: {kernel.unavailable_reason()}')\n"
+    "ready = kernel.available()\n"
+    "word = 'said' if kernel.said_why() else 'unavailable'\n"
+    "print('ready' if ready else f'{word}: {kernel.unavailable_reason()}')\n"
 )
 
 
@@ -47,8 +50,9 @@ def build_all(jobs: int | None = None) -> dict[str, str]:
             if done.returncode == 0 and lines
             else f"unavailable: its build process exited with {done.returncode}"
         )
-        reason = state.removeprefix("unavailable: ")
-        if state != "ready" and reason not in done.stderr:  # a failed build has printed it; a disabled one has not
+        if state.startswith("said: "):  # the child printed why; report it, do not repeat it
+            return "unavailable: " + state.removeprefix("said: ")
+        if state != "ready":
             print(f"psc-nas: {stem}: {state}; PyTorch's own path runs instead", file=sys.stderr)
         return state
 

@@ -50,6 +50,7 @@ class Extension:
         self._module: Any | None = None
         self._seconds: float | None = None
         self._error: str | None = None
+        self._said = False  # whether the reason it is unavailable was printed (a failed build says why)
         EXTENSIONS[stem] = self
 
     @property
@@ -87,6 +88,7 @@ class Extension:
             text = str(err).strip()
             self._error = f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
             print(f"psc-nas: {self.what} is unavailable ({self._error}); PyTorch's own path runs", file=sys.stderr)
+            self._said = True
             return None
         self._seconds = time.perf_counter() - started
         if self._seconds > 2.0:  # a cached load takes well under a second; this was a build
@@ -103,3 +105,8 @@ class Extension:
 
     def unavailable_reason(self) -> str | None:
         return self._error
+
+    def said_why(self) -> bool:
+        """Whether this process already printed why the kernel is unavailable (a failed build does; a disabled one
+        or a machine without a compiler does not)."""
+        return self._said

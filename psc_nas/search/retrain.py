@@ -201,8 +201,9 @@ def retrain_front(
             log.info("no time left to retrain the front (%.0f s left)", left)
             return []
         # One epoch of every member, the costliest first, times the schedule: members of the same schedule differ
-        # in speed (on a 2-core Xeon csn_ip's epoch took 0.67 of csn_ir's), and sizing every member like the
-        # costliest left the cheaper members' difference unused (2 of the default run's 15 minutes there).
+        # in speed (on a 2-core Xeon csn_ip's retraining took 0.67 of csn_ir's), and sizing every member like the
+        # costliest left the cheaper members' difference unused (the default run there ended 2:13 before its
+        # retraining deadline, at 26 epochs; docs/benchmarks/search.md 2m).
         by_member: dict[int, Retrained] = {}
         for member in sorted(members, key=lambda m: m is not costliest):
             if by_member and (seconds_left() or 0.0) <= 0.0:

@@ -143,13 +143,23 @@ def train_member(job: RetrainJob, record: TrialRecord, epochs: int, *, seconds_l
 class Plan:
     members: tuple[TrialRecord, ...]
     epochs: int
-    probe_s: float | None  # one epoch (training + validation), the members' mean, when timed
-    setup_s: float = 0.0  # the rest of a probe's wall time (data, model, first-call warm-up), the members' mean
-    timings: tuple[tuple[float, float], ...] = ()  # each member's (epoch, set-up) seconds, when timed
+    # each member's probe: (one epoch, training + validation; the rest of its wall time: data, model, first-call
+    # warm-up) in seconds; empty when the schedule was not timed
+    timings: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def probe_s(self) -> float | None:
+        """One epoch, the members' mean; None when not timed."""
+        return sum(t[0] for t in self.timings) / len(self.timings) if self.timings else None
+
+    @property
+    def setup_s(self) -> float:
+        """A probe's set-up, the members' mean."""
+        return sum(t[1] for t in self.timings) / len(self.timings) if self.timings else 0.0
 
     def member_s(self, index: int) -> float:
-        """Expected seconds of the retraining of ``members[index]``."""
-        epoch, setup = self.timings[index] if self.timings else (self.probe_s or 0.0, self.setup_s)
+        """Expected seconds of the retraining of ``members[index]`` (a timed plan)."""
+        epoch, setup = self.timings[index]
         return setup + epoch * self.epochs
 
 
@@ -194,7 +204,7 @@ def retrain_front(
     left = seconds_left()
     probes: list[Retrained] = []
     if left is None:
-        plan = Plan(tuple(members), job.policy.epochs, None)
+        plan = Plan(tuple(members), job.policy.epochs)
     else:
         costliest = max(members, key=lambda m: (m.macs or 0, m.params or 0))
         if left < search_epoch_s(costliest):  # not even the search's shorter epoch fits: no probe either
@@ -224,8 +234,7 @@ def retrain_front(
             probes = []  # timings only: every member trains the longer schedule from scratch
         else:  # one epoch fits: the probes are the members' results
             epochs = 1
-        n = len(timings)
-        plan = Plan(tuple(members), epochs, epoch_sum / n, setup_sum / n, tuple(timings))
+        plan = Plan(tuple(members), epochs, tuple(timings))
     on_plan(plan)
     results: list[Retrained] = []
     for probe in probes:

@@ -318,7 +318,7 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
   // first interior position and the last one's last: the padding rows and columns it crosses are zero in dy, so they
   // add nothing. Runs of 1,024 positions keep a chunk's dy (16 KB at 4 channels) and the source's rows around it in
   // L1 while the source's tiles pass over them; the tiles add their accumulators into per-thread vector partials,
-  // summed over lanes once at the end, so a short run costs no horizontal sums (2026-12-05 night, Xeon: 1.04-1.17x
+  // summed over lanes once at the end, so a short run costs no horizontal sums (2026-12-05 night, Xeon: 1.03-1.15x
   // the previous runs of up to 16,384 positions, whole D planes with 16-lane sums per tile; docs/benchmarks/ops.md).
   const int64_t span = (D - 1) * g.plane + g.len, runs = (span + kRun - 1) / kRun;
   at::parallel_for(0, N * runs, 1, [&](int64_t begin, int64_t end) {

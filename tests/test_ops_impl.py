@@ -231,6 +231,21 @@ def test_tap_conv_backward_of_a_channel_slice_of_a_concatenation():
 
 
 @pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")
+def test_tap_conv_backward_fills_no_gradient_for_the_packed_input():
+    # the op returns the packed input for its backward; autograd must not build a zero gradient of that size
+    cin, allocation, size, batch, groups = TAP_CASES[-3]
+    weight, _ = cakes_weight(allocation, cin // groups, torch.Generator().manual_seed(3))
+    x = torch.randn(batch, cin, *size).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    y = tapconv.tap_conv3d(x, weight.float(), list(allocation.values()), [shape_mask(s) for s in allocation], groups)
+    packed_shape = [batch, cin, tapconv.packed_volume(size)]
+    with torch.profiler.profile(record_shapes=True) as profile:
+        y.square().sum().backward()
+    shapes = [(event.name, list(event.input_shapes[0])) for event in profile.events() if event.input_shapes]
+    assert x.grad is not None and any("tap_conv3d" in name for name, _ in shapes)  # the backward ran, recorded
+    assert [shape for name, shape in shapes if name == "aten::fill_" and shape == packed_shape] == []
+
+
+@pytest.mark.skipif(not tapconv.KERNEL.available(), reason="the tap-conv C++ kernel could not be built here")
 def test_thin_grouped_csn_runs_the_tap_kernel_from_16_cubed_with_exact_macs_and_traces_plain():
     spec = make_spec("csn_ir", 12, 8)  # groups = gcd = 4: 2 output channels a group
     module = spec.build()

@@ -517,6 +517,10 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple[torch.Tensor, torch.Te
     ctx.save_for_backward(output[1], weight)
     ctx.runs, ctx.groups, ctx.shape = tap_groups(counts, masks), groups, tuple(x.shape)
     ctx.mark_non_differentiable(output[1])
+    # The packed input never gets a gradient (the backward runs only when y's does); materialised, autograd filled a
+    # zero one of its size, (N, C_in, packed volume), for every backward: a CAKES DenseNet3D step at 32³, batch 4 ran
+    # 1.03-1.04x faster without them (Xeon, benchmarks/network_step.py).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(

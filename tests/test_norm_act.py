@@ -20,7 +20,7 @@ from psc_nas.arch import ArchConfig, BlockChoice
 from psc_nas.device import place
 from psc_nas.evaluators import zero_cost
 from psc_nas.nets import get_backbone
-from psc_nas.nets._layers import NormActSequential
+from psc_nas.nets._layers import AvgPool2, NormActSequential
 from psc_nas.ops import implementation, norm_act
 
 needs_kernel = pytest.mark.skipif(not norm_act.KERNEL.available(), reason="no C++ compiler: the fallback is tested")
@@ -116,6 +116,60 @@ def test_what_the_kernel_must_not_run():
     assert norm_act.fusable(norm, act, x)
 
 
+@needs_kernel
+@pytest.mark.parametrize(("channels", "shape"), [(28, (2, 8, 6, 10)), (67, (2, 4, 4, 4)), (1, (3, 5, 6, 7))])
+@pytest.mark.parametrize("training", [True, False])
+def test_pooled_kernel_equals_the_pool_of_the_unfused_output_to_the_bit(channels, shape, training):
+    # (3, 5, 6, 7): odd sides, whose last plane and column the pool's floor drops (they get a zero gradient)
+    x, _, norm = inputs(channels, shape)
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    norm.train(training)
+    twin, act, pool = copy.deepcopy(norm), nn.ReLU(), AvgPool2()
+    assert norm_act.pool2(pool, x)
+    pooled_shape = (shape[0], channels, *(side // 2 for side in shape[1:]))
+    upstream = torch.randn(pooled_shape).to(memory_format=CL)
+    grads = []
+    for run, bn in (("fused", norm), ("unfused", twin)):
+        xg = x.clone().requires_grad_(training)
+        with torch.set_grad_enabled(training):
+            y = norm_act.norm_act_pool(bn, act, pool, xg) if run == "fused" else pool(norm_act.norm_act(bn, act, xg))
+        assert y.shape == pooled_shape and y.is_contiguous(memory_format=CL)
+        if training:
+            y.backward(upstream)
+            grads.append((y, xg.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+        else:
+            grads.append((y,))
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+
+
+@needs_kernel
+def test_what_the_pooled_kernel_must_not_run():
+    x, _, norm = inputs(8)
+    act = nn.ReLU()
+    assert norm_act.pool2(nn.AvgPool3d(2), x) and norm_act.pool2(nn.AvgPool3d((2, 2, 2), stride=2), x)
+    others = [nn.AvgPool3d(3), nn.AvgPool3d(2, stride=1), nn.AvgPool3d(2, padding=1), nn.AvgPool3d((2, 2, 1))]
+    others += [nn.AvgPool3d(2, ceil_mode=True), nn.AvgPool3d(2, divisor_override=3), nn.MaxPool3d(2)]
+    hooked = nn.AvgPool3d(2)
+    hooked.register_forward_hook(lambda *args: None)
+    for pool in [*others, hooked]:
+        assert not norm_act.pool2(pool, x)
+        torch.testing.assert_close(norm_act.norm_act_pool(norm, act, pool, x), pool(act(norm(x))))
+    assert not norm_act.pool2(nn.AvgPool3d(2), x[:, :, :1])  # a side of 1: no window
+
+
+@needs_kernel
+def test_a_densenets_transitions_run_the_pooled_kernel(monkeypatch):
+    calls = []
+    real = norm_act.batch_norm_relu
+    monkeypatch.setattr(norm_act, "batch_norm_relu", lambda *a, **k: calls.append(k) or real(*a, **k))
+    model = densenet().train()
+    model(torch.randn(2, 1, 12, 12, 12).to(memory_format=CL))
+    assert sum(call.get("pooled", False) for call in calls) == len(model.transitions) == 2
+
+
 def densenet(**hparams) -> nn.Module:
     backbone = get_backbone("densenet3d")
     hparams = backbone.hparams({"width": 0.25, "num_blocks": 3, "layers_per_block": 2, **hparams})
@@ -189,7 +243,7 @@ def test_tracing_records_pytorchs_own_ops():
 def test_without_the_kernel_networks_run_pytorchs_ops():
     script = (
         "import torch\n"
-        "from psc_nas.nets._layers import NormActSequential\n"
+        "from psc_nas.nets._layers import AvgPool2, NormActSequential\n"
         "from psc_nas.ops import norm_act\n"
         "seq = NormActSequential(torch.nn.BatchNorm3d(3), torch.nn.ReLU())\n"
         "assert not seq.fuse and not norm_act.KERNEL.available()\n"

@@ -84,11 +84,12 @@ class DenseBlock(nn.Module):
 
 class Transition(NormActSequential):
     """BN ─ ReLU ─ conv 1x1x1 ─ avgpool 2x2x2, computed with the pooling before the conv (they commute; the conv then
-    runs on an eighth of the voxels). The modules keep the paper order's indices, so state_dicts keep their keys."""
+    runs on an eighth of the voxels), and where the kernel applies the BN ─ ReLU and the pooling as one pass
+    (``ops.norm_act.norm_act_pool``). The modules keep the paper order's indices, so state_dicts keep their keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, activation, conv, pool = self
-        return conv(pool(fused.norm_act(norm, activation, x) if self.fuse else activation(norm(x))))
+        return conv(fused.norm_act_pool(norm, activation, pool, x) if self.fuse else pool(activation(norm(x))))
 
 
 class DenseNet3d(nn.Module):

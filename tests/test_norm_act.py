@@ -21,6 +21,7 @@ from psc_nas.device import place
 from psc_nas.evaluators import zero_cost
 from psc_nas.nets import get_backbone
 from psc_nas.nets._layers import AvgPool2, NormActSequential
+from psc_nas.nets.densenet3d import DenseBlock
 from psc_nas.ops import implementation, norm_act
 
 needs_kernel = pytest.mark.skipif(not norm_act.KERNEL.available(), reason="no C++ compiler: the fallback is tested")
@@ -170,6 +171,72 @@ def test_a_densenets_transitions_run_the_pooled_kernel(monkeypatch):
     assert sum(call.get("pooled", False) for call in calls) == len(model.transitions) == 2
 
 
+@needs_kernel
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_the_kernel_reads_pieces_as_their_concatenation_to_the_bit(pooled, training):
+    # a DenseNet block's features: the block input and each layer's output, never concatenated
+    x, _, norm = inputs(34, (2, 6, 5, 8))
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    norm.train(training)
+    twin, act, pool = copy.deepcopy(norm), nn.ReLU(), AvgPool2()
+    split = [x[:, :5], x[:, 5:33], x[:, 33:]]  # 5, 28 and 1 channels
+    split = [piece.contiguous(memory_format=CL).requires_grad_(training) for piece in split]
+    whole = x.clone().requires_grad_(training)
+    with torch.set_grad_enabled(training):
+        assert norm_act.fusable(norm, act, split)
+    results = []
+    for features, bn in ((split, norm), (whole, twin)):
+        with torch.set_grad_enabled(training):
+            y = norm_act.norm_act_pool(bn, act, pool, features) if pooled else norm_act.norm_act(bn, act, features)
+        results.append([y, bn.running_mean, bn.running_var])
+        if training:
+            y.backward(torch.ones_like(y).mul_(torch.arange(y.numel()).view_as(y) % 7 - 3))
+            results[-1] += [bn.weight.grad, bn.bias.grad]
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    if training:
+        assert torch.equal(torch.cat([piece.grad for piece in split], 1), whole.grad)
+    # pieces that the kernel cannot read are concatenated for PyTorch's ops
+    ncdhw = [split[0].detach().contiguous(), split[1].detach(), split[2].detach()]
+    assert not norm_act.fusable(norm, act, ncdhw)
+    norm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(norm_act.norm_act(norm, act, ncdhw), act(norm(torch.cat(ncdhw, 1))))
+
+
+@needs_kernel
+def test_a_densenets_blocks_hand_on_pieces_and_nothing_is_concatenated(monkeypatch):
+    model = densenet().train()
+    x = torch.randn(2, 1, 12, 12, 12).to(memory_format=CL)
+    results = []
+    for run in ("pieces", "concatenated"):
+        if run == "concatenated":  # the block as it was: each layer's input concatenated
+            monkeypatch.setattr(DenseBlock, "forward", lambda self, h: _concatenating_block(self, h))
+        cats = []
+        real = torch.cat
+        monkeypatch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or real(*a, **k))
+        model.zero_grad()
+        y = model(x)
+        monkeypatch.setattr(torch, "cat", real)
+        y.square().mean().backward()
+        results.append((len(cats), y.detach(), [p.grad.clone() for p in model.parameters()]))
+    (cats, y1, g1), (cats0, y0, g0) = results
+    assert cats == 0 and cats0 == 2 * 3  # 3 blocks of 2 layers (the head joins the side outputs in both)
+    assert torch.equal(y1, y0)  # the same values; the gradients differ in the order their sums are taken
+    for got, want in zip(g1, g0):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _concatenating_block(block: DenseBlock, h: torch.Tensor) -> torch.Tensor:
+    h = norm_act.joined(h)
+    for layer in block.layers:
+        h = torch.cat([h, layer(h)], dim=1)
+    return h
+
+
 def densenet(**hparams) -> nn.Module:
     backbone = get_backbone("densenet3d")
     hparams = backbone.hparams({"width": 0.25, "num_blocks": 3, "layers_per_block": 2, **hparams})
@@ -243,7 +310,7 @@ def test_tracing_records_pytorchs_own_ops():
 def test_without_the_kernel_networks_run_pytorchs_ops():
     script = (
         "import torch\n"
-        "from psc_nas.nets._layers import AvgPool2, NormActSequential\n"
+        "from psc_nas.nets._layers import NormActSequential\n"
         "from psc_nas.ops import norm_act\n"
         "seq = NormActSequential(torch.nn.BatchNorm3d(3), torch.nn.ReLU())\n"
         "assert not seq.fuse and not norm_act.KERNEL.available()\n"

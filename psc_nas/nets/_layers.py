@@ -145,11 +145,15 @@ class NormActSequential(nn.Sequential):
         # Build (once per machine) or load the kernel now, not inside the first timed forward.
         self.fuse = pairs and requested_impl() != "reference" and fused.KERNEL.available()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: fused.Features) -> torch.Tensor:
+        """``x``: a tensor, or the pieces of its concatenation along the channels (a DenseNet block's features), which
+        a leading fused BN ─ ReLU reads where they are; any other first module gets them concatenated."""
         if not self.fuse:
-            return super().forward(x)
+            return super().forward(fused.joined(x))
         modules = list(self)
         index = 0
+        if not isinstance(x, torch.Tensor) and not (len(modules) > 1 and fused.fusable(modules[0], modules[1], x)):
+            x = fused.joined(x)
         while index < len(modules):
             module = modules[index]
             if index + 1 < len(modules) and fused.fusable(module, modules[index + 1], x):

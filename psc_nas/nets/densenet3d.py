@@ -72,14 +72,29 @@ def preact_cost(spec: Op, spatial: Spatial) -> tuple[Cost, Spatial]:
 
 
 class DenseBlock(nn.Module):
+    """Each layer reads the concatenation of the block's input and every earlier layer's output; so does what follows
+    the block. Where the layers' BN ─ ReLU runs as the fused kernel, that concatenation is never built: the block
+    returns its features as pieces, which the kernel reads where they are (``ops.norm_act``: the same values to the
+    bit), and each piece's gradient is the sum of its readers'. Concatenated, a layer's input was copied again by
+    every later layer: csn_ip's training step at 32³, batch 4, spent 53 ms of about 500 in ``torch.cat`` (the head's
+    join of the side outputs, now read as pieces too, included), and its peak memory fell from 1.69 to 1.11 GB
+    without the copies (docs/benchmarks/ops.md)."""
+
     def __init__(self, layers: list[nn.Module]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: fused.Features) -> fused.Features:
+        features = fused.pieces(x)
+        first = self.layers[0] if len(self.layers) else None
+        if not (isinstance(first, NormActSequential) and first.fuse and fused.fusable(first[0], first[1], features)):
+            h = fused.joined(features)  # PyTorch's ops (or a hooked, traced or reference network): concatenate
+            for layer in self.layers:
+                h = torch.cat([h, layer(h)], dim=1)
+            return h
         for layer in self.layers:
-            x = torch.cat([x, layer(x)], dim=1)
-        return x
+            features.append(layer(features))
+        return features
 
 
 class Transition(NormActSequential):
@@ -87,9 +102,11 @@ class Transition(NormActSequential):
     runs on an eighth of the voxels), and where the kernel applies the BN ─ ReLU and the pooling as one pass
     (``ops.norm_act.norm_act_pool``). The modules keep the paper order's indices, so state_dicts keep their keys."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: fused.Features) -> torch.Tensor:
         norm, activation, conv, pool = self
-        return conv(fused.norm_act_pool(norm, activation, pool, x) if self.fuse else pool(activation(norm(x))))
+        if not self.fuse:
+            return conv(pool(activation(norm(fused.joined(x)))))
+        return conv(fused.norm_act_pool(norm, activation, pool, x))
 
 
 class DenseNet3d(nn.Module):
@@ -118,7 +135,7 @@ class DenseNet3d(nn.Module):
             h = block(transition(h))
             sides.append(side(h))
         upsampled = [upsample_trilinear(s, size) for s in sides]
-        return self.head(torch.cat(upsampled, dim=1))
+        return self.head(upsampled)  # pieces: the head's BN ─ ReLU reads them where they are (or concatenates them)
 
 
 def check_size(spatial: tuple[int, ...], min_size: int) -> Spatial:

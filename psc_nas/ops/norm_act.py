@@ -29,6 +29,7 @@ the two may disagree on the ReLU mask, as any two correct implementations may.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -77,14 +78,56 @@ std::vector<torch::Tensor> channel_sums(int64_t rows, int64_t C, const torch::Te
   return {sum1.sum(0), sum2.sum(0)};
 }
 
-// y = max(x * a + b, 0) over rows [r0, r1).
-void apply_rows(const float* x, const float* a, const float* b, float* y, int64_t r0, int64_t r1, int64_t C) {
+// A 5-D float32 CPU tensor in channels_last_3d: a (rows, C) matrix in memory.
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d), name, " must be 5-D channels_last_3d");
+}
+
+// A per-channel float32 vector of C values.
+void check_channels(const torch::Tensor& t, int64_t C, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == C, name,
+              " must be a contiguous float32 CPU vector of one value per channel");
+}
+
+// The input x: one tensor, or the pieces of its concatenation along the channels (a DenseNet's features, never
+// concatenated): piece p holds channels [offset[p], offset[p] + width[p]) of C as a (rows, width[p]) matrix. Every
+// kernel walks the rows once and, within a row, the pieces in order; a channel's arithmetic is the same whether x
+// comes whole or in pieces, so are its results, to the bit.
+struct Pieces {
+  std::vector<const float*> x;
+  std::vector<int64_t> width, offset;
+  int64_t N = 0, C = 0, D = 0, H = 0, W = 0, rows = 0;
+  explicit Pieces(const std::vector<torch::Tensor>& xs) {
+    TORCH_CHECK(!xs.empty(), "x: at least one tensor");
+    const auto& first = xs[0];
+    for (const auto& t : xs) {
+      check_rows(t, "x");
+      TORCH_CHECK(t.size(0) == first.size(0) && t.size(2) == first.size(2) && t.size(3) == first.size(3) &&
+                      t.size(4) == first.size(4) && t.size(1) > 0,
+                  "x: pieces differ in batch or spatial size, or have no channel");
+      x.push_back(t.data_ptr<float>());
+      width.push_back(t.size(1));
+      offset.push_back(C);
+      C += t.size(1);
+    }
+    N = first.size(0), D = first.size(2), H = first.size(3), W = first.size(4), rows = N * D * H * W;
+  }
+  int64_t count() const { return static_cast<int64_t>(x.size()); }
+  const float* row(int64_t p, int64_t r) const { return x[p] + r * width[p]; }
+};
+
+// y = max(x * a + b, 0) over rows [r0, r1), y a (rows, C) matrix.
+void apply_rows(const Pieces& in, const float* a, const float* b, float* y, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    const float* in = x + r * C;
-    float* out = y + r * C;
+    for (int64_t p = 0; p < in.count(); ++p) {
+      const int64_t w = in.width[p], o = in.offset[p];
+      const float *xr = in.row(p, r), *ap = a + o, *bp = b + o;
+      float* out = y + r * in.C + o;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      out[c] = std::max(in[c] * a[c] + b[c], 0.f);
+      for (int64_t c = 0; c < w; ++c) {
+        out[c] = std::max(xr[c] * ap[c] + bp[c], 0.f);
+      }
     }
   }
 }
@@ -92,28 +135,30 @@ void apply_rows(const float* x, const float* a, const float* b, float* y, int64_
 // The 2x2x2 average pool (stride 2, floor) of max(x * a + b, 0), x a (N, D, H, W, C) array: y (N, D/2, H/2, W/2, C),
 // output rows [q0, q1). The eight terms are added in pairs along D, then H, then W and scaled by 1/8, the order of
 // ``nets._layers.AvgPool2``'s tensor ops, so the result is theirs on ``bnr_apply``'s output to the bit.
-void apply_pool_rows(const float* x, const float* a, const float* b, float* y, int64_t q0, int64_t q1, int64_t C,
-                     int64_t D, int64_t H, int64_t W) {
-  const int64_t d2 = D / 2, h2 = H / 2, w2 = W / 2;
-  const int64_t sz = H * W * C, sy = W * C;
+void apply_pool_rows(const Pieces& in, const float* a, const float* b, float* y, int64_t q0, int64_t q1) {
+  const int64_t D = in.D, H = in.H, W = in.W, d2 = D / 2, h2 = H / 2, w2 = W / 2;
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t i = q % w2, t = q / w2, j = t % h2, k = t / h2 % d2, n = t / h2 / d2;
-    const float* p = x + (((n * D + 2 * k) * H + 2 * j) * W + 2 * i) * C;
-    float* out = y + q * C;
+    const int64_t first = ((n * D + 2 * k) * H + 2 * j) * W + 2 * i;  // the window's first row
+    for (int64_t p = 0; p < in.count(); ++p) {
+      const int64_t w = in.width[p], o = in.offset[p], sz = H * W * w, sy = W * w;
+      const float *x = in.row(p, first), *ap = a + o, *bp = b + o;
+      float* out = y + q * in.C + o;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      auto v = [&](int64_t offset) { return std::max(p[offset + c] * a[c] + b[c], 0.f); };
-      const float w0 = (v(0) + v(sz)) + (v(sy) + v(sz + sy));
-      const float w1 = (v(C) + v(sz + C)) + (v(sy + C) + v(sz + sy + C));
-      out[c] = (w0 + w1) * 0.125f;
+      for (int64_t c = 0; c < w; ++c) {
+        auto v = [&](int64_t offset) { return std::max(x[offset + c] * ap[c] + bp[c], 0.f); };
+        const float w0 = (v(0) + v(sz)) + (v(sy) + v(sz + sy));
+        const float w1 = (v(w) + v(sz + w)) + (v(sy + w) + v(sz + sy + w));
+        out[c] = (w0 + w1) * 0.125f;
+      }
     }
   }
 }
 
-// The gradient arriving at row r of x, read row by row from a cursor (``at(r)``, then ``next()``): ``Full``, a
-// tensor of x's shape; ``Pooled``, that of a 2x2x2 average pool after the BN ─ ReLU (already scaled by 1/8 by the
-// caller), whose value reaches each of its eight rows; rows the pool's floor drops read a row of zeros, so every row
-// runs the arithmetic of the unfused backward, whose gradient is zero there.
+// The gradient arriving at row r of x (C channels), read row by row from a cursor (``at(r)``, then ``next()``):
+// ``Full``, a tensor of x's shape; ``Pooled``, that of a 2x2x2 average pool after the BN ─ ReLU (already scaled by
+// 1/8 by the caller), whose value reaches each of its eight rows; rows the pool's floor drops read a row of zeros, so
+// every row runs the arithmetic of the unfused backward, whose gradient is zero there.
 struct Full {
   const float* g;
   int64_t C;
@@ -154,189 +199,206 @@ struct Pooled {
   }
 };
 
-// dx = (x * a + b > 0 ? g * a : 0) + x * k1 + k0
-template <typename Grad>
-void grad_input_rows(const Grad& grad, const float* x, const float* a, const float* b, const float* k1,
-                     const float* k0, float* dx, int64_t r0, int64_t r1, int64_t C) {
-  auto cursor = grad.at(r0);
-  for (int64_t r = r0; r < r1; ++r, cursor.next()) {
-    const float* gr = cursor.row();
-    const float* xr = x + r * C;
-    float* out = dx + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const float gm = xr[c] * a[c] + b[c] > 0.f ? gr[c] * a[c] : 0.f;
-      out[c] = gm + xr[c] * k1[c] + k0[c];
-    }
-  }
-}
-
-// A 5-D float32 CPU tensor in channels_last_3d: a (rows, C) matrix in memory.
-void check_rows(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
-  TORCH_CHECK(t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d), name, " must be 5-D channels_last_3d");
-}
-
-// g is x's gradient (x's shape) or that of its 2x2x2 average pool (N, C, D/2, H/2, W/2): whether the latter.
-bool pooled_grad(const torch::Tensor& g, const torch::Tensor& x) {
-  if (g.sizes() == x.sizes()) return false;
-  TORCH_CHECK(g.size(0) == x.size(0) && g.size(1) == x.size(1) && g.size(2) == x.size(2) / 2 &&
-                  g.size(3) == x.size(3) / 2 && g.size(4) == x.size(4) / 2,
+// g is the gradient of the BN ─ ReLU's output, (N, C, D, H, W), or of its 2x2x2 average pool, (N, C, D/2, H/2, W/2):
+// whether the latter.
+bool pooled_grad(const torch::Tensor& g, const Pieces& in) {
+  check_rows(g, "grad");
+  TORCH_CHECK(g.size(0) == in.N && g.size(1) == in.C, "grad: not the BN ─ ReLU output's batch and channels");
+  if (g.size(2) == in.D && g.size(3) == in.H && g.size(4) == in.W) return false;
+  TORCH_CHECK(g.size(2) == in.D / 2 && g.size(3) == in.H / 2 && g.size(4) == in.W / 2,
               "grad must have x's shape or that of x's 2x2x2 average pool");
   return true;
 }
 
-// A per-channel float32 vector of C values.
-void check_channels(const torch::Tensor& t, int64_t C, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == C, name,
-              " must be a contiguous float32 CPU vector of one value per channel");
+// dx = (x * a + b > 0 ? g * a : 0) + x * k1 + k0, one (rows, width) matrix per piece.
+template <typename Grad>
+void grad_input_rows(const Grad& grad, const Pieces& in, const float* a, const float* b, const float* k1,
+                     const float* k0, const std::vector<float*>& dx, int64_t r0, int64_t r1) {
+  auto cursor = grad.at(r0);
+  for (int64_t r = r0; r < r1; ++r, cursor.next()) {
+    const float* row = cursor.row();
+    for (int64_t p = 0; p < in.count(); ++p) {
+      const int64_t w = in.width[p], o = in.offset[p];
+      const float *gr = row + o, *xr = in.row(p, r), *ap = a + o, *bp = b + o, *k1p = k1 + o, *k0p = k0 + o;
+      float* out = dx[p] + r * w;
+#pragma omp simd
+      for (int64_t c = 0; c < w; ++c) {
+        const float gm = xr[c] * ap[c] + bp[c] > 0.f ? gr[c] * ap[c] : 0.f;
+        out[c] = gm + xr[c] * k1p[c] + k0p[c];
+      }
+    }
+  }
+}
+
+template <typename Grad>
+std::vector<torch::Tensor> grad_sums(const Grad& grad, const Pieces& in, const torch::TensorOptions& options,
+                                     const float* a, const float* b, const float* mean) {
+  return channel_sums(in.rows, in.C, options, [&](int64_t r0, int64_t r1, float* b1, float* b2) {
+    auto cursor = grad.at(r0);
+    for (int64_t r = r0; r < r1; ++r, cursor.next()) {
+      const float* row = cursor.row();
+      for (int64_t p = 0; p < in.count(); ++p) {
+        const int64_t w = in.width[p], o = in.offset[p];
+        const float *gr = row + o, *xr = in.row(p, r), *ap = a + o, *bp = b + o, *mp = mean + o;
+        float *s1 = b1 + o, *s2 = b2 + o;
+#pragma omp simd
+        for (int64_t c = 0; c < w; ++c) {
+          const float gm = xr[c] * ap[c] + bp[c] > 0.f ? gr[c] : 0.f;
+          s1[c] += gm;
+          s2[c] += gm * (xr[c] - mp[c]);
+        }
+      }
+    }
+  });
 }
 
 }  // namespace
 
+// x: a list of one tensor, or of the pieces of its concatenation along the channels (Pieces); every tensor is 5-D
+// channels_last_3d float32, and a, b, mean, k1, k0 are per-channel vectors of x's channels.
+
 // (x's first row, sum of x - first row, sum of (x - first row)^2): per channel, the sums in float64.
-std::vector<torch::Tensor> bnr_stats(torch::Tensor x) {
-  check_rows(x, "x");
-  const int64_t C = x.size(1), rows = x.numel() / C;
-  auto shift = x.permute({0, 2, 3, 4, 1}).reshape({rows, C})[0].contiguous();
-  const float* xp = x.data_ptr<float>();
-  const float* sp = shift.data_ptr<float>();
-  auto sums = channel_sums(rows, C, x.options(), [&](int64_t r0, int64_t r1, float* b1, float* b2) {
+std::vector<torch::Tensor> bnr_stats(std::vector<torch::Tensor> xs) {
+  const Pieces in(xs);
+  auto shift = at::empty({in.C}, xs[0].options().memory_format(at::MemoryFormat::Contiguous));
+  float* sp = shift.data_ptr<float>();
+  for (int64_t p = 0; p < in.count(); ++p) std::copy(in.row(p, 0), in.row(p, 0) + in.width[p], sp + in.offset[p]);
+  auto sums = channel_sums(in.rows, in.C, xs[0].options(), [&](int64_t r0, int64_t r1, float* b1, float* b2) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float* row = xp + r * C;
+      for (int64_t p = 0; p < in.count(); ++p) {
+        const int64_t w = in.width[p], o = in.offset[p];
+        const float *row = in.row(p, r), *first = sp + o;
+        float *s1 = b1 + o, *s2 = b2 + o;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float d = row[c] - sp[c];
-        b1[c] += d;
-        b2[c] += d * d;
+        for (int64_t c = 0; c < w; ++c) {
+          const float d = row[c] - first[c];
+          s1[c] += d;
+          s2[c] += d * d;
+        }
       }
     }
   });
   return {shift, sums[0], sums[1]};
 }
 
-// max(x * a + b, 0), channels_last_3d.
-torch::Tensor bnr_apply(torch::Tensor x, torch::Tensor a, torch::Tensor b) {
-  check_rows(x, "x");
-  const int64_t C = x.size(1), rows = x.numel() / C;
-  check_channels(a, C, "a");
-  check_channels(b, C, "b");
-  auto y = at::empty_like(x);
-  const float *xp = x.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+// max(x * a + b, 0): (N, C, D, H, W), channels_last_3d.
+torch::Tensor bnr_apply(std::vector<torch::Tensor> xs, torch::Tensor a, torch::Tensor b) {
+  const Pieces in(xs);
+  check_channels(a, in.C, "a");
+  check_channels(b, in.C, "b");
+  auto y = at::empty({in.N, in.C, in.D, in.H, in.W}, xs[0].options().memory_format(at::MemoryFormat::ChannelsLast3d));
+  const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { apply_rows(xp, ap, bp, yp, r0, r1, C); });
+  at::parallel_for(0, in.rows, 256, [&](int64_t r0, int64_t r1) { apply_rows(in, ap, bp, yp, r0, r1); });
   return y;
 }
 
 // The 2x2x2 average pool (stride 2, floor) of max(x * a + b, 0): (N, C, D/2, H/2, W/2), channels_last_3d. The
 // full-size activation is never written.
-torch::Tensor bnr_apply_pool2(torch::Tensor x, torch::Tensor a, torch::Tensor b) {
-  check_rows(x, "x");
-  const int64_t N = x.size(0), C = x.size(1), D = x.size(2), H = x.size(3), W = x.size(4);
-  TORCH_CHECK(D >= 2 && H >= 2 && W >= 2, "bnr_apply_pool2: every spatial side at least 2");
-  check_channels(a, C, "a");
-  check_channels(b, C, "b");
-  auto y = at::empty({N, C, D / 2, H / 2, W / 2}, x.options().memory_format(at::MemoryFormat::ChannelsLast3d));
-  const float *xp = x.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+torch::Tensor bnr_apply_pool2(std::vector<torch::Tensor> xs, torch::Tensor a, torch::Tensor b) {
+  const Pieces in(xs);
+  TORCH_CHECK(in.D >= 2 && in.H >= 2 && in.W >= 2, "bnr_apply_pool2: every spatial side at least 2");
+  check_channels(a, in.C, "a");
+  check_channels(b, in.C, "b");
+  auto y = at::empty({in.N, in.C, in.D / 2, in.H / 2, in.W / 2},
+                     xs[0].options().memory_format(at::MemoryFormat::ChannelsLast3d));
+  const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, y.numel() / C, 32,
-                   [&](int64_t q0, int64_t q1) { apply_pool_rows(xp, ap, bp, yp, q0, q1, C, D, H, W); });
+  at::parallel_for(0, y.numel() / in.C, 32, [&](int64_t q0, int64_t q1) { apply_pool_rows(in, ap, bp, yp, q0, q1); });
   return y;
 }
 
-namespace {
-
-template <typename Grad>
-std::vector<torch::Tensor> grad_sums(const Grad& grad, const torch::Tensor& x, const float* a, const float* b,
-                                     const float* mean) {
-  const int64_t C = x.size(1), rows = x.numel() / C;
-  const float* xp = x.data_ptr<float>();
-  return channel_sums(rows, C, x.options(), [&](int64_t r0, int64_t r1, float* b1, float* b2) {
-    auto cursor = grad.at(r0);
-    for (int64_t r = r0; r < r1; ++r, cursor.next()) {
-      const float* gr = cursor.row();
-      const float* xr = xp + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float gm = xr[c] * a[c] + b[c] > 0.f ? gr[c] : 0.f;
-        b1[c] += gm;
-        b2[c] += gm * (xr[c] - mean[c]);
-      }
-    }
-  });
-}
-
-}  // namespace
-
-// (sum of g where x * a + b > 0, sum of g * (x - mean) there) per channel, float64; g of x's shape or of its
-// 2x2x2 average pool (pooled_grad).
-std::vector<torch::Tensor> bnr_grad_sums(torch::Tensor g, torch::Tensor x, torch::Tensor a, torch::Tensor b,
-                                         torch::Tensor mean) {
-  check_rows(x, "x");
-  check_rows(g, "grad");
-  const int64_t C = x.size(1);
-  check_channels(a, C, "a");
-  check_channels(b, C, "b");
-  check_channels(mean, C, "mean");
+// (sum of g where x * a + b > 0, sum of g * (x - mean) there) per channel, float64; g the gradient of the output
+// or of its 2x2x2 average pool (pooled_grad).
+std::vector<torch::Tensor> bnr_grad_sums(torch::Tensor g, std::vector<torch::Tensor> xs, torch::Tensor a,
+                                         torch::Tensor b, torch::Tensor mean) {
+  const Pieces in(xs);
+  check_channels(a, in.C, "a");
+  check_channels(b, in.C, "b");
+  check_channels(mean, in.C, "mean");
+  const bool pooled = pooled_grad(g, in);
   const float *gp = g.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(),
               *mp = mean.data_ptr<float>();
-  const std::vector<float> zeros(C, 0.f);
-  if (pooled_grad(g, x)) return grad_sums(Pooled{gp, zeros.data(), C, x.size(2), x.size(3), x.size(4)}, x, ap, bp, mp);
-  return grad_sums(Full{gp, C}, x, ap, bp, mp);
+  const std::vector<float> zeros(in.C, 0.f);
+  if (pooled) return grad_sums(Pooled{gp, zeros.data(), in.C, in.D, in.H, in.W}, in, xs[0].options(), ap, bp, mp);
+  return grad_sums(Full{gp, in.C}, in, xs[0].options(), ap, bp, mp);
 }
 
-// (x * a + b > 0 ? g * a : 0) + x * k1 + k0, channels_last_3d; g as in bnr_grad_sums.
-torch::Tensor bnr_grad_input(torch::Tensor g, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor k1,
-                             torch::Tensor k0) {
-  check_rows(x, "x");
-  check_rows(g, "grad");
-  const bool pooled = pooled_grad(g, x);
-  const int64_t C = x.size(1), rows = x.numel() / C;
+// (x * a + b > 0 ? g * a : 0) + x * k1 + k0: one tensor per piece of x, of its shape; g as in bnr_grad_sums.
+std::vector<torch::Tensor> bnr_grad_input(torch::Tensor g, std::vector<torch::Tensor> xs, torch::Tensor a,
+                                          torch::Tensor b, torch::Tensor k1, torch::Tensor k0) {
+  const Pieces in(xs);
   for (const auto& [t, name] : {std::pair{&a, "a"}, std::pair{&b, "b"}, std::pair{&k1, "k1"}, std::pair{&k0, "k0"}}) {
-    check_channels(*t, C, name);
+    check_channels(*t, in.C, name);
   }
-  auto dx = at::empty_like(x);
-  const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>(), *ap = a.data_ptr<float>(),
-              *bp = b.data_ptr<float>(), *k1p = k1.data_ptr<float>(), *k0p = k0.data_ptr<float>();
-  float* dp = dx.data_ptr<float>();
-  const std::vector<float> zeros(C, 0.f);
-  const Pooled pooled_rows{gp, zeros.data(), C, x.size(2), x.size(3), x.size(4)};
-  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
-    if (pooled) return grad_input_rows(pooled_rows, xp, ap, bp, k1p, k0p, dp, r0, r1, C);
-    grad_input_rows(Full{gp, C}, xp, ap, bp, k1p, k0p, dp, r0, r1, C);
+  const bool pooled = pooled_grad(g, in);
+  std::vector<torch::Tensor> dxs;
+  std::vector<float*> dp;
+  for (const auto& t : xs) {
+    dxs.push_back(at::empty_like(t));
+    dp.push_back(dxs.back().data_ptr<float>());
+  }
+  const float *gp = g.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(),
+              *k1p = k1.data_ptr<float>(), *k0p = k0.data_ptr<float>();
+  const std::vector<float> zeros(in.C, 0.f);
+  const Pooled pooled_rows{gp, zeros.data(), in.C, in.D, in.H, in.W};
+  at::parallel_for(0, in.rows, 256, [&](int64_t r0, int64_t r1) {
+    if (pooled) return grad_input_rows(pooled_rows, in, ap, bp, k1p, k0p, dp, r0, r1);
+    grad_input_rows(Full{gp, in.C}, in, ap, bp, k1p, k0p, dp, r0, r1);
   });
-  return dx;
+  return dxs;
 }
 """
 FUNCTIONS = ["bnr_stats", "bnr_apply", "bnr_apply_pool2", "bnr_grad_sums", "bnr_grad_input"]
-KERNEL = native.Extension("norm_act", 3, SOURCE, FUNCTIONS, "the BatchNorm-ReLU C++ kernel")
+KERNEL = native.Extension("norm_act", 4, SOURCE, FUNCTIONS, "the BatchNorm-ReLU C++ kernel")
+
+# A tensor, or the pieces of its concatenation along the channels (dim 1) that no one has concatenated: a DenseNet
+# block's features. The fused kernel reads the pieces where they are; every other path concatenates them (``joined``).
+Features = torch.Tensor | Sequence[torch.Tensor]
 
 
-def fusable(norm: nn.Module, act: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``act(norm(x))`` may run as the fused kernel (module docstring)."""
+def pieces(x: Features) -> list[torch.Tensor]:
+    return [x] if isinstance(x, torch.Tensor) else list(x)
+
+
+def joined(x: Features) -> torch.Tensor:
+    """``x`` as one tensor: the concatenation of its pieces (a lone piece as it is)."""
+    return x if isinstance(x, torch.Tensor) else x[0] if len(x) == 1 else torch.cat(list(x), dim=1)
+
+
+def fusable(norm: nn.Module, act: nn.Module, x: Features) -> bool:
+    """Whether ``act(norm(x))`` may run as the fused kernel (module docstring); pieces of x must each qualify and
+    share their batch and spatial sizes."""
+    if not (type(norm) is nn.BatchNorm3d and type(act) is nn.ReLU and norm.affine):
+        return False
+    if tracing():  # before any check that reads tensor sizes into a traced graph
+        return False
+    xs = pieces(x)
+    first = xs[0]
     return (
-        type(norm) is nn.BatchNorm3d
-        and type(act) is nn.ReLU
-        and norm.affine
-        and not tracing()  # first: the checks below would read tensor sizes into a traced graph
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and norm.weight.dtype == torch.float32
-        and x.dim() == 5
-        and x.numel() > x.shape[1] > 0  # more than one value per channel, as training needs
-        and x.is_contiguous(memory_format=torch.channels_last_3d)
-        and (_batch_stats(norm) or not _needs_grad(norm, x))
+        norm.weight.dtype == torch.float32
+        and all(
+            t.device.type == "cpu"
+            and t.dtype == torch.float32
+            and t.dim() == 5
+            and t.numel() > t.shape[1] > 0  # more than one value per channel, as training needs
+            and t.is_contiguous(memory_format=torch.channels_last_3d)
+            and t.shape[0] == first.shape[0]
+            and t.shape[2:] == first.shape[2:]
+            for t in xs
+        )
+        and (_batch_stats(norm) or not any(_needs_grad(norm, t) for t in xs))
         and not (_observed(norm) or _observed(act) or _global_hooks())
         and KERNEL.available()
     )
 
 
-def norm_act(norm: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``act(norm(x))``, by the fused kernel where it applies."""
-    return batch_norm_relu(x, norm) if fusable(norm, act, x) else act(norm(x))  # type: ignore[arg-type]
+def norm_act(norm: nn.Module, act: nn.Module, x: Features) -> torch.Tensor:
+    """``act(norm(x))`` (of the concatenation, for pieces), by the fused kernel where it applies."""
+    return batch_norm_relu(x, norm) if fusable(norm, act, x) else act(norm(joined(x)))  # type: ignore[arg-type]
 
 
-def pool2(pool: nn.Module, x: torch.Tensor) -> bool:
+def pool2(pool: nn.Module, x: Features) -> bool:
     """Whether ``pool`` is the 2x2x2 average pool the kernel fuses (stride 2, no padding, floor) and ``x`` has room
     for one window along every side."""
     return (
@@ -346,11 +408,11 @@ def pool2(pool: nn.Module, x: torch.Tensor) -> bool:
         and not pool.ceil_mode
         and pool.divisor_override is None
         and not _observed(pool)
-        and min(x.shape[2:]) >= 2
+        and min(pieces(x)[0].shape[2:]) >= 2
     )
 
 
-def norm_act_pool(norm: nn.Module, act: nn.Module, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def norm_act_pool(norm: nn.Module, act: nn.Module, pool: nn.Module, x: Features) -> torch.Tensor:
     """``pool(act(norm(x)))``; where ``pool`` is a 2x2x2 average pool (``pool2``) and the BN ─ ReLU fuses, one kernel
     pools as it normalises, so the full-size activation is neither written nor read (forward), and its gradient is
     read from the pooled one (backward): a DenseNet3D transition."""
@@ -363,18 +425,20 @@ def _triple(value: Any) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
 
 
-def batch_norm_relu(x: torch.Tensor, norm: nn.BatchNorm3d, pooled: bool = False) -> torch.Tensor:
-    """``relu(norm(x))`` by the kernel, with ``norm``'s running statistics updated as its own forward would; with
-    ``pooled``, its 2x2x2 average pool (``pool2``), equal to the pool's tensor ops on the unpooled output to the bit
-    (``nets._layers.AvgPool2``), its gradient too."""
+def batch_norm_relu(x: Features, norm: nn.BatchNorm3d, pooled: bool = False) -> torch.Tensor:
+    """``relu(norm(x))`` by the kernel (of the concatenation, for pieces, each of which gets its own gradient), with
+    ``norm``'s running statistics updated as its own forward would; with ``pooled``, its 2x2x2 average pool
+    (``pool2``), equal to the pool's tensor ops on the unpooled output to the bit (``nets._layers.AvgPool2``), its
+    gradient too."""
+    xs = pieces(x)
     factor = 0.0
     if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
         factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
     if _batch_stats(norm):
-        y, mean, var = _BatchNormReLU.apply(x, norm.weight, norm.bias, norm.eps, pooled)
+        y, mean, var = _BatchNormReLU.apply(norm.weight, norm.bias, norm.eps, pooled, *xs)
         if norm.training and norm.track_running_stats and norm.running_mean is not None:
-            rows = x.numel() // x.shape[1]
+            rows = xs[0].numel() // xs[0].shape[1]
             with torch.no_grad():
                 norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
                 norm.running_var.lerp_((var * (rows / (rows - 1))).to(norm.running_var.dtype), factor)
@@ -383,15 +447,17 @@ def batch_norm_relu(x: torch.Tensor, norm: nn.BatchNorm3d, pooled: bool = False)
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
         shift = norm.bias - norm.running_mean * scale
         apply = KERNEL.module().bnr_apply_pool2 if pooled else KERNEL.module().bnr_apply
-        return apply(x, scale.float().contiguous(), shift.float().contiguous())
+        return apply(xs, scale.float().contiguous(), shift.float().contiguous())
 
 
 class _BatchNormReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, pooled: bool) -> tuple:
+    def forward(
+        ctx: Any, weight: torch.Tensor, bias: torch.Tensor, eps: float, pooled: bool, *xs: torch.Tensor
+    ) -> tuple:
         kernel = KERNEL.module()
-        rows = x.numel() // x.shape[1]
-        first, sums, squares = kernel.bnr_stats(x)
+        rows = xs[0].numel() // xs[0].shape[1]
+        first, sums, squares = kernel.bnr_stats(list(xs))
         offset = sums / rows
         mean64 = first.double() + offset
         var64 = (squares / rows - offset * offset).clamp_min(0.0)
@@ -399,30 +465,31 @@ class _BatchNormReLU(torch.autograd.Function):
         scale64 = weight.detach().double() * invstd64
         mean, invstd = mean64.float(), invstd64.float()
         scale, shift = scale64.float(), (bias.detach().double() - mean64 * scale64).float()
-        y = (kernel.bnr_apply_pool2 if pooled else kernel.bnr_apply)(x, scale, shift)
-        ctx.save_for_backward(x, scale, shift, mean, invstd)
+        y = (kernel.bnr_apply_pool2 if pooled else kernel.bnr_apply)(list(xs), scale, shift)
+        ctx.save_for_backward(scale, shift, mean, invstd, *xs)
         ctx.pooled = pooled
         ctx.mark_non_differentiable(mean64, var64)
         return y, mean64, var64
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor, _mean: Any, _var: Any) -> tuple:
-        x, scale, shift, mean, invstd = ctx.saved_tensors
+        scale, shift, mean, invstd, *xs = ctx.saved_tensors
         kernel = KERNEL.module()
         grad_y = grad_y.contiguous(memory_format=torch.channels_last_3d)
         if ctx.pooled:  # each of a window's eight inputs receives 1/8 of its output's gradient (kernel: pooled_grad)
             grad_y = grad_y * 0.125
-        rows = x.numel() // x.shape[1]
-        masked, masked_centred = kernel.bnr_grad_sums(grad_y, x, scale, shift, mean)  # float64
-        grad_x = None
-        if ctx.needs_input_grad[0]:
+        rows = xs[0].numel() // xs[0].shape[1]
+        masked, masked_centred = kernel.bnr_grad_sums(grad_y, xs, scale, shift, mean)  # float64
+        grad_xs: list[torch.Tensor | None] = [None] * len(xs)
+        if any(ctx.needs_input_grad[4:]):
             scale64, invstd64 = scale.double(), invstd.double()
             k1 = -scale64 * invstd64 * invstd64 * masked_centred / rows
             k0 = -scale64 * masked / rows - mean.double() * k1
-            grad_x = kernel.bnr_grad_input(grad_y, x, scale, shift, k1.float(), k0.float())
-        grad_weight = (masked_centred * invstd.double()).float() if ctx.needs_input_grad[1] else None
-        grad_bias = masked.float() if ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, None, None
+            every = kernel.bnr_grad_input(grad_y, xs, scale, shift, k1.float(), k0.float())
+            grad_xs = [grad if needed else None for grad, needed in zip(every, ctx.needs_input_grad[4:])]
+        grad_weight = (masked_centred * invstd.double()).float() if ctx.needs_input_grad[0] else None
+        grad_bias = masked.float() if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_bias, None, None, *grad_xs
 
 
 def _batch_stats(norm: nn.BatchNorm3d) -> bool:

@@ -152,15 +152,13 @@ class NormActSequential(nn.Sequential):
             return super().forward(fused.joined(x))
         modules = list(self)
         index = 0
-        if not isinstance(x, torch.Tensor) and not (len(modules) > 1 and fused.fusable(modules[0], modules[1], x)):
-            x = fused.joined(x)
         while index < len(modules):
             module = modules[index]
             if index + 1 < len(modules) and fused.fusable(module, modules[index + 1], x):
                 x = fused.batch_norm_relu(x, module)  # type: ignore[arg-type]
                 index += 2
             else:
-                x = module(x)
+                x = module(fused.joined(x))  # a tensor as it is; pieces concatenated
                 index += 1
         return x
 

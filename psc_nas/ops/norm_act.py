@@ -96,8 +96,8 @@ void check_channels(const torch::Tensor& t, int64_t C, const char* name) {
 
 // The input x: one tensor, or the pieces of its concatenation along the channels (a DenseNet's features, never
 // concatenated): piece p holds channels [offset[p], offset[p] + width[p]) of C as a (rows, width[p]) matrix. Every
-// kernel walks the rows once and, within a row, the pieces in order; a channel's arithmetic is the same whether x
-// comes whole or in pieces, so are its results, to the bit.
+// kernel walks the rows once, each row whole (whole_row); a channel's arithmetic is the same whether x comes whole
+// or in pieces, so are its results, to the bit.
 struct Pieces {
   std::vector<const float*> x;
   std::vector<int64_t> width, offset;
@@ -120,9 +120,9 @@ struct Pieces {
   int64_t count() const { return static_cast<int64_t>(x.size()); }
   const float* row(int64_t p, int64_t r) const { return x[p] + r * width[p]; }
   // Row r of x, all C channels in a row: in place for one piece, else the pieces' rows copied into ``buffer`` (C
-  // floats). The sums and the forward read rows whole: per piece, a DenseNet's 28 channels ran 16 in a vector and 12
-  // one at a time, and the backward's sums took 1.9x as long as over the concatenation (5 pieces, 152 channels, 32³,
-  // Xeon; 1.0x whole).
+  // floats). Every loop reads rows whole: looping per piece, a DenseNet's 28 channels ran 16 in a vector and 12 one
+  // at a time, and the backward's sums took 1.9x as long as over the concatenation (5 pieces, 152 channels, 32³,
+  // Xeon); over whole rows, as long.
   const float* whole_row(int64_t r, float* buffer) const {
     if (count() == 1) return row(0, r);
     for (int64_t p = 0; p < count(); ++p) std::memcpy(buffer + offset[p], row(p, r), sizeof(float) * width[p]);

@@ -331,9 +331,15 @@ DEPTHWISE_CASES = [  # (batch, channels, D, H, W, stride): odd sizes, strides 1 
     (1, 16, 6, 5, 9, (1, 2, 2)),
     (2, 28, 6, 5, 7, (1, 1, 1)),  # DenseNet3D's growth: a full block of 16 channels and a masked one of 12
     (1, 20, 5, 6, 4, (2, 2, 2)),
+    # W stride 1: the row-window weight gradient, by 1 / 2 blocks (three rows at once) and 3 / 4 blocks (one row), a
+    # group of four blocks then a masked one (70 channels), rows of one and two columns, a D stride
+    (2, 40, 5, 4, 6, (1, 1, 1)),
+    (1, 64, 4, 5, 3, (2, 1, 1)),
+    (2, 70, 4, 3, 2, (1, 1, 1)),
+    (1, 20, 3, 4, 1, (1, 1, 1)),
 ]
-# In float32 every case runs the AVX-512 weight gradient where the CPU has it (masked below 16 channels); in float64
-# the generic loop.
+# In float32 every case runs an AVX-512 weight gradient where the CPU has it (masked below 16 channels): the
+# row-window kernel where the W stride is 1, else the column kernel; in float64 the generic loop.
 
 
 def reference_grads(x, weight, stride, upstream):

@@ -3,11 +3,13 @@
 oneDNN's channels_last depthwise 3x3x3 *forward* runs near this machine's roofline, but its
 backward takes 30-65x as long (docs/benchmarks/ops.md, roofline.md). ``depthwise_conv3d`` keeps
 oneDNN's forward, computes the stride-1 input gradient as that forward on the spatially flipped
-kernel, and the weight gradient with the C++ kernel below: per output row, 16-channel block and
-kernel plane, 9 taps' accumulators in AVX-512 registers while the row's columns stream past (float32,
-3x3x3, any C: a last block of C % 16 channels has masked loads, since 2026-12-05 5.0-6.4x faster for DenseNet3D's
-C = 28 than the generic vectorised loop that ran it before; float64 and other kernels take that loop; 9 rather than
-all 27 taps at once since 2026-12-05: 1.09-1.34x faster at 32³, 0.83-1.16x at 64³, docs/benchmarks/ops.md). The
+kernel, and the weight gradient with the C++ kernel below. In float32, 3x3x3, any C (a last block of C % 16 channels
+has masked loads): where the W stride is 1, along input rows, each x vector loaded once for the three taps of its
+row and dy's columns kept in registers as a sliding window of three (since 2026-12-06: 1.05-1.87x the previous
+kernel's weight gradient, 1.54x at DenseNet3D's C = 28, 32³, batch 4; a training pass 1.05-1.21x), walked in bands of
+output rows plane by plane so that the input rows stay in L2; at other strides per output row, 16-channel block and
+kernel plane, 9 taps' accumulators in AVX-512 registers while the row's columns stream past (docs/benchmarks/ops.md).
+Float64 and other kernels take a generic vectorised loop. The
 kernel also has a forward (one register block per pixel over the taps) and a strided input gradient (a gather per
 input row, so threads never write the same row), used for strides other than 1 and by the benchmarks.
 Odd kernels with 'same' padding (``kernel // 2``), any stride, no bias, float32 or float64.
@@ -239,20 +241,33 @@ void weight_grad_rows(const T* x, const T* gy, T* partial, int64_t chunks, const
 // a zero row; in the first and last columns the taps that fall outside are skipped, in the same vector
 // code. Any C: the last block's loads and stores are masked to the channels it has (DenseNet3D's
 // growth of 28 channels is one full block and one of 12); the full blocks keep plain loads.
-bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, int64_t chunks, const Geometry& g) {
+//
+// A task is a band of ``band`` output rows (oh) of one sample, walked plane by plane (od), so that the input rows it
+// reads, 3 planes of band + 2 rows, stay in L2 while the next plane reuses two of the three: walked row by row through
+// whole planes, as before 2026-12-06, the 3 planes of a 64³ volume's rows (3 MB at C = 64) left L2 between one plane's
+// rows and the next plane's, and x came from memory three times (docs/benchmarks/ops.md).
+int64_t weight_grad_band(const Geometry& g, int64_t threads) {
+  const int64_t row_bytes = g.W * g.C * static_cast<int64_t>(sizeof(float));
+  const int64_t fits = std::max<int64_t>(1, (1 << 20) / (3 * row_bytes) - 2);  // 3 planes x (band + 2) rows <= 1 MiB
+  const int64_t shares = std::max<int64_t>(1, (g.N * g.OH + 4 * threads - 1) / (4 * threads));  // >= 4 tasks a thread
+  return std::min({fits, shares, g.OH});
+}
+
+int64_t weight_grad_tasks(const Geometry& g, int64_t band) { return g.N * ((g.OH + band - 1) / band); }
+
+bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, int64_t band, const Geometry& g) {
   if (g.KD != 3 || g.KH != 3 || g.KW != 3) return false;
-  const int64_t C = g.C, rows = g.N * g.OD * g.OH;
-  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  const int64_t C = g.C, bands = (g.OH + band - 1) / band;
   int64_t inner_lo, inner_hi;
   interior_columns(g, inner_lo, inner_hi);
   const std::vector<float> zero_row(g.W * C, 0.0f);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      float* acc_all = partial + chunk * 27 * C;
-      const int64_t stop = std::min(rows, (chunk + 1) * per_chunk);
-      for (int64_t r = chunk * per_chunk; r < stop; ++r) {
-        const int64_t oh = r % g.OH, od = (r / g.OH) % g.OD, n = r / (g.OH * g.OD);
-        const float* gyrow = gy + r * g.OW * C;
+  at::parallel_for(0, g.N * bands, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      float* acc_all = partial + task * 27 * C;
+      const int64_t n = task / bands, oh0 = task % bands * band, oh1 = std::min(g.OH, oh0 + band);
+      for (int64_t r = 0; r < g.OD * (oh1 - oh0); ++r) {
+        const int64_t od = r / (oh1 - oh0), oh = oh0 + r % (oh1 - oh0);
+        const float* gyrow = gy + ((n * g.OD + od) * g.OH + oh) * g.OW * C;
         const float* xrows[9];
         for (int64_t a = 0; a < 3; ++a)
           for (int64_t b = 0; b < 3; ++b) {
@@ -310,16 +325,123 @@ bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, i
   });
   return true;
 }
+
+// The same gradient where the W stride is 1, along input rows: on an x row of input columns p, tap k of the row's
+// three pairs x[p] with dy[p + 1 - k], so each x vector is loaded once for its three taps, and each dy vector once for
+// the three x it meets, kept in registers as a window of three columns that slides one column a step; the rows stream
+// contiguously through up to four blocks (64 channels) at once. R rows of the plane (R = 3 for up to two blocks, so
+// that 9 accumulators a block give the multiply-adds independent chains; 1 for three or four) read one dy row: per
+// column and block R + 1 loads for 3R multiply-adds, against 10 for 9 in the kernel above. G blocks of 16 channels
+// from c0, the last masked to m; ``acc`` is the first row's 3 taps, a row's taps 3 * C floats after the previous.
+template <int G, int R>
+inline void window_rows(const float* const* xrows, const float* gyrow, int64_t W, int64_t C, int64_t c0, __mmask16 m,
+                        float* acc_row) {
+  auto load = [&](const float* p, int blk) __attribute__((always_inline)) {
+    return blk == G - 1 ? _mm512_maskz_loadu_ps(m, p) : _mm512_loadu_ps(p);
+  };
+  __m512 acc[R][3][G], prev[G], cur[G];
+#pragma GCC unroll 4
+  for (int j = 0; j < G; ++j) {
+#pragma GCC unroll 3
+    for (int r = 0; r < R; ++r) acc[r][0][j] = acc[r][1][j] = acc[r][2][j] = _mm512_setzero_ps();
+    prev[j] = _mm512_setzero_ps();
+    cur[j] = load(gyrow + c0 + 16 * j, j);
+  }
+  for (int64_t p = 0; p < W; ++p) {
+    const bool more = p + 1 < W;
+#pragma GCC unroll 4
+    for (int j = 0; j < G; ++j) {
+      const __m512 next = more ? load(gyrow + (p + 1) * C + c0 + 16 * j, j) : _mm512_setzero_ps();
+#pragma GCC unroll 3
+      for (int r = 0; r < R; ++r) {
+        const __m512 xv = load(xrows[r] + p * C + c0 + 16 * j, j);
+        acc[r][0][j] = _mm512_fmadd_ps(xv, next, acc[r][0][j]);
+        acc[r][1][j] = _mm512_fmadd_ps(xv, cur[j], acc[r][1][j]);
+        acc[r][2][j] = _mm512_fmadd_ps(xv, prev[j], acc[r][2][j]);
+      }
+      prev[j] = cur[j];
+      cur[j] = next;
+    }
+  }
+#pragma GCC unroll 3
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 3
+    for (int k = 0; k < 3; ++k)
+#pragma GCC unroll 4
+      for (int j = 0; j < G; ++j) {
+        float* av = acc_row + (3 * r + k) * C + c0 + 16 * j;
+        const __m512 sum = _mm512_add_ps(load(av, j), acc[r][k][j]);
+        if (j == G - 1) _mm512_mask_storeu_ps(av, m, sum);
+        else _mm512_storeu_ps(av, sum);
+      }
+}
+
+bool weight_grad_3x3x3_window(const float* x, const float* gy, float* partial, int64_t band, const Geometry& g) {
+  if (g.KD != 3 || g.KH != 3 || g.KW != 3 || g.SW != 1) return false;
+  const int64_t C = g.C, bands = (g.OH + band - 1) / band;
+  const std::vector<float> zero_row(g.W * C, 0.0f);
+  at::parallel_for(0, g.N * bands, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      float* acc_all = partial + task * 27 * C;
+      const int64_t n = task / bands, oh0 = task % bands * band, oh1 = std::min(g.OH, oh0 + band);
+      for (int64_t r = 0; r < g.OD * (oh1 - oh0); ++r) {
+        const int64_t od = r / (oh1 - oh0), oh = oh0 + r % (oh1 - oh0);
+        const float* gyrow = gy + ((n * g.OD + od) * g.OH + oh) * g.OW * C;
+        for (int64_t a = 0; a < 3; ++a) {
+          const int64_t id = od * g.SD - 1 + a;
+          if (id < 0 || id >= g.D) continue;
+          const float* xrows[3];
+          for (int64_t b = 0; b < 3; ++b) {
+            const int64_t ih = oh * g.SH - 1 + b;
+            xrows[b] = ih >= 0 && ih < g.H ? x + ((n * g.D + id) * g.H + ih) * g.W * C : zero_row.data();
+          }
+          float* acc_plane = acc_all + a * 9 * C;
+          for (int64_t c0 = 0; c0 < C; c0 += 64) {
+            const int64_t left = C - c0, blocks = std::min<int64_t>(4, (left + 15) / 16);
+            const int64_t last = left - 16 * (blocks - 1);  // channels of the last block: 1..16
+            const __mmask16 m = last >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << last) - 1u);
+            switch (blocks) {
+              case 1: window_rows<1, 3>(xrows, gyrow, g.W, C, c0, m, acc_plane); break;
+              case 2: window_rows<2, 3>(xrows, gyrow, g.W, C, c0, m, acc_plane); break;
+              case 3:
+                for (int b = 0; b < 3; ++b) window_rows<3, 1>(xrows + b, gyrow, g.W, C, c0, m, acc_plane + b * 3 * C);
+                break;
+              default:
+                for (int b = 0; b < 3; ++b) window_rows<4, 1>(xrows + b, gyrow, g.W, C, c0, m, acc_plane + b * 3 * C);
+                break;
+            }
+          }
+        }
+      }
+    }
+  });
+  return true;
+}
 #endif
 
+// The weight gradient as (KD*KH*KW, C): per task, partial sums the threads write apart, summed over the tasks.
 template <typename T>
-void weight_grad(const T* x, const T* gy, T* partial, int64_t chunks, const Geometry& g) {
+at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, const Geometry& g) {
+  const int64_t threads = at::get_num_threads(), taps = g.KD * g.KH * g.KW;
+  auto zeros = [&](int64_t tasks) -> at::Tensor {
+    return at::zeros({tasks, taps, g.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  };
 #if defined(__AVX512F__)
   if constexpr (std::is_same<T, float>::value) {
-    if (weight_grad_3x3x3_avx512(x, gy, partial, chunks, g)) return;
+    if (g.KD == 3 && g.KH == 3 && g.KW == 3) {
+      const int64_t band = weight_grad_band(g, threads);
+      const at::Tensor partial = zeros(weight_grad_tasks(g, band));
+      if (!weight_grad_3x3x3_window(x.data_ptr<float>(), gy.data_ptr<float>(), partial.data_ptr<float>(), band, g))
+        weight_grad_3x3x3_avx512(x.data_ptr<float>(), gy.data_ptr<float>(), partial.data_ptr<float>(), band, g);
+      return partial.sum(0);
+    }
   }
 #endif
-  weight_grad_rows<T>(x, gy, partial, chunks, g);
+  const int64_t rows = g.N * g.OD * g.OH;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * threads));
+  const at::Tensor partial = zeros(chunks);
+  weight_grad_rows<T>(x.data_ptr<T>(), gy.data_ptr<T>(), partial.data_ptr<T>(), chunks, g);
+  return partial.sum(0);
 }
 
 at::Tensor channels_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast3d); }
@@ -355,19 +477,13 @@ at::Tensor dw_weight_grad(at::Tensor x, at::Tensor grad_y, std::vector<int64_t> 
   x = channels_last(x);
   grad_y = channels_last(grad_y);
   const Geometry g = geometry(x.sizes(), kernel, stride);
-  const int64_t rows = g.N * g.OD * g.OH;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
-  auto partial = at::zeros({chunks, g.KD * g.KH * g.KW, g.C},
-                           x.options().memory_format(at::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dw_weight_grad", [&] {
-    weight_grad<scalar_t>(x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>(), chunks,
-                          g);
-  });
-  return partial.sum(0);
+  at::Tensor taps;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dw_weight_grad", [&] { taps = weight_grad<scalar_t>(x, grad_y, g); });
+  return taps;
 }
 """
 FUNCTIONS = ["dw_forward", "dw_input_grad", "dw_weight_grad"]
-KERNEL = native.Extension("depthwise", 9, SOURCE, FUNCTIONS, "the depthwise C++ kernel")
+KERNEL = native.Extension("depthwise", 12, SOURCE, FUNCTIONS, "the depthwise C++ kernel")
 
 
 def supports(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padding: Sequence[int]) -> bool:

@@ -241,11 +241,24 @@ void weight_grad_rows(const T* x, const T* gy, T* partial, int64_t chunks, const
 // a zero row; in the first and last columns the taps that fall outside are skipped, in the same vector
 // code. Any C: the last block's loads and stores are masked to the channels it has (DenseNet3D's
 // growth of 28 channels is one full block and one of 12); the full blocks keep plain loads.
-//
-// A task is a band of ``band`` output rows (oh) of one sample, walked plane by plane (od), so that the input rows it
-// reads, 3 planes of band + 2 rows, stay in L2 while the next plane reuses two of the three: walked row by row through
-// whole planes, as before 2026-12-06, the 3 planes of a 64³ volume's rows (3 MB at C = 64) left L2 between one plane's
-// rows and the next plane's, and x came from memory three times (docs/benchmarks/ops.md).
+
+// Tasks of the AVX-512 weight gradients: a band of ``band`` output rows (oh) of one sample, walked plane by plane (od),
+// so that the input rows a task reads, 3 planes of band + 2 rows, stay in L2 while the next plane reuses two of the
+// three (whole planes row by row, before 2026-12-06, held 3 MB of rows at C = 64, 64³; the bands alone made the column
+// kernel 1.07x faster there, and no faster at 32³). ``row(acc, n, od, oh)`` runs for every output row, ``acc`` its
+// task's 27 x C partial sums.
+template <typename Row>
+void band_rows(float* partial, int64_t band, const Geometry& g, const Row& row) {
+  const int64_t bands = (g.OH + band - 1) / band;
+  at::parallel_for(0, g.N * bands, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / bands, oh0 = task % bands * band, oh1 = std::min(g.OH, oh0 + band);
+      for (int64_t r = 0; r < g.OD * (oh1 - oh0); ++r)
+        row(partial + task * 27 * g.C, n, r / (oh1 - oh0), oh0 + r % (oh1 - oh0));
+    }
+  });
+}
+
 int64_t weight_grad_band(const Geometry& g, int64_t threads) {
   const int64_t row_bytes = g.W * g.C * static_cast<int64_t>(sizeof(float));
   const int64_t fits = std::max<int64_t>(1, (1 << 20) / (3 * row_bytes) - 2);  // 3 planes x (band + 2) rows <= 1 MiB
@@ -257,71 +270,64 @@ int64_t weight_grad_tasks(const Geometry& g, int64_t band) { return g.N * ((g.OH
 
 bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, int64_t band, const Geometry& g) {
   if (g.KD != 3 || g.KH != 3 || g.KW != 3) return false;
-  const int64_t C = g.C, bands = (g.OH + band - 1) / band;
+  const int64_t C = g.C;
   int64_t inner_lo, inner_hi;
   interior_columns(g, inner_lo, inner_hi);
   const std::vector<float> zero_row(g.W * C, 0.0f);
-  at::parallel_for(0, g.N * bands, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      float* acc_all = partial + task * 27 * C;
-      const int64_t n = task / bands, oh0 = task % bands * band, oh1 = std::min(g.OH, oh0 + band);
-      for (int64_t r = 0; r < g.OD * (oh1 - oh0); ++r) {
-        const int64_t od = r / (oh1 - oh0), oh = oh0 + r % (oh1 - oh0);
-        const float* gyrow = gy + ((n * g.OD + od) * g.OH + oh) * g.OW * C;
-        const float* xrows[9];
-        for (int64_t a = 0; a < 3; ++a)
-          for (int64_t b = 0; b < 3; ++b) {
-            const int64_t id = od * g.SD - 1 + a, ih = oh * g.SH - 1 + b;
-            const bool inside = id >= 0 && id < g.D && ih >= 0 && ih < g.H;
-            xrows[a * 3 + b] = inside ? x + ((n * g.D + id) * g.H + ih) * g.W * C : zero_row.data();
-          }
-        // One plane of taps (a fixed D offset: 3 input rows) at a time, so a column reads 3 rows, not 9: with C = 32
-        // or 64 a row is 4 or 8 KiB long and 9 rows at one column map to a single L1 set, more lines than its ways.
-        // One block of 16 channels from c0; Masked: the last, partial one (its loads and stores masked to m). The
-        // full blocks keep plain loads: masked ones there ran at 0.85-0.91x their speed (docs/benchmarks/ops.md).
-        auto channel_block = [&](auto masked, int64_t c0, __mmask16 m) __attribute__((always_inline)) {
-          constexpr bool Masked = decltype(masked)::value;
-          auto load = [&](const float* p) __attribute__((always_inline)) {
-            if constexpr (Masked) return _mm512_maskz_loadu_ps(m, p);
-            else return _mm512_loadu_ps(p);
-          };
-          for (int a = 0; a < 3; ++a) {
-            __m512 acc[9];
+  band_rows(partial, band, g, [&](float* acc_all, int64_t n, int64_t od, int64_t oh) {
+    const float* gyrow = gy + ((n * g.OD + od) * g.OH + oh) * g.OW * C;
+    const float* xrows[9];
+    for (int64_t a = 0; a < 3; ++a)
+      for (int64_t b = 0; b < 3; ++b) {
+        const int64_t id = od * g.SD - 1 + a, ih = oh * g.SH - 1 + b;
+        const bool inside = id >= 0 && id < g.D && ih >= 0 && ih < g.H;
+        xrows[a * 3 + b] = inside ? x + ((n * g.D + id) * g.H + ih) * g.W * C : zero_row.data();
+      }
+    // One plane of taps (a fixed D offset: 3 input rows) at a time, so a column reads 3 rows, not 9: with C = 32
+    // or 64 a row is 4 or 8 KiB long and 9 rows at one column map to a single L1 set, more lines than its ways.
+    // One block of 16 channels from c0; Masked: the last, partial one (its loads and stores masked to m). The
+    // full blocks keep plain loads: masked ones there ran at 0.85-0.91x their speed (docs/benchmarks/ops.md).
+    auto channel_block = [&](auto masked, int64_t c0, __mmask16 m) __attribute__((always_inline)) {
+      constexpr bool Masked = decltype(masked)::value;
+      auto load = [&](const float* p) __attribute__((always_inline)) {
+        if constexpr (Masked) return _mm512_maskz_loadu_ps(m, p);
+        else return _mm512_loadu_ps(p);
+      };
+      for (int a = 0; a < 3; ++a) {
+        __m512 acc[9];
 #pragma GCC unroll 9
-            for (int t = 0; t < 9; ++t) acc[t] = _mm512_setzero_ps();
-            const float* const* rows3 = xrows + 3 * a;
-            // One column: dy once, each tap's x from its row; a tap whose column falls outside is skipped. The
-            // checks are false inside [inner_lo, inner_hi), so that loop is the same code without them.
-            auto column = [&](int64_t ow, bool edge) __attribute__((always_inline)) {
-              const __m512 dy = load(gyrow + ow * C + c0);
-              const int64_t iw = ow * g.SW - 1;
-              const bool left = edge && iw < 0, right = edge && iw + 2 >= g.W;
-              const int64_t base = iw * C + c0;
+        for (int t = 0; t < 9; ++t) acc[t] = _mm512_setzero_ps();
+        const float* const* rows3 = xrows + 3 * a;
+        // One column: dy once, each tap's x from its row; a tap whose column falls outside is skipped. The
+        // checks are false inside [inner_lo, inner_hi), so that loop is the same code without them.
+        auto column = [&](int64_t ow, bool edge) __attribute__((always_inline)) {
+          const __m512 dy = load(gyrow + ow * C + c0);
+          const int64_t iw = ow * g.SW - 1;
+          const bool left = edge && iw < 0, right = edge && iw + 2 >= g.W;
+          const int64_t base = iw * C + c0;
 #pragma GCC unroll 3
-              for (int b = 0; b < 3; ++b) {
-                const float* xv = rows3[b] + base;
-                if (!left) acc[b * 3 + 0] = _mm512_fmadd_ps(load(xv), dy, acc[b * 3 + 0]);
-                acc[b * 3 + 1] = _mm512_fmadd_ps(load(xv + C), dy, acc[b * 3 + 1]);
-                if (!right) acc[b * 3 + 2] = _mm512_fmadd_ps(load(xv + 2 * C), dy, acc[b * 3 + 2]);
-              }
-            };
-            for (int64_t ow = 0; ow < std::min(inner_lo, g.OW); ++ow) column(ow, true);
-            for (int64_t ow = inner_lo; ow < inner_hi; ++ow) column(ow, false);
-            for (int64_t ow = std::max(inner_lo, inner_hi); ow < g.OW; ++ow) column(ow, true);
-#pragma GCC unroll 9
-            for (int t = 0; t < 9; ++t) {
-              float* av = acc_all + (a * 9 + t) * C + c0;
-              const __m512 sum = _mm512_add_ps(load(av), acc[t]);
-              if constexpr (Masked) _mm512_mask_storeu_ps(av, m, sum);
-              else _mm512_storeu_ps(av, sum);
-            }
+          for (int b = 0; b < 3; ++b) {
+            const float* xv = rows3[b] + base;
+            if (!left) acc[b * 3 + 0] = _mm512_fmadd_ps(load(xv), dy, acc[b * 3 + 0]);
+            acc[b * 3 + 1] = _mm512_fmadd_ps(load(xv + C), dy, acc[b * 3 + 1]);
+            if (!right) acc[b * 3 + 2] = _mm512_fmadd_ps(load(xv + 2 * C), dy, acc[b * 3 + 2]);
           }
         };
-        int64_t c0 = 0;
-        for (; c0 + 16 <= C; c0 += 16) channel_block(std::false_type{}, c0, __mmask16(0xFFFF));
-        if (c0 < C) channel_block(std::true_type{}, c0, __mmask16((1u << (C - c0)) - 1u));
+        for (int64_t ow = 0; ow < std::min(inner_lo, g.OW); ++ow) column(ow, true);
+        for (int64_t ow = inner_lo; ow < inner_hi; ++ow) column(ow, false);
+        for (int64_t ow = std::max(inner_lo, inner_hi); ow < g.OW; ++ow) column(ow, true);
+#pragma GCC unroll 9
+        for (int t = 0; t < 9; ++t) {
+          float* av = acc_all + (a * 9 + t) * C + c0;
+          const __m512 sum = _mm512_add_ps(load(av), acc[t]);
+          if constexpr (Masked) _mm512_mask_storeu_ps(av, m, sum);
+          else _mm512_storeu_ps(av, sum);
+        }
       }
-    }
+    };
+    int64_t c0 = 0;
+    for (; c0 + 16 <= C; c0 += 16) channel_block(std::false_type{}, c0, __mmask16(0xFFFF));
+    if (c0 < C) channel_block(std::true_type{}, c0, __mmask16((1u << (C - c0)) - 1u));
   });
   return true;
 }
@@ -378,39 +384,32 @@ inline void window_rows(const float* const* xrows, const float* gyrow, int64_t W
 
 bool weight_grad_3x3x3_window(const float* x, const float* gy, float* partial, int64_t band, const Geometry& g) {
   if (g.KD != 3 || g.KH != 3 || g.KW != 3 || g.SW != 1) return false;
-  const int64_t C = g.C, bands = (g.OH + band - 1) / band;
+  const int64_t C = g.C;
   const std::vector<float> zero_row(g.W * C, 0.0f);
-  at::parallel_for(0, g.N * bands, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      float* acc_all = partial + task * 27 * C;
-      const int64_t n = task / bands, oh0 = task % bands * band, oh1 = std::min(g.OH, oh0 + band);
-      for (int64_t r = 0; r < g.OD * (oh1 - oh0); ++r) {
-        const int64_t od = r / (oh1 - oh0), oh = oh0 + r % (oh1 - oh0);
-        const float* gyrow = gy + ((n * g.OD + od) * g.OH + oh) * g.OW * C;
-        for (int64_t a = 0; a < 3; ++a) {
-          const int64_t id = od * g.SD - 1 + a;
-          if (id < 0 || id >= g.D) continue;
-          const float* xrows[3];
-          for (int64_t b = 0; b < 3; ++b) {
-            const int64_t ih = oh * g.SH - 1 + b;
-            xrows[b] = ih >= 0 && ih < g.H ? x + ((n * g.D + id) * g.H + ih) * g.W * C : zero_row.data();
-          }
-          float* acc_plane = acc_all + a * 9 * C;
-          for (int64_t c0 = 0; c0 < C; c0 += 64) {
-            const int64_t left = C - c0, blocks = std::min<int64_t>(4, (left + 15) / 16);
-            const int64_t last = left - 16 * (blocks - 1);  // channels of the last block: 1..16
-            const __mmask16 m = last >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << last) - 1u);
-            switch (blocks) {
-              case 1: window_rows<1, 3>(xrows, gyrow, g.W, C, c0, m, acc_plane); break;
-              case 2: window_rows<2, 3>(xrows, gyrow, g.W, C, c0, m, acc_plane); break;
-              case 3:
-                for (int b = 0; b < 3; ++b) window_rows<3, 1>(xrows + b, gyrow, g.W, C, c0, m, acc_plane + b * 3 * C);
-                break;
-              default:
-                for (int b = 0; b < 3; ++b) window_rows<4, 1>(xrows + b, gyrow, g.W, C, c0, m, acc_plane + b * 3 * C);
-                break;
-            }
-          }
+  band_rows(partial, band, g, [&](float* acc_all, int64_t n, int64_t od, int64_t oh) {
+    const float* gyrow = gy + ((n * g.OD + od) * g.OH + oh) * g.OW * C;
+    for (int64_t a = 0; a < 3; ++a) {
+      const int64_t id = od * g.SD - 1 + a;
+      if (id < 0 || id >= g.D) continue;
+      const float* xrows[3];
+      for (int64_t b = 0; b < 3; ++b) {
+        const int64_t ih = oh * g.SH - 1 + b;
+        xrows[b] = ih >= 0 && ih < g.H ? x + ((n * g.D + id) * g.H + ih) * g.W * C : zero_row.data();
+      }
+      float* acc_plane = acc_all + a * 9 * C;
+      for (int64_t c0 = 0; c0 < C; c0 += 64) {
+        const int64_t left = C - c0, blocks = std::min<int64_t>(4, (left + 15) / 16);
+        const int64_t last = left - 16 * (blocks - 1);  // channels of the last block: 1..16
+        const __mmask16 m = last >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << last) - 1u);
+        switch (blocks) {
+          case 1: window_rows<1, 3>(xrows, gyrow, g.W, C, c0, m, acc_plane); break;
+          case 2: window_rows<2, 3>(xrows, gyrow, g.W, C, c0, m, acc_plane); break;
+          case 3:
+            for (int b = 0; b < 3; ++b) window_rows<3, 1>(xrows + b, gyrow, g.W, C, c0, m, acc_plane + b * 3 * C);
+            break;
+          default:
+            for (int b = 0; b < 3; ++b) window_rows<4, 1>(xrows + b, gyrow, g.W, C, c0, m, acc_plane + b * 3 * C);
+            break;
         }
       }
     }
@@ -483,7 +482,7 @@ at::Tensor dw_weight_grad(at::Tensor x, at::Tensor grad_y, std::vector<int64_t> 
 }
 """
 FUNCTIONS = ["dw_forward", "dw_input_grad", "dw_weight_grad"]
-KERNEL = native.Extension("depthwise", 12, SOURCE, FUNCTIONS, "the depthwise C++ kernel")
+KERNEL = native.Extension("depthwise", 13, SOURCE, FUNCTIONS, "the depthwise C++ kernel")
 
 
 def supports(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padding: Sequence[int]) -> bool:

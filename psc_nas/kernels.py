@@ -6,11 +6,13 @@ of a default search's pre-screen (2026-12-05), time its retraining then lacked. 
 sets up ``.venv``, so a first search finds them built. Every kernel builds in its own process, as many at once as
 there are CPUs; each prints its build line, and a machine without a compiler (or ``PSC_NAS_NO_EXTENSIONS=1``) prints
 why a kernel is unavailable, once (a failed build's own message is not repeated), and still exits 0: PyTorch's own
-ops run there.
+ops run there. ``--require-all`` exits 1 instead, with one line naming the kernels that are not ready: CI installs
+the compilers, so there a kernel whose source no longer compiles must fail the run, not make its tests skip.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -60,12 +62,19 @@ def build_all(jobs: int | None = None) -> dict[str, str]:
         return dict(zip(stems, pool.map(one, stems)))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m psc_nas.kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--require-all", action="store_true", help="exit 1 unless every kernel is ready")
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     results = build_all()
     ready = sum(state == "ready" for state in results.values())
     seconds = time.perf_counter() - started
     print(f"psc-nas: {ready} of {len(results)} C++ kernels ready ({seconds:.0f} s)", file=sys.stderr)
+    missing = [stem for stem, state in results.items() if state != "ready"]
+    if args.require_all and missing:
+        print(f"psc-nas: error: --require-all, and not ready: {', '.join(missing)}", file=sys.stderr)
+        return 1
     return 0
 
 

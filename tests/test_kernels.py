@@ -13,10 +13,10 @@ from psc_nas import native
 ROOT = Path(__file__).parents[1]
 
 
-def run_kernels(**env: str) -> subprocess.CompletedProcess:
+def run_kernels(*args: str, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(
-        [sys.executable, "-m", "psc_nas.kernels"], env=environment, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "psc_nas.kernels", *args], env=environment, capture_output=True, text=True, timeout=600
     )
 
 
@@ -49,3 +49,14 @@ def test_a_failed_build_is_reported_once_and_the_command_still_succeeds(tmp_path
     for kernel in native.EXTENSIONS.values():
         assert done.stderr.count(f"psc-nas: {kernel.what} is unavailable (") == 1, done.stderr
     assert done.stderr.count("is unavailable") + done.stderr.count(": unavailable:") == len(native.EXTENSIONS)
+
+
+def test_require_all_fails_with_one_line_when_a_kernel_is_not_ready_and_passes_when_all_are(tmp_path):
+    # CI installs the compilers and runs with --require-all: a kernel that no longer compiles fails the run there
+    done = run_kernels("--require-all", CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert done.returncode == 1, done.stderr
+    stems = ", ".join(native.EXTENSIONS)
+    assert done.stderr.strip().splitlines()[-1] == f"psc-nas: error: --require-all, and not ready: {stems}"
+    if all(kernel.available() for kernel in native.EXTENSIONS.values()):  # a machine that builds them all
+        done = run_kernels("--require-all")
+        assert done.returncode == 0, done.stderr

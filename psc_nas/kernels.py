@@ -68,10 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     results = build_all()
-    ready = sum(state == "ready" for state in results.values())
-    seconds = time.perf_counter() - started
-    print(f"psc-nas: {ready} of {len(results)} C++ kernels ready ({seconds:.0f} s)", file=sys.stderr)
     missing = [stem for stem, state in results.items() if state != "ready"]
+    ready, seconds = len(results) - len(missing), time.perf_counter() - started
+    print(f"psc-nas: {ready} of {len(results)} C++ kernels ready ({seconds:.0f} s)", file=sys.stderr)
     if args.require_all and missing:
         print(f"psc-nas: error: --require-all, and not ready: {', '.join(missing)}", file=sys.stderr)
         return 1

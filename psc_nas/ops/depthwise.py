@@ -5,8 +5,9 @@ backward takes 30-65x as long (docs/benchmarks/ops.md, roofline.md). ``depthwise
 oneDNN's forward, computes the stride-1 input gradient as that forward on the spatially flipped
 kernel, and the weight gradient with the C++ kernel below. In float32, 3x3x3, any C (a last block of C % 16 channels
 has masked loads): where the W stride is 1, along input rows, each x vector loaded once for the three taps of its
-row and dy's columns kept in registers as a sliding window of three (since 2026-12-06: 1.05-1.87x the previous
-kernel's weight gradient, 1.54x at DenseNet3D's C = 28, 32³, batch 4; a training pass 1.05-1.21x), walked in bands of
+row and dy's columns kept in registers as a sliding window of three (since 2026-12-06: 1.02-1.89x the previous
+kernel's weight gradient, 1.58x at DenseNet3D's C = 28, 32³, batch 4; a training pass 1.02-1.25x; docs/benchmarks/
+ops-wgrad-ab-xeon.md), walked in bands of
 output rows plane by plane so that the input rows stay in L2; at other strides per output row, 16-channel block and
 kernel plane, 9 taps' accumulators in AVX-512 registers while the row's columns stream past (docs/benchmarks/ops.md).
 Float64 and other kernels take a generic vectorised loop. The
@@ -235,29 +236,14 @@ void weight_grad_rows(const T* x, const T* gy, T* partial, int64_t chunks, const
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-// Weight gradient of a 3x3x3 kernel in float32: per output row, block of 16 channels and D offset of
-// the kernel, the 9 taps' accumulators stay in registers while the row's columns stream past, so each
-// multiply-add needs one load of x (dy is loaded once per column for 9 taps). Missing input rows read
-// a zero row; in the first and last columns the taps that fall outside are skipped, in the same vector
-// code. Any C: the last block's loads and stores are masked to the channels it has (DenseNet3D's
-// growth of 28 channels is one full block and one of 12); the full blocks keep plain loads.
-
 // Tasks of the AVX-512 weight gradients: a band of ``band`` output rows (oh) of one sample, walked plane by plane (od),
 // so that the input rows a task reads, 3 planes of band + 2 rows, stay in L2 while the next plane reuses two of the
 // three (whole planes row by row, before 2026-12-06, held 3 MB of rows at C = 64, 64³; the bands alone made the column
 // kernel 1.07x faster there, and no faster at 32³). ``row(acc, n, od, oh)`` runs for every output row, ``acc`` its
 // task's 27 x C partial sums.
-template <typename Row>
-void band_rows(float* partial, int64_t band, const Geometry& g, const Row& row) {
-  const int64_t bands = (g.OH + band - 1) / band;
-  at::parallel_for(0, g.N * bands, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / bands, oh0 = task % bands * band, oh1 = std::min(g.OH, oh0 + band);
-      for (int64_t r = 0; r < g.OD * (oh1 - oh0); ++r)
-        row(partial + task * 27 * g.C, n, r / (oh1 - oh0), oh0 + r % (oh1 - oh0));
-    }
-  });
-}
+int64_t band_count(const Geometry& g, int64_t band) { return (g.OH + band - 1) / band; }
+
+int64_t weight_grad_tasks(const Geometry& g, int64_t band) { return g.N * band_count(g, band); }
 
 int64_t weight_grad_band(const Geometry& g, int64_t threads) {
   const int64_t row_bytes = g.W * g.C * static_cast<int64_t>(sizeof(float));
@@ -266,10 +252,26 @@ int64_t weight_grad_band(const Geometry& g, int64_t threads) {
   return std::min({fits, shares, g.OH});
 }
 
-int64_t weight_grad_tasks(const Geometry& g, int64_t band) { return g.N * ((g.OH + band - 1) / band); }
+template <typename Row>
+void band_rows(float* partial, int64_t band, const Geometry& g, const Row& row) {
+  const int64_t bands = band_count(g, band);
+  at::parallel_for(0, weight_grad_tasks(g, band), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / bands, oh0 = task % bands * band, oh1 = std::min(g.OH, oh0 + band);
+      for (int64_t r = 0; r < g.OD * (oh1 - oh0); ++r)
+        row(partial + task * 27 * g.C, n, r / (oh1 - oh0), oh0 + r % (oh1 - oh0));
+    }
+  });
+}
 
-bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, int64_t band, const Geometry& g) {
-  if (g.KD != 3 || g.KH != 3 || g.KW != 3) return false;
+// Weight gradient of a 3x3x3 kernel in float32: per output row, block of 16 channels and D offset of
+// the kernel, the 9 taps' accumulators stay in registers while the row's columns stream past, so each
+// multiply-add needs one load of x (dy is loaded once per column for 9 taps). Missing input rows read
+// a zero row; in the first and last columns the taps that fall outside are skipped, in the same vector
+// code. Any C: the last block's loads and stores are masked to the channels it has (DenseNet3D's
+// growth of 28 channels is one full block and one of 12); the full blocks keep plain loads. Runs where the W
+// stride is not 1 (the row-window kernel below takes the rest).
+void weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, int64_t band, const Geometry& g) {
   const int64_t C = g.C;
   int64_t inner_lo, inner_hi;
   interior_columns(g, inner_lo, inner_hi);
@@ -329,7 +331,6 @@ bool weight_grad_3x3x3_avx512(const float* x, const float* gy, float* partial, i
     for (; c0 + 16 <= C; c0 += 16) channel_block(std::false_type{}, c0, __mmask16(0xFFFF));
     if (c0 < C) channel_block(std::true_type{}, c0, __mmask16((1u << (C - c0)) - 1u));
   });
-  return true;
 }
 
 // The same gradient where the W stride is 1, along input rows: on an x row of input columns p, tap k of the row's
@@ -382,8 +383,7 @@ inline void window_rows(const float* const* xrows, const float* gyrow, int64_t W
       }
 }
 
-bool weight_grad_3x3x3_window(const float* x, const float* gy, float* partial, int64_t band, const Geometry& g) {
-  if (g.KD != 3 || g.KH != 3 || g.KW != 3 || g.SW != 1) return false;
+void weight_grad_3x3x3_window(const float* x, const float* gy, float* partial, int64_t band, const Geometry& g) {
   const int64_t C = g.C;
   const std::vector<float> zero_row(g.W * C, 0.0f);
   band_rows(partial, band, g, [&](float* acc_all, int64_t n, int64_t od, int64_t oh) {
@@ -414,7 +414,6 @@ bool weight_grad_3x3x3_window(const float* x, const float* gy, float* partial, i
       }
     }
   });
-  return true;
 }
 #endif
 
@@ -430,8 +429,8 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, const Geometry
     if (g.KD == 3 && g.KH == 3 && g.KW == 3) {
       const int64_t band = weight_grad_band(g, threads);
       const at::Tensor partial = zeros(weight_grad_tasks(g, band));
-      if (!weight_grad_3x3x3_window(x.data_ptr<float>(), gy.data_ptr<float>(), partial.data_ptr<float>(), band, g))
-        weight_grad_3x3x3_avx512(x.data_ptr<float>(), gy.data_ptr<float>(), partial.data_ptr<float>(), band, g);
+      const auto kernel = g.SW == 1 ? weight_grad_3x3x3_window : weight_grad_3x3x3_avx512;
+      kernel(x.data_ptr<float>(), gy.data_ptr<float>(), partial.data_ptr<float>(), band, g);
       return partial.sum(0);
     }
   }
@@ -482,7 +481,7 @@ at::Tensor dw_weight_grad(at::Tensor x, at::Tensor grad_y, std::vector<int64_t> 
 }
 """
 FUNCTIONS = ["dw_forward", "dw_input_grad", "dw_weight_grad"]
-KERNEL = native.Extension("depthwise", 13, SOURCE, FUNCTIONS, "the depthwise C++ kernel")
+KERNEL = native.Extension("depthwise", 14, SOURCE, FUNCTIONS, "the depthwise C++ kernel")
 
 
 def supports(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padding: Sequence[int]) -> bool:

@@ -8,6 +8,7 @@
     python benchmarks/fidelity.py reference-full --names csn_ip cheapest --seeds 0 1 --jobs 1 --work W
     python benchmarks/fidelity.py reference-seeds --seeds 2 3 4 --jobs 6 --deadline 400 --gpu-fast --work W  # a GPU
     python benchmarks/fidelity.py full-width-report --work W  # -> docs/benchmarks/fidelity-full-width.md
+    python benchmarks/fidelity.py recipe-report --work W      # -> docs/benchmarks/fidelity-retrain-recipe.md
     python benchmarks/fidelity.py restore --work W            # a fresh machine: W from the committed JSON
     python benchmarks/fidelity.py screen                      # the pre-screen's proxies on 32³ and 16³ patches
 
@@ -549,9 +550,12 @@ def _train_variant(
     return score
 
 
-def _retrain_variant(epochs: int) -> Callable[..., dict[str, float]]:
+def _retrain_variant(
+    epochs: int, lr: float | None = None, weight_decay: float | None = None
+) -> Callable[..., dict[str, float]]:
     """The quick profile's retraining (its RetrainPolicy: full width, one-cycle, ``samples_per_epoch`` patches per
-    epoch) for ``epochs``: the score that orders the retrained front and picks best.yaml."""
+    epoch) for ``epochs``: the score that orders the retrained front and picks best.yaml. ``lr`` and
+    ``weight_decay`` replace the policy's (None: the policy's)."""
     from psc_nas.search.profiles import PROFILES
 
     policy = PROFILES["quick"].retrain
@@ -560,9 +564,9 @@ def _retrain_variant(epochs: int) -> Callable[..., dict[str, float]]:
         policy.samples_per_epoch,
         None,
         policy.lr_schedule,
-        policy.lr,
+        policy.lr if lr is None else lr,
         policy.batch_size,
-        weight_decay=policy.weight_decay,
+        weight_decay=policy.weight_decay if weight_decay is None else weight_decay,
     )
 
 
@@ -574,6 +578,10 @@ VARIANTS: dict[str, Callable[[], Callable[..., dict[str, float]]]] = {
     "train-today-soft": lambda: _train_variant(2, 8, None, soft=True),
     # the default run's retraining: 9 epochs (its retrained members got 8-10 in search.md §2f) x 32 patches
     "retrain-quick-9": lambda: _retrain_variant(9),
+    # the same at its cap, 32 epochs x 32 patches = 256 steps (the default run's retraining since 2026-12-05), with
+    # the optimiser of 2026-12-05 (Adam 1e-3) and with the reference protocol's (AdamW 2e-3, weight decay 1e-4)
+    "retrain-quick-32-adam1e-3": lambda: _retrain_variant(32, 1e-3, 0.0),
+    "retrain-quick-32-adamw2e-3": lambda: _retrain_variant(32, REF_LR, REF_WD),
     # re-tuned: reduced-width proxy, many more steps per second, one-cycle
     "train-w0.25-32": lambda: _train_variant(2, 64, 0.25, "onecycle", 2e-3),
     "train-w0.25-96": lambda: _train_variant(3, 128, 0.25, "onecycle", 2e-3),
@@ -695,6 +703,7 @@ def main() -> None:
             "report",
             "full-width-report",
             "knee-report",
+            "recipe-report",
             "screen",
         ],
     )
@@ -748,6 +757,10 @@ def main() -> None:
         from fidelity_report import knee_report
 
         knee_report(args.work)
+    elif args.command == "recipe-report":
+        from fidelity_report import recipe_report
+
+        recipe_report(args.work)
     elif args.command == "screen":
         from fidelity_report import screen_check
 

@@ -383,10 +383,34 @@ def test_em_and_ucf101_size_the_quick_profile_and_ibsr_keeps_its_own():
         assert quick.retrain is None  # the whole time budget searches
         assert quick.timeout == PROFILES["quick"].timeout  # within the same 15 minutes
     # none of em's or ucf101's schedule; only its own pre-screen (300 architectures, each scored at width 0.25)
-    # and 5 trained (the two presets that fit, then the screen's first 3), the rest of the time retraining
+    # and 5 trained (the two presets that fit, then the screen's first 3), the rest of the time retraining, with the
+    # fidelity reference's optimiser (AdamW 2e-3, weight decay 1e-4) in place of the profile's Adam 1e-3
+    quick = PROFILES["quick"]
     assert get_profile("quick", get_task("ibsr")) == replace(
-        PROFILES["quick"], prescreen="zico+macs", prescreen_size=300, prescreen_width=0.25, trials=5
+        quick,
+        prescreen="zico+macs",
+        prescreen_size=300,
+        prescreen_width=0.25,
+        trials=5,
+        retrain=replace(quick.retrain, lr=2e-3, weight_decay=1e-4),
     )
+
+
+def test_a_task_changes_the_fields_of_a_retraining_it_names_and_no_retraining_it_lacks():
+    class Tuned:
+        profile_overrides = {"quick": {"retrain": {"epochs": 7}}, "paper": {"retrain": None}}
+
+    assert get_profile("quick", Tuned()).retrain == replace(PROFILES["quick"].retrain, epochs=7)
+    assert get_profile("paper", Tuned()).retrain is None  # None still switches it off
+    Tuned.profile_overrides = {"quick": {"retrain": {"epochs": 0}}}
+    with pytest.raises(ValueError, match="positive counts"):
+        get_profile("quick", Tuned())
+    Tuned.profile_overrides = {"quick": {"retrain": {"epochs": 7}}}
+    no_retraining = {**PROFILES, "quick": replace(PROFILES["quick"], retrain=None)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("psc_nas.search.profiles.PROFILES", no_retraining)
+        with pytest.raises(ValueError, match="retrains nothing"):
+            get_profile("quick", Tuned())
 
 
 def test_the_benchmark_trains_as_the_tasks_quick_profile_does():

@@ -11,6 +11,7 @@ in the last ``retrain_share`` of the run's time budget (``psc_nas.search.retrain
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -108,8 +109,16 @@ PROFILES = {
 
 
 def get_profile(name: str, task: Task | None = None) -> Profile:
-    """The profile ``name``, with what ``task`` measured for itself in its place (``Task.profile_overrides``)."""
+    """The profile ``name``, with what ``task`` measured for itself in its place (``Task.profile_overrides``). A
+    task's ``retrain`` is None (no retraining) or a mapping of ``RetrainPolicy`` fields that replace the profile's
+    (e.g. its optimiser's learning rate), so a task states only what it measured."""
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
+    profile = PROFILES[name]
     overrides = dict(task.profile_overrides.get(name, {})) if task is not None else {}
-    return replace(PROFILES[name], **overrides)
+    retrain = overrides.get("retrain")
+    if isinstance(retrain, Mapping):
+        if profile.retrain is None:
+            raise ValueError(f"profile {name!r} retrains nothing, so a task cannot change its retraining")
+        overrides["retrain"] = replace(profile.retrain, **retrain)
+    return replace(profile, **overrides)

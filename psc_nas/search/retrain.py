@@ -97,10 +97,17 @@ def choose_members(front: Front, count: int) -> list[TrialRecord]:
 
 
 def fidelity_words(policy: RetrainPolicy, epochs: int) -> str:
+    """How a member was retrained, in words: its schedule and optimiser (``psc_nas.train.optimizer_and_schedule``:
+    AdamW with weight decay, else Adam), so that runs of other recipes do not read alike."""
     schedule = {"onecycle": ", one-cycle", "constant": ""}.get(policy.lr_schedule, f", {policy.lr_schedule}")
+    optimiser = (
+        f"AdamW lr {policy.lr:g} (weight decay {policy.weight_decay:g})"
+        if policy.weight_decay
+        else f"Adam lr {policy.lr:g}"
+    )
     return (
         f"retrained: {epochs} epoch{'s' if epochs != 1 else ''} × {policy.samples_per_epoch} samples"
-        f"{schedule}, full width"
+        f"{schedule}, {optimiser}, full width"
     )
 
 

@@ -198,6 +198,13 @@ def test_no_retrain_leaves_the_search_knee_as_best_yaml(searched):
     assert pd.read_csv(out / "trials.csv").retrained_dice_mean.isna().all()
 
 
+def test_the_retrained_fidelity_names_its_schedule_and_optimiser():
+    words = retrain.fidelity_words
+    assert words(RetrainPolicy(lr=1e-3), 1) == "retrained: 1 epoch × 32 samples, one-cycle, Adam lr 0.001, full width"
+    tuned = RetrainPolicy(lr=2e-3, weight_decay=1e-4, lr_schedule="constant", samples_per_epoch=8)
+    assert words(tuned, 32) == "retrained: 32 epochs × 8 samples, AdamW lr 0.002 (weight decay 0.0001), full width"
+
+
 def test_members_are_the_knee_then_its_nearest_neighbours_by_cost(searched):
     _, front = searched
     assert len(front.members) >= 3, "the stand-in search should leave a front of several trials"

@@ -553,9 +553,10 @@ def _train_variant(
 def _retrain_variant(
     epochs: int, lr: float | None = None, weight_decay: float | None = None
 ) -> Callable[..., dict[str, float]]:
-    """The quick profile's retraining (its RetrainPolicy: full width, one-cycle, ``samples_per_epoch`` patches per
-    epoch) for ``epochs``: the score that orders the retrained front and picks best.yaml. ``lr`` and
-    ``weight_decay`` replace the policy's (None: the policy's)."""
+    """The quick profile's retraining (its own RetrainPolicy, before a task's overrides: full width, one-cycle,
+    ``samples_per_epoch`` patches per epoch) for ``epochs``: the score that orders the retrained front and picks
+    best.yaml. ``lr`` and ``weight_decay`` replace the policy's (None: the policy's, Adam 1e-3, which IBSR's
+    retraining replaces by AdamW 2e-3 since 2026-12-06), so ``retrain-quick-9`` still measures what it measured."""
     from psc_nas.search.profiles import PROFILES
 
     policy = PROFILES["quick"].retrain

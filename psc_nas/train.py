@@ -149,13 +149,16 @@ class TaskModule(L.LightningModule):
         )
 
 
+def optimizer_class(weight_decay: float) -> type[torch.optim.Optimizer]:
+    """The optimiser a training uses: AdamW with weight decay, else Adam."""
+    return torch.optim.AdamW if weight_decay else torch.optim.Adam
+
+
 def optimizer_and_schedule(params: Any, *, lr: float, weight_decay: float, schedule: str, total_steps: int) -> Any:
-    """Adam at a constant rate (no weight decay), or AdamW; "onecycle": linear warm-up over the first
-    ``WARMUP_SHARE`` of the steps, then cosine decay to ~0 at the last step (stepped every batch), so a short
-    run ends on settled weights instead of wherever a constant rate left them."""
-    optimizer = (
-        torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay else torch.optim.Adam(params, lr=lr)
-    )
+    """``optimizer_class(weight_decay)`` (Adam without weight decay, else AdamW) at ``lr``; "onecycle": linear warm-up
+    over the first ``WARMUP_SHARE`` of the steps, then cosine decay to ~0 at the last step (stepped every batch), so a
+    short run ends on settled weights instead of wherever a constant rate left them."""
+    optimizer = optimizer_class(weight_decay)(params, lr=lr, weight_decay=weight_decay)  # Adam's default decay is 0
     if schedule == "constant":
         return optimizer
     total_steps = max(total_steps, 4)

@@ -38,7 +38,7 @@ from psc_nas.evaluators.base import Evaluation, Fidelity, failure_reason
 from psc_nas.search.front import Front
 from psc_nas.search.profiles import RetrainPolicy
 from psc_nas.search.record import Retrained, TrialRecord
-from psc_nas.train import fit
+from psc_nas.train import fit, optimizer_class
 from psc_nas.weights import WEIGHTS_SUFFIX, save_weights, state_of
 
 log = logging.getLogger("psc_nas.search")
@@ -97,14 +97,12 @@ def choose_members(front: Front, count: int) -> list[TrialRecord]:
 
 
 def fidelity_words(policy: RetrainPolicy, epochs: int) -> str:
-    """How a member was retrained, in words: its schedule and optimiser (``psc_nas.train.optimizer_and_schedule``:
-    AdamW with weight decay, else Adam), so that runs of other recipes do not read alike."""
+    """How a member was retrained, in words: its schedule and optimiser (the one ``fit`` builds), so that runs of
+    other recipes do not read alike."""
     schedule = {"onecycle": ", one-cycle", "constant": ""}.get(policy.lr_schedule, f", {policy.lr_schedule}")
-    optimiser = (
-        f"AdamW lr {policy.lr:g} (weight decay {policy.weight_decay:g})"
-        if policy.weight_decay
-        else f"Adam lr {policy.lr:g}"
-    )
+    optimiser = f"{optimizer_class(policy.weight_decay).__name__} lr {policy.lr:g}"
+    if policy.weight_decay:
+        optimiser += f" (weight decay {policy.weight_decay:g})"
     return (
         f"retrained: {epochs} epoch{'s' if epochs != 1 else ''} × {policy.samples_per_epoch} samples"
         f"{schedule}, {optimiser}, full width"

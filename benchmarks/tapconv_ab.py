@@ -7,7 +7,9 @@ without the autograd bookkeeping).
 
 Each ``TAG=SOURCE`` names a version: a git revision (its ``psc_nas/ops/tapconv.py``) or a path to such a file; its
 ``SOURCE`` string is built under its own extension name (cached like the real one). Every version runs the plan of
-the current ``tap_plan``, so versions must share the kernel's interface (``pack``, ``conv``, ``weight_grad``). A case
+the current ``tap_plan``, so versions must share the kernel's interface (``pack``, ``conv``, ``weight_grad``); a
+version whose kernel takes chunks of at most 6 channels (before version 15, 2026-12-06) gets the plan's
+``widest=6`` form: name it in ``--narrow``. A case
 is ``C_in:C_out:side:batch[:groups]``: a uniform CAKES allocation of C_out over a cube of that side, or with groups
 a thin grouped 3x3x3 conv (csn_ir's). Default: CAKES C = 16/32/64 at 32³ and 64³ (batch 2, as ``benchmarks/ops.py``)
 and DenseNet3D's slots 40 → 28 and 124 → 28 at 32³ (batch 4), the last also as csn_ir's grouped conv (groups 4).
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, metavar="CIN:COUT:SIDE:BATCH[:GROUPS]")
+    parser.add_argument("--narrow", nargs="*", default=[], metavar="TAG", help="versions with chunks of at most 6")
     args = parser.parse_args()
     keep_freed_memory()
     torch.set_num_threads(args.threads)
@@ -83,40 +86,40 @@ def main() -> None:
             label = f"CAKES uniform {cin} → {cout}"
         label += f", {side}³, batch {batch}"
         spatial = (side, side, side)
-        plan = tapconv.tap_plan(tapconv.tap_groups(counts, masks), cin, spatial, groups)
         macs = batch * side**3 * cin // groups * sum(c * bin(m).count("1") for c, m in zip(counts, masks))
         x = torch.randn(batch, cin, *spatial).contiguous(memory_format=torch.channels_last_3d)
         dy = torch.randn(batch, cout, *spatial).contiguous(memory_format=torch.channels_last_3d)
         weight = torch.randn(cout, cin // groups, 3, 3, 3)
-        w_forward = weight.reshape(-1)[plan.forward_index].contiguous()
-        w_backward = weight.reshape(-1)[plan.backward_index].contiguous()
-        size = plan.forward_index.numel()
         y, dx = torch.empty_like(dy), torch.empty_like(x)
 
-        def parts(module):
+        def parts(tag):
+            module = kernels[tag].module()
+            widest = 6 if tag in args.narrow else tapconv.WIDEST
+            plan = tapconv.tap_plan(tapconv.tap_groups(counts, masks), cin, spatial, groups, widest)
+            w_forward = weight.reshape(-1)[plan.forward_index].contiguous()
+            w_backward = weight.reshape(-1)[plan.backward_index].contiguous()
             packed_x, packed_dy = module.pack(x, plan.volume), module.pack(dy, plan.volume)
-            return {
+            size = plan.weight_index.numel()
+            fns = {
                 "pack x": lambda: module.pack(x, plan.volume),
                 "pack dy": lambda: module.pack(dy, plan.volume),
                 "forward": lambda: module.conv(packed_x, w_forward, *plan.forward, y),
                 "input grad": lambda: module.conv(packed_dy, w_backward, *plan.backward, dx),
-                "weight grad": lambda: module.weight_grad(packed_x, packed_dy, *plan.forward, size, *spatial),
+                "weight grad": lambda: module.weight_grad(packed_x, packed_dy, *plan.weight, size, *spatial),
             }
+            fns["forward"]()
+            fns["input grad"]()
+            grad = weight.new_zeros(weight.numel()).index_put_((plan.weight_index,), fns["weight grad"]())
+            return fns, (packed_x, y.clone(), dx.clone(), grad)
 
-        results, reference = {}, None
+        results, reference, calls = {}, None, {}
         for tag in tags:  # check every version's outputs against the first
-            module = kernels[tag].module()
-            packed_x, packed_dy = module.pack(x, plan.volume), module.pack(dy, plan.volume)
-            module.conv(packed_x, w_forward, *plan.forward, y)
-            module.conv(packed_dy, w_backward, *plan.backward, dx)
-            grad = module.weight_grad(packed_x, packed_dy, *plan.forward, size, *spatial)
-            out = (packed_x, y.clone(), dx.clone(), grad)
+            calls[tag], out = parts(tag)
             if reference is None:
                 reference = out
             for got, want in zip(out, reference):
                 if (got - want).abs().max() > 1e-4 * want.abs().max():
                     raise SystemExit(f"{tag} differs from {tags[0]} on {case}")
-        calls = {tag: parts(kernels[tag].module()) for tag in tags}
         for fns in calls.values():
             for fn in fns.values():
                 fn()  # warm-up

@@ -134,7 +134,7 @@ def test_cakes_merges_execute_more_macs_than_the_analytic_cost(impl, executed_ov
 
 
 TAP_CASES = [
-    # (C_in, allocation, size, batch, groups): chunks of 1-6 channels, every shape, planes narrower than a 64-position
+    # (C_in, allocation, size, batch, groups): chunks of 1-9 channels, every shape, planes narrower than a 64-position
     # block and wider than several, a W of 2 (a tail that ends inside the next plane's padding), batch > 1, grouped
     # convs (csn_ir's C_in != C_out; a run of taps across conv groups)
     (5, {"1x1x3": 1, "3x3x3": 2, "1x3x3": 3}, (4, 5, 6), 2, 1),
@@ -151,6 +151,12 @@ TAP_CASES = [
     # channels_last_3d, which the pack reads in place
     (1, {"3x3x3": 2, "1x3x3": 1}, (4, 5, 6), 2, 1),
     (4, {"1x3x3": 1}, (3, 4, 5), 2, 1),
+    # wide chunks (7-9 channels, blocks of 48 positions): 8 + 8 and 8 of a shape, one sample (the planes split into
+    # runs so that both threads work); (17, ...) above: a chunk of 4 beside one of 7, input-gradient chunks of 9 + 8
+    (10, {"1x3x3": 8, "3x3x3": 16}, (5, 6, 7), 1, 1),
+    # 256 input channels: a plane's positions split into bands (the kernel's 1 MB for three planes of every input),
+    # 8 channels a group
+    (256, {"3x3x3": 256}, (3, 24, 24), 1, 32),
 ]
 
 

@@ -7,16 +7,18 @@ the analytic MACs and nothing more, vectorised over positions instead of channel
 
 - the input is packed once into zero-padded, channel-major volumes: (N, C, (D+2)·(H+2)·(W+2) + slack), so every tap
   is a fixed offset ``(a-1)·plane + (b-1)·row + (c-1)`` along one flat axis;
-- an output *chunk* is up to 6 output channels that use the same taps (a group split as evenly as possible); for
-  each block of 64 consecutive padded positions of one D plane it keeps 6 × 4 vector accumulators in registers and
-  adds, for every input channel and every tap the chunk uses, 4 vector loads (shifted) times the broadcast weights;
-  positions in the padding columns are computed and dropped (1.06x in a plane at 32³); results are stored straight
-  into the channels_last_3d output;
+- an output *chunk* is up to 9 output channels that use the same taps (a group split as evenly as possible); for
+  each block of 64 consecutive padded positions of one D plane (48 for a chunk of 7-9) it keeps K × 4 (K × 3)
+  vector accumulators in registers and adds, for every input channel and every tap the chunk uses, 4 (3) vector
+  loads (shifted) times the broadcast weights; positions in the padding columns are computed and dropped (1.06x in a
+  plane at 32³); results are stored straight into the channels_last_3d output. Where each input channel feeds at
+  most two chunks (a thin grouped conv), a thread walks its D planes band by band of a plane's positions, so that
+  the three planes its taps reach stay in L2;
 - the input gradient is the same kernel on the packed output gradient with the roles swapped (chunks of input
   channels, each output channel a source with its taps mirrored);
-- the weight gradient: per run of 1,024 positions, chunk, input channel and tile of 4-6 of its taps, tile × chunk
-  vector accumulators over the run's positions, added into a per-thread copy of the packed weights' vectors (one
-  16-lane vector per weight, summed over lanes at the end).
+- the weight gradient: per run of 1,024 positions, chunk (of up to 6 channels), input channel and tile of 4-6 of
+  its taps, tile × chunk vector accumulators over the run's positions, added into a per-thread copy of the packed
+  weights' vectors (one 16-lane vector per weight, summed over lanes at the end).
 
 Stride 1, 'same' padding, float32, CPU. A ``TapPlan`` (cached per allocation, input channels and spatial size) holds
 the chunks, sources, tap offsets and the index maps between a (C_out, C_in, 3, 3, 3) weight and its packed form. The
@@ -90,6 +92,9 @@ inline void transpose16(v16* r) {
 constexpr int64_t kLanes = 16;
 constexpr int64_t kVectors = 4;                  // position vectors per output block
 constexpr int64_t kBlock = kLanes * kVectors;    // positions per output block
+constexpr int64_t kNarrow = 6;                   // a chunk of up to 6 channels keeps kVectors position vectors
+constexpr int64_t kWidest = 9;                   // the most channels in a chunk (3 position vectors)
+constexpr int64_t kBandBytes = 1 << 20;          // a band's three planes of every input channel: at most 1 MB
 constexpr int64_t kRun = 1024;  // positions per weight-gradient task
 // taps per weight-gradient tile: tile x K accumulators, K dy vectors and one x vector fit 32 registers
 constexpr int64_t tap_tile(int64_t k) { return k <= 4 ? 6 : 4; }
@@ -110,13 +115,14 @@ struct Plan {
   const int64_t* offsets;
 };
 
-// y[c0 + k] at positions [p, p + kBlock) of one plane = sum over sources and their taps; stored into channels_last.
-template <int K>
+// y[c0 + k] at positions [p, p + V * 16) of one plane = sum over sources and their taps; stored into channels_last.
+template <int K, int V = kVectors>
 void block(const float* in, const float* w, const Plan& plan, const int64_t* chunk, const Grid& g, int64_t n,
            int64_t d, int64_t i0, float* y, int64_t out_channels) {
-  v16 acc[K][kVectors];
+  constexpr int64_t positions = kLanes * V;
+  v16 acc[K][V];
   for (int k = 0; k < K; ++k)
-    for (int v = 0; v < kVectors; ++v) acc[k][v] = v16{};
+    for (int v = 0; v < V; ++v) acc[k][v] = v16{};
   const int64_t p = g.start(d) + i0;
   for (int64_t s = chunk[2]; s < chunk[3]; ++s) {
     const int64_t* src = plan.sources + 4 * s;
@@ -124,18 +130,18 @@ void block(const float* in, const float* w, const Plan& plan, const int64_t* chu
     const float* ws = w + src[3];
     for (int64_t t = src[1]; t < src[2]; ++t, ws += K) {
       const float* xt = x + plan.offsets[t];
-      v16 xv[kVectors];
-      for (int v = 0; v < kVectors; ++v) xv[v] = load(xt + kLanes * v);
+      v16 xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = load(xt + kLanes * v);
       for (int k = 0; k < K; ++k) {
         const v16 wk = splat(ws + k);
-        for (int v = 0; v < kVectors; ++v) acc[k][v] += xv[v] * wk;
+        for (int v = 0; v < V; ++v) acc[k][v] += xv[v] * wk;
       }
     }
   }
-  alignas(64) float out[K][kBlock];
+  alignas(64) float out[K][positions];
   for (int k = 0; k < K; ++k)
-    for (int v = 0; v < kVectors; ++v) store(&out[k][kLanes * v], acc[k][v]);
-  const int64_t stop = std::min(kBlock, g.len - i0);
+    for (int v = 0; v < V; ++v) store(&out[k][kLanes * v], acc[k][v]);
+  const int64_t stop = std::min(positions, g.len - i0);
   float* base = y + (n * g.D + d - 1) * g.H * g.W * out_channels + chunk[0];
   // The position's row and column, stepped: a division per position made the forward 1.29x slower at 16 channels,
   // 32³ (tapconv_ab, Xeon), where a block's chunk has only 2-3 channels' multiply-adds to hide it.
@@ -147,6 +153,17 @@ void block(const float* in, const float* w, const Plan& plan, const int64_t* chu
     }
     if (++c == g.row) c = 0, ++h;
   }
+}
+
+// block<K, V> over the positions [i0, i1) of a step: chunks of up to 6 channels keep 4 position vectors (K x 4
+// accumulators), of 7-9 channels 3 (K x 3, up to 27 of the 32 vector registers), so a wide chunk's x vectors serve 7-9
+// weights each: per 16 positions and tap, 1 + K / 4 ... 1 + K / 3 loads for K multiply-adds, where the same channels in
+// two chunks of 3-5 load every x vector twice (a group of 7 as 4 + 3: 0.82 loads a multiply-add, as one chunk 0.62).
+template <int K>
+void blocks(const float* in, const float* w, const Plan& plan, const int64_t* chunk, const Grid& g, int64_t n,
+            int64_t d, int64_t i0, int64_t i1, float* y, int64_t out_channels) {
+  constexpr int V = K > kNarrow ? 3 : kVectors;
+  for (int64_t i = i0; i < i1; i += kLanes * V) block<K, V>(in, w, plan, chunk, g, n, d, i, y, out_channels);
 }
 
 }  // namespace
@@ -224,22 +241,45 @@ void conv(torch::Tensor in, torch::Tensor weights, torch::Tensor chunks, torch::
   const float* ip = in.data_ptr<float>();
   const float* wp = weights.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // One task per D plane: each block of positions runs every chunk while its input rows are in L1/L2.
+  bool wide = false;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    TORCH_CHECK(plan.chunks[4 * c + 1] >= 1 && plan.chunks[4 * c + 1] <= kWidest, "conv: chunks of 1 to 9 channels");
+    wide = wide || plan.chunks[4 * c + 1] > kNarrow;
+  }
+  // A step is the positions every chunk runs before the next step: one block, or 192 positions (3 blocks of 64,
+  // 4 of 48) where a chunk of 7-9 channels runs blocks of 48.
+  const int64_t step = wide ? 3 * kBlock : kBlock;
+  // One task per D plane, as many as a thread's share of the N x D planes (ATen gives each thread one range), walked
+  // band by band of a plane's positions where every input channel is read by at most two chunks of a block (a thin
+  // grouped conv: csn_ir's): each read of its rows then comes from L2 or memory, and a band's three planes of every
+  // input channel (the taps' reach) stay in L2 as the walk moves a plane on, where whole planes had them come from
+  // memory again once 3 planes x C_in outgrew L2 (124 channels at 32³: 1.7 MB; one chunk of a group's 7 channels ran
+  // 0.9x as fast as 4 + 3 there with whole planes, 1.1-1.2x with bands, Xeon). Where several chunks share a block's
+  // input rows they read them from L1 after the first, and whole planes were faster (CAKES 64 -> 64 at 64³: bands
+  // 0.9x).
+  const bool banded = sources.size(0) <= 2 * S;
+  const int64_t band = banded ? std::max(step, kBandBytes / (3 * S * int64_t(sizeof(float))) / step * step) : g.len;
   at::parallel_for(0, N * D, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t d = task % D + 1, n = task / D;
-      const float* x = ip + n * S * g.volume;
-      for (int64_t i0 = 0; i0 < g.len; i0 += kBlock) {
-        for (int64_t c = 0; c < nchunks; ++c) {
-          const int64_t* chunk = plan.chunks + 4 * c;
-          switch (chunk[1]) {
-            case 1: block<1>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
-            case 2: block<2>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
-            case 3: block<3>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
-            case 4: block<4>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
-            case 5: block<5>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
-            case 6: block<6>(x, wp, plan, chunk, g, n, d, i0, yp, Co); break;
-            default: TORCH_CHECK(false, "conv: chunks of 1 to 6 channels");
+    for (int64_t b0 = 0; b0 < g.len; b0 += band) {
+      const int64_t b1 = std::min(g.len, b0 + band);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t d = task % D + 1, n = task / D;
+        const float* x = ip + n * S * g.volume;
+        for (int64_t i0 = b0; i0 < b1; i0 += step) {
+          const int64_t i1 = std::min(i0 + step, b1);
+          for (int64_t c = 0; c < nchunks; ++c) {
+            const int64_t* chunk = plan.chunks + 4 * c;
+            switch (chunk[1]) {
+              case 1: blocks<1>(x, wp, plan, chunk, g, n, d, i0, i1, yp, Co); break;
+              case 2: blocks<2>(x, wp, plan, chunk, g, n, d, i0, i1, yp, Co); break;
+              case 3: blocks<3>(x, wp, plan, chunk, g, n, d, i0, i1, yp, Co); break;
+              case 4: blocks<4>(x, wp, plan, chunk, g, n, d, i0, i1, yp, Co); break;
+              case 5: blocks<5>(x, wp, plan, chunk, g, n, d, i0, i1, yp, Co); break;
+              case 6: blocks<6>(x, wp, plan, chunk, g, n, d, i0, i1, yp, Co); break;
+              case 7: blocks<7>(x, wp, plan, chunk, g, n, d, i0, i1, yp, Co); break;
+              case 8: blocks<8>(x, wp, plan, chunk, g, n, d, i0, i1, yp, Co); break;
+              default: blocks<9>(x, wp, plan, chunk, g, n, d, i0, i1, yp, Co); break;
+            }
           }
         }
       }
@@ -386,9 +426,10 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
 }
 """
 
-KERNEL = native.Extension("tapconv", 14, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
+KERNEL = native.Extension("tapconv", 15, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
 CUBE = (1 << 27) - 1  # every tap of the 3x3x3 cube
-CHUNK = 6  # the most output channels in a chunk (the kernel's register tile: 6 x 4 vectors)
+WIDEST = 9  # the most channels in a chunk of the forward and input-gradient convs (9 x 3 position vectors)
+NARROW = 6  # the most in a chunk of the weight gradient (its tiles: up to 6 channels x 4 taps)
 LANES_BLOCK = 64  # positions per output block: the slack a packed volume needs past its last plane
 
 
@@ -396,14 +437,17 @@ LANES_BLOCK = 64  # positions per output block: the slack a packed volume needs 
 class TapPlan:
     """How one conv's channels and taps map onto the kernel, for one input size.
 
-    ``forward``/``backward``: (chunks, sources, offsets) of y from x and of dx from dy; ``forward_index`` /
-    ``backward_index``: for each packed weight, its position in the flat (C_out, C_in, 27) weight."""
+    ``forward``/``backward``/``weight``: (chunks, sources, offsets) of y from x, of dx from dy and of the weight
+    gradient from x and dy (chunked as y, in narrower chunks); ``*_index``: for each packed weight, its position in
+    the flat (C_out, C_in, 27) weight."""
 
     volume: int
     forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     forward_index: torch.Tensor
     backward: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     backward_index: torch.Tensor
+    weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    weight_index: torch.Tensor
 
 
 def tap_offsets(taps: Sequence[int], spatial: Sequence[int], sign: int = 1) -> list[int]:
@@ -421,15 +465,39 @@ def packed_volume(spatial: Sequence[int]) -> int:
     return -(-need // 16) * 16
 
 
+class _Chunks:
+    """A kernel call's chunks (first channel, size, first source, end source), its sources (channel, first tap,
+    end tap, weight offset) and, per packed weight, its index in the flat weight."""
+
+    def __init__(self) -> None:
+        self.chunks: list[list[int]] = []
+        self.sources: list[list[int]] = []
+        self.index: list[int] = []
+
+    def add(self, c0: int, k: int, sources: Sequence[tuple[int, int, tuple[int, ...]]], flat: Any) -> None:
+        """A chunk of ``k`` channels from ``c0``: per source (channel, first offset, taps), ``flat(source, j, tap)``
+        is the flat weight index of chunk channel j's weight."""
+        s0 = len(self.sources)
+        for channel, t0, taps in sources:
+            self.sources.append([channel, t0, t0 + len(taps), len(self.index)])
+            self.index += [flat(channel, j, t) for t in taps for j in range(k)]
+        self.chunks.append([c0, k, s0, len(self.sources)])
+
+    def tensors(self, offsets: list[int]) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        return (_longs(self.chunks), _longs(self.sources), _longs(offsets)), _longs(self.index)
+
+
 @lru_cache(maxsize=256)
 def tap_plan(
     groups: tuple[tuple[int, tuple[int, ...]], ...],
     in_channels: int,
     spatial: tuple[int, int, int],
     conv_groups: int = 1,
+    widest: int = WIDEST,
 ) -> TapPlan:
     """``groups``: (output channels, taps) per run of output channels in order (a CAKES allocation's shapes);
-    ``conv_groups``: the conv's ``groups`` (output channel co reads only the input channels of its group)."""
+    ``conv_groups``: the conv's ``groups`` (output channel co reads only the input channels of its group);
+    ``widest``: the most channels in a forward or input-gradient chunk (6 for kernels before version 15)."""
     out_channels = sum(count for count, _ in groups)
     per_in, per_out = in_channels // conv_groups, out_channels // conv_groups
     offsets: list[int] = []
@@ -439,12 +507,7 @@ def tap_plan(
         taps_of += [(len(offsets), taps)] * count
         offsets += tap_offsets(taps, spatial)
         mirrored += tap_offsets(taps, spatial, sign=-1)
-    chunks: list[list[int]] = []
-    sources: list[list[int]] = []
-    index: list[int] = []
-    bchunks: list[list[int]] = []
-    bsources: list[list[int]] = []
-    bindex: list[int] = []
+    forward, weight, backward = _Chunks(), _Chunks(), _Chunks()
     for group in range(conv_groups):
         outs, ins = range(group * per_out, (group + 1) * per_out), range(group * per_in, (group + 1) * per_in)
         first = outs.start  # y: chunks of output channels that share their taps, the group's inputs as sources
@@ -453,31 +516,25 @@ def tap_plan(
             while stop < outs.stop and taps_of[stop] == taps_of[first]:
                 stop += 1
             t0, taps = taps_of[first]
-            for c0, k in chunked(first, stop - first):
-                s0 = len(sources)
-                for ci in ins:
-                    sources.append([ci, t0, t0 + len(taps), len(index)])
-                    index += [((c0 + j) * per_in + ci - ins.start) * 27 + t for t in taps for j in range(k)]
-                chunks.append([c0, k, s0, len(sources)])
+            for calls, most in ((forward, widest), (weight, min(widest, NARROW))):
+                for c0, k in chunked(first, stop - first, most):
+                    inputs = [(ci, t0, taps) for ci in ins]
+                    calls.add(c0, k, inputs, lambda ci, j, t, c0=c0: ((c0 + j) * per_in + ci - ins.start) * 27 + t)
             first = stop
         # dx[ci] = sum over the group's co of w[co, ci, t] dy[co] at the mirrored offset: chunks of input
         # channels, output channels as sources, each with its own taps
-        for c0, k in chunked(ins.start, len(ins)):
-            s0 = len(bsources)
-            for co in outs:
-                t0, taps = taps_of[co]
-                bsources.append([co, t0, t0 + len(taps), len(bindex)])
-                bindex += [(co * per_in + c0 - ins.start + j) * 27 + t for t in taps for j in range(k)]
-            bchunks.append([c0, k, s0, len(bsources)])
-    forward = (_longs(chunks), _longs(sources), _longs(offsets))
-    backward = (_longs(bchunks), _longs(bsources), _longs(mirrored))
-    return TapPlan(packed_volume(spatial), forward, _longs(index), backward, _longs(bindex))
+        for c0, k in chunked(ins.start, len(ins), widest):
+            outputs = [(co, *taps_of[co]) for co in outs]
+            backward.add(c0, k, outputs, lambda co, j, t, c0=c0: (co * per_in + c0 - ins.start + j) * 27 + t)
+    return TapPlan(
+        packed_volume(spatial), *forward.tensors(offsets), *backward.tensors(mirrored), *weight.tensors(offsets)
+    )
 
 
-def chunked(first: int, count: int) -> list[tuple[int, int]]:
-    """``count`` channels from ``first`` as (first, size) chunks of at most ``CHUNK``, as even as possible (9 as 5 + 4,
-    not 6 + 3 or 4 + 4 + 1: a thin chunk runs its loads for fewer multiply-adds)."""
-    pieces = -(-count // CHUNK)
+def chunked(first: int, count: int, most: int) -> list[tuple[int, int]]:
+    """``count`` channels from ``first`` as (first, size) chunks of at most ``most``, as even as possible (with
+    ``most`` 6, 9 as 5 + 4, not 6 + 3 or 4 + 4 + 1: a thin chunk runs its loads for fewer multiply-adds)."""
+    pieces = -(-count // most)
     base, extra = divmod(count, pieces)
     sizes = [base + (1 if i < extra else 0) for i in range(pieces)]
     return [(first + sum(sizes[:i]), size) for i, size in enumerate(sizes)]
@@ -568,9 +625,9 @@ def _backward(
         grad_x = torch.empty(shape, dtype=grad_y.dtype, memory_format=CPU_LAYOUT)
         module.conv(packed_dy, weight.reshape(-1)[plan.backward_index].contiguous(), *plan.backward, grad_x)
     if ctx.needs_input_grad[1]:
-        size = plan.forward_index.numel()
-        packed = module.weight_grad(packed_x, packed_dy, *plan.forward, size, *shape[2:])
-        grad_weight = weight.new_zeros(weight.numel()).index_put_((plan.forward_index,), packed).view_as(weight)
+        size = plan.weight_index.numel()
+        packed = module.weight_grad(packed_x, packed_dy, *plan.weight, size, *shape[2:])
+        grad_weight = weight.new_zeros(weight.numel()).index_put_((plan.weight_index,), packed).view_as(weight)
     return grad_x, grad_weight, None, None, None
 
 

@@ -364,7 +364,11 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
   // L1 while the source's tiles pass over them; the tiles add their accumulators into per-thread vector partials,
   // summed over lanes once at the end, so a short run costs no horizontal sums (2026-12-05 night, Xeon: 1.03-1.15x
   // the previous runs of up to 16,384 positions, whole D planes with 16-lane sums per tile; docs/benchmarks/ops.md).
-  const int64_t span = (D - 1) * g.plane + g.len, runs = (span + kRun - 1) / kRun;
+  // Runs are cut at multiples of 16 positions (the first one shorter), so that dy's vectors are aligned to a cache
+  // line (a packed channel's start is, and its volume a multiple of 16): an unaligned vector load touches two lines
+  // (Xeon: 1.05-1.16x the weight gradient of runs from the first interior position).
+  const int64_t lead = g.start(1) % kLanes;  // the first run starts this many positions after a line
+  const int64_t span = (D - 1) * g.plane + g.len + lead, runs = (span + kRun - 1) / kRun;
   at::parallel_for(0, N * runs, 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = at::get_thread_num();
     float* grad = pp + thread * size * kLanes;
@@ -374,7 +378,8 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
     }
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / runs, q = task % runs * kRun;
-      const int64_t p0 = g.start(1) + q, len = std::min(kRun, span - q);
+      const int64_t skip = q == 0 ? lead : 0;  // the first run begins at the first interior position
+      const int64_t p0 = g.start(1) - lead + q + skip, len = std::min(kRun, span - q) - skip;
       for (int64_t c = 0; c < nchunks; ++c) {
         const int64_t* chunk = ch + 4 * c;
         const float* dyc = dp + (n * Co + chunk[0]) * g.volume;
@@ -426,7 +431,7 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
 }
 """
 
-KERNEL = native.Extension("tapconv", 15, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
+KERNEL = native.Extension("tapconv", 16, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
 CUBE = (1 << 27) - 1  # every tap of the 3x3x3 cube
 WIDEST = 9  # the most channels in a chunk of the forward and input-gradient convs (9 x 3 position vectors)
 NARROW = 6  # the most in a chunk of the weight gradient (its tiles: up to 6 channels x 4 taps)

@@ -8,8 +8,9 @@ without the autograd bookkeeping).
 Each ``TAG=SOURCE`` names a version: a git revision (its ``psc_nas/ops/tapconv.py``) or a path to such a file; its
 ``SOURCE`` string is built under its own extension name (cached like the real one). Every version runs the plan of
 the current ``tap_plan``, so versions must share the kernel's interface (``pack``, ``conv``, ``weight_grad``); a
-version whose kernel takes chunks of at most 6 channels (before version 15, 2026-12-06) gets the plan's
-``widest=6`` form: name it in ``--narrow``. A case
+version whose kernel takes narrower chunks gets a plan of those: ``--widest TAG=CONV:WEIGHT`` (the most channels in a
+forward/input-gradient chunk and in a weight-gradient chunk: 6:6 before version 15, 9:6 for versions 15-16;
+``--narrow TAG`` is ``TAG=6:6``). A case
 is ``C_in:C_out:side:batch[:groups]``: a uniform CAKES allocation of C_out over a cube of that side, or with groups
 a thin grouped 3x3x3 conv (csn_ir's). Default: CAKES C = 16/32/64 at 32³ and 64³ (batch 2, as ``benchmarks/ops.py``)
 and DenseNet3D's slots 40 → 28 and 124 → 28 at 32³ (batch 4), the last also as csn_ir's grouped conv (groups 4).
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, metavar="CIN:COUT:SIDE:BATCH[:GROUPS]")
     parser.add_argument("--narrow", nargs="*", default=[], metavar="TAG", help="versions with chunks of at most 6")
+    parser.add_argument("--widest", nargs="*", default=[], metavar="TAG=CONV:WEIGHT", help="a version's widest chunks")
     args = parser.parse_args()
     keep_freed_memory()
     torch.set_num_threads(args.threads)
@@ -71,6 +73,10 @@ def main() -> None:
         if kernels[tag].module() is None:
             raise SystemExit(f"{tag}: {kernels[tag].unavailable_reason()}")
     tags = list(kernels)
+    widest = {tag: (tapconv.WIDEST, tapconv.WEIGHT_WIDEST) for tag in tags} | {tag: (6, 6) for tag in args.narrow}
+    for spec in args.widest:
+        tag, _, sizes = spec.partition("=")
+        widest[tag] = tuple(int(v) for v in sizes.split(":"))
     load = os.getloadavg()[0]
     print(f"{args.threads} threads, best of {args.repeats} interleaved repeats, ms (GF/s); load {load:.2f}")
     print(f"| case | part | {' | '.join(tags)} | {tags[0]} / {tags[-1]} |")
@@ -94,8 +100,7 @@ def main() -> None:
 
         def parts(tag):
             module = kernels[tag].module()
-            widest = 6 if tag in args.narrow else tapconv.WIDEST
-            plan = tapconv.tap_plan(tapconv.tap_groups(counts, masks), cin, spatial, groups, widest)
+            plan = tapconv.tap_plan(tapconv.tap_groups(counts, masks), cin, spatial, groups, *widest[tag])
             w_forward = weight.reshape(-1)[plan.forward_index].contiguous()
             w_backward = weight.reshape(-1)[plan.backward_index].contiguous()
             packed_x, packed_dy = module.pack(x, plan.volume), module.pack(dy, plan.volume)

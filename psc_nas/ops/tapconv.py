@@ -16,7 +16,7 @@ the analytic MACs and nothing more, vectorised over positions instead of channel
   the three planes its taps reach stay in L2;
 - the input gradient is the same kernel on the packed output gradient with the roles swapped (chunks of input
   channels, each output channel a source with its taps mirrored);
-- the weight gradient: per run of 1,024 positions, chunk (of up to 6 channels), input channel and tile of 4-6 of
+- the weight gradient: per run of 1,024 positions, chunk (of up to 7 channels), input channel and tile of 3-6 of
   its taps, tile × chunk vector accumulators over the run's positions, added into a per-thread copy of the packed
   weights' vectors (one 16-lane vector per weight, summed over lanes at the end).
 
@@ -96,8 +96,10 @@ constexpr int64_t kNarrow = 6;                   // a chunk of up to 6 channels 
 constexpr int64_t kWidest = 9;                   // the most channels in a chunk (3 position vectors)
 constexpr int64_t kBandBytes = 1 << 20;          // a band's three planes of every input channel: at most 1 MB
 constexpr int64_t kRun = 1024;  // positions per weight-gradient task
-// taps per weight-gradient tile: tile x K accumulators, K dy vectors and one x vector fit 32 registers
-constexpr int64_t tap_tile(int64_t k) { return k <= 4 ? 6 : 4; }
+// taps per weight-gradient tile: tile x K accumulators, K dy vectors and one x vector fit 32 registers (7 x 3 + 7 + 1
+// for a chunk of 7: a thin csn_ir group's 7 channels in one chunk, 10 loads for 21 multiply-adds where 4 + 3 took 19
+// for 42 of 4 x 6 and 3 x 6; 1.06-1.14x its weight gradient, Xeon)
+constexpr int64_t tap_tile(int64_t k) { return k <= 4 ? 6 : (k <= 6 ? 4 : 3); }
 
 // The padded grid of one channel: row = W + 2, plane = (H + 2) * row; the interior of D plane d (1..D) is the run of
 // ``len`` positions from d * plane + row + 1 ((h, w) = (1, 1)) to (H, W); ``volume`` is a channel's stride.
@@ -397,7 +399,8 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
               case 4: weight_tiles<4>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
               case 5: weight_tiles<5>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
               case 6: weight_tiles<6>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
-              default: TORCH_CHECK(false, "weight_grad: chunks of 1 to 6 channels");
+              case 7: weight_tiles<7>(xs, dyc, off, t0, t1, g, p0, len, gt); break;
+              default: TORCH_CHECK(false, "weight_grad: chunks of 1 to 7 channels");
             }
           }
         }
@@ -431,10 +434,10 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor dy, torch::Tensor chunk
 }
 """
 
-KERNEL = native.Extension("tapconv", 16, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
+KERNEL = native.Extension("tapconv", 17, SOURCE, ["pack", "conv", "weight_grad"], "the C++ CAKES tap-conv kernel")
 CUBE = (1 << 27) - 1  # every tap of the 3x3x3 cube
 WIDEST = 9  # the most channels in a chunk of the forward and input-gradient convs (9 x 3 position vectors)
-NARROW = 6  # the most in a chunk of the weight gradient (its tiles: up to 6 channels x 4 taps)
+WEIGHT_WIDEST = 7  # the most in a chunk of the weight gradient (its tiles: 7 channels x 3 taps at most)
 LANES_BLOCK = 64  # positions per output block: the slack a packed volume needs past its last plane
 
 
@@ -499,10 +502,12 @@ def tap_plan(
     spatial: tuple[int, int, int],
     conv_groups: int = 1,
     widest: int = WIDEST,
+    weight_widest: int = WEIGHT_WIDEST,
 ) -> TapPlan:
     """``groups``: (output channels, taps) per run of output channels in order (a CAKES allocation's shapes);
     ``conv_groups``: the conv's ``groups`` (output channel co reads only the input channels of its group);
-    ``widest``: the most channels in a forward or input-gradient chunk (6 for kernels before version 15)."""
+    ``widest``, ``weight_widest``: the most channels in a forward or input-gradient chunk and in a weight-gradient
+    chunk (6 and 6 for kernels before version 15, 9 and 6 for versions 15-16)."""
     out_channels = sum(count for count, _ in groups)
     per_in, per_out = in_channels // conv_groups, out_channels // conv_groups
     offsets: list[int] = []
@@ -521,7 +526,7 @@ def tap_plan(
             while stop < outs.stop and taps_of[stop] == taps_of[first]:
                 stop += 1
             t0, taps = taps_of[first]
-            for calls, most in ((forward, widest), (weight, min(widest, NARROW))):
+            for calls, most in ((forward, widest), (weight, weight_widest)):
                 for c0, k in chunked(first, stop - first, most):
                     inputs = [(ci, t0, taps) for ci in ins]
                     calls.add(c0, k, inputs, lambda ci, j, t, c0=c0: ((c0 + j) * per_in + ci - ins.start) * 27 + t)

@@ -98,7 +98,7 @@ constexpr int64_t kBandBytes = 1 << 20;          // a band's three planes of eve
 constexpr int64_t kRun = 1024;  // positions per weight-gradient task
 // taps per weight-gradient tile: tile x K accumulators, K dy vectors and one x vector fit 32 registers (7 x 3 + 7 + 1
 // for a chunk of 7: a thin csn_ir group's 7 channels in one chunk, 10 loads for 21 multiply-adds where 4 + 3 took 19
-// for 42 of 4 x 6 and 3 x 6; 1.06-1.14x its weight gradient, Xeon)
+// for 42 of 4 x 6 and 3 x 6; 1.06-1.22x its weight gradient, Xeon)
 constexpr int64_t tap_tile(int64_t k) { return k <= 4 ? 6 : (k <= 6 ? 4 : 3); }
 
 // The padded grid of one channel: row = W + 2, plane = (H + 2) * row; the interior of D plane d (1..D) is the run of
@@ -256,7 +256,7 @@ void conv(torch::Tensor in, torch::Tensor weights, torch::Tensor chunks, torch::
   // grouped conv: csn_ir's): each read of its rows then comes from L2 or memory, and a band's three planes of every
   // input channel (the taps' reach) stay in L2 as the walk moves a plane on, where whole planes had them come from
   // memory again once 3 planes x C_in outgrew L2 (124 channels at 32³: 1.7 MB; one chunk of a group's 7 channels ran
-  // 0.9x as fast as 4 + 3 there with whole planes, 1.1-1.2x with bands, Xeon). Where several chunks share a block's
+  // 0.9x as fast as 4 + 3 there with whole planes, 1.0-1.2x with bands, Xeon). Where several chunks share a block's
   // input rows they read them from L1 after the first, and whole planes were faster (CAKES 64 -> 64 at 64³: bands
   // 0.9x).
   const bool banded = sources.size(0) <= 2 * S;

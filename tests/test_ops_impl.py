@@ -151,8 +151,9 @@ TAP_CASES = [
     # channels_last_3d, which the pack reads in place
     (1, {"3x3x3": 2, "1x3x3": 1}, (4, 5, 6), 2, 1),
     (4, {"1x3x3": 1}, (3, 4, 5), 2, 1),
-    # wide chunks (7-9 channels, blocks of 48 positions): 8 + 8 and 8 of a shape, one sample (the planes split into
-    # runs so that both threads work); (17, ...) above: a chunk of 4 beside one of 7, input-gradient chunks of 9 + 8
+    # wide chunks (7-9 channels, blocks of 48 positions): 8 + 8 and 8 of a shape, one sample (the threads share its
+    # D planes); (17, ...) above: a chunk of 4 beside one of 7 (7 in the weight gradient too), input-gradient chunks
+    # of 9 + 8
     (10, {"1x3x3": 8, "3x3x3": 16}, (5, 6, 7), 1, 1),
     # 256 input channels: a plane's positions split into bands (the kernel's 1 MB for three planes of every input),
     # 8 channels a group

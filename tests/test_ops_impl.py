@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ops import channels, family_args, spatial, stride
@@ -25,6 +26,7 @@ from psc_nas.ops import (
     families,
     implementation,
     make_spec,
+    pwdw,
     tapconv,
 )
 from psc_nas.ops.cakes import shape_mask
@@ -419,6 +421,10 @@ def test_without_the_kernels_depthwise_is_folded_and_cakes_merged_with_no_error(
         "assert c.fast_impl() == 'taps' and mc.impl == c.merged_impl() == 'masked', mc.impl\n"
         "assert torch.allclose(mc(x), rc(x), atol=1e-5)\n"
         "assert not make_spec('csn_ir', 12, 8).build().taps\n"
+        "ip = make_spec('csn_ip', 4, 4); mi = ip.build(); ri = ip.build('reference')\n"
+        "mi.load_state_dict(ri.state_dict())\n"
+        "assert not mi.fused\n"
+        "with torch.no_grad(): assert torch.allclose(mi(x), ri(x), atol=1e-5)\n"
         "print(depthwise.KERNEL.unavailable_reason())\n"
     )
     env = {**os.environ, native.DISABLE_VAR: "1", "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -428,14 +434,69 @@ def test_without_the_kernels_depthwise_is_folded_and_cakes_merged_with_no_error(
 
 
 @needs_kernel
-def test_inference_tracing_and_export_of_csn_hold_no_custom_op():
+@pytest.mark.parametrize("op", ["csn_ir", "csn_ip"])
+def test_inference_tracing_and_export_of_csn_hold_no_custom_op(op):
     # A TorchScript or ONNX file of a csn network must load where psc-nas is not installed.
-    module = make_spec("csn_ir", 4, 4).build().eval()
+    module = make_spec(op, 4, 4).build().eval()
     x = torch.randn(1, 4, 5, 5, 5)
-    traced = torch.jit.trace(module, x)
-    assert "depthwise_conv3d" not in str(traced.inlined_graph)
+    for grad in (True, False):  # traced in a no_grad block too, where inference would run the fused pair
+        with torch.set_grad_enabled(grad):
+            traced = torch.jit.trace(module, x)
+        assert "depthwise_conv3d" not in str(traced.inlined_graph)
+        assert "pointwise_depthwise" not in str(traced.inlined_graph)
     exported = torch.export.export(module, (x,))
-    assert "depthwise_conv3d" not in str(exported.graph)
+    assert "depthwise_conv3d" not in str(exported.graph) and "pointwise_depthwise" not in str(exported.graph)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         module(x)
     assert "psc_nas.depthwise_conv3d" not in {str(op) for op in counter.get_flop_counts()["Global"]}
+
+
+needs_pwdw = pytest.mark.skipif(not pwdw.KERNEL.available(), reason="the fused 1x1x1 + depthwise kernel was not built")
+PWDW_CASES = [  # (batch, C_in, C, (D, H, W), threads)
+    (2, 16, 16, (6, 7, 5), 2),  # one block, W below the 8-column step
+    (1, 5, 28, (4, 9, 11), 2),  # a block of 16 and a masked one of 12; batch 1: two bands, one a thread
+    (3, 40, 33, (3, 3, 17), 2),  # three blocks, the last of one channel; W = 2 x 8 + 1
+    (1, 70, 70, (3, 4, 9), 1),  # five blocks: a group of four, then one; one thread, one band
+    (1, 8, 64, (3, 11, 200), 2),  # wide rows: bands of 4 rows (three buffer planes in 1 MiB), halos between bands
+    (2, 3, 1, (1, 1, 1), 3),  # one position, one output channel, more threads than tasks
+    (1, 124, 28, (2, 5, 8), 2),  # DenseNet3D's 124 -> 28; 2 x 5 positions of x per group of 8
+]
+
+
+@needs_pwdw
+@pytest.mark.parametrize(("batch", "cin", "channels", "size", "threads"), PWDW_CASES)
+def test_fused_pointwise_depthwise_matches_the_two_convs_in_float64(batch, cin, channels, size, threads):
+    generator = torch.Generator().manual_seed(cin * 1000 + channels)
+    x = torch.randn(batch, cin, *size, generator=generator, dtype=torch.float64)
+    w_pointwise = torch.randn(channels, cin, 1, 1, 1, generator=generator, dtype=torch.float64)
+    w_depthwise = torch.randn(channels, 1, 3, 3, 3, generator=generator, dtype=torch.float64)
+    expected = F.conv3d(F.conv3d(x, w_pointwise), w_depthwise, padding=1, groups=channels)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = pwdw.pointwise_depthwise(x.float(), w_pointwise.float(), w_depthwise.float())
+    finally:
+        torch.set_num_threads(before)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) and y.shape == expected.shape
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=2e-6 * expected.abs().max().item())
+
+
+@needs_pwdw
+def test_csn_ip_fuses_its_pair_only_where_no_backward_follows_with_exact_macs():
+    spec = make_spec("csn_ip", 6, 10)
+    module, reference = spec.build(), spec.build("reference")
+    module.load_state_dict(reference.state_dict())
+    assert module.impl == "depthwise" and module.fused
+    x = torch.randn(2, 6, 5, 7, 6)
+
+    def ops_run(grad):
+        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad):
+            y = module(x)
+        assert counter.get_total_flops() // 2 == 2 * spec.cost((5, 7, 6)).macs
+        torch.testing.assert_close(y, reference(x), rtol=1e-4, atol=1e-5)
+        return {str(op) for op in counter.get_flop_counts()["Global"]}
+
+    assert "psc_nas.pointwise_depthwise" in ops_run(False)
+    training = ops_run(True)  # the parameters require grad: a backward may follow, the unfused pair runs
+    assert "psc_nas.pointwise_depthwise" not in training and "psc_nas.depthwise_conv3d" in training
+    assert not make_spec("csn_ip", 6, 10, stride=2).build().fused  # the kernel is stride 1 only

@@ -16,7 +16,9 @@ whichever implementation ran. Implementations, by name (each executes exactly ``
   C_in ≠ C_out, e.g. DenseNet3D's C → 28 layers in 4 groups) on an input of at least 16³ runs
   ``tapconv.tap_conv3d``, forward and backward, in training and inference (not tracing or export). The
   kernels are built (or loaded from the cache) when such a module is built; where they cannot be, this
-  implementation is exactly ``folded``.
+  implementation is exactly ``folded``. Where no backward follows (inference, validation, the latency objective),
+  ip-CSN's pair at stride 1 (a 1x1x1 conv, then a depthwise 3x3x3 conv of its output) runs
+  ``pwdw.pointwise_depthwise``, both convs in one pass (not tracing or export).
 
 Which one ``build()`` runs by default is each family's measured rule (``OpSpec.fast_impl``); a family
 may offer more implementations of its own (CAKES: ``masked``, ``planes`` and ``taps``, in ``cakes.py``).
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from psc_nas.device import CPU_LAYOUT
-from psc_nas.ops import depthwise, tapconv
+from psc_nas.ops import depthwise, pwdw, tapconv
 from psc_nas.ops.graph import GraphConv
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ class FastGraphConv(GraphConv):
         # Build (once per machine) or load the kernels now, not inside the first timed forward.
         self.kernel = impl == "depthwise" and has_depthwise_conv(spec) and depthwise.KERNEL.available()
         self.taps = impl == "depthwise" and any(map(thin_grouped, self.convs)) and tapconv.KERNEL.available()
+        self.fused = impl == "depthwise" and pwdw.is_pair(self.graph) and pwdw.KERNEL.available()
 
     def run_conv(self, layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -83,7 +86,12 @@ class FastGraphConv(GraphConv):
         return conv(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.groups, self.fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.contiguous(memory_format=CPU_LAYOUT) if x.device.type == "cpu" else x)
+        if x.device.type != "cpu":
+            return super().forward(x)
+        x = x.contiguous(memory_format=CPU_LAYOUT)
+        if self.fused and not backward_may_follow(x, self) and pwdw.supports(x, *self.convs) and not tracing():
+            return pwdw.pointwise_depthwise(x, self.convs[0].weight, self.convs[1].weight)
+        return super().forward(x)
 
 
 def conv(
@@ -142,6 +150,11 @@ def training_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         return False
     return not tracing()
+
+
+def backward_may_follow(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether autograd records this forward: grad mode on and ``x`` or a parameter of ``module`` requiring grad."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 def tracing() -> bool:

@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,15 +37,10 @@ def child(family: str, cases: list[str], repeats: int, threads: int) -> None:
     torch.set_num_threads(threads)
     keep_freed_memory()
 
+    from timing import best_seconds  # benchmarks/timing.py, beside this script
+
     def best(fn) -> float:
-        fn()
-        fn()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-        return min(times) * 1e3
+        return 1e3 * best_seconds(fn, repeats, warmup=2)
 
     out = {}
     for case in cases:

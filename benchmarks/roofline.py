@@ -43,21 +43,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import best_seconds  # benchmarks/timing.py, beside this script
 
 from psc_nas.ops import depthwise
 
 BATCH = 2
 TAPS = 27
-
-
-def best_seconds(step: Callable[[], object], repeats: int) -> float:
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def gemm_peak(threads: int, repeats: int, n: int = 2048) -> float:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from depthwise_ab import kernel_source  # noqa: E402  (benchmarks/depthwise_ab.py: a kernel's SOURCE at a revision)
+from timing import best_seconds  # noqa: E402
 
 from psc_nas import native  # noqa: E402
 from psc_nas.memory import keep_freed_memory  # noqa: E402
@@ -41,15 +41,6 @@ from psc_nas.ops.cakes import shape_mask, uniform_allocation  # noqa: E402
 
 DEFAULT_CASES = ["16:16:32:2", "32:32:32:2", "64:64:32:2", "16:16:64:2", "32:32:64:2", "64:64:64:2"]
 DEFAULT_CASES += ["40:28:32:4", "124:28:32:4", "124:28:32:4:4"]
-
-
-def best_ms(fn, repeats: int = 1) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times) * 1e3
 
 
 def main() -> None:
@@ -131,7 +122,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for tag in tags:
                 for part, fn in calls[tag].items():
-                    results.setdefault((tag, part), []).append(best_ms(fn, 3))
+                    results.setdefault((tag, part), []).append(1e3 * best_seconds(fn, 3, warmup=0))
         for part in [*calls[tags[0]], "pass"]:
             if part == "pass":
                 times = {tag: sum(min(results[tag, p]) for p in calls[tag]) for tag in tags}

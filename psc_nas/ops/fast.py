@@ -89,8 +89,10 @@ class FastGraphConv(GraphConv):
         if x.device.type != "cpu":
             return super().forward(x)
         x = x.contiguous(memory_format=CPU_LAYOUT)
-        if self.fused and not backward_may_follow(x, self) and pwdw.supports(x, *self.convs) and not tracing():
-            return pwdw.pointwise_depthwise(x, self.convs[0].weight, self.convs[1].weight)
+        if self.fused and not tracing() and pwdw.supports(x, *self.convs):
+            pointwise, depthwise_conv = self.convs
+            if not training_step(x, pointwise.weight, depthwise_conv.weight):  # the pair's fused forward alone
+                return pwdw.pointwise_depthwise(x, pointwise.weight, depthwise_conv.weight)
         return super().forward(x)
 
 
@@ -144,17 +146,13 @@ def thin_grouped(layer: nn.Conv3d) -> bool:
     )
 
 
-def training_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a backward may follow, outside tracing and export: only then does the depthwise op (whose
-    forward is oneDNN's anyway) run, so inference, TorchScript and ONNX graphs hold plain convolutions."""
-    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+def training_step(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a backward may follow (grad mode on, ``x`` or a weight requiring grad), outside tracing and export: only
+    then does the depthwise op (whose forward is oneDNN's anyway) run, and only otherwise the fused ip-CSN pair, so
+    inference, TorchScript and ONNX graphs hold plain convolutions."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
     return not tracing()
-
-
-def backward_may_follow(x: torch.Tensor, module: nn.Module) -> bool:
-    """Whether autograd records this forward: grad mode on and ``x`` or a parameter of ``module`` requiring grad."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 def tracing() -> bool:

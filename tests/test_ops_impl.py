@@ -500,3 +500,4 @@ def test_csn_ip_fuses_its_pair_only_where_no_backward_follows_with_exact_macs():
     training = ops_run(True)  # the parameters require grad: a backward may follow, the unfused pair runs
     assert "psc_nas.pointwise_depthwise" not in training and "psc_nas.depthwise_conv3d" in training
     assert not make_spec("csn_ip", 6, 10, stride=2).build().fused  # the kernel is stride 1 only
+    assert make_spec("csn_ip", 6, pwdw.WIDEST).build().fused and not make_spec("csn_ip", 6, 80).build().fused

@@ -17,7 +17,7 @@ whichever implementation ran. Implementations, by name (each executes exactly ``
   ``tapconv.tap_conv3d``, forward and backward, in training and inference (not tracing or export). The
   kernels are built (or loaded from the cache) when such a module is built; where they cannot be, this
   implementation is exactly ``folded``. Where no backward follows (inference, validation, the latency objective),
-  ip-CSN's pair at stride 1 (a 1x1x1 conv, then a depthwise 3x3x3 conv of its output) runs
+  ip-CSN's pair at stride 1 (a 1x1x1 conv, then a depthwise 3x3x3 conv of its output, up to 64 channels) runs
   ``pwdw.pointwise_depthwise``, both convs in one pass (not tracing or export).
 
 Which one ``build()`` runs by default is each family's measured rule (``OpSpec.fast_impl``); a family
@@ -64,7 +64,7 @@ class FastGraphConv(GraphConv):
         # Build (once per machine) or load the kernels now, not inside the first timed forward.
         self.kernel = impl == "depthwise" and has_depthwise_conv(spec) and depthwise.KERNEL.available()
         self.taps = impl == "depthwise" and any(map(thin_grouped, self.convs)) and tapconv.KERNEL.available()
-        self.fused = impl == "depthwise" and pwdw.is_pair(self.graph) and pwdw.KERNEL.available()
+        self.fused = impl == "depthwise" and pwdw.fuses(self.graph) and pwdw.KERNEL.available()
 
     def run_conv(self, layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":

@@ -282,15 +282,23 @@ FUNCTIONS = ["pwdw_forward"]
 KERNEL = native.Extension("pwdw", 2, SOURCE, FUNCTIONS, "the fused 1x1x1 + depthwise C++ kernel")
 
 
-def is_pair(graph: ConvGraph) -> bool:
-    """Whether ``graph`` is exactly ip-CSN's pair at stride 1: a 1x1x1 conv of the input (one group, no bias), then
-    a depthwise 3x3x3 conv of its output (no ReLU between, no bias), which alone is the op's output."""
+# The most channels the fused pair runs: up to four blocks of 16 the 1x1x1 conv reads x once; wider, once per four
+# blocks, and at 128-512 channels (ResNet3D's stages, 2³-16³, batch 8) it ran 0.80-1.07x the unfused pair, at 64
+# 0.94-1.23x (docs/benchmarks/ops.md, twelfth session).
+WIDEST = 64
+
+
+def fuses(graph: ConvGraph) -> bool:
+    """Whether the kernel runs ``graph``: exactly ip-CSN's pair at stride 1, a 1x1x1 conv of the input (one group, no
+    bias), then a depthwise 3x3x3 conv of its output (no ReLU between, no bias) which alone is the op's output, of
+    at most ``WIDEST`` channels."""
     if len(graph.nodes) != 2 or graph.outputs != (1,):
         return False
     first, second = graph.nodes
     pointwise, depthwise_conv = first.conv, second.conv
     return (
-        first.source == INPUT
+        pointwise.out_channels <= WIDEST
+        and first.source == INPUT
         and pointwise.kernel == (1, 1, 1)
         and pointwise.stride == (1, 1, 1)
         and pointwise.groups == 1

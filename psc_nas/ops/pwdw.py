@@ -313,23 +313,13 @@ def fuses(graph: ConvGraph) -> bool:
 
 
 def supports(x: torch.Tensor, pointwise: nn.Conv3d, depthwise_conv: nn.Conv3d) -> bool:
-    """Whether the kernel computes this pair of modules on ``x`` (before asking ``KERNEL.available()``): float32 on
-    the CPU, a 1x1x1 conv (stride 1, one group, no bias) into a depthwise 3x3x3 one (stride 1, 'same', no bias)."""
-    channels = pointwise.out_channels
+    """Whether the kernel computes the pair of modules built from a graph that ``fuses`` on this ``x`` (before asking
+    ``KERNEL.available()``): what the graph fixed at build (kernels, strides, groups, no bias) holds for its modules,
+    so only what a call can change is checked: a 5-D float32 ``x`` on the CPU and float32 weights."""
     return (
         x.device.type == "cpu"
-        and x.dtype == pointwise.weight.dtype == depthwise_conv.weight.dtype == torch.float32
         and x.dim() == 5
-        and tuple(pointwise.kernel_size) == (1, 1, 1)
-        and tuple(pointwise.stride) == (1, 1, 1)
-        and pointwise.groups == 1
-        and pointwise.bias is None
-        and depthwise_conv.in_channels == depthwise_conv.out_channels == depthwise_conv.groups == channels
-        and tuple(depthwise_conv.kernel_size) == (3, 3, 3)
-        and tuple(depthwise_conv.stride) == (1, 1, 1)
-        and tuple(depthwise_conv.padding) == (1, 1, 1)
-        and tuple(depthwise_conv.dilation) == (1, 1, 1)
-        and depthwise_conv.bias is None
+        and x.dtype == pointwise.weight.dtype == depthwise_conv.weight.dtype == torch.float32
     )
 
 

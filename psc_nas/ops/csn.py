@@ -36,7 +36,7 @@ class CsnIpSpec(OpSpec):
     def fast_impl(self) -> str:
         # Folding sped up the 1x1x1 conv (1.2-1.4x over channels_last alone); the depthwise conv's
         # backward runs psc-nas's kernel (docs/benchmarks/roofline.md; "folded" where it cannot build);
-        # without a backward, at stride 1, the pair runs fused (ops/pwdw.py: its forward 0.94-1.6x, ops.md).
+        # without a backward, at stride 1, the pair runs fused (ops/pwdw.py: its forward 0.94-1.8x, ops.md).
         return "depthwise"
 
 

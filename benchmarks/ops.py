@@ -14,7 +14,9 @@ times scatter by up to 30x); the median is shown beside it. The efficiency ratio
 
 Each round also times every variant's forward alone (``torch.no_grad``, inference), so training
 and inference ratios come from the same run. "executed/analytic" is ``FlopCounterMode``'s count
-of one forward over ``spec.cost()`` (above 1 for CAKES' ``masked``, ``planes`` and ``taps``). The
+of one forward over ``spec.cost()`` (above 1 for CAKES' ``masked`` and ``planes``); below each shape's table,
+what oneDNN executes beyond that where an op's convs have output channels that do not fill its blocks of 16
+(``ConvGraph.blocked_ratio``: PmSCn's thin streams, CAKES' per-shape groups). The
 roofline columns divide GF/s by ``min(peak, I · bandwidth)``: peak = the best dense ``torch.mm``
 (n = 2048, 2 threads), bandwidth = copying an input-sized tensor (in cache here), I = the op's
 flops over the bytes it must at least move (input and output once per pass, weights; forward:
@@ -230,6 +232,18 @@ def shape_table(shape: dict) -> list[str]:
                     f" | {ahead * 1e3:,.2f} | {ahead / forward_best / mac_share:.2f} | "
                     f"{100 * roofline_share(r, channels, size, flops / 3 / ahead / 1e9, shape, False):.0f}% |"
                 )
+    blocked = []
+    for family, (op, args) in FAMILIES.items():
+        ratio = make_spec(op, channels, channels, **args).graph().blocked_ratio((size,) * 3)
+        if ratio > 1.005:
+            blocked.append(f"{family} {ratio:.2f}")
+    if blocked:
+        rows += [
+            "",
+            "MACs oneDNN executes over the analytic ones where a conv's output channels (per group) do not fill its "
+            "blocks of 16 (`ConvGraph.blocked_ratio`; the `reference`, `channels_last` and `folded` rows run every "
+            "conv of the op on oneDNN; every other family 1.00): " + ", ".join(blocked) + ".",
+        ]
     return [*rows, ""]
 
 

@@ -81,6 +81,27 @@ def test_csn_ir_is_depthwise_when_widths_match():
 
 
 @pytest.mark.parametrize(
+    ("op", "cin", "cout", "args", "stride", "expected"),
+    [
+        # 16 -> 18 (1x3x3) and 18 -> 8 (3x1x1) per stream: oneDNN computes 32 and 16 output channels.
+        ("pmscn", 16, 16, {"m": 2, "n": 1}, 1, (32 * 16 * 9 + 16 * 18 * 3) / (18 * 16 * 9 + 8 * 18 * 3)),
+        ("p3d", 64, 64, {}, 1, 1.0),  # 64 -> 144 -> 64: whole blocks
+        # stride 2: 16 -> 36 (48 computed; 16 x 9 MACs each) at 16 x 8 x 8 outputs, then 36 -> 16 (36 x 3) at 8³
+        ("p3d", 16, 16, {}, 2, (48 * 144 * 1024 + 16 * 108 * 512) / (36 * 144 * 1024 + 16 * 108 * 512)),
+        ("csn_ir", 20, 20, {}, 1, 32 / 20),  # depthwise: the channels as a whole
+        ("csn_ir", 16, 28, {}, 1, 16 / 7),  # four groups of 7 outputs, each a block of 16
+        ("cakes", 28, 28, {}, 1, 4.0),  # seven shapes of 4 channels
+        ("conv3d", 16, 16, {}, 1, 1.0),
+    ],
+)
+def test_blocked_ratio_rounds_output_channels_to_onednn_blocks(op, cin, cout, args, stride, expected):
+    spec = make_spec(op, cin, cout, stride=stride, **args)
+    assert spec.graph().blocked_ratio((16, 16, 16)) == pytest.approx(expected)
+    if op == "cakes":
+        assert spec.padded_ratio() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
     ("op", "args", "field"),
     [
         ("pmscn", {"m": 4}, "m must be one of [1, 2, 3]"),

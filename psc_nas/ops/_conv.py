@@ -28,6 +28,11 @@ def conv_out_size(size: int, kernel: int, stride: int) -> int:
     return (size + 2 * (kernel // 2) - kernel) // stride + 1
 
 
+# oneDNN's CPU conv kernels compute a conv's output channels (per group) in blocks of this many: a conv of 18 output
+# channels takes as long as one of 32 (docs/benchmarks/ops.md); its depthwise kernels vectorise over all channels.
+ONEDNN_BLOCK = 16
+
+
 @dataclass(frozen=True)
 class ConvSpec:
     in_channels: int
@@ -55,6 +60,15 @@ class ConvSpec:
         macs = self.out_channels * (self.in_channels // self.groups) * prod(self.kernel) * prod(out)
         return Cost(self.params, macs), out
 
+    def blocked_macs(self, spatial: Spatial) -> int:
+        """MACs oneDNN executes for this conv: output channels rounded up to whole blocks of ``ONEDNN_BLOCK``, per
+        group (for a depthwise conv, over all channels)."""
+        cost, _ = self.cost(spatial)
+        if self.groups == self.in_channels == self.out_channels:
+            return cost.macs * blocks(self.out_channels) // self.out_channels
+        per_group = self.out_channels // self.groups
+        return cost.macs * blocks(per_group) // per_group
+
     def build(self) -> nn.Conv3d:
         return nn.Conv3d(
             self.in_channels,
@@ -65,3 +79,8 @@ class ConvSpec:
             groups=self.groups,
             bias=self.bias,
         )
+
+
+def blocks(channels: int) -> int:
+    """``channels`` rounded up to whole blocks of ``ONEDNN_BLOCK``."""
+    return -(-channels // ONEDNN_BLOCK) * ONEDNN_BLOCK

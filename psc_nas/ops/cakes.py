@@ -55,10 +55,9 @@ MERGE_WIDE_FROM = 64
 # Below this executed/analytic ratio `masked` is nearly the allocation's own conv (a full cube, or one with a few 1D
 # or 2D channels) and runs; from it the tap-conv kernel (stride 1) or the per-shape convs may (``CakesSpec.fast_impl``).
 MASKED_NEAR_RATIO = 1.2
-# oneDNN's convs compute output channels in blocks of 16 (AVX-512's floats): a group of 4 costs what 16 do. Where the
+# oneDNN's convs compute output channels in blocks of 16 (``ONEDNN_BLOCK``): a group of 4 costs what 16 do. Where the
 # per-shape convs' padded MACs are at most 1.2x the analytic ones, they run at oneDNN's full rate and are the
 # fastest path (the kernel runs at ~0.85 of it).
-ONEDNN_BLOCK = 16
 EXACT_MAX_PADDING = 1.2
 # ... and below 16³ input positions only for groups oneDNN would pad at least this much (groups of at most 5)
 SMALL_TAPS_MIN_PADDING = 3.0
@@ -224,13 +223,9 @@ class CakesSpec(OpSpec):
 
     def padded_ratio(self) -> float:
         """MACs oneDNN's per-shape convs execute over the analytic cost: each group's output channels rounded up to
-        whole blocks of ``ONEDNN_BLOCK`` (a uniform allocation of 28: 16/4 = 4.0; groups of 32 and 16: 1.0)."""
-        analytic = padded = 0
-        for shape, count in self.allocation.items():
-            taps = prod(shape_kernel(shape))
-            analytic += taps * count
-            padded += taps * -(-count // ONEDNN_BLOCK) * ONEDNN_BLOCK
-        return padded / analytic
+        whole blocks of ``ONEDNN_BLOCK`` (a uniform allocation of 28: 16/4 = 4.0; groups of 32 and 16: 1.0). Every
+        shape's conv has the op's stride, so one output position stands for any input size."""
+        return self.graph().blocked_ratio((1, 1, 1))
 
     def fast_impl(self) -> str:
         # psc-nas's tap-conv kernel executes the analytic MACs at 120-200 GF/s here, about 0.85 of oneDNN's dense

@@ -95,6 +95,19 @@ class ConvGraph:
             raise ValueError(f"outputs of spatial sizes {sorted(sizes)} cannot be concatenated")
         return total, sizes.pop()
 
+    def blocked_ratio(self, spatial: Spatial) -> float:
+        """MACs oneDNN's per-node convs execute over the analytic cost (``ConvSpec.blocked_macs``): 1.0 where every
+        node's output channels fill whole blocks of 16, 32/18 for a node of 18."""
+        analytic = blocked = 0
+        shapes: list[Spatial] = []
+        for node in self.nodes:
+            source = tuple(spatial) if node.source == INPUT else shapes[node.source]
+            cost, shape = node.conv.cost(source)
+            analytic += cost.macs
+            blocked += node.conv.blocked_macs(source)
+            shapes.append(shape)
+        return blocked / analytic if analytic else 1.0
+
     def path(self, index: int) -> list[ConvSpec]:
         """The convs from the input to node ``index``, in order."""
         convs = []

@@ -465,24 +465,50 @@ PWDW_CASES = [  # (batch, C_in, C, (D, H, W), threads)
 
 @needs_pwdw
 @pytest.mark.parametrize(("batch", "cin", "channels", "size", "threads"), PWDW_CASES)
-def test_fused_pointwise_depthwise_matches_the_two_convs_in_float64(batch, cin, channels, size, threads):
+def test_fused_pointwise_depthwise_matches_the_two_convs_and_their_gradients_in_float64(
+    batch, cin, channels, size, threads
+):
     generator = torch.Generator().manual_seed(cin * 1000 + channels)
-    x = torch.randn(batch, cin, *size, generator=generator, dtype=torch.float64)
-    w_pointwise = torch.randn(channels, cin, 1, 1, 1, generator=generator, dtype=torch.float64)
-    w_depthwise = torch.randn(channels, 1, 3, 3, 3, generator=generator, dtype=torch.float64)
+    x = torch.randn(batch, cin, *size, generator=generator, dtype=torch.float64, requires_grad=True)
+    w_pointwise = torch.randn(channels, cin, 1, 1, 1, generator=generator, dtype=torch.float64, requires_grad=True)
+    w_depthwise = torch.randn(channels, 1, 3, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
     expected = F.conv3d(F.conv3d(x, w_pointwise), w_depthwise, padding=1, groups=channels)
+    upstream = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    expected.backward(upstream)
+    leaves = [t.detach().float().requires_grad_() for t in (x, w_pointwise, w_depthwise)]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = pwdw.pointwise_depthwise(x.float(), w_pointwise.float(), w_depthwise.float())
+        y = pwdw.pointwise_depthwise(*leaves)
+        y.backward(upstream.float())
     finally:
         torch.set_num_threads(before)
     assert y.is_contiguous(memory_format=torch.channels_last_3d) and y.shape == expected.shape
-    torch.testing.assert_close(y.double(), expected, rtol=0, atol=2e-6 * expected.abs().max().item())
+    torch.testing.assert_close(y.double(), expected.detach(), rtol=0, atol=2e-6 * expected.abs().max().item())
+    names = ("dx", "1x1x1 weights", "depthwise weights")
+    for name, got, reference in zip(names, leaves, (x, w_pointwise, w_depthwise)):
+        scale = reference.grad.abs().max().item()
+        assert got.grad.shape == reference.grad.shape, name
+        torch.testing.assert_close(got.grad.double(), reference.grad, rtol=0, atol=4e-6 * scale, msg=name)
 
 
 @needs_pwdw
-def test_csn_ip_fuses_its_pair_only_where_no_backward_follows_with_exact_macs():
+def test_fused_backward_skips_dx_where_the_input_needs_none():
+    x = torch.randn(1, 6, 3, 4, 5)
+    w_pointwise = torch.randn(9, 6, 1, 1, 1, requires_grad=True)
+    w_depthwise = torch.randn(9, 1, 3, 3, 3, requires_grad=True)
+    y = pwdw.pointwise_depthwise(x, w_pointwise, w_depthwise)
+    (grad_pointwise, grad_depthwise) = torch.autograd.grad(y, (w_pointwise, w_depthwise), torch.ones_like(y))
+    reference = [w.detach().double().requires_grad_() for w in (w_pointwise, w_depthwise)]
+    y_ref = F.conv3d(F.conv3d(x.double(), reference[0]), reference[1], padding=1, groups=9)
+    expected = torch.autograd.grad(y_ref, reference, torch.ones_like(y_ref))
+    torch.testing.assert_close(grad_pointwise.double(), expected[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_depthwise.double(), expected[1], rtol=1e-5, atol=1e-4)
+    assert x.grad is None
+
+
+@needs_pwdw
+def test_csn_ip_fuses_its_pair_in_training_and_inference_with_exact_macs_and_gradients():
     spec = make_spec("csn_ip", 6, 10)
     module, reference = spec.build(), spec.build("reference")
     module.load_state_dict(reference.state_dict())
@@ -497,7 +523,13 @@ def test_csn_ip_fuses_its_pair_only_where_no_backward_follows_with_exact_macs():
         return {str(op) for op in counter.get_flop_counts()["Global"]}
 
     assert "psc_nas.pointwise_depthwise" in ops_run(False)
-    training = ops_run(True)  # the parameters require grad: a backward may follow, the unfused pair runs
-    assert "psc_nas.pointwise_depthwise" not in training and "psc_nas.depthwise_conv3d" in training
+    assert "psc_nas.pointwise_depthwise" in ops_run(True)  # a training step: the fused forward and backward
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    upstream = torch.randn(2, 10, 5, 7, 6)
+    for net, leaf in zip((module, reference), xs):
+        net(leaf).backward(upstream)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-4)
+    for (name, got), expected in zip(module.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-4, msg=name)
     assert not make_spec("csn_ip", 6, 10, stride=2).build().fused  # the kernel is stride 1 only
     assert make_spec("csn_ip", 6, pwdw.WIDEST).build().fused and not make_spec("csn_ip", 6, 80).build().fused

@@ -16,9 +16,9 @@ whichever implementation ran. Implementations, by name (each executes exactly ``
   C_in ≠ C_out, e.g. DenseNet3D's C → 28 layers in 4 groups) on an input of at least 16³ runs
   ``tapconv.tap_conv3d``, forward and backward, in training and inference (not tracing or export). The
   kernels are built (or loaded from the cache) when such a module is built; where they cannot be, this
-  implementation is exactly ``folded``. Where no backward follows (inference, validation, the latency objective),
-  ip-CSN's pair at stride 1 (a 1x1x1 conv, then a depthwise 3x3x3 conv of its output, up to 64 channels) runs
-  ``pwdw.pointwise_depthwise``, both convs in one pass (not tracing or export).
+  implementation is exactly ``folded``. ip-CSN's pair at stride 1 (a 1x1x1 conv, then a depthwise 3x3x3 conv of its
+  output, up to 64 channels) runs ``pwdw.pointwise_depthwise``, both convs in one pass forward and one backward, in
+  training and inference (not tracing or export).
 
 Which one ``build()`` runs by default is each family's measured rule (``OpSpec.fast_impl``); a family
 may offer more implementations of its own (CAKES: ``masked``, ``planes`` and ``taps``, in ``cakes.py``).
@@ -91,8 +91,7 @@ class FastGraphConv(GraphConv):
         x = x.contiguous(memory_format=CPU_LAYOUT)
         if self.fused and not tracing() and pwdw.supports(x, *self.convs):
             pointwise, depthwise_conv = self.convs
-            if not training_step(x, pointwise.weight, depthwise_conv.weight):  # the pair's fused forward alone
-                return pwdw.pointwise_depthwise(x, pointwise.weight, depthwise_conv.weight)
+            return pwdw.pointwise_depthwise(x, pointwise.weight, depthwise_conv.weight)
         return super().forward(x)
 
 
@@ -148,8 +147,8 @@ def thin_grouped(layer: nn.Conv3d) -> bool:
 
 def training_step(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether a backward may follow (grad mode on, ``x`` or a weight requiring grad), outside tracing and export: only
-    then does the depthwise op (whose forward is oneDNN's anyway) run, and only otherwise the fused ip-CSN pair, so
-    inference, TorchScript and ONNX graphs hold plain convolutions."""
+    then does the depthwise op (whose forward is oneDNN's anyway) run, so inference, TorchScript and ONNX graphs hold
+    plain convolutions."""
     if not torch.is_grad_enabled() or not (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
     return not tracing()

@@ -12,10 +12,17 @@ groups of positions ahead), then their depthwise conv (per kernel row, M + 2 loa
 Any C_in and C (buffers padded to whole blocks of 16 channels), float32, stride 1. Written with GCC's vector
 extensions (16 floats a vector: one AVX-512 register, two AVX2 ones), so it builds wherever ``native`` builds.
 
-Forward only. A training step keeps the unfused pair: a fused forward that also wrote z for the backward, with the
-unfused backward, ran 0.91-1.13x the unfused step (docs/benchmarks/ops.md), since the backward is most of it; so
-``fast.py`` runs ``pointwise_depthwise`` (a ``torch.library`` custom op with a FLOP formula) only where no backward
-follows: inference, validation and the search's latency objective, outside tracing and export.
+The backward is one pass too (since 2026-12-06, thirteenth session), and saves only x and the weights, never z.
+Per task and plane d it keeps dy's planes d - 1, d, d + 1 in a ring like z's (copied into blocks), recomputes z's
+plane d from x (the forward's 1x1x1 conv), and from them, band by band in L2: dz = the depthwise conv of dy by the
+flipped kernel, the depthwise weights' gradient (z against dy's 27 shifts, 3 taps of a kernel row per column
+window), then, RUN positions at a time so that their rows of x and dx stay in L1, dx = dz · W (P positions x up to
+four blocks of input channels) and the 1x1x1 weights' gradient dzᵀ · x (a vector of 16 output channels by K input
+channels); each thread sums the weight gradients of its tasks, and the threads' sums are added at the end. Unfused,
+the same step passes z, dz and dy through memory twice each (oneDNN's depthwise forward and flipped-kernel input
+gradient, psc-nas's depthwise weight gradient, oneDNN's 1x1 backward): the fused step ran 1.03-2.3x faster
+(docs/benchmarks/ops.md). ``fast.py`` runs ``pointwise_depthwise`` (a ``torch.library`` custom op with this
+backward and a FLOP formula) in training and inference alike, outside tracing and export.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ SOURCE = r"""
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -228,9 +236,12 @@ inline void depthwise_rows(const float* const* planes, int64_t hA, int64_t hB, i
 
 // Rows of output a task computes: at most what keeps its three buffer planes within 1 MiB (L2), and few enough
 // that the samples times bands give every thread a task; as even as the band count allows.
-int64_t band_rows(int64_t N, int64_t J, int64_t H, int64_t W, int64_t threads) {
+// The backward keeps five buffer planes and reads and writes rows of x and dx (``image_row_bytes``) as well.
+int64_t band_rows(int64_t N, int64_t J, int64_t H, int64_t W, int64_t threads, int64_t buffers = 3,
+                  int64_t image_row_bytes = 0) {
   const int64_t row_bytes = J * (W + 2) * L * static_cast<int64_t>(sizeof(float));
-  const int64_t fits = std::max<int64_t>(1, (1 << 20) / (3 * row_bytes) - 2);
+  const int64_t per_row = buffers * row_bytes + image_row_bytes;
+  const int64_t fits = std::max<int64_t>(1, ((1 << 20) - 2 * buffers * row_bytes) / per_row);
   const int64_t bands_wanted = (threads + N - 1) / N;
   const int64_t band = std::min({H, fits, (H + bands_wanted - 1) / bands_wanted});
   const int64_t bands = (H + band - 1) / band;
@@ -274,6 +285,281 @@ void forward(const float* x, const float* wp, const float* wd, float* y, const S
   });
 }
 
+// ---- backward ----
+
+// The depthwise conv's M output columns from ``ow`` of one row and block into a buffer row (blocked, at column ow + 1).
+template <int M>
+inline void depthwise_columns_to_buffer(const float* const* planes, int64_t row, const float* wd, float* out,
+                                        int64_t ow, int64_t j, const Shape& s) {
+  vec acc[M];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i) acc[i] = vec{};
+  const int64_t offset = j * s.block() + row * s.row() + ow * L;
+#pragma GCC unroll 3
+  for (int a = 0; a < 3; ++a)
+#pragma GCC unroll 3
+    for (int b = 0; b < 3; ++b) {
+      const float* zr = planes[a] + offset + b * s.row();
+      const float* wr = wd + (j * 27 + a * 9 + b * 3) * L;
+      const vec w0 = load(wr), w1 = load(wr + L), w2 = load(wr + 2 * L);
+      vec zc[M + 2];
+#pragma GCC unroll 10
+      for (int i = 0; i < M + 2; ++i) zc[i] = load(zr + i * L);
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) {
+        acc[i] += zc[i] * w0;
+        acc[i] += zc[i + 1] * w1;
+        acc[i] += zc[i + 2] * w2;
+      }
+    }
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i) store(out + (ow + 1 + i) * L, acc[i]);
+}
+
+// The depthwise weight gradient of M columns from ``w`` of one row and block: for the kernel row (a, b),
+// part[a][b][c] += z[w + i] * dy[plane 2 - a][row + 1 - b][w + i + 1 - c] (buffer columns: z at w + i + 1, dy at
+// w + i + 2 - c).
+template <int M>
+inline void depthwise_grad_columns(const float* zrow, const float* const* dyplanes, int64_t dyrow, float* part,
+                                   int64_t w, int64_t j, const Shape& s) {
+  vec zc[M];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i) zc[i] = load(zrow + (w + 1 + i) * L);
+#pragma GCC unroll 3
+  for (int a = 0; a < 3; ++a)
+#pragma GCC unroll 3
+    for (int b = 0; b < 3; ++b) {
+      const float* dr = dyplanes[2 - a] + j * s.block() + (dyrow + 1 - b) * s.row() + w * L;  // buffer column w
+      vec dc[M + 2];
+#pragma GCC unroll 10
+      for (int i = 0; i < M + 2; ++i) dc[i] = load(dr + i * L);
+      vec a0 = vec{}, a1 = vec{}, a2 = vec{};
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) {
+        a0 += zc[i] * dc[i + 2];
+        a1 += zc[i] * dc[i + 1];
+        a2 += zc[i] * dc[i];
+      }
+      float* p = part + (j * 27 + a * 9 + b * 3) * L;
+      store(p, load(p) + a0);
+      store(p + L, load(p + L) + a1);
+      store(p + 2 * L, load(p + 2 * L) + a2);
+    }
+}
+
+// dx of ``count`` consecutive positions (the band's rows of one plane, from buffer row 1) = dz · W: P positions x
+// G blocks of 16 input channels of accumulators; wt: (J_in, C, 16) = W's transpose in blocks.
+template <int G, int P>
+void pointwise_back_positions(const float* dz, const float* wt, float* dx, int64_t first, int64_t count,
+                              const Shape& s, int64_t g0) {
+  const int64_t C = s.C, Cin = s.Cin, W = s.W;
+  const float* wg[G];
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) wg[g] = wt + (g0 + g) * C * L;
+  int64_t width[G];
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) width[g] = std::min<int64_t>(L, Cin - (g0 + g) * L);
+  int64_t row = first / W, col = first % W;
+  auto source = [&]() __attribute__((always_inline)) { return dz + row * s.row() + (col + 1) * L; };
+  auto step = [&]() __attribute__((always_inline)) {
+    if (++col == W) col = 0, ++row;
+  };
+  dx += first * Cin;
+  int64_t q = 0;
+  for (; q + P <= count; q += P) {
+    vec acc[P][G];
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) acc[p][g] = vec{};
+    const float* dp[P];
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) dp[p] = source(), step();
+    for (int64_t j = 0; j < s.J; ++j) {
+      const int64_t lanes = std::min<int64_t>(L, C - j * L);
+      for (int64_t l = 0; l < lanes; ++l) {
+        const int64_t c = j * L + l, at = j * s.block() + l;
+        vec w[G];
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) w[g] = load(wg[g] + c * L);
+#pragma GCC unroll 8
+        for (int p = 0; p < P; ++p) {
+          const vec b = splat(dp[p][at]);
+#pragma GCC unroll 4
+          for (int g = 0; g < G; ++g) acc[p][g] += b * w[g];
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) store_part(dx + (q + p) * Cin + (g0 + g) * L, acc[p][g], width[g]);
+  }
+  for (; q < count; ++q) {
+    vec acc[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) acc[g] = vec{};
+    const float* d = source();
+    step();
+    for (int64_t c = 0; c < C; ++c) {
+      const vec b = splat(d[(c / L) * s.block() + c % L]);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) acc[g] += b * load(wg[g] + c * L);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) store_part(dx + q * Cin + (g0 + g) * L, acc[g], width[g]);
+  }
+}
+
+// Positions the 1x1x1 conv's gradients take at a time, every block of channels over them before the next: the rows
+// of x and dx they touch stay in L1 between blocks (at 124 input channels, 32³, walking the band once per block
+// ran 2.5x slower than at 16³ per position).
+constexpr int64_t RUN = 64;
+
+void pointwise_back(const float* dz, const float* wt, float* dx, int64_t count, const Shape& s) {
+  const int64_t Jin = (s.Cin + L - 1) / L;
+  for (int64_t first = 0; first < count; first += RUN) {
+    const int64_t n = std::min(RUN, count - first);
+    for (int64_t g0 = 0; g0 < Jin; g0 += 4) {
+      switch (std::min<int64_t>(4, Jin - g0)) {
+        case 1: pointwise_back_positions<1, 8>(dz, wt, dx, first, n, s, g0); break;
+        case 2: pointwise_back_positions<2, 8>(dz, wt, dx, first, n, s, g0); break;
+        case 3: pointwise_back_positions<3, 8>(dz, wt, dx, first, n, s, g0); break;
+        default: pointwise_back_positions<4, 4>(dz, wt, dx, first, n, s, g0); break;
+      }
+    }
+  }
+}
+
+// The 1x1x1 conv's weight gradient over ``count`` consecutive positions: part[j][ci] (16 output channels a vector)
+// += dz[q][block j] * x[q][ci], for blocks [j0, j0 + G) and input channels [ci0, ci0 + K).
+template <int G, int K>
+void pointwise_grad_chunk(const float* x, const float* dz, float* part, int64_t first, int64_t count, const Shape& s,
+                          int64_t j0, int64_t ci0) {
+  const int64_t Cin = s.Cin, W = s.W;
+  vec acc[K][G];
+#pragma GCC unroll 24
+  for (int k = 0; k < K; ++k)
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) acc[k][g] = vec{};
+  int64_t row = first / W, col = first % W;
+  x += first * Cin;
+  for (int64_t q = 0; q < count; ++q) {
+    const float* d = dz + j0 * s.block() + row * s.row() + (col + 1) * L;
+    if (++col == W) col = 0, ++row;
+    vec dv[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) dv[g] = load(d + g * s.block());
+    const float* xq = x + q * Cin + ci0;
+#pragma GCC unroll 24
+    for (int k = 0; k < K; ++k) {
+      const vec b = splat(xq[k]);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) acc[k][g] += b * dv[g];
+    }
+  }
+#pragma GCC unroll 24
+  for (int k = 0; k < K; ++k)
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      float* p = part + ((j0 + g) * Cin + ci0 + k) * L;
+      store(p, load(p) + acc[k][g]);
+    }
+}
+
+template <int G, int K>
+void pointwise_grad_blocks(const float* x, const float* dz, float* part, int64_t first, int64_t count, const Shape& s,
+                           int64_t j0) {
+  int64_t ci = 0;
+  for (; ci + K <= s.Cin; ci += K) pointwise_grad_chunk<G, K>(x, dz, part, first, count, s, j0, ci);
+  for (; ci + 4 <= s.Cin; ci += 4) pointwise_grad_chunk<G, 4>(x, dz, part, first, count, s, j0, ci);
+  for (; ci < s.Cin; ++ci) pointwise_grad_chunk<G, 1>(x, dz, part, first, count, s, j0, ci);
+}
+
+void pointwise_grad(const float* x, const float* dz, float* part, int64_t count, const Shape& s) {
+  for (int64_t first = 0; first < count; first += RUN) {
+    const int64_t n = std::min(RUN, count - first);
+    for (int64_t j0 = 0; j0 < s.J; j0 += 4) {
+      switch (std::min<int64_t>(4, s.J - j0)) {
+        case 1: pointwise_grad_blocks<1, 16>(x, dz, part, first, n, s, j0); break;
+        case 2: pointwise_grad_blocks<2, 8>(x, dz, part, first, n, s, j0); break;
+        case 3: pointwise_grad_blocks<3, 6>(x, dz, part, first, n, s, j0); break;
+        default: pointwise_grad_blocks<4, 5>(x, dz, part, first, n, s, j0); break;
+      }
+    }
+  }
+}
+
+// dy's rows [r0, r1) of plane dd copied into a ring buffer (blocked; the lanes past C stay zero).
+void copy_rows(const float* dy, float* buffer, int64_t n, int64_t dd, int64_t r0, int64_t r1, int64_t h0,
+               const Shape& s) {
+  const int64_t C = s.C;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* src = dy + ((n * s.D + dd) * s.H + r) * s.W * C;
+    for (int64_t j = 0; j < s.J; ++j) {
+      const int64_t width = std::min<int64_t>(L, C - j * L);
+      float* out = buffer + j * s.block() + (r - h0 + 1) * s.row() + L;
+      if (width == L)
+        for (int64_t w = 0; w < s.W; ++w) store(out + w * L, load(src + w * C + j * L));
+      else
+        for (int64_t w = 0; w < s.W; ++w) std::memcpy(out + w * L, src + w * C + j * L, width * sizeof(float));
+    }
+  }
+}
+
+void backward(const float* x, const float* dy, const float* wp, const float* wdf, const float* wt, float* dx,
+              float* grad_wp, float* grad_wd, const Shape& s) {
+  const int64_t bands = (s.H + s.band - 1) / s.band, plane = s.plane();
+  const int64_t threads = at::get_num_threads();
+  const int64_t wp_size = s.J * s.Cin * L, wd_size = s.J * 27 * L;
+  const Floats zeros(plane), parts(threads * (wp_size + wd_size));
+  at::parallel_for(0, s.N * bands, 1, [&](int64_t begin, int64_t end) {
+    float* part_wp = parts.data + at::get_thread_num() * (wp_size + wd_size);
+    float* part_wd = part_wp + wp_size;
+    Floats ring(5 * plane);  // dy planes d - 1, d, d + 1; z and dz of plane d
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / bands, h0 = task % bands * s.band, h1 = std::min(s.H, h0 + s.band);
+      const int64_t lo = std::max<int64_t>(0, h0 - 1), hi = std::min(s.H, h1 + 1);
+      std::fill(ring.data, ring.data + 5 * plane, 0.0f);
+      float* slot[3] = {ring.data, ring.data + plane, ring.data + 2 * plane};
+      float* z = ring.data + 3 * plane;
+      float* dz = ring.data + 4 * plane;
+      const int64_t count = (h1 - h0) * s.W;
+      copy_rows(dy, slot[1], n, 0, lo, hi, h0, s);
+      if (s.D > 1) copy_rows(dy, slot[2], n, 1, lo, hi, h0, s);
+      for (int64_t d = 0; d < s.D; ++d) {
+        const float* planes[3] = {d > 0 ? slot[0] : zeros.data, slot[1], d + 1 < s.D ? slot[2] : zeros.data};
+        const float* xs = x + ((n * s.D + d) * s.H + h0) * s.W * s.Cin;
+        pointwise(xs, wp, z + s.row(), count, s);
+        for (int64_t j = 0; j < s.J; ++j)
+          for (int64_t h = h0; h < h1; ++h) {
+            const int64_t row = h - h0 + 1;
+            float* out = dz + j * s.block() + row * s.row();
+            const float* zrow = z + j * s.block() + row * s.row();
+            int64_t w = 0;
+            for (; w + 8 <= s.W; w += 8) {
+              depthwise_columns_to_buffer<8>(planes, h - h0, wdf, out, w, j, s);
+              depthwise_grad_columns<8>(zrow, planes, row, part_wd, w, j, s);
+            }
+            for (; w < s.W; ++w) {
+              depthwise_columns_to_buffer<1>(planes, h - h0, wdf, out, w, j, s);
+              depthwise_grad_columns<1>(zrow, planes, row, part_wd, w, j, s);
+            }
+          }
+        if (dx != nullptr) pointwise_back(dz + s.row(), wt, dx + ((n * s.D + d) * s.H + h0) * s.W * s.Cin, count, s);
+        pointwise_grad(xs, dz + s.row(), part_wp, count, s);
+        std::rotate(slot, slot + 1, slot + 3);
+        if (d + 2 < s.D) copy_rows(dy, slot[2], n, d + 2, lo, hi, h0, s);
+      }
+    }
+  });
+  for (int64_t t = 0; t < threads; ++t) {
+    const float* p = parts.data + t * (wp_size + wd_size);
+    for (int64_t i = 0; i < wp_size; ++i) grad_wp[i] += p[i];
+    for (int64_t i = 0; i < wd_size; ++i) grad_wd[i] += p[wp_size + i];
+  }
+}
+
 }  // namespace
 
 // x: (N, C_in, D, H, W) channels_last_3d float32; wp: (J, C_in, 16) and wd: (J, 27, 16) contiguous, J blocks of
@@ -292,9 +578,41 @@ at::Tensor pwdw_forward(at::Tensor x, at::Tensor wp, at::Tensor wd, int64_t chan
   forward(x.data_ptr<float>(), wp.data_ptr<float>(), wd.data_ptr<float>(), y.data_ptr<float>(), s);
   return y;
 }
+
+// The pair's gradients from dy (N, C, D, H, W) channels_last_3d: wdf the depthwise weights flipped, (J, 27, 16); wt
+// W's transpose, (J_in, C, 16). Returns dx (empty without ``input_grad``), the 1x1x1 weights' gradient (J, C_in, 16)
+// and the depthwise weights' (J, 27, 16), in blocks of 16 output channels.
+std::vector<at::Tensor> pwdw_backward(at::Tensor x, at::Tensor dy, at::Tensor wp, at::Tensor wdf, at::Tensor wt,
+                                      int64_t channels, bool input_grad) {
+  TORCH_CHECK(x.dim() == 5 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast3d),
+              "x: a 5-D float32 channels_last_3d tensor");
+  const int64_t N = x.size(0), Cin = x.size(1), J = (channels + L - 1) / L, D = x.size(2), H = x.size(3), W = x.size(4);
+  const int64_t Jin = (Cin + L - 1) / L;
+  TORCH_CHECK(dy.scalar_type() == at::kFloat && dy.is_contiguous(at::MemoryFormat::ChannelsLast3d) &&
+                  dy.sizes() == at::IntArrayRef({N, channels, D, H, W}),
+              "dy: (N, C, D, H, W) float32 channels_last_3d");
+  TORCH_CHECK(wp.is_contiguous() && wp.dim() == 3 && wp.size(0) == J && wp.size(1) == Cin && wp.size(2) == L,
+              "wp: (J, C_in, 16)");
+  TORCH_CHECK(wdf.is_contiguous() && wdf.dim() == 3 && wdf.size(0) == J && wdf.size(1) == 27 && wdf.size(2) == L,
+              "wdf: (J, 27, 16)");
+  TORCH_CHECK(wt.is_contiguous() && wt.dim() == 3 && wt.size(0) == Jin && wt.size(1) == channels && wt.size(2) == L,
+              "wt: (J_in, C, 16)");
+  at::Tensor dx = input_grad ? at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast3d))
+                             : at::empty({0}, x.options());
+  at::Tensor grad_wp = at::zeros({J, Cin, L}, x.options()), grad_wd = at::zeros({J, 27, L}, x.options());
+  if (x.numel() == 0 || channels == 0) {
+    if (input_grad) dx.zero_();
+    return {dx, grad_wp, grad_wd};
+  }
+  const Shape s{N, Cin, channels, J, D, H, W, band_rows(N, J, H, W, at::get_num_threads(), 5, 2 * Cin * W * 4)};
+  backward(x.data_ptr<float>(), dy.data_ptr<float>(), wp.data_ptr<float>(), wdf.data_ptr<float>(),
+           wt.data_ptr<float>(), input_grad ? dx.data_ptr<float>() : nullptr, grad_wp.data_ptr<float>(),
+           grad_wd.data_ptr<float>(), s);
+  return {dx, grad_wp, grad_wd};
+}
 """
-FUNCTIONS = ["pwdw_forward"]
-KERNEL = native.Extension("pwdw", 3, SOURCE, FUNCTIONS, "the fused 1x1x1 + depthwise C++ kernel")
+FUNCTIONS = ["pwdw_forward", "pwdw_backward"]
+KERNEL = native.Extension("pwdw", 4, SOURCE, FUNCTIONS, "the fused 1x1x1 + depthwise C++ kernel")
 
 
 # The most channels the fused pair runs: up to four blocks of 16 the 1x1x1 conv reads x once; wider, once per four
@@ -347,11 +665,16 @@ def blocked(matrix: torch.Tensor) -> torch.Tensor:
     return full.reshape(blocks, 16, k).transpose(1, 2).contiguous()
 
 
+def unblocked(blocks: torch.Tensor, channels: int) -> torch.Tensor:
+    """(J, K, 16) -> (C, K), the inverse of ``blocked``."""
+    return blocks.transpose(1, 2).reshape(-1, blocks.shape[1])[:channels]
+
+
 @torch.library.custom_op("psc_nas::pointwise_depthwise", mutates_args=(), device_types="cpu")
 def pointwise_depthwise(x: torch.Tensor, w_pointwise: torch.Tensor, w_depthwise: torch.Tensor) -> torch.Tensor:
     """y = depthwise 3x3x3 conv ('same', stride 1) of the 1x1x1 conv of ``x`` (N, C_in, D, H, W) by ``w_pointwise``
-    (C, C_in, 1, 1, 1) and ``w_depthwise`` (C, 1, 3, 3, 3); float32, CPU; channels_last_3d out. Forward only (no
-    autograd formula): ``fast.py`` calls it where no backward follows."""
+    (C, C_in, 1, 1, 1) and ``w_depthwise`` (C, 1, 3, 3, 3); float32, CPU; channels_last_3d out. Its backward
+    (``_backward``) is the kernel's fused backward; it saves x and the weights, never z."""
     module = KERNEL.module()
     if module is None:
         raise RuntimeError(f"the fused 1x1x1 + depthwise C++ kernel is unavailable: {KERNEL.unavailable_reason()}")
@@ -367,6 +690,33 @@ def pointwise_depthwise(x: torch.Tensor, w_pointwise: torch.Tensor, w_depthwise:
 def _(x: torch.Tensor, w_pointwise: torch.Tensor, w_depthwise: torch.Tensor) -> torch.Tensor:
     shape = (x.shape[0], w_pointwise.shape[0], *x.shape[2:])
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last_3d)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, w_pointwise, w_depthwise = inputs
+    ctx.save_for_backward(x, w_pointwise, w_depthwise)
+
+
+def _backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    x, w_pointwise, w_depthwise = ctx.saved_tensors
+    channels, in_channels = w_pointwise.shape[:2]
+    grad_x, grad_pointwise, grad_depthwise = KERNEL.module().pwdw_backward(
+        x.contiguous(memory_format=torch.channels_last_3d),
+        grad_y.contiguous(memory_format=torch.channels_last_3d),
+        blocked(w_pointwise.reshape(channels, in_channels)),
+        blocked(w_depthwise.flip(2, 3, 4).reshape(channels, 27)),  # dz: dy's depthwise conv by the flipped kernel
+        blocked(w_pointwise.reshape(channels, in_channels).t()),  # dx = dz · W
+        channels,
+        ctx.needs_input_grad[0],
+    )
+    return (
+        grad_x if ctx.needs_input_grad[0] else None,
+        unblocked(grad_pointwise, channels).reshape(w_pointwise.shape),
+        unblocked(grad_depthwise, channels).reshape(w_depthwise.shape),
+    )
+
+
+pointwise_depthwise.register_autograd(_backward, setup_context=_setup_context)
 
 
 @register_flop_formula(torch.ops.psc_nas.pointwise_depthwise)

@@ -190,13 +190,12 @@ void pointwise(const float* x, const float* wp, float* out, int64_t count, const
   }
 }
 
-// M output columns from ``ow`` of one output row and block: planes[a] is buffer plane d - 1 + a, the row's three
-// input rows that plane's buffer rows ``row`` to ``row`` + 2. Per kernel row, M + 2 loads of z and 3 of the weights
-// (wd: (J, 27, 16)) feed 3M multiply-adds.
+// The depthwise conv of M columns from ``ow`` of one output row and block into acc: planes[a] is buffer plane
+// d - 1 + a, the row's three input rows that plane's buffer rows ``row`` to ``row`` + 2. Per kernel row, M + 2 loads
+// of z and 3 of the weights (wd: (J, 27, 16)) feed 3M multiply-adds.
 template <int M>
-inline void depthwise_columns(const float* const* planes, int64_t row, const float* wd, float* y, int64_t ow, int64_t j,
-                              const Shape& s) {
-  vec acc[M];
+inline void depthwise_accumulate(const float* const* planes, int64_t row, const float* wd, int64_t ow, int64_t j,
+                                 const Shape& s, vec* acc) {
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i) acc[i] = vec{};
   const int64_t offset = j * s.block() + row * s.row() + ow * L;  // buffer column ow: input column ow - 1
@@ -217,6 +216,14 @@ inline void depthwise_columns(const float* const* planes, int64_t row, const flo
         acc[i] += zc[i + 2] * w2;
       }
     }
+}
+
+// ``depthwise_accumulate``'s M columns to y (channels_last, C floats a position).
+template <int M>
+inline void depthwise_columns(const float* const* planes, int64_t row, const float* wd, float* y, int64_t ow, int64_t j,
+                              const Shape& s) {
+  vec acc[M];
+  depthwise_accumulate<M>(planes, row, wd, ow, j, s, acc);
   const int64_t c0 = j * L, width = std::min<int64_t>(L, s.C - c0);
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i) store_part(y + (ow + i) * s.C + c0, acc[i], width);
@@ -287,31 +294,12 @@ void forward(const float* x, const float* wp, const float* wd, float* y, const S
 
 // ---- backward ----
 
-// The depthwise conv's M output columns from ``ow`` of one row and block into a buffer row (blocked, at column ow + 1).
+// ``depthwise_accumulate``'s M columns to a buffer row (blocked, from column ow + 1 on): dz in the backward.
 template <int M>
 inline void depthwise_columns_to_buffer(const float* const* planes, int64_t row, const float* wd, float* out,
                                         int64_t ow, int64_t j, const Shape& s) {
   vec acc[M];
-#pragma GCC unroll 8
-  for (int i = 0; i < M; ++i) acc[i] = vec{};
-  const int64_t offset = j * s.block() + row * s.row() + ow * L;
-#pragma GCC unroll 3
-  for (int a = 0; a < 3; ++a)
-#pragma GCC unroll 3
-    for (int b = 0; b < 3; ++b) {
-      const float* zr = planes[a] + offset + b * s.row();
-      const float* wr = wd + (j * 27 + a * 9 + b * 3) * L;
-      const vec w0 = load(wr), w1 = load(wr + L), w2 = load(wr + 2 * L);
-      vec zc[M + 2];
-#pragma GCC unroll 10
-      for (int i = 0; i < M + 2; ++i) zc[i] = load(zr + i * L);
-#pragma GCC unroll 8
-      for (int i = 0; i < M; ++i) {
-        acc[i] += zc[i] * w0;
-        acc[i] += zc[i + 1] * w1;
-        acc[i] += zc[i + 2] * w2;
-      }
-    }
+  depthwise_accumulate<M>(planes, row, wd, ow, j, s, acc);
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i) store(out + (ow + 1 + i) * L, acc[i]);
 }
@@ -612,7 +600,7 @@ std::vector<at::Tensor> pwdw_backward(at::Tensor x, at::Tensor dy, at::Tensor wp
 }
 """
 FUNCTIONS = ["pwdw_forward", "pwdw_backward"]
-KERNEL = native.Extension("pwdw", 4, SOURCE, FUNCTIONS, "the fused 1x1x1 + depthwise C++ kernel")
+KERNEL = native.Extension("pwdw", 5, SOURCE, FUNCTIONS, "the fused 1x1x1 + depthwise C++ kernel")
 
 
 # The most channels the fused pair runs: up to four blocks of 16 the 1x1x1 conv reads x once; wider, once per four

@@ -36,7 +36,7 @@ class CsnIpSpec(OpSpec):
     def fast_impl(self) -> str:
         # Folding sped up the 1x1x1 conv (1.2-1.4x over channels_last alone); the depthwise conv's
         # backward runs psc-nas's kernel (docs/benchmarks/roofline.md; "folded" where it cannot build);
-        # at stride 1 the pair runs fused, forward and backward (ops/pwdw.py: a training step 1.03-2.3x, ops.md).
+        # at stride 1 the pair runs fused, forward and backward (ops/pwdw.py: a training step 1.03-2.34x, ops.md).
         return "depthwise"
 
 

@@ -20,7 +20,7 @@ window), then, RUN positions at a time so that their rows of x and dx stay in L1
 four blocks of input channels) and the 1x1x1 weights' gradient dzᵀ · x (a vector of 16 output channels by K input
 channels); each thread sums the weight gradients of its tasks, and the threads' sums are added at the end. Unfused,
 the same step passes z, dz and dy through memory twice each (oneDNN's depthwise forward and flipped-kernel input
-gradient, psc-nas's depthwise weight gradient, oneDNN's 1x1 backward): the fused step ran 1.03-2.3x faster
+gradient, psc-nas's depthwise weight gradient, oneDNN's 1x1 backward): the fused step ran 1.03-2.34x faster
 (docs/benchmarks/ops.md). ``fast.py`` runs ``pointwise_depthwise`` (a ``torch.library`` custom op with this
 backward and a FLOP formula) in training and inference alike, outside tracing and export.
 """

@@ -145,11 +145,11 @@ def thin_grouped(layer: nn.Conv3d) -> bool:
     )
 
 
-def training_step(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether a backward may follow (grad mode on, ``x`` or a weight requiring grad), outside tracing and export: only
-    then does the depthwise op (whose forward is oneDNN's anyway) run, so inference, TorchScript and ONNX graphs hold
-    plain convolutions."""
-    if not torch.is_grad_enabled() or not (x.requires_grad or any(w.requires_grad for w in weights)):
+def training_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a backward may follow (grad mode on, ``x`` or ``weight`` requiring grad), outside tracing and export:
+    only then does the depthwise op (whose forward is oneDNN's anyway) run, so inference, TorchScript and ONNX graphs
+    hold plain convolutions."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         return False
     return not tracing()
 

@@ -60,14 +60,13 @@ class ConvSpec:
         macs = self.out_channels * (self.in_channels // self.groups) * prod(self.kernel) * prod(out)
         return Cost(self.params, macs), out
 
-    def blocked_macs(self, spatial: Spatial) -> int:
-        """MACs oneDNN executes for this conv: output channels rounded up to whole blocks of ``ONEDNN_BLOCK``, per
-        group (for a depthwise conv, over all channels)."""
-        cost, _ = self.cost(spatial)
-        if self.groups == self.in_channels == self.out_channels:
-            return cost.macs * blocks(self.out_channels) // self.out_channels
-        per_group = self.out_channels // self.groups
-        return cost.macs * blocks(per_group) // per_group
+    @property
+    def blocked_share(self) -> float:
+        """MACs oneDNN executes for this conv over its analytic MACs: output channels rounded up to whole blocks of
+        ``ONEDNN_BLOCK``, per group (for a depthwise conv, over all channels)."""
+        depthwise = self.groups == self.in_channels == self.out_channels
+        channels = self.out_channels if depthwise else self.out_channels // self.groups
+        return blocks(channels) / channels
 
     def build(self) -> nn.Conv3d:
         return nn.Conv3d(

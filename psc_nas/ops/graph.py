@@ -83,29 +83,27 @@ class ConvGraph:
         source = self.nodes[index].source
         return self.in_channels if source == INPUT else self.nodes[source].conv.out_channels
 
+    def node_costs(self, spatial: Spatial) -> list[tuple[Cost, Spatial]]:
+        """Each node's exact params and MACs and its output's spatial size, in node order."""
+        costs: list[tuple[Cost, Spatial]] = []
+        for node in self.nodes:
+            costs.append(node.conv.cost(tuple(spatial) if node.source == INPUT else costs[node.source][1]))
+        return costs
+
     def cost_and_shape(self, spatial: Spatial) -> tuple[Cost, Spatial]:
         """Exact params and MACs of every node, and the output's spatial size."""
-        total, shapes = Cost(), []
-        for node in self.nodes:
-            layer, shape = node.conv.cost(tuple(spatial) if node.source == INPUT else shapes[node.source])
-            total += layer
-            shapes.append(shape)
-        sizes = {shapes[index] for index in self.outputs}
+        costs = self.node_costs(spatial)
+        sizes = {costs[index][1] for index in self.outputs}
         if len(sizes) > 1:
             raise ValueError(f"outputs of spatial sizes {sorted(sizes)} cannot be concatenated")
-        return total, sizes.pop()
+        return sum((cost for cost, _ in costs), Cost()), sizes.pop()
 
     def blocked_ratio(self, spatial: Spatial) -> float:
-        """MACs oneDNN's per-node convs execute over the analytic cost (``ConvSpec.blocked_macs``): 1.0 where every
+        """MACs oneDNN's per-node convs execute over the analytic cost (``ConvSpec.blocked_share``): 1.0 where every
         node's output channels fill whole blocks of 16, 32/18 for a node of 18."""
-        analytic = blocked = 0
-        shapes: list[Spatial] = []
-        for node in self.nodes:
-            source = tuple(spatial) if node.source == INPUT else shapes[node.source]
-            cost, shape = node.conv.cost(source)
-            analytic += cost.macs
-            blocked += node.conv.blocked_macs(source)
-            shapes.append(shape)
+        costs = self.node_costs(spatial)
+        analytic = sum(cost.macs for cost, _ in costs)
+        blocked = sum(cost.macs * node.conv.blocked_share for node, (cost, _) in zip(self.nodes, costs))
         return blocked / analytic if analytic else 1.0
 
     def path(self, index: int) -> list[ConvSpec]:

@@ -230,6 +230,24 @@ def test_a_densenets_blocks_hand_on_pieces_and_nothing_is_concatenated(monkeypat
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@needs_kernel
+def test_a_densenets_inference_of_one_sample_runs_the_fused_kernel_on_pieces(monkeypatch):
+    # psc-search's latency objective times one sample. PyTorch runs the stem's conv of one 1-channel sample by its
+    # own kernel, which returns NCDHW; that piece then had every layer of the first block concatenate its input and
+    # run PyTorch's BatchNorm and ReLU.
+    model = densenet().eval()
+    x = torch.randn(1, 1, 12, 12, 12)
+    cats = []
+    real = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        y = model(x)
+    monkeypatch.setattr(torch, "cat", real)
+    assert cats == []
+    with torch.inference_mode():
+        torch.testing.assert_close(y, unfused(model)(x), rtol=1e-4, atol=1e-5)
+
+
 def _concatenating_block(block: DenseBlock, h: torch.Tensor) -> torch.Tensor:
     h = norm_act.joined(h)
     for layer in block.layers:

@@ -16,6 +16,7 @@ from test_ops import channels, family_args, spatial, stride
 from torch.utils.flop_counter import FlopCounterMode
 
 from psc_nas import native
+from psc_nas.device import place
 from psc_nas.ops import (
     ENV_VAR,
     EXACT_IMPLS,
@@ -71,6 +72,33 @@ def test_fast_impls_return_channels_last_3d():
     finally:
         torch.set_num_threads(threads)
     assert y.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize(
+    ("op", "cin", "cout", "size"),
+    [
+        ("conv3d", 1, 8, (6, 6, 6)),  # a network's stem
+        ("conv3d", 32, 16, (2, 4, 4)),  # a deep stage: 256 values in (N, C, D, H)
+        ("p3d", 8, 8, (1, 6, 6)),  # a folded 1x3x3 conv of one plane: a 2D conv of one sample
+    ],
+)
+@pytest.mark.parametrize("grad", [False, True])
+def test_one_sample_runs_onednn_in_channels_last_with_reference_values_and_counted_macs(op, cin, cout, size, grad):
+    # PyTorch runs a conv of one small sample by its own kernel, NCDHW out: downstream, a DenseNet3D then concatenated
+    # and ran PyTorch's BatchNorm (test_norm_act), in the batch of one psc-search times as its latency objective.
+    spec = make_spec(op, cin, cout)
+    reference = spec.build("reference")
+    fast = place(spec.build(), torch.device("cpu"))  # weights in channels_last_3d, as in a network
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(1, cin, *size)
+    with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
+        y = fast(x.requires_grad_(grad))
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert counter.get_total_flops() // 2 == spec.cost(size).macs
+    expected = forward_backward(reference, x, upstream_seed=1)
+    got = forward_backward(fast, x, upstream_seed=1)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("op", sorted(families()))

@@ -24,18 +24,20 @@ Which one ``build()`` runs by default is each family's measured rule (``OpSpec.f
 may offer more implementations of its own (CAKES: ``masked``, ``planes`` and ``taps``, in ``cakes.py``).
 
 Fast implementations return channels_last_3d tensors: converting back would cost a copy per op,
-and every torch op downstream accepts either layout with identical values. The paths were
-measured on CPU only; on other devices the reference forward runs.
+and every torch op downstream accepts either layout with identical values. A conv of one sample (the latency
+objective's forward) calls oneDNN directly, where PyTorch would run its own NCDHW kernel (``one_sample_onednn``).
+The paths were measured on CPU only; on other devices the reference forward runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from psc_nas.device import CPU_LAYOUT
 from psc_nas.ops import depthwise, pwdw, tapconv
@@ -108,9 +110,36 @@ def conv(
     if fold and folds(weight.shape[2], stride[0]):
         n, _, depth, height, width = x.shape
         planes = x.transpose(1, 2).reshape(n * depth, -1, height, width)  # a view in channels_last_3d
-        y = F.conv2d(planes, weight.squeeze(2), bias, tuple(stride[1:]), tuple(padding[1:]), 1, groups)
+        if one_sample_onednn(planes, weight):
+            y = torch.mkldnn_convolution(planes, weight.squeeze(2), bias, padding[1:], stride[1:], [1, 1], groups)
+        else:
+            y = F.conv2d(planes, weight.squeeze(2), bias, tuple(stride[1:]), tuple(padding[1:]), 1, groups)
         return y.reshape(n, depth, *y.shape[1:]).transpose(1, 2)
+    if one_sample_onednn(x, weight):
+        return torch.mkldnn_convolution(x, weight, bias, padding, stride, [1, 1, 1], groups)
     return F.conv3d(x, weight, bias, tuple(stride), tuple(padding), 1, groups)
+
+
+def one_sample_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether to run oneDNN's conv of ``x`` by a direct call: one float32 sample on the CPU, oneDNN enabled, not
+    while tracing or exporting (those graphs keep ``conv3d``).
+
+    PyTorch runs a CPU conv of one sample with at most 20,480 values in its (N, C, D, H) dims by its own reference
+    kernel, not oneDNN's (``ConvParams::use_mkldnn``), and that kernel returns NCDHW: a network's stem (one sample of
+    1-3 channels), DenseNet3D's 3x3x3 convs from 8³ down, UNet3D's from 16³ down and every 3x3x3 conv of ResNet3D's
+    stages on a 16 x 32² clip. A DenseNet3D's stem output is a piece of every layer input of its first block, so those
+    layers then concatenated their inputs and ran PyTorch's unfused BatchNorm and ReLU. That batch of one is the
+    forward psc-search times as its latency objective: 1.3-2.4x faster with the direct call for DenseNet3D's presets,
+    up to 2.1x for the other backbones' (docs/benchmarks/ops.md, fourteenth session). Above that size PyTorch calls
+    the same oneDNN kernel."""
+    return (
+        x.shape[0] == 1
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not tracing()
+    )
 
 
 def folds(kernel_depth: int, stride_depth: int) -> bool:
@@ -159,3 +188,11 @@ def tracing() -> bool:
     hold only PyTorch's own ops, so psc-nas's C++ kernels stay out of them."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
+
+
+@register_flop_formula(torch.ops.aten.mkldnn_convolution)
+def _onednn_conv_flops(
+    x_shape: Sequence[int], w_shape: Sequence[int], *args: Any, out_shape: Sequence[int], **kwargs: Any
+) -> int:
+    """``FlopCounterMode`` counts the direct call (``one_sample_onednn``) as it counts ``conv3d``."""
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape))

@@ -23,6 +23,7 @@ from psc_nas.nets import get_backbone
 from psc_nas.nets._layers import AvgPool2, NormActSequential
 from psc_nas.nets.densenet3d import DenseBlock
 from psc_nas.ops import implementation, norm_act
+from psc_nas.presets import preset_config
 
 needs_kernel = pytest.mark.skipif(not norm_act.KERNEL.available(), reason="no C++ compiler: the fallback is tested")
 CL = torch.channels_last_3d
@@ -169,6 +170,31 @@ def test_a_densenets_transitions_run_the_pooled_kernel(monkeypatch):
     model = densenet().train()
     model(torch.randn(2, 1, 12, 12, 12).to(memory_format=CL))
     assert sum(call.get("pooled", False) for call in calls) == len(model.transitions) == 2
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("backbone", "hparams", "shape"),
+    [
+        ("densenet3d", {"width": 0.25, "num_blocks": 3, "layers_per_block": 2}, (1, 12, 12, 12)),
+        ("unet3d", {"width": 0.125}, (1, 16, 16, 16)),
+        ("resnet3d", {"width": 0.125, "depth": 18}, (3, 8, 16, 16)),  # its stem's pair sat in a plain Sequential
+    ],
+)
+def test_every_batchnorm_followed_by_a_relu_runs_the_kernel(monkeypatch, backbone, hparams, shape):
+    model = place(preset_model("conv3d", backbone, **hparams), torch.device("cpu")).train()
+    pairs, lone = 0, 0
+    for parent in model.modules():
+        if isinstance(parent, nn.Sequential):
+            children = list(parent)
+            for a, b in zip(children, [*children[1:], None]):
+                if isinstance(a, nn.BatchNorm3d):
+                    pairs, lone = (pairs + 1, lone) if isinstance(b, nn.ReLU) else (pairs, lone + 1)
+    calls = []
+    real = F.batch_norm
+    monkeypatch.setattr(F, "batch_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model(torch.randn(2, *shape))
+    assert pairs > 0 and len(calls) == lone  # PyTorch's BatchNorm ran only where no ReLU follows
 
 
 @needs_kernel
@@ -340,3 +366,8 @@ def test_without_the_kernel_networks_run_pytorchs_ops():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"disabled by {native.DISABLE_VAR}"
+
+
+def preset_model(name: str, backbone: str, **hparams) -> nn.Module:
+    torch.manual_seed(0)
+    return get_backbone(backbone).build(preset_config(name, backbone, **hparams))

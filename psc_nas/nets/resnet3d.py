@@ -35,6 +35,7 @@ from psc_nas.nets._layers import (
     Activation,
     BlueprintBackbone,
     Norm,
+    NormActSequential,
     SlotFill,
     conv_norm_act,
     default_fill,
@@ -127,7 +128,9 @@ class ResNetBlueprint:
     def build(self, *, norm: Norm, activation: Activation, fill: SlotFill = default_fill) -> nn.Module:
         pool = nn.MaxPool3d(POOL_KERNEL, POOL_STRIDE, padding=tuple(k // 2 for k in POOL_KERNEL))
         return nn.Sequential(
-            nn.Sequential(*conv_norm_act([self.stem], norm=norm, activation=activation), pool),
+            # the stem's modules and the pool in one NormActSequential, so its BN ─ ReLU runs fused; the keys are a
+            # plain Sequential's (stem.0, .1, .2, .3)
+            NormActSequential(*conv_norm_act([self.stem], norm=norm, activation=activation), pool),
             nn.Sequential(*(block.build(norm=norm, activation=activation, fill=fill) for block in self.blocks)),
             nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(self.features, self.num_classes)),
         )

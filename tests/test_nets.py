@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from math import prod
+
 import pytest
 import torch
 from _families import block_choice
@@ -250,6 +252,35 @@ def test_densenet_transition_pools_before_its_conv_and_keeps_the_paper_orders_ke
     transition.double()
     # The paper's order, conv then pool: the same function (the two linear maps commute).
     torch.testing.assert_close(transition(x), pool(conv(activation(norm(x)))))
+
+
+@pytest.mark.parametrize(("factor", "batch", "size"), [((2, 2, 2), 1, (3, 4, 5)), ((1, 2, 2), 2, (2, 3, 1))])
+def test_unet_upconv_is_the_transposed_conv_as_a_product_in_channels_last(factor, batch, size):
+    from psc_nas.nets.unet3d import UpConv
+
+    up = UpConv(6, 5, factor, stride=factor, bias=False)
+    plain = torch.nn.ConvTranspose3d(6, 5, factor, stride=factor, bias=False)
+    assert list(up.state_dict()) == list(plain.state_dict())
+    x = torch.randn(batch, 6, *size, dtype=torch.float64)
+    out_shape = (batch, 5, *(s * f for s, f in zip(size, factor)))
+    weights = torch.randn(out_shape, dtype=torch.float64)  # a backward that tells outputs apart
+    ref_in, ref_w = x.clone().requires_grad_(), up.weight.detach().double().requires_grad_()
+    reference = torch.nn.functional.conv_transpose3d(ref_in, ref_w, None, factor)
+    (reference * weights).sum().backward()
+    got_in = x.float().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    up.to(memory_format=torch.channels_last_3d)  # as psc_nas.device.place stores it
+    assert up.as_product(got_in)
+    with FlopCounterMode(display=False) as counter:
+        got = up(got_in)
+    (got * weights.float()).sum().backward()
+    assert got.shape == out_shape and got.is_contiguous(memory_format=torch.channels_last_3d)
+    assert counter.get_total_flops() == 2 * 6 * 5 * factor[0] * factor[1] * factor[2] * batch * prod(size)
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_in.grad.double(), ref_in.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(up.weight.grad.double(), ref_w.grad, rtol=1e-5, atol=1e-5)
+    traced = torch.jit.trace(up, got_in)  # a traced or exported graph keeps the transposed conv
+    assert "aten::mm" not in str(traced.inlined_graph) and "conv" in str(traced.inlined_graph)
+    assert not up.as_product(x)  # float64 runs the transposed conv itself
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from torch import nn
 
 from psc_nas.arch import ArchConfig, ConfigError, Slot, Triple
 from psc_nas.costs import Cost, Spatial
+from psc_nas.device import CPU_LAYOUT
 from psc_nas.nets._layers import (
     Activation,
     BlueprintBackbone,
@@ -44,6 +45,7 @@ from psc_nas.nets._layers import (
 from psc_nas.nets.registry import register_backbone
 from psc_nas.ops import Op
 from psc_nas.ops._conv import ConvSpec, triple
+from psc_nas.ops.fast import tracing
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,46 @@ class UpConvSpec:
         return Cost(params, params * prod(spatial)), out  # type: ignore[return-value]
 
     def build(self) -> nn.ConvTranspose3d:
-        return nn.ConvTranspose3d(self.in_channels, self.out_channels, self.factor, stride=self.factor, bias=False)
+        return UpConv(self.in_channels, self.out_channels, self.factor, stride=self.factor, bias=False)
+
+
+class UpConv(nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` with kernel = stride (its windows neither overlap nor leave gaps), whose forward on a
+    channels_last_3d float32 CPU input is one matrix product and one copy, outside tracing and export.
+
+    Each input voxel's C_in values times the (C_in, f_a·f_b·f_c·C_out) weight give its output block of f_a × f_b × f_c
+    voxels; the copy interleaves the blocks into the (N, D·f_a, H·f_b, W·f_c, C_out) output, channels_last_3d, and
+    autograd's backward is the same two steps reversed. PyTorch ran these convs as oneDNN's deconvolution in a
+    training step, and for one sample (the latency objective's forward) by its own kernel, which also copied the
+    channels_last weight and returned NCDHW for the decoder to convert (docs/benchmarks/ops.md, fourteenth session).
+    The same parameters and keys as ``nn.ConvTranspose3d``; values equal up to float rounding; ``FlopCounterMode``
+    counts the product's MACs, the transposed conv's (weights × input voxels)."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if output_size is not None or not self.as_product(x):
+            return super().forward(x, output_size)
+        n, cin, depth, height, width = x.shape
+        fa, fb, fc = self.stride
+        rows = x.permute(0, 2, 3, 4, 1).reshape(-1, cin)  # a view in channels_last_3d
+        blocks = rows @ self.weight.permute(0, 2, 3, 4, 1).reshape(cin, -1)  # (N·D·H·W, f_a·f_b·f_c·C_out)
+        y = blocks.view(n, depth, height, width, fa, fb, fc, self.out_channels).permute(0, 1, 4, 2, 5, 3, 6, 7)
+        y = y.reshape(n, depth * fa, height * fb, width * fc, self.out_channels)
+        return y.permute(0, 4, 1, 2, 3)
+
+    def as_product(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` computes ``x``'s output as the product (the class docstring's conditions)."""
+        return (
+            tuple(self.kernel_size) == tuple(self.stride)
+            and self.bias is None
+            and self.groups == 1
+            and tuple(self.padding) == tuple(self.output_padding) == (0, 0, 0)
+            and tuple(self.dilation) == (1, 1, 1)
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and x.dim() == 5
+            and x.is_contiguous(memory_format=CPU_LAYOUT)
+            and not tracing()
+        )
 
 
 def check_size(spatial: tuple[int, ...], factors: tuple[Triple, ...]) -> Spatial:

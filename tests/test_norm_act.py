@@ -163,13 +163,20 @@ def test_what_the_pooled_kernel_must_not_run():
 
 
 @needs_kernel
-def test_a_densenets_transitions_run_the_pooled_kernel(monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])  # on one thread PyTorch ran the 1x1x1 convs by its own NCDHW kernel
+def test_a_densenets_transitions_run_the_pooled_kernel(monkeypatch, threads):
     calls = []
     real = norm_act.batch_norm_relu
     monkeypatch.setattr(norm_act, "batch_norm_relu", lambda *a, **k: calls.append(k) or real(*a, **k))
     model = densenet().train()
-    model(torch.randn(2, 1, 12, 12, 12).to(memory_format=CL))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model(torch.randn(2, 1, 12, 12, 12).to(memory_format=CL))
+    finally:
+        torch.set_num_threads(before)
     assert sum(call.get("pooled", False) for call in calls) == len(model.transitions) == 2
+    assert len(calls) == 2 * 3 + len(model.transitions) + 3 + 1  # every layer, transition, side and the head fused
 
 
 @needs_kernel

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from math import prod
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from psc_nas.ops import (
     create_op,
     depthwise,
     families,
+    fast,
     implementation,
     make_spec,
     pwdw,
@@ -62,16 +64,21 @@ def test_every_fast_impl_matches_the_reference_forward_and_gradients(cin, cout, 
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), f"{impl}: {name} differs by {(a - b).abs().max()}"
 
 
-def test_fast_impls_return_channels_last_3d():
-    # At 2 threads (the machines' default). With torch.set_num_threads(1) oneDNN returns this output in the
-    # contiguous format (seen 2026-12-02 under OMP_NUM_THREADS=1): equal values, another memory layout.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("impl", ["folded", "channels_last"])
+def test_fast_impls_return_channels_last_3d(threads, impl):
+    # On one thread PyTorch ran 1x1x1 convs of fewer than 16 samples by its own kernel, NCDHW out (seen 2026-12-02
+    # under OMP_NUM_THREADS=1); oneDNN is now called directly (fast.direct_onednn).
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        y = create_op("pmscn", 4, 6, impl="folded", m=2, n=2)(torch.randn(2, 4, 5, 6, 7))
+        y = create_op("pmscn", 4, 6, impl=impl, m=2, n=2)(torch.randn(2, 4, 5, 6, 7))
+        z = create_op("conv3d", 4, 6, impl=impl, kernel_size=1)(torch.randn(3, 4, 5, 6, 7))
     finally:
-        torch.set_num_threads(threads)
-    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.set_num_threads(before)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) and z.is_contiguous(
+        memory_format=torch.channels_last_3d
+    )
 
 
 @pytest.mark.parametrize(
@@ -99,6 +106,59 @@ def test_one_sample_runs_onednn_in_channels_last_with_reference_values_and_count
     got = forward_backward(fast, x, upstream_seed=1)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "stride", "batch", "size", "bias"),
+    [
+        (256, 256, (3, 3, 3), (1, 1, 1), 2, (2, 1, 3), False),  # ResNet3D's last stage: 2 x 1 x 1 positions a clip
+        (260, 300, (1, 3, 3), (1, 1, 1), 1, (3, 2, 2), True),  # a (2+1)D conv's 2D half, with a bias
+        (256, 264, (3, 1, 1), (2, 2, 1), 3, (4, 3, 2), False),  # a 1D conv at stride 2
+        (300, 256, (1, 1, 1), (1, 1, 1), 4, (2, 2, 2), False),  # a 1x1x1 conv: 32 rows
+    ],
+)
+def test_a_wide_conv_over_few_positions_runs_as_one_product_with_the_convs_values(
+    cin, cout, kernel, stride, batch, size, bias
+):
+    gen = torch.Generator().manual_seed(cin + cout)
+    x = torch.randn(batch, cin, *size, dtype=torch.float64, generator=gen)
+    w = torch.randn(cout, cin, *kernel, dtype=torch.float64, generator=gen)
+    b = torch.randn(cout, dtype=torch.float64, generator=gen) if bias else None
+    padding = [k // 2 for k in kernel]
+    ref = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    reference = F.conv3d(ref[0], ref[1], ref[2], stride, padding)
+    upstream = torch.randn(reference.shape, dtype=torch.float64, generator=gen)
+    reference.backward(upstream)
+    got_in = [t.float().contiguous(memory_format=torch.channels_last_3d) if t.dim() == 5 else t.float() for t in (x, w)]
+    got_in = [t.requires_grad_() for t in got_in] + ([b.float().requires_grad_()] if bias else [None])
+    assert fast.as_product(got_in[0], got_in[1], 1, stride, padding)
+    with FlopCounterMode(display=False) as counter:
+        got = fast.conv(got_in[0], got_in[1], got_in[2], stride, padding, 1, fold=True)
+    assert {str(op) for op in counter.get_flop_counts()["Global"]} == {"aten.addmm" if bias else "aten.mm"}
+    assert counter.get_total_flops() == 2 * reference.numel() * cin * prod(kernel)  # the conv's MACs
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    got.backward(upstream.float())
+    torch.testing.assert_close(got.double(), reference, rtol=1e-4, atol=1e-4)
+    for a, r in zip(got_in, ref):
+        if a is not None:
+            torch.testing.assert_close(a.grad.double(), r.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_the_product_rule_keeps_onednn_outside_its_measured_bounds():
+    x = torch.randn(4, 256, 2, 2, 2).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(256, 256, 3, 3, 3).to(memory_format=torch.channels_last_3d)
+    assert fast.as_product(x, w, 1, (1, 1, 1), (1, 1, 1))  # 32 rows, 256 -> 256
+    assert not fast.as_product(x[:, :255], w[:, :255], 1, (1, 1, 1), (1, 1, 1))  # 255 input channels
+    assert not fast.as_product(x, w[:255], 1, (1, 1, 1), (1, 1, 1))  # 255 output channels: a thin output
+    assert not fast.as_product(torch.randn(5, 256, 3, 3, 3), w, 1, (1, 1, 1), (1, 1, 1))  # 135 rows
+    assert fast.as_product(torch.randn(5, 256, 4, 4, 4), w, 1, (2, 2, 2), (1, 1, 1))  # 320 inputs, 40 outputs
+    assert not fast.as_product(torch.randn(4, 256, 2, 2, 2), w[:, :128], 2, (1, 1, 1), (1, 1, 1))  # grouped
+    assert not fast.as_product(x.double(), w.double(), 1, (1, 1, 1), (1, 1, 1))
+    assert not fast.as_product(x, w, 1, (1, 1, 1), (0, 0, 0))  # not 'same' padding
+    module = make_spec("conv3d", 256, 256).build()
+    assert module.impl == "channels_last"
+    traced = torch.jit.trace(module.eval(), x)  # a traced or exported graph keeps the conv
+    assert "aten::mm" not in str(traced.inlined_graph) and "conv" in str(traced.inlined_graph)
 
 
 @pytest.mark.parametrize("op", sorted(families()))

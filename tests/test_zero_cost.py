@@ -23,8 +23,10 @@ class SmallPatchIBSR(IBSRTask):
 
 @pytest.fixture(scope="module")
 def task():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return SmallPatchIBSR()
+    yield SmallPatchIBSR()
+    torch.set_num_threads(threads)  # the tests after this module's run at the machine's thread count
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,14 @@ may offer more implementations of its own (CAKES: ``masked``, ``planes`` and ``t
 
 Fast implementations return channels_last_3d tensors: converting back would cost a copy per op,
 and every torch op downstream accepts either layout with identical values. A conv of one sample (the latency
-objective's forward) calls oneDNN directly, where PyTorch would run its own NCDHW kernel (``one_sample_onednn``).
+objective's forward) calls oneDNN directly, where PyTorch would run its own NCDHW kernel (``direct_onednn``).
 The paths were measured on CPU only; on other devices the reference forward runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from math import prod
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,6 +42,7 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from psc_nas.device import CPU_LAYOUT
 from psc_nas.ops import depthwise, pwdw, tapconv
+from psc_nas.ops._conv import conv_out_size
 from psc_nas.ops.graph import GraphConv
 
 if TYPE_CHECKING:
@@ -106,35 +108,97 @@ def conv(
     groups: int,
     fold: bool,
 ) -> torch.Tensor:
-    """3D conv of a channels_last_3d ``x``; with ``fold``, a D-flat kernel runs as a 2D conv."""
+    """3D conv of a channels_last_3d ``x``; with ``fold``, a D-flat kernel runs as a 2D conv; a big dense weight over
+    few positions as one matrix product (``as_product``)."""
+    if as_product(x, weight, groups, stride, padding):
+        return conv_as_product(x, weight, bias, stride, padding)
     if fold and folds(weight.shape[2], stride[0]):
         n, _, depth, height, width = x.shape
         planes = x.transpose(1, 2).reshape(n * depth, -1, height, width)  # a view in channels_last_3d
-        if one_sample_onednn(planes, weight):
+        if direct_onednn(planes, weight):
             y = torch.mkldnn_convolution(planes, weight.squeeze(2), bias, padding[1:], stride[1:], [1, 1], groups)
         else:
             y = F.conv2d(planes, weight.squeeze(2), bias, tuple(stride[1:]), tuple(padding[1:]), 1, groups)
         return y.reshape(n, depth, *y.shape[1:]).transpose(1, 2)
-    if one_sample_onednn(x, weight):
+    if direct_onednn(x, weight):
         return torch.mkldnn_convolution(x, weight, bias, padding, stride, [1, 1, 1], groups)
     return F.conv3d(x, weight, bias, tuple(stride), tuple(padding), 1, groups)
 
 
-def one_sample_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether to run oneDNN's conv of ``x`` by a direct call: one float32 sample on the CPU, oneDNN enabled, not
-    while tracing or exporting (those graphs keep ``conv3d``).
+# A dense conv with at least this many input and output channels ...
+PRODUCT_CHANNELS = 256
+# ... over at most this many output positions in the whole batch runs as one matrix product (``as_product``).
+PRODUCT_ROWS = 128
 
-    PyTorch runs a CPU conv of one sample with at most 20,480 values in its (N, C, D, H) dims by its own reference
-    kernel, not oneDNN's (``ConvParams::use_mkldnn``), and that kernel returns NCDHW: a network's stem (one sample of
-    1-3 channels), DenseNet3D's 3x3x3 convs from 8³ down, UNet3D's from 16³ down and every 3x3x3 conv of ResNet3D's
-    stages on a 16 x 32² clip. A DenseNet3D's stem output is a piece of every layer input of its first block, so those
-    layers then concatenated their inputs and ran PyTorch's unfused BatchNorm and ReLU. That batch of one is the
-    forward psc-search times as its latency objective: 1.3-2.4x faster with the direct call for DenseNet3D's presets,
-    up to 2.1x for the other backbones' (docs/benchmarks/ops.md, fourteenth session). Above that size PyTorch calls
-    the same oneDNN kernel."""
+
+def as_product(
+    x: torch.Tensor, weight: torch.Tensor, groups: int, stride: Sequence[int], padding: Sequence[int]
+) -> bool:
+    """Whether ``conv`` runs a conv as ``conv_as_product``: dense (one group), 'same' padding, float32 on the CPU, at
+    least ``PRODUCT_CHANNELS`` input and output channels, at most ``PRODUCT_ROWS`` output positions over the batch,
+    not while tracing or exporting.
+
+    oneDNN's backward of such a conv (the deep stages of ResNet3D and UNet3D: 512 channels over 2 x 1 x 1 or 2³
+    positions) ran at 10-20 GMAC/s and reordered the channels_last weight twice per call (two copies of 28 MB for a
+    512 -> 512 3x3x3 conv, 15 ms each): a ResNet3D-34 training step on 16 x 32² clips spent 55% of its time in its
+    last stage. Within these bounds the product's training pass was 1.1-12x faster than oneDNN's over the shapes
+    measured (256-1152 channels; 3x3x3, 1x3x3, 3x1x1 and 1x1x1 kernels; 1-32 positions a sample, batch 1-8), outside
+    them 0.2-1.4x (thin outputs such as 512 -> 28, 64-128 channels, more positions); the forward alone 1.3-7.6x for
+    one sample (the latency objective's), 0.76-1.0x at batch 4-8 with 1-2 positions a sample, calls of 0.4-1.7 ms
+    (docs/benchmarks/ops.md, fourteenth session; measured on one Intel Xeon)."""
+    kernel = weight.shape[2:]
+    if not (groups == 1 and min(weight.shape[:2]) >= PRODUCT_CHANNELS and x.device.type == "cpu" and x.dim() == 5):
+        return False
+    positions = prod(conv_out_size(size, k, step) for size, k, step in zip(x.shape[2:], kernel, stride))
     return (
-        x.shape[0] == 1
-        and x.device.type == "cpu"
+        x.shape[0] * positions <= PRODUCT_ROWS
+        and tuple(padding) == tuple(k // 2 for k in kernel)
+        and x.dtype == weight.dtype == torch.float32
+        and not tracing()
+    )
+
+
+def conv_as_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int]
+) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, stride, padding)`` (one group, 'same' padding) as one matrix product: each output
+    position's taps gathered into a row of T·C_in values (T taps), times the (C_out, T·C_in) weight, a free view of a
+    channels_last_3d weight; channels_last_3d out. Autograd's backward is two products and the gather's sum. It
+    executes the conv's MACs, the padded taps' included, and ``FlopCounterMode`` counts them as the conv's."""
+    n = x.shape[0]
+    kernel = weight.shape[2:]
+    (pd, ph, pw), (sd, sh, sw) = padding, stride
+    od, oh, ow = (conv_out_size(size, k, step) for size, k, step in zip(x.shape[2:], kernel, stride))
+    padded = F.pad(x, (pw, pw, ph, ph, pd, pd)).permute(0, 2, 3, 4, 1)  # (N, D + 2pd, H + 2ph, W + 2pw, C_in)
+    taps = [
+        padded[:, a : a + sd * (od - 1) + 1 : sd, b : b + sh * (oh - 1) + 1 : sh, c : c + sw * (ow - 1) + 1 : sw]
+        for a in range(kernel[0])
+        for b in range(kernel[1])
+        for c in range(kernel[2])
+    ]
+    rows = torch.stack(taps, dim=4).reshape(n * od * oh * ow, -1)  # (N·P, T·C_in), tap-major
+    matrix = weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1)  # (C_out, T·C_in)
+    y = rows @ matrix.t() if bias is None else torch.addmm(bias, rows, matrix.t())
+    return y.view(n, od, oh, ow, -1).permute(0, 4, 1, 2, 3)
+
+
+def direct_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether to call oneDNN's conv of ``x`` directly (``torch.mkldnn_convolution``): float32 on the CPU, oneDNN
+    enabled, not while tracing or exporting (those graphs keep ``conv3d``). Where PyTorch itself picks oneDNN, which is
+    every conv of a training step at batch 2 or more on 2 threads, the call is the one it would make.
+
+    PyTorch runs a CPU conv by its own reference kernel, which returns NCDHW, in two cases (``ConvParams::use_mkldnn``):
+    one sample with at most 20,480 values in its (N, C, D, H) dims, and, on one thread, a kernel of 1 along H and W
+    with fewer than 16 samples. The first is a network's stem (one sample of 1-3 channels), DenseNet3D's 3x3x3 convs
+    from 8³ down, UNet3D's from 16³ down and every 3x3x3 conv of ResNet3D's stages on a 16 x 32² clip, in the batch of
+    one that psc-search times as its latency objective; the second the fixed 1x1x1 convs (DenseNet3D's transitions,
+    sides and head) of a single-threaded step (``OMP_NUM_THREADS=1``). A DenseNet3D's stem output is a piece of every
+    layer input of its first block, and a transition's output of the next block's, so those layers then concatenated
+    their inputs and ran PyTorch's unfused BatchNorm and ReLU. With the direct call the latency objective was 1.3-2.4x
+    faster for DenseNet3D's presets, up to 2.1x for the other backbones' (docs/benchmarks/ops.md, fourteenth
+    session)."""
+    return (
+        x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
@@ -194,5 +258,5 @@ def tracing() -> bool:
 def _onednn_conv_flops(
     x_shape: Sequence[int], w_shape: Sequence[int], *args: Any, out_shape: Sequence[int], **kwargs: Any
 ) -> int:
-    """``FlopCounterMode`` counts the direct call (``one_sample_onednn``) as it counts ``conv3d``."""
+    """``FlopCounterMode`` counts the direct call (``direct_onednn``) as it counts ``conv3d``."""
     return conv_flop_count(list(x_shape), list(w_shape), list(out_shape))

@@ -143,7 +143,7 @@ def as_product(
     512 -> 512 3x3x3 conv, 15 ms each): a ResNet3D-34 training step on 16 x 32² clips spent 55% of its time in its
     last stage. Within these bounds the product's training pass was 1.1-12x faster than oneDNN's over the shapes
     measured (256-1152 channels; 3x3x3, 1x3x3, 3x1x1 and 1x1x1 kernels; 1-32 positions a sample, batch 1-8), outside
-    them 0.2-1.4x (thin outputs such as 512 -> 28, 64-128 channels, more positions); the forward alone 1.3-7.6x for
+    them 0.2-1.4x (thin outputs such as 512 -> 28, 64-128 channels, more positions); the forward alone 1.6-7.6x for
     one sample (the latency objective's), 0.76-1.0x at batch 4-8 with 1-2 positions a sample, calls of 0.4-1.7 ms
     (docs/benchmarks/ops.md, fourteenth session; measured on one Intel Xeon)."""
     kernel = weight.shape[2:]

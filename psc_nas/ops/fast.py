@@ -24,9 +24,10 @@ Which one ``build()`` runs by default is each family's measured rule (``OpSpec.f
 may offer more implementations of its own (CAKES: ``masked``, ``planes`` and ``taps``, in ``cakes.py``).
 
 Fast implementations return channels_last_3d tensors: converting back would cost a copy per op,
-and every torch op downstream accepts either layout with identical values. A conv of one sample (the latency
-objective's forward) calls oneDNN directly, where PyTorch would run its own NCDHW kernel (``direct_onednn``).
-The paths were measured on CPU only; on other devices the reference forward runs.
+and every torch op downstream accepts either layout with identical values. Every conv calls oneDNN directly
+(``direct_onednn``: PyTorch would run its own NCDHW kernel for one sample's small convs and, on one thread, for 1x1x1
+convs), and a dense conv of at least 256 channels over at most 128 output positions runs as one matrix product
+(``as_product``). The paths were measured on CPU only; on other devices the reference forward runs.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def conv(
     groups: int,
     fold: bool,
 ) -> torch.Tensor:
-    """3D conv of a channels_last_3d ``x``; with ``fold``, a D-flat kernel runs as a 2D conv; a big dense weight over
+    """3D conv of a channels_last_3d ``x``; with ``fold``, a D-flat kernel runs as a 2D conv; a wide dense conv over
     few positions as one matrix product (``as_product``)."""
     if as_product(x, weight, groups, stride, padding):
         return conv_as_product(x, weight, bias, stride, padding)
@@ -116,11 +117,13 @@ def conv(
         n, _, depth, height, width = x.shape
         planes = x.transpose(1, 2).reshape(n * depth, -1, height, width)  # a view in channels_last_3d
         if direct_onednn(planes, weight):
-            y = torch.mkldnn_convolution(planes, weight.squeeze(2), bias, padding[1:], stride[1:], [1, 1], groups)
+            planes, flat = (t.contiguous(memory_format=torch.channels_last) for t in (planes, weight.squeeze(2)))
+            y = torch.mkldnn_convolution(planes, flat, bias, padding[1:], stride[1:], [1, 1], groups)
         else:
             y = F.conv2d(planes, weight.squeeze(2), bias, tuple(stride[1:]), tuple(padding[1:]), 1, groups)
         return y.reshape(n, depth, *y.shape[1:]).transpose(1, 2)
-    if direct_onednn(x, weight):
+    if direct_onednn(x, weight):  # both in channels_last_3d, as PyTorch passes them on (no-ops in a placed network)
+        x, weight = (t.contiguous(memory_format=CPU_LAYOUT) for t in (x, weight))
         return torch.mkldnn_convolution(x, weight, bias, padding, stride, [1, 1, 1], groups)
     return F.conv3d(x, weight, bias, tuple(stride), tuple(padding), 1, groups)
 

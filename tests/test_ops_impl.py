@@ -144,6 +144,16 @@ def test_a_wide_conv_over_few_positions_runs_as_one_product_with_the_convs_value
             torch.testing.assert_close(a.grad.double(), r.grad, rtol=1e-4, atol=1e-3)
 
 
+def test_under_cpu_autocast_fast_convs_run_in_bfloat16_as_conv3d_does():
+    module = make_spec("p3d", 8, 8).build()
+    x = torch.randn(2, 8, 4, 5, 6)
+    assert fast.direct_onednn(x, module.convs[0].weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast.direct_onednn(x, module.convs[0].weight)
+        y = module(x)
+    assert y.dtype == torch.bfloat16
+
+
 def test_the_product_rule_keeps_onednn_outside_its_measured_bounds():
     x = torch.randn(4, 256, 2, 2, 2).contiguous(memory_format=torch.channels_last_3d)
     w = torch.randn(256, 256, 3, 3, 3).to(memory_format=torch.channels_last_3d)

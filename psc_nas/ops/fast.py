@@ -205,6 +205,7 @@ def direct_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled("cpu")  # autocast casts ``conv3d``'s inputs, not this call's
         and not tracing()
     )
 

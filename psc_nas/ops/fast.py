@@ -116,16 +116,27 @@ def conv(
     if fold and folds(weight.shape[2], stride[0]):
         n, _, depth, height, width = x.shape
         planes = x.transpose(1, 2).reshape(n * depth, -1, height, width)  # a view in channels_last_3d
-        if direct_onednn(planes, weight):
-            planes, flat = (t.contiguous(memory_format=torch.channels_last) for t in (planes, weight.squeeze(2)))
-            y = torch.mkldnn_convolution(planes, flat, bias, padding[1:], stride[1:], [1, 1], groups)
-        else:
-            y = F.conv2d(planes, weight.squeeze(2), bias, tuple(stride[1:]), tuple(padding[1:]), 1, groups)
+        y = conv_nd(planes, weight.squeeze(2), bias, stride[1:], padding[1:], groups)
         return y.reshape(n, depth, *y.shape[1:]).transpose(1, 2)
-    if direct_onednn(x, weight):  # both in channels_last_3d, as PyTorch passes them on (no-ops in a placed network)
-        x, weight = (t.contiguous(memory_format=CPU_LAYOUT) for t in (x, weight))
-        return torch.mkldnn_convolution(x, weight, bias, padding, stride, [1, 1, 1], groups)
-    return F.conv3d(x, weight, bias, tuple(stride), tuple(padding), 1, groups)
+    return conv_nd(x, weight, bias, stride, padding, groups)
+
+
+def conv_nd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """``F.conv2d`` or ``F.conv3d`` by ``x``'s dims; oneDNN's conv called directly where ``direct_onednn`` says, with
+    both tensors channels_last, as PyTorch passes them on (no-ops in a placed network)."""
+    if direct_onednn(x, weight):
+        layout = torch.channels_last if x.dim() == 4 else CPU_LAYOUT
+        x, weight = (t.contiguous(memory_format=layout) for t in (x, weight))
+        return torch.mkldnn_convolution(x, weight, bias, list(padding), list(stride), [1] * (x.dim() - 2), groups)
+    conv_fn = F.conv2d if x.dim() == 4 else F.conv3d
+    return conv_fn(x, weight, bias, tuple(stride), tuple(padding), 1, groups)
 
 
 # A dense conv with at least this many input and output channels ...
